@@ -84,19 +84,22 @@ def frechet_distance(
 
 @dataclass(frozen=True)
 class FeatureStats:
-    """Mean, covariance and sample count of a feature set; saved/loaded as ``.npz`` (no pickle)."""
+    """Mean, covariance and sample count of a feature set; saved/loaded as ``.npz`` (keys ``mu``,
+    ``sigma``, ``n``; no pickle). ``n`` may be ``None`` for statistics from elsewhere (pytorch-fid's
+    ``.npz`` files carry only ``mu`` and ``sigma``)."""
 
     mu: np.ndarray
     sigma: np.ndarray
-    n: int
+    n: int | None = None
 
     def __post_init__(self) -> None:
         mu, sigma = _check_stats(self.mu, self.sigma, "")
         object.__setattr__(self, "mu", mu)
         object.__setattr__(self, "sigma", sigma)
-        if int(self.n) < 1:
-            raise ValueError(f"n (number of samples) must be >= 1; got {self.n}")
-        object.__setattr__(self, "n", int(self.n))
+        if self.n is not None:
+            if int(self.n) < 1:
+                raise ValueError(f"n (number of samples) must be >= 1 or None; got {self.n}")
+            object.__setattr__(self, "n", int(self.n))
 
     @property
     def dim(self) -> int:
@@ -108,7 +111,10 @@ class FeatureStats:
             raise ValueError(f"statistics file must end in .npz; got {str(path)!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
-        (np.savez_compressed if compressed else np.savez)(tmp, mu=self.mu, sigma=self.sigma, n=np.int64(self.n))
+        arrays = {"mu": self.mu, "sigma": self.sigma}
+        if self.n is not None:
+            arrays["n"] = np.int64(self.n)
+        (np.savez_compressed if compressed else np.savez)(tmp, **arrays)
         tmp.replace(path)
         return path
 
@@ -119,15 +125,15 @@ class FeatureStats:
             raise ValueError(f"statistics file {str(path)!r} does not exist")
         try:
             with np.load(path, allow_pickle=False) as z:
+                if not hasattr(z, "files"):
+                    raise ValueError(f"{path}: not an .npz statistics file")
                 missing = {"mu", "sigma"} - set(z.files)
                 if missing:
                     raise ValueError(f"{path}: not a statistics file (missing {sorted(missing)}; has {sorted(z.files)})")
                 mu, sigma = z["mu"], z["sigma"]
-                n = int(z["n"]) if "n" in z.files else 0
+                n = int(z["n"]) if "n" in z.files else None
         except (OSError, EOFError) as e:
             raise ValueError(f"cannot read statistics file {str(path)!r}: {e}") from e
-        if n < 1:
-            raise ValueError(f"{path}: statistics file has no valid sample count 'n'")
         return cls(mu=mu, sigma=sigma, n=n)
 
     def distance(self, other: "FeatureStats", eps: float = 1e-6) -> float:
