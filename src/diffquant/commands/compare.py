@@ -15,8 +15,12 @@ from diffquant.commands._common import emit_json, fail, format_table
 @click.option("--per-image", is_flag=True, help="Include per-image MSE/PSNR/SSIM in the JSON output.")
 def command(a: Path, b: Path, as_json: bool, per_image: bool) -> None:
     """MSE, PSNR and SSIM between image i of A and image i of B (e.g. full precision vs quantized,
-    sampled from identical seeds). Refuses sets with different seeds or shapes."""
+    sampled from identical seeds). Refuses sets with different seeds or shapes.
+
+    PSNR is in dB with peak 255; its summary is over the pairs that differ (identical pairs have
+    infinite PSNR, are counted separately, and appear as null in JSON)."""
     from diffquant.evaluation.fidelity import paired_fidelity
+    from diffquant.evaluation.suite import json_safe
     from diffquant.sampling.io import load_samples
 
     try:
@@ -30,7 +34,7 @@ def command(a: Path, b: Path, as_json: bool, per_image: bool) -> None:
         out = {"a": str(a), "b": str(b), **res}
         if per_image:
             out["seeds"] = sa
-        emit_json(out)
+        emit_json(json_safe(out))
         return
     click.echo(f"{a} vs {b}: {res['n']} image pairs, {ia.shape[1]}x{ia.shape[2]}x{ia.shape[3]}")
     rows = [

@@ -50,7 +50,7 @@ def command(samples: Path, metrics: str, ref: str, inception_weights: Path | Non
     its real-data floor is the FD of as many real test images against the same reference."""
     import torch
 
-    from diffquant.evaluation.suite import METRICS, evaluate_images, parse_metrics
+    from diffquant.evaluation.suite import METRICS, evaluate_images, json_safe, parse_metrics
     from diffquant.sampling.io import load_samples
 
     try:
@@ -78,14 +78,14 @@ def command(samples: Path, metrics: str, ref: str, inception_weights: Path | Non
 
     n, h, w, c = images.shape
     if as_json:
-        emit_json({
+        emit_json(json_safe({
             "samples": str(samples),
             "n": int(n),
             "image_shape": [int(h), int(w), int(c)],
             "ref": ref,
             "meta": meta,
             "metrics": {r.metric: r.to_dict() for r in results},
-        })
+        }))
         return
     rows = []
     for r in results:

@@ -130,11 +130,11 @@ def paired_fidelity(a: np.ndarray, b: np.ndarray, seeds_a: np.ndarray | None = N
     pairs that differ (finite PSNR); if all pairs are identical it is ``inf``. ``"psnr_of_mean_mse"``
     is the PSNR of the set's mean MSE (finite unless every pair is identical).
     """
-    a, b = _pair(a, b)
     if seeds_a is not None or seeds_b is not None:
         if seeds_a is None or seeds_b is None:
             raise ValueError("give seeds for both sets or for neither")
-        check_paired(seeds_a, seeds_b, a.shape, b.shape)
+        check_paired(seeds_a, seeds_b, np.shape(a), np.shape(b))
+    a, b = _pair(a, b)
     m = mse(a, b)
     p = psnr(a, b)
     s = ssim(a, b)

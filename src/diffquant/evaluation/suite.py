@@ -42,7 +42,23 @@ from diffquant.evaluation.metrics import inception_score, kid, precision_recall
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METRICS", "MetricSpec", "MetricResult", "evaluate_images", "parse_metrics"]
+__all__ = ["METRICS", "MetricSpec", "MetricResult", "evaluate_images", "parse_metrics", "json_safe"]
+
+
+def json_safe(obj: Any) -> Any:
+    """Recursively turn numpy values into Python ones and non-finite floats (PSNR of identical
+    images, ...) into ``None``, so that the output is strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
 
 
 @dataclass(frozen=True)
