@@ -1,0 +1,82 @@
+"""An attention processor for diffusers ``Attention`` whose two matmuls are quantized.
+
+It computes what diffusers' ``AttnProcessor`` computes (spatial/group norm, heads, mask,
+residual, rescaling), but routes Q·Kᵀ and softmax·V through :class:`QuantMatMul` modules. It is
+an ``nn.Module``, so diffusers registers it as the ``processor`` submodule of the attention
+block and its quantizer qparams appear in the model's state dict.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from diffquant.config import QuantScheme
+from diffquant.nn.modules import QuantMatMul
+
+
+class QuantAttnProcessor(nn.Module):
+    def __init__(self, qk_scheme: Optional[QuantScheme], softmax_scheme: Optional[QuantScheme], name: str = ""):
+        super().__init__()
+        self.layer_name = name
+        self.qk = QuantMatMul(qk_scheme, qk_scheme, name=f"{name}.qk")
+        self.pv = QuantMatMul(softmax_scheme, qk_scheme, name=f"{name}.pv")
+
+    # diffusers calls ``processor(attn, hidden_states, ...)`` and inspects ``__call__``'s signature
+    # to filter keyword arguments, so this processor defines ``__call__`` directly.
+    def __call__(  # type: ignore[override]
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        temb: Optional[torch.Tensor] = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        query = attn.head_to_batch_dim(query)
+        key = attn.head_to_batch_dim(key)
+        value = attn.head_to_batch_dim(value)
+
+        dtype = query.dtype
+        if attn.upcast_attention:
+            query, key = query.float(), key.float()
+        scores = self.qk(query, key.transpose(-1, -2)) * attn.scale
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        if attn.upcast_softmax:
+            scores = scores.float()
+        probs = scores.softmax(dim=-1).to(dtype)
+        hidden_states = self.pv(probs, value)
+        hidden_states = attn.batch_to_head_dim(hidden_states)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

@@ -1,0 +1,136 @@
+"""Quantizer modules: hold a scheme and its qparams as buffers, fake-quantize in ``forward``.
+
+Lifecycle (explicit, no lazy initialisation inside ``forward``):
+
+* ``WeightQuantizer.init_from(weight)`` computes qparams from the weight with the scheme's
+  estimator (done by :func:`diffquant.quantize`).
+* ``ActQuantizer`` starts *uncalibrated*. In mode ``"observe"`` it records statistics and passes
+  data through; ``finalize()`` turns them into qparams and switches to mode ``"quant"``. Running
+  an uncalibrated quantizer in mode ``"quant"`` is an error, never a silent pass-through.
+* Mode ``"fp"`` passes data through unchanged (used to run the full-precision path of a model
+  that is already quantized, e.g. to record reconstruction targets).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from diffquant.config import QuantScheme
+from diffquant.quant.affine import fake_quantize, fake_quantize_fp8, fake_quantize_weight, group_view
+from diffquant.quant.estimators import ActivationObserver, weight_qparams
+
+MODES = ("quant", "observe", "fp")
+
+
+class _Quantizer(nn.Module):
+    def __init__(self, scheme: Optional[QuantScheme]):
+        super().__init__()
+        self.scheme = scheme
+        self.mode = "quant"
+
+    @property
+    def enabled(self) -> bool:
+        return self.scheme is not None
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}; allowed: {MODES}")
+        self.mode = mode
+
+    def extra_repr(self) -> str:
+        return "off" if self.scheme is None else self.scheme.describe()
+
+
+class WeightQuantizer(_Quantizer):
+    """Fake-quantizes a weight tensor; qparams have shape (rows, 1) as laid out by ``group_view``."""
+
+    def __init__(self, scheme: Optional[QuantScheme], weight_shape: Optional[torch.Size] = None):
+        super().__init__(scheme)
+        if scheme is not None:
+            if weight_shape is None:
+                raise ValueError("WeightQuantizer needs the weight shape")
+            rows = group_view(torch.empty(weight_shape, device="meta"), scheme).shape[0]
+            self.register_buffer("scale", torch.ones(rows, 1))
+            self.register_buffer("zero_point", torch.zeros(rows, 1))
+
+    @torch.no_grad()
+    def init_from(self, weight: torch.Tensor) -> None:
+        if self.scheme is None:
+            return
+        s, z = weight_qparams(group_view(weight.detach(), self.scheme), self.scheme)
+        self.scale.copy_(s)
+        self.zero_point.copy_(z)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.scheme is None or self.mode != "quant":
+            return w
+        return fake_quantize_weight(w, self.scale.to(w.dtype), self.zero_point.to(w.dtype), self.scheme)
+
+    def integer_codes(self, w: torch.Tensor) -> torch.Tensor:
+        """The integer grid values of ``w`` (int tensor shaped like ``w``); integer schemes only."""
+        if self.scheme is None or self.scheme.dtype != "int":
+            raise ValueError("integer_codes needs an integer weight scheme")
+        g = group_view(w.detach().float(), self.scheme)
+        from diffquant.quant.affine import quantize
+
+        q = quantize(g, self.scale, self.zero_point, self.scheme.bits, self.scheme.symmetric)
+        return q.reshape(w.shape).to(torch.int16)
+
+
+class ActQuantizer(_Quantizer):
+    """Per-tensor fake quantization of activations, calibrated by observation."""
+
+    def __init__(self, scheme: Optional[QuantScheme], name: str = ""):
+        super().__init__(scheme)
+        self.name = name
+        self.observer: Optional[ActivationObserver] = None
+        if scheme is not None:
+            self.register_buffer("scale", torch.ones(()))
+            self.register_buffer("zero_point", torch.zeros(()))
+            self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        self._is_calibrated = False  # mirror of the buffer, so forward needs no device sync
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        key = prefix + "calibrated"
+        if key in state_dict:
+            self._is_calibrated = bool(state_dict[key])
+
+    def start_observing(self, reservoir_size: int = 1 << 20, seed: int = 0) -> None:
+        if self.scheme is None:
+            return
+        self.observer = ActivationObserver(self.scheme, reservoir_size=reservoir_size, seed=seed)
+        self.mode = "observe"
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Turn observed statistics into qparams and switch to quantizing."""
+        if self.scheme is None:
+            return
+        if self.observer is None or self.observer.batches == 0:
+            raise RuntimeError(f"activation quantizer {self.name!r} saw no calibration data")
+        s, z = self.observer.qparams()
+        self.scale.copy_(s)
+        self.zero_point.copy_(z)
+        self.calibrated.fill_(True)
+        self._is_calibrated = True
+        self.observer = None
+        self.mode = "quant"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scheme is None or self.mode == "fp":
+            return x
+        if self.mode == "observe":
+            self.observer.update(x, self.name)
+            return x
+        if not self._is_calibrated:
+            raise RuntimeError(
+                f"activation quantizer {self.name!r} is not calibrated; calibrate the model first "
+                f"(diffquant.calibrate / a PTQ algorithm) or load a calibrated checkpoint"
+            )
+        scale = self.scale.to(x.dtype)
+        if self.scheme.dtype == "fp8_e4m3":
+            return fake_quantize_fp8(x, scale)
+        return fake_quantize(x, scale, self.zero_point.to(x.dtype), self.scheme.bits, self.scheme.symmetric)
