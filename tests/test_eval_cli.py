@@ -194,3 +194,27 @@ def test_evaluate_user_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "available", lambda: ["tiny-random"])
     r = _run(["evaluate", s, "--metrics", "fd_cifar"])
     assert r.exit_code != 0 and "not bundled yet" in r.output
+
+
+@pytest.mark.slow
+def test_evaluate_fid_and_is_with_local_inception_weights(tmp_path):
+    """The Inception path end to end: random weights from a local safetensors file, reference
+    statistics from a file (as pytorch-fid's .npz: mu and sigma only)."""
+    from safetensors.torch import save_file
+
+    from diffquant.evaluation.inception import FIDInceptionV3
+
+    torch.manual_seed(0)
+    net = FIDInceptionV3()
+    weights = tmp_path / "inception.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", mu=rng.normal(size=2048) * 1e-3, sigma=np.eye(2048) * 1e-6)
+    save_samples(tmp_path / "s.npz", _images(3, 3), np.arange(3))
+    r = _run(["evaluate", str(tmp_path / "s.npz"), "--metrics", "fid,is", "--inception-weights", str(weights),
+              "--fid-ref-stats", str(tmp_path / "ref.npz"), "--no-floor", "--json", "--no-progress",
+              "--batch-size", "3", "--fd-method", "eigh"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)["metrics"]
+    assert m["fid"]["value"] > 0 and "ref.npz" in m["fid"]["reference"]
+    assert 1.0 <= m["is"]["value"] <= 1008.0 and m["is"]["extra"]["splits"] == 3

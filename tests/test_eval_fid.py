@@ -137,3 +137,17 @@ def test_fd_grows_with_degradation():
         noisy = np.clip(clean + rng.normal(0, sigma, clean.shape), 0, 255).astype(np.uint8)
         fds.append(ex.statistics(noisy, progress=False).distance(ref))
     assert all(a < b for a, b in zip(fds, fds[1:])), fds
+
+
+@pytest.mark.parametrize("n, d", [(300, 64), (20, 40)])
+def test_eigh_method_agrees_with_sqrtm(n, d):
+    rng = np.random.default_rng(n)
+    a = statistics_from_features(rng.normal(size=(n, d)))
+    b = statistics_from_features(rng.normal(size=(n, d)) * 1.2 + 0.1)
+    ref = a.distance(b, method="sqrtm")
+    assert a.distance(b, method="eigh") == pytest.approx(ref, rel=1e-6)
+    assert a.distance(a, method="eigh") == pytest.approx(0.0, abs=1e-8)
+    with pytest.raises(ValueError, match="method"):
+        a.distance(b, method="svd")
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2), method="eigh")

@@ -35,6 +35,9 @@ from diffquant.commands._common import echo_err, emit_json, fail, format_table
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")
 @click.option("--kid-subsets", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--kid-subset-size", type=click.IntRange(min=2), default=1000, show_default=True)
+@click.option("--fd-method", type=click.Choice(["sqrtm", "eigh"]), default="sqrtm", show_default=True,
+              help="Matrix square root of Fréchet metrics: scipy sqrtm (pytorch-fid's) or symmetric eigendecompositions "
+                   "(same value up to rounding, usually faster for 2048-d FID on a CPU).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of KID subsets, PR and floor subsampling.")
 @click.option("--stats-out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also save the samples' feature statistics as DIR/<space>.npz.")
@@ -43,7 +46,7 @@ from diffquant.commands._common import echo_err, emit_json, fail, format_table
 def command(samples: Path, metrics: str, ref: str, inception_weights: Path | None, no_verify_inception: bool,
             fid_ref_stats: Path | None, data_dir: Path | None, cache_dir: Path | None, no_cache: bool,
             no_floor: bool, resize: str, batch_size: int | None, device: str, kid_subsets: int,
-            kid_subset_size: int, seed: int, stats_out: Path | None, as_json: bool, no_progress: bool) -> None:
+            kid_subset_size: int, fd_method: str, seed: int, stats_out: Path | None, as_json: bool, no_progress: bool) -> None:
     """Image-quality metrics of a sample set (.npz from `diffquant sample`).
 
     fd_cifar is the Fréchet distance in the zoo CIFAR-10-JPEG classifier's feature space (not FID);
@@ -70,7 +73,7 @@ def command(samples: Path, metrics: str, ref: str, inception_weights: Path | Non
             images, names, ref=ref, device=device, batch_size=batch_size, inception_weights=inception_weights,
             verify_inception=not no_verify_inception, fid_ref_stats=fid_ref_stats, data_dir=data_dir,
             cache=False if no_cache else cache_dir, floor=not no_floor, resize=resize, kid_subsets=kid_subsets,
-            kid_subset_size=kid_subset_size, seed=seed, stats_out=stats_out, progress=not no_progress,
+            kid_subset_size=kid_subset_size, seed=seed, fd_method=fd_method, stats_out=stats_out, progress=not no_progress,
         )
     except ValueError as e:
         fail(str(e))

@@ -37,7 +37,7 @@ from diffquant.evaluation.features import (
     reference_stats,
     reference_stats_path,
 )
-from diffquant.evaluation.fid import FeatureStats, frechet_distance, statistics_from_features
+from diffquant.evaluation.fid import FD_METHODS, FeatureStats, frechet_distance, statistics_from_features
 from diffquant.evaluation.metrics import inception_score, kid, precision_recall
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,8 @@ class _References:
         return statistics_from_features(feats), f"CIFAR-10-JPEG {self.ref} (n={feats.shape[0]}, computed, cached)"
 
 
-def _fd_floor(refs: _References, space: str, ref_stats: FeatureStats, n: int, seed: int) -> tuple[float | None, str]:
+def _fd_floor(refs: _References, space: str, ref_stats: FeatureStats, n: int, seed: int,
+              method: str = "sqrtm") -> tuple[float | None, str]:
     """FD of ``n`` real images of the other split vs the reference statistics."""
     other = _other(refs.ref)
     try:
@@ -156,16 +157,16 @@ def _fd_floor(refs: _References, space: str, ref_stats: FeatureStats, n: int, se
         if FEATURE_SPACES[space].bundled_stats and reference_stats_path(space, other).is_file():
             st = reference_stats(space, other)
             log.warning("real-data floor: %s images not readable (%s); using bundled full-split statistics", other, e)
-            return (st.distance(ref_stats),
+            return (st.distance(ref_stats, method=method),
                     f"bundled {other} statistics (n={st.n}) vs {refs.ref} — NOT the same sample count "
                     f"({n}); the {other} images were not readable")
         log.warning("real-data floor not computed: %s", e)
         return None, f"not computed: {e}"
     if n >= feats.shape[0]:
-        return (statistics_from_features(feats).distance(ref_stats),
+        return (statistics_from_features(feats).distance(ref_stats, method=method),
                 f"all {feats.shape[0]} {other} images vs {refs.ref} (fewer than the {n} samples)")
     idx = np.random.default_rng(seed).choice(feats.shape[0], n, replace=False)
-    return (statistics_from_features(feats[idx]).distance(ref_stats),
+    return (statistics_from_features(feats[idx]).distance(ref_stats, method=method),
             f"random {n} {other} images (seed {seed}) vs {refs.ref}")
 
 
@@ -188,6 +189,7 @@ def evaluate_images(
     pr_k: int = 3,
     is_splits: int = 10,
     seed: int = 0,
+    fd_method: str = "sqrtm",
     stats_out: str | os.PathLike | None = None,
     progress: bool = True,
     extractors: dict[str, TorchFeatureExtractor] | None = None,
@@ -198,6 +200,8 @@ def evaluate_images(
     names = parse_metrics(metrics)
     if ref not in SPLITS:
         raise ValueError(f"ref must be one of {SPLITS}; got {ref!r}")
+    if fd_method not in FD_METHODS:
+        raise ValueError(f"fd_method must be one of {FD_METHODS}; got {fd_method!r}")
     images = check_images(images, "samples")
     n = images.shape[0]
     specs = [METRICS[m] for m in names]
@@ -234,9 +238,10 @@ def evaluate_images(
             mine = statistics_from_features(outs["features"])
             if mine.dim != st.dim:
                 raise ValueError(f"{s.name}: sample features are {mine.dim}-d but the reference statistics are {st.dim}-d")
-            res = MetricResult(s.name, frechet_distance(mine.mu, mine.sigma, st.mu, st.sigma), reference=ref_desc)
+            res = MetricResult(s.name, frechet_distance(mine.mu, mine.sigma, st.mu, st.sigma, method=fd_method),
+                               reference=ref_desc)
             if floor:
-                res.floor, res.floor_note = _fd_floor(refs, s.space, st, n, seed)
+                res.floor, res.floor_note = _fd_floor(refs, s.space, st, n, seed, fd_method)
         elif s.kind == "kid":
             real = refs.outputs(s.space, ref)["features"]
             m = min(kid_subset_size, n, real.shape[0])
