@@ -23,8 +23,8 @@ from diffquant.commands._common import echo_err, emit_json, fail, format_table
 @click.option("--fid-ref-stats", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Reference statistics .npz (mu, sigma) for fid, instead of computing them from --ref.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder with CIFAR-10-JPEG train/test (.zip or packed .npz); default: $DIFFQUANT_CIFAR10_DIR, "
-                   "./data/cifar10-jpeg, ../shared/data/cifar10-jpeg.")
+              help="Folder with CIFAR-10-JPEG train/test (.zip, packed .npz or image folders); default: "
+                   "$DIFFQUANT_CIFAR10_DIR, ./.data, ./data/cifar10-jpeg, ../shared/data/cifar10-jpeg.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Cache for features of real images (default $DIFFQUANT_CACHE or ~/.cache/diffquant).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the feature cache.")
@@ -50,7 +50,8 @@ def command(samples: Path, metrics: str, ref: str, inception_weights: Path | Non
     """Image-quality metrics of a sample set (.npz from `diffquant sample`).
 
     fd_cifar is the Fréchet distance in the zoo CIFAR-10-JPEG classifier's feature space (not FID);
-    its real-data floor is the FD of as many real test images against the same reference."""
+    its real-data floor is the FD of as many real images of the other split (test images for
+    --ref train) against the same reference: what a perfect generator would score."""
     import torch
 
     from diffquant.evaluation.suite import METRICS, evaluate_images, json_safe, parse_metrics

@@ -193,15 +193,22 @@ class TorchFeatureExtractor:
             raise ValueError(f"outputs must be a non-empty subset of {OUTPUTS}; got {outputs}")
         n = images.shape[0]
         chunks: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
-        with tqdm(total=n, unit="img", desc=f"{self.name} features", disable=not progress, leave=False) as bar:
-            for lo in range(0, n, self.batch_size):
-                res = self._forward(self._to_input(images[lo:lo + self.batch_size]), outputs)
-                for o in outputs:
-                    t = res[o]
-                    if t.ndim != 2 or t.shape[0] != min(self.batch_size, n - lo):
-                        t = t.reshape(t.shape[0], -1)
-                    chunks[o].append(t.detach().to("cpu", torch.float64).numpy())
-                bar.update(min(self.batch_size, n - lo))
+        # Full fp32 everywhere: TF32 off (as when the bundled reference statistics were computed),
+        # so features on CUDA match CPU ones to float32 rounding.
+        old_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            with tqdm(total=n, unit="img", desc=f"{self.name} features", disable=not progress, leave=False) as bar:
+                for lo in range(0, n, self.batch_size):
+                    res = self._forward(self._to_input(images[lo:lo + self.batch_size]), outputs)
+                    for o in outputs:
+                        t = res[o]
+                        if t.ndim != 2:
+                            t = t.reshape(t.shape[0], -1)
+                        chunks[o].append(t.detach().to("cpu", torch.float64).numpy())
+                    bar.update(min(self.batch_size, n - lo))
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old_tf32
         out = {o: np.concatenate(c, axis=0) for o, c in chunks.items()}
         for o, a in out.items():
             if not np.all(np.isfinite(a)):
@@ -313,19 +320,20 @@ def _candidate_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
     env = os.environ.get("DIFFQUANT_CIFAR10_DIR")
     if env:
         dirs.append(Path(env))
-    dirs += [Path("data/cifar10-jpeg"), Path("../shared/data/cifar10-jpeg")]
+    dirs += [Path(".data"), Path("data/cifar10-jpeg"), Path("../shared/data/cifar10-jpeg")]
     return dirs
 
 
 def find_dataset_split(split: str, data_dir: str | os.PathLike | None = None) -> Path:
-    """Locate the CIFAR-10-JPEG ``split`` (``{split}.zip``, ``{split}.npz`` packed, or a ``{split}/``
-    folder) in ``data_dir``, else in ``$DIFFQUANT_CIFAR10_DIR``, ``./data/cifar10-jpeg``,
-    ``../shared/data/cifar10-jpeg``."""
+    """Locate the CIFAR-10-JPEG ``split`` (``{split}.zip``, ``{split}.npz`` or
+    ``cifar10-jpeg-{split}.npz`` packed, or a ``{split}/`` folder) in ``data_dir``, else in
+    ``$DIFFQUANT_CIFAR10_DIR``, ``./.data`` (the packed copies that travel to the GPU machine),
+    ``./data/cifar10-jpeg``, ``../shared/data/cifar10-jpeg``."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
     tried: list[str] = []
     for d in _candidate_dirs(data_dir):
-        for cand in (d / f"{split}.zip", d / f"{split}.npz", d / split):
+        for cand in (d / f"{split}.zip", d / f"{split}.npz", d / f"cifar10-jpeg-{split}.npz", d / split):
             tried.append(str(cand))
             if cand.exists():
                 return cand
