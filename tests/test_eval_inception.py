@@ -106,7 +106,8 @@ def _random_public_state_dict(with_nbt: bool) -> dict[str, torch.Tensor]:
 def test_loads_pth_in_public_layout_strictly(tmp_path, with_nbt):
     sd = _random_public_state_dict(with_nbt)
     path = tmp_path / "inception.pth"
-    torch.save(sd, path)
+    # Files from before PyTorch 1.6 use the legacy (non-zip) format; weights_only reads both.
+    torch.save(sd, path, _use_new_zipfile_serialization=with_nbt)
     loaded = load_inception_state_dict(path)
     m = FIDInceptionV3()
     m.load_state_dict(loaded, strict=True)
