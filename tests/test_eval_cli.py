@@ -141,7 +141,7 @@ def test_evaluate_zoo_metrics_json(tmp_path, fake_space):
     assert m["fd_cifar"]["value"] == pytest.approx(expected, rel=1e-9)
     assert "bundled" in m["fd_cifar"]["reference"]
     # real-data floor: 12 of the 40 test images vs train statistics
-    assert "random 12 test images" in m["fd_cifar"]["floor_note"]
+    assert "random 12 CIFAR-10-JPEG test images" in m["fd_cifar"]["floor_note"]
     assert 0 <= m["fd_cifar"]["floor"] < m["fd_cifar"]["value"]
     assert 1.0 <= m["is_cifar"]["value"] <= 10.0
     assert 0.0 <= m["pr_cifar.precision"]["value"] <= 1.0

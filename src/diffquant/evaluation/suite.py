@@ -147,27 +147,29 @@ class _References:
         return statistics_from_features(feats), f"CIFAR-10-JPEG {self.ref} (n={feats.shape[0]}, computed, cached)"
 
 
-def _fd_floor(refs: _References, space: str, ref_stats: FeatureStats, n: int, seed: int,
+def _fd_floor(refs: _References, space: str, ref_stats: FeatureStats, ref_desc: str, n: int, seed: int,
               method: str = "sqrtm") -> tuple[float | None, str]:
     """FD of ``n`` real images of the other split vs the reference statistics."""
     other = _other(refs.ref)
     try:
         feats = refs.outputs(space, other)["features"]
-    except ValueError as e:
-        if FEATURE_SPACES[space].bundled_stats and reference_stats_path(space, other).is_file():
+    except (ValueError, OSError) as e:
+        if (FEATURE_SPACES[space].bundled_stats and reference_stats_path(space, other).is_file()
+                and not (space == "inception" and refs.fid_ref_stats is not None)):
             st = reference_stats(space, other)
             log.warning("real-data floor: %s images not readable (%s); using bundled full-split statistics", other, e)
             return (st.distance(ref_stats, method=method),
-                    f"bundled {other} statistics (n={st.n}) vs {refs.ref} — NOT the same sample count "
-                    f"({n}); the {other} images were not readable")
+                    f"bundled CIFAR-10-JPEG {other} statistics (n={st.n}) vs {ref_desc} — NOT the same sample "
+                    f"count ({n}); the {other} images were not readable")
         log.warning("real-data floor not computed: %s", e)
         return None, f"not computed: {e}"
     if n >= feats.shape[0]:
+        more = f" (fewer than the {n} samples)" if n > feats.shape[0] else ""
         return (statistics_from_features(feats).distance(ref_stats, method=method),
-                f"all {feats.shape[0]} {other} images vs {refs.ref} (fewer than the {n} samples)")
+                f"all {feats.shape[0]} CIFAR-10-JPEG {other} images vs {ref_desc}{more}")
     idx = np.random.default_rng(seed).choice(feats.shape[0], n, replace=False)
     return (statistics_from_features(feats[idx]).distance(ref_stats, method=method),
-            f"random {n} {other} images (seed {seed}) vs {refs.ref}")
+            f"random {n} CIFAR-10-JPEG {other} images (seed {seed}) vs {ref_desc}")
 
 
 def evaluate_images(
@@ -241,7 +243,7 @@ def evaluate_images(
             res = MetricResult(s.name, frechet_distance(mine.mu, mine.sigma, st.mu, st.sigma, method=fd_method),
                                reference=ref_desc)
             if floor:
-                res.floor, res.floor_note = _fd_floor(refs, s.space, st, n, seed, fd_method)
+                res.floor, res.floor_note = _fd_floor(refs, s.space, st, ref_desc, n, seed, fd_method)
         elif s.kind == "kid":
             real = refs.outputs(s.space, ref)["features"]
             m = min(kid_subset_size, n, real.shape[0])
