@@ -18,10 +18,15 @@ import torch
 from torch import nn
 
 from diffquant.config import QuantScheme
-from diffquant.quant.affine import fake_quantize, fake_quantize_fp8, fake_quantize_weight, group_view
+from diffquant.quant.affine import fake_quantize, fake_quantize_fp8, fake_quantize_fused, fake_quantize_weight, group_view
 from diffquant.quant.estimators import ActivationObserver, weight_qparams
 
 MODES = ("quant", "observe", "fp")
+
+# Cache fake-quantized weights when no gradient is needed (sampling/evaluation): the weight is
+# quantized once, not at every forward pass. Invalidated by any in-place change of the weight
+# or the qparams (tensor version counters).
+CACHE_WEIGHTS = True
 
 
 class _Quantizer(nn.Module):
@@ -66,7 +71,19 @@ class WeightQuantizer(_Quantizer):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.scheme is None or self.mode != "quant":
             return w
-        return fake_quantize_weight(w, self.scale.to(w.dtype), self.zero_point.to(w.dtype), self.scheme)
+        cacheable = CACHE_WEIGHTS and not torch.is_grad_enabled()
+        if cacheable:
+            key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device,
+                   self.scale.data_ptr(), self.scale._version, self.zero_point._version)
+            cached = self.__dict__.get("_cache")
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        out = fake_quantize_weight(w, self.scale.to(w.dtype), self.zero_point.to(w.dtype), self.scheme)
+        if cacheable:
+            self.__dict__["_cache"] = (key, out)
+        else:
+            self.__dict__.pop("_cache", None)
+        return out
 
     def integer_codes(self, w: torch.Tensor) -> torch.Tensor:
         """The integer grid values of ``w`` (int tensor shaped like ``w``); integer schemes only."""
@@ -133,4 +150,6 @@ class ActQuantizer(_Quantizer):
         scale = self.scale.to(x.dtype)
         if self.scheme.dtype == "fp8_e4m3":
             return fake_quantize_fp8(x, scale)
+        if not self.scale.requires_grad:  # fused single-pass kernel; same values
+            return fake_quantize_fused(x, self.scale, self.zero_point, self.scheme.bits, self.scheme.symmetric)
         return fake_quantize(x, scale, self.zero_point.to(x.dtype), self.scheme.bits, self.scheme.symmetric)

@@ -4,7 +4,9 @@ Conventions
 -----------
 * An integer grid of ``b`` bits is ``[qmin, qmax]``: ``[0, 2^b - 1]`` for asymmetric schemes,
   ``[-2^(b-1), 2^(b-1) - 1]`` for symmetric ones (zero point 0).
-* ``q = clamp(round(x / scale) + zero_point, qmin, qmax)``; ``x̂ = (q - zero_point) * scale``.
+* ``q = clamp(round(x * (1 / scale)) + zero_point, qmin, qmax)``; ``x̂ = (q - zero_point) * scale``
+  (multiplication by the reciprocal, in the input's dtype, exactly as PyTorch's fused
+  ``fake_quantize_per_tensor_affine`` does, so the fused fast path and this reference agree bit for bit).
 * ``scale`` and ``zero_point`` broadcast against ``x`` (see :func:`group_view` for per-channel
   and per-group layouts); ``zero_point`` is a float tensor holding integer values.
 * :func:`fake_quantize` is differentiable: rounding uses a straight-through estimator, the
@@ -57,7 +59,7 @@ def qparams_from_range(
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     """Integer codes (as a float tensor with integer values) of ``x``."""
     qmin, qmax = qrange(bits, symmetric)
-    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+    return torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, qmin, qmax)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
@@ -69,8 +71,22 @@ def fake_quantize(
 ) -> torch.Tensor:
     """Quantize-dequantize with STE rounding; differentiable in ``x`` and ``scale``."""
     qmin, qmax = qrange(bits, symmetric)
-    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    q = torch.clamp(round_ste(x * (1.0 / scale)) + zero_point, qmin, qmax)
     return (q - zero_point) * scale
+
+
+def fake_quantize_fused(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Per-tensor fake quantization through PyTorch's fused kernel (one pass over ``x``).
+
+    Same values as :func:`fake_quantize`; the gradient reaches ``x`` (STE inside the range) but
+    not ``scale``. Falls back to :func:`fake_quantize` for dtypes the fused kernel lacks.
+    """
+    if x.dtype != torch.float32 or scale.numel() != 1:
+        return fake_quantize(x, scale, zero_point, bits, symmetric)
+    qmin, qmax = qrange(bits, symmetric)
+    return torch.fake_quantize_per_tensor_affine(
+        x, scale.reshape(()).float(), zero_point.reshape(()).to(torch.int32), qmin, qmax
+    )
 
 
 def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

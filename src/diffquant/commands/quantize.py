@@ -1,0 +1,86 @@
+"""diffquant quantize MODEL ... --out DIR"""
+from __future__ import annotations
+
+import time
+
+import click
+
+from diffquant.commands._common import emit_json, fail
+from diffquant.commands._options import device_option, resolve_device, sampler_options
+
+
+@click.command("quantize")
+@click.argument("model")
+@click.option("--weight-bits", type=int, default=8, show_default=True, help="2..8, or 16/32 to keep weights in floating point.")
+@click.option("--act-bits", type=int, default=8, show_default=True, help="2..8, or 16/32 to keep activations in floating point.")
+@click.option("--method", default="naive", show_default=True, help="PTQ method (see `diffquant.algorithms.METHODS`).")
+@click.option("--weight-estimator", type=click.Choice(["minmax", "lp", "percentile"]), default="minmax", show_default=True)
+@click.option("--act-estimator", type=click.Choice(["minmax", "lp", "percentile", "ema"]), default="minmax", show_default=True)
+@click.option("--granularity", type=click.Choice(["per_channel", "per_tensor", "per_group"]), default="per_channel", show_default=True,
+              help="weight quantization granularity")
+@click.option("--group-size", type=int, default=None, help="with --granularity per_group")
+@click.option("--weight-symmetric/--weight-asymmetric", default=False, show_default=True)
+@click.option("--act-symmetric/--act-asymmetric", default=False, show_default=True)
+@click.option("--softmax-bits", type=int, default=16, show_default=True, help="bits of attention probabilities (16 = off)")
+@click.option("--quant-attention/--no-quant-attention", default=True, show_default=True, help="quantize Q·Kᵀ and softmax·V inputs")
+@click.option("--split-shortcut/--no-split-shortcut", default=True, show_default=True)
+@click.option("--override", "overrides", multiple=True, metavar="PATTERN=SPEC",
+              help="per-layer exception, e.g. 'conv_in=skip', 'time_embedding.*=w8a8', 'conv_out=a16' (repeatable)")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="a QuantConfig JSON file (replaces the bit/estimator options above)")
+@click.option("--calib-num", type=int, default=32, show_default=True, help="calibration trajectories (samples per step)")
+@click.option("--calib-st", type=int, default=10, show_default=True, help="calibration time steps, uniform over the trajectory")
+@sampler_options(default_steps=20, prefix="calib-", help_prefix="calibration ")
+@click.option("--calib-data", type=click.Path(dir_okay=False), default=None,
+              help="calibration set (.safetensors): loaded if it exists, else captured and saved there")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@device_option
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="output folder")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def command(model, weight_bits, act_bits, method, weight_estimator, act_estimator, granularity, group_size,
+            weight_symmetric, act_symmetric, softmax_bits, quant_attention, split_shortcut, overrides, config_path,
+            calib_num, calib_st, calib_sampler, calib_steps, calib_spacing, calib_eta, calib_data, batch_size, seed,
+            device, out_dir, as_json):
+    """Quantize MODEL (zoo:NAME, a diffusers folder, or a hub id) and write a quantized checkpoint."""
+    from diffquant.config import QuantConfig
+    from diffquant.io import save_quantized
+    from diffquant.models.loading import load_model
+    from diffquant.quantize import quant_report
+    from diffquant.recipes import CalibOptions, build_config, get_calibration, needs_calibration, run_ptq
+    from diffquant.sampling import SamplerSpec
+
+    dev = resolve_device(device)
+    try:
+        if config_path:
+            cfg = QuantConfig.from_json(config_path)
+        else:
+            cfg = build_config(weight_bits, act_bits, weight_estimator=weight_estimator, act_estimator=act_estimator,
+                               weight_granularity=granularity, group_size=group_size, weight_symmetric=weight_symmetric,
+                               act_symmetric=act_symmetric, softmax_bits=softmax_bits, quantize_attention=quant_attention,
+                               split_shortcut=split_shortcut, overrides=overrides)
+        spec = SamplerSpec(calib_sampler, calib_steps, calib_spacing, calib_eta)
+        loaded = load_model(model, device=dev)
+        if loaded.quantized:
+            fail(f"{model} is already quantized; pass the full-precision model")
+        t0 = time.perf_counter()
+        calib = None
+        if needs_calibration(cfg):
+            calib = get_calibration(loaded.model, loaded.scheduler,
+                                    CalibOptions(calib_num, calib_st, spec, batch_size=batch_size, path=calib_data), dev)
+        capture_s = time.perf_counter() - t0
+        q = run_ptq(loaded.model, cfg, method, calib, device=dev, batch_size=batch_size, seed=seed)
+    except ValueError as e:
+        fail(str(e))
+    report = quant_report(q)
+    info = q._diffquant_method
+    info["capture_seconds"] = capture_s
+    save_quantized(q, out_dir, loaded.scheduler, loaded.source, extra={"report": report.to_dict() | {"layers": None}})
+    result = {"out": out_dir, "config": cfg.describe(), "method": method, "calib_rows": len(calib) if calib else 0,
+              **{k: v for k, v in info.items() if k != "method"}, "report": report.to_dict()}
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(report.summary())
+        click.echo(f"calibration: {result['calib_rows']} inputs, capture {capture_s:.1f}s, "
+                   f"method {info['calib_seconds']:.1f}s -> {out_dir}")
