@@ -1,9 +1,20 @@
-"""Registered zoo entries. Each function builds one ZooModel."""
+"""Registered zoo entries. Each function builds one ZooModel.
+
+Trained entries are registered only when their bundled files exist (``weights/<name>/``), so that
+``available()`` lists what can actually be loaded:
+
+* ``cifar10-ddpm`` — DDPM UNet2DModel (google/ddpm-cifar10-32 layout at widths 64/128/128/128,
+  ~9M parameters), EMA weights in fp16, trained on CIFAR-10-JPEG; card in docs/zoo/cifar10-ddpm.md.
+* ``cifar10-features`` — the fd_cifar feature network (:class:`~diffquant.zoo.classifier.CifarResNet`,
+  256-d features, fp16 weights), trained on CIFAR-10-JPEG; card in docs/zoo/cifar10-features.md.
+"""
 from __future__ import annotations
+
+import json
 
 import torch
 
-from diffquant.zoo import ZooModel, register
+from diffquant.zoo import WEIGHTS_DIR, ZooModel, register
 
 TINY_UNET_CONFIG = dict(
     sample_size=32,
@@ -29,3 +40,29 @@ def tiny_random() -> ZooModel:
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     card = {"name": "tiny-random", "note": "random weights from seed 0; for demos/tests before trained weights exist"}
     return ZooModel("tiny-random", "random", model, sched, card, None)
+
+
+def _card(folder) -> dict:
+    p = folder / "card.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+if (WEIGHTS_DIR / "cifar10-ddpm" / "model.safetensors").is_file():
+
+    @register("cifar10-ddpm")
+    def cifar10_ddpm() -> ZooModel:
+        from diffquant.zoo.bundle import load_bundled_unet
+
+        folder = WEIGHTS_DIR / "cifar10-ddpm"
+        model, sched = load_bundled_unet(folder)
+        return ZooModel("cifar10-ddpm", "ddpm", model, sched, _card(folder), folder)
+
+
+if (WEIGHTS_DIR / "cifar10-features" / "model.safetensors").is_file():
+
+    @register("cifar10-features")
+    def cifar10_features() -> ZooModel:
+        from diffquant.zoo.classifier import load_classifier
+
+        folder = WEIGHTS_DIR / "cifar10-features"
+        return ZooModel("cifar10-features", "classifier", load_classifier(folder), None, _card(folder), folder)
