@@ -1,0 +1,70 @@
+"""The diffquant CLI end to end on the tiny bundled model (quantize -> sample -> compare, demo)."""
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from diffquant.cli import cli
+from diffquant.sampling import load_samples
+
+
+def _run(args):
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    return res
+
+
+def test_quantize_sample_compare_roundtrip(tmp_path):
+    q = tmp_path / "w8a8"
+    r = _run(["quantize", "zoo:tiny-random", "--weight-bits", "8", "--act-bits", "8", "--calib-num", "4",
+              "--calib-st", "2", "--calib-steps", "4", "--override", "conv_out=skip", "--device", "cpu",
+              "--calib-data", str(tmp_path / "cal.safetensors"), "--out", str(q), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["config"] == "W8A8" and info["calib_rows"] == 8
+    assert info["report"]["float_layers"] == ["conv_out"]
+    assert (tmp_path / "cal.safetensors").is_file() and (q / "model.safetensors").is_file()
+
+    for name, model in (("fp", "zoo:tiny-random"), ("q", str(q))):
+        r = _run(["sample", model, "--steps", "3", "--num", "3", "--seed", "7", "--batch-size", "2",
+                  "--device", "cpu", "--out", str(tmp_path / f"{name}.npz"), "--json"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["num"] == 3
+    imgs, seeds, meta = load_samples(tmp_path / "q.npz")
+    assert imgs.shape == (3, 32, 32, 3) and seeds.tolist() == [7, 8, 9] and meta["quantized"] is True
+    assert (tmp_path / "q.png").is_file()
+
+    r = _run(["compare", str(tmp_path / "fp.npz"), str(tmp_path / "q.npz"), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert "psnr" in json.dumps(out) and "ssim" in json.dumps(out)
+
+    # weights-only: no calibration data needed
+    r = _run(["quantize", "zoo:tiny-random", "--weight-bits", "4", "--act-bits", "32", "--device", "cpu",
+              "--out", str(tmp_path / "w4"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["calib_rows"] == 0
+
+
+def test_cli_rejects_bad_input(tmp_path):
+    r = _run(["quantize", "zoo:tiny-random", "--weight-bits", "9", "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "bits=9" in r.output and "2..8" in r.output
+    r = _run(["quantize", "zoo:nope", "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "unknown zoo model" in r.output
+    r = _run(["sample", str(tmp_path / "missing"), "--out", str(tmp_path / "s.npz")])
+    assert r.exit_code != 0 and "no such folder" in r.output
+    r = _run(["quantize", "zoo:tiny-random", "--override", "conv_in=w3x", "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "override" in r.output
+
+
+def test_demo_writes_report(tmp_path):
+    out = tmp_path / "demo"
+    r = _run(["demo", "--model", "zoo:tiny-random", "--num", "4", "--steps", "3", "--calib-num", "4",
+              "--calib-st", "2", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert [row["variant"] for row in res["rows"]] == ["FP", "W8A8", "W4A8"]
+    sizes = [row["size_MiB"] for row in res["rows"]]
+    assert sizes[0] > sizes[1] > sizes[2]
+    assert all(np.isfinite(row["psnr_vs_fp"]) for row in res["rows"][1:])
+    for f in ("report.md", "results.json", "side_by_side.png", "samples_W4A8.npz"):
+        assert (out / f).is_file()
