@@ -94,10 +94,24 @@ def load_local(path: Path, device: Any = "cpu") -> LoadedModel:
     )
 
 
-def load_hub(repo_id: str, device: Any = "cpu") -> LoadedModel:
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover
+        return True
+
+
+def load_hub(repo_id: str, device: Any = "cpu", probe_timeout: float = 5.0) -> LoadedModel:
     import diffusers
 
     try:
+        if not _hub_offline():
+            # fail in seconds, not after the download client's long retries, when the hub is unreachable
+            from huggingface_hub import HfApi
+
+            HfApi().model_info(repo_id, timeout=probe_timeout)
         try:
             model = diffusers.UNet2DModel.from_pretrained(repo_id, subfolder="unet", use_safetensors=True)
         except (OSError, EnvironmentError):
