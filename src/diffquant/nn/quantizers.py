@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from diffquant.config import QuantScheme
+from diffquant.quant.adaround import hard_codes, init_alpha, rectified_sigmoid
+from diffquant.quant.affine import qrange
 from diffquant.quant.affine import fake_quantize, fake_quantize_fp8, fake_quantize_fused, fake_quantize_weight, group_view
 from diffquant.quant.estimators import ActivationObserver, weight_qparams
 
@@ -59,6 +61,43 @@ class WeightQuantizer(_Quantizer):
             rows = group_view(torch.empty(weight_shape, device="meta"), scheme).shape[0]
             self.register_buffer("scale", torch.ones(rows, 1))
             self.register_buffer("zero_point", torch.zeros(rows, 1))
+        self.rounding = "nearest"  # "nearest" | "soft" | "hard" (AdaRound)
+        self.alpha: Optional[nn.Parameter] = None
+
+    # ---- AdaRound ----------------------------------------------------------------------------
+    def start_adaround(self, weight: torch.Tensor) -> nn.Parameter:
+        """Learnable rounding: alpha initialised so the soft weight equals the float weight."""
+        if self.scheme is None or self.scheme.dtype != "int":
+            raise ValueError("AdaRound needs an integer weight scheme")
+        g = group_view(weight.detach().float(), self.scheme)
+        self.alpha = nn.Parameter(init_alpha(g * (1.0 / self.scale)))
+        self.rounding = "soft"
+        return self.alpha
+
+    def _adaround(self, w: torch.Tensor) -> torch.Tensor:
+        g = group_view(w, self.scheme)
+        inv = 1.0 / self.scale.to(w.dtype)
+        base = torch.floor(g.detach() * inv)
+        h = rectified_sigmoid(self.alpha) if self.rounding == "soft" else (self.alpha >= 0).to(w.dtype)
+        qmin, qmax = qrange(self.scheme.bits, self.scheme.symmetric)
+        z = self.zero_point.to(w.dtype)
+        q = torch.clamp(base + h + z, qmin, qmax)
+        return ((q - z) * self.scale.to(w.dtype)).reshape(w.shape)
+
+    @torch.no_grad()
+    def bake_adaround(self, weight: torch.Tensor) -> torch.Tensor:
+        """The hard-rounded weight, dequantized: a float tensor that nearest rounding maps onto
+        exactly the codes AdaRound chose. Ends AdaRound (back to nearest rounding)."""
+        if self.alpha is None:
+            raise RuntimeError("bake_adaround called without start_adaround")
+        g = group_view(weight.detach().float(), self.scheme)
+        qmin, qmax = qrange(self.scheme.bits, self.scheme.symmetric)
+        q = torch.clamp(hard_codes(g * (1.0 / self.scale), self.alpha) + self.zero_point, qmin, qmax)
+        out = ((q - self.zero_point) * self.scale).reshape(weight.shape).to(weight.dtype)
+        self.alpha = None
+        self.rounding = "nearest"
+        self.__dict__.pop("_cache", None)
+        return out
 
     @torch.no_grad()
     def init_from(self, weight: torch.Tensor) -> None:
@@ -71,6 +110,8 @@ class WeightQuantizer(_Quantizer):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.scheme is None or self.mode != "quant":
             return w
+        if self.rounding != "nearest":
+            return self._adaround(w)
         cacheable = CACHE_WEIGHTS and not torch.is_grad_enabled()
         if cacheable:
             key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device,
@@ -135,6 +176,22 @@ class ActQuantizer(_Quantizer):
         self._is_calibrated = True
         self.observer = None
         self.mode = "quant"
+
+    # ---- LSQ: learned step size ----------------------------------------------------------------
+    def make_scale_learnable(self) -> nn.Parameter:
+        if self.scheme is None or not self._is_calibrated:
+            raise RuntimeError(f"activation quantizer {self.name!r} must be calibrated before learning its scale")
+        p = nn.Parameter(self.scale.detach().clone())
+        del self._buffers["scale"]
+        self.scale = p
+        return p
+
+    @torch.no_grad()
+    def freeze_scale(self) -> None:
+        if isinstance(self.scale, nn.Parameter):
+            value = self.scale.detach().clone().clamp_min(1e-8)
+            del self._parameters["scale"]
+            self.register_buffer("scale", value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme is None or self.mode == "fp":
