@@ -1,6 +1,19 @@
-"""diffquant sample MODEL|QUANTIZED_DIR --out FILE.npz"""
+"""diffquant sample MODEL|QUANTIZED_DIR --out FILE.npz [--shard-size N --out-dir DIR --resume]
+
+Without the sharding options this samples in one go (``diffquant.sampling.sample``). With any of
+``--shard-size``, ``--out-dir``, ``--resume`` or ``--compute-batch``, or under ``torchrun``, the run
+is split into seeded shards written as they finish, resumable, and merged into ``--out``
+(``diffquant.sampling.large.sample_sharded``): the samples are then byte-identical whatever the
+batch size or number of processes, for a given ``--compute-batch`` and device type.
+
+Several GPUs on one host::
+
+    torchrun --nproc-per-node 2 -m diffquant.cli sample zoo:cifar10-ddpm --num 10000 \\
+        --shard-size 1000 --out-dir run/ --out samples.npz
+"""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -15,17 +28,31 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
 @sampler_options(default_steps=100)
 @click.option("--num", type=int, default=64, show_default=True, help="number of samples")
 @click.option("--seed", type=int, default=0, show_default=True, help="sample i uses seed SEED+i")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True, help="samples per sampling loop")
 @device_option
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="samples .npz")
 @click.option("--grid/--no-grid", default=True, show_default=True, help="also write a PNG grid next to the .npz")
+@click.option("--shard-size", type=int, default=None,
+              help="sharded run: samples per shard file (default 1000 when another sharding option is given)")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="sharded run: folder of the shard files (default: OUT without .npz + '.shards/')")
+@click.option("--resume", is_flag=True, help="sharded run: keep the finished shards in --out-dir, compute the rest")
+@click.option("--compute-batch", type=int, default=None,
+              help="sharded run: rows per model evaluation (default 64); samples are identical for a given "
+                   "compute batch and device type, whatever --batch-size")
 @click.option("--json", "as_json", is_flag=True)
-def command(model, sampler, steps, spacing, eta, num, seed, batch_size, device, out_path, grid, as_json):
+def command(model, sampler, steps, spacing, eta, num, seed, batch_size, device, out_path, grid, shard_size, out_dir,
+            resume, compute_batch, as_json):
     """Sample MODEL (zoo:NAME, diffusers folder, hub id, or a quantized folder) with fixed seeds."""
     from diffquant.models.loading import load_model
     from diffquant.sampling import SamplerSpec, sample, save_samples
     from diffquant.viz import save_grid
 
+    sharded = (shard_size is not None or out_dir is not None or resume or compute_batch is not None
+               or int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    if sharded:
+        return _sharded(model, sampler, steps, spacing, eta, num, seed, batch_size, device, out_path, grid,
+                        shard_size, out_dir, resume, compute_batch, as_json)
     dev = resolve_device(device)
     try:
         spec = SamplerSpec(sampler, steps, spacing, eta)
@@ -48,3 +75,61 @@ def command(model, sampler, steps, spacing, eta, num, seed, batch_size, device, 
         emit_json(out)
     else:
         click.echo(f"{num} samples in {secs:.1f}s ({num / secs:.2f} img/s) -> {out_path}")
+
+
+def _sharded(model, sampler, steps, spacing, eta, num, seed, batch_size, device, out_path, grid, shard_size, out_dir,
+             resume, compute_batch, as_json):
+    from diffquant.models.loading import load_model
+    from diffquant.sampling import SamplerSpec
+    from diffquant.sampling.large import DEFAULT_COMPUTE_BATCH, init_distributed_from_env, sample_sharded
+    from diffquant.viz import save_grid
+
+    try:
+        dist_dev = init_distributed_from_env(device)
+    except (RuntimeError, ValueError) as e:
+        fail(f"cannot set up torch.distributed from the torchrun environment: {e}")
+    dev = dist_dev if dist_dev is not None else resolve_device(device)
+    shard_size = 1000 if shard_size is None else shard_size
+    compute_batch = DEFAULT_COMPUTE_BATCH if compute_batch is None else compute_batch
+    if out_dir is None:
+        p = Path(out_path)
+        out_dir = str(p.with_name(p.stem + ".shards"))
+    t0 = time.perf_counter()
+    try:
+        spec = SamplerSpec(sampler, steps, spacing, eta)
+        loaded = load_model(model, device=dev)
+        if loaded.scheduler is None:
+            fail(f"{model} has no scheduler config; cannot sample")
+        run = sample_sharded(loaded.model, loaded.scheduler, num=num, out_dir=out_dir, seed=seed, spec=spec,
+                             shard_size=shard_size, batch_size=batch_size, compute_batch=compute_batch, device=dev,
+                             out=out_path, resume=resume, model_id=model, keep_in_memory=grid,
+                             extra_meta={"quantized": loaded.quantized})
+    except ValueError as e:
+        fail(str(e))
+    finally:
+        _destroy_dist()
+    if run.rank != 0:
+        return
+    secs = time.perf_counter() - t0
+    grid_path = None
+    if grid and run.images is not None:
+        grid_path = str(Path(out_path).with_suffix(".png"))
+        save_grid(run.images[: min(num, 100)], grid_path, nrow=10 if num >= 10 else None)
+    res = {"out": out_path, "out_dir": out_dir, "grid": grid_path, "num": num, "seconds": secs,
+           "sampling_seconds": run.seconds, "images_computed": run.images_computed,
+           "images_per_second": run.images_per_second, "shards": run.num_shards, "shards_computed": len(run.computed),
+           "shards_reused": len(run.reused), "world_size": run.world_size, "images_sha256": run.images_sha256,
+           "device": str(dev), **{k: v for k, v in run.meta.items() if k not in ("images_sha256",)}}
+    if as_json:
+        emit_json(res)
+    else:
+        rate = f"{run.images_per_second:.2f} img/s" if run.images_per_second else "nothing to compute"
+        click.echo(f"{num} samples ({run.num_shards} shards: {len(run.computed)} computed by rank 0, "
+                   f"{len(run.reused)} reused; {run.world_size} process(es)) in {secs:.1f}s ({rate}) -> {out_path}")
+
+
+def _destroy_dist() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.destroy_process_group()
