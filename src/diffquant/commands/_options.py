@@ -6,14 +6,15 @@ import click
 from diffquant.sampling import SAMPLERS, SPACINGS
 
 
-def sampler_options(default_steps: int = 100, prefix: str = "", help_prefix: str = ""):
+def sampler_options(default_steps: int | None = 100, prefix: str = "", help_prefix: str = ""):
     """--sampler/--steps/--spacing/--eta (optionally with a prefix such as 'calib-')."""
 
     def deco(f):
         f = click.option(f"--{prefix}eta", type=float, default=0.0, show_default=True, help=f"{help_prefix}DDIM eta (0 = deterministic).")(f)
         f = click.option(f"--{prefix}spacing", type=click.Choice(SPACINGS), default="uniform", show_default=True,
                          help=f"{help_prefix}DDIM time-step spacing.")(f)
-        f = click.option(f"--{prefix}steps", type=int, default=default_steps, show_default=True, help=f"{help_prefix}sampling steps.")(f)
+        f = click.option(f"--{prefix}steps", type=int, default=default_steps, show_default=default_steps is not None,
+                         help=f"{help_prefix}sampling steps" + ("" if default_steps is not None else " [default: set by --method/--preset]"))(f)
         f = click.option(f"--{prefix}sampler", type=click.Choice(SAMPLERS), default="ddim", show_default=True,
                          help=f"{help_prefix}sampler.")(f)
         return f

@@ -13,9 +13,17 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
 @click.argument("model")
 @click.option("--weight-bits", type=int, default=8, show_default=True, help="2..8, or 16/32 to keep weights in floating point.")
 @click.option("--act-bits", type=int, default=8, show_default=True, help="2..8, or 16/32 to keep activations in floating point.")
-@click.option("--method", default="naive", show_default=True, help="PTQ method (see `diffquant.algorithms.METHODS`).")
-@click.option("--weight-estimator", type=click.Choice(["minmax", "lp", "percentile"]), default="minmax", show_default=True)
-@click.option("--act-estimator", type=click.Choice(["minmax", "lp", "percentile", "ema"]), default="minmax", show_default=True)
+@click.option("--method", type=click.Choice(["naive", "qdiffusion"]), default="naive", show_default=True,
+              help="naive: round-to-nearest + calibrated ranges; qdiffusion: block reconstruction (AdaRound + LSQ)")
+@click.option("--preset", type=click.Choice(["paper", "fast"]), default="fast", show_default=True,
+              help="qdiffusion hyper-parameters: paper = 20k weight / 5k activation iterations, batch 32")
+@click.option("--resume", is_flag=True, help="qdiffusion: continue from the per-unit checkpoints in --work-dir")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+              help="qdiffusion: per-unit checkpoints (default: OUT/recon)")
+@click.option("--weight-estimator", type=click.Choice(["minmax", "lp", "percentile"]), default=None,
+              help="weight range estimator [default: minmax for naive, lp for qdiffusion]")
+@click.option("--act-estimator", type=click.Choice(["minmax", "lp", "percentile", "ema"]), default=None,
+              help="activation range estimator [default: minmax for naive, lp for qdiffusion]")
 @click.option("--granularity", type=click.Choice(["per_channel", "per_tensor", "per_group"]), default="per_channel", show_default=True,
               help="weight quantization granularity")
 @click.option("--group-size", type=int, default=None, help="with --granularity per_group")
@@ -28,9 +36,11 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
               help="per-layer exception, e.g. 'conv_in=skip', 'time_embedding.*=w8a8', 'conv_out=a16' (repeatable)")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="a QuantConfig JSON file (replaces the bit/estimator options above)")
-@click.option("--calib-num", type=int, default=32, show_default=True, help="calibration trajectories (samples per step)")
-@click.option("--calib-st", type=int, default=10, show_default=True, help="calibration time steps, uniform over the trajectory")
-@sampler_options(default_steps=20, prefix="calib-", help_prefix="calibration ")
+@click.option("--calib-num", type=int, default=None,
+              help="calibration trajectories = samples per step [default: 32 naive; 64 qdiffusion fast; 256 paper]")
+@click.option("--calib-st", type=int, default=None,
+              help="calibration time steps, uniform over the trajectory [default: 10 naive; 20 qdiffusion]")
+@sampler_options(default_steps=None, prefix="calib-", help_prefix="calibration ")
 @click.option("--calib-data", type=click.Path(dir_okay=False), default=None,
               help="calibration set (.safetensors): loaded if it exists, else captured and saved there")
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -38,7 +48,7 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
 @device_option
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-def command(model, weight_bits, act_bits, method, weight_estimator, act_estimator, granularity, group_size,
+def command(model, weight_bits, act_bits, method, preset, resume, work_dir, weight_estimator, act_estimator, granularity, group_size,
             weight_symmetric, act_symmetric, softmax_bits, quant_attention, split_shortcut, overrides, config_path,
             calib_num, calib_st, calib_sampler, calib_steps, calib_spacing, calib_eta, calib_data, batch_size, seed,
             device, out_dir, as_json):
@@ -51,6 +61,23 @@ def command(model, weight_bits, act_bits, method, weight_estimator, act_estimato
     from diffquant.sampling import SamplerSpec
 
     dev = resolve_device(device)
+    default_est = "lp" if method == "qdiffusion" else "minmax"
+    if method == "qdiffusion":
+        from diffquant.algorithms.qdiffusion import PRESET_CALIB
+
+        calib_num = calib_num or PRESET_CALIB[preset]["num_per_step"]
+        calib_st = calib_st or PRESET_CALIB[preset]["num_steps"]
+        calib_steps = calib_steps or 100
+    else:
+        calib_num, calib_st, calib_steps = calib_num or 32, calib_st or 10, calib_steps or 20
+    weight_estimator = weight_estimator or default_est
+    act_estimator = act_estimator or default_est
+    method_kwargs = {}
+    if method == "qdiffusion":
+        from pathlib import Path
+
+        method_kwargs = {"preset": preset, "resume": resume,
+                         "checkpoint_dir": work_dir or str(Path(out_dir) / "recon")}
     try:
         if config_path:
             cfg = QuantConfig.from_json(config_path)
@@ -69,7 +96,7 @@ def command(model, weight_bits, act_bits, method, weight_estimator, act_estimato
             calib = get_calibration(loaded.model, loaded.scheduler,
                                     CalibOptions(calib_num, calib_st, spec, batch_size=batch_size, path=calib_data), dev)
         capture_s = time.perf_counter() - t0
-        q = run_ptq(loaded.model, cfg, method, calib, device=dev, batch_size=batch_size, seed=seed)
+        q = run_ptq(loaded.model, cfg, method, calib, device=dev, batch_size=batch_size, seed=seed, **method_kwargs)
     except ValueError as e:
         fail(str(e))
     report = quant_report(q)
