@@ -68,3 +68,21 @@ def test_demo_writes_report(tmp_path):
     assert all(np.isfinite(row["psnr_vs_fp"]) for row in res["rows"][1:])
     for f in ("report.md", "results.json", "side_by_side.png", "samples_W4A8.npz"):
         assert (out / f).is_file()
+
+
+def test_quantize_qdiffusion_cli_with_resume(tmp_path):
+    args = ["quantize", "zoo:tiny-random", "--method", "qdiffusion", "--weight-bits", "4", "--act-bits", "8",
+            "--calib-num", "2", "--calib-st", "2", "--calib-steps", "4", "--weight-iters", "2", "--act-iters", "2",
+            "--device", "cpu", "--out", str(tmp_path / "qd"), "--json"]
+    r = _run(args)
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["method"] == "qdiffusion" and info["recon"]["weight_iters"] == 2
+    prog = json.loads((tmp_path / "qd" / "recon" / "progress.json").read_text())
+    assert len(prog["done"]["weights"]) == len(prog["done"]["acts"]) > 10
+    r = _run(args)  # the work dir holds a finished run: refused without --resume
+    assert r.exit_code != 0 and "resume" in r.output
+    r = _run(args + ["--resume"])
+    assert r.exit_code == 0, r.output
+    r = _run(["quantize", "zoo:tiny-random", "--resume", "--out", str(tmp_path / "n")])
+    assert r.exit_code != 0 and "qdiffusion only" in r.output

@@ -17,6 +17,8 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
               help="naive: round-to-nearest + calibrated ranges; qdiffusion: block reconstruction (AdaRound + LSQ)")
 @click.option("--preset", type=click.Choice(["paper", "fast"]), default="fast", show_default=True,
               help="qdiffusion hyper-parameters: paper = 20k weight / 5k activation iterations, batch 32")
+@click.option("--weight-iters", type=int, default=None, help="qdiffusion: AdaRound iterations per unit (overrides the preset)")
+@click.option("--act-iters", type=int, default=None, help="qdiffusion: step-size iterations per unit (overrides the preset)")
 @click.option("--resume", is_flag=True, help="qdiffusion: continue from the per-unit checkpoints in --work-dir")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,
               help="qdiffusion: per-unit checkpoints (default: OUT/recon)")
@@ -48,7 +50,7 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
 @device_option
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-def command(model, weight_bits, act_bits, method, preset, resume, work_dir, weight_estimator, act_estimator, granularity, group_size,
+def command(model, weight_bits, act_bits, method, preset, weight_iters, act_iters, resume, work_dir, weight_estimator, act_estimator, granularity, group_size,
             weight_symmetric, act_symmetric, softmax_bits, quant_attention, split_shortcut, overrides, config_path,
             calib_num, calib_st, calib_sampler, calib_steps, calib_spacing, calib_eta, calib_data, batch_size, seed,
             device, out_dir, as_json):
@@ -76,8 +78,19 @@ def command(model, weight_bits, act_bits, method, preset, resume, work_dir, weig
     if method == "qdiffusion":
         from pathlib import Path
 
-        method_kwargs = {"preset": preset, "resume": resume,
+        import dataclasses
+
+        from diffquant.algorithms.qdiffusion import PRESETS
+
+        recon = PRESETS[preset]
+        if weight_iters is not None:
+            recon = dataclasses.replace(recon, weight_iters=weight_iters)
+        if act_iters is not None:
+            recon = dataclasses.replace(recon, act_iters=act_iters)
+        method_kwargs = {"preset": preset, "recon": recon, "resume": resume,
                          "checkpoint_dir": work_dir or str(Path(out_dir) / "recon")}
+    elif weight_iters is not None or act_iters is not None or resume:
+        fail("--weight-iters/--act-iters/--resume apply to --method qdiffusion only")
     try:
         if config_path:
             cfg = QuantConfig.from_json(config_path)
