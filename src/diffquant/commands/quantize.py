@@ -110,7 +110,7 @@ def command(model, weight_bits, act_bits, method, preset, weight_iters, act_iter
                                     CalibOptions(calib_num, calib_st, spec, batch_size=batch_size, path=calib_data), dev)
         capture_s = time.perf_counter() - t0
         q = run_ptq(loaded.model, cfg, method, calib, device=dev, batch_size=batch_size, seed=seed, **method_kwargs)
-    except ValueError as e:
+    except (ValueError, MemoryError) as e:
         fail(str(e))
     report = quant_report(q)
     info = q._diffquant_method
