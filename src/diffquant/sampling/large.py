@@ -326,6 +326,7 @@ def sample_sharded(
     out: str | Path | None = None,
     resume: bool = False,
     model_id: str = "",
+    fingerprint: Optional[str] = None,
     class_labels: Optional[Sequence[int]] = None,
     cond_fn: Optional[Callable[[np.ndarray], dict]] = None,
     extra_meta: Optional[dict] = None,
@@ -342,6 +343,9 @@ def sample_sharded(
     ``distributed``: None = use the initialised ``torch.distributed`` process group if there is one.
     ``on_shard(k, path)`` is called after shard ``k`` is written (tests use it to interrupt a run).
     ``keep_in_memory``: return the merged images/seeds in the result (rank 0).
+    ``fingerprint``: the model identity recorded in (and checked against) the shards; default
+    :func:`model_fingerprint` of the model. Give your own when the same model may come back with other
+    state-dict bytes (e.g. rebuilt from a packed checkpoint) and you know it computes the same thing.
     """
     plan = ShardPlan(num, seed, shard_size)
     if batch_size < 1:
@@ -366,7 +370,7 @@ def sample_sharded(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    key = {"model_fingerprint": model_fingerprint(inner), "sampler_spec": spec.to_dict(), "run_seed": seed,
+    key = {"model_fingerprint": fingerprint or model_fingerprint(inner), "sampler_spec": spec.to_dict(), "run_seed": seed,
            "shard_size": shard_size, **_numerics(device, compute_batch)}
     if class_labels is not None:
         key["class_labels_sha256"] = hashlib.sha256(np.asarray(class_labels, dtype=np.int64).tobytes()).hexdigest()[:16]
