@@ -198,8 +198,9 @@ def _reconstruct_weights(unit: Unit, data, rc: ReconConfig, gen: torch.Generator
             out = _unit_forward(unit, args, kwargs)
             rec = recon_loss(out, target.to(device), rc.weight_p)
             loss = rec
-            if sched.regularizer_on(it):
-                beta = sched.beta(it)
+            count = it + 1  # BRECQ/Q-Diffusion count iterations from 1
+            if sched.regularizer_on(count):
+                beta = sched.beta(count)
                 loss = rec + rc.round_weight * sum(round_regularizer(a, beta) for a in alphas)
             opt.zero_grad(set_to_none=True)
             loss.backward()

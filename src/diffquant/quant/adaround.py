@@ -35,7 +35,8 @@ def round_regularizer(alpha: torch.Tensor, beta: float) -> torch.Tensor:
 @dataclass(frozen=True)
 class BetaSchedule:
     """beta held at ``start`` (regulariser off) during the warm-up fraction, then decayed linearly
-    from ``start`` to ``end`` over the remaining iterations (BRECQ's LinearTempDecay)."""
+    from ``start`` to ``end`` over the remaining iterations (BRECQ's LinearTempDecay). ``it`` is the
+    1-based iteration count, as in BRECQ/Q-Diffusion."""
 
     iters: int
     warmup: float = 0.2
