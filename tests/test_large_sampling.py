@@ -202,3 +202,28 @@ def test_cli_sharded_sample_and_resume(tmp_path):
     info2 = json.loads(r.stdout)
     assert info2["shards_computed"] == 1 and info2["shards_reused"] == 2
     assert info2["images_sha256"] == info["images_sha256"]
+
+
+def test_torchrun_cli_two_processes_same_bytes_as_one(tmp_path):
+    """`torchrun -m diffquant.cli sample` (gloo, 2 CPU processes) merges the same bytes as one process."""
+    import shutil
+    import subprocess
+    import sys
+
+    from diffquant.cli import cli
+
+    torchrun = shutil.which("torchrun") or str(os.path.join(os.path.dirname(sys.executable), "torchrun"))
+    common = ["--steps", "2", "--shard-size", "2", "--compute-batch", "2", "--device", "cpu", "--no-grid", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as this process (see one_thread)
+    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "diffquant.cli", "sample",
+                        "zoo:tiny-random", "--num-samples", "6", "--batch-size", "4", "--out", str(tmp_path / "two.npz"),
+                        *common], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.loads(r.stdout[r.stdout.index("{"):])
+    assert two["world_size"] == 2 and two["shards"] == 3
+    r1 = CliRunner().invoke(cli, ["sample", "zoo:tiny-random", "--num", "6", "--batch-size", "1",
+                                  "--out", str(tmp_path / "one.npz"), *common], catch_exceptions=False)
+    assert r1.exit_code == 0, r1.output
+    one = json.loads(r1.stdout)
+    assert one["world_size"] == 1 and one["images_sha256"] == two["images_sha256"]
+    assert load_samples(tmp_path / "one.npz")[0].tobytes() == load_samples(tmp_path / "two.npz")[0].tobytes()

@@ -8,8 +8,10 @@ batch size or number of processes, for a given ``--compute-batch`` and device ty
 
 Several GPUs on one host::
 
-    torchrun --nproc-per-node 2 -m diffquant.cli sample zoo:cifar10-ddpm --num 10000 \\
+    torchrun --nproc-per-node 2 -m diffquant.cli sample zoo:cifar10-ddpm --num-samples 10000 \\
         --shard-size 1000 --out-dir run/ --out samples.npz
+
+(``--num-samples`` is ``--num``; torchrun's own parser would take ``--num`` for its ``--numa-binding``.)
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
 @click.command("sample")
 @click.argument("model")
 @sampler_options(default_steps=100)
-@click.option("--num", type=int, default=64, show_default=True, help="number of samples")
+@click.option("--num", "--num-samples", "num", type=int, default=64, show_default=True,
+              help="number of samples (under torchrun write --num-samples: torchrun takes --num for its --numa-binding)")
 @click.option("--seed", type=int, default=0, show_default=True, help="sample i uses seed SEED+i")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="samples per sampling loop")
 @device_option
