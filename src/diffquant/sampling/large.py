@@ -471,21 +471,23 @@ def sample_sharded(
 
 
 def merge_shards(out_dir: str | Path, plan: ShardPlan, key: Optional[dict[str, Any]] = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read every shard of ``plan`` from ``out_dir`` (checked against ``key`` if given) and return the
-    images and seeds in seed order."""
+    """Read every shard of ``plan`` from ``out_dir`` (its metadata checked against ``key`` if given)
+    and return the images and seeds in seed order."""
     imgs, seeds = [], []
     for k in range(plan.num_shards):
         p = shard_path(out_dir, k)
         if not p.is_file():
             raise ValueError(f"cannot merge: shard {k} ({p}) is missing")
-        if key is not None and _check_shard(p, k, plan, key) != "ok":
+        i, s, meta = load_samples(p)
+        if key is not None:
+            bad = [name for name, want in key.items() if meta.get(name) != want]
+            if bad:
+                raise ValueError(f"cannot merge: shard {k} ({p}) is from another run ({', '.join(bad)} differ)")
+        if not np.array_equal(s, plan.seeds(k)):
             raise ValueError(f"cannot merge: shard {k} ({p}) does not hold seeds {plan.seeds(k)[0]}..{plan.seeds(k)[-1]}")
-        i, s, _ = load_samples(p)
         imgs.append(i)
         seeds.append(s)
-    images, all_seeds = np.concatenate(imgs), np.concatenate(seeds)
-    assert np.array_equal(all_seeds, np.arange(plan.seed, plan.seed + plan.num)), "merged seeds out of order"
-    return images, all_seeds
+    return np.concatenate(imgs), np.concatenate(seeds)
 
 
 def init_distributed_from_env(device: Optional[str] = None) -> Optional[torch.device]:
