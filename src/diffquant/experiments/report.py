@@ -9,7 +9,7 @@ import html
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from diffquant.experiments.plots import plot_metrics_vs
 
