@@ -10,7 +10,7 @@ setup_env
 mkdir -p /tmp/zoo /tmp/ret
 say "classifier"
 python3 -m diffquant.zoo.classifier --train .data/cifar10-jpeg-train.npz --test .data/cifar10-jpeg-test.npz \
-  --out /tmp/zoo/cifar10-features --epochs ${EPOCHS:-35} ${CLF_ARGS:-} 2>&1 | grep -v '^$' | tee /tmp/zoo/classifier.log | tail -n 40
+  --out /tmp/zoo/cifar10-features --epochs ${EPOCHS:-70} ${CLF_ARGS:-} 2>&1 | grep -v '^$' | tee /tmp/zoo/classifier.log | tail -n 40
 say "reference statistics"
 python3 scripts/gpu/zoo_stats.py --classifier /tmp/zoo/cifar10-features --train .data/cifar10-jpeg-train.npz \
   --test .data/cifar10-jpeg-test.npz --out /tmp/zoo/stats 2>&1 | tee /tmp/zoo/stats.log

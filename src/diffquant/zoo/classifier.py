@@ -6,7 +6,7 @@ residual pair of 3x3 convs in stages 1 and 3; BatchNorm + GELU). Input conventio
 
 * ``forward(x) -> logits`` (N, 10)
 * ``features(x) -> (N, D)``: the globally max-pooled output of the last stage, D = widths[-1]
-  (256 for the bundled model). This is the feature space of ``fd_cifar``.
+  (512 for the bundled model). This is the feature space of ``fd_cifar``.
 
 The training recipe (:func:`train_classifier`, ``diffquant train classifier``): SGD with Nesterov
 momentum, one-cycle learning rate (linear warm-up then linear decay to 0), label smoothing,
@@ -59,7 +59,7 @@ class CifarResNet(nn.Module):
 
     def __init__(
         self,
-        widths: Sequence[int] = (64, 128, 256, 256),
+        widths: Sequence[int] = (64, 128, 256, 512),
         residual: Sequence[bool] = (True, False, True),
         num_classes: int = 10,
         logit_scale: float = 0.125,
@@ -101,7 +101,7 @@ class CifarResNet(nn.Module):
 
 @dataclass
 class ClassifierTrainConfig:
-    epochs: int = 35
+    epochs: int = 70
     batch_size: int = 512
     lr: float = 0.4
     warmup_frac: float = 0.15
@@ -111,7 +111,7 @@ class ClassifierTrainConfig:
     crop_pad: int = 4
     cutout: int = 8
     seed: int = 0
-    widths: list = field(default_factory=lambda: [64, 128, 256, 256])
+    widths: list = field(default_factory=lambda: [64, 128, 256, 512])
     eval_batch_size: int = 1000
 
 
