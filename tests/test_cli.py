@@ -71,15 +71,15 @@ def test_demo_writes_report(tmp_path):
 
 
 def test_quantize_qdiffusion_cli_with_resume(tmp_path):
-    args = ["quantize", "zoo:tiny-random", "--method", "qdiffusion", "--weight-bits", "4", "--act-bits", "8",
-            "--calib-num", "2", "--calib-st", "2", "--calib-steps", "4", "--weight-iters", "2", "--act-iters", "2",
+    args = ["quantize", "zoo:tiny-random", "--method", "qdiffusion", "--weight-bits", "4", "--act-bits", "32",
+            "--calib-num", "2", "--calib-st", "1", "--calib-steps", "2", "--weight-iters", "2",
             "--device", "cpu", "--out", str(tmp_path / "qd"), "--json"]
     r = _run(args)
     assert r.exit_code == 0, r.output
     info = json.loads(r.stdout)
     assert info["method"] == "qdiffusion" and info["recon"]["weight_iters"] == 2
     prog = json.loads((tmp_path / "qd" / "recon" / "progress.json").read_text())
-    assert len(prog["done"]["weights"]) == len(prog["done"]["acts"]) > 10
+    assert len(prog["done"]["weights"]) > 10 and prog["done"]["acts"] == []  # weights-only: no activation stage
     r = _run(args)  # the work dir holds a finished run: refused without --resume
     assert r.exit_code != 0 and "resume" in r.output
     r = _run(args + ["--resume"])

@@ -83,9 +83,9 @@ def test_one_block_reconstruction_beats_nearest_rounding(setup):
 
 def test_resume_after_kill_equals_uninterrupted_run(setup, tmp_path, monkeypatch):
     model, calib = setup
-    calib = calib.subset(12, seed=1)
+    calib = calib.subset(8, seed=1)
     cfg = QuantConfig(weight=QuantScheme(4, granularity="per_channel", estimator="lp"), act=QuantScheme(8, estimator="lp"))
-    rc = qd.ReconConfig(weight_iters=6, act_iters=4, batch_size=8, act_init_rows=32)
+    rc = qd.ReconConfig(weight_iters=3, act_iters=2, batch_size=4, act_init_rows=8)
     full = qd.qdiffusion_ptq(model, cfg, calib, recon=rc, progress=False)
 
     calls = {"n": 0}

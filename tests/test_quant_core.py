@@ -214,3 +214,18 @@ def test_split_shortcut_quantizes_halves_separately_and_wins_on_bimodal_input():
             assert q.weight_quantizer.scale.mean() > 10 * q.weight_quantizer_b.scale.mean()
         errs[split] = sqnr_db(ref, q(x))
     assert errs[16] > errs[None] + 3
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_fused_fast_paths_equal_reference_fake_quantize(symmetric):
+    from diffquant.quant.affine import fake_quantize_fused
+    from diffquant.quant.estimators import _fq_rows
+
+    torch.manual_seed(3)
+    x = torch.randn(16, 999) * 4
+    xmin, xmax = x.amin(1, keepdim=True) * 0.8, x.amax(1, keepdim=True) * 0.8
+    for bits in (2, 4, 8):
+        scheme = QuantScheme(bits, symmetric=symmetric)
+        s, z = qparams_from_range(xmin, xmax, bits, symmetric)
+        assert torch.equal(_fq_rows(x, xmin, xmax, scheme)[0], fake_quantize(x, s, z, bits, symmetric))
+        assert torch.equal(fake_quantize_fused(x[3], s[3], z[3], bits, symmetric), fake_quantize(x[3], s[3], z[3], bits, symmetric))

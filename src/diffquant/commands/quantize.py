@@ -105,7 +105,7 @@ def command(model, weight_bits, act_bits, method, preset, weight_iters, act_iter
             fail(f"{model} is already quantized; pass the full-precision model")
         t0 = time.perf_counter()
         calib = None
-        if needs_calibration(cfg):
+        if needs_calibration(cfg) or method == "qdiffusion":  # block reconstruction needs data even weights-only
             calib = get_calibration(loaded.model, loaded.scheduler,
                                     CalibOptions(calib_num, calib_st, spec, batch_size=batch_size, path=calib_data), dev)
         capture_s = time.perf_counter() - t0

@@ -18,6 +18,7 @@ from diffquant.quant.affine import (
     fake_quantize_fp8,
     fp8_scale_from_range,
     qparams_from_range,
+    qrange,
 )
 
 
@@ -26,6 +27,11 @@ def _fq_rows(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, scheme: Qu
         s = fp8_scale_from_range(xmin, xmax)
         return fake_quantize_fp8(x, s), s, torch.zeros_like(s)
     s, z = qparams_from_range(xmin, xmax, scheme.bits, scheme.symmetric)
+    if x.dtype == torch.float32 and x.dim() == 2:
+        # PyTorch's fused per-row kernel: same values as fake_quantize (checked bit for bit in the tests)
+        qmin, qmax = qrange(scheme.bits, scheme.symmetric)
+        xq = torch.fake_quantize_per_channel_affine(x, s.reshape(-1), z.reshape(-1).to(torch.int32), 0, qmin, qmax)
+        return xq, s, z
     return fake_quantize(x, s, z, scheme.bits, scheme.symmetric), s, z
 
 
