@@ -67,7 +67,9 @@ def test_ddpm_chunks_resume_exactly(tiny_data, tmp_path):
 def test_ddpm_warm_restart_from_compact(tiny_data, tmp_path):
     torch.set_num_threads(1)
     exp = tmp_path / "export"
-    train_ddpm(_cfg(tiny_data, tmp_path / "a", export_dir=str(exp)), resume=None, until_step=4)
+    train_ddpm(_cfg(tiny_data, tmp_path / "a", export_dir=str(exp), snapshot_steps=[2]), resume=None, until_step=4)
+    snap, sdoc = load_state(tmp_path / "a" / "snapshots" / "ema-step0000002")
+    assert sdoc["kind"] == "ema-snapshot" and sdoc["step"] == 2 and all(k.startswith("ema.") for k in snap)
     t, doc = load_state(exp)
     assert doc["kind"] == "compact" and all(v.dtype == torch.float16 for v in t.values())
     assert not any(k.startswith("opt.") for k in t)
