@@ -17,7 +17,7 @@ def command(as_json):
         zm = zoo.load(name)
         rows.append({"name": f"zoo:{name}", "kind": zm.kind,
                      "params_M": round(sum(p.numel() for p in zm.model.parameters()) / 1e6, 2),
-                     "note": zm.card.get("summary", zm.card.get("note", ""))})
+                     "note": (zm.card.get("summary") or zm.card.get("note") or zm.card.get("description") or "")[:90]})
     if as_json:
         emit_json(rows)
     else:
