@@ -127,6 +127,7 @@ def test_resume_after_interruption_gives_the_same_bytes(tiny, sched, tmp_path):
     assert np.array_equal(a, b) and a.tobytes() == b.tobytes() and np.array_equal(sa, sb)
     assert sa.tolist() == list(range(10))
     assert ma["images_sha256"] == mb["images_sha256"] == res.images_sha256 == full.images_sha256
+    assert mb["shard_seconds"] > 0 and res.meta["shard_seconds"] > 0  # includes the shards of the first attempt
     # resuming a finished run computes nothing and merges the same bytes again
     again = sample_sharded(tiny, sched, out_dir=d, out=tmp_path / "r2.npz", resume=True, **kw)
     assert again.computed == [] and again.images_sha256 == full.images_sha256

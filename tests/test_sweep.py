@@ -147,6 +147,7 @@ def test_sweep_end_to_end_cache_reuse_and_report(model_dir, tmp_path, monkeypatc
     more = run_sweep(SweepSpec.from_dict({**d, "steps": [2, 3, 4]}), out, device="cpu", progress=False,
                      extractors=fake_ex)
     assert more.computed == 3 and more.cached == 6 and len(more.rows) == 9
+    assert all(r["img_per_s"] and r["sample_seconds"] for r in more.rows)
 
 
 def test_cli_sweep_and_report(model_dir, tmp_path):

@@ -177,7 +177,9 @@ class _Runner:
                              batch_size=self.spec.batch_size, compute_batch=self.spec.compute_batch, device=self.device,
                              out=None, resume=True, model_id=label, fingerprint=model_id, progress=self.progress)
         secs = time.perf_counter() - t0
-        info = {"sample_seconds": run.seconds, "images_per_second": run.images_per_second,
+        # shard_seconds: the sampling time recorded in the shards (also those reused from an earlier run)
+        shard_secs = run.meta.get("shard_seconds") or run.seconds
+        info = {"sample_seconds": shard_secs, "images_per_second": num / shard_secs if shard_secs else None,
                 "images_computed": run.images_computed, "wall_seconds": secs}
         from diffquant.sampling import save_samples
 

@@ -457,7 +457,9 @@ def sample_sharded(
     run_meta = {"model": model_id, "seed": seed, "num": num, **spec.to_dict(), **key, "num_shards": plan.num_shards,
                 "world_size": world, "device_name": device_name, "torch": torch.__version__, **(extra_meta or {})}
     if out is not None or keep_in_memory:
-        images, seeds = merge_shards(out_dir, plan, key)
+        stats: dict[str, Any] = {}
+        images, seeds = merge_shards(out_dir, plan, key, stats)
+        run_meta["shard_seconds"] = stats["shard_seconds"]  # sampling time of all shards, when they were computed
         run.images_sha256 = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
         run_meta["images_sha256"] = run.images_sha256
         if out is not None:
@@ -470,10 +472,13 @@ def sample_sharded(
     return run
 
 
-def merge_shards(out_dir: str | Path, plan: ShardPlan, key: Optional[dict[str, Any]] = None) -> tuple[np.ndarray, np.ndarray]:
+def merge_shards(out_dir: str | Path, plan: ShardPlan, key: Optional[dict[str, Any]] = None,
+                 stats: Optional[dict[str, Any]] = None) -> tuple[np.ndarray, np.ndarray]:
     """Read every shard of ``plan`` from ``out_dir`` (its metadata checked against ``key`` if given)
-    and return the images and seeds in seed order."""
+    and return the images and seeds in seed order. ``stats`` (a dict) receives ``shard_seconds``:
+    the sampling seconds recorded in the shards, summed (whenever and wherever they were computed)."""
     imgs, seeds = [], []
+    total_seconds = 0.0
     for k in range(plan.num_shards):
         p = shard_path(out_dir, k)
         if not p.is_file():
@@ -487,6 +492,9 @@ def merge_shards(out_dir: str | Path, plan: ShardPlan, key: Optional[dict[str, A
             raise ValueError(f"cannot merge: shard {k} ({p}) does not hold seeds {plan.seeds(k)[0]}..{plan.seeds(k)[-1]}")
         imgs.append(i)
         seeds.append(s)
+        total_seconds += float(meta.get("seconds") or 0.0)
+    if stats is not None:
+        stats["shard_seconds"] = total_seconds
     return np.concatenate(imgs), np.concatenate(seeds)
 
 
