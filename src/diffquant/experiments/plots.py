@@ -120,6 +120,11 @@ def plot_metrics_vs(rows: Sequence[dict], metrics: Sequence[str], x: str, path: 
                 if floors and x != "steps":
                     h = ax.axhline(floors[0], color="grey", ls=":", lw=1.2)
                     handles.setdefault("real-data floor (same n)", h)
+            ys = [v for line in ax.get_lines() for v in line.get_ydata()]
+            if ys:  # reference lines (axhline) do not take part in autoscaling: make room for them
+                lo, hi = min(ys), max(ys)
+                pad = 0.06 * (hi - lo) if hi > lo else 0.05 * (abs(hi) or 1.0)
+                ax.set_ylim(lo - pad, hi + pad)
             if x != "steps":
                 ax.set_xticks(range(len(xs_all)))
                 ax.set_xticklabels([_bits_tick(v) for v in xs_all])
