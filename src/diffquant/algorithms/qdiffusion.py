@@ -293,17 +293,21 @@ def qdiffusion_ptq(
     log.info("Q-Diffusion: %d units (%d blocks), %d calibration rows, preset %s", len(units),
              sum(u.kind == "block" for u in units), len(calib), preset)
 
+    def run_phase(phase: str, tag: str, reconstruct) -> None:
+        """One reconstruction pass over all units, in forward order, skipping finished ones."""
+        for i, unit in enumerate(units):
+            if prog.done(phase, unit.name):
+                continue
+            data = capture_unit_data(q, unit.module, fp, fp_units[unit.name], calib, **cap)
+            info = reconstruct(unit, data, recon, _gen(recon.seed, tag, i), device, progress)
+            del data
+            prog.mark(q, phase, unit.name, info)
+            log.info("%s %d/%d %s %s", phase, i + 1, len(units), unit.name, info)
+
     # 1. weights, activations in floating point
     if config.weight is not None:
         set_quant_mode(q, "fp", weights=False, acts=True)
-        for i, unit in enumerate(units):
-            if prog.done("weights", unit.name):
-                continue
-            data = capture_unit_data(q, unit.module, fp, fp_units[unit.name], calib, **cap)
-            info = _reconstruct_weights(unit, data, recon, _gen(recon.seed, "w", i), device, progress)
-            del data
-            prog.mark(q, "weights", unit.name, info)
-            log.info("weights %d/%d %s %s", i + 1, len(units), unit.name, info)
+        run_phase("weights", "w", _reconstruct_weights)
         set_quant_mode(q, "quant", weights=False, acts=True)
 
     # 2. activation ranges
@@ -317,14 +321,7 @@ def qdiffusion_ptq(
 
     # 3. activation step sizes
     if aqs and recon.act_iters > 0:
-        for i, unit in enumerate(units):
-            if prog.done("acts", unit.name):
-                continue
-            data = capture_unit_data(q, unit.module, fp, fp_units[unit.name], calib, **cap)
-            info = _reconstruct_acts(unit, data, recon, _gen(recon.seed, "a", i), device, progress)
-            del data
-            prog.mark(q, "acts", unit.name, info)
-            log.info("acts %d/%d %s %s", i + 1, len(units), unit.name, info)
+        run_phase("acts", "a", _reconstruct_acts)
 
     q._diffquant_method = {  # type: ignore[attr-defined]
         "method": "qdiffusion", "preset": preset, "recon": dataclasses.asdict(recon),
