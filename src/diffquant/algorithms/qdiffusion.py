@@ -91,6 +91,15 @@ def _unit_forward(unit: Unit, args: list, kwargs: dict) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _minibatch(data, rc: ReconConfig, gen: torch.Generator, device) -> tuple[list, dict, torch.Tensor]:
+    """A random minibatch of cached unit inputs and targets, on ``device``."""
+    idx = torch.randint(data.n, (min(rc.batch_size, data.n),), generator=gen)
+    args, kwargs, target = data.batch(idx.to(data.target.device))
+    args = [a.to(device) if torch.is_tensor(a) else a for a in args]
+    kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+    return args, kwargs, target.to(device)
+
+
 def _gen(seed: int, phase: str, index: int) -> torch.Generator:
     h = int(hashlib.sha256(f"{seed}/{phase}/{index}".encode()).hexdigest()[:15], 16)
     return torch.Generator().manual_seed(h)
@@ -191,12 +200,8 @@ def _reconstruct_weights(unit: Unit, data, rc: ReconConfig, gen: torch.Generator
     first = last = float("nan")
     with torch.enable_grad():
         for it in _iter_bar(rc.weight_iters, f"AdaRound {unit.name}", progress):
-            idx = torch.randint(data.n, (min(rc.batch_size, data.n),), generator=gen)
-            args, kwargs, target = data.batch(idx.to(data.target.device))
-            args = [a.to(device) if torch.is_tensor(a) else a for a in args]
-            kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
-            out = _unit_forward(unit, args, kwargs)
-            rec = recon_loss(out, target.to(device), rc.weight_p)
+            args, kwargs, target = _minibatch(data, rc, gen, device)
+            rec = recon_loss(_unit_forward(unit, args, kwargs), target, rc.weight_p)
             loss = rec
             count = it + 1  # BRECQ/Q-Diffusion count iterations from 1
             if sched.regularizer_on(count):
@@ -230,11 +235,8 @@ def _reconstruct_acts(unit: Unit, data, rc: ReconConfig, gen: torch.Generator, d
     try:
         with torch.enable_grad():
             for it in _iter_bar(rc.act_iters, f"LSQ {unit.name}", progress):
-                idx = torch.randint(data.n, (min(rc.batch_size, data.n),), generator=gen)
-                args, kwargs, target = data.batch(idx.to(data.target.device))
-                args = [a.to(device) if torch.is_tensor(a) else a for a in args]
-                kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
-                loss = recon_loss(_unit_forward(unit, args, kwargs), target.to(device), rc.act_p)
+                args, kwargs, target = _minibatch(data, rc, gen, device)
+                loss = recon_loss(_unit_forward(unit, args, kwargs), target, rc.act_p)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
