@@ -137,6 +137,7 @@ def fake_quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero_point: torch
 
 def sqnr_db(x: torch.Tensor, xq: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB."""
+    x, xq = x.detach(), xq.detach()
     noise = (x.double() - xq.double()).pow(2).sum()
     signal = x.double().pow(2).sum()
     if noise == 0:
