@@ -152,7 +152,7 @@ def model_cost(
     bit-widths to count. ``example`` = (sample, timestep, cond) replaces the default example input."""
     from diffquant.nn.attention import QuantAttnProcessor
     from diffquant.nn.modules import QUANT_LAYER_TYPES, QuantMatMul
-    from diffquant.nn.quantizers import ActQuantizer, WeightQuantizer
+    from diffquant.quantize import float_mode
 
     if float_bits not in (8, 16, 32):
         raise ValueError(f"float_bits={float_bits!r} is not supported; allowed: 8, 16, 32")
@@ -259,21 +259,15 @@ def model_cost(
             handles.append(m.register_forward_hook(matmul_hook(name)))
         elif type(m).__name__ == "Attention" and hasattr(m, "to_q") and hasattr(m, "to_v"):
             handles.append(m.register_forward_hook(attention_hook(name), with_kwargs=True))
-    quantizers = [m for m in model.modules() if isinstance(m, (WeightQuantizer, ActQuantizer))]
-    modes = [q.mode for q in quantizers]
     was_training = model.training
     try:
-        for q in quantizers:  # shapes only: run the float path (no qparams needed)
-            q.mode = "fp"
         model.eval()
         x, t, cond = example if example is not None else example_inputs(model, batch=batch)
-        with torch.no_grad():
+        with torch.no_grad(), float_mode(model):  # shapes only: run the float path (no qparams needed)
             call_model(model, x, t, cond)
     finally:
         for h in handles:
             h.remove()
-        for q, mode in zip(quantizers, modes):
-            q.mode = mode
         model.train(was_training)
     total = 0
     other = 0

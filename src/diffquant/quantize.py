@@ -164,6 +164,21 @@ def set_quant_mode(model: nn.Module, mode: str, *, weights: bool = True, acts: b
 
 
 @contextlib.contextmanager
+def float_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run every quantizer as a pass-through inside the context (e.g. to trace shapes or call order of a
+    model whose activations are not calibrated yet); the previous modes are restored on exit."""
+    qs = [m for m in model.modules() if isinstance(m, (ActQuantizer, WeightQuantizer))]
+    modes = [q.mode for q in qs]
+    for q in qs:
+        q.mode = "fp"
+    try:
+        yield model
+    finally:
+        for q, mode in zip(qs, modes):
+            q.mode = mode
+
+
+@contextlib.contextmanager
 def calibrate(model: nn.Module, reservoir_size: int = 1 << 20, seed: int = 0) -> Iterator[nn.Module]:
     """Forward passes inside this context feed the activation observers; on exit every activation
     quantizer gets its qparams. Observation sees full-precision activations (weights quantized)."""

@@ -64,23 +64,17 @@ def find_units(model: nn.Module, example: tuple) -> list[Unit]:
         if isinstance(m, QUANT_LAYER_TYPES) and not any(name.startswith(b + ".") for b in blocks):
             candidates[name] = Unit(name, "layer", m)
     order: list[str] = []
-    from diffquant.nn.quantizers import ActQuantizer, WeightQuantizer
+    from diffquant.quantize import float_mode
 
-    quantizers = [m for m in model.modules() if isinstance(m, (ActQuantizer, WeightQuantizer))]
-    modes = [m.mode for m in quantizers]
-    for m in quantizers:  # the trace only needs the call order: run in floating point
-        m.mode = "fp"
     handles = [u.module.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None)
                for n, u in candidates.items()]
     try:
         x, t, cond = example
-        with torch.no_grad():
+        with torch.no_grad(), float_mode(model):  # the trace only needs the call order
             call_model(model, x, t, cond)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in zip(quantizers, modes):
-            m.mode = mode
     missing = set(candidates) - set(order)
     if missing:
         raise RuntimeError(f"units never called in a forward pass: {sorted(missing)[:5]}")
