@@ -1,0 +1,157 @@
+"""Real low-bit layers: weights stored as int8 / FP8 / packed int4 with their scales, activations
+quantized once per call (plain tensor ops, so ``torch.compile`` fuses them into the producer of
+the input) and fed to the ``diffquant::qconv`` op; FP8 Linear / 1x1 conv can use ``torch._scaled_mm``.
+
+Built by :func:`diffquant.convert.convert` from calibrated fake-quant layers; storage conventions
+in :mod:`diffquant.kernels.reference`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from diffquant.kernels import ops
+from diffquant.kernels.reference import fp8_dynamic_scale, quantize_act_fp8, quantize_act_int8
+
+BACKENDS = ("int8", "fp8", "w4a8", "w4a16")
+
+
+class _Part(nn.Module):
+    """One slice ``[lo, hi)`` of the input channels with its weight and activation qparams (a split-
+    shortcut layer has two)."""
+
+    def __init__(self, lo: int, hi: int, w: torch.Tensor, w_scale: torch.Tensor, a_scale: Optional[torch.Tensor],
+                 corr: Optional[torch.Tensor], wzp: Optional[torch.Tensor], a_zp: int, w4: bool):
+        super().__init__()
+        self.lo, self.hi, self.a_zp, self.w4 = lo, hi, int(a_zp), w4
+        self.register_buffer("w", w.contiguous())
+        self.register_buffer("w_scale", w_scale.float().contiguous())
+        self.register_buffer("a_scale", None if a_scale is None else a_scale.float().reshape(1))
+        self.register_buffer("corr", None if corr is None else corr.to(torch.int32))
+        self.register_buffer("wzp", None if wzp is None else wzp.to(torch.int32))
+
+
+class LowBitLayer(nn.Module):
+    """A converted Conv2d (``kind='conv'``) or Linear (``kind='linear'``)."""
+
+    def __init__(self, kind: str, backend: str, in_channels: int, out_channels: int, kernel_size=(1, 1),
+                 stride=(1, 1), padding=(0, 0), dilation=(1, 1), bias: Optional[torch.Tensor] = None,
+                 name: str = ""):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}; allowed: {BACKENDS}")
+        self.kind, self.backend, self.layer_name = kind, backend, name
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding, self.dilation = (
+            tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self.parts = nn.ModuleList()
+        # activation quantization, per input channel (two values in a split layer)
+        self.act = "none"  # "int" | "fp8" | "fp8_dynamic" | "none"
+        self.qmin = self.qmax = self.offset = 0
+        self.fp8_gemm = "triton"  # "triton" | "scaled_mm" (FP8 single-part 1x1 / linear)
+
+    # dtype / memory-format conversions of the model must not touch the packed tensors and scales
+    def _apply(self, fn, recurse=True):
+        for key, buf in list(self._buffers.items()):
+            if buf is None:
+                continue
+            moved = fn(buf)
+            self._buffers[key] = moved if moved.dtype == buf.dtype and moved.is_contiguous() else buf.to(moved.device)
+        if recurse:
+            for m in self.children():
+                m._apply(fn)
+        return self
+
+    def set_act_int(self, inv_scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, offset: int) -> None:
+        self.act, self.qmin, self.qmax, self.offset = "int", qmin, qmax, offset
+        self.register_buffer("act_inv_scale", inv_scale.float().reshape(1, -1, 1, 1).contiguous())
+        self.register_buffer("act_zp", zero_point.float().reshape(1, -1, 1, 1).contiguous())
+
+    def set_act_fp8(self, scale: Optional[torch.Tensor]) -> None:
+        if scale is None:
+            self.act = "fp8_dynamic"
+        else:
+            self.act = "fp8"
+            self.register_buffer("act_scale", scale.float().reshape(1, -1, 1, 1).contiguous())
+
+    @property
+    def weight_bytes(self) -> int:
+        n = sum(b.numel() * b.element_size() for p in self.parts for b in p.buffers())
+        return n + (self.bias.numel() * 4 if self.bias is not None else 0)
+
+    def extra_repr(self) -> str:
+        return (f"{self.kind}, {self.backend}, {self.in_channels}->{self.out_channels}, k={self.kernel_size}, "
+                f"s={self.stride}, p={self.padding}, parts={len(self.parts)}, act={self.act}, gemm={self.fp8_gemm}")
+
+    def _quantize_input(self, x4: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self.act == "int":
+            return quantize_act_int8(x4, self.act_inv_scale, self.act_zp, self.qmin, self.qmax, self.offset), None
+        if self.act == "fp8":
+            return quantize_act_fp8(x4, self.act_scale), None
+        if self.act == "fp8_dynamic":
+            s = fp8_dynamic_scale(x4)
+            return quantize_act_fp8(x4, s), s
+        return x4, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = x.dtype
+        if self.kind == "linear":
+            lead = x.shape[:-1]
+            x4 = x.reshape(-1, x.shape[-1])[:, :, None, None]
+        else:
+            x4 = x
+        xq, dyn_scale = self._quantize_input(x4)
+        if self.kind == "conv" and not xq.is_contiguous(memory_format=torch.channels_last):
+            xq = xq.contiguous(memory_format=torch.channels_last)
+        if self.fp8_gemm == "scaled_mm" and len(self.parts) == 1:
+            y = self._scaled_mm(xq, dyn_scale, out_dtype)
+        else:
+            y = None
+            for i, p in enumerate(self.parts):
+                xs = xq if len(self.parts) == 1 else xq[:, p.lo:p.hi]
+                a_scale = dyn_scale if dyn_scale is not None else p.a_scale
+                y = ops.qconv(xs, p.w, p.w_scale, a_scale, p.corr, p.wzp, self.bias if i == 0 else None, y,
+                              p.a_zp, list(self.stride), list(self.padding), list(self.dilation), p.w4, out_dtype)
+        if self.kind == "linear":
+            return y.reshape(*lead, self.out_channels)
+        return y
+
+    def _scaled_mm(self, xq: torch.Tensor, dyn_scale: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+        p = self.parts[0]
+        nb, c, h, w = xq.shape
+        a2 = xq.permute(0, 2, 3, 1).reshape(-1, c)
+        m = a2.shape[0]
+        s_a = (dyn_scale if dyn_scale is not None else p.a_scale).reshape(1, 1).expand(m, 1).contiguous()
+        w2 = p.w.reshape(self.out_channels, c)
+        y = torch._scaled_mm(a2, w2.t(), scale_a=s_a, scale_b=p.w_scale.reshape(1, -1),
+                             bias=None, out_dtype=torch.bfloat16)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        y = y.to(out_dtype)
+        return y.reshape(nb, h, w, self.out_channels).permute(0, 3, 1, 2)
+
+
+def scaled_mm_works(device: torch.device) -> bool:
+    """Whether ``torch._scaled_mm`` with row-wise scales runs here (checked once on tiny tensors)."""
+    key = str(device)
+    if key not in _SCALED_MM_OK:
+        ok = False
+        if device.type == "cuda" and hasattr(torch, "_scaled_mm"):
+            try:
+                a = torch.randn(32, 32, device=device).to(torch.float8_e4m3fn)
+                b = torch.randn(32, 32, device=device).to(torch.float8_e4m3fn)
+                sa = torch.ones(32, 1, device=device)
+                sb = torch.ones(1, 32, device=device)
+                y = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+                ref = a.float() @ b.float().t()
+                ok = bool(torch.allclose(y.float(), ref, rtol=2e-2, atol=1e-1))
+            except Exception:  # not supported on this GPU / build
+                ok = False
+        _SCALED_MM_OK[key] = ok
+    return _SCALED_MM_OK[key]
+
+
+_SCALED_MM_OK: dict = {}

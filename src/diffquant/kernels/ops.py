@@ -1,0 +1,82 @@
+"""``torch.library`` custom ops of diffquant (namespace ``diffquant``), each with a fake (meta)
+implementation for ``torch.compile`` and a plain-PyTorch reference (:mod:`.reference`).
+
+``diffquant::qconv`` runs the Triton kernel on CUDA tensors when Triton is importable (also on CPU
+tensors with ``TRITON_INTERPRET=1``, for debugging) and the float64 reference otherwise; set
+``DIFFQUANT_KERNELS=reference`` to force the reference.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from diffquant.kernels.reference import conv_out_hw, out_like, qconv_reference
+
+_TRITON = None
+
+
+def triton_available() -> bool:
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton  # noqa: F401
+
+            from diffquant.kernels import triton_conv  # noqa: F401
+
+            _TRITON = True
+        except Exception:  # ImportError, or a Triton that cannot initialise here
+            _TRITON = False
+    return _TRITON
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    if os.environ.get("DIFFQUANT_KERNELS", "") == "reference":
+        return False
+    if x.is_cuda:
+        return triton_available()
+    return os.environ.get("TRITON_INTERPRET") == "1" and triton_available()
+
+
+@torch.library.custom_op("diffquant::qconv", mutates_args=())
+def qconv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    a_scale: Optional[torch.Tensor],
+    corr: Optional[torch.Tensor],
+    wzp: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    add: Optional[torch.Tensor],
+    a_zp: int,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    w4: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Quantized conv/linear (implicit GEMM) with fused dequantization: see :mod:`.reference`.
+
+    x: [N, Cin, H, W] int8 / float8_e4m3fn / bf16 (any strides; channels-last is the fast layout);
+    w: [Cout, KH, KW, Cin] int8 / float8_e4m3fn, or uint8 [Cout, KH, KW, Cin/2] with ``w4``;
+    returns [N, Cout, Ho, Wo] of ``out_dtype`` in channels-last layout.
+    """
+    args = (x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, stride, padding, dilation, w4, out_dtype)
+    if _use_triton(x):
+        from diffquant.kernels.triton_conv import qconv_triton
+
+        return qconv_triton(*args)
+    return qconv_reference(*args)
+
+
+@qconv.register_fake
+def _qconv_fake(x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, stride, padding, dilation, w4, out_dtype):
+    cout, kh, kw, _ = w.shape
+    ho, wo = conv_out_hw(x.shape[2], x.shape[3], kh, kw, stride, padding, dilation)
+    return out_like(x, cout, ho, wo, out_dtype)
+
+
+def qconv_ref(*args) -> torch.Tensor:
+    """The reference implementation of ``diffquant::qconv`` (same arguments), whatever the device."""
+    return qconv_reference(*args)

@@ -1,0 +1,138 @@
+"""Plain-PyTorch reference implementations of the low-bit ops: the test oracle of the GPU kernels
+and the implementation used where no GPU kernel runs (CPU tensors, no Triton).
+
+Storage conventions shared by the reference and the kernels
+-----------------------------------------------------------
+* Weights are laid out ``[Cout, KH, KW, Cin]`` (a Linear is a 1x1 conv: ``[N, 1, 1, K]``), the
+  reduction axis (kh, kw, c) contiguous, as the NHWC implicit GEMM reads them.
+* Integer weights are stored as signed int8 values ``v`` with an integer zero point ``wzp`` per
+  output channel: ``w = (v - wzp) * w_scale``. An asymmetric 8-bit code ``q in [0, 255]`` is stored as
+  ``v = q - 128`` (``wzp = zp - 128``); a symmetric one as is (``wzp = 0``).
+* 4-bit weights: ``v in [-8, 7]`` stored as the nibble ``u = v + 8``; one byte holds channel ``c``
+  (low nibble) and channel ``c + Cin/2`` (high nibble) of the same tap: ``uint8 [Cout, KH, KW, Cin/2]``.
+  Splitting the channels in halves (rather than pairing neighbours) lets the kernel read two
+  contiguous activation slices per step, with no shuffles.
+* Integer activations: ``int8`` values ``v`` with one integer zero point ``a_zp`` per tensor (asymmetric
+  uint8 codes shifted by 128, like the weights). Padding positions of a conv hold ``a_zp`` (the
+  quantized value of 0.0), exactly as the fake-quant model pads the dequantized input with zeros.
+* The integer product is accumulated exactly (int32 in the kernels, float64 here), corrected for
+  the zero points, then scaled once::
+
+      acc[m, n] = sum_k v_x[m, k] * v_w[n, k]
+      out[m, n] = (acc - wzp[n] * rowsum(v_x)[m] + corr[n]) * a_scale * w_scale[n] + bias[n] (+ add)
+
+  with ``corr[n] = -a_zp * colsum(v_w)[n] + K * a_zp * wzp[n]`` precomputed at conversion: the
+  activation zero point folded into a per-channel bias correction from the weight sums.
+* FP8 (e4m3) activations and weights have no zero point; bf16 activations (W4A16) have no scale.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+W4_OFFSET = 8
+
+
+def pack_w4(v: torch.Tensor) -> torch.Tensor:
+    """int values in [-8, 7], shape [..., C] with C even -> uint8 [..., C/2] (channel halves)."""
+    c = v.shape[-1]
+    if c % 2:
+        raise ValueError(f"4-bit packing needs an even number of input channels; got {c}")
+    u = (v.to(torch.int16) + W4_OFFSET)
+    if int(u.min()) < 0 or int(u.max()) > 15:
+        raise ValueError("4-bit values must lie in [-8, 7]")
+    lo, hi = u[..., : c // 2], u[..., c // 2 :]
+    return (lo | (hi << 4)).to(torch.uint8)
+
+
+def unpack_w4(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_w4`: int8 values [..., 2 * C/2]."""
+    p = p.to(torch.int16)
+    lo = (p & 15) - W4_OFFSET
+    hi = (p >> 4) - W4_OFFSET
+    return torch.cat([lo, hi], dim=-1).to(torch.int8)
+
+
+def weight_values(w: torch.Tensor, w4: bool) -> torch.Tensor:
+    """The weight values ``[Cout, KH, KW, Cin]`` (int8 / fp8 / float) of a stored weight."""
+    return unpack_w4(w) if w4 else w
+
+
+def out_like(x: torch.Tensor, cout: int, ho: int, wo: int, dtype: torch.dtype) -> torch.Tensor:
+    """Uninitialised output [N, Cout, Ho, Wo] in channels-last layout (what the kernels write)."""
+    return torch.empty((x.shape[0], ho, wo, cout), dtype=dtype, device=x.device).permute(0, 3, 1, 2)
+
+
+def conv_out_hw(h: int, w: int, kh: int, kw: int, stride, padding, dilation) -> tuple[int, int]:
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return ho, wo
+
+
+@torch.no_grad()
+def qconv_reference(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    a_scale: Optional[torch.Tensor],
+    corr: Optional[torch.Tensor],
+    wzp: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    add: Optional[torch.Tensor],
+    a_zp: int,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    w4: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The op's definition, in float64 (exact for the integer products at any UNet size)."""
+    wv = weight_values(w, w4).to(torch.float64).permute(0, 3, 1, 2)  # [Cout, Cin, KH, KW]
+    xv = x.to(torch.float64)
+    if x.shape[1] != wv.shape[1]:
+        raise ValueError(f"input has {x.shape[1]} channels; the weight expects {wv.shape[1]}")
+    ph, pw = padding
+    if ph or pw:
+        xv = F.pad(xv, (pw, pw, ph, ph), value=float(a_zp))
+    acc = F.conv2d(xv, wv, None, tuple(stride), 0, tuple(dilation))
+    if wzp is not None:
+        ones = torch.ones((1,) + tuple(wv.shape[1:]), dtype=torch.float64, device=x.device)
+        rs = F.conv2d(xv, ones, None, tuple(stride), 0, tuple(dilation))
+        acc = acc - rs * wzp.to(torch.float64).view(1, -1, 1, 1)
+    if corr is not None:
+        acc = acc + corr.to(torch.float64).view(1, -1, 1, 1)
+    mult = w_scale.to(torch.float64)
+    if a_scale is not None:
+        mult = mult * a_scale.to(torch.float64).reshape(())
+    out = acc * mult.view(1, -1, 1, 1)
+    if bias is not None:
+        out = out + bias.to(torch.float64).view(1, -1, 1, 1)
+    if add is not None:
+        out = out + add.to(torch.float64)
+    res = out_like(x, out.shape[1], out.shape[2], out.shape[3], out_dtype)
+    res.copy_(out)
+    return res
+
+
+# ---- activation quantization (plain tensor ops: torch.compile fuses them into the producer) ------
+def quantize_act_int8(x: torch.Tensor, inv_scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                      offset: int) -> torch.Tensor:
+    """int8 values ``clamp(round(x * inv_scale) + zp, qmin, qmax) - offset`` (computed in fp32, as the
+    fake-quant model does; ``inv_scale``/``zero_point`` broadcast against ``x``)."""
+    q = torch.clamp(torch.round(x.float() * inv_scale) + zero_point, qmin, qmax)
+    return (q - offset).to(torch.int8)
+
+
+def quantize_act_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    from diffquant.quant.affine import FP8_E4M3_MAX
+
+    return torch.clamp(x.float() / scale, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def fp8_dynamic_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-tensor FP8 scale of ``x`` on the device (no host sync)."""
+    from diffquant.quant.affine import FP8_E4M3_MAX
+
+    return (x.detach().abs().amax().float() / FP8_E4M3_MAX).clamp_min(1e-12).reshape(1)

@@ -1,0 +1,224 @@
+"""Triton implicit-GEMM convolution (NHWC, no materialised im2col) for int8, FP8 (e4m3) and bf16
+activations with int8, FP8 or packed 4-bit weights; a Linear is the 1x1 case.
+
+GEMM view: M = N*Ho*Wo output pixels, N = Cout, K = KH*KW*Cin, walked as one flat loop over
+(tap, channel block) so that the software pipeline spans the taps. Each program owns a
+BLOCK_M x BLOCK_N output tile; the A tile is gathered from the NHWC input (padding positions take
+the activation zero point), the B tile is read from the ``[Cout, KH, KW, Cin]`` weight (K-major,
+as Hopper's tensor cores want it for 8-bit operands). The epilogue applies the zero-point
+corrections in int32, then one fp32 scale per output channel, the bias and an optional residual
+(``add``), and stores the output channels-last. Storage conventions: :mod:`diffquant.kernels.reference`.
+
+Importing this module needs Triton; :mod:`diffquant.kernels.ops` imports it only when available.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["a_zp"])
+def _qconv_kernel(
+    x_ptr, w_ptr, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, wzp_ptr, bias_ptr, add_ptr,
+    a_zp,
+    M, H, W, Ho, Wo, Cout, CK, NCB, NITER,
+    sxn, sxh, sxw, sxc,
+    son, soh, sow, soc,
+    san, sah, saw, sac,
+    swn,
+    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    A_INT: tl.constexpr, A_FP8: tl.constexpr, W4: tl.constexpr, HAS_AZP: tl.constexpr, HAS_ASCALE: tl.constexpr,
+    HAS_WZP: tl.constexpr, HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(Cout, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < Cout
+    hw = Ho * Wo
+    nb = offs_m // hw
+    r = offs_m % hw
+    oh = r // Wo
+    ow = r % Wo
+    ih0 = oh * conv_sh - pad_h
+    iw0 = ow * conv_sw - pad_w
+    x_row = x_ptr + nb.to(tl.int64) * sxn
+    w_col = w_ptr + offs_n.to(tl.int64) * swn
+    offs_k = tl.arange(0, BLOCK_K)
+
+    if A_INT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        rs = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        rs = tl.zeros((BLOCK_M,), dtype=tl.float32)
+
+    for it in range(0, NITER):
+        tap = it // NCB
+        c0 = (it - tap * NCB) * BLOCK_K
+        kh = tap // KW
+        kw = tap - kh * KW
+        ih = ih0 + kh * dil_h
+        iw = iw0 + kw * dil_w
+        sp_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        kk = c0 + offs_k
+        k_ok = kk < CK
+        a_ptrs = x_row[:, None] + (ih.to(tl.int64) * sxh + iw * sxw)[:, None] + kk[None, :] * sxc
+        a_mask = sp_ok[:, None] & k_ok[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0)
+        if A_FP8:  # FP8 travels as its bytes (0x00 = 0.0), bitcast after the masked load
+            a = a.to(tl.float8e4nv, bitcast=True)
+        if HAS_AZP:
+            pad = (~sp_ok)[:, None] & k_ok[None, :]
+            a = tl.where(pad, a_zp.to(tl.int8), a)
+        b = tl.load(w_col[None, :] + tap * CK + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)
+        if W4:
+            a2 = tl.load(a_ptrs + CK * sxc, mask=a_mask, other=0)
+            if HAS_AZP:
+                a2 = tl.where(pad, a_zp.to(tl.int8), a2)
+            lo = (b & 15).to(tl.int8) - 8
+            hi = (b >> 4).to(tl.int8) - 8
+            if A_INT:
+                acc = tl.dot(a, lo, acc, out_dtype=acc.dtype)
+                acc = tl.dot(a2, hi, acc, out_dtype=acc.dtype)
+            else:
+                acc = tl.dot(a, lo.to(a.dtype), acc, out_dtype=acc.dtype)
+                acc = tl.dot(a2, hi.to(a.dtype), acc, out_dtype=acc.dtype)
+            if HAS_WZP:
+                rs += tl.sum(a.to(rs.dtype), axis=1) + tl.sum(a2.to(rs.dtype), axis=1)
+        else:
+            if A_FP8:
+                b = b.to(tl.float8e4nv, bitcast=True)
+            acc = tl.dot(a, b, acc, out_dtype=acc.dtype)
+            if HAS_WZP:
+                rs += tl.sum(a.to(rs.dtype), axis=1)
+
+    if HAS_WZP:
+        wz = tl.load(wzp_ptr + offs_n, mask=n_ok, other=0).to(acc.dtype)
+        acc = acc - rs[:, None] * wz[None, :]
+    if HAS_CORR:
+        corr = tl.load(corr_ptr + offs_n, mask=n_ok, other=0).to(acc.dtype)
+        acc = acc + corr[None, :]
+    accf = acc.to(tl.float32)
+    ws = tl.load(wscale_ptr + offs_n, mask=n_ok, other=0.0)
+    if HAS_ASCALE:
+        ws = ws * tl.load(ascale_ptr)
+    out = accf * ws[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    nb64 = nb.to(tl.int64)
+    if HAS_ADD:
+        add_off = nb64 * san + oh * sah + ow * saw
+        out += tl.load(add_ptr + add_off[:, None] + offs_n[None, :] * sac, mask=mask, other=0.0).to(tl.float32)
+    o_off = nb64 * son + oh * soh + ow * sow
+    tl.store(out_ptr + o_off[:, None] + offs_n[None, :] * soc, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_NUM_SMS: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _NUM_SMS:
+        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _NUM_SMS[idx]
+
+
+def pick_config(M: int, cout: int, ck: int, a_int8: bool, w4: bool, device: torch.device) -> dict:
+    """Block shapes by a fixed heuristic (no autotuning: a UNet has dozens of shapes and the
+    device time to tune them is not there). Overridable through DIFFQUANT_QCONV_CONFIG=BM,BN,BK,W,S."""
+    env = os.environ.get("DIFFQUANT_QCONV_CONFIG")
+    if env:
+        bm, bn, bk, nw, ns = (int(v) for v in env.split(","))
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+    one_byte = a_int8  # int8 / fp8 activations
+    bn = 128 if cout > 64 else 64 if cout > 32 else 32
+    bm = 128 if M > 64 else 64
+    if bm == 128 and triton.cdiv(M, 128) * triton.cdiv(cout, bn) < _num_sms(device):
+        bm = 64
+    if one_byte and not w4:
+        bk = 128 if ck >= 128 else 64 if ck >= 64 else 32
+    else:
+        bk = 64 if ck >= 64 else 32
+    if not one_byte:
+        bk = min(bk, 64)
+    nw = 8 if bm * bn >= 128 * 128 else 4
+    ns = 4 if one_byte and not w4 else 3
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+
+
+def qconv_triton(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    a_scale: Optional[torch.Tensor],
+    corr: Optional[torch.Tensor],
+    wzp: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    add: Optional[torch.Tensor],
+    a_zp: int,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    w4: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    from diffquant.kernels.reference import conv_out_hw, out_like
+
+    nbatch, c, h, wd = x.shape
+    cout, kh, kw, ck = w.shape
+    if (2 * ck if w4 else ck) != c:
+        raise ValueError(f"input has {c} channels; the weight expects {2 * ck if w4 else ck}")
+    ho, wo = conv_out_hw(h, wd, kh, kw, stride, padding, dilation)
+    out = out_like(x, cout, ho, wo, out_dtype)
+    M = nbatch * ho * wo
+    if M == 0:
+        return out
+    a_int = x.dtype == torch.int8
+    cfg = pick_config(M, cout, ck, x.element_size() == 1, w4, x.device)
+    bk = cfg["BLOCK_K"]
+    ncb = triton.cdiv(ck, bk)
+    dummy = w_scale
+    a_fp8 = x.dtype == torch.float8_e4m3fn
+    if a_fp8:
+        if w.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"FP8 activations need FP8 weights; got {w.dtype}")
+        x, w = x.view(torch.uint8), w.view(torch.uint8)
+    sa = add.stride() if add is not None else (0, 0, 0, 0)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(cout, cfg["BLOCK_N"]),)
+    _qconv_kernel[grid](
+        x, w, out,
+        a_scale if a_scale is not None else dummy, w_scale,
+        corr if corr is not None else dummy, wzp if wzp is not None else dummy,
+        bias if bias is not None else dummy, add if add is not None else out,
+        int(a_zp),
+        M, h, wd, ho, wo, cout, ck, ncb, kh * kw * ncb,
+        x.stride(0), x.stride(2), x.stride(3), x.stride(1),
+        out.stride(0), out.stride(2), out.stride(3), out.stride(1),
+        sa[0], sa[2], sa[3], sa[1],
+        w.stride(0),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        KH=kh, KW=kw, A_INT=a_int, A_FP8=a_fp8, W4=w4, HAS_AZP=bool(a_int and a_zp != 0), HAS_ASCALE=a_scale is not None,
+        HAS_WZP=wzp is not None, HAS_CORR=corr is not None, HAS_BIAS=bias is not None, HAS_ADD=add is not None,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, GROUP_M=8,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
