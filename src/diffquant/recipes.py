@@ -74,6 +74,7 @@ class CalibOptions:
     seed: int = 1_000_000
     batch_size: int = 64
     path: Optional[str] = None  # load from here if it exists, else capture and save here
+    cm_chains: Optional[tuple] = None  # consistency models: step counts whose chains' noise levels are kept
 
 
 def needs_calibration(config: QuantConfig) -> bool:
@@ -86,8 +87,8 @@ def get_calibration(model: nn.Module, scheduler: Any, opts: CalibOptions, device
         log.info("loading calibration data from %s", opts.path)
         return CalibrationSet.load(opts.path)
     cal = capture_calibration_set(model, scheduler, num_per_step=opts.num_per_step, num_steps=opts.num_steps,
-                                  spec=opts.spec, seed=opts.seed, batch_size=opts.batch_size, device=device,
-                                  progress=progress)
+                                  spec=opts.spec, cm_chains=opts.cm_chains, seed=opts.seed,
+                                  batch_size=opts.batch_size, device=device, progress=progress)
     if opts.path:
         cal.save(opts.path)
     return cal

@@ -5,6 +5,15 @@ spaced uniformly over the trajectory (``k_i = floor(i * steps / num_steps)``), t
 input is recorded. Memory is bounded and known up front: the whole set is preallocated, and a
 set larger than ``max_bytes`` is refused before sampling starts. Saved as safetensors (tensors)
 with the metadata as JSON in the safetensors header.
+
+Consistency models (``SamplerSpec("cm", k)``): "time-step aware" with 1-4 sampler steps means the
+noise levels the multistep consistency chain visits. The inputs are taken from the chains of the step
+counts in ``cm_chains`` (default: ``spec.steps`` alone; e.g. ``(1, 2, 4)`` for a model that will be run
+at 1, 2 and 4 steps): the union of their noise levels (the scheduler's sigmas, recorded as its
+``sigma_to_t`` time steps), each level filled with ``num_per_step`` inputs from the first chain in
+``cm_chains`` order that visits it — the model's own denoised estimate re-noised to that level, exactly
+what the sampler feeds the model there. The inputs are stored scaled (``scale_model_input``), i.e. as the
+UNet sees them; class labels (class-conditional models) are stored as conditioning per row.
 """
 from __future__ import annotations
 
@@ -12,7 +21,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -107,14 +116,39 @@ def step_indices(total_steps: int, num_steps: int) -> np.ndarray:
     return np.floor(np.arange(num_steps) * total_steps / num_steps).astype(np.int64)
 
 
+def cm_chain_levels(scheduler, chains: Sequence[int]) -> list[dict]:
+    """The noise levels visited by the multistep consistency chains of ``chains`` step counts, in
+    decreasing sigma order: dicts ``{"t", "sigma", "chain", "step"}`` naming the first chain (in
+    ``chains`` order) that visits the level and the step index at which it does."""
+    from diffusers import CMStochasticIterativeScheduler
+
+    if not isinstance(scheduler, CMStochasticIterativeScheduler):
+        raise ValueError(f"consistency-chain calibration needs a CMStochasticIterativeScheduler; got {type(scheduler).__name__}")
+    if not chains:
+        raise ValueError("cm_chains must name at least one step count")
+    n_train = int(scheduler.config.num_train_timesteps)
+    levels: dict[float, dict] = {}
+    for k in chains:
+        if not isinstance(k, (int, np.integer)) or not (1 <= int(k) <= n_train):
+            raise ValueError(f"cm_chains entry {k!r} must be an integer in 1..{n_train} (the scheduler's num_train_timesteps)")
+        s = CMStochasticIterativeScheduler.from_config(scheduler.config)
+        s.set_timesteps(int(k))
+        for j, t in enumerate(s.timesteps.tolist()):
+            key = round(float(t), 6)
+            if key not in levels:
+                levels[key] = {"t": float(t), "sigma": float(s.sigmas[j]), "chain": int(k), "step": j}
+    return sorted(levels.values(), key=lambda d: -d["sigma"])
+
+
 @torch.no_grad()
 def capture_calibration_set(
     model: nn.Module,
     scheduler,
     *,
     num_per_step: int,
-    num_steps: int,
+    num_steps: Optional[int] = None,
     spec: SamplerSpec = SamplerSpec("ddim", 100),
+    cm_chains: Optional[Sequence[int]] = None,
     seed: int = 1_000_000,
     batch_size: int = 64,
     device: Any = None,
@@ -122,14 +156,26 @@ def capture_calibration_set(
     progress: bool = True,
 ) -> CalibrationSet:
     """Sample ``num_per_step`` trajectories with the (full-precision) model and keep its inputs at
-    ``num_steps`` uniformly spaced steps: ``num_per_step * num_steps`` rows in all.
+    ``num_steps`` uniformly spaced steps (``None``: every step): ``num_per_step * num_steps`` rows in all.
+
+    Consistency models (``spec.sampler == "cm"``): the steps are the noise levels visited by the chains
+    of ``cm_chains`` step counts (default ``(spec.steps,)``; see the module docstring); ``num_steps``
+    levels are kept, spread uniformly over them in decreasing-sigma order (``None``: all).
 
     The default seed range (1,000,000+) is disjoint from the default evaluation seeds (0+), so
     calibration never sees the evaluation's initial noise.
     """
+    if num_per_step < 1:
+        raise ValueError(f"num_per_step={num_per_step} must be >= 1")
+    if spec.sampler == "cm":
+        return _capture_cm(model, scheduler, num_per_step=num_per_step, num_steps=num_steps, spec=spec,
+                           chains=tuple(cm_chains) if cm_chains is not None else (spec.steps,), seed=seed,
+                           batch_size=batch_size, device=device, max_bytes=max_bytes, progress=progress)
+    if cm_chains is not None:
+        raise ValueError(f"cm_chains applies to the consistency sampler ('cm') only; the spec's sampler is {spec.sampler!r}")
     cfg = model.config
     size = cfg.sample_size if not isinstance(cfg.sample_size, (tuple, list)) else cfg.sample_size[0]
-    keep = step_indices(spec.steps, num_steps)
+    keep = step_indices(spec.steps, spec.steps if num_steps is None else num_steps)
     slot_of = {int(k): i for i, k in enumerate(keep)}
     n = num_per_step * len(keep)
     row_bytes = cfg.in_channels * size * size * 4
@@ -168,4 +214,58 @@ def capture_calibration_set(
         sample(model, scheduler, num=b, seed=seed + start, spec=spec, batch_size=b, device=device,
                callback=cb, progress=False)
     meta = {"spec": spec.to_dict(), "num_per_step": num_per_step, "step_indices": keep.tolist(), "seed": seed}
+    return CalibrationSet(xs, ts, conds, meta)
+
+
+def _capture_cm(model, scheduler, *, num_per_step, num_steps, spec, chains, seed, batch_size, device, max_bytes,
+                progress) -> CalibrationSet:
+    chains = tuple(dict.fromkeys(chains))  # duplicates removed, order kept
+    levels = cm_chain_levels(scheduler, chains)
+    if num_steps is not None:
+        levels = [levels[int(i)] for i in step_indices(len(levels), num_steps)]
+    cfg = model.config
+    size = cfg.sample_size if not isinstance(cfg.sample_size, (tuple, list)) else cfg.sample_size[0]
+    n = num_per_step * len(levels)
+    row_bytes = cfg.in_channels * size * size * 4
+    if n * row_bytes > max_bytes:
+        raise ValueError(
+            f"calibration set of {n} inputs needs {n * row_bytes / 2**30:.2f} GiB > max_bytes "
+            f"{max_bytes / 2**30:.2f} GiB; lower num_per_step/num_steps or raise max_bytes"
+        )
+    xs = torch.empty(n, cfg.in_channels, size, size, dtype=torch.float32)
+    ts = torch.empty(n, dtype=torch.float64)
+    conds: dict[str, torch.Tensor] = {}
+    # chain -> {step index -> slot}
+    plan: dict[int, dict[int, int]] = {}
+    for slot, lv in enumerate(levels):
+        plan.setdefault(lv["chain"], {})[lv["step"]] = slot
+    state = {"offset": 0, "slots": {}}
+
+    def cb(k: int, t: Any, x: torch.Tensor, cond: dict) -> None:
+        slot = state["slots"].get(k)
+        if slot is None:
+            return
+        b = x.shape[0]
+        rows = slot * num_per_step + state["offset"] + torch.arange(b)
+        xs[rows] = x.detach().float().cpu()
+        ts[rows] = float(t)
+        for key, v in cond.items():
+            if key not in conds:
+                conds[key] = torch.empty((n, *v.shape[1:]), dtype=v.dtype)
+            conds[key][rows] = v.detach().cpu()
+
+    log.info("capturing consistency-chain calibration data: %d trajectories x %d noise levels (chains %s)",
+             num_per_step, len(levels), list(chains))
+    jobs = [(k, start) for k in chains if k in plan for start in range(0, num_per_step, batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        jobs = tqdm(jobs, desc="calibration capture (cm)", unit="batch", leave=False)
+    for k, start in jobs:
+        b = min(batch_size, num_per_step - start)
+        state["offset"], state["slots"] = start, plan[k]
+        sample(model, scheduler, num=b, seed=seed + start, spec=SamplerSpec("cm", int(k)), batch_size=b,
+               device=device, callback=cb, progress=False)
+    meta = {"spec": spec.to_dict(), "num_per_step": num_per_step, "seed": seed, "cm_chains": [int(c) for c in chains],
+            "levels": levels, "step_indices": list(range(len(levels)))}
     return CalibrationSet(xs, ts, conds, meta)

@@ -43,6 +43,9 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
 @click.option("--calib-st", type=int, default=None,
               help="calibration time steps, uniform over the trajectory [default: 10 naive; 20 qdiffusion]")
 @sampler_options(default_steps=None, prefix="calib-", help_prefix="calibration ")
+@click.option("--calib-chains", default=None, metavar="K,K,...",
+              help="consistency models: calibrate on the noise levels of the K-step chains "
+                   "[default: 1,2,4 up to --calib-steps (default 4)]")
 @click.option("--calib-data", type=click.Path(dir_okay=False), default=None,
               help="calibration set (.safetensors): loaded if it exists, else captured and saved there")
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -52,8 +55,8 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 def command(model, weight_bits, act_bits, method, preset, weight_iters, act_iters, resume, work_dir, weight_estimator, act_estimator, granularity, group_size,
             weight_symmetric, act_symmetric, softmax_bits, quant_attention, split_shortcut, overrides, config_path,
-            calib_num, calib_st, calib_sampler, calib_steps, calib_spacing, calib_eta, calib_data, batch_size, seed,
-            device, out_dir, as_json):
+            calib_num, calib_st, calib_sampler, calib_steps, calib_spacing, calib_eta, calib_chains, calib_data, batch_size,
+            seed, device, out_dir, as_json):
     """Quantize MODEL (zoo:NAME, a diffusers folder, or a hub id) and write a quantized checkpoint."""
     from diffquant.config import QuantConfig
     from diffquant.io import save_quantized
@@ -63,6 +66,7 @@ def command(model, weight_bits, act_bits, method, preset, weight_iters, act_iter
     from diffquant.sampling import SamplerSpec
 
     dev = resolve_device(device)
+    user_steps, user_st = calib_steps, calib_st  # before the (DDPM-oriented) defaults below
     default_est = "lp" if method == "qdiffusion" else "minmax"
     if method == "qdiffusion":
         from diffquant.algorithms.qdiffusion import PRESET_CALIB
@@ -103,11 +107,15 @@ def command(model, weight_bits, act_bits, method, preset, weight_iters, act_iter
         loaded = load_model(model, device=dev)
         if loaded.quantized:
             fail(f"{model} is already quantized; pass the full-precision model")
+        chains = None
+        if _is_consistency_model(loaded.scheduler) or calib_sampler == "cm" or calib_chains:
+            spec, chains, calib_st = cm_calibration_plan(loaded.scheduler, calib_sampler, user_steps, user_st, calib_chains)
         t0 = time.perf_counter()
         calib = None
         if needs_calibration(cfg) or method == "qdiffusion":  # block reconstruction needs data even weights-only
             calib = get_calibration(loaded.model, loaded.scheduler,
-                                    CalibOptions(calib_num, calib_st, spec, batch_size=batch_size, path=calib_data), dev)
+                                    CalibOptions(calib_num, calib_st, spec, batch_size=batch_size, path=calib_data,
+                                                 cm_chains=chains), dev)
         capture_s = time.perf_counter() - t0
         q = run_ptq(loaded.model, cfg, method, calib, device=dev, batch_size=batch_size, seed=seed, **method_kwargs)
     except (ValueError, MemoryError) as e:
@@ -124,3 +132,37 @@ def command(model, weight_bits, act_bits, method, preset, weight_iters, act_iter
         click.echo(report.summary())
         click.echo(f"calibration: {result['calib_rows']} inputs, capture {capture_s:.1f}s, "
                    f"method {info['calib_seconds']:.1f}s -> {out_dir}")
+
+
+def _is_consistency_model(scheduler) -> bool:
+    from diffusers import CMStochasticIterativeScheduler
+
+    return isinstance(scheduler, CMStochasticIterativeScheduler)
+
+
+def cm_calibration_plan(scheduler, sampler, steps, num_levels, chains_text):
+    """(SamplerSpec, chains, num_levels) for calibrating a consistency model over its multistep chains.
+
+    The default calibration sampler ('ddim') is replaced by 'cm' for a consistency model (DDIM cannot run
+    on its scheduler); the default chains are 1, 2, 4, ... up to ``steps`` (default 4, at most the
+    scheduler's N); ``num_levels`` None keeps every noise level those chains visit."""
+    from diffquant.sampling import SamplerSpec
+
+    if not _is_consistency_model(scheduler):
+        raise ValueError(f"--calib-sampler cm / --calib-chains need a consistency model (CMStochasticIterativeScheduler); "
+                         f"the model has {type(scheduler).__name__}")
+    if sampler not in ("cm", "ddim"):
+        raise ValueError(f"a consistency model is calibrated over its 'cm' chains; --calib-sampler {sampler} cannot run on it")
+    n = int(scheduler.config.num_train_timesteps)
+    if chains_text:
+        try:
+            chains = tuple(int(v) for v in str(chains_text).split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"--calib-chains expects comma-separated step counts; got {chains_text!r}") from None
+        if not chains:
+            raise ValueError("--calib-chains names no step count")
+        steps = steps or max(chains)
+    else:
+        steps = steps or min(4, n)
+        chains = tuple(k for k in (1, 2, 4, 8, 16, 32, 64) if k < steps) + (steps,)
+    return SamplerSpec("cm", int(steps)), chains, num_levels

@@ -1,8 +1,9 @@
-"""``diffquant train``: the zoo's training recipes (reference DDPM, feature classifier)."""
+"""``diffquant train``: the zoo's training recipes (reference DDPM, consistency distillation, feature classifier)."""
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -82,6 +83,87 @@ def ddpm(data, run_dir, unet, batch_size, lr, warmup_steps, dropout, ema_decay, 
     else:
         click.echo(f"stopped at step {out['step']} ({out['reason']}; started at {out['start_step']}, "
                    f"resumed from: {out['resumed_from']}), {out['wall_seconds']} s")
+
+
+@command.command("cm")
+@click.option("--data", required=True, type=click.Path(), help="Image set: folder, .zip or packed .npz.")
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="Full state and metrics.")
+@click.option("--teacher", default="zoo:cifar10-ddpm", show_default=True, help="VP diffusion teacher (MODEL argument).")
+@click.option("--num-scales", type=int, default=None, help="N, the Karras sigma grid size [default: 18].")
+@click.option("--solver", type=click.Choice(["heun", "euler"]), default="heun", show_default=True,
+              help="Teacher ODE step between adjacent sigmas (euler = DDIM).")
+@click.option("--loss", type=click.Choice(["huber", "l2"]), default="huber", show_default=True)
+@click.option("--init", "init", type=click.Choice(["teacher", "random"]), default="teacher", show_default=True)
+@click.option("--init-steps", default=1000, show_default=True, help="Denoiser warm-start steps before CD.")
+@click.option("--batch-size", default=256, show_default=True, help="Global batch (split over torchrun ranks).")
+@click.option("--lr", default=2e-4, show_default=True)
+@click.option("--warmup-steps", default=500, show_default=True)
+@click.option("--target-decay", default=0.95, show_default=True, help="EMA decay mu of the target network.")
+@click.option("--ema-decay", default=0.9995, show_default=True, help="EMA decay of the bundled weights.")
+@click.option("--dropout", default=0.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--amp", type=click.Choice(["auto", "bf16", "none"]), default="auto", show_default=True)
+@click.option("--teacher-amp/--no-teacher-amp", default=None, help="bf16 autocast for the teacher [default: as --amp].")
+@click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the student.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--max-minutes", type=float, default=None, help="Stop (and save) after this many minutes.")
+@click.option("--until-step", type=int, default=None, help="Stop (and save) at this step.")
+@click.option("--stop-file", type=click.Path(), default=None, help="Stop (and save) once this file exists.")
+@click.option("--resume", default="auto", show_default=True,
+              help="'auto' (RUN/state if present), 'none', or a state folder (full: exact; carry: fp16/bf16 rounded).")
+@click.option("--carry-dir", type=click.Path(file_okay=False), default=None,
+              help="Also write the carry state (fp16 weights, bf16 moments, <=15 MiB shards) here when stopping.")
+@click.option("--save-every-minutes", type=float, default=5.0, show_default=True)
+@click.option("--log-every", default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def cm(data, run_dir, teacher, num_scales, solver, loss, init, init_steps, batch_size, lr, warmup_steps, target_decay,
+       ema_decay, dropout, seed, amp, teacher_amp, compile, device, max_minutes, until_step, stop_file, resume, carry_dir,
+       save_every_minutes, log_every, as_json) -> None:
+    """Consistency distillation of a VP teacher (the zoo:cifar10-cm recipe) in resumable chunks; torchrun for DDP."""
+    from diffquant.zoo.train_cm import CMTrainConfig, init_distributed, train_cm
+
+    logging.getLogger("diffquant").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        init_distributed()
+        cfg = CMTrainConfig(
+            data=data, run_dir=run_dir, teacher=teacher,
+            scheduler={} if num_scales is None else {"num_train_timesteps": num_scales}, solver=solver, loss=loss,
+            init=init, init_steps=init_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+            target_decay=target_decay, ema_decay=ema_decay, dropout=dropout, seed=seed, amp=amp,
+            teacher_amp=teacher_amp, compile=compile, device=device, log_every=log_every,
+            save_every_minutes=save_every_minutes, carry_dir=carry_dir)
+        out = train_cm(cfg, resume=None if resume == "none" else resume, max_minutes=max_minutes,
+                       until_step=until_step, stop_file=stop_file)
+    except ValueError as e:
+        fail(str(e))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if as_json:
+        emit_json(out)
+    else:
+        click.echo(f"stopped at step {out['step']} ({out['reason']}; started at {out['start_step']}, "
+                   f"resumed from: {out['resumed_from']}), {out['wall_seconds']} s")
+
+
+@command.command("cm-bundle")
+@click.argument("state", type=click.Path(file_okay=False, exists=True))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--which", type=click.Choice(["ema", "model"]), default="ema", show_default=True)
+def cm_bundle(state, out, which) -> None:
+    """Write a consistency-distillation state (full or carry) as a zoo folder (fp16 safetensors + configs + card)."""
+    from diffquant.zoo.train_cm import bundle_cm
+
+    try:
+        click.echo(str(bundle_cm(state, out, which)))
+    except ValueError as e:
+        fail(str(e))
 
 
 @command.command("classifier")

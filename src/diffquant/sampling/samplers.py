@@ -132,6 +132,9 @@ def make_scheduler_for(spec: SamplerSpec, scheduler):
     """The scheduler instance a sampler needs, built from the model's scheduler config."""
     from diffusers import CMStochasticIterativeScheduler, DDPMScheduler
 
+    if spec.sampler in ("ddim", "ddpm") and isinstance(scheduler, CMStochasticIterativeScheduler):
+        raise ValueError(f"this is a consistency model (CMStochasticIterativeScheduler): sample it with sampler 'cm' "
+                         f"(1..{scheduler.config.num_train_timesteps} steps), not {spec.sampler!r}")
     if spec.sampler == "ddim":
         if not hasattr(scheduler, "alphas_cumprod"):
             raise ValueError(f"DDIM needs a scheduler with alphas_cumprod; got {type(scheduler).__name__}")
@@ -141,6 +144,12 @@ def make_scheduler_for(spec: SamplerSpec, scheduler):
             raise ValueError("DDPM sampling supports spacing 'uniform' only")
         return DDPMScheduler.from_config(scheduler.config)
     if isinstance(scheduler, CMStochasticIterativeScheduler):
+        n = int(scheduler.config.num_train_timesteps)
+        if spec.steps > n:
+            raise ValueError(f"steps={spec.steps}: this consistency model's scheduler has {n} noise levels "
+                             f"(num_train_timesteps); use 1..{n} steps")
+        # ConsistencyModelPipeline's multistep schedule: set_timesteps(steps) takes every (N // steps)-th of the
+        # N Karras sigmas from sigma_max down, then the chain ends at sigma_min.
         return CMStochasticIterativeScheduler.from_config(scheduler.config)
     raise ValueError(f"sampler 'cm' needs a CMStochasticIterativeScheduler; the model has {type(scheduler).__name__}")
 

@@ -55,9 +55,15 @@ def _jsonable(d: dict) -> dict:
     return out
 
 
+BUNDLED_SCHEDULERS = ("DDPMScheduler", "CMStochasticIterativeScheduler")
+
+
 def load_bundled_unet(folder: str | Path):
-    """(UNet2DModel in fp32, DDPMScheduler) from a folder written by :func:`bundle_ddpm`."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    """(UNet2DModel in fp32, scheduler) from a folder written by :func:`bundle_ddpm` or
+    :func:`diffquant.zoo.train_cm.bundle_cm`: the scheduler's class is the ``class`` key of
+    scheduler_config.json (DDPMScheduler when absent)."""
+    import diffusers
+    from diffusers import UNet2DModel
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -72,8 +78,10 @@ def load_bundled_unet(folder: str | Path):
     sd = {k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()}
     model.load_state_dict(sd)
     sconf = json.loads((folder / "scheduler_config.json").read_text())
-    sconf.pop("class", None)
-    return model.eval(), DDPMScheduler(**sconf)
+    cls = sconf.pop("class", "DDPMScheduler")
+    if cls not in BUNDLED_SCHEDULERS:
+        raise ValueError(f"{folder}/scheduler_config.json: scheduler class {cls!r} is not one of {BUNDLED_SCHEDULERS}")
+    return model.eval(), getattr(diffusers, cls)(**sconf)
 
 
 @torch.no_grad()

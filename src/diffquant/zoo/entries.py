@@ -5,6 +5,9 @@ Trained entries are registered only when their bundled files exist (``weights/<n
 
 * ``cifar10-ddpm`` — DDPM UNet2DModel (google/ddpm-cifar10-32 layout at widths 64/128/128/128,
   ~9M parameters), EMA weights in fp16, trained on CIFAR-10-JPEG; card in docs/zoo/cifar10-ddpm.md.
+* ``cifar10-cm`` — a consistency model distilled from ``cifar10-ddpm`` (:mod:`diffquant.zoo.train_cm`), the
+  teacher's UNet layout with a CMStochasticIterativeScheduler (1-, 2-, 4-, 8-step sampling through the ``cm``
+  sampler); EMA weights in fp16; card in docs/zoo/cifar10-cm.md.
 * ``cifar10-features`` — the fd_cifar feature network (:class:`~diffquant.zoo.classifier.CifarResNet`,
   256-d features, fp16 weights), trained on CIFAR-10-JPEG; card in docs/zoo/cifar10-features.md.
 """
@@ -56,6 +59,17 @@ if (WEIGHTS_DIR / "cifar10-ddpm" / "model.safetensors").is_file():
         folder = WEIGHTS_DIR / "cifar10-ddpm"
         model, sched = load_bundled_unet(folder)
         return ZooModel("cifar10-ddpm", "ddpm", model, sched, _card(folder), folder)
+
+
+if (WEIGHTS_DIR / "cifar10-cm" / "model.safetensors").is_file():
+
+    @register("cifar10-cm")
+    def cifar10_cm() -> ZooModel:
+        from diffquant.zoo.bundle import load_bundled_unet
+
+        folder = WEIGHTS_DIR / "cifar10-cm"
+        model, sched = load_bundled_unet(folder)
+        return ZooModel("cifar10-cm", "cm", model, sched, _card(folder), folder)
 
 
 if (WEIGHTS_DIR / "cifar10-features" / "model.safetensors").is_file():
