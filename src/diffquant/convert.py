@@ -295,3 +295,20 @@ def weight_bytes(model: nn.Module) -> int:
             total += p.numel() * p.element_size()
             seen.add(id(p))
     return total
+
+
+def config_for_backend(backend: str):
+    """The quantization config whose calibrated models ``convert(backend)`` converts completely:
+    symmetric per-channel weights (8-bit int, FP8 e4m3, or 4-bit int), per-tensor activations
+    (8-bit asymmetric int, FP8 e4m3, or none for W4A16); attention matmuls left in float."""
+    from diffquant.config import QuantConfig, QuantScheme
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; allowed: {', '.join(BACKENDS)}")
+    if backend == "fp8":
+        w = QuantScheme(8, dtype="fp8_e4m3", symmetric=True, granularity="per_channel")
+        a = QuantScheme(8, dtype="fp8_e4m3", symmetric=True)
+    else:
+        w = QuantScheme(4 if backend.startswith("w4") else 8, symmetric=True, granularity="per_channel")
+        a = None if backend == "w4a16" else QuantScheme(8)
+    return QuantConfig(weight=w, act=a, quantize_attention=False)

@@ -18,7 +18,25 @@ from diffquant.kernels.reference import fp8_dynamic_scale, quantize_act_fp8, qua
 BACKENDS = ("int8", "fp8", "w4a8", "w4a16")
 
 
-class _Part(nn.Module):
+class _KeepStorage:
+    """dtype / memory-format conversions of the model (``model.to(torch.bfloat16)``,
+    ``.to(memory_format=torch.channels_last)``) must not touch packed weights and fp32 scales: only
+    device moves apply to these buffers."""
+
+    def _apply(self, fn, recurse=True):
+        for key, buf in list(self._buffers.items()):
+            if buf is None:
+                continue
+            moved = fn(buf)
+            same = moved.dtype == buf.dtype and moved.is_contiguous()
+            self._buffers[key] = moved if same else buf.to(moved.device)
+        if recurse:
+            for m in self.children():
+                m._apply(fn)
+        return self
+
+
+class _Part(_KeepStorage, nn.Module):
     """One slice ``[lo, hi)`` of the input channels with its weight and activation qparams (a split-
     shortcut layer has two)."""
 
@@ -33,7 +51,7 @@ class _Part(nn.Module):
         self.register_buffer("wzp", None if wzp is None else wzp.to(torch.int32))
 
 
-class LowBitLayer(nn.Module):
+class LowBitLayer(_KeepStorage, nn.Module):
     """A converted Conv2d (``kind='conv'``) or Linear (``kind='linear'``)."""
 
     def __init__(self, kind: str, backend: str, in_channels: int, out_channels: int, kernel_size=(1, 1),
@@ -52,18 +70,6 @@ class LowBitLayer(nn.Module):
         self.act = "none"  # "int" | "fp8" | "fp8_dynamic" | "none"
         self.qmin = self.qmax = self.offset = 0
         self.fp8_gemm = "triton"  # "triton" | "scaled_mm" (FP8 single-part 1x1 / linear)
-
-    # dtype / memory-format conversions of the model must not touch the packed tensors and scales
-    def _apply(self, fn, recurse=True):
-        for key, buf in list(self._buffers.items()):
-            if buf is None:
-                continue
-            moved = fn(buf)
-            self._buffers[key] = moved if moved.dtype == buf.dtype and moved.is_contiguous() else buf.to(moved.device)
-        if recurse:
-            for m in self.children():
-                m._apply(fn)
-        return self
 
     def set_act_int(self, inv_scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, offset: int) -> None:
         self.act, self.qmin, self.qmax, self.offset = "int", qmin, qmax, offset

@@ -1,0 +1,321 @@
+"""Low-bit kernels (diffquant::qconv), converted layers and convert().
+
+CPU (default suite): the reference op against an independent dequantize-then-conv definition,
+packing, opcheck of the custom op, convert() of a tiny UNet layer by layer against the fake-quant
+model, refusals. GPU (``pytest -m gpu``): the Triton kernel against the reference on random shapes
+(odd sizes included) with poisoned outputs, torch.compile and CUDA-graph usability, FP8 through
+torch._scaled_mm, a converted UNet in bf16 against the fake-quant model.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffquant.convert import config_for_backend, convert, weight_bytes
+from diffquant.kernels import qconv, qconv_ref, triton_available
+from diffquant.kernels.modules import LowBitLayer
+from diffquant.kernels.reference import pack_w4, unpack_w4
+from diffquant.models.adapter import call_model, example_inputs
+from diffquant.models.configs import build_unet
+from diffquant.quantize import calibrate, quantize
+
+SMALL = dict(sample_size=8, in_channels=4, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+             down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+             norm_num_groups=8)
+
+
+def _rand_case(kind, n=2, cin=40, cout=24, h=7, w=6, k=3, wzp=False, a_zp=0, device="cpu", seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "int8":
+        x = torch.randint(-128, 128, (n, cin, h, w), generator=g, dtype=torch.int8)
+    elif kind == "fp8":
+        x = (torch.randn(n, cin, h, w, generator=g) * 4).to(torch.float8_e4m3fn)
+    else:
+        x = torch.randn(n, cin, h, w, generator=g).to(dtype)
+    if kind in ("w4a8", "w4a16"):
+        wt = pack_w4(torch.randint(-8, 8, (cout, k, k, cin), generator=g))
+        if kind == "w4a8":
+            x = torch.randint(-128, 128, (n, cin, h, w), generator=g, dtype=torch.int8)
+    elif kind == "fp8":
+        wt = torch.randn(cout, k, k, cin, generator=g).to(torch.float8_e4m3fn)
+    else:
+        wt = torch.randint(-128, 128, (cout, k, k, cin), generator=g, dtype=torch.int8)
+    x = x.contiguous(memory_format=torch.channels_last).to(device)
+    a_int = x.dtype == torch.int8
+    ws = (torch.rand(cout, generator=g) * 0.01 + 1e-3).to(device)
+    asc = None if kind == "w4a16" else (torch.rand(1, generator=g) + 0.1).to(device)
+    corr = torch.randint(-1000, 1000, (cout,), generator=g, dtype=torch.int32).to(device) if a_int else None
+    wz = torch.randint(-5, 5, (cout,), generator=g, dtype=torch.int32).to(device) if wzp else None
+    bias = torch.randn(cout, generator=g).to(device)
+    return dict(x=x, w=wt.to(device), w_scale=ws, a_scale=asc, corr=corr, wzp=wz, bias=bias, add=None,
+                a_zp=a_zp if a_int else 0, w4=kind in ("w4a8", "w4a16"))
+
+
+def _call(fn, c, stride=1, pad=1, dil=1, out_dtype=torch.float32):
+    return fn(c["x"], c["w"], c["w_scale"], c["a_scale"], c["corr"], c["wzp"], c["bias"], c["add"], c["a_zp"],
+              [stride, stride], [pad, pad], [dil, dil], c["w4"], out_dtype)
+
+
+def _definition(c, stride, pad, dil):
+    """out = conv((x - a_zp), (w - wzp)) * a_scale * w_scale + bias, from scratch in float64."""
+    wv = (unpack_w4(c["w"]) if c["w4"] else c["w"]).double().permute(0, 3, 1, 2)
+    if c["wzp"] is not None:
+        wv = wv - c["wzp"].double().view(-1, 1, 1, 1)
+    xv = c["x"].double() - c["a_zp"]
+    out = F.conv2d(xv, wv, None, stride, pad, dil)
+    # corr folds the activation zero point: -a_zp * colsum(v_w) + K * a_zp * wzp; remove the
+    # test's random corr and add the true one
+    out = out * (c["w_scale"].double() * (c["a_scale"].double() if c["a_scale"] is not None else 1.0)).view(1, -1, 1, 1)
+    return out + c["bias"].double().view(1, -1, 1, 1)
+
+
+def _true_corr(c):
+    v = (unpack_w4(c["w"]) if c["w4"] else c["w"]).to(torch.int64).reshape(c["w"].shape[0], -1)
+    k = v.shape[1]
+    corr = -c["a_zp"] * v.sum(1)
+    if c["wzp"] is not None:
+        corr = corr + k * c["a_zp"] * c["wzp"].to(torch.int64)
+    return corr.to(torch.int32)
+
+
+# ---- CPU: reference op ---------------------------------------------------------------------------
+def test_pack_w4_roundtrip_and_size():
+    v = torch.randint(-8, 8, (5, 3, 3, 10))
+    p = pack_w4(v)
+    assert p.dtype == torch.uint8 and p.shape == (5, 3, 3, 5)
+    assert torch.equal(unpack_w4(p).to(torch.int64), v)
+    with pytest.raises(ValueError, match="even"):
+        pack_w4(torch.zeros(2, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("kind,wzp,a_zp,stride,pad,dil", [
+    ("int8", False, 0, 1, 1, 1), ("int8", True, -7, 2, 1, 1), ("int8", False, 11, 1, 2, 2),
+    ("w4a8", True, 3, 1, 1, 1), ("w4a16", False, 0, 1, 0, 1), ("fp8", False, 0, 2, 1, 1)])
+def test_reference_matches_definition(kind, wzp, a_zp, stride, pad, dil):
+    c = _rand_case(kind, wzp=wzp, a_zp=a_zp)
+    if c["corr"] is not None:
+        c["corr"] = _true_corr(c)
+    got = _call(qconv_ref, c, stride, pad, dil, torch.float64)
+    want = _definition(c, stride, pad, dil)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
+
+
+def test_reference_linear_and_add():
+    c = _rand_case("int8", cin=33, cout=17, h=1, w=1, k=1, a_zp=5)
+    c["add"] = torch.randn(2, 17, 1, 1)
+    got = _call(qconv_ref, c, 1, 0)
+    c2 = dict(c, add=None)
+    torch.testing.assert_close(got, _call(qconv_ref, c2, 1, 0) + c["add"], rtol=1e-6, atol=1e-6)
+
+
+def test_custom_op_opcheck():
+    c = _rand_case("int8", cin=8, cout=8, h=4, w=4, a_zp=3)
+    args = (c["x"], c["w"], c["w_scale"], c["a_scale"], c["corr"], c["wzp"], c["bias"], c["add"], c["a_zp"],
+            [1, 1], [1, 1], [1, 1], False, torch.float32)
+    torch.library.opcheck(torch.ops.diffquant.qconv.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---- CPU: convert ----------------------------------------------------------------------------------
+def _calibrated(backend, model=None, batch=1):
+    model = model if model is not None else build_unet(SMALL).eval()
+    q = quantize(model, config_for_backend(backend))
+    x, t, c = example_inputs(model, batch=batch)
+    with torch.no_grad(), calibrate(q):
+        call_model(q, x, t, c)
+    return model, q, (x, t, c)
+
+
+def _layer_errors(q, cm, inputs):
+    """Each converted layer on the exact input its fake-quant twin saw: relative error."""
+    seen, hooks = {}, []
+    names = set(cm._diffquant_convert_report.converted)
+    for n, mod in q.named_modules():
+        if n in names:
+            hooks.append(mod.register_forward_hook(lambda mod, a, o, n=n: seen.__setitem__(n, (a[0], o))))
+    with torch.no_grad():
+        call_model(q, *inputs)
+    for h in hooks:
+        h.remove()
+    errs = {}
+    for n, mod in cm.named_modules():
+        if isinstance(mod, LowBitLayer):
+            a, o = seen[n]
+            with torch.no_grad():
+                y = mod(a)
+            errs[n] = float((y - o).norm() / o.norm().clamp_min(1e-12))
+    return errs
+
+
+@pytest.mark.parametrize("backend", ["int8", "w4a8", "w4a16", "fp8"])
+def test_convert_layers_equal_fake_quant(backend):
+    model, q, inputs = _calibrated(backend)
+    cm = convert(q, backend)
+    rep = cm._diffquant_convert_report
+    n_layers = sum(1 for m in q.modules() if type(m).__name__ in ("QuantConv2d", "QuantLinear"))
+    assert len(rep.converted) == n_layers and not rep.kept
+    assert any("split" in v for v in rep.converted.values())
+    errs = _layer_errors(q, cm, inputs)
+    assert len(errs) == n_layers
+    assert max(errs.values()) < 1e-5, sorted(errs.items(), key=lambda kv: -kv[1])[:3]
+    with torch.no_grad():
+        out, ref = call_model(cm, *inputs), call_model(q, *inputs)
+    # end to end: per-layer differences of fp32 rounding can flip an activation code downstream
+    assert float((out - ref).norm() / ref.norm()) < (1e-5 if backend == "w4a16" else 0.1)
+
+
+def test_convert_weight_bytes_w4_and_dtype_moves():
+    model, q, inputs = _calibrated("w4a16")
+    cm = convert(q, "w4a16")
+    bf16 = sum(p.numel() * 2 for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1)
+    w4 = sum(m.weight_bytes for m in cm.modules() if isinstance(m, LowBitLayer))
+    assert w4 / bf16 < 0.3
+    assert weight_bytes(cm) < weight_bytes(model)
+    cm.to(torch.bfloat16).to(memory_format=torch.channels_last)
+    layer = next(m for m in cm.modules() if isinstance(m, LowBitLayer))
+    assert layer.parts[0].w.dtype == torch.uint8 and layer.parts[0].w_scale.dtype == torch.float32
+    assert layer.parts[0].w.is_contiguous()
+
+
+def test_convert_refusals_and_fallbacks():
+    from diffquant.config import QuantConfig, QuantScheme
+
+    model = build_unet(SMALL).eval()
+    q = quantize(model, QuantConfig(weight=QuantScheme(8, granularity="per_group", group_size=4), act=QuantScheme(8),
+                                    quantize_attention=False))
+    x, t, c = example_inputs(model, batch=1)
+    with torch.no_grad(), calibrate(q):
+        call_model(q, x, t, c)
+    with pytest.raises(ValueError, match="per_group"):
+        convert(q, "int8", unsupported="error")
+    sim = convert(q, "int8")
+    assert sim._diffquant_convert_report.kept and not sim._diffquant_convert_report.converted
+    flt = convert(q, "int8", unsupported="float")
+    assert all(type(m).__name__ != "QuantConv2d" for m in flt.modules())
+    with pytest.raises(ValueError, match="backend"):
+        convert(q, "int3")
+    with pytest.raises(ValueError, match="cannot be converted to backend 'fp8'"):
+        convert(q, "fp8", unsupported="error")
+    with pytest.raises(ValueError, match="no quantized layers"):
+        convert(build_unet(SMALL), "int8")
+
+
+def test_convert_from_packed_checkpoint(tmp_path):
+    from diffquant.io import save_quantized
+
+    model, q, inputs = _calibrated("int8")
+    save_quantized(q, tmp_path / "ck")
+    a = convert(q, "int8")
+    b = convert(tmp_path / "ck", "int8")
+    with torch.no_grad():
+        torch.testing.assert_close(call_model(b, *inputs), call_model(a, *inputs), rtol=0, atol=0)
+
+
+# ---- GPU ---------------------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(), reason="needs CUDA + Triton")
+
+GPU_CASES = [
+    # kind, n, cin, cout, h, w, k, stride, pad, wzp, a_zp
+    ("int8", 2, 64, 64, 16, 16, 3, 1, 1, False, 0),
+    ("int8", 3, 40, 24, 7, 9, 3, 1, 1, True, -7),
+    ("int8", 1, 320, 640, 11, 13, 3, 2, 1, False, 12),
+    ("int8", 5, 129, 77, 5, 3, 1, 1, 0, False, 3),
+    ("int8", 37, 320, 1280, 1, 1, 1, 1, 0, True, 0),
+    ("int8", 2, 3, 130, 9, 9, 3, 1, 1, False, -128),
+    ("w4a8", 2, 64, 96, 10, 10, 3, 1, 1, False, 5),
+    ("w4a8", 3, 130, 33, 6, 5, 3, 1, 1, True, -3),
+    ("w4a16", 2, 64, 128, 12, 12, 3, 1, 1, False, 0),
+    ("w4a16", 7, 258, 300, 1, 1, 1, 1, 0, True, 0),
+    ("fp8", 2, 64, 64, 16, 16, 3, 1, 1, False, 0),
+    ("fp8", 3, 48, 40, 9, 7, 3, 2, 1, False, 0),
+    ("fp8", 77, 768, 320, 1, 1, 1, 1, 0, False, 0),
+]
+
+
+def _poisoned_call(c, stride, pad):
+    ho = (c["x"].shape[2] + 2 * pad - c["w"].shape[1]) // stride + 1
+    wo = (c["x"].shape[3] + 2 * pad - c["w"].shape[2]) // stride + 1
+    n_out = c["x"].shape[0] * c["w"].shape[0] * ho * wo
+    # fill what the caching allocator will hand out next with NaN: unwritten outputs show up
+    junk = torch.full((n_out * 2 + 4096,), float("nan"), device="cuda", dtype=torch.float32)
+    del junk
+    return _call(qconv, c, stride, pad, 1, torch.float32)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gpu_kernel_matches_reference(case):
+    kind, n, cin, cout, h, w, k, stride, pad, wzp, a_zp = case
+    for seed in (0, 1):
+        c = _rand_case(kind, n=n, cin=cin, cout=cout, h=h, w=w, k=k, wzp=wzp, a_zp=a_zp, device="cuda", seed=seed,
+                       dtype=torch.bfloat16)
+        got = _poisoned_call(c, stride, pad)
+        torch.cuda.synchronize()
+        want = _call(qconv_ref, c, stride, pad, 1, torch.float64)
+        assert torch.isfinite(got).all(), "unwritten (NaN) or non-finite outputs"
+        rel = float((got.double() - want).norm() / want.norm())
+        tol = 1e-5 if kind in ("int8", "w4a8") else 1e-3 if kind == "fp8" else 1e-2
+        assert rel < tol, (case, seed, rel)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_kernel_add_and_strided_input():
+    c = _rand_case("int8", n=2, cin=96, cout=64, h=8, w=8, a_zp=4, device="cuda")
+    full = c["x"]
+    c["x"] = full[:, 32:]  # a channel slice of a channels-last tensor (split-shortcut second half)
+    c["w"] = c["w"][..., 32:].contiguous()
+    c["add"] = torch.randn(2, 64, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(_call(qconv, c, 1, 1), _call(qconv_ref, c, 1, 1).float(), rtol=1e-5, atol=1e-4)
+
+
+def _gpu_converted(backend, dtype=torch.bfloat16):
+    model, q, inputs = _calibrated(backend)
+    cm = convert(q, backend, attention="float", device="cuda").to(dtype)
+    x, t, c = inputs
+    return q, cm, (x.cuda(), t.cuda(), {k: v.cuda() for k, v in c.items()})
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("backend", ["int8", "fp8", "w4a8", "w4a16"])
+def test_gpu_converted_unet_close_to_fake_quant(backend):
+    q, cm, (x, t, c) = _gpu_converted(backend, torch.float32)
+    with torch.no_grad():
+        ref = call_model(q, x.cpu(), t.cpu(), {k: v.cpu() for k, v in c.items()})
+        out = call_model(cm, x, t, c).cpu()
+    rel = float((out - ref).norm() / ref.norm())
+    assert math.isfinite(rel) and rel < 0.1, rel
+    if backend == "fp8":
+        assert any(m.fp8_gemm == "scaled_mm" for m in cm.modules() if isinstance(m, LowBitLayer))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_compile_and_cuda_graph():
+    q, cm, (x, t, c) = _gpu_converted("int8")
+    x = x.to(torch.bfloat16)
+    c = {k: v.to(torch.bfloat16) for k, v in c.items()}
+    with torch.no_grad():
+        eager = call_model(cm, x, t, c).float()
+        compiled = torch.compile(cm, fullgraph=False)
+        out_c = call_model(compiled, x, t, c).float()
+        torch.testing.assert_close(out_c, eager, rtol=5e-2, atol=5e-2)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                call_model(cm, x, t, c)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        static_x = x.clone()
+        with torch.cuda.graph(g):
+            static_out = call_model(cm, static_x, t, c)
+        x2 = torch.randn_like(x)
+        static_x.copy_(x2)
+        g.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_out.float(), call_model(cm, x2, t, c).float(), rtol=1e-3, atol=1e-3)
