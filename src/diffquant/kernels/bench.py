@@ -1,0 +1,322 @@
+"""End-to-end and per-layer-type latency of real low-bit models against bf16 (GPU).
+
+Timing: CUDA events around each call, warm-up first, the median of many calls; the call is
+captured in a CUDA graph and the graph replayed when capture works (both sides alike; the row
+says whether it did). Every variant runs the same model in bf16 with channels-last activations;
+the diffquant variants are quantized with :func:`diffquant.convert.config_for_backend`, calibrated
+on one batch of the bench inputs (min-max) and converted with ``attention='float'`` (SDPA, as in
+the bf16 baseline).
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Stable Diffusion 1.5's UNet2DConditionModel config (860M parameters), for random-weight timing
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+MODELS = ("sd15-unet", "ddpm-cifar10-32", "zoo:cifar10-ddpm")
+VARIANTS = ("bf16-eager", "bf16-compile", "torchao-int8dyn", "torchao-fp8", "dq-int8", "dq-fp8", "dq-w4a8", "dq-w4a16")
+
+
+def build_model(name: str) -> nn.Module:
+    from diffquant.models.configs import DDPM_CIFAR10_32, build_unet
+
+    if name == "sd15-unet":
+        from diffusers import UNet2DConditionModel
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return UNet2DConditionModel(**SD15_UNET).eval()
+    if name == "ddpm-cifar10-32":
+        return build_unet(DDPM_CIFAR10_32).eval()
+    if name.startswith("zoo:"):
+        from diffquant.models.loading import load_model
+
+        return load_model(name).model.eval()
+    raise ValueError(f"model {name!r}; allowed: {', '.join(MODELS)}")
+
+
+def inputs_for(model: nn.Module, batch: int, device, dtype) -> tuple:
+    from diffquant.models.adapter import example_inputs
+
+    x, t, c = example_inputs(model, batch=batch, device="cpu")
+    x = x.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    return x, t.to(device), {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
+                             for k, v in c.items()}
+
+
+def time_call(fn: Callable[[], Any], warmup: int = 5, reps: int = 30, graph: bool = True) -> tuple[float, bool]:
+    """Median ms of ``fn()`` over ``reps`` calls (CUDA events), replaying a CUDA graph if it captures."""
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        run = fn
+        used_graph = False
+        if graph:
+            try:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    fn()
+                g.replay()
+                torch.cuda.synchronize()
+                run, used_graph = g.replay, True
+            except Exception as e:  # capture refused: time eagerly
+                log.warning("CUDA graph capture failed (%s); timing without a graph", str(e).splitlines()[0][:200])
+                torch.cuda.synchronize()
+        for _ in range(3):
+            run()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            run()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+    return statistics.median(times), used_graph
+
+
+def _quantized(model: nn.Module, backend: str, calib_inputs: tuple) -> nn.Module:
+    from diffquant.convert import config_for_backend, convert
+    from diffquant.models.adapter import call_model
+    from diffquant.quantize import calibrate, quantize
+
+    q = quantize(model, config_for_backend(backend))
+    with torch.no_grad(), calibrate(q):
+        call_model(q, *calib_inputs)
+    cm = convert(q, backend, attention="float", unsupported="float", inplace=True)
+    return cm
+
+
+def _torchao(model: nn.Module, which: str) -> nn.Module:
+    from torchao.quantization import quantize_
+
+    m = copy.deepcopy(model)
+    if which == "int8dyn":
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+        quantize_(m, Int8DynamicActivationInt8WeightConfig())
+    else:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+        quantize_(m, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    return m
+
+
+def make_variant(base_fp32: nn.Module, variant: str, calib_inputs: tuple) -> nn.Module:
+    """The model of one variant, in bf16, channels-last, on the base model's device (not compiled)."""
+    if variant.startswith("dq-"):
+        m = _quantized(base_fp32, variant[3:], calib_inputs)
+    else:
+        m = copy.deepcopy(base_fp32)
+    m = m.to(torch.bfloat16).to(memory_format=torch.channels_last).eval()
+    if variant.startswith("torchao-"):
+        m = _torchao(m, variant[len("torchao-"):])
+    return m
+
+
+def _tensor_bytes(p: torch.Tensor) -> int:
+    # tensor subclasses (torchao) hold their storage in inner tensors
+    if hasattr(p, "__tensor_flatten__") and type(p) is not torch.Tensor and type(p) is not nn.Parameter:
+        names, _ = p.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(p, n)) for n in names)
+    return p.numel() * p.element_size()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and low-bit layer buffers (packed weights + scales) as stored."""
+    from diffquant.kernels.modules import LowBitLayer
+
+    total, seen = 0, set()
+    for m in model.modules():
+        if isinstance(m, LowBitLayer):
+            total += m.weight_bytes
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += _tensor_bytes(p)
+    return total
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Task:
+    model: str
+    batch: int
+    variant: str
+    compile: bool = True
+
+
+def run_tasks(tasks: list[Task], budget_s: float = 1e9, reps: int = 30, out_path: Optional[str] = None,
+              layer_types: bool = True, progress: Callable[[str], None] = print) -> dict:
+    """Run the tasks in order (grouped by model: the fp32 base is built once per model), stopping
+    new tasks once ``budget_s`` has passed. Writes the result dict to ``out_path`` after every row."""
+    from diffquant.models.adapter import call_model
+
+    t0 = time.time()
+    dev = torch.device("cuda")
+    result: dict = {"device": _device_name(), "torch": torch.__version__, "rows": [], "per_layer_type": [],
+                    "skipped": [], "notes": []}
+    try:
+        import torchao  # noqa: F401
+
+        result["torchao"] = torchao.__version__
+    except Exception as e:  # not installed on this machine
+        result["torchao"] = None
+        result["notes"].append(f"torchao not importable here ({type(e).__name__}): torchao variants skipped")
+
+    def save():
+        if out_path:
+            with open(out_path, "w") as f:
+                json.dump(result, f, indent=1)
+
+    by_model: dict = {}
+    for tk in tasks:
+        by_model.setdefault(tk.model, []).append(tk)
+    for model_name, mtasks in by_model.items():
+        if time.time() - t0 > budget_s:
+            result["skipped"] += [vars(t) | {"why": "budget"} for t in mtasks]
+            continue
+        base = build_model(model_name).to(dev)
+        n_params = sum(p.numel() for p in base.parameters())
+        calib = inputs_for(base, 1, dev, torch.float32)
+        compiled_ref: dict = {}
+        for tk in mtasks:
+            if time.time() - t0 > budget_s:
+                result["skipped"].append(vars(tk) | {"why": "budget"})
+                continue
+            if tk.variant.startswith("torchao-") and result["torchao"] is None:
+                result["skipped"].append(vars(tk) | {"why": "torchao missing"})
+                continue
+            ts = time.time()
+            row = {"model": model_name, "params_M": round(n_params / 1e6, 1), "batch": tk.batch, "variant": tk.variant}
+            try:
+                m = make_variant(base, tk.variant, calib)
+                row["weight_bytes"] = weight_bytes(m)
+                rep = getattr(m, "_diffquant_convert_report", None)
+                if rep is not None:
+                    row["converted_layers"] = len(rep.converted)
+                    row["kept_layers"] = len(rep.kept)
+                x, t, c = inputs_for(base, tk.batch, dev, torch.bfloat16)
+                do_compile = tk.compile and tk.variant != "bf16-eager"
+                fn_model = torch.compile(m) if do_compile else m
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                tc = time.time()
+                with torch.no_grad():
+                    call_model(fn_model, x, t, c)
+                torch.cuda.synchronize()
+                row["first_call_s"] = round(time.time() - tc, 1)
+                ms, graphed = time_call(lambda: call_model(fn_model, x, t, c), reps=reps)
+                row.update(ms=round(ms, 4), compiled=do_compile, cuda_graph=graphed,
+                           act_peak_mb=round((torch.cuda.max_memory_allocated() - before) / 2**20, 1))
+                if tk.variant == "bf16-compile":
+                    compiled_ref[tk.batch] = ms
+                if tk.batch in compiled_ref:
+                    row["speedup_vs_bf16_compiled"] = round(compiled_ref[tk.batch] / ms, 3)
+                if layer_types and (tk.variant == "bf16-eager" or tk.variant.startswith("dq-")):
+                    try:
+                        result["per_layer_type"] += per_layer_type(m, model_name, tk.batch, tk.variant,
+                                                                   x, t, c, reps=max(10, reps // 2))
+                    except Exception as e:
+                        result["notes"].append(f"per-layer timing {model_name} b{tk.batch} {tk.variant} failed: {e!r}"[:400])
+                del fn_model, m
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:600]
+                log.exception("task %s failed", tk)
+            row["device"] = result["device"]
+            row["task_s"] = round(time.time() - ts, 1)
+            result["rows"].append(row)
+            progress(json.dumps(row))
+            save()
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch._dynamo.reset()
+        # speedups for rows timed before their bf16-compile reference
+        for row in result["rows"]:
+            if row["model"] == model_name and "ms" in row and row["batch"] in compiled_ref:
+                row["speedup_vs_bf16_compiled"] = round(compiled_ref[row["batch"]] / row["ms"], 3)
+        del base
+        gc.collect()
+        torch.cuda.empty_cache()
+        save()
+    result["wall_s"] = round(time.time() - t0, 1)
+    save()
+    return result
+
+
+def _layer_type(m: nn.Module) -> Optional[str]:
+    from diffquant.kernels.modules import LowBitLayer
+
+    if isinstance(m, LowBitLayer):
+        return "linear" if m.kind == "linear" else f"conv{m.kernel_size[0]}x{m.kernel_size[1]}"
+    if isinstance(m, nn.Conv2d):
+        return f"conv{m.kernel_size[0]}x{m.kernel_size[1]}"
+    if isinstance(m, nn.Linear):
+        return "linear"
+    return None
+
+
+@torch.no_grad()
+def per_layer_type(model: nn.Module, model_name: str, batch: int, variant: str, x, t, c, reps: int = 15) -> list[dict]:
+    """Each conv/linear layer timed alone on the input it sees in the model (CUDA graph replay),
+    summed per layer type (activation quantization included for the low-bit layers)."""
+    from diffquant.models.adapter import call_model
+
+    seen: dict = {}
+    hooks = []
+    for name, m in model.named_modules():
+        lt = _layer_type(m)
+        if lt is not None:
+            hooks.append(m.register_forward_hook(
+                lambda mod, a, o, name=name, lt=lt: seen.setdefault(name, (mod, lt, a[0].detach().clone()))))
+    try:
+        call_model(model, x, t, c)
+    finally:
+        for h in hooks:
+            h.remove()
+    cache: dict = {}
+    totals: dict = {}
+    for name, (mod, lt, inp) in seen.items():
+        key = (lt, type(mod).__name__, tuple(inp.shape), str(getattr(mod, "weight", getattr(mod, "parts", None)) is None),
+               getattr(mod, "in_channels", getattr(mod, "in_features", None)),
+               getattr(mod, "out_channels", getattr(mod, "out_features", None)),
+               getattr(mod, "stride", None), inp.is_contiguous(memory_format=torch.channels_last))
+        if key not in cache:
+            ms, _ = time_call(lambda: mod(inp), warmup=3, reps=reps)
+            cache[key] = ms
+        tot = totals.setdefault(lt, [0.0, 0])
+        tot[0] += cache[key]
+        tot[1] += 1
+    return [{"model": model_name, "batch": batch, "variant": variant, "layer_type": lt, "ms_sum": round(v[0], 4),
+             "layers": v[1]} for lt, v in sorted(totals.items())]
+
+
+def plan(models: list[str], batches: dict, variants: list[str], compile: bool = True) -> list[Task]:
+    return [Task(m, b, v, compile) for m in models for b in batches[m] for v in variants]
