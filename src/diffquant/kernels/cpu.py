@@ -28,8 +28,9 @@ the 8-bit simulation is measured separately (benchmarks/bench_cpu_int8.py).
 Weights: the simulation's integer codes ``q`` with per-channel zero point ``z`` (asymmetric weights,
 the diffquant default) are stored as int8 ``q - o`` with a per-channel offset ``o`` (``o = z`` when
 ``q - z`` fits int8, else the grid's middle); oneDNN only takes symmetric weights, so the remainder
-``-(z - o) * s_w * sum(x_hat over the receptive field)`` is added in fp32 (one channel reduction and a
-1-channel box filter: about 1/C_out of the conv's work). Exact in integers.
+``-(z - o) * s_w * sum(x_hat over the receptive field)`` is added in fp32. The sum comes out of the
+same int8 kernel: the packed weight gets one extra output channel of ones (1/C_out more work), and one
+fused multiply-add applies the correction. Exact in integers.
 
 Split-shortcut layers (two activation quantizers) run as two int8 kernels on the two input halves,
 summed in fp32 (exact). Layers that cannot be converted are left as they were (fake-quant fp32) and
@@ -52,7 +53,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from diffquant.config import QuantScheme
@@ -171,6 +171,8 @@ class _Int8Part:
         # fp32 compensation for asymmetric weights: -(z - o) * s_w per output channel (None if all 0)
         comp = -(w_rzp * w_scale)
         self.comp = comp if bool((w_rzp != 0).any()) else None
+        self.comp_conv = comp.view(1, -1, 1, 1)
+        self.comp_lin = comp.view(1, -1)
 
 
 class Int8Conv2d(nn.Module):
@@ -200,23 +202,30 @@ class Int8Conv2d(nn.Module):
             self.register_buffer(f"weight_int8_{i}", q8)
             self.register_buffer(f"weight_scale_{i}", ws)
             self._parts.append(part)
+            if part.comp is not None:
+                # one extra output channel of ones: the kernel itself returns sum(x_hat) over the
+                # receptive field, exactly the factor the asymmetric-weight correction needs
+                q8 = torch.cat([q8, torch.ones_like(q8[:1])])
+                part.w_scale = torch.cat([ws, ws.new_ones(1)])
+                part.w_zp0 = torch.zeros(part.w_scale.numel(), dtype=torch.int32)
             self._packed.append(torch.ops.onednn.qconv_prepack(
-                q8, ws, xs, xz, self.stride, self.padding, self.dilation, self.groups, None))
+                q8, part.w_scale, xs, xz, self.stride, self.padding, self.dilation, self.groups, None))
             self._slices.append((start, length))
-        kh, kw = self.kernel_size
-        self._ones = torch.ones(1, 1, kh, kw)
+        self.bias_ext = None if self.bias is None else torch.cat([self.bias.detach(), self.bias.new_zeros(1)])
 
     def _part(self, i: int, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         p = self._parts[i]
-        xq = _quant_u8(x, p.x_scale, p.x_zp, p.x_qmax)
+        # oneDNN computes in NHWC: hand it uint8 codes in that layout (a cheap 1-byte copy if needed)
+        xq = _quant_u8(x, p.x_scale, p.x_zp, p.x_qmax).contiguous(memory_format=torch.channels_last)
+        if p.comp is not None and bias is not None:
+            bias = self.bias_ext
         y = torch.ops.onednn.qconv_pointwise(
             xq, p.x_scale, p.x_zp, self._packed[i], p.w_scale, p.w_zp0, bias, self.stride, self.padding,
             self.dilation, self.groups, 1.0, 0, torch.float32, "none", [], "")
         if p.comp is not None:
-            # sum of x_hat over the receptive field (zero padding is real zero on both sides)
-            csum = (xq.sum(1, keepdim=True, dtype=torch.int32) - x.shape[1] * p.x_zp).float() * p.x_scale
-            box = F.conv2d(csum, self._ones, None, self.stride, self.padding, self.dilation)
-            y = y + p.comp.view(1, -1, 1, 1) * box
+            c = self.out_channels
+            # y[:, c] = sum of x_hat over the receptive field (zero padding is real zero on both sides)
+            y = torch.addcmul(y[:, :c], y[:, c:], p.comp_conv)
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,18 +266,26 @@ class Int8Linear(nn.Module):
             xs, xz, xq = kernel_act_qparams(aq, reduce_range)
             self.register_buffer(f"weight_int8_{i}", q8)
             self.register_buffer(f"weight_scale_{i}", ws)
-            self._parts.append(_Int8Part(xs, xz, xq, ws, rzp))
+            part = _Int8Part(xs, xz, xq, ws, rzp)
+            self._parts.append(part)
+            if part.comp is not None:  # extra output row of ones: the kernel returns sum(x_hat) (see Int8Conv2d)
+                q8 = torch.cat([q8, torch.ones_like(q8[:1])])
+                part.w_scale = torch.cat([ws, ws.new_ones(1)])
+                part.w_zp0 = torch.zeros(part.w_scale.numel(), dtype=torch.int32)
             self._packed.append(torch.ops.onednn.qlinear_prepack(q8, None))
             self._slices.append((start, length))
+        self.bias_ext = None if self.bias is None else torch.cat([self.bias.detach(), self.bias.new_zeros(1)])
 
     def _part(self, i: int, x2: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         p = self._parts[i]
         xq = _quant_u8(x2, p.x_scale, p.x_zp, p.x_qmax)
+        if p.comp is not None and bias is not None:
+            bias = self.bias_ext
         y = torch.ops.onednn.qlinear_pointwise(
             xq, p.x_scale, p.x_zp, self._packed[i], p.w_scale, p.w_zp0, bias, 1.0, 0, torch.float32, "none", [], "")
         if p.comp is not None:
-            rs = (xq.sum(1, keepdim=True, dtype=torch.int32) - x2.shape[1] * p.x_zp).float() * p.x_scale
-            y = y + rs * p.comp.view(1, -1)
+            n = self.out_features
+            y = torch.addcmul(y[:, :n], y[:, n:], p.comp_lin)
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
