@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-steps", type=int, default=5)
     ap.add_argument("--max-load", type=float, default=0.5)
     ap.add_argument("--wait-idle", type=float, default=0.0, help="seconds to wait for load < --max-load")
+    ap.add_argument("--weight-symmetric", action="store_true", help="symmetric weights (no asymmetric-weight correction)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
 
     lm = load_model(args.model)
     fp, sched = lm.model.eval(), lm.scheduler
-    cfg = build_config(8, 8)
+    cfg = build_config(8, 8, weight_symmetric=args.weight_symmetric)
     t0 = time.perf_counter()
     cal = get_calibration(fp, sched, CalibOptions(num_per_step=args.calib_num, num_steps=args.calib_steps,
                                                   spec=SamplerSpec("ddim", 20)), progress=False)
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
     fp_cl = copy.deepcopy(fp).to(memory_format=torch.channels_last)
 
     rows: list[dict] = []
-    base = dict(model=args.model, device=device, date=date, command=command, threads=args.threads,
+    base = dict(model=args.model, weight_symmetric=args.weight_symmetric, device=device, date=date, command=command, threads=args.threads,
                 reduce_range=rep.reduce_range, converted_layers=len(rep.converted), kept_fp32_layers=len(rep.kept_float))
 
     # ---- correctness: DDIM samples with the same seeds --------------------------------------------
