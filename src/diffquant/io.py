@@ -46,15 +46,16 @@ def _weight_slices(layer):
 
 
 @torch.no_grad()
-def _pack_weights(model: nn.Module, state: dict) -> dict:
-    """Replace float weights in ``state`` by packed codes; returns the manifest entry."""
+def _pack_weights(model: nn.Module, state: dict, only: Optional[set] = None) -> dict:
+    """Replace float weights in ``state`` by packed codes; returns the manifest entry.
+    ``only``: pack just these layers (by module name), leave the others' float weights alone."""
     from diffquant.nn.modules import QUANT_LAYER_TYPES
     from diffquant.quant.affine import FP8_E4M3_MAX, group_view, qrange, quantize
     from diffquant.quant.packing import pack
 
     packed = {}
     for name, layer in model.named_modules():
-        if not isinstance(layer, QUANT_LAYER_TYPES):
+        if not isinstance(layer, QUANT_LAYER_TYPES) or (only is not None and name not in only):
             continue
         parts = _weight_slices(layer)
         if not all(wq.enabled for _, wq, _ in parts):

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,7 @@ class ReconConfig:
     max_cache_bytes: int = 8 << 30
     cache_dtype: str = "float32"
     seed: int = 0
+    cuda_graphs: bool = True  # replay each unit's optimisation step from a CUDA graph (CUDA only)
 
     def __post_init__(self) -> None:
         for k in ("weight_iters", "act_iters", "act_init_rows"):
@@ -91,27 +93,25 @@ def _unit_forward(unit: Unit, args: list, kwargs: dict) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _minibatch(data, rc: ReconConfig, gen: torch.Generator, device) -> tuple[list, dict, torch.Tensor]:
-    """A random minibatch of cached unit inputs and targets, on ``device``."""
-    idx = torch.randint(data.n, (min(rc.batch_size, data.n),), generator=gen)
-    args, kwargs, target = data.batch(idx.to(data.target.device))
-    args = [a.to(device) if torch.is_tensor(a) else a for a in args]
-    kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
-    return args, kwargs, target.to(device)
-
-
 def _gen(seed: int, phase: str, index: int) -> torch.Generator:
     h = int(hashlib.sha256(f"{seed}/{phase}/{index}".encode()).hexdigest()[:15], 16)
     return torch.Generator().manual_seed(h)
 
 
 class _Progress:
-    """Per-unit checkpoints: model state (safetensors) + progress JSON, written atomically."""
+    """Per-unit checkpoints: progress JSON + a compact model state, both written atomically.
+
+    The state holds every tensor that reconstruction can change except the float weights of layers
+    whose unit is not finished yet (those still equal the full-precision weights, and resuming
+    rebuilds them from the model), and stores finished layers' weights as their packed integer
+    codes (exact: reconstructed weights lie on the quantization grid). A W4 checkpoint of a
+    35 MB fp32 model is thus ~5 MB, small enough to move between machines after every unit.
+    """
 
     def __init__(self, folder: Optional[Path], fingerprint: str, resume: bool):
         self.folder = folder
         self.state: dict[str, Any] = {"fingerprint": fingerprint, "done": {"weights": [], "act_init": [], "acts": []},
-                                      "losses": []}
+                                      "losses": [], "packed": {}}
         if folder is None:
             return
         folder.mkdir(parents=True, exist_ok=True)
@@ -130,12 +130,41 @@ class _Progress:
     def done(self, phase: str, name: str) -> bool:
         return name in self.state["done"][phase]
 
+    @staticmethod
+    def _layer_names(model: nn.Module) -> list[str]:
+        from diffquant.nn.modules import QUANT_LAYER_TYPES
+
+        return [n for n, m in model.named_modules() if isinstance(m, QUANT_LAYER_TYPES)]
+
+    def _finished_layers(self, model: nn.Module) -> set[str]:
+        units = self.state["done"]["weights"]
+        return {n for n in self._layer_names(model) if any(n == u or n.startswith(u + ".") for u in units)}
+
     def load_into(self, model: nn.Module) -> None:
         if self.folder is None or not (self.folder / "state.safetensors").is_file():
             return
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(str(self.folder / "state.safetensors"), device=str(_device(model))))
+        from diffquant.io import _unpack_weights
+
+        path = self.folder / "state.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("progress")
+        if meta is not None:  # the state file's own progress wins (a kill may fall between the two writes)
+            st = json.loads(meta)
+            if st.get("fingerprint") != self.state["fingerprint"]:
+                raise ValueError(f"{path}: made with another model, calibration set or config")
+            self.state = st
+        state = load_file(str(path))
+        _unpack_weights(model, state, self.state.get("packed", {}))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        finished = self._finished_layers(model)
+        allowed = {f"{n}.weight" for n in self._layer_names(model) if n not in finished}
+        bad = [k for k in missing if k not in allowed]
+        if bad or unexpected:
+            raise ValueError(f"{self.folder}: the reconstruction checkpoint does not match the model "
+                             f"(missing {bad[:5]}, unexpected {list(unexpected)[:5]})")
 
     def mark(self, model: nn.Module, phase: str, name: str, info: Optional[dict] = None) -> None:
         self.state["done"][phase].append(name)
@@ -145,9 +174,16 @@ class _Progress:
             return
         from safetensors.torch import save_file
 
+        from diffquant.io import _pack_weights
+
+        finished = self._finished_layers(model)
         st = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        for n in self._layer_names(model):
+            if n not in finished:
+                st.pop(f"{n}.weight", None)  # still the full-precision weight
+        self.state["packed"] = _pack_weights(model, st, only=finished)
         tmp = self.folder / "state.tmp.safetensors"
-        save_file(st, str(tmp))
+        save_file(st, str(tmp), metadata={"progress": json.dumps(self.state)})  # self-consistent on its own
         tmp.replace(self.folder / "state.safetensors")
         pj = self.folder / "progress.tmp.json"
         pj.write_text(json.dumps(self.state, indent=1))
@@ -178,6 +214,72 @@ def _iter_bar(n: int, desc: str, progress: bool):
     return range(n)
 
 
+class _StepLoop:
+    """Runs ``iters`` optimisation steps of one unit, eagerly or replayed from a CUDA graph.
+
+    Every step draws its minibatch indices from a table made up front with the unit's seeded
+    generator and copies them into a static index tensor, so the step has no host synchronisation
+    and the same body serves both paths: on CUDA (``cuda_graphs``) the step is run eagerly for a
+    few warm-up iterations on a side stream, then captured once and replayed; elsewhere it runs
+    eagerly. Per-step scalars (regulariser weight, beta, learning rate) live in device tensors that
+    are filled before each step.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, data, rc: ReconConfig, iters: int, gen: torch.Generator, device, graphs: bool):
+        self.data, self.iters, self.device = data, iters, torch.device(device)
+        bs = min(rc.batch_size, data.n)
+        self.idx_all = torch.randint(data.n, (iters, bs), generator=gen).to(data.target.device)
+        self.idx = self.idx_all[0].clone()
+        self.graphs = (graphs and self.device.type == "cuda" and data.target.device.type == "cuda"
+                       and iters > self.WARMUP + 1)
+        self.first: Optional[torch.Tensor] = None
+        self.last: Optional[torch.Tensor] = None
+
+    def batch(self):
+        args, kwargs, target = self.data.batch(self.idx)
+        args = [a.to(self.device) if torch.is_tensor(a) else a for a in args]
+        kwargs = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+        return args, kwargs, target.to(self.device)
+
+    def run(self, body, before_step, desc: str, progress: bool) -> dict:
+        """``body()`` computes the loss, back-propagates and steps the optimiser, returning the
+        reconstruction loss (a tensor); ``before_step(it)`` fills the per-step scalars."""
+        graph = None
+        stream = None
+        bar = _iter_bar(self.iters, desc, progress)
+        for it in bar:
+            self.idx.copy_(self.idx_all[it], non_blocking=True)
+            before_step(it)
+            if not self.graphs:
+                rec = body()
+            elif it < self.WARMUP:
+                if stream is None:
+                    stream = torch.cuda.Stream(self.device)
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):
+                    rec = body()
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+            else:
+                if graph is None:
+                    torch.cuda.synchronize(self.device)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        self._static_rec = body()
+                graph.replay()
+                rec = self._static_rec
+            if it == 0:
+                self.first = rec.detach().clone()
+        self.last = rec.detach().clone() if self.iters else None
+        del graph
+        return {"rec_loss_first": _f(self.first), "rec_loss_last": _f(self.last), "cuda_graph": bool(self.graphs)}
+
+
+def _f(t: Optional[torch.Tensor]) -> float:
+    return float("nan") if t is None else float(t)
+
+
 def _reconstruct_weights(unit: Unit, data, rc: ReconConfig, gen: torch.Generator, device, progress: bool) -> dict:
     wqs = unit.weight_quantizers()
     if not wqs or rc.weight_iters == 0:
@@ -194,25 +296,29 @@ def _reconstruct_weights(unit: Unit, data, rc: ReconConfig, gen: torch.Generator
         layer, sl = slices[id(wq)]
         return layer.weight if sl is None else layer.weight[:, sl]
 
+    loop = _StepLoop(data, rc, rc.weight_iters, gen, device, rc.cuda_graphs)
     alphas = [wq.start_adaround(wslice(wq)) for wq in wqs]
-    opt = torch.optim.Adam(alphas, lr=rc.weight_lr)
+    opt = torch.optim.Adam(alphas, lr=rc.weight_lr, capturable=loop.graphs)
     sched = BetaSchedule(rc.weight_iters, rc.warmup, rc.beta_start, rc.beta_end)
-    first = last = float("nan")
+    lam = torch.zeros((), device=device)  # regulariser weight: 0 during the warm-up
+    beta = torch.full((), rc.beta_start, device=device)
+
+    def before_step(it: int) -> None:
+        count = it + 1  # BRECQ/Q-Diffusion count iterations from 1
+        lam.fill_(rc.round_weight if sched.regularizer_on(count) else 0.0)
+        beta.fill_(sched.beta(count))
+
+    def body() -> torch.Tensor:
+        args, kwargs, target = loop.batch()
+        rec = recon_loss(_unit_forward(unit, args, kwargs), target, rc.weight_p)
+        loss = rec + lam * sum(round_regularizer(a, beta) for a in alphas)
+        opt.zero_grad(set_to_none=not loop.graphs)
+        loss.backward()
+        opt.step()
+        return rec
+
     with torch.enable_grad():
-        for it in _iter_bar(rc.weight_iters, f"AdaRound {unit.name}", progress):
-            args, kwargs, target = _minibatch(data, rc, gen, device)
-            rec = recon_loss(_unit_forward(unit, args, kwargs), target, rc.weight_p)
-            loss = rec
-            count = it + 1  # BRECQ/Q-Diffusion count iterations from 1
-            if sched.regularizer_on(count):
-                beta = sched.beta(count)
-                loss = rec + rc.round_weight * sum(round_regularizer(a, beta) for a in alphas)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if it == 0:
-                first = rec.item()
-            last = rec.item()
+        info = loop.run(body, before_step, f"AdaRound {unit.name}", progress)
     with torch.no_grad():
         for wq in wqs:
             layer, sl = slices[id(wq)]
@@ -221,36 +327,48 @@ def _reconstruct_weights(unit: Unit, data, rc: ReconConfig, gen: torch.Generator
                 layer.weight.data.copy_(baked)
             else:
                 layer.weight.data[:, sl] = baked
-    return {"rec_loss_first": first, "rec_loss_last": last}
+    return info
+
+
+def _cosine_lr(base: float, it: int, total: int) -> float:
+    """CosineAnnealingLR (eta_min 0) in closed form: the learning rate used at step ``it``."""
+    return base * (1.0 + math.cos(math.pi * it / total)) / 2.0
 
 
 def _reconstruct_acts(unit: Unit, data, rc: ReconConfig, gen: torch.Generator, device, progress: bool) -> dict:
     aqs = unit.act_quantizers()
     if not aqs or rc.act_iters == 0:
         return {}
+    loop = _StepLoop(data, rc, rc.act_iters, gen, device, rc.cuda_graphs)
     params = [q.make_scale_learnable() for q in aqs]
-    opt = torch.optim.Adam(params, lr=rc.act_lr)
-    cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=rc.act_iters, eta_min=0.0)
-    first = last = float("nan")
+    lr: Any = torch.full((), rc.act_lr, device=device) if loop.graphs else rc.act_lr
+    opt = torch.optim.Adam(params, lr=lr, capturable=loop.graphs)
+
+    def before_step(it: int) -> None:
+        value = _cosine_lr(rc.act_lr, it, rc.act_iters)
+        if loop.graphs:
+            lr.fill_(value)
+        else:
+            opt.param_groups[0]["lr"] = value
+
+    def body() -> torch.Tensor:
+        args, kwargs, target = loop.batch()
+        loss = recon_loss(_unit_forward(unit, args, kwargs), target, rc.act_p)
+        opt.zero_grad(set_to_none=not loop.graphs)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for p in params:
+                p.clamp_(min=1e-8)
+        return loss
+
     try:
         with torch.enable_grad():
-            for it in _iter_bar(rc.act_iters, f"LSQ {unit.name}", progress):
-                args, kwargs, target = _minibatch(data, rc, gen, device)
-                loss = recon_loss(_unit_forward(unit, args, kwargs), target, rc.act_p)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                cos.step()
-                with torch.no_grad():
-                    for p in params:
-                        p.clamp_(min=1e-8)
-                if it == 0:
-                    first = loss.item()
-                last = loss.item()
+            info = loop.run(body, before_step, f"LSQ {unit.name}", progress)
     finally:
         for q in aqs:
             q.freeze_scale()
-    return {"rec_loss_first": first, "rec_loss_last": last}
+    return info
 
 
 def qdiffusion_ptq(
@@ -300,9 +418,14 @@ def qdiffusion_ptq(
         for i, unit in enumerate(units):
             if prog.done(phase, unit.name):
                 continue
+            t_unit = time.perf_counter()
             data = capture_unit_data(q, unit.module, fp, fp_units[unit.name], calib, **cap)
+            t_cap = time.perf_counter() - t_unit
             info = reconstruct(unit, data, recon, _gen(recon.seed, tag, i), device, progress)
             del data
+            if info:
+                info = {**info, "capture_seconds": round(t_cap, 3),
+                        "seconds": round(time.perf_counter() - t_unit, 3)}
             prog.mark(q, phase, unit.name, info)
             log.info("%s %d/%d %s %s", phase, i + 1, len(units), unit.name, info)
 
