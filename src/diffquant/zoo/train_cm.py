@@ -573,6 +573,11 @@ class CMTrainer:
                 if self.step == cfg.init_steps and cfg.init_steps and self.rank == 0:
                     log.info("denoiser warm start done at step %d; consistency distillation begins", self.step)
                 if self.step % cfg.log_every == 0:
+                    if self.world > 1:  # the global batch's mean loss (ranks log the same numbers)
+                        import torch.distributed as dist
+
+                        dist.all_reduce(acc)
+                        acc /= self.world
                     vals = (acc / n_acc).tolist()
                     now = time.perf_counter()
                     self.train_seconds += now - t_win
