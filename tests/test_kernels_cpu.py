@@ -106,7 +106,7 @@ def tiny_quantized():
 
 def test_convert_tiny_unet_close_to_simulation(tiny_quantized):
     fp, q = tiny_quantized
-    c = convert_cpu(q)
+    c = convert_cpu(q, quant="eager")
     rep = cpu_int8_report(c)
     n_layers = sum(isinstance(m, (QuantConv2d, QuantLinear)) for m in q.modules())
     assert len(rep.converted) == n_layers - 1
@@ -142,9 +142,25 @@ def test_convert_refuses_unquantized_and_reports_unsupported():
     x = torch.randn(2, 8)
     with pytest.raises(RuntimeError, match="not calibrated"):
         q(x)
-    c = convert_cpu(q)
+    c = convert_cpu(q, quant="eager")
     rep = cpu_int8_report(c)
     assert rep.converted == []
     assert "per-group" in rep.kept_float["0"] and "not calibrated" in rep.kept_float["1"]
     with pytest.raises(ValueError, match="reduce_range"):
         convert_cpu(q, reduce_range="sometimes")
+    with pytest.raises(ValueError, match="quant="):
+        convert_cpu(q, quant="fast")
+
+
+def test_activation_codes_equal_the_simulation_codes_eager_and_compiled():
+    # the int8 input codes are those of the fake quantizer (no rounding-tie differences), also compiled
+    from diffquant.kernels.cpu import _compiled_quant_codes, _inv, _quant_codes
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 5, 5, generator=g) * 3
+    s, z = 0.0173, 40
+    ref = torch.round(torch.fake_quantize_per_tensor_affine(x, s, z, 0, 127) / s + z)
+    for fn in (_quant_codes, _compiled_quant_codes()):
+        codes = fn(x, _inv(s), z, 127)
+        assert codes.dtype == torch.uint8
+        assert torch.equal(codes.float(), ref)

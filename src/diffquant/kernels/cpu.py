@@ -6,8 +6,9 @@ PyTorch's own oneDNN int8 kernels (``torch.ops.onednn.qconv_pointwise`` / ``qlin
 uint8 activations x int8 weights, int32 accumulation, fp32 output with the per-channel dequantization
 and the bias fused into the kernel). Everything else (GroupNorm, SiLU, residual adds, the time
 embedding's sinusoids, softmax, the attention matmuls with their fake quantizers) stays as it was, in
-fp32. The activation quantization is one pass over the fp32 input (``torch.quantize_per_tensor`` ->
-uint8 codes) before the kernel; the dequantization after it is fused.
+fp32. The activation quantization is one pass over the fp32 input before the kernel (the fake quantizer's
+formula, compiled by torch.compile/Inductor into one vectorised loop; ``quant="eager"`` runs the same
+formula as plain ops); the dequantization, bias and per-channel weight scales are fused into the kernel.
 
 Exactness and the one deliberate deviation
 -----------------------------------------
@@ -38,8 +39,8 @@ listed in the report with the reason: per-group or FP8 schemes, weights-only lay
 quantizer), non-zero padding modes, grouped convs with asymmetric weights, AdaRound still soft,
 quantizers not in mode "quant", uncalibrated activations.
 
-Note: ``torch.quantize_per_tensor`` (quantized tensor types) is deprecated in torch 2.13; when it is
-gone the fallback is a plain round/clamp (same values, slower). torchao's pt2e flow
+The quantized tensor types (``torch.quantize_per_tensor``, deprecated in torch 2.13) are not used.
+torchao's pt2e flow
 (``X86InductorQuantizer``) is not used: it calibrates its own observers on an exported graph,
 while this converter reuses diffquant's calibrated scales layer by layer in eager mode.
 """
@@ -47,8 +48,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -149,15 +150,30 @@ def _weight_int8(wq: WeightQuantizer, w: torch.Tensor) -> tuple[torch.Tensor, to
     return q8.to(torch.int8), scale.contiguous(), (zp_i - off).float()
 
 
-def _quant_u8(x: torch.Tensor, scale: float, zp: int, qmax: int) -> torch.Tensor:
-    """uint8 codes clamp(round(x / scale) + zp, 0, qmax), one fused pass where the stack allows."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            q = torch.quantize_per_tensor(x, scale, zp, torch.quint8).int_repr()
-        return q.clamp_max_(qmax) if qmax < 255 else q
-    except (RuntimeError, AttributeError):  # quantized tensor types gone: plain ops
-        return torch.clamp(torch.round(x * (1.0 / scale)) + zp, 0, qmax).to(torch.uint8)
+def _quant_codes(x: torch.Tensor, inv_scale: float, zp: int, qmax: int) -> torch.Tensor:
+    """uint8 codes clamp(round(x * inv_scale) + zp, 0, qmax): the fake quantizer's formula (multiply by
+    the fp32 reciprocal, round half to even), so the codes are those of the simulation."""
+    return torch.clamp(torch.round(x * inv_scale) + zp, 0, qmax).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_quant_codes():
+    # one vectorised pass over x (Inductor's C++ backend) instead of four eager ones; dynamic shapes,
+    # and the scalars are symbolic: one compilation per process and input rank
+    return torch.compile(_quant_codes, dynamic=True)
+
+
+def _inv(scale: float) -> float:
+    return float(torch.tensor(1.0) / torch.tensor(scale, dtype=torch.float32))
+
+
+QUANT_MODES = ("compile", "eager")
+
+
+def _quant_fn(mode: str):
+    if mode not in QUANT_MODES:
+        raise ValueError(f"quant={mode!r}; allowed: {', '.join(QUANT_MODES)}")
+    return _compiled_quant_codes() if mode == "compile" else _quant_codes
 
 
 # ---- modules ------------------------------------------------------------------------------------
@@ -166,6 +182,7 @@ class _Int8Part:
 
     def __init__(self, x_scale: float, x_zp: int, x_qmax: int, w_scale: torch.Tensor, w_rzp: torch.Tensor):
         self.x_scale, self.x_zp, self.x_qmax = x_scale, x_zp, x_qmax
+        self.x_inv = _inv(x_scale)
         self.w_scale = w_scale
         self.w_zp0 = torch.zeros(w_scale.numel(), dtype=torch.int32)
         # fp32 compensation for asymmetric weights: -(z - o) * s_w per output channel (None if all 0)
@@ -178,8 +195,9 @@ class _Int8Part:
 class Int8Conv2d(nn.Module):
     """A 2-D convolution computed by oneDNN int8 kernels from a calibrated QuantConv2d."""
 
-    def __init__(self, q: QuantConv2d, reduce_range: bool):
+    def __init__(self, q: QuantConv2d, reduce_range: bool, quant: str = "eager"):
         super().__init__()
+        self._quant = _quant_fn(quant)
         self.layer_name = q.layer_name
         self.in_channels, self.out_channels = q.in_channels, q.out_channels
         self.kernel_size, self.stride, self.padding = q.kernel_size, list(q.stride), list(q.padding)
@@ -216,7 +234,7 @@ class Int8Conv2d(nn.Module):
     def _part(self, i: int, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         p = self._parts[i]
         # oneDNN computes in NHWC: hand it uint8 codes in that layout (a cheap 1-byte copy if needed)
-        xq = _quant_u8(x, p.x_scale, p.x_zp, p.x_qmax).contiguous(memory_format=torch.channels_last)
+        xq = self._quant(x, p.x_inv, p.x_zp, p.x_qmax).contiguous(memory_format=torch.channels_last)
         if p.comp is not None and bias is not None:
             bias = self.bias_ext
         y = torch.ops.onednn.qconv_pointwise(
@@ -246,8 +264,9 @@ class Int8Conv2d(nn.Module):
 class Int8Linear(nn.Module):
     """A linear layer computed by oneDNN int8 kernels from a calibrated QuantLinear."""
 
-    def __init__(self, q: QuantLinear, reduce_range: bool):
+    def __init__(self, q: QuantLinear, reduce_range: bool, quant: str = "eager"):
         super().__init__()
+        self._quant = _quant_fn(quant)
         self.layer_name = q.layer_name
         self.in_features, self.out_features = q.in_features, q.out_features
         self.reduce_range = reduce_range
@@ -278,7 +297,7 @@ class Int8Linear(nn.Module):
 
     def _part(self, i: int, x2: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         p = self._parts[i]
-        xq = _quant_u8(x2, p.x_scale, p.x_zp, p.x_qmax)
+        xq = self._quant(x2, p.x_inv, p.x_zp, p.x_qmax)
         if p.comp is not None and bias is not None:
             bias = self.bias_ext
         y = torch.ops.onednn.qlinear_pointwise(
@@ -308,6 +327,7 @@ class Int8Linear(nn.Module):
 @dataclass
 class CpuInt8Report:
     reduce_range: bool
+    quant: str = "compile"
     converted: list[str] = field(default_factory=list)
     kept_float: dict[str, str] = field(default_factory=dict)  # name -> reason (layer stays fake-quant fp32)
     fake_quant_matmuls: list[str] = field(default_factory=list)  # attention matmuls: no int8 kernel here
@@ -363,17 +383,21 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def convert_cpu(qmodel: nn.Module, *, reduce_range: Union[bool, str] = "auto", inplace: bool = False) -> nn.Module:
+def convert_cpu(qmodel: nn.Module, *, reduce_range: Union[bool, str] = "auto", quant: str = "compile",
+                inplace: bool = False) -> nn.Module:
     """Calibrated diffquant model -> the same model with int8 oneDNN layers (CPU, fp32 elsewhere).
 
     Returns the converted model (a deep copy unless ``inplace``); its report is
     ``cpu_int8_report(model)``. ``reduce_range``: 7-bit activations so the AVX2 int16 pair sums cannot
-    saturate ("auto": on where the CPU has no VNNI/AMX). Refuses models that are not quantized or
+    saturate ("auto": on where the CPU has no VNNI/AMX). ``quant``: how the fp32 input becomes uint8 codes:
+    "compile" (one fused pass generated by torch.compile/Inductor, compiled on the first forward: needs a
+    C++ compiler, ~20 s once per process) or "eager" (four plain ops, same values). Refuses models that are not quantized or
     tensors not on the CPU."""
     why = cpu_int8_available()
     if why is not None:
         raise RuntimeError(why)
     rr = _resolve_reduce_range(reduce_range)
+    _quant_fn(quant)
     layers = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
     if not layers:
         raise ValueError("convert_cpu needs a model quantized by diffquant.quantize (no QuantConv2d/QuantLinear found)")
@@ -381,13 +405,13 @@ def convert_cpu(qmodel: nn.Module, *, reduce_range: Union[bool, str] = "auto", i
         if m.weight.device.type != "cpu":
             raise ValueError(f"convert_cpu: layer {n} is on {m.weight.device}; move the model to the CPU first")
     model = qmodel if inplace else copy.deepcopy(qmodel)
-    report = CpuInt8Report(reduce_range=rr)
+    report = CpuInt8Report(reduce_range=rr, quant=quant)
     for name, m in [(n, model.get_submodule(n)) for n, _ in layers]:
         reason = _why_not(m)
         if reason is not None:
             report.kept_float[name] = reason
             continue
-        new = Int8Conv2d(m, rr) if isinstance(m, QuantConv2d) else Int8Linear(m, rr)
+        new = Int8Conv2d(m, rr, quant) if isinstance(m, QuantConv2d) else Int8Linear(m, rr, quant)
         _set_submodule(model, name, new)
         report.converted.append(name)
     from diffquant.nn.modules import QuantMatMul
