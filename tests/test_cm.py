@@ -329,3 +329,17 @@ def test_cli_sample_and_quantize_consistency_model(zoo_cm, tmp_path):
     r = CliRunner().invoke(cli, ["sample", str(tmp_path / "q"), "--sampler", "cm", "--steps", "1", "--num", "2",
                                  "--device", "cpu", "--out", str(tmp_path / "qs.npz"), "--json"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
+
+
+def test_consistency_pipeline_folder_loads_like_the_hub_checkpoint(tiny_cm, tmp_path):
+    """A ConsistencyModelPipeline folder (the layout of openai/diffusers-cd_imagenet64_l2: unet/ + scheduler/,
+    safetensors) loads as UNet2DModel + CMStochasticIterativeScheduler and samples through the cm path."""
+    from diffquant.models.loading import load_model
+
+    ConsistencyModelPipeline(unet=tiny_cm, scheduler=cm_scheduler()).save_pretrained(tmp_path / "pipe")
+    loaded = load_model(str(tmp_path / "pipe"))
+    assert isinstance(loaded.scheduler, CMStochasticIterativeScheduler)
+    assert loaded.scheduler.config.num_train_timesteps == 18
+    a = sample(loaded.model, loaded.scheduler, num=2, seed=0, spec=SamplerSpec("cm", 2), progress=False).images
+    b = sample(tiny_cm, cm_scheduler(), num=2, seed=0, spec=SamplerSpec("cm", 2), progress=False).images
+    assert np.array_equal(a, b)

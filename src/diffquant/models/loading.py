@@ -116,7 +116,14 @@ def load_hub(repo_id: str, device: Any = "cpu", probe_timeout: float = 5.0) -> L
             model = diffusers.UNet2DModel.from_pretrained(repo_id, subfolder="unet", use_safetensors=True)
         except (OSError, EnvironmentError):
             model = diffusers.UNet2DModel.from_pretrained(repo_id, use_safetensors=True)
-        sched = diffusers.DDPMScheduler.from_pretrained(repo_id, subfolder="scheduler")
+        # the scheduler class named by the repo's config (e.g. CMStochasticIterativeScheduler for
+        # openai/diffusers-cd_imagenet64_l2), DDPMScheduler when it names none
+        sconf = diffusers.DDPMScheduler.load_config(repo_id, subfolder="scheduler")
+        cls_name = sconf.get("_class_name", "DDPMScheduler")
+        cls = getattr(diffusers, cls_name, None)
+        if cls is None or not cls_name.endswith("Scheduler"):
+            raise ValueError(f"unknown scheduler class {cls_name!r}")
+        sched = cls.from_config(sconf)
     except Exception as e:  # network errors come in many types
         raise ValueError(
             f"could not load {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
