@@ -20,6 +20,16 @@ from diffquant.models.adapter import call_model, example_inputs
 from diffquant.models.configs import build_unet
 from diffquant.quantize import calibrate, quantize
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    """The CPU tests run tiny convs (float64 reference included): one intra-op thread is faster
+    than two (OpenMP barriers cost more than the work, badly so on a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 SMALL = dict(sample_size=8, in_channels=4, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
              down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
              norm_num_groups=8)
