@@ -158,8 +158,8 @@ def _quant_codes(x: torch.Tensor, inv_scale: float, zp: int, qmax: int) -> torch
 
 @functools.lru_cache(maxsize=None)
 def _compiled_quant_codes():
-    # one vectorised pass over x (Inductor's C++ backend) instead of four eager ones; dynamic shapes,
-    # and the scalars are symbolic: one compilation per process and input rank
+    # one vectorised pass over x (Inductor's C++ backend) instead of four eager ones; called on flat
+    # contiguous tensors with dynamic sizes and symbolic scalars: one compilation per process
     return torch.compile(_quant_codes, dynamic=True)
 
 
@@ -168,6 +168,18 @@ def _inv(scale: float) -> float:
 
 
 QUANT_MODES = ("compile", "eager")
+
+
+def _codes_nhwc(fn, x: torch.Tensor, p: "_Int8Part") -> torch.Tensor:
+    """uint8 codes of a 4-D input in channels-last layout (what oneDNN computes in). The elementwise
+    function only ever sees a flat contiguous tensor: one compiled graph for every shape and layout
+    (``detach()`` drops the view's base, on which Dynamo would otherwise guard and recompile)."""
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        if x.is_contiguous():
+            return fn(x.view(-1).detach(), p.x_inv, p.x_zp, p.x_qmax).view(x.shape).contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)  # e.g. one half of a split input
+    xp = x.permute(0, 2, 3, 1)
+    return fn(xp.reshape(-1).detach(), p.x_inv, p.x_zp, p.x_qmax).view(xp.shape).permute(0, 3, 1, 2)
 
 
 def _quant_fn(mode: str):
@@ -234,7 +246,7 @@ class Int8Conv2d(nn.Module):
     def _part(self, i: int, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         p = self._parts[i]
         # oneDNN computes in NHWC: hand it uint8 codes in that layout (a cheap 1-byte copy if needed)
-        xq = self._quant(x, p.x_inv, p.x_zp, p.x_qmax).contiguous(memory_format=torch.channels_last)
+        xq = _codes_nhwc(self._quant, x, p)
         if p.comp is not None and bias is not None:
             bias = self.bias_ext
         y = torch.ops.onednn.qconv_pointwise(
@@ -297,7 +309,7 @@ class Int8Linear(nn.Module):
 
     def _part(self, i: int, x2: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         p = self._parts[i]
-        xq = self._quant(x2, p.x_inv, p.x_zp, p.x_qmax)
+        xq = self._quant(x2.view(-1).detach(), p.x_inv, p.x_zp, p.x_qmax).view(x2.shape)
         if p.comp is not None and bias is not None:
             bias = self.bias_ext
         y = torch.ops.onednn.qlinear_pointwise(
