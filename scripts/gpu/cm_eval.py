@@ -3,7 +3,7 @@
     python scripts/gpu/cm_eval.py --state /tmp/cm/carry --n 2000 --steps 1,2,4 --out $OUT [--teacher-steps 100]
 
 Samples n images (seeds 0..n-1, diffquant.sampling's cm path, the EMA weights rounded to fp16 as they would be
-bundled) at each step count, and the raw (non-EMA) student at 1 step; fd_cifar of each against the bundled
+bundled) at each step count (and, for a full state, the raw non-EMA student at 1 step); fd_cifar of each against the bundled
 CIFAR-10-JPEG train statistics; optionally the teacher (zoo:cifar10-ddpm, DDIM quad, eta 0) on the same n seeds,
 so that the values compare at equal n (FD from 2k samples is biased upwards against the 10k numbers).
 Writes OUT/cm_eval.json and OUT/cm_grid.png (the first 100 samples at each step count, side by side).
@@ -41,13 +41,13 @@ def main() -> None:
     t0 = time.perf_counter()
     model, sched, doc = cm_unet(args.state, "ema")
     res = quick_eval(model, sched, n=args.n, steps=steps, device=dev)
-    raw, _, _ = cm_unet(args.state, "model")
-    res_raw = quick_eval(raw, sched, n=args.n, steps=(1,), device=dev)
     result = {"state_step": doc["step"], "phase": doc.get("phase"), "images_seen": doc.get("images_seen"),
-              "n": args.n, "seeds": f"0..{args.n - 1}",
-              "fd_cifar_ema": res["fd_cifar"], "fd_cifar_model_1step": res_raw["fd_cifar"]["1"],
+              "n": args.n, "seeds": f"0..{args.n - 1}", "fd_cifar_ema": res["fd_cifar"],
               "sample_seconds": res["seconds"], "history_tail": doc.get("history_tail", [])[-5:],
               "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
+    if doc.get("kind") == "full":  # the raw (non-EMA) student too
+        raw, _, _ = cm_unet(args.state, "model")
+        result["fd_cifar_model_1step"] = quick_eval(raw, sched, n=args.n, steps=(1,), device=dev)["fd_cifar"]["1"]
     if args.teacher_steps:
         from diffquant.evaluation.features import reference_stats
         from diffquant.evaluation.fid import frechet_distance, statistics_from_features

@@ -1,58 +1,87 @@
 #!/bin/bash
-# GPU job (issue 6): one chunk of consistency distillation of zoo:cifar10-cm from zoo:cifar10-ddpm
-# (diffquant.zoo.train_cm), then a quick evaluation. Fits one <=10-minute device call: training stops cleanly at
-# TRAIN_END seconds after the script started, saves, evaluates and packs by ~8 minutes.
+# GPU job (issue 6): consistency distillation of zoo:cifar10-cm from zoo:cifar10-ddpm (diffquant.zoo.train_cm)
+# as a detached trainer that keeps training between calls while the machine stays held (as the DDPM zoo jobs
+# did), plus a quick evaluation of its current EMA weights. One call fits one <=10-minute device command.
 #
-#   carry: .whl .data .gpu_carry            (.gpu_carry/cm/ = the previous chunk's $OUT files; absent = start)
-#   bash scripts/gpu/cm_train.sh                         # 1 GPU
-#   NPROC=2 bash scripts/gpu/cm_train.sh                 # 2 GPUs of one host (torchrun, DDP)
+#   carry: .whl .data            (+ .gpu_carry only for a warm restart on a fresh machine, see below)
+#   bash scripts/gpu/cm_train.sh                  # start (or follow) the trainer until STOP_AT s, evaluate, return
+#   NPROC=2 bash scripts/gpu/cm_train.sh          # the trainer on 2 GPUs (torchrun, DDP); only when it starts
+#   FINISH=1 bash scripts/gpu/cm_train.sh         # last call: follow until STOP_AT, stop the trainer, evaluate
 #
-# Resume order: /tmp/cm/state (same machine still held: exact), else .gpu_carry/cm/cm_state.tar.part-* or
-# .gpu_carry/cm/carry/ (a fresh machine: the carry state), else from the teacher's weights.
-# Env: NPROC (1), TRAIN_END (420 s), BATCH (256, global), INIT_STEPS (1000), LR (2e-4), COMPILE (0),
-#      EVAL_N (2000), TEACHER_EVAL (100: teacher DDIM steps on the same seeds for comparison; 0 = skip), EXTRA.
-# Writes to $OUT: cm_state.tar.part-NN (<=15 MiB each; tar of carry/ + metrics.jsonl + train.log), cm_eval.json,
-# cm_grid.png (1/2/4-step samples). For the next chunk copy all of $OUT's cm_state.tar.part-* into .gpu_carry/cm/.
+# The trainer: /tmp/cm (full fp32 state every 2 min -> exact resume on the same machine if it dies), --max-minutes
+# ${MAX_MINUTES:-28} (a lease lasts <= 30 min), stop file /tmp/cm/STOP. Each call asks it for a fresh carry state
+# (the EMA in fp16: what gets bundled) and returns it.
+# Start order: trainer running -> follow; /tmp/cm/state -> resume exactly; .gpu_carry/cm/cm_state.tar.part-* ->
+# warm restart from that EMA (fresh machine; mind the 64 MiB working-tree limit: repo ~36 MiB + diffusers wheel
+# 6 MiB + 17 MiB of state leave room only for DATA=.data/cifar10-jpeg-test.npz, not the 14.5 MiB train split);
+# else from the teacher's weights.
+# Env: NPROC (1), STOP_AT (470 s after the script started), BATCH (256, global), INIT_STEPS (1000), LR (2e-4),
+#      COMPILE (0), DATA (.data/cifar10-jpeg-train.npz), EVAL_N (2000), TEACHER_EVAL (100: the teacher's DDIM-100
+#      on the same seeds; 0 = skip), EXTRA (more `diffquant train cm` options).
+# Writes to $OUT: cm_state.tar.part-NN (15 MiB parts of a tar of carry/ + metrics.jsonl + the log's tail; about
+# 17 MiB in all), cm_eval.json, cm_grid.png (1/2/4-step samples side by side).
 set -u
 cd "$(dirname "$0")/../.." || exit 1
 source scripts/gpu/_zoo_common.sh
 setup_env
-NPROC=${NPROC:-1}
-TRAIN_END=${TRAIN_END:-420}
 RUN=/tmp/cm
+NPROC=${NPROC:-1}
 mkdir -p $RUN
 
-RESUME=none
-if [ -f $RUN/state/state.json ]; then
-  RESUME=auto
+cm_alive() { [ -f $RUN/pid ] && kill -0 "$(cat $RUN/pid)" 2>/dev/null; }
+
+start_cm() {  # start_cm RESUME
+  rm -f $RUN/STOP $RUN/EXPORT_NOW
+  local ARGS="--data ${DATA:-.data/cifar10-jpeg-train.npz} --run-dir $RUN --carry-dir $RUN/carry --resume $1 \
+    --max-minutes ${MAX_MINUTES:-28} --stop-file $RUN/STOP --batch-size ${BATCH:-256} --init-steps ${INIT_STEPS:-1000} \
+    --lr ${LR:-2e-4} --log-every ${LOG_EVERY:-200} --save-every-minutes 2 --json ${EXTRA:-}"
+  [ "${COMPILE:-0}" = 1 ] && ARGS="$ARGS --compile"
+  if [ "$NPROC" -gt 1 ]; then
+    setsid nohup torchrun --standalone --nproc-per-node $NPROC -m diffquant.zoo.train_cm $ARGS \
+      >> $RUN/train.log 2>&1 < /dev/null &
+  else
+    setsid nohup python3 -m diffquant.zoo.train_cm $ARGS >> $RUN/train.log 2>&1 < /dev/null &
+  fi
+  echo $! > $RUN/pid
+  say "CM trainer started (pid $(cat $RUN/pid), $NPROC process(es), resume=$1)"
+}
+
+if cm_alive; then
+  say "CM trainer running"
+elif [ -f $RUN/state/state.json ]; then
+  start_cm auto
 elif ls .gpu_carry/cm/cm_state.tar.part-* >/dev/null 2>&1; then
   rm -rf /tmp/cm_in && mkdir -p /tmp/cm_in
   cat .gpu_carry/cm/cm_state.tar.part-* | tar xf - -C /tmp/cm_in || exit 1
-  RESUME=/tmp/cm_in/carry
-  cp /tmp/cm_in/metrics.jsonl /tmp/cm_in/train.log $RUN/ 2>/dev/null
-elif [ -f .gpu_carry/cm/carry/state.json ]; then
-  RESUME=.gpu_carry/cm/carry
-fi
-say "resume: $RESUME; $NPROC process(es)"
-
-MAXMIN=$(python3 -c "print(round(max(0.5, ($TRAIN_END - $(elapsed)) / 60), 2))")
-ARGS="--data .data/cifar10-jpeg-train.npz --run-dir $RUN --carry-dir $RUN/carry --resume $RESUME \
-  --max-minutes $MAXMIN --batch-size ${BATCH:-256} --init-steps ${INIT_STEPS:-1000} --lr ${LR:-2e-4} \
-  --log-every ${LOG_EVERY:-200} --save-every-minutes 100 --json ${EXTRA:-}"
-[ "${COMPILE:-0}" = 1 ] && ARGS="$ARGS --compile"
-say "training for up to $MAXMIN min"
-if [ "$NPROC" -gt 1 ]; then
-  torchrun --standalone --nproc-per-node $NPROC -m diffquant.zoo.train_cm $ARGS 2>&1 | tee -a $RUN/train.log | grep -v '^\s*$' | tail -40
+  cp /tmp/cm_in/metrics.jsonl $RUN/ 2>/dev/null
+  start_cm /tmp/cm_in/carry
 else
-  python3 -m diffquant.zoo.train_cm $ARGS 2>&1 | tee -a $RUN/train.log | grep -v '^\s*$' | tail -40
+  say "no CM state: starting from the teacher's weights"
+  start_cm none
 fi
-[ -f $RUN/carry/state.json ] || { say "no carry state written"; exit 1; }
-say "training done"
 
-python3 scripts/gpu/cm_eval.py --state $RUN/carry --n ${EVAL_N:-2000} --steps 1,2,4 \
-  --teacher-steps ${TEACHER_EVAL:-100} --out $OUT 2>&1 | tail -3
-say "evaluation done"
+while [ "$(elapsed)" -lt "${STOP_AT:-470}" ]; do
+  sleep 10
+  cm_alive || { say "CM trainer is not running"; break; }
+done
+grep '"step"' $RUN/train.log | tail -3
 
-tar cf - -C $RUN carry metrics.jsonl train.log | split -b 15m -d - $OUT/cm_state.tar.part-
+if [ "${FINISH:-0}" = 1 ] && cm_alive; then
+  touch $RUN/STOP
+  for i in $(seq 120); do cm_alive || break; sleep 1; done
+  say "trainer stopped"
+elif cm_alive; then  # ask for a fresh carry state (written after the current step)
+  touch $RUN/EXPORT_NOW
+  for i in $(seq 90); do [ -f $RUN/EXPORT_NOW ] || break; sleep 1; done
+fi
+[ -f $RUN/carry/state.json ] || { say "no carry state"; tail -30 $RUN/train.log; exit 1; }
+rm -rf /tmp/cm_ret && mkdir -p /tmp/cm_ret
+cp -r $RUN/carry /tmp/cm_ret/ && cp $RUN/metrics.jsonl /tmp/cm_ret/ 2>/dev/null
+tail -200 $RUN/train.log > /tmp/cm_ret/train.log.tail
+python3 -c "from diffquant.zoo.checkpoint import load_state; print('carry state at step', load_state('/tmp/cm_ret/carry')[1]['step'])" || exit 1
+
+python3 scripts/gpu/cm_eval.py --state /tmp/cm_ret/carry --n ${EVAL_N:-2000} --steps 1,2,4 \
+  --teacher-steps ${TEACHER_EVAL:-100} --out $OUT 2>&1 | tail -2
+tar cf - -C /tmp/cm_ret . | split -b 15m -d - $OUT/cm_state.tar.part-
 ls -la $OUT
-say "done"
+say "done (trainer $(cm_alive && echo still running || echo stopped))"

@@ -43,11 +43,12 @@ SIGTERM and writes
 
 * ``RUN/state/`` — the **full state** (fp32 student, target, EMA, Adam moments): resuming from it continues
   *exactly* as an uninterrupted run;
-* ``carry_dir/`` — the **carry state** for the GPU machine, whose files must come back through a few
-  16 MiB files: fp16 student and EMA, bf16 Adam moments (bf16 keeps fp32's exponent range, so the small
-  second moments do not underflow), no target (it restarts as the student; with mu = 0.95 it lags the student
-  by ~20 steps, so nothing of value is lost). Resuming from it continues the run (same step, schedules and
-  moments) up to that rounding — no warm restart is needed. About 72 MB for the zoo model.
+* ``carry_dir/`` — the **carry state**: the EMA weights in fp16 (what gets bundled; 17.9 MB for the zoo
+  model, two <= 15 MiB shards) — small because everything that leaves the GPU machine, and everything that
+  travels to it, shares a 64 MiB limit with the repository itself. Resuming from it is a **warm restart**:
+  student, target and EMA all start from those weights, Adam starts afresh and the learning rate re-warms
+  over ``rewarm_steps``; the step count (and so the warm-start/CD phase and the schedules) continues.
+  A running trainer writes it on request when ``RUN/EXPORT_NOW`` exists (the file is then removed).
 
 DDP: run under ``torchrun``; the global ``batch_size`` is split over the ranks; rank 0 logs and saves.
 """
@@ -108,6 +109,7 @@ class CMTrainConfig:
     log_every: int = 100
     save_every_minutes: float = 5.0
     carry_dir: Optional[str] = None
+    rewarm_steps: int = 200  # warm restart from a carry state: lr re-warm-up
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -332,10 +334,14 @@ class CMTrainer:
         self.train_seconds = 0.0
         self.history: list[dict] = []
         self.resumes: list[dict] = []
+        self.rewarm_from: Optional[int] = None
 
     # ---------------------------------------------------------------- schedules
     def lr_at(self, step: int) -> float:
-        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+        lr = self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+        if self.rewarm_from is not None:
+            lr *= min(1.0, (step - self.rewarm_from + 1) / max(1, self.cfg.rewarm_steps))
+        return lr
 
     def ema_decay_at(self, step: int) -> float:
         if not self.cfg.ema_warmup:
@@ -453,6 +459,7 @@ class CMTrainer:
             "data": self.data_info,
             "world_size": self.world,
             "resumes": self.resumes,
+            "rewarm_from": self.rewarm_from,
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "torch": torch.__version__,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -460,22 +467,20 @@ class CMTrainer:
         }
 
     def state_tensors(self, kind: str) -> dict[str, torch.Tensor]:
-        """``full``: everything in fp32; ``carry``: fp16 weights/EMA, bf16 Adam moments, no target."""
+        """``full``: student, target, EMA and Adam moments in fp32; ``carry``: the EMA in fp16."""
         if kind not in ("full", "carry"):
             raise ValueError(f"kind must be 'full' or 'carry'; got {kind!r}")
-        wdt = torch.float32 if kind == "full" else torch.float16
         out: dict[str, torch.Tensor] = {}
         for i, (n, p, e) in enumerate(zip(self.names, self.params, self.ema)):
-            out[f"model.{n}"] = p.detach().to("cpu", wdt)
-            out[f"ema.{n}"] = e.detach().to("cpu", wdt)
-            if kind == "full" and self.target is not None:
+            if kind == "carry":
+                out[f"ema.{n}"] = e.detach().to("cpu", torch.float16)
+                continue
+            out[f"model.{n}"] = p.detach().to("cpu", torch.float32)
+            out[f"ema.{n}"] = e.detach().to("cpu", torch.float32)
+            if self.target is not None:
                 out[f"target.{n}"] = self.target_params[i].detach().to("cpu", torch.float32)
-            st = self.opt.state.get(p)
-            for k, v in (st or {}).items():
-                v = torch.as_tensor(v).detach().to("cpu")
-                if kind == "carry" and k in ("exp_avg", "exp_avg_sq"):
-                    v = v.to(torch.bfloat16)
-                out[f"opt.{i}.{k}"] = v
+            for k, v in (self.opt.state.get(p) or {}).items():
+                out[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().to("cpu")
         return out
 
     def save(self, folder: str | Path, kind: str = "full") -> Optional[Path]:
@@ -499,27 +504,40 @@ class CMTrainer:
             raise ValueError(f"{folder}: the state's UNet config differs from this run's")
         if json.dumps(doc["scheduler_config"], sort_keys=True) != json.dumps(_jsonable(dict(self.scheduler.config)), sort_keys=True):
             raise ValueError(f"{folder}: the state's scheduler config (sigma grid) differs from this run's")
+        recipe_keys = ("teacher", "solver", "loss", "huber_c", "init", "init_steps", "batch_size", "lr", "warmup_steps",
+                       "target_decay", "ema_decay", "seed")
+        was = doc.get("config", {})
+        changed = {k: (was.get(k), getattr(self.cfg, k)) for k in recipe_keys if k in was and was[k] != getattr(self.cfg, k)}
+        if changed and self.rank == 0:
+            log.warning("%s: resuming with a changed recipe (state -> now): %s", folder, changed)
+        missing = [n for n in self.names if f"ema.{n}" not in tensors or (kind == "full" and f"model.{n}" not in tensors)]
+        if missing:
+            raise ValueError(f"{folder}: the state lacks weights for {missing[:3]}")
         with torch.no_grad():
             for i, (n, p, e) in enumerate(zip(self.names, self.params, self.ema)):
-                p.copy_(tensors[f"model.{n}"].to(p.device, p.dtype))
-                e.copy_(tensors[f"ema.{n}"].to(e.device, e.dtype))
+                ema = tensors[f"ema.{n}"]
+                e.copy_(ema.to(e.device, e.dtype))
+                # carry (warm restart): student and target restart from the EMA weights
+                p.copy_(tensors.get(f"model.{n}", ema).to(p.device, p.dtype))
                 if self.target is not None:
-                    src = tensors.get(f"target.{n}", tensors[f"model.{n}"])  # carry: the target restarts as the student
-                    self.target_params[i].copy_(src.to(p.device, p.dtype))
-        state = {}
-        for i, p in enumerate(self.params):
-            st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
-            if st:
-                state[i] = {k: (v.to(torch.float32) if v.dtype in (torch.bfloat16, torch.float16) else v)
-                            for k, v in st.items()}
-        if state:
-            self.opt.load_state_dict({"state": state, "param_groups": self.opt.state_dict()["param_groups"]})
+                    self.target_params[i].copy_(tensors.get(f"target.{n}", ema).to(p.device, p.dtype))
         self.step = int(doc["step"])
         self.train_seconds = float(doc.get("train_seconds", 0.0))
         self.history = list(doc.get("history_tail", []))
+        self.rewarm_from = doc.get("rewarm_from")
+        if kind == "full":
+            state = {}
+            for i in range(len(self.params)):
+                st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+                if st:
+                    state[i] = st
+            self.opt.load_state_dict({"state": state, "param_groups": self.opt.state_dict()["param_groups"]})
+        else:  # fresh Adam moments, learning rate re-warmed from here
+            self.rewarm_from = self.step
         self.resumes = list(doc.get("resumes", [])) + [{"step": self.step, "kind": kind, "world_size": self.world}]
         if self.rank == 0:
-            log.info("resumed from the %s state %s at step %d", kind, folder, self.step)
+            log.info("resumed from the %s state %s at step %d%s", kind, folder, self.step,
+                     "" if kind == "full" else f" (warm restart: lr re-warms over {self.cfg.rewarm_steps} steps)")
         return kind
 
     # ---------------------------------------------------------------- loop
@@ -570,6 +588,9 @@ class CMTrainer:
                 else:
                     acc += self.train_step()
                 n_acc += 1
+                if cfg.carry_dir and self.rank == 0 and (self.run_dir / "EXPORT_NOW").exists():
+                    self.save(cfg.carry_dir, "carry")  # asked for by a watcher: write, then clear the request
+                    os.remove(self.run_dir / "EXPORT_NOW")
                 if self.step == cfg.init_steps and cfg.init_steps and self.rank == 0:
                     log.info("denoiser warm start done at step %d; consistency distillation begins", self.step)
                 if self.step % cfg.log_every == 0:
