@@ -110,15 +110,17 @@ def ddpm(data, run_dir, unet, batch_size, lr, warmup_steps, dropout, ema_decay, 
 @click.option("--until-step", type=int, default=None, help="Stop (and save) at this step.")
 @click.option("--stop-file", type=click.Path(), default=None, help="Stop (and save) once this file exists.")
 @click.option("--resume", default="auto", show_default=True,
-              help="'auto' (RUN/state if present), 'none', or a state folder (full: exact; carry: fp16/bf16 rounded).")
+              help="'auto' (RUN/state if present), 'none', or a state folder (full: exact; carry: warm restart).")
 @click.option("--carry-dir", type=click.Path(file_okay=False), default=None,
-              help="Also write the carry state (fp16 weights, bf16 moments, <=15 MiB shards) here when stopping.")
+              help="Also write the carry state (the EMA in fp16, <=15 MiB shards) here when stopping or when "
+                   "RUN/EXPORT_NOW exists.")
+@click.option("--rewarm-steps", default=200, show_default=True, help="Warm restart from a carry state: lr re-warm-up steps.")
 @click.option("--save-every-minutes", type=float, default=5.0, show_default=True)
 @click.option("--log-every", default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def cm(data, run_dir, teacher, num_scales, solver, loss, init, init_steps, batch_size, lr, warmup_steps, target_decay,
        ema_decay, dropout, seed, amp, teacher_amp, compile, device, max_minutes, until_step, stop_file, resume, carry_dir,
-       save_every_minutes, log_every, as_json) -> None:
+       rewarm_steps, save_every_minutes, log_every, as_json) -> None:
     """Consistency distillation of a VP teacher (the zoo:cifar10-cm recipe) in resumable chunks; torchrun for DDP."""
     from diffquant.zoo.train_cm import CMTrainConfig, init_distributed, train_cm
 
@@ -133,7 +135,7 @@ def cm(data, run_dir, teacher, num_scales, solver, loss, init, init_steps, batch
             init=init, init_steps=init_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
             target_decay=target_decay, ema_decay=ema_decay, dropout=dropout, seed=seed, amp=amp,
             teacher_amp=teacher_amp, compile=compile, device=device, log_every=log_every,
-            save_every_minutes=save_every_minutes, carry_dir=carry_dir)
+            save_every_minutes=save_every_minutes, carry_dir=carry_dir, rewarm_steps=rewarm_steps)
         out = train_cm(cfg, resume=None if resume == "none" else resume, max_minutes=max_minutes,
                        until_step=until_step, stop_file=stop_file)
     except ValueError as e:
