@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffquant.convert import config_for_backend, convert, weight_bytes
 from diffquant.kernels import qconv, qconv_ref, triton_available
 from diffquant.kernels.modules import LowBitLayer
-from diffquant.kernels.reference import pack_w4, unpack_w4
+from diffquant.kernels.reference import pack_w4, pad_correction, unpack_w4
 from diffquant.models.adapter import call_model, example_inputs
 from diffquant.models.configs import build_unet
 from diffquant.quantize import calibrate, quantize
@@ -58,13 +58,17 @@ def _rand_case(kind, n=2, cin=40, cout=24, h=7, w=6, k=3, wzp=False, a_zp=0, dev
     corr = torch.randint(-1000, 1000, (cout,), generator=g, dtype=torch.int32).to(device) if a_int else None
     wz = torch.randint(-5, 5, (cout,), generator=g, dtype=torch.int32).to(device) if wzp else None
     bias = torch.randn(cout, generator=g).to(device)
+    a_zp = a_zp if a_int else 0
+    # int8 weights, no weight zero point: the kernel's zero-filled padding + epilogue fix-up path
+    pc = pad_correction(wt, a_zp).to(device) if kind == "int8" and not wzp and a_zp else None
     return dict(x=x, w=wt.to(device), w_scale=ws, a_scale=asc, corr=corr, wzp=wz, bias=bias, add=None,
-                a_zp=a_zp if a_int else 0, w4=kind in ("w4a8", "w4a16"))
+                a_zp=a_zp, w4=kind in ("w4a8", "w4a16"), pad_corr=pc)
 
 
 def _call(fn, c, stride=1, pad=1, dil=1, out_dtype=torch.float32):
+    extra = (c["pad_corr"],) if c.get("pad_corr") is not None else ()
     return fn(c["x"], c["w"], c["w_scale"], c["a_scale"], c["corr"], c["wzp"], c["bias"], c["add"], c["a_zp"],
-              [stride, stride], [pad, pad], [dil, dil], c["w4"], out_dtype)
+              [stride, stride], [pad, pad], [dil, dil], c["w4"], out_dtype, *extra)
 
 
 def _definition(c, stride, pad, dil):
@@ -120,10 +124,57 @@ def test_reference_linear_and_add():
     torch.testing.assert_close(got, _call(qconv_ref, c2, 1, 0) + c["add"], rtol=1e-6, atol=1e-6)
 
 
+def test_pad_correction_is_the_padding_share():
+    """The kernel's padding scheme: zero-filled padding plus a_zp * (per-tap weight sum) for each padded
+    tap of an output pixel equals the reference, whose padding holds a_zp."""
+    c = _rand_case("int8", cin=12, cout=5, h=5, w=4, a_zp=-9)
+    c["corr"] = None
+    ref = _call(qconv_ref, c, 1, 1, 1, torch.float64)
+    pc = pad_correction(c["w"], c["a_zp"]).double()  # [Cout, 9]
+    zero = _call(qconv_ref, dict(c, a_zp=0), 1, 1, 1, torch.float64)
+    inside = torch.zeros(1, 1, 7, 6, dtype=torch.float64)
+    inside[..., 1:-1, 1:-1] = 1
+    fix = torch.zeros_like(ref)
+    for t in range(9):
+        kh, kw = divmod(t, 3)
+        outside = 1 - inside[..., kh:kh + 5, kw:kw + 4]  # [1, 1, Ho, Wo]: tap t reads padding
+        fix += outside * pc[:, t].view(1, -1, 1, 1)
+    scale = (c["w_scale"].double() * c["a_scale"].double()).view(1, -1, 1, 1)
+    torch.testing.assert_close(zero + fix * scale, ref, rtol=1e-12, atol=1e-9)
+
+
+def test_scaled_mm_operand_layouts(monkeypatch):
+    """FP8 1x1 / linear layers through torch._scaled_mm hand cuBLASLt a row-major first and a
+    column-major second operand, whatever the input's strides (a transposed attention input
+    included); checked with a stand-in that applies cuBLASLt's layout rule."""
+    def layout(t):
+        (m, n), (s0, s1) = t.shape, t.stride()
+        return "col" if s0 == 1 and s1 >= max(1, m) else "row" if s1 == 1 and s0 >= max(1, n) else "bad"
+
+    calls = []
+
+    def fake(a, b, scale_a, scale_b, bias=None, out_dtype=None, **kw):
+        calls.append((layout(a), layout(b)))
+        y = (a.float() * scale_a) @ (b.float() * scale_b)
+        return (y if bias is None else y + bias.float()).to(out_dtype)
+
+    monkeypatch.setattr(torch, "_scaled_mm", fake)
+    model, q, inputs = _calibrated("fp8")
+    cm = convert(q, "fp8", attention="float")
+    for m in cm.modules():
+        if isinstance(m, LowBitLayer) and len(m.parts) == 1 and m.kernel_size == (1, 1):
+            m.fp8_gemm = "scaled_mm"
+    with torch.no_grad():
+        out, ref = call_model(cm, *inputs), call_model(q, *inputs)
+    assert calls and all(c == ("row", "col") for c in calls), set(calls)
+    assert float((out - ref).norm() / ref.norm()) < 0.1
+
+
 def test_custom_op_opcheck():
     c = _rand_case("int8", cin=8, cout=8, h=4, w=4, a_zp=3)
     args = (c["x"], c["w"], c["w_scale"], c["a_scale"], c["corr"], c["wzp"], c["bias"], c["add"], c["a_zp"],
-            [1, 1], [1, 1], [1, 1], False, torch.float32)
+            [1, 1], [1, 1], [1, 1], False, torch.float32, c["pad_corr"])
+    assert c["pad_corr"] is not None
     torch.library.opcheck(torch.ops.diffquant.qconv.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from diffquant.kernels import ops
-from diffquant.kernels.reference import fp8_dynamic_scale, quantize_act_fp8, quantize_act_int8
+from diffquant.kernels.reference import fp8_dynamic_scale, pad_correction, quantize_act_fp8, quantize_act_int8
 
 BACKENDS = ("int8", "fp8", "w4a8", "w4a16")
 
@@ -49,6 +49,9 @@ class _Part(_KeepStorage, nn.Module):
         self.register_buffer("a_scale", None if a_scale is None else a_scale.float().reshape(1))
         self.register_buffer("corr", None if corr is None else corr.to(torch.int32))
         self.register_buffer("wzp", None if wzp is None else wzp.to(torch.int32))
+        # int8 weights with an activation zero point: per-tap weight sums for the kernel's padding fix-up
+        use_pc = self.a_zp != 0 and not w4 and wzp is None and w.dtype == torch.int8
+        self.register_buffer("pad_corr", pad_correction(w, self.a_zp) if use_pc else None)
 
 
 class LowBitLayer(_KeepStorage, nn.Module):
@@ -120,7 +123,8 @@ class LowBitLayer(_KeepStorage, nn.Module):
                 xs = xq if len(self.parts) == 1 else xq[:, p.lo:p.hi]
                 a_scale = dyn_scale if dyn_scale is not None else p.a_scale
                 y = ops.qconv(xs, p.w, p.w_scale, a_scale, p.corr, p.wzp, self.bias if i == 0 else None, y,
-                              p.a_zp, list(self.stride), list(self.padding), list(self.dilation), p.w4, out_dtype)
+                              p.a_zp, list(self.stride), list(self.padding), list(self.dilation), p.w4, out_dtype,
+                              p.pad_corr)
         if self.kind == "linear":
             return y.reshape(*lead, self.out_channels)
         return y
@@ -128,16 +132,31 @@ class LowBitLayer(_KeepStorage, nn.Module):
     def _scaled_mm(self, xq: torch.Tensor, dyn_scale: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
         p = self.parts[0]
         nb, c, h, w = xq.shape
-        a2 = xq.permute(0, 2, 3, 1).reshape(-1, c)
+        a2 = _row_major(xq.permute(0, 2, 3, 1).reshape(-1, c))
         m = a2.shape[0]
         s_a = (dyn_scale if dyn_scale is not None else p.a_scale).reshape(1, 1).expand(m, 1).contiguous()
-        w2 = p.w.reshape(self.out_channels, c)
-        y = torch._scaled_mm(a2, w2.t(), scale_a=s_a, scale_b=p.w_scale.reshape(1, -1),
-                             bias=None, out_dtype=torch.bfloat16)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        # p.w is [Cout, 1, 1, Cin] contiguous: as [Cout, Cin] row-major, its .t() is the column-major
+        # second operand cuBLASLt wants (no copy)
+        w2 = p.w.view(self.out_channels, c)
+        fuse_bias = self.bias is not None and out_dtype == torch.bfloat16
+        y = torch._scaled_mm(a2, w2.t(), scale_a=s_a, scale_b=p.w_scale.view(1, -1),
+                             bias=self.bias.to(torch.bfloat16) if fuse_bias else None, out_dtype=torch.bfloat16)
         y = y.to(out_dtype)
+        if self.bias is not None and not fuse_bias:
+            y = y + self.bias.to(out_dtype)
         return y.reshape(nb, h, w, self.out_channels).permute(0, 3, 1, 2)
+
+
+def _row_major(a: torch.Tensor) -> torch.Tensor:
+    """``a`` (2-D) with strides ``(K, 1)``, as cuBLASLt's row-major first operand. A contiguous
+    tensor can still carry odd strides on a size-1 dimension (a 1-row view has stride (1, 1), which
+    cuBLASLt reads as column-major): those are restrided in place, anything else is copied."""
+    k = a.shape[1]
+    if a.stride() == (k, 1):
+        return a
+    if a.is_contiguous():
+        return a.as_strided(a.shape, (k, 1))
+    return a.contiguous()
 
 
 def scaled_mm_works(device: torch.device) -> bool:

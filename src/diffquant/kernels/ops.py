@@ -55,23 +55,28 @@ def qconv(
     dilation: list[int],
     w4: bool,
     out_dtype: torch.dtype,
+    pad_corr: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Quantized conv/linear (implicit GEMM) with fused dequantization: see :mod:`.reference`.
 
     x: [N, Cin, H, W] int8 / float8_e4m3fn / bf16 (any strides; channels-last is the fast layout);
     w: [Cout, KH, KW, Cin] int8 / float8_e4m3fn, or uint8 [Cout, KH, KW, Cin/2] with ``w4``;
     returns [N, Cout, Ho, Wo] of ``out_dtype`` in channels-last layout.
+    ``pad_corr``: optional int32 [Cout, KH*KW], ``a_zp * sum_c w[n, tap, c]`` (see
+    :func:`.reference.pad_correction`), a derived quantity that lets the kernel zero-fill padding and
+    add the zero point's share in its epilogue; it does not change the result.
     """
     args = (x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, stride, padding, dilation, w4, out_dtype)
     if _use_triton(x):
         from diffquant.kernels.triton_conv import qconv_triton
 
-        return qconv_triton(*args)
+        return qconv_triton(*args, pad_corr=pad_corr)
     return qconv_reference(*args)
 
 
 @qconv.register_fake
-def _qconv_fake(x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, stride, padding, dilation, w4, out_dtype):
+def _qconv_fake(x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, stride, padding, dilation, w4, out_dtype,
+                pad_corr=None):
     cout, kh, kw, _ = w.shape
     ho, wo = conv_out_hw(x.shape[2], x.shape[3], kh, kw, stride, padding, dilation)
     return out_like(x, cout, ho, wo, out_dtype)

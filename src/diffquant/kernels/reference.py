@@ -60,6 +60,13 @@ def weight_values(w: torch.Tensor, w4: bool) -> torch.Tensor:
     return unpack_w4(w) if w4 else w
 
 
+def pad_correction(w: torch.Tensor, a_zp: int, w4: bool = False) -> torch.Tensor:
+    """int32 [Cout, KH*KW]: ``a_zp * sum_c v_w[n, kh, kw, c]``, what one padded tap adds to an output
+    channel's integer accumulator (the kernel's epilogue form of "padding holds a_zp")."""
+    v = weight_values(w, w4).to(torch.int64)
+    return (int(a_zp) * v.sum(dim=-1).reshape(v.shape[0], -1)).to(torch.int32).contiguous()
+
+
 def out_like(x: torch.Tensor, cout: int, ho: int, wo: int, dtype: torch.dtype) -> torch.Tensor:
     """Uninitialised output [N, Cout, Ho, Wo] in channels-last layout (what the kernels write)."""
     return torch.empty((x.shape[0], ho, wo, cout), dtype=dtype, device=x.device).permute(0, 3, 1, 2)
@@ -87,8 +94,10 @@ def qconv_reference(
     dilation: Sequence[int],
     w4: bool,
     out_dtype: torch.dtype,
+    pad_corr: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The op's definition, in float64 (exact for the integer products at any UNet size)."""
+    """The op's definition, in float64 (exact for the integer products at any UNet size).
+    ``pad_corr`` (derived from ``w`` and ``a_zp``, a kernel-side shortcut) does not enter it."""
     wv = weight_values(w, w4).to(torch.float64).permute(0, 3, 1, 2)  # [Cout, Cin, KH, KW]
     xv = x.to(torch.float64)
     if x.shape[1] != wv.shape[1]:

@@ -21,9 +21,14 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["a_zp"])
+# Integer arguments equal to 1 or divisible by 16 are specialised by Triton (one compilation per
+# pattern). Sizes that only bound loops or masks are left out of that, so a UNet's few dozen layer
+# shapes share a handful of compilations; the strides and CK/Cout stay specialised (they decide
+# whether loads and stores vectorise).
+@triton.jit(do_not_specialize=["a_zp", "M", "H", "W", "Ho", "Wo", "NCB", "NITER", "conv_sh", "conv_sw", "pad_h",
+                               "pad_w", "dil_h", "dil_w"])
 def _qconv_kernel(
-    x_ptr, w_ptr, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, wzp_ptr, bias_ptr, add_ptr,
+    x_ptr, w_ptr, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, wzp_ptr, bias_ptr, add_ptr, padc_ptr,
     a_zp,
     M, H, W, Ho, Wo, Cout, CK, NCB, NITER,
     sxn, sxh, sxw, sxc,
@@ -32,7 +37,7 @@ def _qconv_kernel(
     swn,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
-    A_INT: tl.constexpr, A_FP8: tl.constexpr, W4: tl.constexpr, HAS_AZP: tl.constexpr, HAS_ASCALE: tl.constexpr,
+    A_INT: tl.constexpr, W4: tl.constexpr, HAS_AZP: tl.constexpr, PAD_FIX: tl.constexpr, HAS_ASCALE: tl.constexpr,
     HAS_WZP: tl.constexpr, HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -80,9 +85,9 @@ def _qconv_kernel(
         k_ok = kk < CK
         a_ptrs = x_row[:, None] + (ih.to(tl.int64) * sxh + iw * sxw)[:, None] + kk[None, :] * sxc
         a_mask = sp_ok[:, None] & k_ok[None, :]
+        # zero fill (padding, K tail): an async copy straight into shared memory; with PAD_FIX the
+        # padding's zero point is added back in the epilogue instead of per element here
         a = tl.load(a_ptrs, mask=a_mask, other=0)
-        if A_FP8:  # FP8 travels as its bytes (0x00 = 0.0), bitcast after the masked load
-            a = a.to(tl.float8e4nv, bitcast=True)
         if HAS_AZP:
             pad = (~sp_ok)[:, None] & k_ok[None, :]
             a = tl.where(pad, a_zp.to(tl.int8), a)
@@ -102,8 +107,6 @@ def _qconv_kernel(
             if HAS_WZP:
                 rs += tl.sum(a.to(rs.dtype), axis=1) + tl.sum(a2.to(rs.dtype), axis=1)
         else:
-            if A_FP8:
-                b = b.to(tl.float8e4nv, bitcast=True)
             acc = tl.dot(a, b, acc, out_dtype=acc.dtype)
             if HAS_WZP:
                 rs += tl.sum(a.to(rs.dtype), axis=1)
@@ -111,6 +114,15 @@ def _qconv_kernel(
     if HAS_WZP:
         wz = tl.load(wzp_ptr + offs_n, mask=n_ok, other=0).to(acc.dtype)
         acc = acc - rs[:, None] * wz[None, :]
+    if PAD_FIX:
+        # padded taps of each output pixel read zeros above; the true input there is a_zp:
+        # add a_zp * sum_c w[n, tap, c] (precomputed per tap: padc[n, tap]) for each such tap
+        for t in tl.static_range(KH * KW):
+            ih = ih0 + (t // KW) * dil_h
+            iw = iw0 + (t % KW) * dil_w
+            outside = (ih < 0) | (ih >= H) | (iw < 0) | (iw >= W)
+            pc = tl.load(padc_ptr + offs_n * (KH * KW) + t, mask=n_ok, other=0)
+            acc += tl.where(outside[:, None], pc[None, :], 0)
     if HAS_CORR:
         corr = tl.load(corr_ptr + offs_n, mask=n_ok, other=0).to(acc.dtype)
         acc = acc + corr[None, :]
@@ -180,6 +192,7 @@ def qconv_triton(
     dilation: Sequence[int],
     w4: bool,
     out_dtype: torch.dtype,
+    pad_corr: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     from diffquant.kernels.reference import conv_out_hw, out_like
 
@@ -197,11 +210,11 @@ def qconv_triton(
     bk = cfg["BLOCK_K"]
     ncb = triton.cdiv(ck, bk)
     dummy = w_scale
-    a_fp8 = x.dtype == torch.float8_e4m3fn
-    if a_fp8:
-        if w.dtype != torch.float8_e4m3fn:
-            raise ValueError(f"FP8 activations need FP8 weights; got {w.dtype}")
-        x, w = x.view(torch.uint8), w.view(torch.uint8)
+    if x.dtype == torch.float8_e4m3fn and w.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"FP8 activations need FP8 weights; got {w.dtype}")
+    # the activation zero point matters only where a conv tap reads padding
+    padded = a_int and a_zp != 0 and bool(padding[0] or padding[1])
+    pad_fix = padded and pad_corr is not None and not w4 and wzp is None
     sa = add.stride() if add is not None else (0, 0, 0, 0)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(cout, cfg["BLOCK_N"]),)
     _qconv_kernel[grid](
@@ -209,6 +222,7 @@ def qconv_triton(
         a_scale if a_scale is not None else dummy, w_scale,
         corr if corr is not None else dummy, wzp if wzp is not None else dummy,
         bias if bias is not None else dummy, add if add is not None else out,
+        pad_corr if pad_fix else dummy,
         int(a_zp),
         M, h, wd, ho, wo, cout, ck, ncb, kh * kw * ncb,
         x.stride(0), x.stride(2), x.stride(3), x.stride(1),
@@ -216,7 +230,7 @@ def qconv_triton(
         sa[0], sa[2], sa[3], sa[1],
         w.stride(0),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        KH=kh, KW=kw, A_INT=a_int, A_FP8=a_fp8, W4=w4, HAS_AZP=bool(a_int and a_zp != 0), HAS_ASCALE=a_scale is not None,
+        KH=kh, KW=kw, A_INT=a_int, W4=w4, HAS_AZP=padded and not pad_fix, PAD_FIX=pad_fix, HAS_ASCALE=a_scale is not None,
         HAS_WZP=wzp is not None, HAS_CORR=corr is not None, HAS_BIAS=bias is not None, HAS_ADD=add is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, GROUP_M=8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
