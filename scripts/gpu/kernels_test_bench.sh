@@ -9,7 +9,7 @@ source scripts/gpu/_zoo_common.sh
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 TOTAL_S=${TOTAL_S:-360}
-setup_env 2>&1 | tee "$OUT/env.txt"
+setup_env > "$OUT/env.txt" 2>&1
 if ls .whl/torchao-gpu/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_ao .whl/torchao-gpu/*.whl \
     && export PYTHONPATH=/tmp/site_ao:$PYTHONPATH

@@ -234,6 +234,8 @@ class _StepLoop:
         self.idx = self.idx_all[0].clone()
         self.graphs = (graphs and self.device.type == "cuda" and data.target.device.type == "cuda"
                        and iters > self.WARMUP + 1)
+        # the same (capturable) optimiser arithmetic on CUDA with and without graphs
+        self.capturable = self.device.type == "cuda"
         self.first: Optional[torch.Tensor] = None
         self.last: Optional[torch.Tensor] = None
 
@@ -298,7 +300,7 @@ def _reconstruct_weights(unit: Unit, data, rc: ReconConfig, gen: torch.Generator
 
     loop = _StepLoop(data, rc, rc.weight_iters, gen, device, rc.cuda_graphs)
     alphas = [wq.start_adaround(wslice(wq)) for wq in wqs]
-    opt = torch.optim.Adam(alphas, lr=rc.weight_lr, capturable=loop.graphs)
+    opt = torch.optim.Adam(alphas, lr=rc.weight_lr, capturable=loop.capturable)
     sched = BetaSchedule(rc.weight_iters, rc.warmup, rc.beta_start, rc.beta_end)
     lam = torch.zeros((), device=device)  # regulariser weight: 0 during the warm-up
     beta = torch.full((), rc.beta_start, device=device)
@@ -315,7 +317,7 @@ def _reconstruct_weights(unit: Unit, data, rc: ReconConfig, gen: torch.Generator
         opt.zero_grad(set_to_none=not loop.graphs)
         loss.backward()
         opt.step()
-        return rec
+        return rec.detach()  # nothing may keep this step's autograd graph alive
 
     with torch.enable_grad():
         info = loop.run(body, before_step, f"AdaRound {unit.name}", progress)
@@ -341,12 +343,12 @@ def _reconstruct_acts(unit: Unit, data, rc: ReconConfig, gen: torch.Generator, d
         return {}
     loop = _StepLoop(data, rc, rc.act_iters, gen, device, rc.cuda_graphs)
     params = [q.make_scale_learnable() for q in aqs]
-    lr: Any = torch.full((), rc.act_lr, device=device) if loop.graphs else rc.act_lr
-    opt = torch.optim.Adam(params, lr=lr, capturable=loop.graphs)
+    lr: Any = torch.full((), rc.act_lr, device=device) if loop.capturable else rc.act_lr
+    opt = torch.optim.Adam(params, lr=lr, capturable=loop.capturable)
 
     def before_step(it: int) -> None:
         value = _cosine_lr(rc.act_lr, it, rc.act_iters)
-        if loop.graphs:
+        if loop.capturable:
             lr.fill_(value)
         else:
             opt.param_groups[0]["lr"] = value
@@ -360,7 +362,7 @@ def _reconstruct_acts(unit: Unit, data, rc: ReconConfig, gen: torch.Generator, d
         with torch.no_grad():
             for p in params:
                 p.clamp_(min=1e-8)
-        return loss
+        return loss.detach()
 
     try:
         with torch.enable_grad():
