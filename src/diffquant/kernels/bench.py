@@ -173,15 +173,16 @@ class Task:
 
 
 def run_tasks(tasks: list[Task], budget_s: float = 1e9, reps: int = 30, out_path: Optional[str] = None,
-              layer_types: bool = True, progress: Callable[[str], None] = print) -> dict:
-    """Run the tasks in order (grouped by model: the fp32 base is built once per model), stopping
-    new tasks once ``budget_s`` has passed. Writes the result dict to ``out_path`` after every row."""
+              layer_types: bool = True, progress: Callable[[str], None] = print, profile: bool = True) -> dict:
+    """Run the tasks in the given order, starting no new task once ``budget_s`` has passed. Writes the
+    result dict to ``out_path`` after every row. ``profile``: GPU time per kernel class of one call
+    (``kernel_breakdown``)."""
     from diffquant.models.adapter import call_model
 
     t0 = time.time()
     dev = torch.device("cuda")
     result: dict = {"device": _device_name(), "torch": torch.__version__, "rows": [], "per_layer_type": [],
-                    "skipped": [], "notes": []}
+                    "kernel_breakdown": [], "skipped": [], "notes": []}
     try:
         import torchao  # noqa: F401
 
@@ -195,77 +196,85 @@ def run_tasks(tasks: list[Task], budget_s: float = 1e9, reps: int = 30, out_path
             with open(out_path, "w") as f:
                 json.dump(result, f, indent=1)
 
-    by_model: dict = {}
+    # tasks run in the given order (the caller puts the important rows first); the fp32 base of each
+    # model is built once and kept (the SD-1.5-sized UNet is 3.4 GB in fp32)
+    bases: dict = {}
+    compiled_refs: dict = {}
     for tk in tasks:
-        by_model.setdefault(tk.model, []).append(tk)
-    for model_name, mtasks in by_model.items():
         if time.time() - t0 > budget_s:
-            result["skipped"] += [vars(t) | {"why": "budget"} for t in mtasks]
+            result["skipped"].append(vars(tk) | {"why": "budget"})
             continue
-        base = build_model(model_name).to(dev)
-        n_params = sum(p.numel() for p in base.parameters())
-        calib = inputs_for(base, 1, dev, torch.float32)
-        compiled_ref: dict = {}
-        for tk in mtasks:
-            if time.time() - t0 > budget_s:
-                result["skipped"].append(vars(tk) | {"why": "budget"})
-                continue
-            if tk.variant.startswith("torchao-") and result["torchao"] is None:
-                result["skipped"].append(vars(tk) | {"why": "torchao missing"})
-                continue
-            ts = time.time()
-            row = {"model": model_name, "params_M": round(n_params / 1e6, 1), "batch": tk.batch, "variant": tk.variant}
-            try:
-                m = make_variant(base, tk.variant, calib)
-                row["weight_bytes"] = weight_bytes(m)
-                rep = getattr(m, "_diffquant_convert_report", None)
-                if rep is not None:
-                    row["converted_layers"] = len(rep.converted)
-                    row["kept_layers"] = len(rep.kept)
-                x, t, c = inputs_for(base, tk.batch, dev, torch.bfloat16)
-                do_compile = tk.compile and tk.variant != "bf16-eager"
-                fn_model = torch.compile(m) if do_compile else m
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-                tc = time.time()
-                with torch.no_grad():
-                    call_model(fn_model, x, t, c)
-                torch.cuda.synchronize()
-                row["first_call_s"] = round(time.time() - tc, 1)
-                ms, graphed = time_call(lambda: call_model(fn_model, x, t, c), reps=reps)
-                row.update(ms=round(ms, 4), compiled=do_compile, cuda_graph=graphed,
-                           act_peak_mb=round((torch.cuda.max_memory_allocated() - before) / 2**20, 1))
-                if tk.variant == "bf16-compile":
-                    compiled_ref[tk.batch] = ms
-                if tk.batch in compiled_ref:
-                    row["speedup_vs_bf16_compiled"] = round(compiled_ref[tk.batch] / ms, 3)
-                if layer_types and (tk.variant == "bf16-eager" or tk.variant.startswith("dq-")):
-                    try:
-                        result["per_layer_type"] += per_layer_type(m, model_name, tk.batch, tk.variant,
-                                                                   x, t, c, reps=max(10, reps // 2))
-                    except Exception as e:
-                        result["notes"].append(f"per-layer timing {model_name} b{tk.batch} {tk.variant} failed: {e!r}"[:400])
-                del fn_model, m
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {e}"[:600]
-                log.exception("task %s failed", tk)
-            row["device"] = result["device"]
-            row["task_s"] = round(time.time() - ts, 1)
-            result["rows"].append(row)
-            progress(json.dumps(row))
-            save()
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch._dynamo.reset()
-        # speedups for rows timed before their bf16-compile reference
-        for row in result["rows"]:
-            if row["model"] == model_name and "ms" in row and row["batch"] in compiled_ref:
-                row["speedup_vs_bf16_compiled"] = round(compiled_ref[row["batch"]] / row["ms"], 3)
-        del base
+        if tk.variant.startswith("torchao-") and result["torchao"] is None:
+            result["skipped"].append(vars(tk) | {"why": "torchao missing"})
+            continue
+        model_name = tk.model
+        if model_name not in bases:
+            base = build_model(model_name).to(dev)
+            bases[model_name] = (base, sum(p.numel() for p in base.parameters()), inputs_for(base, 1, dev, torch.float32))
+        base, n_params, calib = bases[model_name]
+        compiled_ref = compiled_refs.setdefault(model_name, {})
+        ts = time.time()
+        row = {"model": model_name, "params_M": round(n_params / 1e6, 1), "batch": tk.batch, "variant": tk.variant}
+        try:
+            m = make_variant(base, tk.variant, calib)
+            row["weight_bytes"] = weight_bytes(m)
+            rep = getattr(m, "_diffquant_convert_report", None)
+            if rep is not None:
+                row["converted_layers"] = len(rep.converted)
+                row["kept_layers"] = len(rep.kept)
+            x, t, c = inputs_for(base, tk.batch, dev, torch.bfloat16)
+            do_compile = tk.compile and tk.variant != "bf16-eager"
+            fn_model = torch.compile(m) if do_compile else m
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            tc = time.time()
+            with torch.no_grad():
+                call_model(fn_model, x, t, c)
+            torch.cuda.synchronize()
+            row["first_call_s"] = round(time.time() - tc, 1)
+            ms, graphed = time_call(lambda: call_model(fn_model, x, t, c), reps=reps)
+            row.update(ms=round(ms, 4), compiled=do_compile, cuda_graph=graphed,
+                       act_peak_mb=round((torch.cuda.max_memory_allocated() - before) / 2**20, 1))
+            if tk.variant == "bf16-compile":
+                compiled_ref[tk.batch] = ms
+            if tk.batch in compiled_ref:
+                row["speedup_vs_bf16_compiled"] = round(compiled_ref[tk.batch] / ms, 3)
+            if profile:
+                try:
+                    result["kernel_breakdown"].append(
+                        {"model": model_name, "batch": tk.batch, "variant": tk.variant}
+                        | kernel_breakdown(lambda: call_model(fn_model, x, t, c)))
+                except Exception as e:
+                    result["notes"].append(f"kernel breakdown {model_name} b{tk.batch} {tk.variant} failed: {e!r}"[:400])
+            # per layer: the uncompiled layers (cuDNN / cuBLAS for bf16, the diffquant op for dq-*)
+            if layer_types and (tk.variant in ("bf16-eager", "bf16-compile") or tk.variant.startswith("dq-")):
+                try:
+                    result["per_layer_type"] += per_layer_type(m, model_name, tk.batch, tk.variant,
+                                                               x, t, c, reps=max(10, reps // 2))
+                except Exception as e:
+                    result["notes"].append(f"per-layer timing {model_name} b{tk.batch} {tk.variant} failed: {e!r}"[:400])
+            del fn_model, m
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"[:600]
+            log.exception("task %s failed", tk)
+        row["device"] = result["device"]
+        row["task_s"] = round(time.time() - ts, 1)
+        result["rows"].append(row)
+        progress(json.dumps(row))
+        save()
         gc.collect()
         torch.cuda.empty_cache()
-        save()
+        torch._dynamo.reset()
+    # speedups for rows timed before their bf16-compile reference
+    for row in result["rows"]:
+        ref = compiled_refs.get(row["model"], {})
+        if "ms" in row and row["batch"] in ref:
+            row["speedup_vs_bf16_compiled"] = round(ref[row["batch"]] / row["ms"], 3)
+    bases.clear()
+    gc.collect()
+    torch.cuda.empty_cache()
+    save()
     result["wall_s"] = round(time.time() - t0, 1)
     save()
     return result
@@ -291,11 +300,15 @@ def per_layer_type(model: nn.Module, model_name: str, batch: int, variant: str, 
 
     seen: dict = {}
     hooks = []
+
+    def keep(mod, args, out, name, lt):  # returns None: a forward hook's return value replaces the output
+        if name not in seen:
+            seen[name] = (mod, lt, args[0].detach().clone())
+
     for name, m in model.named_modules():
         lt = _layer_type(m)
         if lt is not None:
-            hooks.append(m.register_forward_hook(
-                lambda mod, a, o, name=name, lt=lt: seen.setdefault(name, (mod, lt, a[0].detach().clone()))))
+            hooks.append(m.register_forward_hook(lambda mod, a, o, name=name, lt=lt: keep(mod, a, o, name, lt)))
     try:
         call_model(model, x, t, c)
     finally:
@@ -316,6 +329,55 @@ def per_layer_type(model: nn.Module, model_name: str, batch: int, variant: str, 
         tot[1] += 1
     return [{"model": model_name, "batch": batch, "variant": variant, "layer_type": lt, "ms_sum": round(v[0], 4),
              "layers": v[1]} for lt, v in sorted(totals.items())]
+
+
+# kernel classes by name (CUDA kernel names of cuDNN, cuBLAS/CUTLASS, FlashAttention, Inductor, diffquant)
+_KERNEL_CLASSES = (
+    ("dq_qconv", ("_qconv_kernel",)),
+    ("inductor_fused", ("triton_",)),
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("conv_cudnn", ("conv", "fprop", "implicit_convolve", "dgrad", "xmma_fprop")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "matmul", "_scaled_mm", "cublas", "sm90_xmma")),
+    ("norm", ("norm",)),
+    ("copy_layout", ("copy", "transpose", "permute", "cat")),
+)
+
+
+def _kernel_class(name: str) -> str:
+    low = name.lower()
+    for cls, keys in _KERNEL_CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other"
+
+
+@torch.no_grad()
+def kernel_breakdown(fn: Callable[[], Any], calls: int = 2, top: int = 12) -> dict:
+    """GPU time per kernel class over ``calls`` calls of ``fn`` (torch.profiler, no CUDA graph):
+    ``{"kernel_ms": {class: ms per call}, "top_kernels": [[name, ms per call, count per call], ...]}``.
+    Classes by kernel name (_KERNEL_CLASSES); the sum is GPU busy time, not latency."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per: dict = {}
+    kernels = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None)
+        if us is None:
+            us = getattr(ev, "cuda_time_total", 0)
+        if not us or ev.key.startswith("ProfilerStep") or ev.key.startswith("cuda"):
+            continue
+        cls = _kernel_class(ev.key)
+        per[cls] = per.get(cls, 0.0) + us / 1000 / calls
+        kernels.append((ev.key[:120], round(us / 1000 / calls, 4), ev.count // calls))
+    kernels.sort(key=lambda k: -k[1])
+    return {"kernel_ms": {k: round(v, 4) for k, v in sorted(per.items(), key=lambda kv: -kv[1])},
+            "busy_ms": round(sum(per.values()), 4), "top_kernels": [list(k) for k in kernels[:top]]}
 
 
 def plan(models: list[str], batches: dict, variants: list[str], compile: bool = True) -> list[Task]:

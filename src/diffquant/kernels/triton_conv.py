@@ -37,7 +37,7 @@ def _qconv_kernel(
     swn,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
-    A_INT: tl.constexpr, W4: tl.constexpr, HAS_AZP: tl.constexpr, PAD_FIX: tl.constexpr, HAS_ASCALE: tl.constexpr,
+    A_INT: tl.constexpr, A_FP8: tl.constexpr, W4: tl.constexpr, HAS_AZP: tl.constexpr, PAD_FIX: tl.constexpr, HAS_ASCALE: tl.constexpr,
     HAS_WZP: tl.constexpr, HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -88,6 +88,8 @@ def _qconv_kernel(
         # zero fill (padding, K tail): an async copy straight into shared memory; with PAD_FIX the
         # padding's zero point is added back in the epilogue instead of per element here
         a = tl.load(a_ptrs, mask=a_mask, other=0)
+        if A_FP8:  # FP8 travels as its bytes (0x00 = 0.0), bitcast after the masked load
+            a = a.to(tl.float8e4nv, bitcast=True)
         if HAS_AZP:
             pad = (~sp_ok)[:, None] & k_ok[None, :]
             a = tl.where(pad, a_zp.to(tl.int8), a)
@@ -107,6 +109,8 @@ def _qconv_kernel(
             if HAS_WZP:
                 rs += tl.sum(a.to(rs.dtype), axis=1) + tl.sum(a2.to(rs.dtype), axis=1)
         else:
+            if A_FP8:
+                b = b.to(tl.float8e4nv, bitcast=True)
             acc = tl.dot(a, b, acc, out_dtype=acc.dtype)
             if HAS_WZP:
                 rs += tl.sum(a.to(rs.dtype), axis=1)
@@ -210,8 +214,11 @@ def qconv_triton(
     bk = cfg["BLOCK_K"]
     ncb = triton.cdiv(ck, bk)
     dummy = w_scale
-    if x.dtype == torch.float8_e4m3fn and w.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"FP8 activations need FP8 weights; got {w.dtype}")
+    a_fp8 = x.dtype == torch.float8_e4m3fn
+    if a_fp8:
+        if w.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"FP8 activations need FP8 weights; got {w.dtype}")
+        x, w = x.view(torch.uint8), w.view(torch.uint8)
     # the activation zero point matters only where a conv tap reads padding
     padded = a_int and a_zp != 0 and bool(padding[0] or padding[1])
     pad_fix = padded and pad_corr is not None and not w4 and wzp is None
@@ -230,7 +237,7 @@ def qconv_triton(
         sa[0], sa[2], sa[3], sa[1],
         w.stride(0),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        KH=kh, KW=kw, A_INT=a_int, W4=w4, HAS_AZP=padded and not pad_fix, PAD_FIX=pad_fix, HAS_ASCALE=a_scale is not None,
+        KH=kh, KW=kw, A_INT=a_int, A_FP8=a_fp8, W4=w4, HAS_AZP=padded and not pad_fix, PAD_FIX=pad_fix, HAS_ASCALE=a_scale is not None,
         HAS_WZP=wzp is not None, HAS_CORR=corr is not None, HAS_BIAS=bias is not None, HAS_ADD=add is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, GROUP_M=8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
