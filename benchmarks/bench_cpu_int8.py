@@ -159,11 +159,16 @@ def main(argv=None) -> int:
         s_q8 = sample(qmodel, sched, **kw).images
         s_q7 = sample(sim7, sched, **kw).images
         s_i8 = sample(int8, sched, **kw).images
+        # noise floor: the same fake-quant model with another thread count (fp32 accumulation order only)
+        torch.set_num_threads(1 if args.threads != 1 else 2)
+        s_q7b = sample(sim7, sched, **kw).images
+        torch.set_num_threads(args.threads)
     quality = dict(
         psnr_int8_vs_fakequant_w8a8=float(np.mean(psnr(s_i8, s_q8))),
         psnr_int8_vs_fakequant_kernel_grid=float(np.mean(psnr(s_i8, s_q7))),
         psnr_fakequant_w8a8_vs_fp32=float(np.mean(psnr(s_q8, s_fp))),
         psnr_int8_vs_fp32=float(np.mean(psnr(s_i8, s_fp))),
+        psnr_kernel_grid_other_thread_count=float(np.mean(psnr(s_q7b, s_q7))),
         psnr_samples=args.psnr_samples, psnr_sampler=f"ddim-{args.psnr_steps}",
     )
     print(json.dumps(quality, indent=1), flush=True)
