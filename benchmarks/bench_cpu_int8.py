@@ -26,10 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from diffquant.evaluation.fidelity import psnr
-from diffquant.kernels.cpu import Int8Conv2d, Int8Linear, convert_cpu, cpu_int8_report, simulate_cpu_int8
+from diffquant.kernels.cpu import Int8Linear, convert_cpu, cpu_int8_report, simulate_cpu_int8
 from diffquant.models.loading import load_model
-from diffquant.nn.modules import QuantConv2d, QuantLinear
-from diffquant.quantize import set_quant_mode
+from diffquant.nn.modules import QuantLinear
 from diffquant.recipes import CalibOptions, build_config, get_calibration, run_ptq
 from diffquant.sampling import SamplerSpec, sample
 
