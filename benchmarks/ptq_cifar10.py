@@ -178,14 +178,38 @@ def run_cell(name: str, work: Path, device: str, num: int) -> dict:
         row.update(calib_seconds=0.0, peak_gpu_mem_gb=None)
     seed = c.get("seed", 0)
     samples = cdir / "samples.npz"
-    if not samples.is_file():
+
+    def draw(m, folder: Path, seed: int, model_id: str) -> None:
+        out = folder / "samples.npz"
+        if out.is_file():
+            return
         t = time.perf_counter()
-        run = sample_sharded(model, lm.scheduler, num=num, out_dir=cdir / "shards", seed=seed,
+        run = sample_sharded(m, lm.scheduler, num=num, out_dir=folder / "shards", seed=seed,
                              spec=SamplerSpec("ddim", STEPS), shard_size=1000, batch_size=COMPUTE_BATCH,
                              compute_batch=COMPUTE_BATCH,
-                             device=dev, out=samples, resume=True, model_id=name, progress=False, distributed=False)
-        _atomic_json(cdir / "sampling.json", {"seconds": time.perf_counter() - t,
-                                              "images_per_second": run.images_per_second})
+                             device=dev, out=out, resume=True, model_id=model_id, progress=False, distributed=False)
+        _atomic_json(folder / "sampling.json", {"seconds": time.perf_counter() - t,
+                                                "images_per_second": run.images_per_second})
+
+    if name == "fp":  # other workers may be drawing the same FP samples for their PSNR: wait for them
+        import fcntl
+
+        with open(cdir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            draw(model, cdir, seed, name)
+    else:
+        draw(model, cdir, seed, name)
+    if c["method"] != "fp":  # the FP samples of the same seeds, for PSNR (re-drawn on a fresh machine)
+        import fcntl
+
+        fpdir = work / "cells" / "fp"
+        fpdir.mkdir(parents=True, exist_ok=True)
+        with open(fpdir / ".lock", "w") as lock:
+            try:  # another worker drawing them: leave the PSNR to `collect`
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                draw(lm.model, fpdir, 0, "fp")
+            except BlockingIOError:
+                pass
     data = np.load(samples)
     images, seeds = data["images"], data["seeds"]
     fd = evaluate_images(images, "fd_cifar", device=str(dev), floor=False, progress=False)[0]
@@ -205,6 +229,14 @@ def _psnr(work: Path, name: str, images, seeds):
     if CELLS[name]["method"] == "fp":
         return None
     ref = work / "cells" / "fp" / "samples.npz"
+    if (work / "cells" / "fp" / ".lock").is_file():
+        import fcntl
+
+        with open(work / "cells" / "fp" / ".lock") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None  # still being drawn
     if not ref.is_file():
         return None
     r = np.load(ref)

@@ -7,6 +7,7 @@
 #   e.g.: Q0="fp qdiff-fast-w4a8" Q1="fp-seed2" CM_GPU=3 K_GPU=2 bash scripts/gpu/combo.sh
 # carry: .whl .data/cifar10-jpeg-train.npz (for CM) .gpu_carry (resume state)
 set -uo pipefail
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}  # 4 workers + other jobs on 64 cores: no thread oversubscription
 source scripts/gpu/_zoo_common.sh
 setup_env
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT/cm $OUT/k

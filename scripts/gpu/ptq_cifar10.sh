@@ -7,6 +7,7 @@
 #   run: Q0="fp qdiff-fast-w4a8" Q1="..." Q2="..." Q3="..." DEADLINE_S=540 bash scripts/gpu/ptq_cifar10.sh
 # carry: .whl .gpu_carry
 set -uo pipefail
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}  # 4 workers + other jobs on 64 cores: no thread oversubscription
 source scripts/gpu/_zoo_common.sh
 setup_env
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

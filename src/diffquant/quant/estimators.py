@@ -117,6 +117,7 @@ class ActivationObserver:
             self.ema_min = m * self.ema_min + (1 - m) * bmin
             self.ema_max = m * self.ema_max + (1 - m) * bmax
         self.batches += 1
+        self.device = x.device
         if self.needs_samples:
             flat = x.reshape(-1)
             k = min(self.per_batch, flat.numel())
@@ -146,10 +147,12 @@ class ActivationObserver:
                 xmin = torch.quantile(vals, 1 - q)
                 xmax = torch.quantile(vals, q)
             else:
-                # Lp search over the reservoir, starting from the exact running range.
+                # Lp search over the reservoir, starting from the exact running range; on the device
+                # the activations came from (80 candidate ranges over up to 1M values: a GPU does
+                # this in milliseconds, a busy host CPU can take seconds per quantizer).
                 rows = torch.cat([vals, self.min.reshape(1).cpu(), self.max.reshape(1).cpu()]).reshape(1, -1)
-                s, z = lp_search(rows, self.scheme)
-                return s.reshape(()), z.reshape(())
+                s, z = lp_search(rows.to(getattr(self, "device", rows.device)), self.scheme)
+                return s.reshape(()).cpu(), z.reshape(()).cpu()
         _, s, z = _fq_rows(torch.zeros(1, 1), xmin.reshape(1, 1).cpu(), xmax.reshape(1, 1).cpu(), self.scheme)
         return s.reshape(()), z.reshape(())
 
