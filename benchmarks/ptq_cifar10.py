@@ -16,7 +16,8 @@ PSNR vs the FP samples of the same seeds (mean over images of the per-image PSNR
 are taken from the FP DDIM-100 sampler with seeds from 1,000,000: 64 x 20 steps for naive and the
 fast preset, 256 x 20 for the paper preset. Naive = round-to-nearest with the Lp (MSE-type) range
 search for weights (per channel) and activations (per tensor), the same estimators Q-Diffusion starts
-from, so the difference between the rows is the reconstruction.
+from, so the difference between the rows is the reconstruction. In every quantized cell conv_in and conv_out
+stay at 8 bits where the cell is narrower (``first_last_bits``), as in BRECQ and Q-Diffusion.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def _cells() -> dict[str, dict]:
 
 CELLS = _cells()
 log = logging.getLogger("ptq_cifar10")
+FIRST_LAST_BITS = 8  # conv_in/conv_out at 8 bits where the cell is narrower (BRECQ / Q-Diffusion convention)
 STEPS = 100  # DDIM steps of calibration and evaluation sampling
 COMPUTE_BATCH = 500  # fixed compute batch of every sampling run (numerics independent of the batch)
 SMOKE = False  # --smoke: tiny calibration set and 2 iterations per unit (a CPU check of the plumbing)
@@ -138,6 +140,7 @@ def run_cell(name: str, work: Path, device: str, num: int) -> dict:
     lm = load_model(MODEL, device=dev)
     row = {"cell": name, "method": c["method"], "preset": c.get("preset"), "weight_bits": c.get("w", 32),
            "act_bits": c.get("a", 32), "split_shortcut": c.get("split"), "num_samples": num,
+           "first_last_bits": FIRST_LAST_BITS if c["method"] != "fp" else None,
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     timing_path = cdir / "timing.json"
     model = lm.model
@@ -146,7 +149,8 @@ def run_cell(name: str, work: Path, device: str, num: int) -> dict:
         if not (mdir / "diffquant.json").is_file():
             cal, cap_s = _calib("paper" if c.get("preset") == "paper" else "fast", work, lm, dev)
             est = c.get("estimator", "lp")
-            cfg = build_config(c["w"], c["a"], weight_estimator=est, act_estimator=est, split_shortcut=c["split"])
+            cfg = build_config(c["w"], c["a"], weight_estimator=est, act_estimator=est, split_shortcut=c["split"],
+                               first_last_bits=FIRST_LAST_BITS)
             kwargs = {}
             if c["method"] == "qdiffusion":
                 kwargs = dict(preset=c["preset"], checkpoint_dir=str(cdir / "recon"), resume=True)

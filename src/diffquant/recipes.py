@@ -2,6 +2,8 @@
 calibration data (capture or load), run a PTQ method."""
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import time
 from dataclasses import dataclass
@@ -43,6 +45,9 @@ def parse_override(text: str) -> LayerOverride:
     return LayerOverride(pattern.strip(), **kw)
 
 
+FIRST_LAST = ("conv_in", "conv_out")
+
+
 def build_config(
     weight_bits: int = 8,
     act_bits: int = 8,
@@ -57,11 +62,27 @@ def build_config(
     quantize_attention: bool = True,
     split_shortcut: bool = True,
     overrides: Sequence[str | LayerOverride] = (),
+    first_last_bits: Optional[int] = None,
+    first_last: Sequence[str] = FIRST_LAST,
 ) -> QuantConfig:
+    """A QuantConfig from bit-widths and estimator names.
+
+    ``first_last_bits``: keep the first and last layers (``first_last`` globs; diffusers UNets: conv_in,
+    conv_out) at this many bits for weights and activations wherever the main scheme is narrower,
+    with the main scheme's estimator and granularity: the convention of BRECQ and Q-Diffusion
+    (``set_first_last_layer_to_8bit``). None = no exception. ``overrides`` given explicitly win
+    over it (the first matching override applies)."""
     w = scheme_from_bits(weight_bits, "weight", estimator=weight_estimator, granularity=weight_granularity,
                          group_size=group_size, symmetric=weight_symmetric)
     a = scheme_from_bits(act_bits, "act", estimator=act_estimator, symmetric=act_symmetric)
     ovs = tuple(o if isinstance(o, LayerOverride) else parse_override(o) for o in overrides)
+    if first_last_bits is not None:
+        if not 2 <= first_last_bits <= 8:
+            raise ValueError(f"first_last_bits={first_last_bits} must be in 2..8 (or None for no exception)")
+        fw = dataclasses.replace(w, bits=first_last_bits) if w is not None and w.dtype == "int" and w.bits < first_last_bits else None
+        fa = dataclasses.replace(a, bits=first_last_bits) if a is not None and a.dtype == "int" and a.bits < first_last_bits else None
+        if fw is not None or fa is not None:
+            ovs = ovs + tuple(LayerOverride(pat, weight=fw, act=fa) for pat in first_last)
     return QuantConfig(weight=w, act=a, quantize_attention=quantize_attention and a is not None,
                        softmax_bits=softmax_bits, split_shortcut=split_shortcut, overrides=ovs)
 

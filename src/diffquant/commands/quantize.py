@@ -34,6 +34,9 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
 @click.option("--softmax-bits", type=int, default=16, show_default=True, help="bits of attention probabilities (16 = off)")
 @click.option("--quant-attention/--no-quant-attention", default=True, show_default=True, help="quantize Q·Kᵀ and softmax·V inputs")
 @click.option("--split-shortcut/--no-split-shortcut", default=True, show_default=True)
+@click.option("--first-last-bits", type=int, default=8, show_default=True,
+              help="keep the first and last layers (conv_in, conv_out) at this many bits where the main scheme is "
+                   "narrower, as BRECQ and Q-Diffusion do; 0 = no exception")
 @click.option("--override", "overrides", multiple=True, metavar="PATTERN=SPEC",
               help="per-layer exception, e.g. 'conv_in=skip', 'time_embedding.*=w8a8', 'conv_out=a16' (repeatable)")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -54,7 +57,7 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 def command(model, weight_bits, act_bits, method, preset, weight_iters, act_iters, resume, work_dir, weight_estimator, act_estimator, granularity, group_size,
-            weight_symmetric, act_symmetric, softmax_bits, quant_attention, split_shortcut, overrides, config_path,
+            weight_symmetric, act_symmetric, softmax_bits, quant_attention, split_shortcut, first_last_bits, overrides, config_path,
             calib_num, calib_st, calib_sampler, calib_steps, calib_spacing, calib_eta, calib_chains, calib_data, batch_size,
             seed, device, out_dir, as_json):
     """Quantize MODEL (zoo:NAME, a diffusers folder, or a hub id) and write a quantized checkpoint."""
@@ -102,7 +105,8 @@ def command(model, weight_bits, act_bits, method, preset, weight_iters, act_iter
             cfg = build_config(weight_bits, act_bits, weight_estimator=weight_estimator, act_estimator=act_estimator,
                                weight_granularity=granularity, group_size=group_size, weight_symmetric=weight_symmetric,
                                act_symmetric=act_symmetric, softmax_bits=softmax_bits, quantize_attention=quant_attention,
-                               split_shortcut=split_shortcut, overrides=overrides)
+                               split_shortcut=split_shortcut, overrides=overrides,
+                               first_last_bits=first_last_bits or None)
         spec = SamplerSpec(calib_sampler, calib_steps, calib_spacing, calib_eta)
         loaded = load_model(model, device=dev)
         if loaded.quantized:
