@@ -48,10 +48,18 @@ def _cells() -> dict[str, dict]:
     for preset in ("fast", "paper"):
         cells[f"qdiff-{preset}-w4a8-nosplit"] = dict(method="qdiffusion", preset=preset, w=4, a=8, split=False)
     cells["naive-w4a8-minmax"] = dict(method="naive", preset=None, w=4, a=8, split=True, estimator="minmax")
+    # the configs that the real low-bit kernels run (diffquant.convert.config_for_backend: symmetric per-channel
+    # weights, per-tensor activations, attention matmuls in float), calibrated naively with min-max ranges
+    cells["naive-fp8-w8a8"] = dict(method="naive", preset=None, w=8, a=8, split=True, backend="fp8")
+    cells["naive-int8sym-w8a8"] = dict(method="naive", preset=None, w=8, a=8, split=True, backend="int8")
     return cells
 
 
 CELLS = _cells()
+# Q-Diffusion's weight stage runs with activations in floating point, so a W4A8 cell takes the finished
+# weight stage of the W4A32 cell of its preset (qdiffusion_ptq(weights_from=...); same result as a run
+# from scratch) and only reconstructs activations; its calib_seconds include the reused weight stage.
+WEIGHTS_FROM = {"qdiff-paper-w4a8": "qdiff-paper-w4a32", "qdiff-fast-w4a8": "qdiff-fast-w4a32"}
 log = logging.getLogger("ptq_cifar10")
 FIRST_LAST_BITS = 8  # conv_in/conv_out at 8 bits where the cell is narrower (BRECQ / Q-Diffusion convention)
 STEPS = 100  # DDIM steps of calibration and evaluation sampling
@@ -119,11 +127,68 @@ def _calib(kind: str, work: Path, lm, device):
     return cal, secs
 
 
+def ensure_model(name: str, work: Path, lm, dev) -> Path:
+    """The cell's packed quantized checkpoint (calibration + method), made once: a worker that finds
+    another one making it waits for it (file lock), so cells can share a dependency."""
+    import fcntl
+
+    from diffquant.io import save_quantized
+    from diffquant.recipes import build_config, run_ptq
+
+    c = CELLS[name]
+    cdir = work / "cells" / name
+    cdir.mkdir(parents=True, exist_ok=True)
+    mdir = cdir / "model"
+    timing_path = cdir / "timing.json"
+    with open(cdir / ".model.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (mdir / "diffquant.json").is_file():
+            return mdir
+        kwargs: dict = {}
+        reused = {}
+        if c["method"] == "qdiffusion" and name in WEIGHTS_FROM:
+            src = WEIGHTS_FROM[name]
+            log.info("%s: taking the weight stage of %s", name, src)
+            ensure_model(src, work, lm, dev)
+            st = json.loads((work / "cells" / src / "timing.json").read_text())
+            reused = {"weights_from": src, "weights_reused_seconds": st["method_seconds"],
+                      "weights_peak_gpu_bytes": st.get("peak_gpu_bytes")}
+            kwargs["weights_from"] = str(work / "cells" / src / "recon")
+        cal, cap_s = _calib("paper" if c.get("preset") == "paper" else "fast", work, lm, dev)
+        est = c.get("estimator", "lp")
+        if c.get("backend"):
+            from diffquant.convert import config_for_backend
+
+            cfg = config_for_backend(c["backend"])
+        else:
+            cfg = build_config(c["w"], c["a"], weight_estimator=est, act_estimator=est, split_shortcut=c["split"],
+                               first_last_bits=FIRST_LAST_BITS)
+        if c["method"] == "qdiffusion":
+            kwargs.update(preset=c["preset"], checkpoint_dir=str(cdir / "recon"), resume=True)
+            if SMOKE:
+                from diffquant.algorithms.qdiffusion import ReconConfig
+
+                kwargs["recon"] = ReconConfig(weight_iters=2, act_iters=2, batch_size=4)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        clock = _Clock(timing_path, "method_seconds")
+        q = run_ptq(lm.model, cfg, c["method"], cal, device=dev, progress=False, **kwargs)
+        method_s = clock.stop()
+        peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+        prev = json.loads(timing_path.read_text())
+        peak = max(peak or 0, prev.get("peak_gpu_bytes") or 0, reused.pop("weights_peak_gpu_bytes", 0) or 0) or None
+        _atomic_json(timing_path, {**prev, "method_seconds": method_s, "capture_seconds": cap_s,
+                                   "peak_gpu_bytes": peak, "calib_rows": len(cal), **reused})
+        tmp = cdir / "model.tmp"
+        save_quantized(q, tmp, scheduler=lm.scheduler, source={"model": MODEL})
+        tmp.replace(mdir)
+        return mdir
+
+
 def run_cell(name: str, work: Path, device: str, num: int) -> dict:
     from diffquant.evaluation.suite import evaluate_images
-    from diffquant.io import load_quantized, save_quantized
+    from diffquant.io import load_quantized
     from diffquant.models.loading import load_model
-    from diffquant.recipes import build_config, run_ptq
     from diffquant.sampling.large import sample_sharded
     from diffquant.sampling.samplers import SamplerSpec
 
@@ -140,44 +205,22 @@ def run_cell(name: str, work: Path, device: str, num: int) -> dict:
     lm = load_model(MODEL, device=dev)
     row = {"cell": name, "method": c["method"], "preset": c.get("preset"), "weight_bits": c.get("w", 32),
            "act_bits": c.get("a", 32), "split_shortcut": c.get("split"), "num_samples": num,
+           "config": ("config_for_backend(%r)" % c["backend"]) if c.get("backend") else None,
            "first_last_bits": FIRST_LAST_BITS if c["method"] != "fp" else None,
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     timing_path = cdir / "timing.json"
     model = lm.model
     if c["method"] != "fp":
-        mdir = cdir / "model"
-        if not (mdir / "diffquant.json").is_file():
-            cal, cap_s = _calib("paper" if c.get("preset") == "paper" else "fast", work, lm, dev)
-            est = c.get("estimator", "lp")
-            cfg = build_config(c["w"], c["a"], weight_estimator=est, act_estimator=est, split_shortcut=c["split"],
-                               first_last_bits=FIRST_LAST_BITS)
-            kwargs = {}
-            if c["method"] == "qdiffusion":
-                kwargs = dict(preset=c["preset"], checkpoint_dir=str(cdir / "recon"), resume=True)
-                if SMOKE:
-                    from diffquant.algorithms.qdiffusion import ReconConfig
-
-                    kwargs["recon"] = ReconConfig(weight_iters=2, act_iters=2, batch_size=4)
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            clock = _Clock(timing_path, "method_seconds")
-            q = run_ptq(lm.model, cfg, c["method"], cal, device=dev, progress=False, **kwargs)
-            method_s = clock.stop()
-            peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
-            prev = json.loads(timing_path.read_text())
-            peak = max(peak or 0, prev.get("peak_gpu_bytes") or 0) or None
-            _atomic_json(timing_path, {**prev, "method_seconds": method_s, "capture_seconds": cap_s,
-                                       "peak_gpu_bytes": peak, "calib_rows": len(cal)})
-            tmp = cdir / "model.tmp"
-            save_quantized(q, tmp, scheduler=lm.scheduler, source={"model": MODEL})
-            tmp.replace(mdir)
-            del q
+        mdir = ensure_model(name, work, lm, dev)
         model = load_quantized(mdir, device=dev).model  # sample from the checkpoint: proves the round trip
         t = json.loads(timing_path.read_text())
-        row.update(calib_seconds=round(t["capture_seconds"] + t["method_seconds"], 1),
+        reused = t.get("weights_reused_seconds", 0.0)
+        row.update(calib_seconds=round(t["capture_seconds"] + t["method_seconds"] + reused, 1),
                    capture_seconds=round(t["capture_seconds"], 1), method_seconds=round(t["method_seconds"], 1),
                    peak_gpu_mem_gb=round(t["peak_gpu_bytes"] / 2**30, 3) if t.get("peak_gpu_bytes") else None,
                    calib_rows=t["calib_rows"], checkpoint_bytes=sum(f.stat().st_size for f in mdir.iterdir()))
+        if t.get("weights_from"):
+            row.update(weights_from=t["weights_from"], weights_reused_seconds=round(reused, 1))
     else:
         row.update(calib_seconds=0.0, peak_gpu_mem_gb=None)
     seed = c.get("seed", 0)
@@ -225,6 +268,39 @@ def run_cell(name: str, work: Path, device: str, num: int) -> dict:
     _atomic_json(row_path, row)
     log.info("%s: %s", name, json.dumps(row))
     return row
+
+
+def worker(names: list[str], work: Path, device: str, num: int) -> None:
+    """Work through ``names`` in order together with other workers (one per GPU) on the same ``--work``:
+    a cell is claimed by a file lock held while it runs (released if the worker dies), cells done or
+    claimed by another worker are passed over, and after every cell the list is scanned again from the
+    top. A cell that needs another's result (WEIGHTS_FROM) waits for it."""
+    import fcntl
+
+    for n in names:
+        if n not in CELLS:
+            raise SystemExit(f"unknown cell {n!r}; known: {', '.join(CELLS)}")
+    while True:
+        ran = False
+        for n in names:
+            cdir = work / "cells" / n
+            if (cdir / "row.json").is_file():
+                continue
+            cdir.mkdir(parents=True, exist_ok=True)
+            with open(cdir / ".claim", "w") as claim:
+                try:
+                    fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # another worker runs it
+                if (cdir / "row.json").is_file():
+                    continue
+                log.info("claimed %s", n)
+                run_cell(n, work, device, num)
+                ran = True
+                break
+        if not ran:
+            log.info("nothing left to claim")
+            return
 
 
 def _psnr(work: Path, name: str, images, seeds):
@@ -287,6 +363,12 @@ def main(argv=None) -> None:
     c.add_argument("--device", default="cuda")
     c.add_argument("--num-samples", type=int, default=NUM)
     c.add_argument("--smoke", action="store_true")
+    w = sub.add_parser("worker", help="claim and run cells in the given order alongside other workers")
+    w.add_argument("names", nargs="+")
+    w.add_argument("--work", required=True)
+    w.add_argument("--device", default="cuda")
+    w.add_argument("--num-samples", type=int, default=NUM)
+    w.add_argument("--smoke", action="store_true")
     k = sub.add_parser("collect")
     k.add_argument("--work", required=True)
     k.add_argument("--out", required=True)
@@ -295,13 +377,16 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     if a.cmd == "list":
         print("\n".join(CELLS))
-    elif a.cmd == "cell":
+    elif a.cmd in ("cell", "worker"):
         global SMOKE, COMPUTE_BATCH, STEPS
         SMOKE = a.smoke
         if SMOKE:
             COMPUTE_BATCH, STEPS = 4, 20
-        for n in a.names:
-            run_cell(n, Path(a.work), a.device, a.num_samples)
+        if a.cmd == "worker":
+            worker(a.names, Path(a.work), a.device, a.num_samples)
+        else:
+            for n in a.names:
+                run_cell(n, Path(a.work), a.device, a.num_samples)
     else:
         collect(Path(a.work), Path(a.out))
 

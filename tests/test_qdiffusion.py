@@ -122,3 +122,38 @@ def test_split_second_half_takes_part_in_rounding(setup):
     wqs = unit.weight_quantizers()
     split_layers = [l for l in unit.quant_layers() if l.split is not None]
     assert all(l.weight_quantizer_b in wqs for l in split_layers)
+
+
+def test_weights_from_equals_run_from_scratch(setup, tmp_path):
+    """W4A8 taking the finished weight stage of a W4A32 run (weights_from) equals W4A8 from scratch;
+    a source with another weight config, or an unfinished weight stage, is refused."""
+    model, calib = setup
+    calib = calib.subset(8, seed=2)
+    w4 = QuantScheme(4, granularity="per_channel", estimator="lp")
+    rc = qd.ReconConfig(weight_iters=3, act_iters=2, batch_size=4, act_init_rows=8)
+    w4a8 = QuantConfig(weight=w4, act=QuantScheme(8, estimator="lp"))
+    scratch = qd.qdiffusion_ptq(model, w4a8, calib, recon=rc, progress=False)
+    src = tmp_path / "w4a32"
+    # act-only settings of the source's recon may differ: the weight stage does not read them
+    qd.qdiffusion_ptq(model, QuantConfig(weight=w4, act=None), calib, recon=qd.ReconConfig(
+        weight_iters=3, act_iters=7, batch_size=4, act_init_rows=4), checkpoint_dir=src, progress=False)
+    reused = qd.qdiffusion_ptq(model, w4a8, calib, recon=rc, weights_from=src, checkpoint_dir=tmp_path / "w4a8",
+                               progress=False)
+    a, b = scratch.state_dict(), reused.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert reused._diffquant_method["weights_from"]["folder"] == str(src)
+    # the W4A8 checkpoint records the weight stage as done: resuming it does not need the source any more
+    again = qd.qdiffusion_ptq(model, w4a8, calib, recon=rc, checkpoint_dir=tmp_path / "w4a8", resume=True,
+                              progress=False)
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, a[k]), k
+    w3a8 = QuantConfig(weight=QuantScheme(3, granularity="per_channel", estimator="lp"), act=QuantScheme(8))
+    with pytest.raises(ValueError, match="weights fingerprint"):
+        qd.qdiffusion_ptq(model, w3a8, calib, recon=rc, weights_from=src, progress=False)
+    with pytest.raises(ValueError, match="weights fingerprint"):  # other weight-stage settings
+        qd.qdiffusion_ptq(model, w4a8, calib, recon=qd.ReconConfig(weight_iters=4, act_iters=2, batch_size=4),
+                          weights_from=src, progress=False)
+    with pytest.raises(ValueError, match="no reconstruction checkpoint"):
+        qd.qdiffusion_ptq(model, w4a8, calib, recon=rc, weights_from=tmp_path / "nothing", progress=False)

@@ -5,6 +5,7 @@
 # packed quantized checkpoints, calibration sets of unfinished cells) is packed into $OUT.
 # Resumes from /tmp/ptq on a warm machine, else from .gpu_carry/ptq/ptq.tar.part-* (carry .gpu_carry).
 #   run: Q0="fp qdiff-fast-w4a8" Q1="..." Q2="..." Q3="..." DEADLINE_S=540 bash scripts/gpu/ptq_cifar10.sh
+#   or:  QUEUE="cell cell ..." DEADLINE_S=540 bash scripts/gpu/ptq_cifar10.sh  (one worker per GPU, shared queue)
 # carry: .whl .gpu_carry
 set -uo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}  # 4 workers + other jobs on 64 cores: no thread oversubscription
@@ -18,6 +19,14 @@ if [ ! -d $W ] && ls .gpu_carry/ptq/ptq.tar.part-* >/dev/null 2>&1; then
 fi
 mkdir -p $W/logs
 NG=$(nvidia-smi -L | wc -l)
+if [ -n "${QUEUE:-}" ]; then  # one shared, ordered queue: a worker per GPU claims the next free cell
+  say "shared queue on $NG GPUs: $QUEUE"
+  for g in $(seq 0 $(( NG - 1 ))); do
+    (CUDA_VISIBLE_DEVICES=$g timeout $(( DEADLINE_S - $(elapsed) )) python3 benchmarks/ptq_cifar10.py worker $QUEUE \
+        --work $W --device cuda >> $W/logs/gpu$g.log 2>&1; echo "GPU $g rc=$?" >> $W/logs/gpu$g.log) &
+    sleep 2  # claims in GPU order
+  done
+fi
 for g in 0 1 2 3 4 5 6 7; do
   var=Q$g; cells=${!var:-}
   [ -z "$cells" ] && continue
@@ -27,7 +36,7 @@ for g in 0 1 2 3 4 5 6 7; do
       --work $W --device cuda >> $W/logs/gpu$g.log 2>&1; echo "GPU $g rc=$?" >> $W/logs/gpu$g.log) &
 done
 wait
-for g in 0 1 2 3; do [ -f $W/logs/gpu$g.log ] && { echo "--- gpu$g"; grep -v Warning $W/logs/gpu$g.log | tail -n 6; }; done
+for g in 0 1 2 3 4 5 6 7; do [ -f $W/logs/gpu$g.log ] && { echo "--- gpu$g"; grep -v Warning $W/logs/gpu$g.log | grep -v "shard .* done" | tail -n 8 | cut -c1-400; }; done
 python3 benchmarks/ptq_cifar10.py collect --work $W --out $OUT/ptq_cifar10.json
 python3 - <<'PY'
 import os, tarfile, json
@@ -48,8 +57,9 @@ for c in unfinished:
 if unfinished:
     for p in (W / "calib").glob("*.safetensors"):
         add(p)
-for p in sorted((W / "cells").glob("*/model/*")):
-    add(p)
+for p in sorted((W / "cells").glob("*/model/*")):  # checkpoints of cells whose sampling is not finished
+    if not (p.parent.parent / "row.json").is_file():
+        add(p)
 with tarfile.open("/tmp/ptq_pack.tar", "w") as t:
     for p in files:
         t.add(p, arcname=str(p.relative_to(W)))

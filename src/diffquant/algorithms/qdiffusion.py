@@ -108,10 +108,10 @@ class _Progress:
     35 MB fp32 model is thus ~5 MB, small enough to move between machines after every unit.
     """
 
-    def __init__(self, folder: Optional[Path], fingerprint: str, resume: bool):
+    def __init__(self, folder: Optional[Path], fingerprint: str, resume: bool, weights_fingerprint: str = ""):
         self.folder = folder
-        self.state: dict[str, Any] = {"fingerprint": fingerprint, "done": {"weights": [], "act_init": [], "acts": []},
-                                      "losses": [], "packed": {}}
+        self.state: dict[str, Any] = {"fingerprint": fingerprint, "weights_fingerprint": weights_fingerprint,
+                                      "done": {"weights": [], "act_init": [], "acts": []}, "losses": [], "packed": {}}
         if folder is None:
             return
         folder.mkdir(parents=True, exist_ok=True)
@@ -166,8 +166,51 @@ class _Progress:
             raise ValueError(f"{self.folder}: the reconstruction checkpoint does not match the model "
                              f"(missing {bad[:5]}, unexpected {list(unexpected)[:5]})")
 
-    def mark(self, model: nn.Module, phase: str, name: str, info: Optional[dict] = None) -> None:
-        self.state["done"][phase].append(name)
+    def adopt_weights(self, model: nn.Module, source: Path, unit_names: list[str]) -> dict:
+        """Take the finished weight stage of another reconstruction (``source``: its checkpoint
+        folder) whose weight view is the same as this run's: its reconstructed weights and weight
+        quantizer parameters are loaded into ``model`` and the weight stage is marked done. The
+        activation quantizers keep their own (uncalibrated) state. Returns the source's record."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        from diffquant.io import _unpack_weights
+        from diffquant.nn.quantizers import ActQuantizer
+
+        path = Path(source) / "state.safetensors"
+        if not path.is_file():
+            raise ValueError(f"weights_from={source}: no reconstruction checkpoint (state.safetensors) there")
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("progress")
+        src = json.loads(meta) if meta else {}
+        want = self.state.get("weights_fingerprint")
+        if src.get("weights_fingerprint") != want:
+            raise ValueError(
+                f"weights_from={source}: its weight stage was made with another model, calibration set, weight "
+                f"config or weight-reconstruction settings (weights fingerprint {src.get('weights_fingerprint')} != "
+                f"{want}); only the activation settings may differ")
+        missing_units = [u for u in unit_names if u not in src.get("done", {}).get("weights", [])]
+        if missing_units:
+            raise ValueError(f"weights_from={source}: its weight stage is not finished "
+                             f"({len(missing_units)} units left, first {missing_units[0]}); finish or resume it first")
+        state = load_file(str(path))
+        _unpack_weights(model, state, src.get("packed", {}))
+        act_prefixes = tuple(n + "." for n, m in model.named_modules() if isinstance(m, ActQuantizer))
+        own = model.state_dict()
+        take = {k: v for k, v in state.items() if k in own and not k.startswith(act_prefixes)}
+        not_there = [k for k in own if not k.startswith(act_prefixes) and k not in take]
+        if not_there:
+            raise ValueError(f"weights_from={source}: the checkpoint lacks {not_there[:5]}")
+        model.load_state_dict(take, strict=False)
+        self.state["done"]["weights"] = list(src["done"]["weights"])
+        self.state["losses"] = [x for x in src.get("losses", []) if x.get("phase") == "weights"]
+        self.state["weights_from"] = {"folder": str(source), "fingerprint": src.get("fingerprint")}
+        return src
+
+    def mark(self, model: nn.Module, phase: Optional[str], name: str = "", info: Optional[dict] = None) -> None:
+        """Record ``name`` as done in ``phase`` (None: record nothing new) and write the checkpoint."""
+        if phase is not None:
+            self.state["done"][phase].append(name)
         if info:
             self.state["losses"].append({"phase": phase, "unit": name, **info})
         if self.folder is None:
@@ -192,6 +235,21 @@ class _Progress:
 
 def _device(m: nn.Module) -> torch.device:
     return next(m.parameters()).device
+
+
+# ReconConfig fields that only the activation stages read: the weight stage does not depend on them.
+_ACT_ONLY_FIELDS = ("act_iters", "act_lr", "act_p", "act_init_rows")
+
+
+def _weight_view(config: QuantConfig, rc: ReconConfig) -> tuple[QuantConfig, ReconConfig]:
+    """The parts of a config that the weight stage depends on: activations in floating point, the
+    activation-only reconstruction settings neutralised. Two runs with equal weight views produce the
+    same weight stage (AdaRound runs with every activation quantizer passed through)."""
+    from diffquant.config import LayerOverride
+
+    ovs = tuple(LayerOverride(o.pattern, skip=o.skip, weight=o.weight, weight_off=o.weight_off) for o in config.overrides)
+    wc = config.replace(act=None, attention=None, quantize_attention=False, softmax_bits=16, overrides=ovs)
+    return wc, dataclasses.replace(rc, **{k: 0 for k in _ACT_ONLY_FIELDS})
 
 
 def _fingerprint(model: nn.Module, config: QuantConfig, calib: CalibrationSet, rc: ReconConfig) -> str:
@@ -386,8 +444,15 @@ def qdiffusion_ptq(
     progress: bool = True,
     batch_size: Optional[int] = None,
     seed: Optional[int] = None,
+    weights_from: Optional[str | Path] = None,
 ) -> nn.Module:
-    """Quantize ``model`` (a copy) with the Q-Diffusion recipe on the calibration set ``calib``."""
+    """Quantize ``model`` (a copy) with the Q-Diffusion recipe on the calibration set ``calib``.
+
+    ``weights_from``: the checkpoint folder of a finished weight stage to start from instead of
+    running AdaRound again, e.g. the W4A32 run when quantizing W4A8 (the weight stage runs with
+    activations in floating point, so it does not depend on the activation settings). It must come
+    from the same model, calibration set, weight config and weight-stage settings (checked by a
+    fingerprint); the result equals a run from scratch."""
     if calib is None or len(calib) == 0:
         raise ValueError("Q-Diffusion needs calibration data (a non-empty CalibrationSet)")
     if recon is None:
@@ -405,10 +470,17 @@ def qdiffusion_ptq(
     q = quantize(fp, config).to(device).eval()
     for p in q.parameters():
         p.requires_grad_(False)
-    prog = _Progress(Path(checkpoint_dir) if checkpoint_dir else None, _fingerprint(fp, config, calib, recon), resume)
+    wfp = _fingerprint(fp, *_weight_view(config, recon)[:1], calib, _weight_view(config, recon)[1])
+    prog = _Progress(Path(checkpoint_dir) if checkpoint_dir else None, _fingerprint(fp, config, calib, recon), resume,
+                     weights_fingerprint=wfp)
     prog.load_into(q)
     ex = calib.batch(torch.arange(min(2, len(calib))), device)
     units = find_units(q, ex)
+    reused = None
+    if weights_from is not None and config.weight is not None and not prog.state["done"]["weights"]:
+        reused = prog.adopt_weights(q, Path(weights_from), [u.name for u in units if u.weight_quantizers()])
+        prog.mark(q, None)
+        log.info("weight stage taken from %s (%d units)", weights_from, len(prog.state["done"]["weights"]))
     fp_units = {u.name: fp.get_submodule(u.name) for u in units}
     cap_bs = batch_size or max(recon.batch_size, 64)
     cap = dict(batch_size=cap_bs, device=device, cache_device=device, max_bytes=recon.max_cache_bytes, dtype=cache_dtype)
@@ -453,6 +525,7 @@ def qdiffusion_ptq(
     q._diffquant_method = {  # type: ignore[attr-defined]
         "method": "qdiffusion", "preset": preset, "recon": dataclasses.asdict(recon),
         "units": len(units), "calib_rows": len(calib), "calib_seconds": time.perf_counter() - t0,
+        "weights_from": prog.state.get("weights_from"),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
     }
     return q
