@@ -47,6 +47,14 @@ def _cells() -> dict[str, dict]:
             cells[f"qdiff-{preset}-w{w}a{a}"] = dict(method="qdiffusion", preset=preset, w=w, a=a, split=True)
     for preset in ("fast", "paper"):
         cells[f"qdiff-{preset}-w4a8-nosplit"] = dict(method="qdiffusion", preset=preset, w=4, a=8, split=False)
+    # the first fast preset (2,000 / 500 iterations), measured first and kept for comparison
+    for w, a in ((8, 8), (4, 8), (4, 32)):
+        cells[f"qdiff-fast2k-w{w}a{a}"] = dict(method="qdiffusion", preset="fast-2k", w=w, a=a, split=True)
+    cells["qdiff-fast2k-w4a8-nosplit"] = dict(method="qdiffusion", preset="fast-2k", w=4, a=8, split=False)
+    # a still shorter variant, measured next to the fast preset (not a library preset)
+    for w, a in ((4, 8), (4, 32)):
+        cells[f"qdiff-fast1k-w{w}a{a}"] = dict(method="qdiffusion", preset="fast", w=w, a=a, split=True,
+                                                recon=dict(weight_iters=1_000, act_iters=250))
     cells["naive-w4a8-minmax"] = dict(method="naive", preset=None, w=4, a=8, split=True, estimator="minmax")
     # the configs that the real low-bit kernels run (diffquant.convert.config_for_backend: symmetric per-channel
     # weights, per-tensor activations, attention matmuls in float), calibrated naively with min-max ranges
@@ -59,7 +67,7 @@ CELLS = _cells()
 # Q-Diffusion's weight stage runs with activations in floating point, so a W4A8 cell takes the finished
 # weight stage of the W4A32 cell of its preset (qdiffusion_ptq(weights_from=...); same result as a run
 # from scratch) and only reconstructs activations; its calib_seconds include the reused weight stage.
-WEIGHTS_FROM = {"qdiff-paper-w4a8": "qdiff-paper-w4a32", "qdiff-fast-w4a8": "qdiff-fast-w4a32"}
+WEIGHTS_FROM = {f"qdiff-{p}-w4a8": f"qdiff-{p}-w4a32" for p in ("paper", "fast", "fast2k", "fast1k")}
 log = logging.getLogger("ptq_cifar10")
 FIRST_LAST_BITS = 8  # conv_in/conv_out at 8 bits where the cell is narrower (BRECQ / Q-Diffusion convention)
 STEPS = 100  # DDIM steps of calibration and evaluation sampling
@@ -154,7 +162,7 @@ def ensure_model(name: str, work: Path, lm, dev) -> Path:
             reused = {"weights_from": src, "weights_reused_seconds": st["method_seconds"],
                       "weights_peak_gpu_bytes": st.get("peak_gpu_bytes")}
             kwargs["weights_from"] = str(work / "cells" / src / "recon")
-        cal, cap_s = _calib("paper" if c.get("preset") == "paper" else "fast", work, lm, dev)
+        cal, cap_s = _calib("paper" if c.get("preset") == "paper" else "fast", work, lm, dev)  # 256 or 64 x 20
         est = c.get("estimator", "lp")
         if c.get("backend"):
             from diffquant.convert import config_for_backend
@@ -165,6 +173,12 @@ def ensure_model(name: str, work: Path, lm, dev) -> Path:
                                first_last_bits=FIRST_LAST_BITS)
         if c["method"] == "qdiffusion":
             kwargs.update(preset=c["preset"], checkpoint_dir=str(cdir / "recon"), resume=True)
+            if c.get("recon"):
+                import dataclasses
+
+                from diffquant.algorithms.qdiffusion import PRESETS
+
+                kwargs["recon"] = dataclasses.replace(PRESETS[c["preset"]], **c["recon"])
             if SMOKE:
                 from diffquant.algorithms.qdiffusion import ReconConfig
 
@@ -205,6 +219,7 @@ def run_cell(name: str, work: Path, device: str, num: int) -> dict:
     lm = load_model(MODEL, device=dev)
     row = {"cell": name, "method": c["method"], "preset": c.get("preset"), "weight_bits": c.get("w", 32),
            "act_bits": c.get("a", 32), "split_shortcut": c.get("split"), "num_samples": num,
+           "recon_overrides": c.get("recon"),
            "config": ("config_for_backend(%r)" % c["backend"]) if c.get("backend") else None,
            "first_last_bits": FIRST_LAST_BITS if c["method"] != "fp" else None,
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}

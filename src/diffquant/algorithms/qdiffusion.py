@@ -63,6 +63,7 @@ class ReconConfig:
     cache_dtype: str = "float32"
     seed: int = 0
     cuda_graphs: bool = True  # replay each unit's optimisation step from a CUDA graph (CUDA only)
+    capture_batch: Optional[int] = None  # batch of the unit-data capture passes (None: max(batch_size, 64))
 
     def __post_init__(self) -> None:
         for k in ("weight_iters", "act_iters", "act_init_rows"):
@@ -70,16 +71,23 @@ class ReconConfig:
                 raise ValueError(f"{k}={getattr(self, k)} must be >= 0")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if self.capture_batch is not None and self.capture_batch < 1:
+            raise ValueError(f"capture_batch={self.capture_batch} must be >= 1 (or None)")
         if self.cache_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"cache_dtype={self.cache_dtype!r}; allowed: float32, bfloat16, float16")
 
 
-# The paper's hyper-parameters; "fast" is provisional until its quality is measured against "paper".
+# "paper": the paper's hyper-parameters. "fast": 6 % of the paper's weight iterations at twice the batch,
+# a quarter of the calibration rows, half the rows for the activation-range search and larger capture
+# batches; "fast-2k", the first fast preset, is kept for comparison. Their quality and calibration time
+# against "paper" on zoo:cifar10-ddpm are in BENCHMARKS.md (issue-5 table).
 PRESETS: dict[str, ReconConfig] = {
     "paper": ReconConfig(),
-    "fast": ReconConfig(weight_iters=2_000, act_iters=500, batch_size=64),
+    "fast": ReconConfig(weight_iters=1_200, act_iters=300, batch_size=64, act_init_rows=512, capture_batch=256),
+    "fast-2k": ReconConfig(weight_iters=2_000, act_iters=500, batch_size=64),
 }
-PRESET_CALIB = {"paper": {"num_per_step": 256, "num_steps": 20}, "fast": {"num_per_step": 64, "num_steps": 20}}
+PRESET_CALIB = {"paper": {"num_per_step": 256, "num_steps": 20}, "fast": {"num_per_step": 64, "num_steps": 20},
+                "fast-2k": {"num_per_step": 64, "num_steps": 20}}
 
 
 def recon_loss(out: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
@@ -482,7 +490,7 @@ def qdiffusion_ptq(
         prog.mark(q, None)
         log.info("weight stage taken from %s (%d units)", weights_from, len(prog.state["done"]["weights"]))
     fp_units = {u.name: fp.get_submodule(u.name) for u in units}
-    cap_bs = batch_size or max(recon.batch_size, 64)
+    cap_bs = batch_size or recon.capture_batch or max(recon.batch_size, 64)
     cap = dict(batch_size=cap_bs, device=device, cache_device=device, max_bytes=recon.max_cache_bytes, dtype=cache_dtype)
     log.info("Q-Diffusion: %d units (%d blocks), %d calibration rows, preset %s", len(units),
              sum(u.kind == "block" for u in units), len(calib), preset)

@@ -15,7 +15,7 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
 @click.option("--act-bits", type=int, default=8, show_default=True, help="2..8, or 16/32 to keep activations in floating point.")
 @click.option("--method", type=click.Choice(["naive", "qdiffusion"]), default="naive", show_default=True,
               help="naive: round-to-nearest + calibrated ranges; qdiffusion: block reconstruction (AdaRound + LSQ)")
-@click.option("--preset", type=click.Choice(["paper", "fast"]), default="fast", show_default=True,
+@click.option("--preset", type=click.Choice(["paper", "fast", "fast-2k"]), default="fast", show_default=True,
               help="qdiffusion hyper-parameters: paper = 20k weight / 5k activation iterations, batch 32")
 @click.option("--weight-iters", type=int, default=None, help="qdiffusion: AdaRound iterations per unit (overrides the preset)")
 @click.option("--act-iters", type=int, default=None, help="qdiffusion: step-size iterations per unit (overrides the preset)")
