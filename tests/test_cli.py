@@ -86,3 +86,16 @@ def test_quantize_qdiffusion_cli_with_resume(tmp_path):
     assert r.exit_code == 0, r.output
     r = _run(["quantize", "zoo:tiny-random", "--resume", "--out", str(tmp_path / "n")])
     assert r.exit_code != 0 and "qdiffusion only" in r.output
+    # W4A8 from the finished W4A32 weight stage: activations only
+    a8 = [a if a != "32" else "8" for a in args]
+    a8[a8.index(str(tmp_path / "qd"))] = str(tmp_path / "qd8")
+    r = _run(a8 + ["--act-iters", "1", "--weights-from", str(tmp_path / "qd" / "recon")])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["weights_from"]["folder"] == str(tmp_path / "qd" / "recon")
+    prog = json.loads((tmp_path / "qd8" / "recon" / "progress.json").read_text())
+    assert prog["done"]["acts"] and not [x for x in prog["losses"] if x["phase"] == "weights" and x.get("seconds") is None]
+    w3 = [a if a != "4" else "3" for a in a8]
+    w3[w3.index(str(tmp_path / "qd8"))] = str(tmp_path / "qd3")
+    r = _run(w3 + ["--weights-from", str(tmp_path / "qd" / "recon")])
+    assert r.exit_code != 0 and "weights fingerprint" in r.output

@@ -51,7 +51,13 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
                    "[default: 1,2,4 up to --calib-steps (default 4)]")
 @click.option("--calib-data", type=click.Path(dir_okay=False), default=None,
               help="calibration set (.safetensors): loaded if it exists, else captured and saved there")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=None,
+              help="batch of calibration sampling and calibration passes [default: 32; qdiffusion: the preset's "
+                   "capture batch]")
+@click.option("--weights-from", type=click.Path(file_okay=False), default=None,
+              help="qdiffusion: take the finished weight stage of another run (its --work-dir, e.g. the W4A32 run "
+                   "when quantizing W4A8) and reconstruct activations only; refused unless the model, calibration "
+                   "set, weight config and weight-stage settings match")
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="output folder")
@@ -59,7 +65,7 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
 def command(model, weight_bits, act_bits, method, preset, weight_iters, act_iters, resume, work_dir, weight_estimator, act_estimator, granularity, group_size,
             weight_symmetric, act_symmetric, softmax_bits, quant_attention, split_shortcut, first_last_bits, overrides, config_path,
             calib_num, calib_st, calib_sampler, calib_steps, calib_spacing, calib_eta, calib_chains, calib_data, batch_size,
-            seed, device, out_dir, as_json):
+            weights_from, seed, device, out_dir, as_json):
     """Quantize MODEL (zoo:NAME, a diffusers folder, or a hub id) and write a quantized checkpoint."""
     from diffquant.config import QuantConfig
     from diffquant.io import save_quantized
@@ -95,9 +101,9 @@ def command(model, weight_bits, act_bits, method, preset, weight_iters, act_iter
         if act_iters is not None:
             recon = dataclasses.replace(recon, act_iters=act_iters)
         method_kwargs = {"preset": preset, "recon": recon, "resume": resume,
-                         "checkpoint_dir": work_dir or str(Path(out_dir) / "recon")}
-    elif weight_iters is not None or act_iters is not None or resume:
-        fail("--weight-iters/--act-iters/--resume apply to --method qdiffusion only")
+                         "checkpoint_dir": work_dir or str(Path(out_dir) / "recon"), "weights_from": weights_from}
+    elif weight_iters is not None or act_iters is not None or resume or weights_from:
+        fail("--weight-iters/--act-iters/--resume/--weights-from apply to --method qdiffusion only")
     try:
         if config_path:
             cfg = QuantConfig.from_json(config_path)
@@ -118,10 +124,12 @@ def command(model, weight_bits, act_bits, method, preset, weight_iters, act_iter
         calib = None
         if needs_calibration(cfg) or method == "qdiffusion":  # block reconstruction needs data even weights-only
             calib = get_calibration(loaded.model, loaded.scheduler,
-                                    CalibOptions(calib_num, calib_st, spec, batch_size=batch_size, path=calib_data,
+                                    CalibOptions(calib_num, calib_st, spec, batch_size=batch_size or 32, path=calib_data,
                                                  cm_chains=chains), dev)
         capture_s = time.perf_counter() - t0
-        q = run_ptq(loaded.model, cfg, method, calib, device=dev, batch_size=batch_size, seed=seed, **method_kwargs)
+        if batch_size is not None:
+            method_kwargs["batch_size"] = batch_size
+        q = run_ptq(loaded.model, cfg, method, calib, device=dev, seed=seed, **method_kwargs)
     except (ValueError, MemoryError) as e:
         fail(str(e))
     report = quant_report(q)
