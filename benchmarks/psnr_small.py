@@ -3,7 +3,10 @@
     python benchmarks/psnr_small.py --n 32 --steps 20 naive:4:32 naive:4:32:fl8 ckpt:/path/to/quantized_folder
 
 Variants: ``naive:W:A`` (round-to-nearest, Lp range search), ``naive:W:A:fl8`` (the same with conv_in/conv_out at
-8 bits), ``ckpt:FOLDER`` (a saved quantized checkpoint). DDIM with uniform spacing, fixed compute batch = n.
+8 bits), ``backend:NAME[:OPT...]`` (the configuration the real kernels run, ``config_for_backend(NAME)`` with
+NAME in int8/fp8/w4a8/w4a16, min-max ranges; OPT: ``skip=PATTERN`` leaves matching layers in float, ``wonly`` drops
+the activation quantizers, ``aonly`` the weight quantizers), ``ckpt:FOLDER`` (a saved quantized checkpoint).
+DDIM with uniform spacing, fixed compute batch = n.
 A planning tool (seconds to minutes on a CPU), not a substitute for the 10k-sample table.
 """
 from __future__ import annotations
@@ -52,8 +55,27 @@ def main() -> None:
 
                 calib = get_calibration(lm.model, lm.scheduler, CalibOptions(8, 10, spec), progress=False)
             q = run_ptq(lm.model, cfg, "naive", calib, progress=False)
+        elif parts[0] == "backend":
+            from diffquant.config import LayerOverride
+            from diffquant.convert import config_for_backend
+            from diffquant.recipes import CalibOptions, get_calibration
+
+            cfg = config_for_backend(parts[1])
+            for opt in parts[2:]:
+                if opt.startswith("skip="):
+                    cfg = cfg.replace(overrides=cfg.overrides + (LayerOverride(opt[5:], skip=True),))
+                elif opt == "wonly":
+                    cfg = cfg.replace(act=None)
+                elif opt == "aonly":
+                    cfg = cfg.replace(weight=None)
+                else:
+                    raise SystemExit(f"bad option {opt!r} in {v!r}; use skip=PATTERN, wonly or aonly")
+            calib = None
+            if cfg.act is not None:
+                calib = get_calibration(lm.model, lm.scheduler, CalibOptions(8, 10, spec), progress=False)
+            q = run_ptq(lm.model, cfg, "naive", calib, progress=False)
         else:
-            raise SystemExit(f"bad variant {v!r}; use naive:W:A[:fl8] or ckpt:FOLDER")
+            raise SystemExit(f"bad variant {v!r}; use naive:W:A[:fl8], backend:NAME[:OPT...] or ckpt:FOLDER")
         r = paired_fidelity(fp, draw(q))
         rows.append({"variant": v, "psnr_vs_fp": round(r["psnr"]["mean"], 2), "ssim": round(r["ssim"]["mean"], 4),
                      "n": a.n, "ddim_steps": a.steps, "seconds": round(time.perf_counter() - t, 1)})
