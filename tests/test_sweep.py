@@ -171,3 +171,55 @@ def test_cli_sweep_and_report(model_dir, tmp_path):
     assert r.exit_code != 0 and "act_bits=33" in r.output
     r = CliRunner().invoke(cli, ["report", str(tmp_path / "nothing")])
     assert r.exit_code != 0 and "results.json" in r.output
+
+
+def test_sweep_over_a_consistency_model(tmp_path, monkeypatch):
+    """Issue 6's sweep shape on a tiny class-conditional consistency model (ConsistencyModelPipeline folder):
+    cm sampler at 1 and 2 steps, calibration over the noise levels of the 1- and 2-step chains, naive and
+    qdiffusion recipes (iteration counts from the recipe options), first/last layers kept at 8 bits."""
+    from diffusers import ConsistencyModelPipeline
+
+    import diffquant.evaluation.suite as suite
+    from diffquant.models.configs import cm_scheduler
+
+    monkeypatch.setattr(suite, "evaluate_images", _fake_metrics([]))
+    torch.manual_seed(0)
+    unet = UNet2DModel(**dict(TINY16, num_class_embeds=10)).eval()
+    ConsistencyModelPipeline(unet=unet, scheduler=cm_scheduler()).save_pretrained(tmp_path / "cm")
+    d = {"name": "cm", "models": [str(tmp_path / "cm")], "bits": ["W8A8", "W4A8"], "samplers": [{"sampler": "cm"}],
+         "steps": [1, 2], "num_samples": 3, "metrics": ["fd_cifar"], "compute_batch": 3, "batch_size": 4,
+         "shard_size": 3, "grid": 3,
+         "recipes": [{"name": "naive", "method": "naive", "first_last_bits": 8},
+                     {"name": "qd", "method": "qdiffusion", "weight_estimator": "lp", "act_estimator": "lp",
+                      "first_last_bits": 8, "options": {"weight_iters": 2, "act_iters": 1}}],
+         "calibration": {"num_per_step": 2, "num_steps": None, "sampler": "cm", "steps": 2, "chains": [1, 2]}}
+    spec = SweepSpec.from_dict(d)
+    assert spec.calibration.chains == (1, 2)
+    res = run_sweep(spec, tmp_path / "out", device="cpu", progress=False, extractors={"cifar10-features": object()})
+    rows = {(r["method"], r["config"], r["steps"]): r for r in res.rows}
+    assert set(rows) == {("fp", "FP", 1), ("fp", "FP", 2)} | {(m, c, s) for m in ("naive", "qd")
+                                                            for c in ("W8A8", "W4A8") for s in (1, 2)}
+    for k, r in rows.items():
+        if k[0] != "fp":
+            assert np.isfinite(r["psnr_vs_fp"]) and r["calib_seconds"] is not None
+    from diffquant.calibration import CalibrationSet
+
+    (cal_file,) = (tmp_path / "out" / "cache" / "calib").glob("*.safetensors")
+    cal = CalibrationSet.load(str(cal_file))
+    assert len(cal) == 2 * 2  # 2 trajectories x the distinct noise levels of the 1- and 2-step chains
+    with pytest.raises(ValueError, match="consistency sampler"):
+        SweepSpec.from_dict({**d, "calibration": {"sampler": "ddim", "chains": [1]}})
+    with pytest.raises(ValueError, match="step counts"):
+        SweepSpec.from_dict({**d, "calibration": {"sampler": "cm", "steps": 2, "chains": [0]}})
+
+
+def test_issue6_single_step_spec_parses():
+    """benchmarks/single_step.yaml (the issue-6 table) is a valid spec: FP + 2 recipes x 6 bit-widths, each at 1/2/4
+    cm steps, calibrated over the 1/2/4-step chains."""
+    from pathlib import Path
+
+    spec = load_spec(str(Path(__file__).resolve().parents[1] / "benchmarks" / "single_step.yaml"))
+    cells = plan_cells(spec)
+    assert len(cells) == 3 + 2 * 6 * 3
+    assert spec.calibration.chains == (1, 2, 4) and spec.calibration.sampler == "cm"
+    assert {c.sampler.steps for c in cells} == {1, 2, 4} and {c.num for c in cells} == {10000}

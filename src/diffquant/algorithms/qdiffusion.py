@@ -453,6 +453,8 @@ def qdiffusion_ptq(
     batch_size: Optional[int] = None,
     seed: Optional[int] = None,
     weights_from: Optional[str | Path] = None,
+    weight_iters: Optional[int] = None,
+    act_iters: Optional[int] = None,
 ) -> nn.Module:
     """Quantize ``model`` (a copy) with the Q-Diffusion recipe on the calibration set ``calib``.
 
@@ -469,6 +471,10 @@ def qdiffusion_ptq(
         recon = PRESETS[preset]
     if seed is not None:
         recon = dataclasses.replace(recon, seed=seed)
+    if weight_iters is not None:  # overrides of the preset's iteration counts (CLI, sweep options)
+        recon = dataclasses.replace(recon, weight_iters=weight_iters)
+    if act_iters is not None:
+        recon = dataclasses.replace(recon, act_iters=act_iters)
     if config.weight is not None and config.weight.dtype != "int":
         raise ValueError("Q-Diffusion block reconstruction needs integer weight schemes (AdaRound)")
     t0 = time.perf_counter()

@@ -18,6 +18,8 @@ sampler, step count and sample count. Example::
     metrics: [fd_cifar]               # distribution metrics of diffquant.evaluation.suite;
                                       # PSNR/SSIM against FP (same seeds) are always computed
     calibration: {num_per_step: 32, num_steps: 10, sampler: ddim, steps: 20, seed: 1000000}
+                                      # consistency models: {sampler: cm, steps: 4, chains: [1, 2, 4],
+                                      #   num_steps: null} = every noise level of the 1/2/4-step chains
     compute_batch: 64                 # samples are identical for a given compute batch and device type
     batch_size: 64
     shard_size: 1000
@@ -41,7 +43,8 @@ from diffquant.sampling import SamplerSpec
 __all__ = ["CalibSpec", "Recipe", "SweepSpec", "load_spec", "parse_bits", "stable_hash"]
 
 RECIPE_CONFIG_KEYS = ("weight_estimator", "act_estimator", "weight_granularity", "group_size", "weight_symmetric",
-                      "act_symmetric", "softmax_bits", "quantize_attention", "split_shortcut", "overrides")
+                      "act_symmetric", "softmax_bits", "quantize_attention", "split_shortcut", "overrides",
+                      "first_last_bits")
 SPEC_KEYS = ("name", "title", "models", "model", "recipes", "methods", "bits", "weight_bits", "act_bits", "samplers",
              "steps", "num_samples", "seed", "metrics", "calibration", "compute_batch", "batch_size", "shard_size",
              "grid", "float_bits", "device", "floor", "notes", "save_quantized")
@@ -111,19 +114,37 @@ def _recipe(item: Any) -> Recipe:
 
 @dataclass(frozen=True)
 class CalibSpec:
+    """``num_steps``: time steps kept per trajectory (None: all). ``chains`` (consistency models, sampler 'cm'):
+    the step counts whose chains' noise levels make up the calibration inputs, e.g. [1, 2, 4]."""
+
     num_per_step: int = 32
-    num_steps: int = 10
+    num_steps: Optional[int] = 10
     sampler: str = "ddim"
     steps: int = 20
     spacing: str = "uniform"
     eta: float = 0.0
     seed: int = 1_000_000
+    chains: Optional[tuple] = None
+
+    def __post_init__(self) -> None:
+        if self.chains is not None:
+            ch = tuple(self.chains) if isinstance(self.chains, (list, tuple)) else None
+            if not ch or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ch):
+                raise ValueError(f"calibration.chains={self.chains!r} must be a non-empty list of step counts >= 1")
+            if self.sampler != "cm":
+                raise ValueError(f"calibration.chains applies to the consistency sampler ('cm'), not {self.sampler!r}")
+            object.__setattr__(self, "chains", ch)
 
     def sampler_spec(self) -> SamplerSpec:
         return SamplerSpec(self.sampler, self.steps, self.spacing, self.eta)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["chains"] is None:
+            d.pop("chains")  # specs without chains keep their cache keys
+        else:
+            d["chains"] = list(d["chains"])
+        return d
 
 
 def _sampler(item: Any) -> SamplerSpec:
@@ -222,6 +243,8 @@ class SweepSpec:
         calib = CalibSpec(**cal)
         calib.sampler_spec()  # validates
         for what in ("num_per_step", "num_steps", "steps"):
+            if what == "num_steps" and calib.num_steps is None:
+                continue  # every step / noise level
             _pos_int(getattr(calib, what), f"calibration.{what}")
         fb = d.get("float_bits", 16)
         if fb not in (16, 32):

@@ -369,7 +369,8 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, device: Any = None, progr
                                 calib_cache[calib_key] = get_calibration(
                                     fp_model, sched,
                                     CalibOptions(c.num_per_step, c.num_steps, c.sampler_spec(), c.seed, spec.batch_size,
-                                                 path=str(runner.cache / "calib" / f"{calib_key}.safetensors")),
+                                                 path=str(runner.cache / "calib" / f"{calib_key}.safetensors"),
+                                                 cm_chains=c.chains),
                                     device, progress=progress)
                                 minfo["calib_capture_seconds"] = time.perf_counter() - t0
                                 minfo["calib_rows"] = len(calib_cache[calib_key])
