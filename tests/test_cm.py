@@ -208,6 +208,29 @@ def test_cd_config_is_checked(tiny_data, tmp_path):
         CMTrainer(_cfg(tiny_data, tmp_path), teacher=(UNet2DModel(**TINY), DDPMScheduler(**DDPM_SCHEDULER)))
 
 
+def test_cd_smaller_student(tiny_data, teacher, tmp_path):
+    """A narrower student (student overrides): refused with init='teacher'; with init='random' the warm start
+    regresses the teacher's denoiser, CD runs, and the carry state bundles as the narrower architecture."""
+    from diffquant.zoo.bundle import load_bundled_unet
+    from diffquant.zoo.train_cm import CMTrainer, bundle_cm, train_cm
+
+    torch.set_num_threads(1)
+    narrow = {"block_out_channels": [8, 16], "norm_num_groups": 4}
+    with pytest.raises(ValueError, match="init='random'"):
+        CMTrainer(_cfg(tiny_data, tmp_path / "x", student=narrow), teacher=teacher)
+    with pytest.raises(ValueError, match="not keys"):
+        CMTrainer(_cfg(tiny_data, tmp_path / "x", student={"channels": 3}, init="random"), teacher=teacher)
+    out = train_cm(_cfg(tiny_data, tmp_path / "s", student=narrow, init="random", carry_dir=str(tmp_path / "c")),
+                   resume=None, until_step=3, teacher=teacher)
+    assert out["step"] == 3
+    model, sched = load_bundled_unet(bundle_cm(tmp_path / "c", tmp_path / "zoo"))
+    assert tuple(model.config.block_out_channels) == (8, 16) and model.config.norm_num_groups == 4
+    n_student = sum(p.numel() for p in model.parameters())
+    assert n_student < sum(p.numel() for p in teacher[0].parameters()) / 3
+    imgs = sample(model, sched, num=2, seed=0, spec=SamplerSpec("cm", 1), progress=False).images
+    assert imgs.shape == (2, 16, 16, 3)
+
+
 # ------------------------------------------------------------------------ calibration over noise levels
 
 

@@ -36,6 +36,8 @@ start_cm() {  # start_cm RESUME
     --max-minutes ${MAX_MINUTES:-28} --stop-file $RUN/STOP --batch-size ${BATCH:-256} --init-steps ${INIT_STEPS:-1000} \
     --lr ${LR:-2e-4} --log-every ${LOG_EVERY:-200} --save-every-minutes 2 --json ${EXTRA:-}"
   [ "${COMPILE:-0}" = 1 ] && ARGS="$ARGS --compile"
+  # a narrower student (JSON without spaces), e.g. STUDENT='{"block_out_channels":[32,64,64,64],"norm_num_groups":16}'
+  [ -n "${STUDENT:-}" ] && ARGS="$ARGS --init random --student $STUDENT"
   if [ "$NPROC" -gt 1 ]; then
     setsid nohup torchrun --standalone --nproc-per-node $NPROC -m diffquant.zoo.train_cm $ARGS \
       >> $RUN/train.log 2>&1 < /dev/null &

@@ -95,6 +95,9 @@ def ddpm(data, run_dir, unet, batch_size, lr, warmup_steps, dropout, ema_decay, 
 @click.option("--loss", type=click.Choice(["huber", "l2"]), default="huber", show_default=True)
 @click.option("--init", "init", type=click.Choice(["teacher", "random"]), default="teacher", show_default=True)
 @click.option("--init-steps", default=1000, show_default=True, help="Denoiser warm-start steps before CD.")
+@click.option("--student", "student_json", default=None, metavar="JSON",
+              help='UNet2DModel config overrides for the student, e.g. \'{"block_out_channels": [32, 64, 64, 64], '
+                   '"norm_num_groups": 16}\' (needs --init random) [default: the teacher\'s architecture]')
 @click.option("--batch-size", default=256, show_default=True, help="Global batch (split over torchrun ranks).")
 @click.option("--lr", default=2e-4, show_default=True)
 @click.option("--warmup-steps", default=500, show_default=True)
@@ -118,7 +121,7 @@ def ddpm(data, run_dir, unet, batch_size, lr, warmup_steps, dropout, ema_decay, 
 @click.option("--save-every-minutes", type=float, default=5.0, show_default=True)
 @click.option("--log-every", default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def cm(data, run_dir, teacher, num_scales, solver, loss, init, init_steps, batch_size, lr, warmup_steps, target_decay,
+def cm(data, run_dir, teacher, num_scales, solver, loss, init, init_steps, student_json, batch_size, lr, warmup_steps, target_decay,
        ema_decay, dropout, seed, amp, teacher_amp, compile, device, max_minutes, until_step, stop_file, resume, carry_dir,
        rewarm_steps, save_every_minutes, log_every, as_json) -> None:
     """Consistency distillation of a VP teacher (the zoo:cifar10-cm recipe) in resumable chunks; torchrun for DDP."""
@@ -128,11 +131,19 @@ def cm(data, run_dir, teacher, num_scales, solver, loss, init, init_steps, batch
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        student = {}
+        if student_json:
+            try:
+                student = json.loads(student_json)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--student is not valid JSON: {e}") from e
+            if not isinstance(student, dict):
+                raise ValueError(f"--student must be a JSON object of UNet2DModel config keys; got {student_json!r}")
         init_distributed()
         cfg = CMTrainConfig(
             data=data, run_dir=run_dir, teacher=teacher,
             scheduler={} if num_scales is None else {"num_train_timesteps": num_scales}, solver=solver, loss=loss,
-            init=init, init_steps=init_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+            init=init, init_steps=init_steps, student=student, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
             target_decay=target_decay, ema_decay=ema_decay, dropout=dropout, seed=seed, amp=amp,
             teacher_amp=teacher_amp, compile=compile, device=device, log_every=log_every,
             save_every_minutes=save_every_minutes, carry_dir=carry_dir, rewarm_steps=rewarm_steps)

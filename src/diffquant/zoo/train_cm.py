@@ -34,6 +34,12 @@ the recipe first runs ``init_steps`` of a **denoiser warm start**: the student r
 x0-predictor in the consistency parametrisation — the situation of EDM-based CD, where student and teacher
 coincide at initialisation — and consistency distillation proper begins. ``init="random"`` trains from scratch.
 
+**A smaller student.** ``student`` overrides the teacher's UNet2DModel config for the student (e.g.
+``{"block_out_channels": [32, 64, 64, 64], "norm_num_groups": 16}``: 2.25M parameters, 4.5 MB in fp16, a quarter
+of the teacher — what fits the project's 40 MB budget of bundled weights next to the DDPM and the feature
+network). A student of another shape cannot copy the teacher's weights: it starts from ``init="random"`` and the
+denoiser warm start distils the teacher's denoiser into it before CD (give it more ``init_steps``).
+
 **Randomness and world size.** Every step's randomness (batch indices, flips, noise levels, noise) is drawn
 for the *global* batch from a generator seeded by (seed, step); each rank takes its slice. A run is therefore
 the same on 1 or N processes up to the order of floating-point reductions, and resuming needs no RNG state.
@@ -90,6 +96,7 @@ class CMTrainConfig:
     huber_c: Optional[float] = None  # None: 0.00054 * sqrt(C*H*W)
     init: str = "teacher"
     init_steps: int = 1000  # denoiser warm start before CD (0: none)
+    student: dict = field(default_factory=dict)  # UNet2DModel config overrides for the student (e.g. narrower)
     dropout: float = 0.0
     batch_size: int = 256  # global batch, split over the ranks
     lr: float = 2e-4
@@ -292,13 +299,25 @@ class CMTrainer:
         self.scheduler = cm_scheduler({**ZOO_CIFAR10_CM_SCHEDULER, **cfg.scheduler})
         self.grid = CDGrid(self.scheduler, self.teacher_scheduler, self.device)
         self.unet_config = {k: list(v) if isinstance(v, tuple) else v for k, v in tconf.items()}
+        bad = sorted(set(cfg.student) - set(self.unet_config) - {"dropout"})
+        if bad:
+            raise ValueError(f"student overrides {bad} are not keys of the teacher's UNet2DModel config; "
+                             f"allowed: {', '.join(sorted(self.unet_config))}")
+        if "dropout" in cfg.student:
+            raise ValueError("set the student's dropout with the recipe's dropout, not in student overrides")
+        self.unet_config.update({k: list(v) if isinstance(v, tuple) else v for k, v in cfg.student.items()})
         self.unet_config["dropout"] = cfg.dropout
         conf = {k: tuple(v) if isinstance(v, list) else v for k, v in self.unet_config.items()}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.model = UNet2DModel(**conf)
         if cfg.init == "teacher":
-            self.model.load_state_dict(self.teacher.state_dict())
+            own, theirs = self.model.state_dict(), self.teacher.state_dict()
+            if own.keys() != theirs.keys() or any(own[k].shape != theirs[k].shape for k in own):
+                raise ValueError(f"init='teacher' copies the teacher's weights, but the student overrides "
+                                 f"{cfg.student} change its architecture; use init='random' (the denoiser warm start "
+                                 f"then distils the teacher into the new architecture)")
+            self.model.load_state_dict(theirs)
         self.model = self.model.to(self.device)
         if cuda and cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
