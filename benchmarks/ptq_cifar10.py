@@ -60,6 +60,11 @@ def _cells() -> dict[str, dict]:
     # weights, per-tensor activations, attention matmuls in float), calibrated naively with min-max ranges
     cells["naive-fp8-w8a8"] = dict(method="naive", preset=None, w=8, a=8, split=True, backend="fp8")
     cells["naive-int8sym-w8a8"] = dict(method="naive", preset=None, w=8, a=8, split=True, backend="int8")
+    # the same with the 3-channel output convolution left in float (config_for_backend(keep_float=("conv_out",)))
+    cells["naive-fp8-w8a8-outfloat"] = dict(method="naive", preset=None, w=8, a=8, split=True, backend="fp8",
+                                            keep_float=("conv_out",))
+    cells["naive-int8sym-w8a8-outfloat"] = dict(method="naive", preset=None, w=8, a=8, split=True, backend="int8",
+                                                keep_float=("conv_out",))
     return cells
 
 
@@ -167,7 +172,7 @@ def ensure_model(name: str, work: Path, lm, dev) -> Path:
         if c.get("backend"):
             from diffquant.convert import config_for_backend
 
-            cfg = config_for_backend(c["backend"])
+            cfg = config_for_backend(c["backend"], keep_float=c.get("keep_float", ()))
         else:
             cfg = build_config(c["w"], c["a"], weight_estimator=est, act_estimator=est, split_shortcut=c["split"],
                                first_last_bits=FIRST_LAST_BITS)
@@ -220,7 +225,8 @@ def run_cell(name: str, work: Path, device: str, num: int) -> dict:
     row = {"cell": name, "method": c["method"], "preset": c.get("preset"), "weight_bits": c.get("w", 32),
            "act_bits": c.get("a", 32), "split_shortcut": c.get("split"), "num_samples": num,
            "recon_overrides": c.get("recon"),
-           "config": ("config_for_backend(%r)" % c["backend"]) if c.get("backend") else None,
+           "config": (f"config_for_backend({c['backend']!r}, keep_float={c.get('keep_float', ())!r})"
+                      if c.get("backend") else None),
            "first_last_bits": FIRST_LAST_BITS if c["method"] != "fp" else None,
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     timing_path = cdir / "timing.json"

@@ -227,6 +227,23 @@ def test_convert_layers_equal_fake_quant(backend):
     assert float((out - ref).norm() / ref.norm()) < (1e-5 if backend == "w4a16" else 0.1)
 
 
+def test_keep_float_layers_stay_plain():
+    """config_for_backend(keep_float=...): matching layers stay ordinary float layers through quantize + convert."""
+    from torch import nn
+
+    model = build_unet(SMALL).eval()
+    cfg = config_for_backend("fp8", keep_float=("conv_out",))
+    assert cfg.schemes_for("conv_out") is None and cfg.schemes_for("conv_in") is not None
+    q = quantize(model, cfg)
+    x, t, c = example_inputs(model, batch=1)
+    with torch.no_grad(), calibrate(q):
+        call_model(q, x, t, c)
+    cm = convert(q, "fp8")
+    assert type(cm.conv_out) is nn.Conv2d and isinstance(cm.conv_in, LowBitLayer)
+    assert "conv_out" not in cm._diffquant_convert_report.converted
+    assert config_for_backend("int8", keep_float="conv_out").schemes_for("conv_out") is None
+
+
 def test_convert_weight_bytes_w4_and_dtype_moves():
     model, q, inputs = _calibrated("w4a16")
     cm = convert(q, "w4a16")
