@@ -63,3 +63,24 @@ def test_pt2e_refusals(setup):
         quantize_pt2e_x86(model, None)
     with pytest.raises(ValueError, match="calibration set"):
         quantize_pt2e_x86(model, calib.subset(1, seed=0))
+
+
+def test_pt2e_class_conditional():
+    """A class-conditional UNet2DModel (the consistency-model layouts) exports with class_labels as an input."""
+    from diffquant.models.configs import cm_scheduler
+
+    torch.set_num_threads(1)
+    model = build_unet(dict(SMALL, num_class_embeds=10), seed=0).eval()
+    calib = capture_calibration_set(model, cm_scheduler(), num_per_step=4, spec=SamplerSpec("cm", 2), cm_chains=(1, 2),
+                                    progress=False)
+    assert "class_labels" in calib.cond
+    q = quantize_pt2e_x86(model, calib, compile=False)
+    x, t, cond = calib.batch(torch.arange(3))
+    with torch.no_grad():
+        ref = model(x.float(), t.float(), class_labels=cond["class_labels"]).sample
+        out = q(x.float(), t.float(), class_labels=cond["class_labels"])
+    assert _rel(out, ref) < 0.1
+    with pytest.raises(ValueError, match="class_labels"):
+        q(x.float(), t.float())
+    imgs = sample(q, cm_scheduler(), num=2, seed=0, spec=SamplerSpec("cm", 1), progress=False).images
+    assert imgs.shape == (2, 16, 16, 3)
