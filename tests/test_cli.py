@@ -2,9 +2,11 @@
 import json
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from diffquant.cli import cli
+from diffquant.kernels.cpu_pt2e import torchao_available
 from diffquant.sampling import load_samples
 
 
@@ -99,3 +101,21 @@ def test_quantize_qdiffusion_cli_with_resume(tmp_path):
     w3[w3.index(str(tmp_path / "qd8"))] = str(tmp_path / "qd3")
     r = _run(w3 + ["--weights-from", str(tmp_path / "qd" / "recon")])
     assert r.exit_code != 0 and "weights fingerprint" in r.output
+
+
+@pytest.mark.skipif(not torchao_available(), reason="needs torchao")
+def test_sample_cpu_int8(tmp_path):
+    """`diffquant sample --cpu-int8`: calibrate on the FP sampler, pt2e int8 on the CPU, sample; close to FP."""
+    base = ["sample", "zoo:tiny-random", "--steps", "2", "--num", "2", "--device", "cpu", "--no-grid", "--json"]
+    r = _run(base + ["--out", str(tmp_path / "fp.npz")])
+    assert r.exit_code == 0, r.output
+    r = _run(base + ["--cpu-int8", "--calib-num", "2", "--out", str(tmp_path / "q.npz")])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)["cpu_int8"]
+    assert info["calib_rows"] == 2 * 10
+    from diffquant.evaluation.fidelity import paired_fidelity
+
+    fp, q = load_samples(tmp_path / "fp.npz"), load_samples(tmp_path / "q.npz")
+    assert paired_fidelity(fp[0], q[0])["psnr"]["mean"] > 20
+    r = _run(base + ["--cpu-int8", "--shard-size", "1", "--out", str(tmp_path / "s.npz")])
+    assert r.exit_code != 0 and "in one go" in r.output

@@ -43,9 +43,15 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
 @click.option("--compute-batch", type=int, default=None,
               help="sharded run: rows per model evaluation (default 64); samples are identical for a given "
                    "compute batch and device type, whatever --batch-size")
+@click.option("--cpu-int8", is_flag=True,
+              help="run MODEL as real int8 on an x86 CPU through PyTorch's pt2e flow (torchao X86InductorQuantizer + "
+                   "Inductor; needs torchao), calibrated first on the full-precision sampler's inputs")
+@click.option("--calib-num", type=int, default=16, show_default=True,
+              help="with --cpu-int8: calibration trajectories (x 10 steps of DDIM-20; consistency models: x the noise "
+                   "levels of the 1/2/4-step chains)")
 @click.option("--json", "as_json", is_flag=True)
 def command(model, sampler, steps, spacing, eta, num, seed, batch_size, device, out_path, grid, shard_size, out_dir,
-            resume, compute_batch, as_json):
+            resume, compute_batch, cpu_int8, calib_num, as_json):
     """Sample MODEL (zoo:NAME, diffusers folder, hub id, or a quantized folder) with fixed seeds."""
     from diffquant.models.loading import load_model
     from diffquant.sampling import SamplerSpec, sample, save_samples
@@ -53,6 +59,8 @@ def command(model, sampler, steps, spacing, eta, num, seed, batch_size, device, 
 
     sharded = (shard_size is not None or out_dir is not None or resume or compute_batch is not None
                or int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    if sharded and cpu_int8:
+        fail("--cpu-int8 samples in one go: leave out --shard-size/--out-dir/--resume/--compute-batch and torchrun")
     if sharded:
         return _sharded(model, sampler, steps, spacing, eta, num, seed, batch_size, device, out_path, grid,
                         shard_size, out_dir, resume, compute_batch, as_json)
@@ -62,12 +70,17 @@ def command(model, sampler, steps, spacing, eta, num, seed, batch_size, device, 
         loaded = load_model(model, device=dev)
         if loaded.scheduler is None:
             fail(f"{model} has no scheduler config; cannot sample")
+        net, int8_info = loaded.model, None
+        if cpu_int8:
+            net, int8_info = _cpu_int8(loaded, dev, calib_num)
         t0 = time.perf_counter()
-        res = sample(loaded.model, loaded.scheduler, num=num, seed=seed, spec=spec, batch_size=batch_size, device=dev)
+        res = sample(net, loaded.scheduler, num=num, seed=seed, spec=spec, batch_size=batch_size, device=dev)
         secs = time.perf_counter() - t0
-    except ValueError as e:
+    except (ValueError, ImportError) as e:
         fail(str(e))
     meta = {**res.meta, "model": model, "quantized": loaded.quantized, "device": str(dev)}
+    if int8_info:
+        meta["cpu_int8"] = int8_info
     save_samples(out_path, res.images, res.seeds, meta)
     grid_path = None
     if grid:
@@ -78,6 +91,31 @@ def command(model, sampler, steps, spacing, eta, num, seed, batch_size, device, 
         emit_json(out)
     else:
         click.echo(f"{num} samples in {secs:.1f}s ({num / secs:.2f} img/s) -> {out_path}")
+
+
+def _cpu_int8(loaded, dev, calib_num: int):
+    """(int8 denoiser, info): calibration on the FP sampler, then diffquant.kernels.cpu_pt2e.quantize_pt2e_x86."""
+    from diffquant.commands.quantize import _is_consistency_model, cm_calibration_plan
+    from diffquant.kernels.cpu_pt2e import quantize_pt2e_x86
+    from diffquant.recipes import CalibOptions, get_calibration
+    from diffquant.sampling import SamplerSpec
+
+    if dev.type != "cpu":
+        raise ValueError(f"--cpu-int8 runs on the CPU; got --device {dev}")
+    if loaded.quantized:
+        raise ValueError("--cpu-int8 quantizes the full-precision model itself; pass the FP model, not a quantized folder")
+    t0 = time.perf_counter()
+    if _is_consistency_model(loaded.scheduler):
+        spec, chains, levels = cm_calibration_plan(loaded.scheduler, "cm", None, None, None)
+        opts = CalibOptions(calib_num, levels, spec, cm_chains=chains)
+    else:
+        opts = CalibOptions(calib_num, 10, SamplerSpec("ddim", 20))
+    calib = get_calibration(loaded.model, loaded.scheduler, opts, dev, progress=False)
+    t1 = time.perf_counter()
+    net = quantize_pt2e_x86(loaded.model, calib)
+    return net, {"calib_rows": len(calib), "calib_capture_seconds": round(t1 - t0, 2),
+                 "export_calibrate_convert_compile_seconds": round(time.perf_counter() - t1, 2),
+                 "flow": "torch.export + torchao X86InductorQuantizer (pt2e) + Inductor freezing"}
 
 
 def _sharded(model, sampler, steps, spacing, eta, num, seed, batch_size, device, out_path, grid, shard_size, out_dir,
