@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # diffusers' UNet2DModel exports with a dynamic batch only inside this range (a guard of its attention reshapes)
 EXPORT_BATCH = (2, 63)
+# batch sizes compiled up front: Inductor guards the batch of its CPU convolutions at 2..15 and 16..63 (torch 2.13)
+WARMUP_BATCHES = (3, 16)
 
 
 def torchao_available() -> bool:
@@ -134,8 +136,12 @@ def quantize_pt2e_x86(model: nn.Module, calib, *, batch_size: int = 32, compile:
 
         with icfg.patch(freezing=True):
             program = torch.compile(converted)
-            with torch.no_grad():
-                program(*ex)  # compile now, under freezing
+            with torch.no_grad():  # compile now, under freezing. Inductor's CPU convolutions guard the batch at
+                for b in WARMUP_BATCHES:  # 2..15 and 16..63: one graph each, so sampling never recompiles
+                    args = args_of(torch.arange(b) % n)
+                    for a in args:
+                        torch._dynamo.mark_dynamic(a, 0)
+                    program(*args)
     log.info("pt2e int8 (X86InductorQuantizer): %d calibration rows, compiled=%s", n, compile)
     return Pt2eInt8Denoiser(program, model.config, conditional, compile)
 
