@@ -70,3 +70,18 @@ def test_text_to_image_unet_quantized_with_cross_attention():
         ref, out = call_model(unet, x, t, c), call_model(q, x, t, c)
     rel = ((out - ref) ** 2).mean() / (ref**2).mean()
     assert rel < 0.05
+
+
+def test_zoo_folder_loads_by_path():
+    """A bundled zoo folder (model.safetensors + config.json with 'class') loads by path like zoo:NAME."""
+    from diffquant.models.loading import load_model
+    from diffquant.zoo import WEIGHTS_DIR
+
+    folder = WEIGHTS_DIR / "cifar10-ddpm"
+    if not (folder / "model.safetensors").is_file():
+        pytest.skip("zoo:cifar10-ddpm is not bundled")
+    a, b = load_model(str(folder)), load_model("zoo:cifar10-ddpm")
+    assert type(a.scheduler) is type(b.scheduler)
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([10])
+    with torch.no_grad():
+        assert torch.equal(a.model(x, t).sample, b.model(x, t).sample)

@@ -78,6 +78,12 @@ def load_local(path: Path, device: Any = "cpu") -> LoadedModel:
         model = _load_model_folder(path / "unet", device)
         sched = _scheduler_from_folder(path / "scheduler") if (path / "scheduler").is_dir() else _default_scheduler()
         return LoadedModel(model, sched, {"kind": "path", "path": str(path.resolve())})
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file() and \
+            "class" in json.loads((path / "config.json").read_text()):  # a diffquant zoo folder (bundled weights)
+        from diffquant.zoo.bundle import load_bundled_unet
+
+        model, sched = load_bundled_unet(path)
+        return LoadedModel(model.to(device), sched, {"kind": "path", "path": str(path.resolve())})
     if (path / "config.json").is_file():
         model = _load_model_folder(path, device)
         if (path / "scheduler_config.json").is_file():
@@ -89,8 +95,8 @@ def load_local(path: Path, device: Any = "cpu") -> LoadedModel:
             sched = _default_scheduler()
         return LoadedModel(model, sched, {"kind": "path", "path": str(path.resolve())})
     raise ValueError(
-        f"{path} is not a diffusers model folder (config.json), pipeline folder (model_index.json) "
-        f"or diffquant quantized folder (diffquant.json)"
+        f"{path} is not a diffusers model folder (config.json), pipeline folder (model_index.json), "
+        f"diffquant zoo folder (config.json + model.safetensors) or diffquant quantized folder (diffquant.json)"
     )
 
 
