@@ -23,18 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
-
-
-class _Eps(nn.Module):
-    """(x, t) -> predicted noise: the exportable call of a diffusers UNet2DModel."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t).sample
 
 
 def _median_ms(fn, args, runs: int) -> float:
@@ -65,7 +53,7 @@ def main() -> None:
     a = ap.parse_args()
     import torch._inductor.config as icfg
 
-    from diffquant.kernels.cpu_pt2e import quantize_pt2e_x86, torchao_available
+    from diffquant.kernels.cpu_pt2e import _Eps, quantize_pt2e_x86, torchao_available
 
     if not torchao_available():
         raise SystemExit("this benchmark needs torchao (pip install torchao)")
@@ -102,13 +90,13 @@ def main() -> None:
     with torch.no_grad():
         t0 = time.perf_counter()
         with icfg.patch(freezing=True):
-            fp_c = torch.compile(_Eps(fp))
+            fp_c = torch.compile(_Eps(fp, False))
             fp_c(*ex)
         fp_compile_s = time.perf_counter() - t0
-        ref = _Eps(fp)(xs_h, ts_h)
+        ref = _Eps(fp, False)(xs_h, ts_h)
         err = {"pt2e_int8_compiled": _rel(q_c(xs_h, ts_h), ref), "pt2e_int8_uncompiled": _rel(converted(xs_h, ts_h), ref),
-               "diffquant_fake_int8": _rel(_Eps(dq)(xs_h, ts_h), ref)}
-        err["pt2e_vs_diffquant_fake"] = _rel(q_c(xs_h, ts_h), _Eps(dq)(xs_h, ts_h))
+               "diffquant_fake_int8": _rel(_Eps(dq, False)(xs_h, ts_h), ref)}
+        err["pt2e_vs_diffquant_fake"] = _rel(q_c(xs_h, ts_h), _Eps(dq, False)(xs_h, ts_h))
 
     def fp_compiled(*args):
         with icfg.patch(freezing=True):
@@ -118,10 +106,10 @@ def main() -> None:
     for b in [int(v) for v in a.batches.split(",")]:
         x = torch.randn(b, 3, 32, 32)
         t = torch.full((b,), 500.0)
-        row = {"batch": b, "fp32_eager_ms": _median_ms(_Eps(fp), (x, t), a.runs),
+        row = {"batch": b, "fp32_eager_ms": _median_ms(_Eps(fp, False), (x, t), a.runs),
                "fp32_compiled_ms": _median_ms(fp_compiled, (x, t), a.runs),
                "pt2e_int8_compiled_ms": _median_ms(q_c, (x, t), a.runs),
-               "diffquant_fake_int8_ms": _median_ms(_Eps(dq), (x, t), a.runs)}
+               "diffquant_fake_int8_ms": _median_ms(_Eps(dq, False), (x, t), a.runs)}
         row["int8_speedup_vs_fp32_compiled"] = row["fp32_compiled_ms"] / row["pt2e_int8_compiled_ms"]
         row["int8_speedup_vs_fp32_eager"] = row["fp32_eager_ms"] / row["pt2e_int8_compiled_ms"]
         row["load_avg"] = os.getloadavg()[0]

@@ -484,15 +484,14 @@ def qdiffusion_ptq(
     q = quantize(fp, config).to(device).eval()
     for p in q.parameters():
         p.requires_grad_(False)
-    wfp = _fingerprint(fp, *_weight_view(config, recon)[:1], calib, _weight_view(config, recon)[1])
+    w_config, w_recon = _weight_view(config, recon)
     prog = _Progress(Path(checkpoint_dir) if checkpoint_dir else None, _fingerprint(fp, config, calib, recon), resume,
-                     weights_fingerprint=wfp)
+                     weights_fingerprint=_fingerprint(fp, w_config, calib, w_recon))
     prog.load_into(q)
     ex = calib.batch(torch.arange(min(2, len(calib))), device)
     units = find_units(q, ex)
-    reused = None
     if weights_from is not None and config.weight is not None and not prog.state["done"]["weights"]:
-        reused = prog.adopt_weights(q, Path(weights_from), [u.name for u in units if u.weight_quantizers()])
+        prog.adopt_weights(q, Path(weights_from), [u.name for u in units if u.weight_quantizers()])
         prog.mark(q, None)
         log.info("weight stage taken from %s (%d units)", weights_from, len(prog.state["done"]["weights"]))
     fp_units = {u.name: fp.get_submodule(u.name) for u in units}

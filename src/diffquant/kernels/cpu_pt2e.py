@@ -90,8 +90,7 @@ class Pt2eInt8Denoiser(nn.Module):
         return self._run(x, t, class_labels)
 
 
-def quantize_pt2e_x86(model: nn.Module, calib, *, batch_size: int = 32, compile: bool = True,
-                      progress: bool = False) -> Pt2eInt8Denoiser:
+def quantize_pt2e_x86(model: nn.Module, calib, *, batch_size: int = 32, compile: bool = True) -> Pt2eInt8Denoiser:
     """Int8 ``model`` for x86 CPUs through torchao's pt2e flow, calibrated on the CalibrationSet ``calib``
     (see the module docstring). ``compile``: Inductor with freezing (the fast path); False leaves the
     converted graph eager (reference numerics, slow)."""
