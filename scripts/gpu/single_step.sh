@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Issue 6's table on one GPU: the sweep benchmarks/single_step.yaml (39 cells, cached: a rerun on the same machine
+# Issue 6's table on one GPU or spread over all GPUs of the machine (NGPU=1 forces one): the sweep benchmarks/single_step.yaml (39 cells, cached: a rerun on the same machine
 # continues), then the report, plots and results packed into $OUT.
 #   carry: .whl (diffusers wheel); until zoo:cifar10-cm is bundled, it is bundled here first from the carry state that
 #   scripts/gpu/cm_train.sh left on this machine (/tmp/cm_ret/carry) or from .gpu_carry/cm/cm_state.tar.part-* (carry
 #   .gpu_carry), and returned as $OUT/cifar10-cm-bundle.tar.
-#   run:   bash scripts/gpu/single_step.sh
+#   run:   bash scripts/gpu/single_step.sh      (env: SPEC, W (work folder), NGPU, TOTAL_S (560), DEVICE (cuda))
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
 setup_env
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=${W:-/tmp/single_step}
+SPEC=${SPEC:-benchmarks/single_step.yaml}
 ZW=src/diffquant/zoo/weights/cifar10-cm
-if [ ! -f $ZW/model.safetensors ]; then  # bundle zoo:cifar10-cm from the CD trainer's carry state first
+if [ ! -f $ZW/model.safetensors ] && grep -q "zoo:cifar10-cm" $SPEC; then  # bundle zoo:cifar10-cm from the CD trainer's carry state first
   CARRY=${CARRY:-/tmp/cm_ret/carry}      # what scripts/gpu/cm_train.sh left on this (warm) machine
   if [ ! -f $CARRY/state.json ] && ls .gpu_carry/cm/cm_state.tar.part-* >/dev/null 2>&1; then
     rm -rf /tmp/cm_in && mkdir -p /tmp/cm_in && cat .gpu_carry/cm/cm_state.tar.part-* | tar xf - -C /tmp/cm_in
@@ -21,6 +22,49 @@ if [ ! -f $ZW/model.safetensors ]; then  # bundle zoo:cifar10-cm from the CD tra
   python3 -m diffquant.cli train cm-bundle $CARRY $ZW || exit 1
   tar cf $OUT/cifar10-cm-bundle.tar -C src/diffquant/zoo/weights cifar10-cm  # commit it: the zoo model
 fi
-timeout ${TOTAL_S:-560} python3 -m diffquant.cli sweep benchmarks/single_step.yaml --out $W --device cuda --no-progress
+NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+if [ "$NGPU" -gt 1 ]; then
+  # several GPUs: (1) FP cells + the calibration set + the first naive configuration on GPU 0; (2) the other
+  # (recipe, bits) groups spread over the GPUs as partial specs whose out folders share $W/cache (their keys do not
+  # depend on the spec's name or on the other cells); (3) the full spec once more in $W: every cell is cached, so it
+  # only writes the table, plots, grids and report.
+  mkdir -p $W/cache /tmp/ss_parts
+  python3 - "$SPEC" "$NGPU" /tmp/ss_parts <<'PY' || exit 1
+import json, sys, yaml
+spec = yaml.safe_load(open(sys.argv[1])); ngpu = int(sys.argv[2]); out = sys.argv[3]
+bits = spec["bits"]; recipes = spec["recipes"]
+first = dict(spec, name=spec["name"] + "-p0", recipes=[recipes[0]], bits=[bits[0]])
+json.dump(first, open(f"{out}/first.json", "w"))
+groups = [(r, b) for r in recipes for b in bits if (r is not recipes[0] or b != bits[0])]
+cost = lambda r: 10 if r.get("method") == "qdiffusion" else 1
+load = [0] * ngpu; plan = [[] for _ in range(ngpu)]
+for r, b in sorted(groups, key=lambda g: -cost(g[0])):
+    g = load.index(min(load)); load[g] += cost(r); plan[g].append((r, b))
+for g, items in enumerate(plan):
+    names = []
+    for r in recipes:
+        bs = [b for rr, b in items if rr is r]
+        if bs:
+            json.dump(dict(spec, name=f"{spec['name']}-g{g}-{r['name']}", recipes=[r], bits=bs),
+                      open(f"{out}/g{g}-{r['name']}.json", "w")); names.append(f"{r['name']}:{','.join(bs)}")
+    print(f"GPU {g}:", " | ".join(names))
+PY
+  say "sweep part 0 (FP + calibration + first naive configuration) on GPU 0"
+  CUDA_VISIBLE_DEVICES=0 timeout ${TOTAL_S:-560} python3 -m diffquant.cli sweep /tmp/ss_parts/first.json --out $W \
+    --device ${DEVICE:-cuda} --no-progress --no-report > $W.first.log 2>&1; echo "part 0 rc=$?"; tail -3 $W.first.log
+  for g in $(seq 0 $((NGPU - 1))); do
+    (for f in /tmp/ss_parts/g$g-*.json; do
+       [ -f "$f" ] || continue
+       d=$W.$(basename $f .json); mkdir -p $d; ln -sfn $W/cache $d/cache
+       CUDA_VISIBLE_DEVICES=$g timeout $(( ${TOTAL_S:-560} - $(elapsed) )) python3 -m diffquant.cli sweep $f --out $d \
+         --device ${DEVICE:-cuda} --no-progress --no-report > $d.log 2>&1; echo "$(basename $f) rc=$?"; tail -2 $d.log
+     done) &
+  done
+  wait
+  say "parts done; the full spec (cached) for the table and report"
+fi
+timeout $(( ${TOTAL_S:-560} - $(elapsed) > 60 ? ${TOTAL_S:-560} - $(elapsed) : 60 )) python3 -m diffquant.cli sweep $SPEC \
+  --out $W --device ${DEVICE:-cuda} --no-progress
 echo "sweep rc=$?"
+cat $W.*.log > $W/part_logs.txt 2>/dev/null
 (cd $W && tar cf $OUT/single_step_report.tar --exclude='cache' .) && ls -la $OUT
