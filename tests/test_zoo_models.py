@@ -20,6 +20,7 @@ REF = Path(__file__).with_name("test_zoo_reference.json")
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
 HAVE = set(zoo.available())
 needs_ddpm = pytest.mark.skipif("cifar10-ddpm" not in HAVE, reason="zoo:cifar10-ddpm weights not bundled")
+needs_cm = pytest.mark.skipif("cifar10-cm" not in HAVE, reason="zoo:cifar10-cm weights not bundled")
 needs_features = pytest.mark.skipif("cifar10-features" not in HAVE, reason="zoo:cifar10-features weights not bundled")
 IDX = list(range(0, 2 * 3 * 32 * 32, 389))
 
@@ -30,6 +31,18 @@ def _ddpm_values() -> dict:
     x = torch.randn(2, 3, 32, 32, generator=g)
     with torch.no_grad():
         out = zm.model(x, torch.tensor([10, 700])).sample
+    flat = out.flatten()
+    return {"values": flat[IDX].tolist(), "mean_abs": float(flat.abs().mean())}
+
+
+def _cm_values() -> dict:
+    """The consistency model's raw UNet output at two noise levels (its own time input 250 ln sigma)."""
+    zm = zoo.load("zoo:cifar10-cm")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    t = torch.tensor([250 * np.log(80.0), 250 * np.log(0.5)], dtype=torch.float32)
+    with torch.no_grad():
+        out = zm.model(x, t).sample
     flat = out.flatten()
     return {"values": flat[IDX].tolist(), "mean_abs": float(flat.abs().mean())}
 
@@ -63,6 +76,27 @@ def test_cifar10_ddpm_loads_and_matches_reference():
     got = _ddpm_values()
     np.testing.assert_allclose(got["values"], ref["values"], rtol=1e-3, atol=2e-4)
     assert got["mean_abs"] == pytest.approx(ref["mean_abs"], rel=1e-4)
+
+
+@needs_cm
+def test_cifar10_cm_loads_matches_reference_and_samples_in_one_step():
+    from diffquant.sampling.large import sample_fixed
+    from diffquant.sampling.samplers import SamplerSpec
+
+    zm = zoo.load("zoo:cifar10-cm")
+    assert zm.kind == "cm" and zm.path is not None
+    assert type(zm.scheduler).__name__ == "CMStochasticIterativeScheduler"
+    n = sum(p.numel() for p in zm.model.parameters())
+    assert 2.0e6 < n < 2.5e6  # the quarter-width student (40 MB budget of bundled weights)
+    assert zm.card.get("name") == "cifar10-cm" and zm.card["recipe"]["teacher"]["source"] == "zoo:cifar10-ddpm"
+    ref = json.loads(REF.read_text())["cifar10-cm"]
+    got = _cm_values()
+    np.testing.assert_allclose(got["values"], ref["values"], rtol=1e-3, atol=2e-4)
+    assert got["mean_abs"] == pytest.approx(ref["mean_abs"], rel=1e-4)
+    imgs = sample_fixed(zm.model, zm.scheduler, start=0, stop=4, spec=SamplerSpec("cm", 1), batch_size=4,
+                        compute_batch=4)[0]
+    assert imgs.shape == (4, 32, 32, 3) and imgs.dtype == np.uint8
+    assert imgs.std() > 20  # images, not a constant or noise-free blank
 
 
 @needs_features
@@ -128,6 +162,6 @@ if __name__ == "__main__":
     torch.set_num_threads(2)
     data = {"_note": "forward-pass reference values of the bundled zoo models (CPU, fp32); "
                      "regenerate with `python tests/test_zoo_models.py` only when the weights change",
-            "cifar10-ddpm": _ddpm_values(), "cifar10-features": _classifier_values()}
+            "cifar10-ddpm": _ddpm_values(), "cifar10-features": _classifier_values(), "cifar10-cm": _cm_values()}
     REF.write_text(json.dumps(data, indent=1) + "\n")
     print("wrote", REF)

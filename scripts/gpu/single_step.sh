@@ -49,22 +49,29 @@ for g, items in enumerate(plan):
                       open(f"{out}/g{g}-{r['name']}.json", "w")); names.append(f"{r['name']}:{','.join(bs)}")
     print(f"GPU {g}:", " | ".join(names))
 PY
-  say "sweep part 0 (FP + calibration + first naive configuration) on GPU 0"
-  CUDA_VISIBLE_DEVICES=0 timeout ${TOTAL_S:-560} python3 -m diffquant.cli sweep /tmp/ss_parts/first.json --out $W \
-    --device ${DEVICE:-cuda} --no-progress --no-report > $W.first.log 2>&1; echo "part 0 rc=$?"; tail -3 $W.first.log
+  # one process per GPU: split the CPU threads (4 processes x all cores each made the parts crawl, 2026-11-28)
+  export OMP_NUM_THREADS=$(( $(nproc) / NGPU > 1 ? $(nproc) / NGPU : 1 ))
+  left() { echo $(( ${TOTAL_S:-560} - $(elapsed) - ${FINAL_S:-90} )); }  # keep FINAL_S for the table and report
+  say "sweep part 0 (FP + calibration + first naive configuration) on GPU 0, $OMP_NUM_THREADS threads per process"
+  CUDA_VISIBLE_DEVICES=0 timeout $(left) python3 -m diffquant.cli -v sweep /tmp/ss_parts/first.json --out $W \
+    --device ${DEVICE:-cuda} --no-progress --no-report > $W/log.first.txt 2>&1
+  rc=$?; say "part 0 rc=$rc"; grep "cells computed" $W/log.first.txt
   for g in $(seq 0 $((NGPU - 1))); do
     (for f in /tmp/ss_parts/g$g-*.json; do
        [ -f "$f" ] || continue
-       d=$W.$(basename $f .json); mkdir -p $d; ln -sfn $W/cache $d/cache
-       CUDA_VISIBLE_DEVICES=$g timeout $(( ${TOTAL_S:-560} - $(elapsed) )) python3 -m diffquant.cli sweep $f --out $d \
-         --device ${DEVICE:-cuda} --no-progress --no-report > $d.log 2>&1; echo "$(basename $f) rc=$?"; tail -2 $d.log
+       n=$(basename $f .json); d=$W.$n; mkdir -p $d; ln -sfn $W/cache $d/cache
+       [ "$(left)" -gt 20 ] || { say "$n: no time left"; continue; }
+       CUDA_VISIBLE_DEVICES=$g timeout $(left) python3 -m diffquant.cli -v sweep $f --out $d \
+         --device ${DEVICE:-cuda} --no-progress --no-report > $W/log.$n.txt 2>&1
+       rc=$?; say "$n rc=$rc"; grep "cells computed" $W/log.$n.txt
      done) &
   done
   wait
   say "parts done; the full spec (cached) for the table and report"
 fi
-timeout $(( ${TOTAL_S:-560} - $(elapsed) > 60 ? ${TOTAL_S:-560} - $(elapsed) : 60 )) python3 -m diffquant.cli sweep $SPEC \
+timeout $(( ${TOTAL_S:-560} - $(elapsed) > 60 ? ${TOTAL_S:-560} - $(elapsed) : 60 )) python3 -m diffquant.cli -v sweep $SPEC \
   --out $W --device ${DEVICE:-cuda} --no-progress
 echo "sweep rc=$?"
-cat $W.*.log > $W/part_logs.txt 2>/dev/null
-(cd $W && tar cf $OUT/single_step_report.tar --exclude='cache' .) && ls -la $OUT
+# the finished cells' records (cache/cells, small) come back too: a run cut short still returns what it measured
+(cd $W && tar cf $OUT/single_step_report.tar --exclude='cache/samples' --exclude='cache/quantized' --exclude='cache/calib' .) \
+  && ls -la $OUT
