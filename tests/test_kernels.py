@@ -341,6 +341,20 @@ def test_gpu_kernel_matches_reference(case):
 
 @pytest.mark.gpu
 @gpu
+def test_gpu_kernel_w4a16_fp32_activations_large_tile():
+    """fp32 activations at a 128x128-tile shape: W4A16 with BLOCK_K 64 asked for 245,760 bytes of shared memory
+    on an H200 (limit 232,448) when the converted CIFAR UNet ran with fp32 I/O (2026-11-28)."""
+    c = _rand_case("w4a16", n=8, cin=256, cout=256, h=16, w=16, k=3, wzp=False, a_zp=0, device="cuda", seed=3,
+                   dtype=torch.float32)
+    got = _poisoned_call(c, 1, 1)
+    torch.cuda.synchronize()
+    want = _call(qconv_ref, c, 1, 1, 1, torch.float64)
+    assert torch.isfinite(got).all()
+    assert float((got.double() - want).norm() / want.norm()) < 1e-4
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_kernel_add_and_strided_input():
     c = _rand_case("int8", n=2, cin=96, cout=64, h=8, w=8, a_zp=4, device="cuda")
     full = c["x"]

@@ -29,7 +29,7 @@ cat "$OUT/env.txt"
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   say "GPU tests"
-  timeout ${TEST_S:-150} python3 -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider \
+  timeout ${TEST_S:-150} python3 -m pytest -m gpu tests/test_kernels.py -v --tb=short -p no:cacheprovider \
     --junitxml="$OUT/pytest_gpu.xml" > "$OUT/pytest_gpu.log" 2>&1
   echo "pytest rc=$?" >> "$OUT/pytest_gpu.log"
   tail -25 "$OUT/pytest_gpu.log"

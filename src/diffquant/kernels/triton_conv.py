@@ -158,9 +158,13 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[idx]
 
 
-def pick_config(M: int, cout: int, ck: int, a_int8: bool, w4: bool, device: torch.device) -> dict:
+def pick_config(M: int, cout: int, ck: int, a_int8: bool, w4: bool, device: torch.device, a_bytes: int = 2) -> dict:
     """Block shapes by a fixed heuristic (no autotuning: a UNet has dozens of shapes and the
-    device time to tune them is not there). Overridable through DIFFQUANT_QCONV_CONFIG=BM,BN,BK,W,S."""
+    device time to tune them is not there). Overridable through DIFFQUANT_QCONV_CONFIG=BM,BN,BK,W,S.
+
+    ``a_bytes``: bytes per activation element. fp32 activations (W4A16 / W8A16 layers called with fp32
+    inputs) get BLOCK_K 32: with 64 the pipelined tiles need 245,760 bytes of shared memory, more than
+    an H200's 232,448 (measured 2026-11-28, benchmarks/kernel_quality.py)."""
     env = os.environ.get("DIFFQUANT_QCONV_CONFIG")
     if env:
         bm, bn, bk, nw, ns = (int(v) for v in env.split(","))
@@ -175,7 +179,7 @@ def pick_config(M: int, cout: int, ck: int, a_int8: bool, w4: bool, device: torc
     else:
         bk = 64 if ck >= 64 else 32
     if not one_byte:
-        bk = min(bk, 64)
+        bk = min(bk, 64 if a_bytes <= 2 else 32)
     nw = 8 if bm * bn >= 128 * 128 else 4
     ns = 4 if one_byte and not w4 else 3
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
@@ -210,7 +214,7 @@ def qconv_triton(
     if M == 0:
         return out
     a_int = x.dtype == torch.int8
-    cfg = pick_config(M, cout, ck, x.element_size() == 1, w4, x.device)
+    cfg = pick_config(M, cout, ck, x.element_size() == 1, w4, x.device, a_bytes=x.element_size())
     bk = cfg["BLOCK_K"]
     ncb = triton.cdiv(ck, bk)
     dummy = w_scale
