@@ -72,6 +72,16 @@ fi
 timeout $(( ${TOTAL_S:-560} - $(elapsed) > 60 ? ${TOTAL_S:-560} - $(elapsed) : 60 )) python3 -m diffquant.cli -v sweep $SPEC \
   --out $W --device ${DEVICE:-cuda} --no-progress
 echo "sweep rc=$?"
+# FD noise of FP: the FP model at the first step count on a second seed set (seeds 10000..19999), next to the sweep's seeds 0..9999
+if [ ! -f $W/fp_seed2.json ] && [ "$(elapsed)" -lt "$(( ${TOTAL_S:-560} - 30 ))" ]; then
+  read -r MODEL N SAMPLER STEPS < <(python3 -c "
+import yaml, sys; s = yaml.safe_load(open(sys.argv[1])); n = s['num_samples']; st = s['steps']
+print(s['models'][0], n[0] if isinstance(n, list) else n, s['samplers'][0]['sampler'], st[0] if isinstance(st, list) else st)" $SPEC)
+  timeout 90 python3 -m diffquant.cli sample $MODEL --sampler $SAMPLER --steps $STEPS --num $N --seed 10000 \
+    --out /tmp/fp_seed2.npz --device ${DEVICE:-cuda} > /dev/null 2>&1 \
+    && timeout 90 python3 -m diffquant.cli evaluate /tmp/fp_seed2.npz --metrics fd_cifar --json > $W/fp_seed2.json 2>/dev/null \
+    && echo "FP $SAMPLER-$STEPS, seeds 10000..: $(cat $W/fp_seed2.json | head -c 300)"
+fi
 # the finished cells' records (cache/cells, small) come back too: a run cut short still returns what it measured
 (cd $W && tar cf $OUT/single_step_report.tar --exclude='cache/samples' --exclude='cache/quantized' --exclude='cache/calib' .) \
   && ls -la $OUT
