@@ -193,6 +193,16 @@ def test_cd_carry_state_resume_and_bundle(tiny_data, teacher, tmp_path):
     imgs = sample(model, sched, num=2, seed=0, spec=SamplerSpec("cm", 2), progress=False).images
     assert imgs.shape == (2, 16, 16, 3)
 
+    # the bundled folder itself is a warm-restart point (more training for a bundled zoo model on a fresh machine)
+    tr3 = CMTrainer(_cfg(tiny_data, tmp_path / "d"), teacher=teacher)
+    assert tr3.load(folder) == "carry" and tr3.step == 3 and tr3.rewarm_from == 3
+    assert torch.equal(tr3.ema[0], t[f"ema.{tr3.names[0]}"].float()) and torch.equal(tr3.params[0], tr3.ema[0])
+    assert np.isfinite(tr3.train_step()[0].item()) and tr3.step == 4
+    card["kind"] = "ddpm"
+    (folder / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="not a consistency model"):
+        CMTrainer(_cfg(tiny_data, tmp_path / "e"), teacher=teacher).load(folder)
+
 
 def test_cd_config_is_checked(tiny_data, tmp_path):
     from diffquant.zoo.train_cm import CMTrainer

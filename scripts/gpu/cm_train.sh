@@ -14,7 +14,7 @@
 # Start order: trainer running -> follow; /tmp/cm/state -> resume exactly; .gpu_carry/cm/cm_state.tar.part-* ->
 # warm restart from that EMA (fresh machine; mind the 64 MiB working-tree limit: repo ~36 MiB + diffusers wheel
 # 6 MiB + 17 MiB of state leave room only for DATA=.data/cifar10-jpeg-test.npz, not the 14.5 MiB train split);
-# else from the teacher's weights.
+# FROM_ZOO=1 -> warm restart from the bundled zoo:cifar10-cm (with the same STUDENT); else from the teacher's weights.
 # Env: NPROC (1), STOP_AT (470 s after the script started), BATCH (256, global), INIT_STEPS (1000), LR (2e-4),
 #      COMPILE (0), DATA (.data/cifar10-jpeg-train.npz), EVAL_N (2000), TEACHER_EVAL (100: the teacher's DDIM-100
 #      on the same seeds; 0 = skip), EXTRA (more `diffquant train cm` options).
@@ -57,6 +57,11 @@ elif ls .gpu_carry/cm/cm_state.tar.part-* >/dev/null 2>&1; then
   cat .gpu_carry/cm/cm_state.tar.part-* | tar xf - -C /tmp/cm_in || exit 1
   cp /tmp/cm_in/metrics.jsonl $RUN/ 2>/dev/null
   start_cm /tmp/cm_in/carry
+elif [ "${FROM_ZOO:-0}" = 1 ] && [ -f src/diffquant/zoo/weights/cifar10-cm/model.safetensors ]; then
+  # more training for the bundled zoo:cifar10-cm: warm restart from its fp16 EMA (give the same STUDENT)
+  say "warm restart from the bundled zoo:cifar10-cm"
+  cp -r src/diffquant/zoo/weights/cifar10-cm /tmp/cm_zoo_start
+  start_cm /tmp/cm_zoo_start
 else
   say "no CM state: starting from the teacher's weights"
   start_cm none

@@ -512,8 +512,14 @@ class CMTrainer:
         return self.save(self.run_dir / "state", "full")
 
     def load(self, folder: str | Path) -> str:
-        """Resume from a full (exact) or carry state. Returns the kind."""
-        tensors, doc = load_state(folder)
+        """Resume from a full (exact) or carry state, or warm-restart from a bundled zoo folder (model.safetensors +
+        config.json + card.json, as :func:`bundle_cm` writes it; e.g. ``src/diffquant/zoo/weights/cifar10-cm``).
+        Returns the kind."""
+        folder = Path(folder)
+        if not (folder / "state.json").is_file() and (folder / "model.safetensors").is_file():
+            tensors, doc = carry_from_bundle(folder)
+        else:
+            tensors, doc = load_state(folder)
         if doc.get("format") != FORMAT:
             raise ValueError(f"{folder}: not a diffquant consistency-distillation state (format {doc.get('format')!r})")
         kind = doc.get("kind")
@@ -521,7 +527,7 @@ class CMTrainer:
             raise ValueError(f"{folder}: cannot resume from a {kind!r} state (need 'full' or 'carry')")
         if json.dumps(doc["unet_config"], sort_keys=True) != json.dumps(self.unet_config, sort_keys=True):
             raise ValueError(f"{folder}: the state's UNet config differs from this run's")
-        if json.dumps(doc["scheduler_config"], sort_keys=True) != json.dumps(_jsonable(dict(self.scheduler.config)), sort_keys=True):
+        if _public(doc["scheduler_config"]) != _public(_jsonable(dict(self.scheduler.config))):
             raise ValueError(f"{folder}: the state's scheduler config (sigma grid) differs from this run's")
         recipe_keys = ("teacher", "solver", "loss", "huber_c", "init", "init_steps", "batch_size", "lr", "warmup_steps",
                        "target_decay", "ema_decay", "seed")
@@ -654,6 +660,37 @@ class CMTrainer:
             dist.barrier()
         return {"step": self.step, "reason": reason, "wall_seconds": round(time.perf_counter() - t_start, 1),
                 "save_seconds": round(save_s, 1), "world_size": self.world}
+
+
+def _public(d: dict) -> str:
+    """A scheduler config without diffusers' bookkeeping keys (``_class_name``, ...), as comparable JSON."""
+    return json.dumps({k: v for k, v in d.items() if not k.startswith("_")}, sort_keys=True)
+
+
+def carry_from_bundle(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A bundled zoo folder (:func:`bundle_cm`) read back as a carry state: its fp16 weights become the EMA, the
+    step count and recipe come from card.json. Resuming from it is a warm restart (fresh Adam, lr re-warmed)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        card = json.loads((folder / "card.json").read_text())
+        unet = json.loads((folder / "config.json").read_text())
+        sconf = json.loads((folder / "scheduler_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder}: not a bundled consistency model (card.json, config.json, scheduler_config.json): {e}") from None
+    if card.get("kind") != "cm":
+        raise ValueError(f"{folder}: card.json says kind={card.get('kind')!r}, not a consistency model")
+    unet.pop("class", None)
+    sconf.pop("class", None)
+    tensors = {f"ema.{k}": v for k, v in load_file(str(folder / "model.safetensors")).items()}
+    training, recipe = card.get("training", {}), card.get("recipe", {})
+    doc = {"format": FORMAT, "kind": "carry", "step": int(training.get("steps", 0)), "unet_config": unet,
+           "scheduler_config": sconf, "config": recipe.get("train_config", {}), "teacher": recipe.get("teacher"),
+           "train_seconds": training.get("train_seconds", 0.0), "history_tail": training.get("history_tail", []),
+           "resumes": training.get("resumes") or [], "images_seen": training.get("images_seen"),
+           "bundle": str(folder)}
+    return tensors, doc
 
 
 def _jsonable(d: dict) -> dict:
