@@ -19,10 +19,9 @@ from diffquant.models.configs import (CD_IMAGENET64_L2, DDPM_SCHEDULER, ZOO_CIFA
                                       cm_scheduler)
 from diffquant.sampling import SamplerSpec, sample
 from diffquant.zoo.checkpoint import load_state
+from _unets import tiny_unet_config
 
-TINY = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-            norm_num_groups=8)
+TINY = tiny_unet_config()
 TEACHER = dict(TINY, sample_size=16)
 
 

@@ -7,10 +7,9 @@ from torch import nn
 from diffquant.cost import model_cost
 from diffquant.quantize import quant_report, quantize
 from diffquant.recipes import build_config
+from _unets import tiny_unet_config
 
-TINY = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-            norm_num_groups=8)
+TINY = tiny_unet_config()
 
 
 class Toy(nn.Module):

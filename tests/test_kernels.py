@@ -19,6 +19,8 @@ from diffquant.kernels.reference import pack_w4, pad_correction, unpack_w4
 from diffquant.models.adapter import call_model, example_inputs
 from diffquant.models.configs import build_unet
 from diffquant.quantize import calibrate, quantize
+from _unets import tiny_unet_config
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_cpu_thread():
@@ -30,9 +32,7 @@ def _one_cpu_thread():
     torch.set_num_threads(n)
 
 
-SMALL = dict(sample_size=8, in_channels=4, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-             down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-             norm_num_groups=8)
+SMALL = tiny_unet_config(in_channels=4)
 
 
 def _rand_case(kind, n=2, cin=40, cout=24, h=7, w=6, k=3, wzp=False, a_zp=0, device="cpu", seed=0, dtype=torch.float32):

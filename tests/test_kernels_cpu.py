@@ -23,12 +23,11 @@ from diffquant.nn.modules import QuantConv2d, QuantLinear
 from diffquant.quant.affine import sqnr_db
 from diffquant.quantize import calibrate, quantize
 from diffquant.recipes import build_config
+from _unets import tiny_unet_config
 
 pytestmark = pytest.mark.skipif(cpu_int8_available() is not None, reason=str(cpu_int8_available()))
 
-TINY = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-            norm_num_groups=8)
+TINY = tiny_unet_config()
 # relative to the layer's output magnitude; fp32 accumulation order alone gives ~1e-6, an activation
 # code flipped by a rounding tie gives one weight times one step: well under 1 %
 LAYER_RTOL = 1e-2

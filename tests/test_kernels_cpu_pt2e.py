@@ -7,12 +7,11 @@ from diffquant.calibration import capture_calibration_set
 from diffquant.kernels.cpu_pt2e import EXPORT_BATCH, quantize_pt2e_x86, torchao_available
 from diffquant.models.configs import DDPM_SCHEDULER, build_unet
 from diffquant.sampling import SamplerSpec, sample
+from _unets import tiny_unet_config
 
 pytestmark = pytest.mark.skipif(not torchao_available(), reason="needs torchao (pip install torchao)")
 
-SMALL = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-             down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-             norm_num_groups=8)
+SMALL = tiny_unet_config(sample_size=16)
 
 
 @pytest.fixture(scope="module")

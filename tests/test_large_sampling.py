@@ -18,10 +18,9 @@ from diffquant.sampling.large import (
     sample_sharded,
     shard_path,
 )
+from _unets import tiny_unet_config
 
-TINY = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-            norm_num_groups=8)
+TINY = tiny_unet_config()
 SPEC = SamplerSpec("ddim", 4)
 
 

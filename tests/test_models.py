@@ -9,10 +9,9 @@ from diffquant.models.configs import DDPM_SCHEDULER
 from diffquant.models.loading import load_model
 from diffquant.nn import QuantAttnProcessor, QuantConv2d
 from diffquant.quantize import calibrate, quant_report, quantize
+from _unets import tiny_unet_config
 
-TINY = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-            norm_num_groups=8)
+TINY = tiny_unet_config()
 
 
 def test_local_model_and_pipeline_folders(tmp_path):

@@ -12,10 +12,9 @@ from diffquant.nn.quantizers import WeightQuantizer
 from diffquant.quant.adaround import BetaSchedule, init_alpha, rectified_sigmoid, round_regularizer
 from diffquant.quantize import quantize, set_quant_mode
 from diffquant.sampling import SamplerSpec
+from _unets import tiny_unet_config
 
-SMALL = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-             down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-             norm_num_groups=8)
+SMALL = tiny_unet_config()
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,9 @@ from diffusers import CMStochasticIterativeScheduler, DDIMScheduler, DDPMSchedul
 from diffquant.calibration import CalibrationSet, capture_calibration_set, step_indices
 from diffquant.models.configs import DDPM_SCHEDULER
 from diffquant.sampling import SamplerSpec, ddim_timesteps, load_samples, sample, save_samples
+from _unets import tiny_unet_config
 
-TINY = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-            norm_num_groups=8)
+TINY = tiny_unet_config()
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,9 @@ from diffquant.config import QuantConfig, QuantScheme
 from diffquant.evaluation.sensitivity import timestep_sensitivity
 from diffquant.models.configs import DDPM_SCHEDULER, build_unet
 from diffquant.sampling import SamplerSpec, ddim_timesteps
+from _unets import tiny_unet_config
 
-SMALL = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-             down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-             norm_num_groups=8)
+SMALL = tiny_unet_config()
 
 
 def test_per_step_error_rows_and_bit_ordering():

@@ -13,10 +13,9 @@ from diffquant.experiments.spec import SweepSpec, load_spec, parse_bits
 from diffquant.experiments.sweep import plan_cells, run_sweep
 from diffquant.models.configs import DDPM_SCHEDULER
 from diffquant.sampling import load_samples
+from _unets import tiny_unet_config
 
-TINY16 = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-              down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-              norm_num_groups=8)
+TINY16 = tiny_unet_config(sample_size=16)
 
 
 @pytest.fixture(scope="module", autouse=True)
