@@ -60,8 +60,7 @@ elif ls .gpu_carry/cm/cm_state.tar.part-* >/dev/null 2>&1; then
 elif [ "${FROM_ZOO:-0}" = 1 ] && [ -f src/diffquant/zoo/weights/cifar10-cm/model.safetensors ]; then
   # more training for the bundled zoo:cifar10-cm: warm restart from its fp16 EMA (give the same STUDENT)
   say "warm restart from the bundled zoo:cifar10-cm"
-  cp -r src/diffquant/zoo/weights/cifar10-cm /tmp/cm_zoo_start
-  start_cm /tmp/cm_zoo_start
+  start_cm src/diffquant/zoo/weights/cifar10-cm
 else
   say "no CM state: starting from the teacher's weights"
   start_cm none
