@@ -127,6 +127,14 @@ def _what_quantized(info: dict) -> str:
     return s
 
 
+def _calib_words(c: dict) -> str:
+    """The calibration set in words: time steps of one chain, or every noise level of several chains."""
+    if c.get("chains"):
+        return (f"{c['num_per_step']} trajectories x every noise level visited by the "
+                f"{'/'.join(map(str, c['chains']))}-step {c['sampler']} chains")
+    return f"{c['num_per_step']} trajectories x {c.get('num_steps')} time steps of {c['sampler']}-{c['steps']}"
+
+
 def write_report(out_dir: str | Path, *, html_report: bool = True) -> Path:
     """(Re)write ``report.md`` (+ ``report.html``) and the plots of the sweep folder ``out_dir``."""
     root = Path(out_dir)
@@ -158,8 +166,7 @@ def write_report(out_dir: str | Path, *, html_report: bool = True) -> Path:
         f"identical for FP and every quantized model). Sampler: {samplers}; steps: "
         f"{', '.join(map(str, spec['steps']))}. Recipes: {', '.join(r['name'] + ' (' + r['method'] + ')' for r in spec['recipes'])}; "
         f"configurations: {', '.join(spec['bits'])} (A16 = activations in floating point). Calibration: "
-        f"{spec['calibration']['num_per_step']} trajectories x {spec['calibration']['num_steps']} time steps of "
-        f"{spec['calibration']['sampler']}-{spec['calibration']['steps']} (seeds {spec['calibration']['seed']}..).")))
+        f"{_calib_words(spec['calibration'])} (seeds {spec['calibration']['seed']}..).")))
     ons = env.get("computed_on") or [env]
     where = "; ".join(f"{e.get('device')} ({e.get('device_name')}, {e.get('cpu_cores')} cores available, "
                       f"{e.get('torch_threads')} torch threads), torch {e.get('torch')}, diffquant {e.get('diffquant')}, "
