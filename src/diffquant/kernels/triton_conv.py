@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from diffquant.kernels import tuning
+
 
 # Integer arguments equal to 1 or divisible by 16 are specialised by Triton (one compilation per
 # pattern). Sizes that only bound loops or masks are left out of that, so a UNet's few dozen layer
@@ -40,6 +42,7 @@ def _qconv_kernel(
     A_INT: tl.constexpr, A_FP8: tl.constexpr, W4: tl.constexpr, HAS_AZP: tl.constexpr, PAD_FIX: tl.constexpr, HAS_ASCALE: tl.constexpr,
     HAS_WZP: tl.constexpr, HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr = False, IEEE: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -82,7 +85,10 @@ def _qconv_kernel(
         iw = iw0 + kw * dil_w
         sp_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         kk = c0 + offs_k
-        k_ok = kk < CK
+        if EVEN_K:  # CK % BLOCK_K == 0: no channel tail, the mask is the padding rows only
+            k_ok = offs_k < BLOCK_K
+        else:
+            k_ok = kk < CK
         a_ptrs = x_row[:, None] + (ih.to(tl.int64) * sxh + iw * sxw)[:, None] + kk[None, :] * sxc
         a_mask = sp_ok[:, None] & k_ok[None, :]
         # zero fill (padding, K tail): an async copy straight into shared memory; with PAD_FIX the
@@ -104,14 +110,21 @@ def _qconv_kernel(
                 acc = tl.dot(a, lo, acc, out_dtype=acc.dtype)
                 acc = tl.dot(a2, hi, acc, out_dtype=acc.dtype)
             else:
-                acc = tl.dot(a, lo.to(a.dtype), acc, out_dtype=acc.dtype)
-                acc = tl.dot(a2, hi.to(a.dtype), acc, out_dtype=acc.dtype)
+                if IEEE:  # fp32 activations with TF32 disallowed
+                    acc = tl.dot(a, lo.to(a.dtype), acc, out_dtype=acc.dtype, input_precision="ieee")
+                    acc = tl.dot(a2, hi.to(a.dtype), acc, out_dtype=acc.dtype, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, lo.to(a.dtype), acc, out_dtype=acc.dtype)
+                    acc = tl.dot(a2, hi.to(a.dtype), acc, out_dtype=acc.dtype)
             if HAS_WZP:
                 rs += tl.sum(a.to(rs.dtype), axis=1) + tl.sum(a2.to(rs.dtype), axis=1)
         else:
             if A_FP8:
                 b = b.to(tl.float8e4nv, bitcast=True)
-            acc = tl.dot(a, b, acc, out_dtype=acc.dtype)
+            if IEEE:
+                acc = tl.dot(a, b, acc, out_dtype=acc.dtype, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc, out_dtype=acc.dtype)
             if HAS_WZP:
                 rs += tl.sum(a.to(rs.dtype), axis=1)
 
@@ -185,6 +198,29 @@ def pick_config(M: int, cout: int, ck: int, a_int8: bool, w4: bool, device: torc
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
 
 
+def _device_name(device: torch.device) -> str:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _DEVICE_NAMES:
+        _DEVICE_NAMES[idx] = torch.cuda.get_device_name(idx)
+    return _DEVICE_NAMES[idx]
+
+
+_DEVICE_NAMES: dict = {}
+
+
+def _config(x, w, stride, padding, dilation, w4, out_dtype, has_add, M, cout, ck) -> dict:
+    """The block config of one call: forced (tuner) > tuned table of this GPU model > heuristic."""
+    forced = tuning._RECORD["force"]
+    if forced is not None:
+        return forced
+    if x.device.type == "cuda":
+        cfg = tuning.lookup(tuning.shape_key(x.shape, x.dtype, w.shape, w4, stride, padding, dilation, out_dtype,
+                                             has_add), _device_name(x.device))
+        if cfg is not None:
+            return cfg
+    return pick_config(M, cout, ck, x.element_size() == 1, w4, x.device, a_bytes=x.element_size())
+
+
 def qconv_triton(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -214,7 +250,12 @@ def qconv_triton(
     if M == 0:
         return out
     a_int = x.dtype == torch.int8
-    cfg = pick_config(M, cout, ck, x.element_size() == 1, w4, x.device, a_bytes=x.element_size())
+    cfg = _config(x, w, stride, padding, dilation, w4, out_dtype, add is not None, M, cout, ck)
+    if tuning._RECORD["calls"] is not None:
+        tuning._RECORD["calls"].append((tuning.shape_key(x.shape, x.dtype, w.shape, w4, stride, padding, dilation,
+                                                         out_dtype, add is not None),
+                                        (x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, list(stride),
+                                         list(padding), list(dilation), w4, out_dtype), {"pad_corr": pad_corr}))
     bk = cfg["BLOCK_K"]
     ncb = triton.cdiv(ck, bk)
     dummy = w_scale
@@ -243,7 +284,9 @@ def qconv_triton(
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH=kh, KW=kw, A_INT=a_int, A_FP8=a_fp8, W4=w4, HAS_AZP=padded and not pad_fix, PAD_FIX=pad_fix, HAS_ASCALE=a_scale is not None,
         HAS_WZP=wzp is not None, HAS_CORR=corr is not None, HAS_BIAS=bias is not None, HAS_ADD=add is not None,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, GROUP_M=8,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, GROUP_M=8, EVEN_K=ck % bk == 0,
+        # fp32 operands: TF32 or IEEE as PyTorch's own conv would (torch.backends.cudnn.allow_tf32)
+        IEEE=x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

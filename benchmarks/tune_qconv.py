@@ -1,0 +1,84 @@
+"""Tune the implicit-GEMM conv kernel's block shapes on the layer shapes of whole models (GPU).
+
+Records every ``diffquant::qconv`` call of one eager forward pass of each (model, batch, variant),
+times the candidate configs of :mod:`diffquant.kernels.tuning` on each distinct shape (largest first)
+and writes a tuned table that the kernel then uses on the same GPU model:
+
+    python benchmarks/tune_qconv.py --tasks sd15-unet:8:dq-fp8,ddpm-cifar10-32:256:dq-fp8 --out qconv_tuned.json
+    DIFFQUANT_QCONV_TUNED=qconv_tuned.json python benchmarks/bench_kernels.py ...
+
+``--rows`` gets one diagnostic row per shape: heuristic vs best ms, and cuDNN's bf16 conv of the same shape.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default="sd15-unet:8:dq-fp8,ddpm-cifar10-32:256:dq-fp8",
+                    help="comma list of model:batch:variant (variants dq-int8, dq-fp8, dq-w4a8, dq-w4a16)")
+    ap.add_argument("--out", default="qconv_tuned.json")
+    ap.add_argument("--rows", default=None, help="write the per-shape diagnostic rows here (JSON)")
+    ap.add_argument("--budget-s", type=float, default=float("inf"), help="tune no new shape after this many seconds")
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_qconv needs a CUDA GPU (the Triton kernel)")
+    import triton
+
+    from diffquant.kernels import tuning
+    from diffquant.kernels.bench import build_model, inputs_for, make_variant
+    from diffquant.kernels.triton_conv import qconv_triton
+    from diffquant.models.adapter import call_model
+
+    t0 = time.time()
+    dev = torch.device("cuda")
+    table = {"format": tuning.FORMAT, "device": torch.cuda.get_device_name(), "triton": triton.__version__,
+             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/tune_qconv.py "
+             f"--tasks {args.tasks}", "configs": {}}
+    all_rows: list = []
+    for spec in [s for s in args.tasks.split(",") if s]:
+        model_name, batch, variant = spec.split(":")
+        if not variant.startswith("dq-"):
+            raise SystemExit(f"{spec}: only diffquant variants (dq-*) use the conv kernel")
+        base = build_model(model_name).to(dev)
+        m = make_variant(base, variant, inputs_for(base, 1, dev, torch.float32))
+        x, t, c = inputs_for(base, int(batch), dev, torch.bfloat16)
+        with torch.no_grad(), tuning.record_calls() as calls:
+            call_model(m, x, t, c)
+        torch.cuda.synchronize()
+        print(f"{spec}: {len(calls)} qconv calls, {len({k for k, _, _ in calls})} distinct shapes", flush=True)
+        left = args.budget_s - (time.time() - t0)
+        configs, rows = tuning.tune_calls(calls, qconv_triton, reps=args.reps, budget_s=left,
+                                          progress=lambda s: print(s, flush=True))
+        # time share of the shapes in the model: calls per key
+        counts: dict = {}
+        for k, _, _ in calls:
+            counts[k] = counts.get(k, 0) + 1
+        for r in rows:
+            r.update(task=spec, calls=counts.get(r["key"], 0))
+        table["configs"].update(configs)
+        all_rows += rows
+        done = [r for r in rows if "best_ms" in r]
+        h = sum(r["heuristic_ms"] * r["calls"] for r in done)
+        b = sum(r["best_ms"] * r["calls"] for r in done)
+        cd = sum(r["cudnn_bf16_ms"] * r["calls"] for r in done)
+        print(f"{spec}: sum over the model's calls: heuristic {h:.3f} ms, tuned {b:.3f} ms, cuDNN bf16 {cd:.3f} ms",
+              flush=True)
+        del m, base, calls
+        torch.cuda.empty_cache()
+        with open(args.out, "w") as f:
+            json.dump(table, f, indent=1)
+        if args.rows:
+            with open(args.rows, "w") as f:
+                json.dump(all_rows, f, indent=1)
+    print(f"{len(table['configs'])} tuned shapes -> {args.out} ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

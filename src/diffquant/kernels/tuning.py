@@ -1,0 +1,272 @@
+"""Per-shape block configurations for the implicit-GEMM conv kernel (``diffquant::qconv``).
+
+The kernel's default block shapes come from a fixed heuristic (:func:`.triton_conv.pick_config`).
+A *tuned table* replaces the heuristic for the exact layer shapes it lists: it is measured once per
+GPU model by :func:`tune_calls` (``benchmarks/tune_qconv.py`` runs it on whole models) and read from
+
+- :func:`use_table` (a path or a dict), else
+- the JSON file named by the environment variable ``DIFFQUANT_QCONV_TUNED`` (``off``: no table at all), else
+- the tables shipped with the package (``diffquant/kernels/tuned/*.json``, measured by this project).
+
+A table is used only on the GPU model it was measured on (its ``device`` field); shapes it does not
+list fall back to the heuristic. Format::
+
+    {"format": "diffquant-qconv-tuned/1", "device": "NVIDIA H200", "triton": "3.5.0",
+     "configs": {"<shape key>": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8,
+                                 "num_stages": 3}, ...}}
+
+This module does not import Triton: the table logic is usable (and tested) on any machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+FORMAT = "diffquant-qconv-tuned/1"
+CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+
+# 8-bit activations: the candidates tried per shape (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+CANDIDATES_8BIT: tuple[tuple[int, ...], ...] = (
+    (128, 128, 128, 8, 4), (128, 128, 128, 8, 3), (128, 128, 128, 4, 3), (128, 128, 64, 8, 4),
+    (128, 128, 64, 4, 4), (128, 128, 64, 8, 5), (64, 128, 128, 4, 4), (64, 128, 128, 4, 3),
+    (64, 128, 64, 4, 5), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4), (128, 256, 128, 8, 3),
+    (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (256, 128, 128, 8, 3), (64, 256, 128, 8, 3),
+)
+# 16-bit activations (W4A16 / W8A16): BLOCK_K at most 64
+CANDIDATES_16BIT: tuple[tuple[int, ...], ...] = (
+    (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 3),
+    (64, 128, 32, 4, 4), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3), (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3), (128, 256, 32, 8, 4),
+)
+SMEM_LIMIT = 227 * 1024  # Hopper's per-block shared memory (bytes); the kernel compiler has the last word
+
+
+def act_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.float8_e4m3fn or dtype == torch.uint8:
+        return "fp8"
+    if dtype == torch.int8:
+        return "int8"
+    return str(dtype).replace("torch.", "")
+
+
+def shape_key(x_shape: Sequence[int], x_dtype: torch.dtype, w_shape: Sequence[int], w4: bool,
+              stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], out_dtype: torch.dtype,
+              has_add: bool = False) -> str:
+    """The key of one qconv call in a tuned table: activation kind, 4-bit weights, input shape, output
+    channels, kernel, stride/padding/dilation, output dtype and the fused residual."""
+    n, c, h, w = (int(v) for v in x_shape)
+    cout, kh, kw, _ = (int(v) for v in w_shape)
+    return (f"{act_kind(x_dtype)}{'-w4' if w4 else ''}:{n}x{c}x{h}x{w}:o{cout}:k{kh}x{kw}"
+            f":s{stride[0]}x{stride[1]}:p{padding[0]}x{padding[1]}:d{dilation[0]}x{dilation[1]}"
+            f":{act_kind(out_dtype)}{':add' if has_add else ''}")
+
+
+def smem_bytes(cfg: dict, a_bytes: int, w4: bool) -> int:
+    """Shared memory of the pipelined A and B tiles (what decides whether a config compiles)."""
+    a = cfg["BLOCK_M"] * cfg["BLOCK_K"] * a_bytes * (2 if w4 else 1)  # W4 reads two A tiles per packed K block
+    b = cfg["BLOCK_K"] * cfg["BLOCK_N"] * a_bytes  # 8-bit weights, widened to the activation type for 16/32-bit
+    return cfg["num_stages"] * (a + b)
+
+
+def candidates(a_bytes: int, w4: bool, cout: int, ck: int, limit: int = SMEM_LIMIT) -> list[dict]:
+    """The candidate configs for one shape: those whose tiles fit the layer and shared memory."""
+    base = CANDIDATES_8BIT if a_bytes == 1 else CANDIDATES_16BIT
+    out = []
+    for bm, bn, bk, nw, ns in base:
+        if a_bytes > 2:
+            bk = min(bk, 32)
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+        if bn > 64 and cout <= bn // 2:  # a tile mostly outside the layer
+            continue
+        if bk > 32 and ck <= bk // 2:
+            continue
+        if smem_bytes(cfg, a_bytes, w4) > limit:
+            continue
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def validate_table(table: Any, where: str = "tuned table") -> dict:
+    if not isinstance(table, dict) or table.get("format") != FORMAT:
+        raise ValueError(f"{where}: not a diffquant qconv table (expected format {FORMAT!r})")
+    if not isinstance(table.get("device"), str) or not isinstance(table.get("configs"), dict):
+        raise ValueError(f"{where}: needs a 'device' string and a 'configs' object")
+    for k, cfg in table["configs"].items():
+        if not isinstance(cfg, dict) or set(cfg) != set(CONFIG_FIELDS) or \
+                not all(isinstance(cfg[f], int) and cfg[f] > 0 for f in CONFIG_FIELDS):
+            raise ValueError(f"{where}: config of {k!r} must have the positive integers {', '.join(CONFIG_FIELDS)}; got {cfg!r}")
+    return table
+
+
+def load_table(path: Union[str, Path]) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"qconv tuned table {p} does not exist")
+    try:
+        table = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not JSON ({e})") from None
+    return validate_table(table, str(p))
+
+
+_STATE: dict[str, Any] = {"table": None, "env_path": None, "env_table": None}
+
+
+def use_table(table: Union[None, str, Path, dict]) -> None:
+    """Use this tuned table (a path or a dict; ``None``: back to the environment variable / heuristic)."""
+    if table is None or isinstance(table, dict):
+        _STATE["table"] = None if table is None else validate_table(table)
+    else:
+        _STATE["table"] = load_table(table)
+
+
+PACKAGED_DIR = Path(__file__).resolve().parent / "tuned"
+
+
+def packaged_tables() -> list[dict]:
+    """The tuned tables shipped with diffquant (read once)."""
+    if _STATE.get("packaged") is None:
+        _STATE["packaged"] = [load_table(p) for p in sorted(PACKAGED_DIR.glob("*.json"))]
+    return _STATE["packaged"]
+
+
+def active_tables() -> list[dict]:
+    """The tables in force, by precedence: :func:`use_table`, else ``DIFFQUANT_QCONV_TUNED`` (``off``: none),
+    else the packaged tables."""
+    if _STATE.get("disabled"):
+        return []
+    if _STATE["table"] is not None:
+        return [_STATE["table"]]
+    path = os.environ.get("DIFFQUANT_QCONV_TUNED")
+    if path and path.strip().lower() in ("off", "none", "0"):
+        return []
+    if path:
+        if _STATE["env_path"] != path:
+            _STATE["env_table"], _STATE["env_path"] = load_table(path), path
+        return [_STATE["env_table"]]
+    return packaged_tables()
+
+
+def lookup(key: str, device_name: str) -> Optional[dict]:
+    """The tuned config of ``key`` on ``device_name``, or None (not tuned here: the heuristic decides)."""
+    for table in active_tables():
+        if table["device"] == device_name and key in table["configs"]:
+            return dict(table["configs"][key])
+    return None
+
+
+@contextmanager
+def no_tables():
+    """Inside: no tuned table applies (the heuristic decides every config); the tuner's baseline."""
+    prev = _STATE.get("disabled")
+    _STATE["disabled"] = True
+    try:
+        yield
+    finally:
+        _STATE["disabled"] = prev
+
+
+# ---- recording the calls of a model (the tuner's input) --------------------------------------------
+_RECORD: dict[str, Any] = {"calls": None, "force": None}
+
+
+@contextmanager
+def record_calls():
+    """Inside: every Triton qconv call appends ``(key, args, kwargs)`` to the yielded list (eager mode)."""
+    calls: list = []
+    prev = _RECORD["calls"]
+    _RECORD["calls"] = calls
+    try:
+        yield calls
+    finally:
+        _RECORD["calls"] = prev
+
+
+@contextmanager
+def forced_config(cfg: Optional[dict]):
+    """Inside: every Triton qconv call uses ``cfg`` (the tuner's candidates)."""
+    prev = _RECORD["force"]
+    _RECORD["force"] = cfg
+    try:
+        yield
+    finally:
+        _RECORD["force"] = prev
+
+
+def call_flops(args) -> float:
+    """Multiply-adds x 2 of one recorded qconv call."""
+    x, w, stride, padding, dilation = args[0], args[1], args[9], args[10], args[11]
+    n, c, h, wd = x.shape
+    ho = (h + 2 * padding[0] - dilation[0] * (w.shape[1] - 1) - 1) // stride[0] + 1
+    wo = (wd + 2 * padding[1] - dilation[1] * (w.shape[2] - 1) - 1) // stride[1] + 1
+    return 2.0 * n * ho * wo * w.shape[0] * w.shape[1] * w.shape[2] * c
+
+
+def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=None,
+               budget_s: float = float("inf")) -> tuple[dict, list[dict]]:
+    """Time every candidate config on each distinct recorded call (GPU), against the heuristic (no tuned
+    table applies while tuning): returns the ``configs`` of a tuned table (only shapes where a candidate beat the heuristic by more than 3 %) and one diagnostic
+    row per shape (heuristic ms, best ms and config, cuDNN bf16 conv ms of the same shape)."""
+    import torch.nn.functional as F
+
+    from diffquant.kernels.bench import time_call
+
+    import time
+
+    time_fn = time_fn or (lambda fn: time_call(fn, warmup=2, reps=reps)[0])
+    configs: dict = {}
+    rows: list[dict] = []
+    # distinct shapes, the most work first (a run cut short by its budget has tuned the big layers)
+    distinct: dict = {}
+    for key, args, kwargs in calls:
+        distinct.setdefault(key, (args, kwargs))
+    t0 = time.time()
+    for key, (args, kwargs) in sorted(distinct.items(), key=lambda kv: -call_flops(kv[1][0])):
+        if time.time() - t0 > budget_s:
+            rows.append({"key": key, "skipped": "budget"})
+            continue
+        x, w = args[0], args[1]
+        w4, out_dtype = args[12], args[13]
+        stride, padding, dilation = args[9], args[10], args[11]
+        a_bytes = x.element_size()
+        ck = w.shape[3]
+        with torch.no_grad(), no_tables():
+            ref = qconv_fn(*args, **kwargs).float()
+            base_ms = time_fn(lambda: qconv_fn(*args, **kwargs))
+            best, best_ms, tried, failed = None, base_ms, 0, 0
+            for cfg in candidates(a_bytes, w4, w.shape[0], ck):
+                try:
+                    with forced_config(cfg):
+                        out = qconv_fn(*args, **kwargs).float()
+                        err = float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+                        if not (err < 1e-2):
+                            raise RuntimeError(f"output differs from the heuristic config's by {err:.3g}")
+                        ms = time_fn(lambda: qconv_fn(*args, **kwargs))
+                    tried += 1
+                except Exception as e:  # out of resources, wrong result: not a candidate for this shape
+                    failed += 1
+                    progress(f"  {key} {tuple(cfg.values())}: skipped ({str(e).splitlines()[0][:120]})")
+                    continue
+                if ms < best_ms:
+                    best, best_ms = cfg, ms
+            # cuDNN bf16 on the same shape (channels-last), for reference
+            cin = x.shape[1]
+            xb = torch.randn(x.shape, device=x.device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            wb = torch.randn(w.shape[0], cin, w.shape[1], w.shape[2], device=x.device, dtype=torch.bfloat16) \
+                .contiguous(memory_format=torch.channels_last)
+            cudnn_ms = time_fn(lambda: F.conv2d(xb, wb, None, stride, padding, dilation))
+        if best is not None and best_ms < 0.97 * base_ms:
+            configs[key] = best
+        flops = call_flops(args)
+        row = {"key": key, "heuristic_ms": round(base_ms, 5), "best_ms": round(best_ms, 5),
+               "best": best, "tried": tried, "failed": failed, "cudnn_bf16_ms": round(cudnn_ms, 5),
+               "tflops_best": round(flops / best_ms / 1e9, 1), "tflops_cudnn_bf16": round(flops / cudnn_ms / 1e9, 1)}
+        rows.append(row)
+        progress(json.dumps(row))
+    return configs, rows
