@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from diffquant.kernels import tuning
+from diffquant.kernels import triton_conv_tma, tuning
 
 
 # Integer arguments equal to 1 or divisible by 16 are specialised by Triton (one compilation per
@@ -208,16 +208,17 @@ def _device_name(device: torch.device) -> str:
 _DEVICE_NAMES: dict = {}
 
 
-def _config(x, w, stride, padding, dilation, w4, out_dtype, has_add, M, cout, ck) -> dict:
+def _config(x, key: str, M: int, cout: int, ck: int, w4: bool, tma: bool) -> dict:
     """The block config of one call: forced (tuner) > tuned table of this GPU model > heuristic."""
     forced = tuning._RECORD["force"]
     if forced is not None:
         return forced
     if x.device.type == "cuda":
-        cfg = tuning.lookup(tuning.shape_key(x.shape, x.dtype, w.shape, w4, stride, padding, dilation, out_dtype,
-                                             has_add), _device_name(x.device))
+        cfg = tuning.lookup(key, _device_name(x.device))
         if cfg is not None:
             return cfg
+    if tma:
+        return triton_conv_tma.pick_tma_config(M, cout, ck)
     return pick_config(M, cout, ck, x.element_size() == 1, w4, x.device, a_bytes=x.element_size())
 
 
@@ -250,12 +251,17 @@ def qconv_triton(
     if M == 0:
         return out
     a_int = x.dtype == torch.int8
-    cfg = _config(x, w, stride, padding, dilation, w4, out_dtype, add is not None, M, cout, ck)
+    # the experimental TMA path (stride 1, 8-bit; DIFFQUANT_QCONV_TMA=1) has its own keys in tuned tables
+    tma = os.environ.get("DIFFQUANT_QCONV_TMA", "0") == "1" and \
+        triton_conv_tma.tma_unsupported(x, w, wzp, stride, dilation, w4) is None
+    key = tuning.shape_key(x.shape, x.dtype, w.shape, w4, stride, padding, dilation, out_dtype, add is not None) + \
+        (":tma" if tma else "")
+    cfg = _config(x, key, M, cout, ck, w4, tma)
     if tuning._RECORD["calls"] is not None:
-        tuning._RECORD["calls"].append((tuning.shape_key(x.shape, x.dtype, w.shape, w4, stride, padding, dilation,
-                                                         out_dtype, add is not None),
-                                        (x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, list(stride),
-                                         list(padding), list(dilation), w4, out_dtype), {"pad_corr": pad_corr}))
+        tuning._RECORD["calls"].append((key, (x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, list(stride),
+                                              list(padding), list(dilation), w4, out_dtype), {"pad_corr": pad_corr}))
+    if tma:
+        return triton_conv_tma.qconv_tma(x, w, w_scale, a_scale, corr, bias, add, a_zp, padding, out_dtype, config=cfg)
     bk = cfg["BLOCK_K"]
     ncb = triton.cdiv(ck, bk)
     dummy = w_scale

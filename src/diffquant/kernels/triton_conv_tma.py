@@ -1,0 +1,180 @@
+"""Experimental Hopper path of ``diffquant::qconv``: implicit GEMM over a *padded, flattened* NHWC input
+with TMA (tensor-descriptor) loads, for stride-1, dilation-1 convolutions with 8-bit activations.
+
+Why: the gather kernel (:mod:`.triton_conv`) builds its A tile from masked per-element pointer loads
+(the padding taps), which measured at about 38 % of the H200's FP8 rate on UNet shapes while cuDNN's
+bf16 conv reached about 80 % of the bf16 rate (BENCHMARKS.md, "Kernels, third measurement").
+
+How: the input is padded once per call to ``[N, H + 2*pad_h, W + 2*pad_w, C]`` with the activation's
+zero point and viewed as a 2-D matrix ``[rows, C]``. The output pixel ``(n, oh, ow)`` gets the GEMM row
+``m = (n*HP + oh)*WP + ow`` of the padded grid, and its tap ``(kh, kw)`` reads input row
+``m + kh*WP + kw``. So for every tap the A tile of ``BLOCK_M`` consecutive ``m`` is ``BLOCK_M``
+consecutive rows of the flattened input: one rectangular TMA box, with no masks and no gather. Rows of the
+padded grid that are not output pixels (the right and bottom pad band) are computed and not stored;
+they cost ``(HP*WP) / (Ho*Wo) - 1`` extra work (3 % at 64x64, 27 % at 8x8). A channel tail is
+zero-filled by TMA and multiplies zeros.
+
+Off by default: it is used only with ``DIFFQUANT_QCONV_TMA=1`` (set by ``benchmarks/tune_qconv.py``
+experiments) until it is measured faster on the GPU. Needs a Triton with tensor descriptors
+(``triton.tools.tensor_descriptor``) and, on a GPU, compute capability 9.0+; it runs under Triton's CPU
+interpreter (``TRITON_INTERPRET=1``), which is how its CPU tests check it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # older Triton: the path is unavailable
+    TensorDescriptor = None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit(do_not_specialize=["MP", "HP", "WP", "Ho", "Wo", "NITER"])
+def _qconv_tma_kernel(
+    a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
+    MP, HP, WP, Ho, Wo, Cout, CK, NCB, NITER,
+    son, soh, sow, soc,
+    san, sah, saw, sac,
+    KW: tl.constexpr, A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr, HAS_ASCALE: tl.constexpr,
+    HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(MP, BLOCK_M)
+    num_pid_n = tl.cdiv(Cout, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+
+    if A_INT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, NITER):
+        tap = it // NCB
+        c0 = (it - tap * NCB) * BLOCK_K
+        kh = tap // KW
+        kw = tap - kh * KW
+        a = a_desc.load([m0 + kh * WP + kw, c0])
+        b = b_desc.load([n0, tap * CK + c0])
+        if BITCAST_FP8:  # the interpreter has no FP8 descriptors: FP8 travels as its bytes
+            a = a.to(tl.float8e4nv, bitcast=True)
+            b = b.to(tl.float8e4nv, bitcast=True)
+        acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Cout
+    img = HP * WP
+    nb = offs_m // img
+    r = offs_m - nb * img
+    oh = r // WP
+    ow = r - oh * WP
+    m_ok = (offs_m < MP) & (oh < Ho) & (ow < Wo)  # rows of the pad band are computed, not stored
+    if HAS_CORR:
+        corr = tl.load(corr_ptr + offs_n, mask=n_ok, other=0).to(acc.dtype)
+        acc = acc + corr[None, :]
+    ws = tl.load(wscale_ptr + offs_n, mask=n_ok, other=0.0)
+    if HAS_ASCALE:
+        ws = ws * tl.load(ascale_ptr)
+    out = acc.to(tl.float32) * ws[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    nb64 = nb.to(tl.int64)
+    if HAS_ADD:
+        add_off = nb64 * san + oh * sah + ow * saw
+        out += tl.load(add_ptr + add_off[:, None] + offs_n[None, :] * sac, mask=mask, other=0.0).to(tl.float32)
+    o_off = nb64 * son + oh * soh + ow * sow
+    tl.store(out_ptr + o_off[:, None] + offs_n[None, :] * soc, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def tma_unsupported(x: torch.Tensor, w: torch.Tensor, wzp, stride: Sequence[int], dilation: Sequence[int],
+                    w4: bool) -> Optional[str]:
+    """Why this call cannot take the TMA path (None: it can)."""
+    if TensorDescriptor is None:
+        return "this Triton has no tensor descriptors"
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return "TMA needs compute capability 9.0+"
+    if x.device.type != "cuda" and not _interpreting():
+        return "not a CUDA tensor"
+    if x.dtype not in (torch.int8, torch.float8_e4m3fn):
+        return f"activations {x.dtype} (8-bit only)"
+    if w4 or wzp is not None:
+        return "4-bit or zero-point weights"
+    if tuple(stride) != (1, 1) or tuple(dilation) != (1, 1):
+        return "stride or dilation other than 1"
+    if (x.shape[1] * x.element_size()) % 16 or (w.shape[3] * w.element_size()) % 16:
+        return "channels not a multiple of 16 bytes (TMA row alignment)"
+    return None
+
+
+def pick_tma_config(MP: int, cout: int, ck: int) -> dict:
+    bn = 256 if cout >= 1024 else 128 if cout > 64 else 64
+    bk = 128 if ck >= 128 else 64 if ck >= 64 else 32
+    return dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bn == 256 else 4, num_stages=3)
+
+
+def qconv_tma(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Sequence[int], out_dtype: torch.dtype,
+              config: Optional[dict] = None) -> torch.Tensor:
+    """``diffquant::qconv`` for stride 1 / dilation 1, 8-bit activations and 8-bit weights without zero point
+    (see :func:`tma_unsupported`); same arguments and result as :func:`.reference.qconv_reference`."""
+    from diffquant.kernels.reference import out_like
+
+    nbatch, c, h, wd = x.shape
+    cout, kh, kw, ck = w.shape
+    if ck != c:
+        raise ValueError(f"input has {c} channels; the weight expects {ck}")
+    ph, pw = int(padding[0]), int(padding[1])
+    hp, wp = h + 2 * ph, wd + 2 * pw
+    ho, wo = hp - kh + 1, wp - kw + 1
+    out = out_like(x, cout, ho, wo, out_dtype)
+    if nbatch * ho * wo == 0:
+        return out
+    fp8 = x.dtype == torch.float8_e4m3fn
+    xb = x.view(torch.uint8) if fp8 else x  # pad FP8 as bytes (0x00 is 0.0); int8 pads with its zero point
+    xh = xb.permute(0, 2, 3, 1)
+    if ph or pw:
+        xh = F.pad(xh, (0, 0, pw, pw, ph, ph), value=0 if fp8 else int(a_zp))
+    xh = xh.contiguous()
+    bitcast = fp8 and _interpreting()
+    if fp8 and not bitcast:
+        xh = xh.view(torch.float8_e4m3fn)
+    wv = w.view(torch.uint8) if bitcast else w
+    rows = nbatch * hp * wp
+    cfg = dict(config or pick_tma_config(rows, cout, ck))
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    a_desc = TensorDescriptor(xh.view(rows, c), [rows, c], [c, 1], [bm, bk])
+    w2 = wv.reshape(cout, kh * kw * ck)
+    b_desc = TensorDescriptor(w2, [cout, kh * kw * ck], [kh * kw * ck, 1], [bn, bk])
+    ncb = triton.cdiv(ck, bk)
+    dummy = w_scale
+    sa = add.stride() if add is not None else (0, 0, 0, 0)
+    grid = (triton.cdiv(rows, bm) * triton.cdiv(cout, bn),)
+    _qconv_tma_kernel[grid](
+        a_desc, b_desc, out,
+        a_scale if a_scale is not None else dummy, w_scale, corr if corr is not None else dummy,
+        bias if bias is not None else dummy, add if add is not None else out,
+        rows, hp, wp, ho, wo, cout, ck, ncb, kh * kw * ncb,
+        out.stride(0), out.stride(2), out.stride(3), out.stride(1),
+        sa[0], sa[2], sa[3], sa[1],
+        KW=kw, A_INT=x.dtype == torch.int8, BITCAST_FP8=bitcast, HAS_ASCALE=a_scale is not None,
+        HAS_CORR=corr is not None, HAS_BIAS=bias is not None, HAS_ADD=add is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
