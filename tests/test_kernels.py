@@ -527,3 +527,28 @@ def test_tuning_packaged_tables_are_valid_and_cover_the_bench_shapes():
     assert tuning.lookup("fp8:8x320x64x64:o320:k3x3:s1x1:p1x1:d1x1:bfloat16", "NVIDIA H200") == \
         h200["configs"]["fp8:8x320x64x64:o320:k3x3:s1x1:p1x1:d1x1:bfloat16"]
     assert tuning.lookup("fp8:8x320x64x64:o320:k3x3:s1x1:p1x1:d1x1:bfloat16", "NVIDIA A100-SXM4-80GB") is None
+
+
+TMA_GPU_CASES = [  # kind, n, cin, cout, h, w, k, pad, a_zp
+    ("fp8", 2, 320, 320, 17, 13, 3, 1, 0), ("int8", 3, 64, 40, 9, 7, 3, 1, 5), ("fp8", 4, 128, 1280, 8, 8, 3, 1, 0),
+    ("int8", 2, 48, 24, 6, 5, 1, 0, 0), ("fp8", 1, 256, 200, 33, 31, 3, 1, 0),
+]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", TMA_GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gpu_tma_path_matches_reference(case, monkeypatch):
+    """The experimental TMA conv path (DIFFQUANT_QCONV_TMA=1) against the reference op, odd sizes, poisoned output."""
+    from diffquant.kernels.triton_conv_tma import tma_unsupported
+
+    kind, n, cin, cout, h, w, k, pad, a_zp = case
+    monkeypatch.setenv("DIFFQUANT_QCONV_TMA", "1")
+    c = _rand_case(kind, n=n, cin=cin, cout=cout, h=h, w=w, k=k, a_zp=a_zp, device="cuda")
+    if tma_unsupported(c["x"], c["w"], c["wzp"], [1, 1], [1, 1], c["w4"]) is not None:
+        pytest.skip(tma_unsupported(c["x"], c["w"], c["wzp"], [1, 1], [1, 1], c["w4"]))
+    got = _poisoned_call(c, 1, pad)
+    torch.cuda.synchronize()
+    want = _call(qconv_ref, c, 1, pad, 1, torch.float64)
+    assert torch.isfinite(got).all()
+    assert float((got.double() - want).norm() / want.norm()) < 1e-5

@@ -4,6 +4,7 @@
 # benchmark rows BENCH_ONLY with that table (DIFFQUANT_QCONV_TUNED), everything to $OUT.
 #   carry: .whl (diffusers wheel; .whl/torchao-gpu for torchao rows)
 #   run:   bash scripts/gpu/tune_bench.sh      (env: TOTAL_S (520), TUNE_TASKS, TUNE_S (170), BENCH_ONLY, TESTS_K)
+#   the experimental TMA conv path: DIFFQUANT_QCONV_TMA=1 TESTS_K=tma bash scripts/gpu/tune_bench.sh (its table keys end in :tma)
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
