@@ -156,3 +156,45 @@ def test_weights_from_equals_run_from_scratch(setup, tmp_path):
                           weights_from=src, progress=False)
     with pytest.raises(ValueError, match="no reconstruction checkpoint"):
         qd.qdiffusion_ptq(model, w4a8, calib, recon=rc, weights_from=tmp_path / "nothing", progress=False)
+
+
+def _act_unit(setup):
+    """A resnet unit of a W8A8 model with calibrated activation ranges, and its captured data."""
+    from diffquant.quantize import calibrate
+    from diffquant.models.adapter import call_model
+
+    model, calib = setup
+    q = quantize(model, QuantConfig(weight=QuantScheme(8, granularity="per_channel"), act=QuantScheme(4)))
+    with torch.no_grad(), calibrate(q):
+        for i in range(0, len(calib), 16):
+            x, t, c = calib.batch(torch.arange(i, min(i + 16, len(calib))))
+            call_model(q, x, t, c)
+    units = find_units(q, calib.batch(torch.arange(2)))
+    unit = next(u for u in units if u.kind == "block" and u.name.startswith("down_blocks.0.resnets"))
+    data = capture_unit_data(q, unit.module, model, model.get_submodule(unit.name), calib, batch_size=16,
+                             device="cpu", cache_device="cpu", max_bytes=1 << 30)
+    return unit, data
+
+
+def test_act_stage_keeps_the_better_of_initial_and_learned_step_sizes(setup):
+    """With a learning rate that wrecks the step sizes, the initial ones are restored; with a sane one the
+    decision follows the fixed-row losses; act_keep_best_rows=0 keeps whatever was learned."""
+    unit, data = _act_unit(setup)
+    initial = [q.scale.detach().clone() for q in unit.act_quantizers()]
+    bad = qd.ReconConfig(act_iters=20, batch_size=8, act_lr=5.0, act_keep_best_rows=64)
+    info = qd._reconstruct_acts(unit, data, bad, torch.Generator().manual_seed(0), "cpu", progress=False)
+    assert info["kept"] == "initial" and info["eval_loss_learned"] > info["eval_loss_initial"], info
+    assert all(torch.equal(q.scale, s) for q, s in zip(unit.act_quantizers(), initial))
+    assert all(not isinstance(q.scale, torch.nn.Parameter) for q in unit.act_quantizers())
+    # learned kept whenever it is no worse on the same rows
+    sane = qd.ReconConfig(act_iters=30, batch_size=8, act_lr=4e-4, act_keep_best_rows=64)
+    info = qd._reconstruct_acts(unit, data, sane, torch.Generator().manual_seed(0), "cpu", progress=False)
+    assert (info["kept"] == "learned") == (info["eval_loss_learned"] <= info["eval_loss_initial"])
+    # off: the wrecked step sizes stay
+    off = qd.ReconConfig(act_iters=20, batch_size=8, act_lr=5.0, act_keep_best_rows=0)
+    before = [q.scale.detach().clone() for q in unit.act_quantizers()]
+    info = qd._reconstruct_acts(unit, data, off, torch.Generator().manual_seed(0), "cpu", progress=False)
+    assert "kept" not in info
+    assert any(not torch.equal(q.scale, s) for q, s in zip(unit.act_quantizers(), before))
+    with pytest.raises(ValueError, match="act_keep_best_rows"):
+        qd.ReconConfig(act_keep_best_rows=-1)

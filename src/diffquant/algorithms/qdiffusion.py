@@ -64,9 +64,13 @@ class ReconConfig:
     seed: int = 0
     cuda_graphs: bool = True  # replay each unit's optimisation step from a CUDA graph (CUDA only)
     capture_batch: Optional[int] = None  # batch of the unit-data capture passes (None: max(batch_size, 64))
+    # after the activation stage, compare the unit's reconstruction loss on up to this many captured rows (spread over
+    # the calibration set) with the initial and the learned step sizes and keep the better (0: always keep the
+    # learned ones, as Q-Diffusion does)
+    act_keep_best_rows: int = 512
 
     def __post_init__(self) -> None:
-        for k in ("weight_iters", "act_iters", "act_init_rows"):
+        for k in ("weight_iters", "act_iters", "act_init_rows", "act_keep_best_rows"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k}={getattr(self, k)} must be >= 0")
         if self.batch_size < 1:
@@ -246,7 +250,7 @@ def _device(m: nn.Module) -> torch.device:
 
 
 # ReconConfig fields that only the activation stages read: the weight stage does not depend on them.
-_ACT_ONLY_FIELDS = ("act_iters", "act_lr", "act_p", "act_init_rows")
+_ACT_ONLY_FIELDS = ("act_iters", "act_lr", "act_p", "act_init_rows", "act_keep_best_rows")
 
 
 def _weight_view(config: QuantConfig, rc: ReconConfig) -> tuple[QuantConfig, ReconConfig]:
@@ -408,6 +412,9 @@ def _reconstruct_acts(unit: Unit, data, rc: ReconConfig, gen: torch.Generator, d
     if not aqs or rc.act_iters == 0:
         return {}
     loop = _StepLoop(data, rc, rc.act_iters, gen, device, rc.cuda_graphs)
+    eval_rows = min(rc.act_keep_best_rows, data.n)
+    initial = [q.scale.detach().clone() for q in aqs]
+    loss_initial = _eval_loss(unit, data, eval_rows, rc, device) if eval_rows else None
     params = [q.make_scale_learnable() for q in aqs]
     lr: Any = torch.full((), rc.act_lr, device=device) if loop.capturable else rc.act_lr
     opt = torch.optim.Adam(params, lr=lr, capturable=loop.capturable)
@@ -436,7 +443,32 @@ def _reconstruct_acts(unit: Unit, data, rc: ReconConfig, gen: torch.Generator, d
     finally:
         for q in aqs:
             q.freeze_scale()
+    if eval_rows:
+        # the minibatch losses of the loop are noisy; decide on the same fixed rows for both
+        loss_learned = _eval_loss(unit, data, eval_rows, rc, device)
+        keep = "learned" if loss_learned <= loss_initial else "initial"
+        if keep == "initial":
+            with torch.no_grad():
+                for q, v in zip(aqs, initial):
+                    q.scale.copy_(v)
+        info.update(eval_rows=eval_rows, eval_loss_initial=loss_initial, eval_loss_learned=loss_learned, kept=keep)
     return info
+
+
+@torch.no_grad()
+def _eval_loss(unit: Unit, data, rows: int, rc: ReconConfig, device) -> float:
+    """The unit's activation-stage reconstruction loss over ``rows`` captured rows spread evenly over the
+    calibration set (every time step is represented), a row-weighted mean."""
+    total = 0.0
+    bs = max(rc.batch_size, 64)
+    pick = torch.linspace(0, data.n - 1, rows).round().long().to(data.target.device)
+    for start in range(0, rows, bs):
+        idx = pick[start:start + bs]
+        args, kwargs, target = data.batch(idx)
+        args = [a.to(device) if torch.is_tensor(a) else a for a in args]
+        kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+        total += float(recon_loss(_unit_forward(unit, args, kwargs), target.to(device), rc.act_p)) * len(idx)
+    return total / rows
 
 
 def qdiffusion_ptq(

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from diffquant.kernels import triton_conv_tma, tuning
+from diffquant.kernels._triton_common import dequant_store, grouped_tile
 
 
 # Integer arguments equal to 1 or divisible by 16 are specialised by Triton (one compilation per
@@ -44,16 +45,7 @@ def _qconv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr = False, IEEE: tl.constexpr = False,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(Cout, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = grouped_tile(M, Cout, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
@@ -140,23 +132,8 @@ def _qconv_kernel(
             outside = (ih < 0) | (ih >= H) | (iw < 0) | (iw >= W)
             pc = tl.load(padc_ptr + offs_n * (KH * KW) + t, mask=n_ok, other=0)
             acc += tl.where(outside[:, None], pc[None, :], 0)
-    if HAS_CORR:
-        corr = tl.load(corr_ptr + offs_n, mask=n_ok, other=0).to(acc.dtype)
-        acc = acc + corr[None, :]
-    accf = acc.to(tl.float32)
-    ws = tl.load(wscale_ptr + offs_n, mask=n_ok, other=0.0)
-    if HAS_ASCALE:
-        ws = ws * tl.load(ascale_ptr)
-    out = accf * ws[None, :]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    nb64 = nb.to(tl.int64)
-    if HAS_ADD:
-        add_off = nb64 * san + oh * sah + ow * saw
-        out += tl.load(add_ptr + add_off[:, None] + offs_n[None, :] * sac, mask=mask, other=0.0).to(tl.float32)
-    o_off = nb64 * son + oh * soh + ow * sow
-    tl.store(out_ptr + o_off[:, None] + offs_n[None, :] * soc, out.to(out_ptr.dtype.element_ty), mask=mask)
+    dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
+                  son, soh, sow, soc, san, sah, saw, sac, HAS_CORR, HAS_ASCALE, HAS_BIAS, HAS_ADD)
 
 
 _NUM_SMS: dict = {}

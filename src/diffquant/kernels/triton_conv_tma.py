@@ -29,6 +29,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from diffquant.kernels._triton_common import dequant_store, grouped_tile
+
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # older Triton: the path is unavailable
@@ -49,15 +51,7 @@ def _qconv_tma_kernel(
     HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(MP, BLOCK_M)
-    num_pid_n = tl.cdiv(Cout, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(MP, Cout, BLOCK_M, BLOCK_N, GROUP_M)
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
 
@@ -86,22 +80,8 @@ def _qconv_tma_kernel(
     oh = r // WP
     ow = r - oh * WP
     m_ok = (offs_m < MP) & (oh < Ho) & (ow < Wo)  # rows of the pad band are computed, not stored
-    if HAS_CORR:
-        corr = tl.load(corr_ptr + offs_n, mask=n_ok, other=0).to(acc.dtype)
-        acc = acc + corr[None, :]
-    ws = tl.load(wscale_ptr + offs_n, mask=n_ok, other=0.0)
-    if HAS_ASCALE:
-        ws = ws * tl.load(ascale_ptr)
-    out = acc.to(tl.float32) * ws[None, :]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    nb64 = nb.to(tl.int64)
-    if HAS_ADD:
-        add_off = nb64 * san + oh * sah + ow * saw
-        out += tl.load(add_ptr + add_off[:, None] + offs_n[None, :] * sac, mask=mask, other=0.0).to(tl.float32)
-    o_off = nb64 * son + oh * soh + ow * sow
-    tl.store(out_ptr + o_off[:, None] + offs_n[None, :] * soc, out.to(out_ptr.dtype.element_ty), mask=mask)
+    dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
+                  son, soh, sow, soc, san, sah, saw, sac, HAS_CORR, HAS_ASCALE, HAS_BIAS, HAS_ADD)
 
 
 def tma_unsupported(x: torch.Tensor, w: torch.Tensor, wzp, stride: Sequence[int], dilation: Sequence[int],

@@ -1,0 +1,44 @@
+"""Triton pieces shared by the two conv kernels (:mod:`.triton_conv`, :mod:`.triton_conv_tma`)."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (pid_m, pid_n), GROUP_M row tiles at a time (L2 reuse of the B tiles)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
+                  son, soh, sow, soc, san, sah, saw, sac,
+                  HAS_CORR: tl.constexpr, HAS_ASCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr):
+    """The epilogue: + per-channel integer correction, x (activation scale x weight scale), + bias, + residual,
+    stored at (image nb, row oh, column ow, channel) through the output strides, where m_ok & n_ok."""
+    if HAS_CORR:
+        corr = tl.load(corr_ptr + offs_n, mask=n_ok, other=0).to(acc.dtype)
+        acc = acc + corr[None, :]
+    ws = tl.load(wscale_ptr + offs_n, mask=n_ok, other=0.0)
+    if HAS_ASCALE:
+        ws = ws * tl.load(ascale_ptr)
+    out = acc.to(tl.float32) * ws[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    nb64 = nb.to(tl.int64)
+    if HAS_ADD:
+        add_off = nb64 * san + oh * sah + ow * saw
+        out += tl.load(add_ptr + add_off[:, None] + offs_n[None, :] * sac, mask=mask, other=0.0).to(tl.float32)
+    o_off = nb64 * son + oh * soh + ow * sow
+    tl.store(out_ptr + o_off[:, None] + offs_n[None, :] * soc, out.to(out_ptr.dtype.element_ty), mask=mask)
