@@ -20,7 +20,7 @@ def default_tasks(compile: bool = True) -> list[Task]:
     an H200), then torchao, the uncompiled bf16 rows (cheap), 4-bit weights, and the other batches."""
     T = lambda m, b, v: Task(m, b, v, compile)  # noqa: E731
     sd, cf = "sd15-unet", "ddpm-cifar10-32"
-    tasks = [T(sd, 8, v) for v in ("bf16-compile", "dq-fp8", "dq-int8")]
+    tasks = [T(sd, 8, v) for v in ("bf16-compile", "dq-fp8", "dq-fp8-fp8attn", "dq-int8")]
     tasks += [T(cf, 256, v) for v in ("bf16-compile", "dq-fp8", "dq-int8")]
     tasks += [T(m, b, v) for m, b in ((sd, 8), (cf, 256)) for v in ("torchao-fp8", "torchao-int8dyn")]
     tasks += [T(sd, 8, "bf16-eager"), T(cf, 256, "bf16-eager")]

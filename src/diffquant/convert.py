@@ -23,7 +23,9 @@ channels, a scheme of the wrong kind) are handled by ``unsupported``: ``"simulat
 the fake-quant layer (same numbers, float speed), ``"float"`` puts back a plain float layer with the
 dequantized weight and no activation quantization, ``"error"`` raises. The attention matmuls are
 left to ``attention``: ``"simulate"`` keeps the quantized attention processor, ``"float"`` installs
-diffusers' SDPA processor (Q·Kᵀ and softmax·V in the model's float dtype). Either way the report
+diffusers' SDPA processor (Q·Kᵀ and softmax·V in the model's float dtype), ``"fp8"`` installs
+:class:`diffquant.kernels.attention_processor.FP8AttnProcessor` in every attention block (both matmuls in
+FP8 e4m3, dynamic per-head scales; experimental, not yet timed on a GPU). Either way the report
 (``model._diffquant_convert_report``) lists what was converted and what was not, and why.
 """
 from __future__ import annotations
@@ -228,8 +230,8 @@ def convert(
         raise ValueError(f"backend={backend!r} is not supported; allowed: {', '.join(BACKENDS)}")
     if unsupported not in UNSUPPORTED:
         raise ValueError(f"unsupported={unsupported!r}; allowed: {', '.join(UNSUPPORTED)}")
-    if attention not in ("simulate", "float"):
-        raise ValueError(f"attention={attention!r}; allowed: 'simulate', 'float'")
+    if attention not in ("simulate", "float", "fp8"):
+        raise ValueError(f"attention={attention!r}; allowed: 'simulate', 'float', 'fp8'")
     if isinstance(model, (str, Path)):
         from diffquant.io import load_quantized
 
@@ -268,6 +270,16 @@ def convert(
 def _convert_attention(model: nn.Module, attention: str) -> str:
     from diffquant.nn.attention import QuantAttnProcessor
 
+    if attention == "fp8":  # every diffusers attention block, quantized in the config or not
+        from diffusers.models.attention_processor import Attention
+
+        from diffquant.kernels.attention_processor import FP8AttnProcessor
+
+        fp8_blocks = [m for m in model.modules() if isinstance(m, Attention)]
+        for m in fp8_blocks:
+            m.set_processor(FP8AttnProcessor())
+        return (f"{len(fp8_blocks)} attention blocks run Q·Kᵀ / softmax·V in FP8 e4m3 (diffquant::fp8_attention, "
+                f"attention='fp8')") if fp8_blocks else ""
     blocks = [m for m in model.modules() if isinstance(getattr(m, "processor", None), QuantAttnProcessor)]
     if not blocks:
         return ""

@@ -65,9 +65,10 @@ class ReconConfig:
     cuda_graphs: bool = True  # replay each unit's optimisation step from a CUDA graph (CUDA only)
     capture_batch: Optional[int] = None  # batch of the unit-data capture passes (None: max(batch_size, 64))
     # after the activation stage, compare the unit's reconstruction loss on up to this many captured rows (spread over
-    # the calibration set) with the initial and the learned step sizes and keep the better (0: always keep the
-    # learned ones, as Q-Diffusion does)
-    act_keep_best_rows: int = 512
+    # the calibration set) with the initial and the learned step sizes and keep the better. 0 (default): always keep
+    # the learned ones, as Q-Diffusion does. With 512 on zoo:cifar10-cm W4A8 it kept the initial step sizes in 11 of
+    # 35 units and changed nothing measurable (BENCHMARKS.md, Q-Diffusion section).
+    act_keep_best_rows: int = 0
 
     def __post_init__(self) -> None:
         for k in ("weight_iters", "act_iters", "act_init_rows", "act_keep_best_rows"):
@@ -487,8 +488,11 @@ def qdiffusion_ptq(
     weights_from: Optional[str | Path] = None,
     weight_iters: Optional[int] = None,
     act_iters: Optional[int] = None,
+    act_keep_best_rows: Optional[int] = None,
 ) -> nn.Module:
     """Quantize ``model`` (a copy) with the Q-Diffusion recipe on the calibration set ``calib``.
+
+    ``weight_iters`` / ``act_iters`` / ``act_keep_best_rows`` override the preset's (see :class:`ReconConfig`).
 
     ``weights_from``: the checkpoint folder of a finished weight stage to start from instead of
     running AdaRound again, e.g. the W4A32 run when quantizing W4A8 (the weight stage runs with
@@ -507,6 +511,8 @@ def qdiffusion_ptq(
         recon = dataclasses.replace(recon, weight_iters=weight_iters)
     if act_iters is not None:
         recon = dataclasses.replace(recon, act_iters=act_iters)
+    if act_keep_best_rows is not None:
+        recon = dataclasses.replace(recon, act_keep_best_rows=act_keep_best_rows)
     if config.weight is not None and config.weight.dtype != "int":
         raise ValueError("Q-Diffusion block reconstruction needs integer weight schemes (AdaRound)")
     t0 = time.perf_counter()

@@ -19,6 +19,9 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
               help="qdiffusion hyper-parameters: paper = 20k weight / 5k activation iterations, batch 32")
 @click.option("--weight-iters", type=int, default=None, help="qdiffusion: AdaRound iterations per unit (overrides the preset)")
 @click.option("--act-iters", type=int, default=None, help="qdiffusion: step-size iterations per unit (overrides the preset)")
+@click.option("--act-keep-best", "act_keep_best", type=int, default=None, metavar="ROWS",
+              help="qdiffusion: per unit, keep the initial activation step sizes where they reconstruct better than the "
+                   "learned ones on ROWS captured rows (default 0: always the learned ones, as in the paper)")
 @click.option("--resume", is_flag=True, help="qdiffusion: continue from the per-unit checkpoints in --work-dir")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,
               help="qdiffusion: per-unit checkpoints (default: OUT/recon)")
@@ -62,7 +65,7 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
 @device_option
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-def command(model, weight_bits, act_bits, method, preset, weight_iters, act_iters, resume, work_dir, weight_estimator, act_estimator, granularity, group_size,
+def command(model, weight_bits, act_bits, method, preset, weight_iters, act_iters, act_keep_best, resume, work_dir, weight_estimator, act_estimator, granularity, group_size,
             weight_symmetric, act_symmetric, softmax_bits, quant_attention, split_shortcut, first_last_bits, overrides, config_path,
             calib_num, calib_st, calib_sampler, calib_steps, calib_spacing, calib_eta, calib_chains, calib_data, batch_size,
             weights_from, seed, device, out_dir, as_json):
@@ -100,10 +103,12 @@ def command(model, weight_bits, act_bits, method, preset, weight_iters, act_iter
             recon = dataclasses.replace(recon, weight_iters=weight_iters)
         if act_iters is not None:
             recon = dataclasses.replace(recon, act_iters=act_iters)
+        if act_keep_best is not None:
+            recon = dataclasses.replace(recon, act_keep_best_rows=act_keep_best)
         method_kwargs = {"preset": preset, "recon": recon, "resume": resume,
                          "checkpoint_dir": work_dir or str(Path(out_dir) / "recon"), "weights_from": weights_from}
-    elif weight_iters is not None or act_iters is not None or resume or weights_from:
-        fail("--weight-iters/--act-iters/--resume/--weights-from apply to --method qdiffusion only")
+    elif weight_iters is not None or act_iters is not None or act_keep_best is not None or resume or weights_from:
+        fail("--weight-iters/--act-iters/--act-keep-best/--resume/--weights-from apply to --method qdiffusion only")
     try:
         if config_path:
             cfg = QuantConfig.from_json(config_path)

@@ -32,7 +32,8 @@ SD15_UNET = dict(
     cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
 )
 MODELS = ("sd15-unet", "ddpm-cifar10-32", "zoo:cifar10-ddpm")
-VARIANTS = ("bf16-eager", "bf16-compile", "torchao-int8dyn", "torchao-fp8", "dq-int8", "dq-fp8", "dq-w4a8", "dq-w4a16")
+VARIANTS = ("bf16-eager", "bf16-compile", "torchao-int8dyn", "torchao-fp8", "dq-int8", "dq-fp8", "dq-w4a8", "dq-w4a16",
+            "dq-fp8-fp8attn")
 
 
 def build_model(name: str) -> nn.Module:
@@ -103,10 +104,13 @@ def _quantized(model: nn.Module, backend: str, calib_inputs: tuple) -> nn.Module
     from diffquant.models.adapter import call_model
     from diffquant.quantize import calibrate, quantize
 
+    attention = "float"
+    if backend.endswith("-fp8attn"):  # e.g. dq-fp8-fp8attn: FP8 layers and FP8 attention
+        backend, attention = backend[: -len("-fp8attn")], "fp8"
     q = quantize(model, config_for_backend(backend))
     with torch.no_grad(), calibrate(q):
         call_model(q, *calib_inputs)
-    cm = convert(q, backend, attention="float", unsupported="float", inplace=True)
+    cm = convert(q, backend, attention=attention, unsupported="float", inplace=True)
     return cm
 
 

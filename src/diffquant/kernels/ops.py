@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from diffquant.kernels.reference import conv_out_hw, out_like, qconv_reference
+from diffquant.kernels.reference import (conv_out_hw, fp8_attention_reference, fp8_attention_scales, out_like,
+                                       qconv_reference)
 
 _TRITON = None
 
@@ -85,3 +86,24 @@ def _qconv_fake(x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, stride, padd
 def qconv_ref(*args) -> torch.Tensor:
     """The reference implementation of ``diffquant::qconv`` (same arguments), whatever the device."""
     return qconv_reference(*args)
+
+
+@torch.library.custom_op("diffquant::fp8_attention", mutates_args=())
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """Attention with both matmuls in FP8 e4m3 (Q, K, V scaled per (batch, head) by their absolute maxima; the
+    softmax numerator quantized to e4m3): q [B, H, Sq, D], k/v [B, H, Sk, D] -> [B, H, Sq, D] in q's dtype.
+    The Triton kernel on CUDA (see :mod:`.triton_attention`), :func:`.reference.fp8_attention_reference` elsewhere."""
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"fp8_attention needs q [B, H, Sq, D] and k, v [B, H, Sk, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    scales = fp8_attention_scales(q, k, v)
+    if _use_triton(q):
+        from diffquant.kernels.triton_attention import fp8_attention_triton
+
+        return fp8_attention_triton(q, k, v, sm_scale, scales)
+    return fp8_attention_reference(q, k, v, sm_scale, scales)
+
+
+@fp8_attention.register_fake
+def _fp8_attention_fake(q, k, v, sm_scale):
+    return torch.empty_like(q)

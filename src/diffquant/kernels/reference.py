@@ -145,3 +145,39 @@ def fp8_dynamic_scale(x: torch.Tensor) -> torch.Tensor:
     from diffquant.quant.affine import FP8_E4M3_MAX
 
     return (x.detach().abs().amax().float() / FP8_E4M3_MAX).clamp_min(1e-12).reshape(1)
+
+
+# ---- FP8 attention (diffquant::fp8_attention) ---------------------------------------------------------------
+FP8_MAX = 448.0
+
+
+def fp8_attention_scales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One e4m3 scale per (batch, head) for each of Q, K, V: absolute maximum / 448, as fp32 [B*H]."""
+    return tuple((t.detach().abs().amax(dim=(2, 3)).float() / FP8_MAX).clamp_min(1e-12).reshape(-1) for t in (q, k, v))
+
+
+def _to_e4m3(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+
+
+def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
+                            scales: Optional[tuple] = None, block_n: int = 64) -> torch.Tensor:
+    """What the FP8 attention kernel computes, in plain PyTorch (its test oracle): Q, K, V quantized to e4m3 with
+    one scale per (batch, head); S = Q8·K8ᵀ x scales; an online softmax over key blocks of ``block_n`` whose
+    numerator exp(S - running max) is quantized to e4m3 before the row sum and before P8·V8; output in q's dtype.
+    q [B, H, Sq, D], k/v [B, H, Sk, D]."""
+    bsz, heads, sq, d = q.shape
+    s_q, s_k, s_v = (s.view(bsz, heads, 1, 1) for s in (scales or fp8_attention_scales(q, k, v)))
+    q8, k8, v8 = _to_e4m3(q.float() / s_q), _to_e4m3(k.float() / s_k), _to_e4m3(v.float() / s_v)
+    m = torch.full((bsz, heads, sq, 1), float("-inf"), device=q.device)
+    den = torch.zeros((bsz, heads, sq, 1), device=q.device)
+    acc = torch.zeros((bsz, heads, sq, d), device=q.device)
+    for start in range(0, k.shape[2], block_n):
+        s = (q8 @ k8[:, :, start:start + block_n].transpose(-1, -2)) * (s_q * s_k * sm_scale)
+        m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+        alpha = torch.exp(m - m_new)
+        p8 = _to_e4m3(torch.exp(s - m_new))
+        den = den * alpha + p8.sum(dim=-1, keepdim=True)
+        acc = acc * alpha + p8 @ v8[:, :, start:start + block_n]
+        m = m_new
+    return (acc * s_v / den).to(q.dtype)

@@ -35,28 +35,9 @@ class QuantAttnProcessor(nn.Module):
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
+        query, key, value, attention_mask, ctx = attention_inputs(attn, hidden_states, encoder_hidden_states,
+                                                                  attention_mask, temb)
+        attention_mask = attn.prepare_attention_mask(attention_mask, ctx["sequence_length"], ctx["batch_size"])
         query = attn.head_to_batch_dim(query)
         key = attn.head_to_batch_dim(key)
         value = attn.head_to_batch_dim(value)
@@ -71,12 +52,41 @@ class QuantAttnProcessor(nn.Module):
             scores = scores.float()
         probs = scores.softmax(dim=-1).to(dtype)
         hidden_states = self.pv(probs, value)
-        hidden_states = attn.batch_to_head_dim(hidden_states)
+        return attention_output(attn, attn.batch_to_head_dim(hidden_states), ctx)
 
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+
+def attention_inputs(attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+    """What every diffusers attention processor does before the two matmuls: spatial/group norm, the 4-D to
+    sequence reshape and the Q/K/V projections. Returns ``(query, key, value, attention_mask, ctx)`` with Q/K/V
+    as ``[B, S, inner]`` and ``ctx`` for :func:`attention_output`."""
+    ctx = {"residual": hidden_states, "input_ndim": None}
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    ctx["input_ndim"] = hidden_states.ndim
+    if hidden_states.ndim == 4:
+        ctx["shape"] = hidden_states.shape
+        b, ch, hgt, wid = hidden_states.shape
+        hidden_states = hidden_states.view(b, ch, hgt * wid).transpose(1, 2)
+    batch_size, sequence_length, _ = (
+        hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+    ctx.update(batch_size=batch_size, sequence_length=sequence_length)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    return query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states), attention_mask, ctx
+
+
+def attention_output(attn, hidden_states, ctx: dict):
+    """What every diffusers attention processor does after the matmuls (``hidden_states`` as ``[B, S, inner]``):
+    the output projection, the reshape back to 4-D, the residual and the output rescaling."""
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+    if ctx["input_ndim"] == 4:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(*ctx["shape"])
+    if attn.residual_connection:
+        hidden_states = hidden_states + ctx["residual"]
+    return hidden_states / attn.rescale_output_factor

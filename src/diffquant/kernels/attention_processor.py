@@ -1,0 +1,49 @@
+"""A diffusers attention processor whose two matmuls run in FP8 through ``diffquant::fp8_attention``.
+
+It computes what diffusers' ``AttnProcessor2_0`` computes (spatial/group norm, heads, q/k norms, residual,
+rescaling) and replaces ``scaled_dot_product_attention`` by the FP8 op. A call with an attention mask goes to SDPA
+in the input dtype instead (the FP8 kernel has no mask) and is counted in ``float_calls``, so nothing is skipped
+silently. Installed by ``convert(..., attention="fp8")``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from diffquant.kernels.ops import fp8_attention
+from diffquant.nn.attention import attention_inputs, attention_output
+
+
+class FP8AttnProcessor:
+    def __init__(self) -> None:
+        self.fp8_calls = 0
+        self.float_calls = 0
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None,
+                 *args, **kwargs) -> torch.Tensor:
+        query, key, value, attention_mask, ctx = attention_inputs(attn, hidden_states, encoder_hidden_states,
+                                                                  attention_mask, temb)
+        batch_size = ctx["batch_size"]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, ctx["sequence_length"], batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if attention_mask is None:
+            self.fp8_calls += 1
+            hidden_states = fp8_attention(query, key, value, float(attn.scale))
+        else:
+            self.float_calls += 1
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           scale=attn.scale)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        return attention_output(attn, hidden_states, ctx)
