@@ -4,7 +4,11 @@
 #   carry: .whl (diffusers wheel); until zoo:cifar10-cm is bundled, it is bundled here first from the carry state that
 #   scripts/gpu/cm_train.sh left on this machine (/tmp/cm_ret/carry) or from .gpu_carry/cm/cm_state.tar.part-* (carry
 #   .gpu_carry), and returned as $OUT/cifar10-cm-bundle.tar.
-#   run:   bash scripts/gpu/single_step.sh      (env: SPEC, W (work folder), NGPU, TOTAL_S (560), DEVICE (cuda))
+#   run:   bash scripts/gpu/single_step.sh      (env: SPEC, W (work folder), NGPU, TOTAL_S (560), DEVICE (cuda),
+#          CELLS_FROM: a folder of finished cell records (cache/cells/*.json of an earlier call's
+#          single_step_report.tar, carried in e.g. .gpu_carry/ss_cells) to continue from on a fresh machine)
+#   39 cells take more than one 10-minute call on 2 GPUs (2026-11-28: 34 in the first call, the other 5 and the
+#   table in a second NGPU=1 call with CELLS_FROM=.gpu_carry/ss_cells)
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
 setup_env
@@ -21,6 +25,9 @@ if [ ! -f $ZW/model.safetensors ] && grep -q "zoo:cifar10-cm" $SPEC; then  # bun
   [ -f $CARRY/state.json ] || { echo "no zoo:cifar10-cm and no CM carry state (run scripts/gpu/cm_train.sh first)"; exit 1; }
   python3 -m diffquant.cli train cm-bundle $CARRY $ZW || exit 1
   tar cf $OUT/cifar10-cm-bundle.tar -C src/diffquant/zoo/weights cifar10-cm  # commit it: the zoo model
+fi
+if [ -n "${CELLS_FROM:-}" ]; then  # continue from the finished cells of an earlier call
+  mkdir -p $W/cache/cells && cp "$CELLS_FROM"/*.json $W/cache/cells/ && say "$(ls $W/cache/cells | wc -l) cell records from $CELLS_FROM"
 fi
 NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | wc -l)}
 if [ "$NGPU" -gt 1 ]; then
