@@ -66,8 +66,8 @@ class ReconConfig:
     capture_batch: Optional[int] = None  # batch of the unit-data capture passes (None: max(batch_size, 64))
     # after the activation stage, compare the unit's reconstruction loss on up to this many captured rows (spread over
     # the calibration set) with the initial and the learned step sizes and keep the better. 0 (default): always keep
-    # the learned ones, as Q-Diffusion does. With 512 on zoo:cifar10-cm W4A8 it kept the initial step sizes in 11 of
-    # 35 units and changed nothing measurable (BENCHMARKS.md, Q-Diffusion section).
+    # the learned ones, as Q-Diffusion does. On zoo:cifar10-cm W4A8 it kept the initial step sizes in 10 of
+    # 38 units and changed nothing measurable (BENCHMARKS.md, "Keeping the better ... step sizes").
     act_keep_best_rows: int = 0
 
     def __post_init__(self) -> None:
