@@ -5,6 +5,9 @@
 #   carry: .whl (diffusers wheel; .whl/torchao-gpu for torchao rows)
 #   run:   bash scripts/gpu/tune_bench.sh      (env: TOTAL_S (520), TUNE_TASKS, TUNE_S (170), BENCH_ONLY, TESTS_K)
 #   the experimental TMA conv path: DIFFQUANT_QCONV_TMA=1 TESTS_K=tma bash scripts/gpu/tune_bench.sh (its table keys end in :tma)
+#   PROBE=1 first runs benchmarks/qconv_tma_probe.py. Suggested first call of the next session (nvidia-h200):
+#     PROBE=1 TESTS_K="tma or fp8_attention or gpu_kernel or tuner" TEST_S=150 \
+#     BENCH_ONLY=sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8,sd15-unet:8:dq-fp8-fp8attn bash scripts/gpu/tune_bench.sh
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -16,6 +19,11 @@ if ls .whl/torchao-gpu/*.whl >/dev/null 2>&1; then
 fi
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())' >> "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+if [ "${PROBE:-0}" = 1 ]; then  # the TMA conv path vs the gather kernel vs cuDNN bf16 on seven UNet shapes (~1 min)
+  say "TMA probe"
+  timeout ${PROBE_S:-120} python3 benchmarks/qconv_tma_probe.py --out "$OUT/probe.json" > "$OUT/probe.log" 2>&1
+  echo "probe rc=$?" >> "$OUT/probe.log"; grep -v -i warn "$OUT/probe.log" | cut -c1-400 | tail -9
+fi
 if [ -n "${TESTS_K:-}" ]; then
   say "GPU tests -k '$TESTS_K'"
   timeout ${TEST_S:-60} python3 -m pytest -m gpu tests/test_kernels.py -k "$TESTS_K" -v --tb=short -p no:cacheprovider \
