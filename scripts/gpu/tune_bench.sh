@@ -6,7 +6,7 @@
 #   run:   bash scripts/gpu/tune_bench.sh      (env: TOTAL_S (520), TUNE_TASKS, TUNE_S (170), BENCH_ONLY, TESTS_K)
 #   the experimental TMA conv path: DIFFQUANT_QCONV_TMA=1 TESTS_K=tma bash scripts/gpu/tune_bench.sh (its table keys end in :tma)
 #   PROBE=1 first runs benchmarks/qconv_tma_probe.py. Suggested first call of the next session (nvidia-h200):
-#     PROBE=1 TESTS_K="tma or fp8_attention or gpu_kernel or tuner" TEST_S=150 \
+#     PROBE=1 TUNE_TASKS=none TESTS_K="tma or fp8_attention or gpu_kernel or tuner" TEST_S=150 \
 #     BENCH_ONLY=sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8,sd15-unet:8:dq-fp8-fp8attn bash scripts/gpu/tune_bench.sh
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
@@ -30,7 +30,9 @@ if [ -n "${TESTS_K:-}" ]; then
     > "$OUT/pytest_gpu.log" 2>&1
   echo "pytest rc=$?" >> "$OUT/pytest_gpu.log"; grep -E "PASSED|FAILED|ERROR|^E |rc=" "$OUT/pytest_gpu.log" | head -30
 fi
-say "tuning ${TUNE_TASKS:=sd15-unet:8:dq-fp8,ddpm-cifar10-32:256:dq-fp8}"
+TUNE_TASKS=${TUNE_TASKS:-sd15-unet:8:dq-fp8,ddpm-cifar10-32:256:dq-fp8}
+if [ "$TUNE_TASKS" = none ]; then say "no tuning: the shipped tables apply"; else
+say "tuning $TUNE_TASKS"
 timeout $(( ${TUNE_S:-170} + 60 )) python3 benchmarks/tune_qconv.py --tasks "$TUNE_TASKS" --budget-s ${TUNE_S:-170} \
   --out "$OUT/qconv_tuned.json" --rows "$OUT/qconv_tune_rows.json" > "$OUT/tune.log" 2>&1
 echo "tune rc=$?" >> "$OUT/tune.log"
@@ -47,6 +49,7 @@ for r in rows:
               f'{r["tflops_best"]:7.1f}/{r["tflops_cudnn_bf16"]:7.1f} TF {tuple((r["best"] or {}).values())}')
 PY
 [ -f "$OUT/qconv_tuned.json" ] && export DIFFQUANT_QCONV_TUNED="$OUT/qconv_tuned.json"
+fi
 LEFT=$(( TOTAL_S - $(elapsed) - 10 ))
 BUDGET=$(( LEFT > 120 ? LEFT - 90 : 20 ))
 say "bench with the tuned table: hard limit ${LEFT}s, no new row after ${BUDGET}s"
