@@ -3,6 +3,10 @@
     python benchmarks/kernel_quality.py [--n 500] [--steps 20] [--backends int8,int8:conv_out,fp8,w4a8,w4a16]
                                         [--out benchmarks/results/kernel_quality.json]
 
+A backend ``NAME[:PATTERN][+fp8attn]``: ``+fp8attn`` also converts the attention blocks to FP8
+(``convert(..., attention="fp8")``; the fake-quant model keeps float attention, so real vs fake then includes
+the FP8 attention's error). Runs on the CPU too (the reference ops), slowly.
+
 For each backend: zoo:cifar10-ddpm quantized with ``config_for_backend(backend)`` (min-max ranges from a DDIM
 calibration set; ``NAME:PATTERN`` leaves matching layers in float), sampled with DDIM from the same seeds three
 ways in fp32 I/O: the full-precision model, the calibrated fake-quant model, and that model after
@@ -58,12 +62,13 @@ def main() -> None:
            "model": "zoo:cifar10-ddpm", "n": a.n, "sampler": f"ddim-{a.steps}", "fp_seconds": round(fp_s, 2),
            "calib_rows": len(calib), "rows": []}
     for b in filter(None, a.backends.split(",")):
-        name, *keep = b.split(":")
-        row = {"backend": name, "keep_float": keep}
+        attention = "fp8" if b.endswith("+fp8attn") else "float"
+        name, *keep = b.removesuffix("+fp8attn").split(":")
+        row = {"backend": name, "keep_float": keep, "attention": attention}
         try:
             q = run_ptq(lm.model, config_for_backend(name, keep_float=keep), "naive", calib, device=dev, progress=False)
             fake, fake_s = draw(q)
-            real_m = convert(q, name, attention="float", unsupported="simulate")
+            real_m = convert(q, name, attention=attention, unsupported="simulate")
             rep = real_m._diffquant_convert_report
             real, real_s = draw(real_m)
             rf, ff, rfp = paired_fidelity(fake, real), paired_fidelity(fp, fake), paired_fidelity(fp, real)
