@@ -311,10 +311,7 @@ class _StepLoop:
         self.last: Optional[torch.Tensor] = None
 
     def batch(self):
-        args, kwargs, target = self.data.batch(self.idx)
-        args = [a.to(self.device) if torch.is_tensor(a) else a for a in args]
-        kwargs = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
-        return args, kwargs, target.to(self.device)
+        return _batch_on(self.data, self.idx, self.device)
 
     def run(self, body, before_step, desc: str, progress: bool) -> dict:
         """``body()`` computes the loss, back-propagates and steps the optimiser, returning the
@@ -465,11 +462,17 @@ def _eval_loss(unit: Unit, data, rows: int, rc: ReconConfig, device) -> float:
     pick = torch.linspace(0, data.n - 1, rows).round().long().to(data.target.device)
     for start in range(0, rows, bs):
         idx = pick[start:start + bs]
-        args, kwargs, target = data.batch(idx)
-        args = [a.to(device) if torch.is_tensor(a) else a for a in args]
-        kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
-        total += float(recon_loss(_unit_forward(unit, args, kwargs), target.to(device), rc.act_p)) * len(idx)
+        args, kwargs, target = _batch_on(data, idx, device)
+        total += float(recon_loss(_unit_forward(unit, args, kwargs), target, rc.act_p)) * len(idx)
     return total / rows
+
+
+def _batch_on(data, idx: torch.Tensor, device) -> tuple[list, dict, torch.Tensor]:
+    """Rows ``idx`` of a unit's captured data (args, kwargs, target), on ``device``."""
+    args, kwargs, target = data.batch(idx)
+    args = [a.to(device) if torch.is_tensor(a) else a for a in args]
+    kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+    return args, kwargs, target.to(device)
 
 
 def qdiffusion_ptq(

@@ -24,8 +24,7 @@ class FP8AttnProcessor:
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None,
                  *args, **kwargs) -> torch.Tensor:
-        query, key, value, attention_mask, ctx = attention_inputs(attn, hidden_states, encoder_hidden_states,
-                                                                  attention_mask, temb)
+        query, key, value, ctx = attention_inputs(attn, hidden_states, encoder_hidden_states, temb)
         batch_size = ctx["batch_size"]
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, ctx["sequence_length"], batch_size)

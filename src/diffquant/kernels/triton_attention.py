@@ -17,8 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0
-
 
 @triton.jit
 def _e4m3(x, EMULATE: tl.constexpr):

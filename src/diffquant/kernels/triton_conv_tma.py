@@ -21,6 +21,7 @@ interpreter (``TRITON_INTERPRET=1``), which is how its CPU tests check it.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Sequence
 
@@ -84,12 +85,17 @@ def _qconv_tma_kernel(
                   son, soh, sow, soc, san, sah, saw, sac, HAS_CORR, HAS_ASCALE, HAS_BIAS, HAS_ADD)
 
 
+@functools.lru_cache(maxsize=None)
+def _capability_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
 def tma_unsupported(x: torch.Tensor, w: torch.Tensor, wzp, stride: Sequence[int], dilation: Sequence[int],
                     w4: bool) -> Optional[str]:
     """Why this call cannot take the TMA path (None: it can)."""
     if TensorDescriptor is None:
         return "this Triton has no tensor descriptors"
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 9:
+    if x.device.type == "cuda" and _capability_major(x.device) < 9:
         return "TMA needs compute capability 9.0+"
     if x.device.type != "cuda" and not _interpreting():
         return "not a CUDA tensor"

@@ -201,23 +201,25 @@ def forced_config(cfg: Optional[dict]):
 
 def call_flops(args) -> float:
     """Multiply-adds x 2 of one recorded qconv call."""
+    from diffquant.kernels.reference import conv_out_hw
+
     x, w, stride, padding, dilation = args[0], args[1], args[9], args[10], args[11]
     n, c, h, wd = x.shape
-    ho = (h + 2 * padding[0] - dilation[0] * (w.shape[1] - 1) - 1) // stride[0] + 1
-    wo = (wd + 2 * padding[1] - dilation[1] * (w.shape[2] - 1) - 1) // stride[1] + 1
+    ho, wo = conv_out_hw(h, wd, w.shape[1], w.shape[2], stride, padding, dilation)
     return 2.0 * n * ho * wo * w.shape[0] * w.shape[1] * w.shape[2] * c
 
 
 def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=None,
                budget_s: float = float("inf")) -> tuple[dict, list[dict]]:
     """Time every candidate config on each distinct recorded call (GPU), against the heuristic (no tuned
-    table applies while tuning): returns the ``configs`` of a tuned table (only shapes where a candidate beat the heuristic by more than 3 %) and one diagnostic
-    row per shape (heuristic ms, best ms and config, cuDNN bf16 conv ms of the same shape)."""
+    table applies while tuning): returns the ``configs`` of a tuned table (only shapes where a candidate beat
+    the heuristic by more than 3 %) and one diagnostic row per shape (heuristic ms, best ms and config, cuDNN
+    bf16 conv ms of the same shape)."""
+    import time
+
     import torch.nn.functional as F
 
     from diffquant.kernels.bench import time_call
-
-    import time
 
     time_fn = time_fn or (lambda fn: time_call(fn, warmup=2, reps=reps)[0])
     configs: dict = {}

@@ -35,8 +35,7 @@ class QuantAttnProcessor(nn.Module):
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        query, key, value, attention_mask, ctx = attention_inputs(attn, hidden_states, encoder_hidden_states,
-                                                                  attention_mask, temb)
+        query, key, value, ctx = attention_inputs(attn, hidden_states, encoder_hidden_states, temb)
         attention_mask = attn.prepare_attention_mask(attention_mask, ctx["sequence_length"], ctx["batch_size"])
         query = attn.head_to_batch_dim(query)
         key = attn.head_to_batch_dim(key)
@@ -55,9 +54,9 @@ class QuantAttnProcessor(nn.Module):
         return attention_output(attn, attn.batch_to_head_dim(hidden_states), ctx)
 
 
-def attention_inputs(attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+def attention_inputs(attn, hidden_states, encoder_hidden_states, temb):
     """What every diffusers attention processor does before the two matmuls: spatial/group norm, the 4-D to
-    sequence reshape and the Q/K/V projections. Returns ``(query, key, value, attention_mask, ctx)`` with Q/K/V
+    sequence reshape and the Q/K/V projections. Returns ``(query, key, value, ctx)`` with Q/K/V
     as ``[B, S, inner]`` and ``ctx`` for :func:`attention_output`."""
     ctx = {"residual": hidden_states, "input_ndim": None}
     if attn.spatial_norm is not None:
@@ -77,7 +76,7 @@ def attention_inputs(attn, hidden_states, encoder_hidden_states, attention_mask,
         encoder_hidden_states = hidden_states
     elif attn.norm_cross:
         encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-    return query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states), attention_mask, ctx
+    return query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states), ctx
 
 
 def attention_output(attn, hidden_states, ctx: dict):
