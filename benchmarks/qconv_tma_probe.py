@@ -52,7 +52,7 @@ def main() -> None:
             os.environ["DIFFQUANT_QCONV_TMA"] = "1"
             row = {"shape": [n, c, h, w, co, k], "gather_ms": round(gather_ms, 5), "tma": []}
             for bm, bn, bk, nw, ns in CONFIGS:
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, path="tma")
                 try:
                     with tuning.forced_config(cfg):
                         out = call().float()

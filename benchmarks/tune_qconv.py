@@ -7,7 +7,8 @@ and writes a tuned table that the kernel then uses on the same GPU model:
     python benchmarks/tune_qconv.py --tasks sd15-unet:8:dq-fp8,ddpm-cifar10-32:256:dq-fp8 --out qconv_tuned.json
     DIFFQUANT_QCONV_TUNED=qconv_tuned.json python benchmarks/bench_kernels.py ...
 
-``--rows`` gets one diagnostic row per shape: heuristic vs best ms, and cuDNN's bf16 conv of the same shape.
+``--rows`` gets one diagnostic row per shape: heuristic vs best ms, the best TMA-kernel ms (the TMA kernel's
+candidates compete where it can run the shape; ``--no-tma``: they do not), and cuDNN's bf16 conv of the same shape.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def main() -> None:
     ap.add_argument("--rows", default=None, help="write the per-shape diagnostic rows here (JSON)")
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="tune no new shape after this many seconds")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--no-tma", action="store_true", help="time the gather kernel's candidates only")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tune_qconv needs a CUDA GPU (the Triton kernel)")
@@ -34,6 +36,7 @@ def main() -> None:
     from diffquant.kernels import tuning
     from diffquant.kernels.bench import build_model, inputs_for, make_variant
     from diffquant.kernels.triton_conv import qconv_triton
+    from diffquant.kernels.triton_conv_tma import tma_unsupported
     from diffquant.models.adapter import call_model
 
     t0 = time.time()
@@ -54,7 +57,8 @@ def main() -> None:
         torch.cuda.synchronize()
         print(f"{spec}: {len(calls)} qconv calls, {len({k for k, _, _ in calls})} distinct shapes", flush=True)
         left = args.budget_s - (time.time() - t0)
-        configs, rows = tuning.tune_calls(calls, qconv_triton, reps=args.reps, budget_s=left,
+        tma_ok = None if args.no_tma else (lambda a: tma_unsupported(a[0], a[1], a[5], a[9], a[11], a[12]) is None)
+        configs, rows = tuning.tune_calls(calls, qconv_triton, reps=args.reps, budget_s=left, tma_ok=tma_ok,
                                           progress=lambda s: print(s, flush=True))
         # time share of the shapes in the model: calls per key
         counts: dict = {}

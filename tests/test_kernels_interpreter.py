@@ -75,7 +75,7 @@ def _run(cases, tma: bool):
     if tma:
         code = code.replace("got = tk._call(qconv_triton, c, stride, pad)",
                             "from diffquant.kernels import tuning\n"
-                            "    with tuning.forced_config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2)):\n"
+                            "    with tuning.forced_config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, path=\"tma\")):\n"
                             "        got = tk._call(qconv_triton, c, stride, pad)")
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
@@ -121,3 +121,42 @@ def test_interpreter_fp8_attention_kernel_matches_reference():
     assert p.returncode == 0 and line, p.stderr[-3000:]
     for finite, rel in json.loads(line[0][len("RESULT"):]):
         assert finite and rel < 1e-5, rel
+
+
+def test_kernel_choice_follows_table_and_environment(monkeypatch):
+    """Which conv kernel a call takes: the tuned table's ``path`` on the GPU model it names, unless
+    DIFFQUANT_QCONV_TMA forces (1) or forbids (0) the TMA kernel; a TMA entry for a call the TMA kernel cannot run
+    falls back to the gather heuristic."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from diffquant.kernels import triton_conv, tuning
+
+    class _X:  # what _config reads of the input: its device and element size
+        device = torch.device("cuda")
+
+        @staticmethod
+        def element_size():
+            return 1
+
+    monkeypatch.setattr(triton_conv, "_device_name", lambda dev: "GPU-A")
+    monkeypatch.setattr(triton_conv, "_num_sms", lambda dev: 132)
+    monkeypatch.delenv("DIFFQUANT_QCONV_TMA", raising=False)
+    monkeypatch.delenv("DIFFQUANT_QCONV_CONFIG", raising=False)
+    tma_cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4, "path": "tma"}
+    gather_cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+    tuning.use_table({"format": tuning.FORMAT, "device": "GPU-A", "configs": {"kt": tma_cfg, "kg": gather_cfg}})
+    try:
+        pick = lambda key, ok: triton_conv._config(_X, key, 4096, 320, 320, False, ok)  # noqa: E731
+        assert pick("kt", True) == tma_cfg and pick("kg", True) == gather_cfg
+        assert pick("kt", False).get("path") is None  # the TMA kernel cannot run it: heuristic, gather kernel
+        assert pick("other", True).get("path") is None  # not in the table: heuristic, gather kernel
+        monkeypatch.setenv("DIFFQUANT_QCONV_TMA", "0")
+        assert pick("kt", True).get("path") is None and pick("kg", True) == gather_cfg
+        monkeypatch.setenv("DIFFQUANT_QCONV_TMA", "1")
+        assert pick("kt", True) == tma_cfg and pick("kg", True)["path"] == "tma" and pick("other", True)["path"] == "tma"
+        assert pick("kg", False) == gather_cfg
+        with tuning.forced_config(gather_cfg):  # the tuner's forced candidate wins over everything
+            assert pick("kt", True) == gather_cfg
+    finally:
+        tuning.use_table(None)

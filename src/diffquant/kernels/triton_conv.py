@@ -185,17 +185,21 @@ def _device_name(device: torch.device) -> str:
 _DEVICE_NAMES: dict = {}
 
 
-def _config(x, key: str, M: int, cout: int, ck: int, w4: bool, tma: bool) -> dict:
-    """The block config of one call: forced (tuner) > tuned table of this GPU model > heuristic."""
+def _config(x, key: str, M: int, cout: int, ck: int, w4: bool, tma_ok: bool) -> dict:
+    """The block config (and kernel path) of one call: forced (tuner) > ``DIFFQUANT_QCONV_TMA=1`` (the TMA kernel
+    wherever it can run, with the table's TMA config or its heuristic) > tuned table of this GPU model >
+    heuristic. ``DIFFQUANT_QCONV_TMA=0`` keeps every shape on the gather kernel."""
     forced = tuning._RECORD["force"]
     if forced is not None:
         return forced
-    if x.device.type == "cuda":
-        cfg = tuning.lookup(key, _device_name(x.device))
-        if cfg is not None:
+    env = os.environ.get("DIFFQUANT_QCONV_TMA", "")
+    cfg = tuning.lookup(key, _device_name(x.device)) if x.device.type == "cuda" else None
+    if env == "1" and tma_ok:
+        if cfg is not None and cfg.get("path") == "tma":
             return cfg
-    if tma:
-        return triton_conv_tma.pick_tma_config(M, cout, ck)
+        return dict(triton_conv_tma.pick_tma_config(M, cout, ck), path="tma")
+    if cfg is not None and not (cfg.get("path") == "tma" and (env == "0" or not tma_ok)):
+        return cfg
     return pick_config(M, cout, ck, x.element_size() == 1, w4, x.device, a_bytes=x.element_size())
 
 
@@ -228,16 +232,17 @@ def qconv_triton(
     if M == 0:
         return out
     a_int = x.dtype == torch.int8
-    # the experimental TMA path (stride 1, 8-bit; DIFFQUANT_QCONV_TMA=1) has its own keys in tuned tables
-    tma = os.environ.get("DIFFQUANT_QCONV_TMA", "0") == "1" and \
-        triton_conv_tma.tma_unsupported(x, w, wzp, stride, dilation, w4) is None
-    key = tuning.shape_key(x.shape, x.dtype, w.shape, w4, stride, padding, dilation, out_dtype, add is not None) + \
-        (":tma" if tma else "")
-    cfg = _config(x, key, M, cout, ck, w4, tma)
+    # the TMA kernel (stride 1, 8-bit) runs a shape where the tuned table (or DIFFQUANT_QCONV_TMA=1) says so
+    tma_ok = triton_conv_tma.tma_unsupported(x, w, wzp, stride, dilation, w4) is None
+    key = tuning.shape_key(x.shape, x.dtype, w.shape, w4, stride, padding, dilation, out_dtype, add is not None)
+    cfg = _config(x, key, M, cout, ck, w4, tma_ok)
     if tuning._RECORD["calls"] is not None:
         tuning._RECORD["calls"].append((key, (x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, list(stride),
                                               list(padding), list(dilation), w4, out_dtype), {"pad_corr": pad_corr}))
-    if tma:
+    if cfg.get("path") == "tma":
+        if not tma_ok:
+            raise ValueError(f"{key}: the forced TMA config cannot run this call "
+                             f"({triton_conv_tma.tma_unsupported(x, w, wzp, stride, dilation, w4)})")
         return triton_conv_tma.qconv_tma(x, w, w_scale, a_scale, corr, bias, add, a_zp, padding, out_dtype, config=cfg)
     bk = cfg["BLOCK_K"]
     ncb = triton.cdiv(ck, bk)

@@ -14,8 +14,11 @@ padded grid that are not output pixels (the right and bottom pad band) are compu
 they cost ``(HP*WP) / (Ho*Wo) - 1`` extra work (3 % at 64x64, 27 % at 8x8). A channel tail is
 zero-filled by TMA and multiplies zeros.
 
-Off by default: it is used only with ``DIFFQUANT_QCONV_TMA=1`` (set by ``benchmarks/tune_qconv.py``
-experiments) until it is measured faster on the GPU. Needs a Triton with tensor descriptors
+Where it runs: a shape takes this kernel where the tuned table of the GPU says ``"path": "tma"`` (the tuner,
+``benchmarks/tune_qconv.py``, times both kernels per shape; measured on the H200 on 2026-11-28 it wins on the
+mid- and low-resolution SD-1.5 convs and loses at 64x64 and on the CIFAR UNet's shapes), everywhere it can with
+``DIFFQUANT_QCONV_TMA=1``, nowhere with ``DIFFQUANT_QCONV_TMA=0``.
+Needs a Triton with tensor descriptors
 (``triton.tools.tensor_descriptor``) and, on a GPU, compute capability 9.0+; it runs under Triton's CPU
 interpreter (``TRITON_INTERPRET=1``), which is how its CPU tests check it.
 """

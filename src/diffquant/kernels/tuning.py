@@ -15,6 +15,10 @@ list fall back to the heuristic. Format::
      "configs": {"<shape key>": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8,
                                  "num_stages": 3}, ...}}
 
+A config may also name its kernel, ``"path": "tma"`` (the TMA kernel of :mod:`.triton_conv_tma`, for the
+stride-1 8-bit shapes it supports) or ``"gather"`` (the default): the tuner times both kernels' candidates
+and the table records the faster one per shape.
+
 This module does not import Triton: the table logic is usable (and tested) on any machine.
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 
 FORMAT = "diffquant-qconv-tuned/1"
 CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+PATHS = ("gather", "tma")  # the optional "path" field of a config: which conv kernel runs the shape
 
 # 8-bit activations: the candidates tried per shape (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 CANDIDATES_8BIT: tuple[tuple[int, ...], ...] = (
@@ -42,6 +47,11 @@ CANDIDATES_16BIT: tuple[tuple[int, ...], ...] = (
     (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 3),
     (64, 128, 32, 4, 4), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3), (128, 256, 64, 8, 3),
     (256, 128, 64, 8, 3), (128, 256, 32, 8, 4),
+)
+# the TMA kernel's candidates (8-bit activations and weights only)
+CANDIDATES_TMA: tuple[tuple[int, ...], ...] = (
+    (128, 128, 128, 4, 3), (128, 128, 128, 8, 4), (128, 128, 64, 4, 4), (128, 256, 128, 8, 3),
+    (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (256, 128, 64, 8, 3), (64, 256, 128, 8, 3),
 )
 SMEM_LIMIT = 227 * 1024  # Hopper's per-block shared memory (bytes); the kernel compiler has the last word
 
@@ -73,9 +83,14 @@ def smem_bytes(cfg: dict, a_bytes: int, w4: bool) -> int:
     return cfg["num_stages"] * (a + b)
 
 
-def candidates(a_bytes: int, w4: bool, cout: int, ck: int, limit: int = SMEM_LIMIT) -> list[dict]:
-    """The candidate configs for one shape: those whose tiles fit the layer and shared memory."""
-    base = CANDIDATES_8BIT if a_bytes == 1 else CANDIDATES_16BIT
+def candidates(a_bytes: int, w4: bool, cout: int, ck: int, limit: int = SMEM_LIMIT, path: str = "gather") -> list[dict]:
+    """The candidate configs of one kernel (``path``) for one shape: those whose tiles fit the layer and
+    shared memory. TMA candidates carry ``"path": "tma"``."""
+    if path not in PATHS:
+        raise ValueError(f"path={path!r}; allowed: {PATHS}")
+    if path == "tma" and (a_bytes != 1 or w4):
+        return []
+    base = CANDIDATES_TMA if path == "tma" else CANDIDATES_8BIT if a_bytes == 1 else CANDIDATES_16BIT
     out = []
     for bm, bn, bk, nw, ns in base:
         if a_bytes > 2:
@@ -87,6 +102,8 @@ def candidates(a_bytes: int, w4: bool, cout: int, ck: int, limit: int = SMEM_LIM
             continue
         if smem_bytes(cfg, a_bytes, w4) > limit:
             continue
+        if path == "tma":
+            cfg["path"] = "tma"
         if cfg not in out:
             out.append(cfg)
     return out
@@ -98,9 +115,12 @@ def validate_table(table: Any, where: str = "tuned table") -> dict:
     if not isinstance(table.get("device"), str) or not isinstance(table.get("configs"), dict):
         raise ValueError(f"{where}: needs a 'device' string and a 'configs' object")
     for k, cfg in table["configs"].items():
-        if not isinstance(cfg, dict) or set(cfg) != set(CONFIG_FIELDS) or \
+        if not isinstance(cfg, dict) or set(cfg) - {"path"} != set(CONFIG_FIELDS) or \
                 not all(isinstance(cfg[f], int) and cfg[f] > 0 for f in CONFIG_FIELDS):
-            raise ValueError(f"{where}: config of {k!r} must have the positive integers {', '.join(CONFIG_FIELDS)}; got {cfg!r}")
+            raise ValueError(f"{where}: config of {k!r} must have the positive integers {', '.join(CONFIG_FIELDS)} "
+                             f"(and optionally a 'path'); got {cfg!r}")
+        if cfg.get("path", "gather") not in PATHS:
+            raise ValueError(f"{where}: config of {k!r} has path {cfg['path']!r}; allowed: {PATHS}")
     return table
 
 
@@ -210,11 +230,12 @@ def call_flops(args) -> float:
 
 
 def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=None,
-               budget_s: float = float("inf")) -> tuple[dict, list[dict]]:
+               budget_s: float = float("inf"), tma_ok=None) -> tuple[dict, list[dict]]:
     """Time every candidate config on each distinct recorded call (GPU), against the heuristic (no tuned
     table applies while tuning): returns the ``configs`` of a tuned table (only shapes where a candidate beat
-    the heuristic by more than 3 %) and one diagnostic row per shape (heuristic ms, best ms and config, cuDNN
-    bf16 conv ms of the same shape)."""
+    the heuristic by more than 3 %) and one diagnostic row per shape (heuristic ms, best ms and config, best
+    TMA-kernel ms, cuDNN bf16 conv ms of the same shape). ``tma_ok(args)``: whether the TMA kernel can run
+    this call (then its candidates compete too); None: gather candidates only."""
     import time
 
     import torch.nn.functional as F
@@ -241,8 +262,11 @@ def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=No
         with torch.no_grad(), no_tables():
             ref = qconv_fn(*args, **kwargs).float()
             base_ms = time_fn(lambda: qconv_fn(*args, **kwargs))
-            best, best_ms, tried, failed = None, base_ms, 0, 0
-            for cfg in candidates(a_bytes, w4, w.shape[0], ck):
+            best, best_ms, tried, failed, tma_ms = None, base_ms, 0, 0, None
+            cands = candidates(a_bytes, w4, w.shape[0], ck)
+            if tma_ok is not None and tma_ok(args):
+                cands += candidates(a_bytes, w4, w.shape[0], ck, path="tma")
+            for cfg in cands:
                 try:
                     with forced_config(cfg):
                         out = qconv_fn(*args, **kwargs).float()
@@ -255,6 +279,8 @@ def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=No
                     failed += 1
                     progress(f"  {key} {tuple(cfg.values())}: skipped ({str(e).splitlines()[0][:120]})")
                     continue
+                if cfg.get("path") == "tma":
+                    tma_ms = ms if tma_ms is None else min(tma_ms, ms)
                 if ms < best_ms:
                     best, best_ms = cfg, ms
             # cuDNN bf16 on the same shape (channels-last), for reference
@@ -268,6 +294,7 @@ def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=No
         flops = call_flops(args)
         row = {"key": key, "heuristic_ms": round(base_ms, 5), "best_ms": round(best_ms, 5),
                "best": best, "tried": tried, "failed": failed, "cudnn_bf16_ms": round(cudnn_ms, 5),
+               "best_tma_ms": None if tma_ms is None else round(tma_ms, 5),
                "tflops_best": round(flops / best_ms / 1e9, 1), "tflops_cudnn_bf16": round(flops / cudnn_ms / 1e9, 1)}
         rows.append(row)
         progress(json.dumps(row))
