@@ -439,7 +439,7 @@ def test_tuning_shape_key_and_candidates():
     assert tuning.candidates(1, False, cout=256, ck=256, limit=1024) == []
     # the TMA kernel's candidates: 8-bit only, each marked with its path; other paths are refused
     tma = tuning.candidates(1, False, cout=320, ck=320, path="tma")
-    assert tma and all(c["path"] == "tma" for c in tma) and any(c.get("ws") == 1 for c in tma)
+    assert tma and all(c["path"] == "tma" for c in tma)
     assert all("path" not in c for c in c8)
     assert tuning.candidates(2, False, cout=320, ck=320, path="tma") == []
     assert tuning.candidates(1, True, cout=320, ck=160, path="tma") == []
@@ -471,11 +471,10 @@ def test_tuning_table_lookup_validation_and_device(tmp_path, monkeypatch):
     with tuning.no_tables():  # the tuner's baseline: the heuristic only
         assert tuning.active_tables() == [] and tuning.lookup("k1", "GPU-A") is None
     assert tuning.active_tables() == tuning.packaged_tables()
-    tuning.validate_table({**table, "configs": {"k": {**cfg, "path": "tma", "ws": 1}, "k2": {**cfg, "path": "gather"}}})
+    tuning.validate_table({**table, "configs": {"k": {**cfg, "path": "tma"}, "k2": {**cfg, "path": "gather"}}})
     bad = [{"format": "other"}, {**table, "device": 3}, {**table, "configs": {"k": {**cfg, "BLOCK_M": 0}}},
            {**table, "configs": {"k": {"BLOCK_M": 64}}}, {**table, "configs": {"k": {**cfg, "path": "cudnn"}}},
-           {**table, "configs": {"k": {**cfg, "extra": 1}}}, {**table, "configs": {"k": {**cfg, "ws": 1}}},
-           {**table, "configs": {"k": {**cfg, "path": "tma", "ws": 2}}}]
+           {**table, "configs": {"k": {**cfg, "extra": 1}}}]
     for b in bad:
         with pytest.raises(ValueError):
             tuning.validate_table(b)

@@ -17,8 +17,7 @@ zero-filled by TMA and multiplies zeros.
 Where it runs: a shape takes this kernel where the tuned table of the GPU says ``"path": "tma"`` (the tuner,
 ``benchmarks/tune_qconv.py``, times both kernels per shape; measured on the H200 on 2026-11-28 it wins on the
 mid- and low-resolution SD-1.5 convs and loses at 64x64 and on the CIFAR UNet's shapes), everywhere it can with
-``DIFFQUANT_QCONV_TMA=1``, nowhere with ``DIFFQUANT_QCONV_TMA=0``. A config with ``"ws": 1`` runs the loop
-warp-specialized (``tl.range(..., warp_specialize=True)``).
+``DIFFQUANT_QCONV_TMA=1``, nowhere with ``DIFFQUANT_QCONV_TMA=0``.
 Needs a Triton with tensor descriptors
 (``triton.tools.tensor_descriptor``) and, on a GPU, compute capability 9.0+; it runs under Triton's CPU
 interpreter (``TRITON_INTERPRET=1``), which is how its CPU tests check it.
@@ -46,22 +45,6 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@triton.jit
-def _tma_step(a_desc, b_desc, acc, it, m0, n0, WP, CK, NCB, KW: tl.constexpr, BLOCK_K: tl.constexpr,
-              BITCAST_FP8: tl.constexpr):
-    """One (tap, channel block) step: the tap's A box of BLOCK_M consecutive padded rows, the B box, one MMA."""
-    tap = it // NCB
-    c0 = (it - tap * NCB) * BLOCK_K
-    kh = tap // KW
-    kw = tap - kh * KW
-    a = a_desc.load([m0 + kh * WP + kw, c0])
-    b = b_desc.load([n0, tap * CK + c0])
-    if BITCAST_FP8:  # the interpreter has no FP8 descriptors: FP8 travels as its bytes
-        a = a.to(tl.float8e4nv, bitcast=True)
-        b = b.to(tl.float8e4nv, bitcast=True)
-    return tl.dot(a, b.T, acc, out_dtype=acc.dtype)
-
-
 @triton.jit(do_not_specialize=["MP", "HP", "WP", "Ho", "Wo", "NITER"])
 def _qconv_tma_kernel(
     a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
@@ -71,7 +54,6 @@ def _qconv_tma_kernel(
     KW: tl.constexpr, A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr, HAS_ASCALE: tl.constexpr,
     HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    WS: tl.constexpr = False,
 ):
     pid_m, pid_n = grouped_tile(MP, Cout, BLOCK_M, BLOCK_N, GROUP_M)
     m0 = pid_m * BLOCK_M
@@ -81,12 +63,17 @@ def _qconv_tma_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if WS:  # Triton's warp specialization: producer warps issue the TMA loads, consumer warps the MMAs
-        for it in tl.range(0, NITER, warp_specialize=True):
-            acc = _tma_step(a_desc, b_desc, acc, it, m0, n0, WP, CK, NCB, KW, BLOCK_K, BITCAST_FP8)
-    else:
-        for it in range(0, NITER):
-            acc = _tma_step(a_desc, b_desc, acc, it, m0, n0, WP, CK, NCB, KW, BLOCK_K, BITCAST_FP8)
+    for it in range(0, NITER):
+        tap = it // NCB
+        c0 = (it - tap * NCB) * BLOCK_K
+        kh = tap // KW
+        kw = tap - kh * KW
+        a = a_desc.load([m0 + kh * WP + kw, c0])
+        b = b_desc.load([n0, tap * CK + c0])
+        if BITCAST_FP8:  # the interpreter has no FP8 descriptors: FP8 travels as its bytes
+            a = a.to(tl.float8e4nv, bitcast=True)
+            b = b.to(tl.float8e4nv, bitcast=True)
+        acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -177,7 +164,6 @@ def qconv_tma(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seque
         sa[0], sa[2], sa[3], sa[1],
         KW=kw, A_INT=x.dtype == torch.int8, BITCAST_FP8=bitcast, HAS_ASCALE=a_scale is not None,
         HAS_CORR=corr is not None, HAS_BIAS=bias is not None, HAS_ADD=add is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, WS=bool(cfg.get("ws", 0)),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -17,7 +17,7 @@ list fall back to the heuristic. Format::
 
 A config may also name its kernel, ``"path": "tma"`` (the TMA kernel of :mod:`.triton_conv_tma`, for the
 stride-1 8-bit shapes it supports) or ``"gather"`` (the default): the tuner times both kernels' candidates
-and the table records the faster one per shape. A TMA config may add ``"ws": 1`` (warp-specialized loop).
+and the table records the faster one per shape.
 
 This module does not import Triton: the table logic is usable (and tested) on any machine.
 """
@@ -34,7 +34,6 @@ import torch
 FORMAT = "diffquant-qconv-tuned/1"
 CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 PATHS = ("gather", "tma")  # the optional "path" field of a config: which conv kernel runs the shape
-OPTIONAL_FIELDS = ("path", "ws")  # "ws": 1 = the TMA kernel's loop with Triton's warp specialization
 
 # 8-bit activations: the candidates tried per shape (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 CANDIDATES_8BIT: tuple[tuple[int, ...], ...] = (
@@ -54,8 +53,6 @@ CANDIDATES_TMA: tuple[tuple[int, ...], ...] = (
     (128, 128, 128, 4, 3), (128, 128, 128, 8, 4), (128, 128, 64, 4, 4), (128, 256, 128, 8, 3),
     (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (256, 128, 64, 8, 3), (64, 256, 128, 8, 3),
 )
-# ... and those also tried with the warp-specialized loop (where this Triton has it; a failing compile is skipped)
-CANDIDATES_TMA_WS: tuple[tuple[int, ...], ...] = ((128, 128, 128, 4, 3), (128, 256, 128, 8, 3), (128, 128, 64, 4, 4))
 SMEM_LIMIT = 227 * 1024  # Hopper's per-block shared memory (bytes); the kernel compiler has the last word
 
 
@@ -95,10 +92,7 @@ def candidates(a_bytes: int, w4: bool, cout: int, ck: int, limit: int = SMEM_LIM
         return []
     base = CANDIDATES_TMA if path == "tma" else CANDIDATES_8BIT if a_bytes == 1 else CANDIDATES_16BIT
     out = []
-    ws_flags = [0] * len(base) + [1] * len(CANDIDATES_TMA_WS) if path == "tma" else [0] * len(base)
-    if path == "tma":
-        base = base + CANDIDATES_TMA_WS
-    for (bm, bn, bk, nw, ns), ws in zip(base, ws_flags):
+    for bm, bn, bk, nw, ns in base:
         if a_bytes > 2:
             bk = min(bk, 32)
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
@@ -110,8 +104,6 @@ def candidates(a_bytes: int, w4: bool, cout: int, ck: int, limit: int = SMEM_LIM
             continue
         if path == "tma":
             cfg["path"] = "tma"
-            if ws:
-                cfg["ws"] = 1
         if cfg not in out:
             out.append(cfg)
     return out
@@ -123,14 +115,12 @@ def validate_table(table: Any, where: str = "tuned table") -> dict:
     if not isinstance(table.get("device"), str) or not isinstance(table.get("configs"), dict):
         raise ValueError(f"{where}: needs a 'device' string and a 'configs' object")
     for k, cfg in table["configs"].items():
-        if not isinstance(cfg, dict) or set(cfg) - set(OPTIONAL_FIELDS) != set(CONFIG_FIELDS) or \
+        if not isinstance(cfg, dict) or set(cfg) - {"path"} != set(CONFIG_FIELDS) or \
                 not all(isinstance(cfg[f], int) and cfg[f] > 0 for f in CONFIG_FIELDS):
             raise ValueError(f"{where}: config of {k!r} must have the positive integers {', '.join(CONFIG_FIELDS)} "
                              f"(and optionally a 'path'); got {cfg!r}")
         if cfg.get("path", "gather") not in PATHS:
             raise ValueError(f"{where}: config of {k!r} has path {cfg['path']!r}; allowed: {PATHS}")
-        if cfg.get("ws", 0) not in (0, 1) or (cfg.get("ws") and cfg.get("path") != "tma"):
-            raise ValueError(f"{where}: config of {k!r}: 'ws' is 0 or 1, and only for the TMA path; got {cfg!r}")
     return table
 
 
