@@ -58,12 +58,21 @@ def main() -> None:
         print(f"{spec}: {len(calls)} qconv calls, {len({k for k, _, _ in calls})} distinct shapes", flush=True)
         left = args.budget_s - (time.time() - t0)
         tma_ok = None if args.no_tma else (lambda a: tma_unsupported(a[0], a[1], a[5], a[9], a[11], a[12]) is None)
-        configs, rows = tuning.tune_calls(calls, qconv_triton, reps=args.reps, budget_s=left, tma_ok=tma_ok,
-                                          progress=lambda s: print(s, flush=True))
-        # time share of the shapes in the model: calls per key
-        counts: dict = {}
+        counts: dict = {}  # time share of the shapes in the model: calls per key
         for k, _, _ in calls:
             counts[k] = counts.get(k, 0) + 1
+
+        def save(configs, rows, spec=spec, counts=counts):  # after every shape: a run cut short keeps what it measured
+            for r in rows:
+                r.update(task=spec, calls=counts.get(r["key"], 0))
+            with open(args.out, "w") as f:
+                json.dump(dict(table, configs={**table["configs"], **configs}), f, indent=1)
+            if args.rows:
+                with open(args.rows, "w") as f:
+                    json.dump(all_rows + rows, f, indent=1)
+
+        configs, rows = tuning.tune_calls(calls, qconv_triton, reps=args.reps, budget_s=left, tma_ok=tma_ok,
+                                          progress=lambda s: print(s, flush=True), on_shape=save)
         for r in rows:
             r.update(task=spec, calls=counts.get(r["key"], 0))
         table["configs"].update(configs)

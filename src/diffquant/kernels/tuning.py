@@ -230,12 +230,13 @@ def call_flops(args) -> float:
 
 
 def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=None,
-               budget_s: float = float("inf"), tma_ok=None) -> tuple[dict, list[dict]]:
+               budget_s: float = float("inf"), tma_ok=None, on_shape=None) -> tuple[dict, list[dict]]:
     """Time every candidate config on each distinct recorded call (GPU), against the heuristic (no tuned
     table applies while tuning): returns the ``configs`` of a tuned table (only shapes where a candidate beat
     the heuristic by more than 3 %) and one diagnostic row per shape (heuristic ms, best ms and config, best
     TMA-kernel ms, cuDNN bf16 conv ms of the same shape). ``tma_ok(args)``: whether the TMA kernel can run
-    this call (then its candidates compete too); None: gather candidates only."""
+    this call (then its candidates compete too); None: gather candidates only. ``on_shape(configs, rows)`` is
+    called after every shape (to save partial results of a run that may be cut short)."""
     import time
 
     import torch.nn.functional as F
@@ -267,6 +268,7 @@ def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=No
             if tma_ok is not None and tma_ok(args):
                 cands += candidates(a_bytes, w4, w.shape[0], ck, path="tma")
             for cfg in cands:
+                progress(f"  {key} trying {tuple(cfg.values())}")  # a candidate that hangs shows in the log
                 try:
                     with forced_config(cfg):
                         out = qconv_fn(*args, **kwargs).float()
@@ -298,4 +300,6 @@ def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=No
                "tflops_best": round(flops / best_ms / 1e9, 1), "tflops_cudnn_bf16": round(flops / cudnn_ms / 1e9, 1)}
         rows.append(row)
         progress(json.dumps(row))
+        if on_shape is not None:
+            on_shape(configs, rows)
     return configs, rows
