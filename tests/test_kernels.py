@@ -626,3 +626,33 @@ def test_gpu_fp8_attention_kernel_matches_reference(shape):
     want = fp8_attention_reference(q, k, v, d ** -0.5).float()
     assert torch.isfinite(got).all()
     assert float((got - want).norm() / want.norm()) < 2e-2
+
+
+def test_bench_torchao_int8_skips_the_linears_torch_int_mm_cannot_run():
+    """torchao's int8-dynamic variant in `diffquant bench`: the time-embedding linears (batch rows only, fewer than
+    17 at small batches) stay bf16, the others are quantized; measured 2026-11-28 on the H200, applying it to every
+    Linear failed at batch 8 ('self.size(0) needs to be greater than 16')."""
+    pytest.importorskip("torchao")
+    from diffusers import UNet2DConditionModel
+
+    from diffquant.kernels.bench import _torchao, linear_rows
+    from diffquant.models.adapter import example_inputs
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
+    ).eval()
+    inputs = example_inputs(unet, batch=2)
+    rows = linear_rows(unet, inputs)
+    assert rows["time_embedding.linear_1"] == 2 and rows["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] == 2 * 64
+    m = _torchao(unet, "int8dyn", inputs)
+    small = {n for n, r in rows.items() if r < 17}
+    assert m._torchao_skipped == sorted(small) and "time_embedding.linear_1" in small
+    mods = dict(m.named_modules())
+    for name, r in rows.items():
+        quantized = type(mods[name].weight) is not torch.nn.Parameter
+        assert quantized == (name not in small), name
+    with pytest.raises(ValueError, match="torchao variant"):
+        _torchao(unet, "int4", inputs)

@@ -114,30 +114,61 @@ def _quantized(model: nn.Module, backend: str, calib_inputs: tuple) -> nn.Module
     return cm
 
 
-def _torchao(model: nn.Module, which: str) -> nn.Module:
+# torch._int_mm (torchao's int8 dynamic matmul on CUDA) needs more than 16 rows
+TORCHAO_INT8_MIN_ROWS = 17
+
+
+def linear_rows(model: nn.Module, inputs: tuple) -> dict[str, int]:
+    """Rows (tokens x batch) of every nn.Linear's input in one forward pass on ``inputs``, by module name."""
+    from diffquant.models.adapter import call_model
+
+    rows: dict[str, int] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: rows.__setitem__(name, args[0].numel() // args[0].shape[-1]))
+             for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            call_model(model, *inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return rows
+
+
+def _torchao(model: nn.Module, which: str, run_inputs: Optional[tuple] = None) -> nn.Module:
+    """The torchao variant: its config applied to the nn.Linear layers it supports at this batch size
+    (int8 dynamic: inputs of more than 16 rows, the limit of ``torch._int_mm``; the skipped layers stay bf16 and
+    are listed in ``model._torchao_skipped``)."""
     from torchao.quantization import quantize_
 
     m = copy.deepcopy(model)
+    skipped: list[str] = []
     if which == "int8dyn":
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig
 
-        quantize_(m, Int8DynamicActivationInt8WeightConfig())
-    else:
+        rows = linear_rows(m, run_inputs) if run_inputs is not None else {}
+        skipped = sorted(n for n, r in rows.items() if r < TORCHAO_INT8_MIN_ROWS)
+        quantize_(m, Int8DynamicActivationInt8WeightConfig(),
+                  filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and fqn not in skipped)
+    elif which == "fp8":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
         quantize_(m, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    else:
+        raise ValueError(f"torchao variant {which!r}; known: int8dyn, fp8")
+    m._torchao_skipped = skipped
     return m
 
 
-def make_variant(base_fp32: nn.Module, variant: str, calib_inputs: tuple) -> nn.Module:
-    """The model of one variant, in bf16, channels-last, on the base model's device (not compiled)."""
+def make_variant(base_fp32: nn.Module, variant: str, calib_inputs: tuple, run_inputs: Optional[tuple] = None) -> nn.Module:
+    """The model of one variant, in bf16, channels-last, on the base model's device (not compiled).
+    ``run_inputs``: the inputs it will be timed on (torchao's int8 variant skips the layers it cannot run there)."""
     if variant.startswith("dq-"):
         m = _quantized(base_fp32, variant[3:], calib_inputs)
     else:
         m = copy.deepcopy(base_fp32)
     m = m.to(torch.bfloat16).to(memory_format=torch.channels_last).eval()
     if variant.startswith("torchao-"):
-        m = _torchao(m, variant[len("torchao-"):])
+        m = _torchao(m, variant[len("torchao-"):], run_inputs)
     return m
 
 
@@ -220,13 +251,15 @@ def run_tasks(tasks: list[Task], budget_s: float = 1e9, reps: int = 30, out_path
         ts = time.time()
         row = {"model": model_name, "params_M": round(n_params / 1e6, 1), "batch": tk.batch, "variant": tk.variant}
         try:
-            m = make_variant(base, tk.variant, calib)
+            x, t, c = inputs_for(base, tk.batch, dev, torch.bfloat16)
+            m = make_variant(base, tk.variant, calib, run_inputs=(x, t, c))
             row["weight_bytes"] = weight_bytes(m)
+            if getattr(m, "_torchao_skipped", None):
+                row["torchao_skipped_layers"] = len(m._torchao_skipped)
             rep = getattr(m, "_diffquant_convert_report", None)
             if rep is not None:
                 row["converted_layers"] = len(rep.converted)
                 row["kept_layers"] = len(rep.kept)
-            x, t, c = inputs_for(base, tk.batch, dev, torch.bfloat16)
             do_compile = tk.compile and tk.variant != "bf16-eager"
             fn_model = torch.compile(m) if do_compile else m
             torch.cuda.synchronize()
