@@ -7,8 +7,8 @@ and writes a tuned table that the kernel then uses on the same GPU model:
     python benchmarks/tune_qconv.py --tasks sd15-unet:8:dq-fp8,ddpm-cifar10-32:256:dq-fp8 --out qconv_tuned.json
     DIFFQUANT_QCONV_TUNED=qconv_tuned.json python benchmarks/bench_kernels.py ...
 
-``--rows`` gets one diagnostic row per shape: heuristic vs best ms, the best TMA-kernel ms (the TMA kernel's
-candidates compete where it can run the shape; ``--no-tma``: they do not), and cuDNN's bf16 conv of the same shape.
+``--rows`` gets one diagnostic row per shape: heuristic vs best ms, the best ms of each kernel (the TMA kernels'
+candidates compete where they can run the shape; ``--no-tma``: they do not), and cuDNN's bf16 conv of the same shape.
 """
 from __future__ import annotations
 
@@ -35,8 +35,7 @@ def main() -> None:
 
     from diffquant.kernels import tuning
     from diffquant.kernels.bench import build_model, inputs_for, make_variant
-    from diffquant.kernels.triton_conv import qconv_triton
-    from diffquant.kernels.triton_conv_tma import tma_unsupported
+    from diffquant.kernels.triton_conv import qconv_triton, tma_paths
     from diffquant.models.adapter import call_model
 
     t0 = time.time()
@@ -57,7 +56,8 @@ def main() -> None:
         torch.cuda.synchronize()
         print(f"{spec}: {len(calls)} qconv calls, {len({k for k, _, _ in calls})} distinct shapes", flush=True)
         left = args.budget_s - (time.time() - t0)
-        tma_ok = None if args.no_tma else (lambda a: tma_unsupported(a[0], a[1], a[5], a[9], a[11], a[12]) is None)
+        def paths_for(a, kw):
+            return tma_paths(a[0], a[1], a[5], a[9], a[10], a[11], a[12], a[8], kw.get("pad_corr"))
         counts: dict = {}  # time share of the shapes in the model: calls per key
         for k, _, _ in calls:
             counts[k] = counts.get(k, 0) + 1
@@ -71,7 +71,8 @@ def main() -> None:
                 with open(args.rows, "w") as f:
                     json.dump(all_rows + rows, f, indent=1)
 
-        configs, rows = tuning.tune_calls(calls, qconv_triton, reps=args.reps, budget_s=left, tma_ok=tma_ok,
+        configs, rows = tuning.tune_calls(calls, qconv_triton, reps=args.reps, budget_s=left,
+                                          paths_for=None if args.no_tma else paths_for,
                                           progress=lambda s: print(s, flush=True), on_shape=save)
         for r in rows:
             r.update(task=spec, calls=counts.get(r["key"], 0))

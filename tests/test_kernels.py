@@ -442,6 +442,7 @@ def test_tuning_shape_key_and_candidates():
     assert tma and all(c["path"] == "tma" for c in tma)
     assert all("path" not in c for c in c8)
     assert tuning.candidates(2, False, cout=320, ck=320, path="tma") == []
+    assert [dict(c, path="tma") for c in tuning.candidates(1, False, cout=320, ck=320, path="tma4d")] == tma
     assert tuning.candidates(1, True, cout=320, ck=160, path="tma") == []
     with pytest.raises(ValueError, match="path"):
         tuning.candidates(1, False, cout=320, ck=320, path="cudnn")
@@ -506,16 +507,17 @@ def test_gpu_tuner_on_a_small_layer_picks_a_config_that_matches():
     from diffquant.kernels import tuning
     from diffquant.kernels.triton_conv import qconv_triton
 
-    from diffquant.kernels.triton_conv_tma import tma_unsupported
+    from diffquant.kernels.triton_conv import tma_paths
 
     c = _rand_case("fp8", n=4, cin=128, cout=128, h=16, w=16, device="cuda")
     with tuning.record_calls() as calls:
         want = _call(qconv_triton, c, 1, 1)
     assert len(calls) == 1
-    tma_ok = lambda a: tma_unsupported(a[0], a[1], a[5], a[9], a[11], a[12]) is None  # noqa: E731
-    configs, rows = tuning.tune_calls(calls, qconv_triton, reps=3, progress=lambda s: None, tma_ok=tma_ok)
+    paths_for = lambda a, kw: tma_paths(a[0], a[1], a[5], a[9], a[10], a[11], a[12], a[8], kw.get("pad_corr"))  # noqa: E731
+    configs, rows = tuning.tune_calls(calls, qconv_triton, reps=3, progress=lambda s: None, paths_for=paths_for)
     assert rows[0]["tried"] >= 1 and rows[0]["best_ms"] <= rows[0]["heuristic_ms"]
-    assert rows[0]["best_tma_ms"] is not None  # the TMA kernel's candidates competed on this stride-1 fp8 shape
+    # both TMA kernels' candidates competed on this stride-1 fp8 shape
+    assert set(rows[0]["best_ms_by_path"]) == {"gather", "tma", "tma4d"}
     tuning.use_table({"format": tuning.FORMAT, "device": torch.cuda.get_device_name(),
                       "configs": {calls[0][0]: rows[0]["best"] or tuning.candidates(1, False, 128, 128)[0]}})
     try:
@@ -552,22 +554,31 @@ TMA_GPU_CASES = [  # kind, n, cin, cout, h, w, k, pad, a_zp
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("path", ["tma", "tma4d"])
 @pytest.mark.parametrize("case", TMA_GPU_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_gpu_tma_path_matches_reference(case, monkeypatch):
-    """The experimental TMA conv path (DIFFQUANT_QCONV_TMA=1) against the reference op, odd sizes, poisoned output."""
-    from diffquant.kernels.triton_conv_tma import tma_unsupported
+def test_gpu_tma_path_matches_reference(case, path, monkeypatch):
+    """The TMA conv kernels (padded copy: DIFFQUANT_QCONV_TMA=1; 4-D boxes: =4d) against the reference op, odd
+    sizes, poisoned output; the 4-D path also on a channel slice read in place."""
+    from diffquant.kernels.triton_conv import tma_paths
 
     kind, n, cin, cout, h, w, k, pad, a_zp = case
-    monkeypatch.setenv("DIFFQUANT_QCONV_TMA", "1")
+    monkeypatch.setenv("DIFFQUANT_QCONV_TMA", "1" if path == "tma" else "4d")
     c = _rand_case(kind, n=n, cin=cin, cout=cout, h=h, w=w, k=k, a_zp=a_zp, device="cuda")
-    if tma_unsupported(c["x"], c["w"], c["wzp"], [1, 1], [1, 1], c["w4"]) is not None:
-        pytest.skip(tma_unsupported(c["x"], c["w"], c["wzp"], [1, 1], [1, 1], c["w4"]))
-    got = _poisoned_call(c, 1, pad)
-    torch.cuda.synchronize()
-    want = _call(qconv_ref, c, 1, pad, 1, torch.float64)
-    assert torch.isfinite(got).all()
-    # int8: exact up to the fp32 epilogue; fp8: Hopper's FP8 MMA accumulates with fewer bits (the gather test's 5e-3)
-    assert float((got.double() - want).norm() / want.norm()) < (1e-5 if kind == "int8" else 5e-3)
+    slices = [False, True] if path == "tma4d" and cin % 32 == 0 else [False]
+    for sliced in slices:
+        if sliced:  # the second half of the channels (a split layer's second part)
+            c["x"] = c["x"][:, cin // 2:]
+            c["w"] = c["w"][..., cin // 2:].contiguous()
+            if c["pad_corr"] is not None:
+                c["pad_corr"] = pad_correction(c["w"], c["a_zp"])
+        ok = tma_paths(c["x"], c["w"], c["wzp"], [1, 1], [pad, pad], [1, 1], c["w4"], c["a_zp"], c["pad_corr"])
+        assert path in ok, (path, ok)
+        got = _poisoned_call(c, 1, pad)
+        torch.cuda.synchronize()
+        want = _call(qconv_ref, c, 1, pad, 1, torch.float64)
+        assert torch.isfinite(got).all()
+        # int8: exact up to the fp32 epilogue; fp8: Hopper's FP8 MMA accumulates with fewer bits (the gather test's 5e-3)
+        assert float((got.double() - want).norm() / want.norm()) < (1e-5 if kind == "int8" else 5e-3), sliced
 
 
 # ---- FP8 attention (diffquant::fp8_attention) --------------------------------------------------------------

@@ -66,16 +66,17 @@ TMA_CASES = [
 ]
 
 
-def _run(cases, tma: bool):
-    env = dict(os.environ, TRITON_INTERPRET="1", DIFFQUANT_QCONV_TMA="1" if tma else "0",
+def _run(cases, path: str = "gather"):
+    """Run the cases in a subprocess under the interpreter; ``path``: the conv kernel (TMA paths by forced config)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", DIFFQUANT_QCONV_TMA="0",
                DIFFQUANT_QCONV_CONFIG="32,32,32,4,2")  # small tiles: several programs, tails in M, N and K
-    if tma:
-        env.pop("DIFFQUANT_QCONV_CONFIG")  # the TMA path's tiles come from a forced config below
     code = SCRIPT.format(tests=str(ROOT / "tests"), src=str(ROOT / "src"), cases=json.dumps(cases))
-    if tma:
+    if path != "gather":
+        env.pop("DIFFQUANT_QCONV_CONFIG")  # the TMA paths' tiles come from a forced config below
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, path=path)
         code = code.replace("got = tk._call(qconv_triton, c, stride, pad)",
                             "from diffquant.kernels import tuning\n"
-                            "    with tuning.forced_config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, path=\"tma\")):\n"
+                            f"    with tuning.forced_config({cfg!r}):\n"
                             "        got = tk._call(qconv_triton, c, stride, pad)")
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
@@ -84,12 +85,25 @@ def _run(cases, tma: bool):
 
 
 def test_interpreter_gather_kernel_matches_reference():
-    for case, (finite, rel) in zip(GATHER_CASES, _run(GATHER_CASES, tma=False)):
+    for case, (finite, rel) in zip(GATHER_CASES, _run(GATHER_CASES)):
         assert finite and rel < 1e-5, (case, rel)
 
 
 def test_interpreter_tma_path_matches_reference():
-    for case, (finite, rel) in zip(TMA_CASES, _run(TMA_CASES, tma=True)):
+    for case, (finite, rel) in zip(TMA_CASES, _run(TMA_CASES, "tma")):
+        assert finite and rel < 1e-5, (case, rel)
+
+
+TMA4D_CASES = TMA_CASES + [
+    ("fp8", dict(n=3, cin=32, cout=48, h=13, w=7), 1, 1, True, 16),  # a 16-channel slice: strided rows, no copy
+    ("int8", dict(n=1, cin=64, cout=16, h=4, w=4, a_zp=-7), 1, 1, False, 0),  # several images per tile
+]
+
+
+def test_interpreter_tma4d_path_matches_reference():
+    """The 4-D TMA boxes: padding from out-of-bounds zero fill (+ the int8 zero point's epilogue fix-up), tiles of
+    whole rows or several images, channel slices read in place."""
+    for case, (finite, rel) in zip(TMA4D_CASES, _run(TMA4D_CASES, "tma4d")):
         assert finite and rel < 1e-5, (case, rel)
 
 
@@ -147,16 +161,20 @@ def test_kernel_choice_follows_table_and_environment(monkeypatch):
     gather_cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
     tuning.use_table({"format": tuning.FORMAT, "device": "GPU-A", "configs": {"kt": tma_cfg, "kg": gather_cfg}})
     try:
+        both, only2d, none = frozenset({"tma", "tma4d"}), frozenset({"tma"}), frozenset()
         pick = lambda key, ok: triton_conv._config(_X, key, 4096, 320, 320, False, ok)  # noqa: E731
-        assert pick("kt", True) == tma_cfg and pick("kg", True) == gather_cfg
-        assert pick("kt", False).get("path") is None  # the TMA kernel cannot run it: heuristic, gather kernel
-        assert pick("other", True).get("path") is None  # not in the table: heuristic, gather kernel
+        assert pick("kt", both) == tma_cfg and pick("kg", both) == gather_cfg
+        assert pick("kt", none).get("path") is None  # the TMA kernel cannot run it: heuristic, gather kernel
+        assert pick("other", both).get("path") is None  # not in the table: heuristic, gather kernel
         monkeypatch.setenv("DIFFQUANT_QCONV_TMA", "0")
-        assert pick("kt", True).get("path") is None and pick("kg", True) == gather_cfg
+        assert pick("kt", both).get("path") is None and pick("kg", both) == gather_cfg
         monkeypatch.setenv("DIFFQUANT_QCONV_TMA", "1")
-        assert pick("kt", True) == tma_cfg and pick("kg", True)["path"] == "tma" and pick("other", True)["path"] == "tma"
-        assert pick("kg", False) == gather_cfg
+        assert pick("kt", both) == tma_cfg and pick("kg", both)["path"] == "tma" and pick("other", both)["path"] == "tma"
+        assert pick("kg", none) == gather_cfg
+        monkeypatch.setenv("DIFFQUANT_QCONV_TMA", "4d")
+        assert pick("kt", both)["path"] == "tma4d" and pick("kg", both)["path"] == "tma4d"
+        assert pick("kg", only2d) == gather_cfg and pick("kt", only2d) == tma_cfg  # 4-D impossible here: the table
         with tuning.forced_config(gather_cfg):  # the tuner's forced candidate wins over everything
-            assert pick("kt", True) == gather_cfg
+            assert pick("kt", both) == gather_cfg
     finally:
         tuning.use_table(None)

@@ -185,22 +185,39 @@ def _device_name(device: torch.device) -> str:
 _DEVICE_NAMES: dict = {}
 
 
-def _config(x, key: str, M: int, cout: int, ck: int, w4: bool, tma_ok: bool) -> dict:
-    """The block config (and kernel path) of one call: forced (tuner) > ``DIFFQUANT_QCONV_TMA=1`` (the TMA kernel
-    wherever it can run, with the table's TMA config or its heuristic) > tuned table of this GPU model >
-    heuristic. ``DIFFQUANT_QCONV_TMA=0`` keeps every shape on the gather kernel."""
+_FORCED_PATHS = {"1": "tma", "4d": "tma4d"}  # DIFFQUANT_QCONV_TMA values that force a TMA kernel
+
+
+def _config(x, key: str, M: int, cout: int, ck: int, w4: bool, ok_paths: frozenset) -> dict:
+    """The block config (and kernel path) of one call: forced (tuner) > ``DIFFQUANT_QCONV_TMA=1`` / ``4d`` (that TMA
+    kernel wherever it can run, with the table's config for it or its heuristic) > tuned table of this GPU model >
+    heuristic. ``DIFFQUANT_QCONV_TMA=0`` keeps every shape on the gather kernel. ``ok_paths``: the TMA kernels that
+    can run this call."""
     forced = tuning._RECORD["force"]
     if forced is not None:
         return forced
     env = os.environ.get("DIFFQUANT_QCONV_TMA", "")
     cfg = tuning.lookup(key, _device_name(x.device)) if x.device.type == "cuda" else None
-    if env == "1" and tma_ok:
-        if cfg is not None and cfg.get("path") == "tma":
+    want = _FORCED_PATHS.get(env)
+    if want is not None and want in ok_paths:
+        if cfg is not None and cfg.get("path") == want:
             return cfg
-        return dict(triton_conv_tma.pick_tma_config(M, cout, ck), path="tma")
-    if cfg is not None and not (cfg.get("path") == "tma" and (env == "0" or not tma_ok)):
-        return cfg
+        return dict(triton_conv_tma.pick_tma_config(M, cout, ck), path=want)
+    if cfg is not None:
+        path = cfg.get("path", "gather")
+        if path == "gather" or (path in ok_paths and env != "0"):
+            return cfg
     return pick_config(M, cout, ck, x.element_size() == 1, w4, x.device, a_bytes=x.element_size())
+
+
+def tma_paths(x, w, wzp, stride, padding, dilation, w4: bool, a_zp: int, pad_corr) -> frozenset:
+    """The TMA kernels that can run this call: {"tma", "tma4d"}, a subset, or none."""
+    if triton_conv_tma.tma_unsupported(x, w, wzp, stride, dilation, w4) is not None:
+        return frozenset()
+    ok = {"tma"}
+    if triton_conv_tma.tma4d_unsupported(x, w, wzp, stride, dilation, w4, a_zp, padding, pad_corr) is None:
+        ok.add("tma4d")
+    return frozenset(ok)
 
 
 def qconv_triton(
@@ -232,18 +249,22 @@ def qconv_triton(
     if M == 0:
         return out
     a_int = x.dtype == torch.int8
-    # the TMA kernel (stride 1, 8-bit) runs a shape where the tuned table (or DIFFQUANT_QCONV_TMA=1) says so
-    tma_ok = triton_conv_tma.tma_unsupported(x, w, wzp, stride, dilation, w4) is None
+    # the TMA kernels (stride 1, 8-bit) run a shape where the tuned table (or DIFFQUANT_QCONV_TMA) says so
+    ok_paths = tma_paths(x, w, wzp, stride, padding, dilation, w4, a_zp, pad_corr)
     key = tuning.shape_key(x.shape, x.dtype, w.shape, w4, stride, padding, dilation, out_dtype, add is not None)
-    cfg = _config(x, key, M, cout, ck, w4, tma_ok)
+    cfg = _config(x, key, M, cout, ck, w4, ok_paths)
     if tuning._RECORD["calls"] is not None:
         tuning._RECORD["calls"].append((key, (x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, list(stride),
                                               list(padding), list(dilation), w4, out_dtype), {"pad_corr": pad_corr}))
-    if cfg.get("path") == "tma":
-        if not tma_ok:
-            raise ValueError(f"{key}: the forced TMA config cannot run this call "
-                             f"({triton_conv_tma.tma_unsupported(x, w, wzp, stride, dilation, w4)})")
+    path = cfg.get("path", "gather")
+    if path != "gather" and path not in ok_paths:
+        raise ValueError(f"{key}: the forced {path} config cannot run this call "
+                         f"({triton_conv_tma.tma4d_unsupported(x, w, wzp, stride, dilation, w4, a_zp, padding, pad_corr)})")
+    if path == "tma":
         return triton_conv_tma.qconv_tma(x, w, w_scale, a_scale, corr, bias, add, a_zp, padding, out_dtype, config=cfg)
+    if path == "tma4d":
+        return triton_conv_tma.qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp, padding, out_dtype,
+                                           pad_corr=pad_corr, config=cfg)
     bk = cfg["BLOCK_K"]
     ncb = triton.cdiv(ck, bk)
     dummy = w_scale

@@ -15,9 +15,10 @@ list fall back to the heuristic. Format::
      "configs": {"<shape key>": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8,
                                  "num_stages": 3}, ...}}
 
-A config may also name its kernel, ``"path": "tma"`` (the TMA kernel of :mod:`.triton_conv_tma`, for the
-stride-1 8-bit shapes it supports) or ``"gather"`` (the default): the tuner times both kernels' candidates
-and the table records the faster one per shape.
+A config may also name its kernel: ``"path": "tma"`` (the TMA kernel over a padded copy of the input, in
+:mod:`.triton_conv_tma`, for the stride-1 8-bit shapes), ``"tma4d"`` (the TMA kernel with 4-D boxes over the
+unpadded input) or ``"gather"`` (the default). The tuner times the candidates of every kernel that can run a shape
+and the table records the fastest.
 
 This module does not import Triton: the table logic is usable (and tested) on any machine.
 """
@@ -33,7 +34,7 @@ import torch
 
 FORMAT = "diffquant-qconv-tuned/1"
 CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
-PATHS = ("gather", "tma")  # the optional "path" field of a config: which conv kernel runs the shape
+PATHS = ("gather", "tma", "tma4d")  # the optional "path" field of a config: which conv kernel runs the shape
 
 # 8-bit activations: the candidates tried per shape (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 CANDIDATES_8BIT: tuple[tuple[int, ...], ...] = (
@@ -85,12 +86,13 @@ def smem_bytes(cfg: dict, a_bytes: int, w4: bool) -> int:
 
 def candidates(a_bytes: int, w4: bool, cout: int, ck: int, limit: int = SMEM_LIMIT, path: str = "gather") -> list[dict]:
     """The candidate configs of one kernel (``path``) for one shape: those whose tiles fit the layer and
-    shared memory. TMA candidates carry ``"path": "tma"``."""
+    shared memory. TMA candidates carry their ``"path"``."""
     if path not in PATHS:
         raise ValueError(f"path={path!r}; allowed: {PATHS}")
-    if path == "tma" and (a_bytes != 1 or w4):
+    tma = path != "gather"
+    if tma and (a_bytes != 1 or w4):
         return []
-    base = CANDIDATES_TMA if path == "tma" else CANDIDATES_8BIT if a_bytes == 1 else CANDIDATES_16BIT
+    base = CANDIDATES_TMA if tma else CANDIDATES_8BIT if a_bytes == 1 else CANDIDATES_16BIT
     out = []
     for bm, bn, bk, nw, ns in base:
         if a_bytes > 2:
@@ -102,8 +104,8 @@ def candidates(a_bytes: int, w4: bool, cout: int, ck: int, limit: int = SMEM_LIM
             continue
         if smem_bytes(cfg, a_bytes, w4) > limit:
             continue
-        if path == "tma":
-            cfg["path"] = "tma"
+        if tma:
+            cfg["path"] = path
         if cfg not in out:
             out.append(cfg)
     return out
@@ -230,12 +232,12 @@ def call_flops(args) -> float:
 
 
 def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=None,
-               budget_s: float = float("inf"), tma_ok=None, on_shape=None) -> tuple[dict, list[dict]]:
+               budget_s: float = float("inf"), paths_for=None, on_shape=None) -> tuple[dict, list[dict]]:
     """Time every candidate config on each distinct recorded call (GPU), against the heuristic (no tuned
     table applies while tuning): returns the ``configs`` of a tuned table (only shapes where a candidate beat
-    the heuristic by more than 3 %) and one diagnostic row per shape (heuristic ms, best ms and config, best
-    TMA-kernel ms, cuDNN bf16 conv ms of the same shape). ``tma_ok(args)``: whether the TMA kernel can run
-    this call (then its candidates compete too); None: gather candidates only. ``on_shape(configs, rows)`` is
+    the heuristic by more than 3 %) and one diagnostic row per shape (heuristic ms, best ms and config, the best ms
+    of each kernel, cuDNN bf16 conv ms of the same shape). ``paths_for(args, kwargs)``: the TMA kernels that can run this
+    call (their candidates compete too); None: gather candidates only. ``on_shape(configs, rows)`` is
     called after every shape (to save partial results of a run that may be cut short)."""
     import time
 
@@ -263,10 +265,10 @@ def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=No
         with torch.no_grad(), no_tables():
             ref = qconv_fn(*args, **kwargs).float()
             base_ms = time_fn(lambda: qconv_fn(*args, **kwargs))
-            best, best_ms, tried, failed, tma_ms = None, base_ms, 0, 0, None
+            best, best_ms, tried, failed, by_path = None, base_ms, 0, 0, {"gather": base_ms}
             cands = candidates(a_bytes, w4, w.shape[0], ck)
-            if tma_ok is not None and tma_ok(args):
-                cands += candidates(a_bytes, w4, w.shape[0], ck, path="tma")
+            for path in sorted(paths_for(args, kwargs) if paths_for is not None else ()):
+                cands += candidates(a_bytes, w4, w.shape[0], ck, path=path)
             for cfg in cands:
                 progress(f"  {key} trying {tuple(cfg.values())}")  # a candidate that hangs shows in the log
                 try:
@@ -281,8 +283,8 @@ def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=No
                     failed += 1
                     progress(f"  {key} {tuple(cfg.values())}: skipped ({str(e).splitlines()[0][:120]})")
                     continue
-                if cfg.get("path") == "tma":
-                    tma_ms = ms if tma_ms is None else min(tma_ms, ms)
+                path = cfg.get("path", "gather")
+                by_path[path] = min(by_path.get(path, ms), ms)
                 if ms < best_ms:
                     best, best_ms = cfg, ms
             # cuDNN bf16 on the same shape (channels-last), for reference
@@ -296,7 +298,7 @@ def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=No
         flops = call_flops(args)
         row = {"key": key, "heuristic_ms": round(base_ms, 5), "best_ms": round(best_ms, 5),
                "best": best, "tried": tried, "failed": failed, "cudnn_bf16_ms": round(cudnn_ms, 5),
-               "best_tma_ms": None if tma_ms is None else round(tma_ms, 5),
+               "best_ms_by_path": {p: round(v, 5) for p, v in by_path.items()},
                "tflops_best": round(flops / best_ms / 1e9, 1), "tflops_cudnn_bf16": round(flops / cudnn_ms / 1e9, 1)}
         rows.append(row)
         progress(json.dumps(row))
