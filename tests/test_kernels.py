@@ -667,3 +667,17 @@ def test_bench_torchao_int8_skips_the_linears_torch_int_mm_cannot_run():
         assert quantized == (name not in small), name
     with pytest.raises(ValueError, match="torchao variant"):
         _torchao(unet, "int4", inputs)
+
+
+def test_bench_kernel_classes():
+    """The profiler breakdown's classes: diffquant's kernels are not counted as cuDNN or attention (the TMA conv
+    kernel's name contains 'conv' and was counted as cuDNN in the first TMA measurement)."""
+    from diffquant.kernels.bench import _kernel_class
+
+    assert _kernel_class("_qconv_kernel") == "dq_qconv"
+    assert _kernel_class("_qconv_tma_kernel") == "dq_qconv" and _kernel_class("_qconv_tma4d_kernel") == "dq_qconv"
+    assert _kernel_class("_fp8_attn_kernel") == "dq_attention"
+    assert _kernel_class("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "conv_cudnn"
+    assert _kernel_class("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+    assert _kernel_class("nvjet_sm90_qqtst_128x128_128x6_1x1_h_bz_coopA_algo2_ovscale_bias_TNT") == "gemm"
+    assert _kernel_class("triton_per_fused_add_native_group_norm_silu_10") == "inductor_fused"

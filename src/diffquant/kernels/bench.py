@@ -370,7 +370,8 @@ def per_layer_type(model: nn.Module, model_name: str, batch: int, variant: str, 
 
 # kernel classes by name (CUDA kernel names of cuDNN, cuBLAS/CUTLASS, FlashAttention, Inductor, diffquant)
 _KERNEL_CLASSES = (
-    ("dq_qconv", ("_qconv_kernel",)),
+    ("dq_qconv", ("_qconv_kernel", "_qconv_tma_kernel", "_qconv_tma4d_kernel")),
+    ("dq_attention", ("_fp8_attn",)),
     ("inductor_fused", ("triton_",)),
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("conv_cudnn", ("conv", "fprop", "implicit_convolve", "dgrad", "xmma_fprop")),
