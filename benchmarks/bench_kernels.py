@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from diffquant.kernels.bench import Task, run_tasks
+from diffquant.kernels.bench import Task, run_tasks, run_tasks_isolated
 
 
 def default_tasks(compile: bool = True) -> list[Task]:
@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true", help="skip the per-kernel-class GPU time of each row")
     ap.add_argument("--only", default="", help="comma list of model:batch:variant to run instead of the default list")
     ap.add_argument("--out", default="benchmarks/results/kernels.json")
+    ap.add_argument("--row-timeout-s", type=float, default=0,
+                    help="run every row in its own process, killed after this many seconds (0: all rows in this process)")
     a = ap.parse_args()
     tasks = default_tasks()
     if a.only:
@@ -46,8 +48,12 @@ def main() -> None:
         for spec in filter(None, (v.strip() for v in a.only.split(","))):
             m, b, v = spec.rsplit(":", 2)
             tasks.append(Task(m, int(b), v))
-    res = run_tasks(tasks, budget_s=a.budget_s, reps=a.reps, out_path=a.out, layer_types=not a.no_layer_types,
-                    profile=not a.no_profile)
+    if a.row_timeout_s > 0:
+        res = run_tasks_isolated(tasks, a.row_timeout_s, budget_s=a.budget_s, reps=a.reps, out_path=a.out,
+                                 layer_types=not a.no_layer_types, profile=not a.no_profile)
+    else:
+        res = run_tasks(tasks, budget_s=a.budget_s, reps=a.reps, out_path=a.out, layer_types=not a.no_layer_types,
+                        profile=not a.no_profile)
     from diffquant.commands._common import format_table
 
     print(format_table(res["rows"], ["model", "batch", "variant", "ms", "speedup_vs_bf16_compiled", "weight_bytes",

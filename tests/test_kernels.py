@@ -681,3 +681,42 @@ def test_bench_kernel_classes():
     assert _kernel_class("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
     assert _kernel_class("nvjet_sm90_qqtst_128x128_128x6_1x1_h_bz_coopA_algo2_ovscale_bias_TNT") == "gemm"
     assert _kernel_class("triton_per_fused_add_native_group_norm_silu_10") == "inductor_fused"
+
+
+def test_bench_isolated_rows_survive_a_stalled_row(tmp_path):
+    """run_tasks_isolated: a row that times out or fails costs that row only; speedups come from the bf16-compile
+    row of the same model and batch; the budget stops new rows; the merged result is saved after every row."""
+    import subprocess
+
+    from diffquant.kernels.bench import Task, run_tasks_isolated
+
+    def spawn(tk, timeout_s, reps, layer_types, profile, work):
+        if tk.variant == "torchao-fp8":
+            raise subprocess.TimeoutExpired("row", timeout_s)
+        if tk.variant == "dq-int8":
+            raise RuntimeError("row process exited with 1: boom")
+        ms = {"bf16-compile": 18.0, "dq-fp8": 20.0}[tk.variant]
+        return {"rows": [{"model": tk.model, "batch": tk.batch, "variant": tk.variant, "ms": ms}],
+                "kernel_breakdown": [{"variant": tk.variant}], "torchao": "0.16.0"}
+
+    tasks = [Task("sd15-unet", 8, v) for v in ("dq-fp8", "torchao-fp8", "bf16-compile", "dq-int8")]
+    out = tmp_path / "k.json"
+    res = run_tasks_isolated(tasks, 5.0, out_path=str(out), spawn=spawn, progress=lambda s: None)
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert rows["dq-fp8"]["speedup_vs_bf16_compiled"] == 0.9 and rows["bf16-compile"]["speedup_vs_bf16_compiled"] == 1.0
+    assert rows["torchao-fp8"]["error"].startswith("timeout") and "boom" in rows["dq-int8"]["error"]
+    assert res["torchao"] == "0.16.0" and len(res["kernel_breakdown"]) == 2
+    assert json.loads(out.read_text())["rows"] == res["rows"]
+    res = run_tasks_isolated(tasks, 5.0, budget_s=0, spawn=spawn, progress=lambda s: None)
+    assert res["rows"] == [] and len(res["skipped"]) == 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the child process's failure path on a machine without a GPU")
+def test_bench_isolated_row_process_reports_its_failure(tmp_path):
+    """The real child process (python -m diffquant.kernels.bench --one ...): its command line parses, and a row
+    that cannot run (no GPU here) comes back as an error row, not as a crash of the run."""
+    from diffquant.kernels.bench import Task, run_tasks_isolated
+
+    res = run_tasks_isolated([Task("zoo:cifar10-ddpm", 2, "bf16-eager", compile=False)], 120.0, progress=lambda s: None)
+    (row,) = res["rows"]
+    assert row["variant"] == "bf16-eager" and "exited with" in row["error"] and "CUDA" in row["error"]

@@ -4,7 +4,14 @@
 #          rows BENCH0 with that table.
 #   GPU 1: the bench rows BENCH1 with the shipped table (the other variants: torchao, int8, 4-bit weights).
 #   carry: .whl (diffusers wheel; .whl/torchao-gpu for torchao rows)
-#   run:   bash scripts/gpu/issue7_x2.sh    (env: TOTAL_S (540), TUNE_TASKS, TUNE_S (170), BENCH0, BENCH1, TESTS_K)
+#   run:   bash scripts/gpu/issue7_x2.sh    (env: TOTAL_S (540), TUNE_TASKS, TUNE_S (170), BENCH0, BENCH1, TESTS_K,
+#          ROW_TIMEOUT_S (240: every bench row in its own process, killed after that; 0: one process per GPU))
+#   suggested first call of the next session (nvidia-h200-x2; the 4-D TMA kernel's GPU tests, tuning with all three
+#   conv kernels, FP8 attention, torchao and the other variants):
+#     TOTAL_S=560 TESTS_K=test_gpu_tma_path TEST_S=80 TUNE_TASKS=sd15-unet:8:dq-fp8 TUNE_S=170 \
+#     BENCH0=sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8,sd15-unet:8:dq-fp8-fp8attn \
+#     BENCH1=sd15-unet:8:bf16-compile,sd15-unet:8:torchao-int8dyn,sd15-unet:8:dq-int8,sd15-unet:8:torchao-fp8,sd15-unet:8:dq-w4a8 \
+#     bash scripts/gpu/issue7_x2.sh
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -33,13 +40,13 @@ job0() {
   fi
   local left=$(( TOTAL_S - $(elapsed) - 15 ))
   timeout $left python3 benchmarks/bench_kernels.py --budget-s $(( left > 130 ? left - 110 : 20 )) --out $D/kernels.json \
-    --no-layer-types --only "$BENCH0" > $D/bench.log 2>&1; echo "bench rc=$?" >> $D/bench.log
+    --no-layer-types --row-timeout-s ${ROW_TIMEOUT_S:-240} --only "$BENCH0" > $D/bench.log 2>&1; echo "bench rc=$?" >> $D/bench.log
 }
 job1() {
   local D=$OUT/gpu1; mkdir -p $D; export CUDA_VISIBLE_DEVICES=1
   local left=$(( TOTAL_S - $(elapsed) - 15 ))
   timeout $left python3 benchmarks/bench_kernels.py --budget-s $(( left > 130 ? left - 110 : 20 )) --out $D/kernels.json \
-    --no-layer-types --only "$BENCH1" > $D/bench.log 2>&1; echo "bench rc=$?" >> $D/bench.log
+    --no-layer-types --row-timeout-s ${ROW_TIMEOUT_S:-240} --only "$BENCH1" > $D/bench.log 2>&1; echo "bench rc=$?" >> $D/bench.log
 }
 say "GPU0: tune $TUNE_TASKS, bench $BENCH0"; say "GPU1: bench $BENCH1"
 job0 & P0=$!
@@ -61,7 +68,7 @@ except Exception as e:
     print("no tune rows:", e); raise SystemExit
 for r in rows:
     if "best_ms" in r:
-        print(f'{r["key"][:52]:52s} x{r["calls"]:<2d} heur {r["heuristic_ms"]:.4f} best {r["best_ms"]:.4f} tma {r.get("best_tma_ms")} '
+        print(f'{r["key"][:52]:52s} x{r["calls"]:<2d} heur {r["heuristic_ms"]:.4f} best {r["best_ms"]:.4f} {r.get("best_ms_by_path")} '
               f'cudnn {r["cudnn_bf16_ms"]:.4f} {r["tflops_best"]:6.0f}/{r["tflops_cudnn_bf16"]:6.0f} {tuple((r["best"] or {}).values())}')
 PY
 # at most 8 files come back: the key JSONs plus one tarball of the logs

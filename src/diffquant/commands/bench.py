@@ -21,13 +21,15 @@ def _csv(s: str) -> list[str]:
 @click.option("--reps", default=30, show_default=True, help="timed calls per row (median reported)")
 @click.option("--budget-s", default=1e9, type=float, help="start no new row after this many seconds")
 @click.option("--no-layer-types", is_flag=True, help="skip the per-layer-type timing")
+@click.option("--row-timeout-s", default=0.0, type=float,
+              help="run every row in its own process, killed after this many seconds (0: one process)")
 @click.option("--out", "out_path", default="benchmarks/results/kernels.json", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def command(models, batches, variants, no_compile, reps, budget_s, no_layer_types, out_path, as_json):
+def command(models, batches, variants, no_compile, reps, budget_s, no_layer_types, row_timeout_s, out_path, as_json):
     """Time bf16 (eager, torch.compile), torchao and diffquant low-bit variants end to end and per layer type."""
     import torch
 
-    from diffquant.kernels.bench import MODELS, VARIANTS, plan, run_tasks
+    from diffquant.kernels.bench import MODELS, VARIANTS, plan, run_tasks, run_tasks_isolated
 
     if not torch.cuda.is_available():
         fail("diffquant bench needs a CUDA GPU (the low-bit kernels are GPU kernels); none is visible")
@@ -45,8 +47,13 @@ def command(models, batches, variants, no_compile, reps, budget_s, no_layer_type
         if name.strip() not in bmap:
             fail(f"--batches names model {name!r}, which is not in --models")
         bmap[name.strip()] = [int(b) for b in _csv(bs)]
-    res = run_tasks(plan(ms, bmap, vs, compile=not no_compile), budget_s=budget_s, reps=reps, out_path=out_path,
-                    layer_types=not no_layer_types, progress=lambda s: click.echo(s, err=True))
+    tasks = plan(ms, bmap, vs, compile=not no_compile)
+    if row_timeout_s > 0:
+        res = run_tasks_isolated(tasks, row_timeout_s, budget_s=budget_s, reps=reps, out_path=out_path,
+                                 layer_types=not no_layer_types, progress=lambda s: click.echo(s, err=True))
+    else:
+        res = run_tasks(tasks, budget_s=budget_s, reps=reps, out_path=out_path, layer_types=not no_layer_types,
+                        progress=lambda s: click.echo(s, err=True))
     if as_json:
         emit_json(res)
     else:

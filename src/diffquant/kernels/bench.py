@@ -317,6 +317,86 @@ def run_tasks(tasks: list[Task], budget_s: float = 1e9, reps: int = 30, out_path
     return result
 
 
+def _task_spec(tk: Task) -> str:
+    return f"{tk.model}:{tk.batch}:{tk.variant}" + ("" if tk.compile else ":eager")
+
+
+def _spawn_task(tk: Task, timeout_s: float, reps: int, layer_types: bool, profile: bool, workdir: str) -> dict:
+    """One task in a child process (``python -m diffquant.kernels.bench``): its result dict, or raises
+    subprocess.TimeoutExpired / RuntimeError."""
+    import os
+    import subprocess
+    import sys
+
+    out = os.path.join(workdir, f"row_{abs(hash(_task_spec(tk)))}.json")
+    cmd = [sys.executable, "-m", "diffquant.kernels.bench", "--one", _task_spec(tk), "--out", out, "--reps", str(reps)]
+    cmd += [] if layer_types else ["--no-layer-types"]
+    cmd += [] if profile else ["--no-profile"]
+    p = subprocess.run(cmd, timeout=timeout_s, capture_output=True, text=True)
+    if p.returncode != 0 or not os.path.exists(out):
+        raise RuntimeError(f"row process exited with {p.returncode}: {(p.stderr or '').strip()[-400:]}")
+    with open(out) as f:
+        return json.load(f)
+
+
+def run_tasks_isolated(tasks: list[Task], row_timeout_s: float, budget_s: float = 1e9, reps: int = 30,
+                       out_path: Optional[str] = None, layer_types: bool = True, progress: Callable[[str], None] = print,
+                       profile: bool = True, spawn: Optional[Callable[..., dict]] = None) -> dict:
+    """:func:`run_tasks` with every task in its own process, killed after ``row_timeout_s`` (a compile or kernel
+    that stalls costs one row, not the run: on 2026-11-28 a torchao row held an H200 for 430 s). Rows are merged in
+    task order; speedups use the bf16-compile row of the same model and batch. A task that times out or fails
+    gets a row with ``error``."""
+    import subprocess
+    import tempfile
+
+    spawn = spawn or _spawn_task
+    t0 = time.time()
+    result: dict = {"device": _device_name(), "torch": torch.__version__, "rows": [], "per_layer_type": [],
+                    "kernel_breakdown": [], "skipped": [], "notes": [], "row_timeout_s": row_timeout_s}
+
+    def save():
+        if out_path:
+            with open(out_path, "w") as f:
+                json.dump(result, f, indent=1)
+
+    with tempfile.TemporaryDirectory() as work:
+        for tk in tasks:
+            left = budget_s - (time.time() - t0)
+            if left <= 0:
+                result["skipped"].append(vars(tk) | {"why": "budget"})
+                continue
+            ts = time.time()
+            try:
+                sub = spawn(tk, row_timeout_s, reps, layer_types, profile, work)
+                for key in ("rows", "per_layer_type", "kernel_breakdown", "skipped", "notes"):
+                    result[key] += sub.get(key, [])
+                for key in ("torchao", "device", "torch"):
+                    if sub.get(key) is not None:
+                        result[key] = sub[key]
+            except subprocess.TimeoutExpired:
+                result["rows"].append({"model": tk.model, "batch": tk.batch, "variant": tk.variant,
+                                       "error": f"timeout: no result within {row_timeout_s:.0f} s (process killed)",
+                                       "device": result["device"], "task_s": round(time.time() - ts, 1)})
+            except Exception as e:
+                result["rows"].append({"model": tk.model, "batch": tk.batch, "variant": tk.variant,
+                                       "error": f"{type(e).__name__}: {e}"[:600], "device": result["device"],
+                                       "task_s": round(time.time() - ts, 1)})
+            progress(json.dumps(result["rows"][-1]) if result["rows"] else f"{_task_spec(tk)}: no row")
+            _speedups(result["rows"])
+            save()
+    result["wall_s"] = round(time.time() - t0, 1)
+    save()
+    return result
+
+
+def _speedups(rows: list[dict]) -> None:
+    """speedup_vs_bf16_compiled of every timed row from the bf16-compile row of its model and batch (if any)."""
+    ref = {(r["model"], r["batch"]): r["ms"] for r in rows if r.get("variant") == "bf16-compile" and "ms" in r}
+    for r in rows:
+        if "ms" in r and (r["model"], r["batch"]) in ref:
+            r["speedup_vs_bf16_compiled"] = round(ref[(r["model"], r["batch"])] / r["ms"], 3)
+
+
 def _layer_type(m: nn.Module) -> Optional[str]:
     from diffquant.kernels.modules import LowBitLayer
 
@@ -420,3 +500,26 @@ def kernel_breakdown(fn: Callable[[], Any], calls: int = 2, top: int = 12) -> di
 
 def plan(models: list[str], batches: dict, variants: list[str], compile: bool = True) -> list[Task]:
     return [Task(m, b, v, compile) for m in models for b in batches[m] for v in variants]
+
+
+def _main() -> None:  # one task in its own process: what run_tasks_isolated spawns
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m diffquant.kernels.bench")
+    ap.add_argument("--one", required=True, help="model:batch:variant[:eager]")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--no-layer-types", action="store_true")
+    ap.add_argument("--no-profile", action="store_true")
+    a = ap.parse_args()
+    parts = a.one.split(":")
+    eager = parts[-1] == "eager"
+    if eager:
+        parts = parts[:-1]
+    model, batch, variant = ":".join(parts[:-2]), int(parts[-2]), parts[-1]
+    run_tasks([Task(model, batch, variant, not eager)], reps=a.reps, out_path=a.out, layer_types=not a.no_layer_types,
+              profile=not a.no_profile)
+
+
+if __name__ == "__main__":
+    _main()
