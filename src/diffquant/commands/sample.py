@@ -145,6 +145,7 @@ def _sharded(model, sampler, steps, spacing, eta, num, seed, batch_size, device,
                              shard_size=shard_size, batch_size=batch_size, compute_batch=compute_batch, device=dev,
                              out=out_path, resume=resume, model_id=model, keep_in_memory=grid,
                              extra_meta={"quantized": loaded.quantized})
+        _barrier()  # every rank finished (rank 0 merged) before any tears its process group down
     except ValueError as e:
         fail(str(e))
     finally:
@@ -167,6 +168,13 @@ def _sharded(model, sampler, steps, spacing, eta, num, seed, batch_size, device,
         rate = f"{run.images_per_second:.2f} img/s" if run.images_per_second else "nothing to compute"
         click.echo(f"{num} samples ({run.num_shards} shards: {len(run.computed)} computed by rank 0, "
                    f"{len(run.reused)} reused; {run.world_size} process(es)) in {secs:.1f}s ({rate}) -> {out_path}")
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.barrier()
 
 
 def _destroy_dist() -> None:
