@@ -111,14 +111,15 @@ ATTN_SCRIPT = r'''
 import json, sys
 sys.path.insert(0, {src!r})
 import torch
-from diffquant.kernels.reference import fp8_attention_reference, fp8_attention_scales
+from diffquant.kernels.reference import fp8_attention_quantize, fp8_attention_reference, fp8_attention_scales
 from diffquant.kernels.triton_attention import fp8_attention_triton
 torch.manual_seed(0)
 res = []
 for b, h, sq, sk, d in [(2, 3, 50, 77, 40), (1, 2, 130, 130, 64), (1, 1, 17, 5, 16)]:
     q, k, v = torch.randn(b, h, sq, d), torch.randn(b, h, sk, d), torch.randn(b, h, sk, d)
     scales = fp8_attention_scales(q, k, v)
-    got = fp8_attention_triton(q, k, v, d ** -0.5, scales)
+    got = fp8_attention_triton(*fp8_attention_quantize(q, k, v, scales), d ** -0.5, q.dtype)
+    assert got.transpose(1, 2).is_contiguous()
     want = fp8_attention_reference(q, k, v, d ** -0.5, scales)
     res.append([bool(torch.isfinite(got).all()), float((got - want).norm() / want.norm())])
 print("RESULT" + json.dumps(res))

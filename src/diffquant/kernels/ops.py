@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from diffquant.kernels.reference import (conv_out_hw, fp8_attention_reference, fp8_attention_scales, out_like,
-                                       qconv_reference)
+from diffquant.kernels.reference import (attention_out_like, conv_out_hw, fp8_attention_fp8_reference,
+                                       fp8_attention_quantize, out_like, qconv_reference)
 
 _TRITON = None
 
@@ -88,22 +88,37 @@ def qconv_ref(*args) -> torch.Tensor:
     return qconv_reference(*args)
 
 
-@torch.library.custom_op("diffquant::fp8_attention", mutates_args=())
+ATTN_BLOCK_N = 64  # keys per online-softmax block: part of the FP8 attention's result (P is rounded per block)
+
+
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
-    """Attention with both matmuls in FP8 e4m3 (Q, K, V scaled per (batch, head) by their absolute maxima; the
-    softmax numerator quantized to e4m3): q [B, H, Sq, D], k/v [B, H, Sk, D] -> [B, H, Sq, D] in q's dtype.
-    The Triton kernel on CUDA (see :mod:`.triton_attention`), :func:`.reference.fp8_attention_reference` elsewhere."""
+    """Attention with both matmuls in FP8 e4m3: Q, K, V scaled per (batch, head) by their absolute maxima and
+    quantized (plain tensor ops, which ``torch.compile`` fuses into their producers), then
+    ``diffquant::fp8_attention_fp8``. q [B, H, Sq, D], k/v [B, H, Sk, D] -> [B, H, Sq, D] in q's dtype; equal to
+    :func:`.reference.fp8_attention_reference` up to accumulation order."""
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"fp8_attention needs q [B, H, Sq, D] and k, v [B, H, Sk, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    scales = fp8_attention_scales(q, k, v)
-    if _use_triton(q):
+    return fp8_attention_fp8(*fp8_attention_quantize(q, k, v), float(sm_scale), q.dtype)
+
+
+@torch.library.custom_op("diffquant::fp8_attention_fp8", mutates_args=())
+def fp8_attention_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, s_q: torch.Tensor, s_k: torch.Tensor,
+                      s_v: torch.Tensor, sm_scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """The attention of e4m3 Q, K, V with fp32 scales [B*H] (see :func:`.reference.fp8_attention_fp8_reference`):
+    the Triton kernel on CUDA (see :mod:`.triton_attention`), the reference elsewhere."""
+    if q8.dtype != torch.float8_e4m3fn or k8.dtype != q8.dtype or v8.dtype != q8.dtype:
+        raise ValueError(f"fp8_attention_fp8 needs float8_e4m3fn q8, k8, v8; got {q8.dtype}, {k8.dtype}, {v8.dtype}")
+    if q8.dim() != 4 or k8.shape != v8.shape or q8.shape[:2] != k8.shape[:2] or q8.shape[3] != k8.shape[3]:
+        raise ValueError(f"fp8_attention_fp8 needs q8 [B, H, Sq, D] and k8, v8 [B, H, Sk, D]; got {tuple(q8.shape)}, "
+                         f"{tuple(k8.shape)}, {tuple(v8.shape)}")
+    if _use_triton(q8):
         from diffquant.kernels.triton_attention import fp8_attention_triton
 
-        return fp8_attention_triton(q, k, v, sm_scale, scales)
-    return fp8_attention_reference(q, k, v, sm_scale, scales)
+        return fp8_attention_triton(q8, k8, v8, s_q, s_k, s_v, sm_scale, out_dtype, block_n=ATTN_BLOCK_N)
+    return fp8_attention_fp8_reference(q8, k8, v8, s_q, s_k, s_v, sm_scale, out_dtype, block_n=ATTN_BLOCK_N)
 
 
-@fp8_attention.register_fake
-def _fp8_attention_fake(q, k, v, sm_scale):
-    return torch.empty_like(q)
+@fp8_attention_fp8.register_fake
+def _fp8_attention_fp8_fake(q8, k8, v8, s_q, s_k, s_v, sm_scale, out_dtype):
+    return attention_out_like(q8, out_dtype)

@@ -160,24 +160,53 @@ def _to_e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
 
 
-def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
-                            scales: Optional[tuple] = None, block_n: int = 64) -> torch.Tensor:
-    """What the FP8 attention kernel computes, in plain PyTorch (its test oracle): Q, K, V quantized to e4m3 with
-    one scale per (batch, head); S = Q8·K8ᵀ x scales; an online softmax over key blocks of ``block_n`` whose
-    numerator exp(S - running max) is quantized to e4m3 before the row sum and before P8·V8; output in q's dtype.
-    q [B, H, Sq, D], k/v [B, H, Sk, D]."""
+def attention_out_like(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Uninitialised attention output [B, H, Sq, D] stored as [B, Sq, H, D] (what the kernel writes: the heads are
+    merged back by a free reshape)."""
     bsz, heads, sq, d = q.shape
-    s_q, s_k, s_v = (s.view(bsz, heads, 1, 1) for s in (scales or fp8_attention_scales(q, k, v)))
-    q8, k8, v8 = _to_e4m3(q.float() / s_q), _to_e4m3(k.float() / s_k), _to_e4m3(v.float() / s_v)
-    m = torch.full((bsz, heads, sq, 1), float("-inf"), device=q.device)
-    den = torch.zeros((bsz, heads, sq, 1), device=q.device)
-    acc = torch.zeros((bsz, heads, sq, d), device=q.device)
-    for start in range(0, k.shape[2], block_n):
-        s = (q8 @ k8[:, :, start:start + block_n].transpose(-1, -2)) * (s_q * s_k * sm_scale)
+    return torch.empty((bsz, sq, heads, d), dtype=dtype, device=q.device).permute(0, 2, 1, 3)
+
+
+def fp8_attention_quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           scales: Optional[tuple] = None) -> tuple[torch.Tensor, ...]:
+    """Q, K, V to e4m3 with one scale per (batch, head) (plain tensor ops: ``torch.compile`` fuses them into the
+    producers): ``(q8, k8, v8, s_q, s_k, s_v)``, the values float8_e4m3fn in the inputs' layout, the scales fp32
+    [B*H] (absolute maximum / 448 unless ``scales`` are given)."""
+    bsz, heads = q.shape[:2]
+    sc = scales or fp8_attention_scales(q, k, v)
+    q8, k8, v8 = ((t.float() / s.view(bsz, heads, 1, 1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+                  for t, s in zip((q, k, v), sc))
+    return (q8, k8, v8, *sc)
+
+
+def fp8_attention_fp8_reference(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, s_q: torch.Tensor,
+                                s_k: torch.Tensor, s_v: torch.Tensor, sm_scale: float, out_dtype: torch.dtype,
+                                block_n: int = 64) -> torch.Tensor:
+    """The attention of e4m3 Q, K, V (scales fp32 [B*H]): S = Q8·K8ᵀ x s_q s_k sm_scale; an online softmax over
+    key blocks of ``block_n`` whose numerator exp(S - running max) is quantized to e4m3 before the row sum and
+    before P8·V8; x s_v; in ``out_dtype``. What ``diffquant::fp8_attention_fp8`` computes (its test oracle)."""
+    bsz, heads, sq, d = q8.shape
+    s_q, s_k, s_v = (s.float().view(bsz, heads, 1, 1) for s in (s_q, s_k, s_v))
+    qf, kf, vf = q8.float(), k8.float(), v8.float()
+    m = torch.full((bsz, heads, sq, 1), float("-inf"), device=q8.device)
+    den = torch.zeros((bsz, heads, sq, 1), device=q8.device)
+    acc = torch.zeros((bsz, heads, sq, d), device=q8.device)
+    for start in range(0, k8.shape[2], block_n):
+        s = (qf @ kf[:, :, start:start + block_n].transpose(-1, -2)) * (s_q * s_k * sm_scale)
         m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
         alpha = torch.exp(m - m_new)
         p8 = _to_e4m3(torch.exp(s - m_new))
         den = den * alpha + p8.sum(dim=-1, keepdim=True)
-        acc = acc * alpha + p8 @ v8[:, :, start:start + block_n]
+        acc = acc * alpha + p8 @ vf[:, :, start:start + block_n]
         m = m_new
-    return (acc * s_v / den).to(q.dtype)
+    res = attention_out_like(q8, out_dtype)
+    res.copy_(acc * s_v / den)
+    return res
+
+
+def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
+                            scales: Optional[tuple] = None, block_n: int = 64) -> torch.Tensor:
+    """What the FP8 attention computes, in plain PyTorch (its test oracle): Q, K, V quantized to e4m3 with one
+    scale per (batch, head) (:func:`fp8_attention_quantize`), then :func:`fp8_attention_fp8_reference`; output in
+    q's dtype. q [B, H, Sq, D], k/v [B, H, Sk, D]."""
+    return fp8_attention_fp8_reference(*fp8_attention_quantize(q, k, v, scales), sm_scale, q.dtype, block_n)

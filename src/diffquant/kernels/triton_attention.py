@@ -1,11 +1,16 @@
-"""Triton FP8 (e4m3) attention forward, FlashAttention-style, for ``diffquant::fp8_attention``.
+"""Triton FP8 (e4m3) attention forward, FlashAttention-style, for ``diffquant::fp8_attention_fp8``.
 
-One program per (query block, batch x head). Q, K and V arrive in 16/32-bit and are quantized to e4m3 in
-registers with one scale per (batch, head) each (computed by the caller from their absolute maxima); both
-matmuls run on FP8 tensor cores: S = Q8·K8ᵀ (fp32 accumulate, then x the three scales), the running
-softmax numerator P = exp(S - running max) in [0, 1] is quantized to e4m3 (scale 1) and O += P8·V8. The
-row sum takes the quantized P, so the output is the FP8 attention of :func:`.reference.fp8_attention_reference`
-(same block size) up to accumulation order. Keys beyond the sequence (cross-attention's 77 tokens) are masked.
+Q, K and V arrive already in e4m3 with one fp32 scale per (batch, head) each (quantized once by plain tensor ops
+that ``torch.compile`` fuses into their producers: :func:`.reference.fp8_attention_quantize`), so the kernel reads
+one byte per element and converts nothing in its loop. One program per (query block, batch x head); both matmuls
+run on FP8 tensor cores: S = Q8·K8ᵀ (fp32 accumulate, x the three scales), the running softmax numerator
+P = exp(S - running max) in [0, 1] is quantized to e4m3 (scale 1) and O += P8·V8. The row sum takes the quantized
+P, so the output is :func:`.reference.fp8_attention_fp8_reference` (same key block) up to accumulation order.
+Keys beyond the sequence (cross-attention's 77 tokens) are masked; a head dimension that is not a power of two
+(SD-1.5: 40, 80, 160) is zero-padded in the tile.
+
+Block config: BLOCK_N (keys per softmax block) is fixed by the op (it decides where P is rounded); BLOCK_M,
+warps and stages come from :func:`pick_attn_config` or ``DIFFQUANT_ATTN_CONFIG=BLOCK_M,WARPS,STAGES``.
 
 Importing this module needs Triton.
 """
@@ -20,18 +25,17 @@ import triton.language as tl
 
 @triton.jit
 def _e4m3(x, EMULATE: tl.constexpr):
-    """x (fp32, already within +-448) to e4m3. EMULATE: the same rounding in fp32 arithmetic (round to nearest
-    even on the e4m3 grid), for Triton's CPU interpreter, whose fp32 -> fp8 cast mis-rounds at binade edges
-    (7.85 -> 4.0; Triton 3.9, 2026-11-28)."""
+    """x (fp32, in [0, 448]) to e4m3. EMULATE: round on the e4m3 grid in fp32 arithmetic first (to nearest even),
+    for Triton's CPU interpreter, whose fp32 -> fp8 cast mis-rounds at binade edges (7.85 -> 4.0; Triton 3.9,
+    2026-11-28); the cast of a value on the grid is exact."""
     if EMULATE:
         a = tl.abs(x)
         e = tl.maximum(tl.floor(tl.log2(tl.maximum(a, 1e-30))), -6.0)
         step = tl.exp2(e - 3.0)  # 3 mantissa bits; subnormals share the 2**-9 grid of the lowest binade
         magic = step * 12582912.0  # 1.5 * 2**23 * step: adding it rounds to a multiple of step (RTNE)
         r = tl.minimum((a + magic) - magic, 448.0)
-        return tl.where(x < 0, -r, r)
-    else:
-        return x.to(tl.float8e4nv)
+        x = tl.where(x < 0, -r, r)
+    return x.to(tl.float8e4nv)
 
 
 @triton.jit(do_not_specialize=["SQ", "SK"])
@@ -49,13 +53,11 @@ def _fp8_attn_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = offs_m < SQ
-    s_q = tl.load(sq_ptr + bh)
-    s_k = tl.load(sk_ptr + bh)
+    qk_scale = tl.load(sq_ptr + bh) * tl.load(sk_ptr + bh) * sm_scale
     s_v = tl.load(sv_ptr + bh)
+    # e4m3 travels as its bytes (0x00 = 0.0 for masked elements) and is bitcast after the load
     q = tl.load(q_ptr + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    q8 = _e4m3(tl.clamp(q / s_q, -448.0, 448.0), EMULATE)
-    qk_scale = s_q * s_k * sm_scale
+                mask=m_ok[:, None] & d_ok[None, :], other=0).to(tl.float8e4nv, bitcast=True)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -65,38 +67,49 @@ def _fp8_attn_kernel(
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < SK
         kt = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None] * skd, mask=n_ok[None, :] & d_ok[:, None],
-                     other=0.0).to(tl.float32)
-        k8t = _e4m3(tl.clamp(kt / s_k, -448.0, 448.0), EMULATE)
-        s = tl.dot(q8, k8t) * qk_scale
+                     other=0).to(tl.float8e4nv, bitcast=True)
+        s = tl.dot(q, kt) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p8 = _e4m3(tl.exp(s - m_new[:, None]), EMULATE)
         l_i = l_i * alpha + tl.sum(p8.to(tl.float32), axis=1)
         v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :],
-                    other=0.0).to(tl.float32)
-        v8 = _e4m3(tl.clamp(v / s_v, -448.0, 448.0), EMULATE)
-        acc = acc * alpha[:, None] + tl.dot(p8, v8)
+                    other=0).to(tl.float8e4nv, bitcast=True)
+        acc = acc * alpha[:, None] + tl.dot(p8, v)
         m_i = m_new
     out = acc * (s_v / l_i)[:, None]
     tl.store(o_ptr + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod,
              out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
-def fp8_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
-                         scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor], block_m: int = 64,
-                         block_n: int = 64) -> torch.Tensor:
-    """q [B, H, Sq, D], k/v [B, H, Sk, D]; ``scales``: fp32 [B*H] each (absolute maximum / 448)."""
-    bsz, heads, sq, d = q.shape
-    sk = k.shape[2]
-    out = torch.empty_like(q)
+def pick_attn_config(sq: int, block_d: int) -> dict:
+    """BLOCK_M, warps and stages (not yet tuned on a GPU); DIFFQUANT_ATTN_CONFIG=BLOCK_M,WARPS,STAGES overrides."""
+    env = os.environ.get("DIFFQUANT_ATTN_CONFIG")
+    if env:
+        bm, nw, ns = (int(v) for v in env.split(","))
+        return dict(BLOCK_M=bm, num_warps=nw, num_stages=ns)
+    bm = 128 if sq >= 128 else 64
+    return dict(BLOCK_M=bm, num_warps=8 if bm * block_d >= 128 * 128 else 4, num_stages=3 if block_d <= 128 else 2)
+
+
+def fp8_attention_triton(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, s_q: torch.Tensor, s_k: torch.Tensor,
+                         s_v: torch.Tensor, sm_scale: float, out_dtype: torch.dtype, block_n: int = 64) -> torch.Tensor:
+    """q8 [B, H, Sq, D], k8/v8 [B, H, Sk, D] in float8_e4m3fn; scales fp32 [B*H]; output [B, H, Sq, D] of
+    ``out_dtype`` (stored as [B, Sq, H, D])."""
+    from diffquant.kernels.reference import attention_out_like
+
+    bsz, heads, sq, d = q8.shape
+    sk = k8.shape[2]
+    out = attention_out_like(q8, out_dtype)
     block_d = max(32, triton.next_power_of_2(d))  # FP8 dots want K >= 32
-    grid = (triton.cdiv(sq, block_m), bsz * heads)
-    s_q, s_k, s_v = (s.contiguous().float() for s in scales)
+    cfg = pick_attn_config(sq, block_d)
+    grid = (triton.cdiv(sq, cfg["BLOCK_M"]), bsz * heads)
+    qb, kb, vb = (t.view(torch.uint8) for t in (q8, k8, v8))
     _fp8_attn_kernel[grid](
-        q, k, v, out, s_q, s_k, s_v, sq, sk, heads, float(sm_scale),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EMULATE=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=4, num_stages=2,
+        qb, kb, vb, out, *(s.contiguous().float() for s in (s_q, s_k, s_v)), sq, sk, heads, float(sm_scale),
+        *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(),
+        D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_D=block_d,
+        EMULATE=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
