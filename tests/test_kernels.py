@@ -21,7 +21,7 @@ from diffquant.kernels.reference import pack_w4, pad_correction, unpack_w4
 from diffquant.models.adapter import call_model, example_inputs
 from diffquant.models.configs import build_unet
 from diffquant.quantize import calibrate, quantize
-from _unets import tiny_unet_config
+from _unets import tiny_sd_unet, tiny_unet_config
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -657,17 +657,11 @@ def test_bench_torchao_int8_skips_the_linears_torch_int_mm_cannot_run():
     17 at small batches) stay bf16, the others are quantized; measured 2026-11-28 on the H200, applying it to every
     Linear failed at batch 8 ('self.size(0) needs to be greater than 16')."""
     pytest.importorskip("torchao")
-    from diffusers import UNet2DConditionModel
 
     from diffquant.kernels.bench import _torchao, linear_rows
     from diffquant.models.adapter import example_inputs
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
-    ).eval()
+    unet = tiny_sd_unet()
     inputs = example_inputs(unet, batch=2)
     rows = linear_rows(unet, inputs)
     assert rows["time_embedding.linear_1"] == 2 and rows["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] == 2 * 64

@@ -1,7 +1,7 @@
 """Model loading (local folders, pipelines, hub offline) and text-to-image UNets."""
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffquant.config import QuantConfig
 from diffquant.models.adapter import call_model, example_inputs
@@ -9,7 +9,7 @@ from diffquant.models.configs import DDPM_SCHEDULER
 from diffquant.models.loading import load_model
 from diffquant.nn import QuantAttnProcessor, QuantConv2d
 from diffquant.quantize import calibrate, quant_report, quantize
-from _unets import tiny_unet_config
+from _unets import tiny_sd_unet, tiny_unet_config
 
 TINY = tiny_unet_config()
 
@@ -47,12 +47,7 @@ def test_hub_id_offline_gives_clear_error(monkeypatch):
 
 
 def test_text_to_image_unet_quantized_with_cross_attention():
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
-    ).eval()
+    unet = tiny_sd_unet()
     q = quantize(unet, QuantConfig(softmax_bits=8))
     rep = quant_report(q)
     assert rep.counts["Conv2d"] == 0 and rep.counts["Linear"] == 0

@@ -14,6 +14,15 @@ setup_env() {
   python3 -c 'import torch, diffusers; print("torch", torch.__version__, "diffusers", diffusers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")'
 }
 
+# setup_torchao: the carried torchao wheel (.whl/torchao-gpu/), if any, into /tmp/site_ao on PYTHONPATH (for the
+# bench's torchao rows). Call it unpiped after setup_env: a pipeline's subshell would lose the export.
+setup_torchao() {
+  if ls .whl/torchao-gpu/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_ao .whl/torchao-gpu/*.whl \
+      && export PYTHONPATH=/tmp/site_ao:$PYTHONPATH
+  fi
+}
+
 ddpm_alive() { [ -f $DDPM/pid ] && kill -0 "$(cat $DDPM/pid)" 2>/dev/null; }
 
 # start_ddpm [RESUME]: the DDPM recipe as a detached process (setsid): it keeps training between

@@ -15,10 +15,7 @@ TOTAL_S=${TOTAL_S:-360}
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 # not piped: a pipeline would run setup_env in a subshell and lose its PYTHONPATH
 setup_env > "$OUT/env.txt" 2>&1
-if ls .whl/torchao-gpu/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_ao .whl/torchao-gpu/*.whl \
-    && export PYTHONPATH=/tmp/site_ao:$PYTHONPATH
-fi
+setup_torchao
 {
   echo "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES TOTAL_S=$TOTAL_S"
   nvidia-smi -i "${CUDA_VISIBLE_DEVICES%%,*}" --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv

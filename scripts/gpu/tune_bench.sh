@@ -13,10 +13,7 @@ source scripts/gpu/_zoo_common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 TOTAL_S=${TOTAL_S:-520}
 setup_env > "$OUT/env.txt" 2>&1
-if ls .whl/torchao-gpu/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_ao .whl/torchao-gpu/*.whl \
-    && export PYTHONPATH=/tmp/site_ao:$PYTHONPATH
-fi
+setup_torchao
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())' >> "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 if [ "${PROBE:-0}" = 1 ]; then  # the TMA conv path vs the gather kernel vs cuDNN bf16 on seven UNet shapes (~1 min)

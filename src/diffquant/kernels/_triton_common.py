@@ -21,6 +21,26 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
+def zero_acc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, A_INT: tl.constexpr):
+    """The accumulator tile: int32 for integer operands, fp32 otherwise."""
+    if A_INT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def tap_block(it, NCB, KW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step ``it`` of the flat (tap, channel block) loop: (tap, first channel, kernel row, kernel column)."""
+    tap = it // NCB
+    c0 = (it - tap * NCB) * BLOCK_K
+    kh = tap // KW
+    kw = tap - kh * KW
+    return tap, c0, kh, kw
+
+
+@triton.jit
 def dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
                   son, soh, sow, soc, san, sah, saw, sac,
                   HAS_CORR: tl.constexpr, HAS_ASCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr):

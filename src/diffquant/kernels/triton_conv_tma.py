@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from diffquant.kernels._triton_common import dequant_store, grouped_tile
+from diffquant.kernels._triton_common import dequant_store, grouped_tile, tap_block, zero_acc
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -59,15 +59,9 @@ def _qconv_tma_kernel(
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
 
-    if A_INT:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = zero_acc(BLOCK_M, BLOCK_N, A_INT)
     for it in range(0, NITER):
-        tap = it // NCB
-        c0 = (it - tap * NCB) * BLOCK_K
-        kh = tap // KW
-        kw = tap - kh * KW
+        tap, c0, kh, kw = tap_block(it, NCB, KW, BLOCK_K)
         a = a_desc.load([m0 + kh * WP + kw, c0])
         b = b_desc.load([n0, tap * CK + c0])
         if BITCAST_FP8:  # the interpreter has no FP8 descriptors: FP8 travels as its bytes
@@ -196,15 +190,9 @@ def _qconv_tma4d_kernel(
     ow0 = tw * BW
     co0 = pid_n * BLOCK_N
 
-    if A_INT:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = zero_acc(BLOCK_M, BLOCK_N, A_INT)
     for it in range(0, NITER):
-        tap = it // NCB
-        c0 = (it - tap * NCB) * BLOCK_K
-        kh = tap // KW
-        kw = tap - kh * KW
+        tap, c0, kh, kw = tap_block(it, NCB, KW, BLOCK_K)
         a = a_desc.load([n0, oh0 + kh - pad_h, ow0 + kw - pad_w, c0])
         a = tl.reshape(a, (BLOCK_M, BLOCK_K))
         b = b_desc.load([co0, tap * CK + c0])
