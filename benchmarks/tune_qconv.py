@@ -19,6 +19,22 @@ import time
 import torch
 
 
+def print_rows(path: str) -> None:
+    """One line per tuned shape of a ``--rows`` file: heuristic vs best ms, best ms per kernel, cuDNN bf16, TFLOP/s."""
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"no tune rows in {path}: {e}")
+        return
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    for r in rows:
+        if "best_ms" in r:
+            print(f'{r["key"][:52]:52s} x{r.get("calls", 0):<2d} heur {r["heuristic_ms"]:.4f} best {r["best_ms"]:.4f} '
+                  f'{r.get("best_ms_by_path")} cudnn {r["cudnn_bf16_ms"]:.4f} '
+                  f'{r["tflops_best"]:6.0f}/{r["tflops_cudnn_bf16"]:6.0f} TF {tuple((r["best"] or {}).values())}')
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="sd15-unet:8:dq-fp8,ddpm-cifar10-32:256:dq-fp8",
@@ -28,7 +44,11 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="tune no new shape after this many seconds")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-tma", action="store_true", help="time the gather kernel's candidates only")
+    ap.add_argument("--print-rows", metavar="ROWS_JSON", help="print the summary of a --rows file and exit (no GPU)")
     args = ap.parse_args()
+    if args.print_rows:
+        print_rows(args.print_rows)
+        return
     if not torch.cuda.is_available():
         raise SystemExit("tune_qconv needs a CUDA GPU (the Triton kernel)")
     import triton

@@ -23,6 +23,14 @@ setup_torchao() {
   fi
 }
 
+# kernel_job_env: setup_env and setup_torchao, versions and GPUs into $OUT/env.txt (printed). Unpiped, as above.
+kernel_job_env() {
+  setup_env > "$OUT/env.txt" 2>&1
+  setup_torchao
+  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.device_count(), "x", torch.cuda.get_device_name())' >> "$OUT/env.txt" 2>&1
+  cat "$OUT/env.txt"
+}
+
 ddpm_alive() { [ -f $DDPM/pid ] && kill -0 "$(cat $DDPM/pid)" 2>/dev/null; }
 
 # start_ddpm [RESUME]: the DDPM recipe as a detached process (setsid): it keeps training between

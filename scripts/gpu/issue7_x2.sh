@@ -16,10 +16,7 @@ set -uo pipefail
 source scripts/gpu/_zoo_common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 TOTAL_S=${TOTAL_S:-540}
-setup_env > "$OUT/env.txt" 2>&1
-setup_torchao
-python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.device_count(), "x", torch.cuda.get_device_name())' >> "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+kernel_job_env
 TUNE_TASKS=${TUNE_TASKS:-sd15-unet:8:dq-fp8,ddpm-cifar10-32:256:dq-fp8}
 BENCH0=${BENCH0:-sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8,sd15-unet:8:dq-fp8-fp8attn,ddpm-cifar10-32:256:bf16-compile,ddpm-cifar10-32:256:dq-fp8}
 BENCH1=${BENCH1:-sd15-unet:8:bf16-compile,sd15-unet:8:torchao-fp8,sd15-unet:8:torchao-int8dyn,sd15-unet:8:dq-int8,sd15-unet:8:dq-w4a8,sd15-unet:8:dq-w4a16}
@@ -56,18 +53,7 @@ for g in 0 1; do
   grep -v "skipped (" $D/tune.log 2>/dev/null | grep -v "^{" | tail -6
   grep "^{" $D/bench.log | cut -c1-330; grep "busy_ms\|rc=" $D/bench.log | tail -8
 done
-python3 - <<'PY'
-import json, os
-p = os.environ.get("OUT", "/tmp/out") + "/gpu0/qconv_tune_rows.json"
-try:
-    rows = json.load(open(p))
-except Exception as e:
-    print("no tune rows:", e); raise SystemExit
-for r in rows:
-    if "best_ms" in r:
-        print(f'{r["key"][:52]:52s} x{r["calls"]:<2d} heur {r["heuristic_ms"]:.4f} best {r["best_ms"]:.4f} {r.get("best_ms_by_path")} '
-              f'cudnn {r["cudnn_bf16_ms"]:.4f} {r["tflops_best"]:6.0f}/{r["tflops_cudnn_bf16"]:6.0f} {tuple((r["best"] or {}).values())}')
-PY
+python3 benchmarks/tune_qconv.py --print-rows $OUT/gpu0/qconv_tune_rows.json
 # at most 8 files come back: the key JSONs plus one tarball of the logs
 for g in 0 1; do
   for f in kernels.json qconv_tuned.json qconv_tune_rows.json; do [ -f $OUT/gpu$g/$f ] && cp $OUT/gpu$g/$f $OUT/g${g}_$f; done

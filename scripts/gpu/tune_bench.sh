@@ -12,10 +12,7 @@ set -uo pipefail
 source scripts/gpu/_zoo_common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 TOTAL_S=${TOTAL_S:-520}
-setup_env > "$OUT/env.txt" 2>&1
-setup_torchao
-python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())' >> "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+kernel_job_env
 if [ "${PROBE:-0}" = 1 ]; then  # the TMA conv path vs the gather kernel vs cuDNN bf16 on seven UNet shapes (~1 min)
   say "TMA probe"
   timeout ${PROBE_S:-120} python3 benchmarks/qconv_tma_probe.py --out "$OUT/probe.json" > "$OUT/probe.log" 2>&1
@@ -34,17 +31,7 @@ timeout $(( ${TUNE_S:-170} + 60 )) python3 benchmarks/tune_qconv.py --tasks "$TU
   --out "$OUT/qconv_tuned.json" --rows "$OUT/qconv_tune_rows.json" > "$OUT/tune.log" 2>&1
 echo "tune rc=$?" >> "$OUT/tune.log"
 grep -v "skipped (" "$OUT/tune.log" | grep -v "^{" | tail -8
-python3 - <<'PY'
-import json, os
-try:
-    rows = json.load(open(os.environ.get("OUT", "/tmp/out") + "/qconv_tune_rows.json"))
-except Exception as e:
-    print("no rows:", e); raise SystemExit
-for r in rows:
-    if "best_ms" in r:
-        print(f'{r["key"][:58]:58s} x{r["calls"]:<2d} heur {r["heuristic_ms"]:.4f} best {r["best_ms"]:.4f} cudnn {r["cudnn_bf16_ms"]:.4f} '
-              f'{r["tflops_best"]:7.1f}/{r["tflops_cudnn_bf16"]:7.1f} TF {tuple((r["best"] or {}).values())}')
-PY
+python3 benchmarks/tune_qconv.py --print-rows "$OUT/qconv_tune_rows.json"
 [ -f "$OUT/qconv_tuned.json" ] && export DIFFQUANT_QCONV_TUNED="$OUT/qconv_tuned.json"
 fi
 LEFT=$(( TOTAL_S - $(elapsed) - 10 ))
