@@ -727,3 +727,71 @@ def test_bench_isolated_row_process_reports_its_failure(tmp_path):
     res = run_tasks_isolated([Task("zoo:cifar10-ddpm", 2, "bf16-eager", compile=False)], 120.0, progress=lambda s: None)
     (row,) = res["rows"]
     assert row["variant"] == "bf16-eager" and "exited with" in row["error"] and "CUDA" in row["error"]
+
+
+def test_convert_fp8_dynamic_per_tensor_and_per_token():
+    """fp8_dynamic: 'tensor' (or True) gives every single-part layer one scale per call; 'token' gives Linear and 1x1
+    convs one scale per token (GEMM row) and the other convs one per call. Each converted layer computes exactly
+    that quantization (checked against a from-scratch computation), and per-token tracks a float layer better when
+    a few tokens carry outliers."""
+    from diffquant.kernels.reference import FP8_MAX
+
+    model, q, (x, t, c) = _calibrated("fp8")
+    for mode, want_1x1 in ((True, "fp8_dynamic"), ("tensor", "fp8_dynamic"), ("token", "fp8_token")):
+        cm = convert(q, "fp8", fp8_dynamic=mode)
+        layers = {n: m for n, m in cm.named_modules() if isinstance(m, LowBitLayer) and len(m.parts) == 1}
+        gemm = [m for m in layers.values() if m._is_gemm()]
+        other = [m for m in layers.values() if not m._is_gemm()]
+        assert gemm and other
+        assert all(m.act == want_1x1 for m in gemm) and all(m.act == "fp8_dynamic" for m in other)
+        rep = cm._diffquant_convert_report.converted
+        assert sum("dynamic FP8 per token" in v for v in rep.values()) == (len(gemm) if mode == "token" else 0)
+        with torch.no_grad():
+            assert torch.isfinite(call_model(cm, x, t, c)).all()
+    with pytest.raises(ValueError, match="fp8_dynamic"):
+        convert(q, "fp8", fp8_dynamic="channel")
+
+    # one Linear, by hand: per-row amax / 448, e4m3 values, float matmul with the e4m3 weight, x row scale x w_scale
+    lin = next(m for m in cm.modules() if isinstance(m, LowBitLayer) and m.kind == "linear")
+    g = torch.Generator().manual_seed(0)
+    xin = torch.randn(5, lin.in_channels, generator=g)
+    xin[2] *= 1e5  # an outlier token: with one scale per tensor the other tokens fall into e4m3's subnormals
+    s = xin.abs().amax(dim=1, keepdim=True) / FP8_MAX
+    xq = (xin / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).double()
+    p = lin.parts[0]
+    want = (xq @ p.w.reshape(lin.out_channels, -1).double().t()) * s.double() * p.w_scale.double()
+    want = want + (lin.bias.double() if lin.bias is not None else 0)
+    with torch.no_grad():
+        got = lin(xin)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # against the float layer with the same (dequantized) weight: on the ordinary tokens, per token beats per tensor
+    w_deq = p.w.reshape(lin.out_channels, -1).float() * p.w_scale[:, None]
+    exact = xin @ w_deq.t() + (lin.bias if lin.bias is not None else 0)
+    lin_t = copy.deepcopy(lin)
+    lin_t.set_act_fp8(None, "tensor")
+    with torch.no_grad():
+        err_tok = float(((lin(xin) - exact)[[0, 1, 3, 4]]).norm())
+        err_ten = float(((lin_t(xin) - exact)[[0, 1, 3, 4]]).norm())
+    assert err_tok < 0.5 * err_ten, (err_tok, err_ten)
+    conv3 = next(m for m in cm.modules() if isinstance(m, LowBitLayer) and m.kernel_size == (3, 3) and len(m.parts) == 1)
+    with pytest.raises(ValueError, match="per-token"):
+        conv3.set_act_fp8(None, "token")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_fp8_per_token_layers_match_the_cpu_path():
+    """fp8_dynamic='token' on the GPU (torch._scaled_mm with row-wise activation scales for Linear / 1x1 convs)
+    against the same converted model on the CPU (reference op, rows scaled after it)."""
+    from diffquant.kernels.modules import scaled_mm_works
+
+    if not scaled_mm_works(torch.device("cuda")):
+        pytest.skip("torch._scaled_mm with row-wise scales does not run on this GPU")
+    model, q, (x, t, c) = _calibrated("fp8")
+    cm_cpu = convert(q, "fp8", fp8_dynamic="token")
+    cm_gpu = convert(q, "fp8", fp8_dynamic="token", device="cuda")
+    assert any(m.fp8_gemm == "scaled_mm" and m.act == "fp8_token" for m in cm_gpu.modules() if isinstance(m, LowBitLayer))
+    with torch.no_grad():
+        ref = call_model(cm_cpu, x, t, c)
+        out = call_model(cm_gpu, x.cuda(), t.cuda(), {k: v.cuda() for k, v in c.items()}).cpu()
+    assert float((out - ref).norm() / ref.norm()) < 2e-2

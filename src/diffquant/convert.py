@@ -12,8 +12,10 @@ backend     weights                                activations (layer inputs)
 ``int8``    integer, 2..8 bits, per-channel/tensor integer, 2..8 bits, per-tensor (static)
 ``w4a8``    integer, 2..4 bits, per-channel/tensor integer, 2..8 bits, per-tensor (static)
 ``w4a16``   integer, 2..4 bits, per-channel/tensor none (weights-only model)
-``fp8``     fp8_e4m3, per-channel/tensor           fp8_e4m3 per-tensor (static), or dynamic
-                                                   per-tensor with ``fp8_dynamic=True``
+``fp8``     fp8_e4m3, per-channel/tensor           fp8_e4m3 per-tensor (static), or dynamic:
+                                                   ``fp8_dynamic="tensor"`` (or True) one scale
+                                                   per call, ``"token"`` one per token (GEMM row)
+                                                   for Linear / 1x1 convs, per call elsewhere
 ==========  =====================================  ======================================
 
 The integer backends compute exactly what the fake-quant model computes (integer accumulation,
@@ -182,8 +184,8 @@ def _convert_layer(layer, backend: str, fp8_dynamic: bool, name: str) -> LowBitL
         else:
             out.set_act_fp8(torch.cat([a[2].reshape(1).expand(a[1]) for a in act_vecs]).to(dev))
     elif backend == "fp8" and fp8_dynamic:
-        out.set_act_fp8(None)
         _check(len(out.parts) == 1, "dynamic FP8 needs one activation scale per layer (not a split layer)")
+        out.set_act_fp8(None, "token" if fp8_dynamic == "token" and out._is_gemm() else "tensor")
     assert cin == sum(p.hi - p.lo for p in out.parts)
     if (backend == "fp8" and len(out.parts) == 1 and out.kernel_size == (1, 1) and out.stride == (1, 1)
             and out.padding == (0, 0) and cin % 16 == 0 and cout % 16 == 0 and scaled_mm_works(dev)):
@@ -216,7 +218,7 @@ def convert(
     *,
     unsupported: str = "simulate",
     attention: str = "simulate",
-    fp8_dynamic: bool = False,
+    fp8_dynamic: Union[bool, str] = False,
     inplace: bool = False,
     device=None,
 ) -> nn.Module:
@@ -232,6 +234,8 @@ def convert(
         raise ValueError(f"unsupported={unsupported!r}; allowed: {', '.join(UNSUPPORTED)}")
     if attention not in ("simulate", "float", "fp8"):
         raise ValueError(f"attention={attention!r}; allowed: 'simulate', 'float', 'fp8'")
+    if fp8_dynamic not in (False, True, "tensor", "token"):
+        raise ValueError(f"fp8_dynamic={fp8_dynamic!r}; allowed: False, True / 'tensor', 'token'")
     if isinstance(model, (str, Path)):
         from diffquant.io import load_quantized
 
@@ -258,7 +262,8 @@ def convert(
                 report.kept[name] = f"simulated (fake-quant): {e}"
             continue
         kind = "linear" if new.kind == "linear" else f"conv{new.kernel_size[0]}x{new.kernel_size[1]}"
-        report.converted[name] = kind + (" split" if len(new.parts) > 1 else "")
+        report.converted[name] = kind + (" split" if len(new.parts) > 1 else "") + \
+            {"fp8_token": ", dynamic FP8 per token", "fp8_dynamic": ", dynamic FP8 per tensor"}.get(new.act, "")
         _set_submodule(model, name, new)
     report.attention = _convert_attention(model, attention)
     model._diffquant_convert_report = report  # type: ignore[attr-defined]

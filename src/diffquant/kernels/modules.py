@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from diffquant.kernels import ops
-from diffquant.kernels.reference import fp8_dynamic_scale, pad_correction, quantize_act_fp8, quantize_act_int8
+from diffquant.kernels.reference import (fp8_dynamic_scale, fp8_token_scales, pad_correction, quantize_act_fp8,
+                                       quantize_act_int8)
 
 BACKENDS = ("int8", "fp8", "w4a8", "w4a16")
 
@@ -70,7 +71,7 @@ class LowBitLayer(_KeepStorage, nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
         self.parts = nn.ModuleList()
         # activation quantization, per input channel (two values in a split layer)
-        self.act = "none"  # "int" | "fp8" | "fp8_dynamic" | "none"
+        self.act = "none"  # "int" | "fp8" | "fp8_dynamic" | "fp8_token" | "none"
         self.qmin = self.qmax = self.offset = 0
         self.fp8_gemm = "triton"  # "triton" | "scaled_mm" (FP8 single-part 1x1 / linear)
 
@@ -79,12 +80,22 @@ class LowBitLayer(_KeepStorage, nn.Module):
         self.register_buffer("act_inv_scale", inv_scale.float().reshape(1, -1, 1, 1).contiguous())
         self.register_buffer("act_zp", zero_point.float().reshape(1, -1, 1, 1).contiguous())
 
-    def set_act_fp8(self, scale: Optional[torch.Tensor]) -> None:
+    def set_act_fp8(self, scale: Optional[torch.Tensor], dynamic: str = "tensor") -> None:
+        """Static FP8 activation scale(s), or (``scale=None``) dynamic ones: one per tensor (``dynamic="tensor"``) or one
+        per token, i.e. per row of the layer's GEMM (``"token"``; Linear and 1x1 conv with stride 1 and no padding)."""
         if scale is None:
-            self.act = "fp8_dynamic"
+            if dynamic not in ("tensor", "token"):
+                raise ValueError(f"dynamic={dynamic!r}; allowed: 'tensor', 'token'")
+            if dynamic == "token" and not self._is_gemm():
+                raise ValueError(f"per-token FP8 scales need a Linear or a 1x1/stride-1/unpadded conv; {self.layer_name} is "
+                                 f"a {self.kernel_size} conv with stride {self.stride}, padding {self.padding}")
+            self.act = "fp8_dynamic" if dynamic == "tensor" else "fp8_token"
         else:
             self.act = "fp8"
             self.register_buffer("act_scale", scale.float().reshape(1, -1, 1, 1).contiguous())
+
+    def _is_gemm(self) -> bool:
+        return self.kind == "linear" or (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0))
 
     @property
     def weight_bytes(self) -> int:
@@ -103,6 +114,11 @@ class LowBitLayer(_KeepStorage, nn.Module):
         if self.act == "fp8_dynamic":
             s = fp8_dynamic_scale(x4)
             return quantize_act_fp8(x4, s), s
+        if self.act == "fp8_token":  # one scale per pixel / token: [N*H*W, 1], rows in NHWC order
+            x2 = x4.permute(0, 2, 3, 1).reshape(-1, x4.shape[1])
+            s = fp8_token_scales(x2)
+            xq = quantize_act_fp8(x2, s).reshape(x4.shape[0], x4.shape[2], x4.shape[3], x4.shape[1]).permute(0, 3, 1, 2)
+            return xq, s
         return x4, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,6 +133,14 @@ class LowBitLayer(_KeepStorage, nn.Module):
             xq = xq.contiguous(memory_format=torch.channels_last)
         if self.fp8_gemm == "scaled_mm" and len(self.parts) == 1:
             y = self._scaled_mm(xq, dyn_scale, out_dtype)
+        elif self.act == "fp8_token":  # no per-row scale in diffquant::qconv: scale the rows of its output
+            p = self.parts[0]
+            y = ops.qconv(xq, p.w, p.w_scale, None, None, None, None, None, 0, list(self.stride), list(self.padding),
+                          list(self.dilation), False, torch.float32, None)
+            y = y * dyn_scale.view(xq.shape[0], xq.shape[2], xq.shape[3], 1).permute(0, 3, 1, 2)
+            if self.bias is not None:
+                y = y + self.bias.view(1, -1, 1, 1)
+            y = y.to(out_dtype)
         else:
             y = None
             for i, p in enumerate(self.parts):
@@ -134,7 +158,10 @@ class LowBitLayer(_KeepStorage, nn.Module):
         nb, c, h, w = xq.shape
         a2 = _row_major(xq.permute(0, 2, 3, 1).reshape(-1, c))
         m = a2.shape[0]
-        s_a = (dyn_scale if dyn_scale is not None else p.a_scale).reshape(1, 1).expand(m, 1).contiguous()
+        if self.act == "fp8_token":
+            s_a = dyn_scale.reshape(m, 1)
+        else:
+            s_a = (dyn_scale if dyn_scale is not None else p.a_scale).reshape(1, 1).expand(m, 1).contiguous()
         # p.w is [Cout, 1, 1, Cin] contiguous: as [Cout, Cin] row-major, its .t() is the column-major
         # second operand cuBLASLt wants (no copy)
         w2 = p.w.view(self.out_channels, c)

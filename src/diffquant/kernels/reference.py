@@ -140,6 +140,14 @@ def quantize_act_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.clamp(x.float() / scale, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
 
 
+def fp8_token_scales(x2: torch.Tensor) -> torch.Tensor:
+    """Per-token FP8 scales of a 2-D activation [tokens, channels]: each row's absolute maximum / 448, fp32 [tokens, 1]
+    (no host sync)."""
+    from diffquant.quant.affine import FP8_E4M3_MAX
+
+    return (x2.detach().abs().amax(dim=1, keepdim=True).float() / FP8_E4M3_MAX).clamp_min(1e-12)
+
+
 def fp8_dynamic_scale(x: torch.Tensor) -> torch.Tensor:
     """Per-tensor FP8 scale of ``x`` on the device (no host sync)."""
     from diffquant.quant.affine import FP8_E4M3_MAX
