@@ -739,10 +739,11 @@ def test_convert_fp8_dynamic_per_tensor_and_per_token():
     model, q, (x, t, c) = _calibrated("fp8")
     for mode, want_1x1 in ((True, "fp8_dynamic"), ("tensor", "fp8_dynamic"), ("token", "fp8_token")):
         cm = convert(q, "fp8", fp8_dynamic=mode)
-        layers = {n: m for n, m in cm.named_modules() if isinstance(m, LowBitLayer) and len(m.parts) == 1}
-        gemm = [m for m in layers.values() if m._is_gemm()]
-        other = [m for m in layers.values() if not m._is_gemm()]
-        assert gemm and other
+        layers = {n: m for n, m in cm.named_modules() if isinstance(m, LowBitLayer)}
+        assert not cm._diffquant_convert_report.kept  # split layers too: one dynamic scale per part
+        gemm = [m for m in layers.values() if m._is_gemm() and len(m.parts) == 1]
+        other = [m for m in layers.values() if not m._is_gemm() or len(m.parts) > 1]
+        assert gemm and other and any(len(m.parts) > 1 for m in other)
         assert all(m.act == want_1x1 for m in gemm) and all(m.act == "fp8_dynamic" for m in other)
         rep = cm._diffquant_convert_report.converted
         assert sum("dynamic FP8 per token" in v for v in rep.values()) == (len(gemm) if mode == "token" else 0)
@@ -776,6 +777,20 @@ def test_convert_fp8_dynamic_per_tensor_and_per_token():
     conv3 = next(m for m in cm.modules() if isinstance(m, LowBitLayer) and m.kernel_size == (3, 3) and len(m.parts) == 1)
     with pytest.raises(ValueError, match="per-token"):
         conv3.set_act_fp8(None, "token")
+    # a split layer: each part quantized with the absolute maximum of its own channels
+    split = next(m for m in cm.modules() if isinstance(m, LowBitLayer) and len(m.parts) > 1)
+    xs = torch.randn(2, split.in_channels, 4, 4, generator=g)
+    xs[:, : split.parts[0].hi] *= 100  # the first part's range would swamp the second part's with one scale
+    want = 0
+    for p_ in split.parts:
+        part = xs[:, p_.lo:p_.hi].double()
+        sc = part.abs().max() / FP8_MAX
+        v = (part / sc).clamp(-FP8_MAX, FP8_MAX).float().to(torch.float8_e4m3fn).double() * sc
+        wv = p_.w.double().permute(0, 3, 1, 2) * p_.w_scale.double().view(-1, 1, 1, 1)
+        want = want + F.conv2d(v, wv, None, split.stride, split.padding)
+    want = want + split.bias.double().view(1, -1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(split(xs).double(), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu

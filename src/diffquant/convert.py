@@ -14,8 +14,9 @@ backend     weights                                activations (layer inputs)
 ``w4a16``   integer, 2..4 bits, per-channel/tensor none (weights-only model)
 ``fp8``     fp8_e4m3, per-channel/tensor           fp8_e4m3 per-tensor (static), or dynamic:
                                                    ``fp8_dynamic="tensor"`` (or True) one scale
-                                                   per call, ``"token"`` one per token (GEMM row)
-                                                   for Linear / 1x1 convs, per call elsewhere
+                                                   per call (per part of a split layer),
+                                                   ``"token"`` one per token (GEMM row) for
+                                                   Linear / 1x1 convs, per call elsewhere
 ==========  =====================================  ======================================
 
 The integer backends compute exactly what the fake-quant model computes (integer accumulation,
@@ -183,9 +184,9 @@ def _convert_layer(layer, backend: str, fp8_dynamic: bool, name: str) -> LowBitL
             out.set_act_int(inv.to(dev), zp.to(dev), qmin, qmax, aoff)
         else:
             out.set_act_fp8(torch.cat([a[2].reshape(1).expand(a[1]) for a in act_vecs]).to(dev))
-    elif backend == "fp8" and fp8_dynamic:
-        _check(len(out.parts) == 1, "dynamic FP8 needs one activation scale per layer (not a split layer)")
-        out.set_act_fp8(None, "token" if fp8_dynamic == "token" and out._is_gemm() else "tensor")
+    elif backend == "fp8" and fp8_dynamic:  # split layers: one dynamic scale per part
+        token = fp8_dynamic == "token" and out._is_gemm() and len(out.parts) == 1
+        out.set_act_fp8(None, "token" if token else "tensor")
     assert cin == sum(p.hi - p.lo for p in out.parts)
     if (backend == "fp8" and len(out.parts) == 1 and out.kernel_size == (1, 1) and out.stride == (1, 1)
             and out.padding == (0, 0) and cin % 16 == 0 and cout % 16 == 0 and scaled_mm_works(dev)):

@@ -33,7 +33,7 @@ SD15_UNET = dict(
 )
 MODELS = ("sd15-unet", "ddpm-cifar10-32", "zoo:cifar10-ddpm")
 VARIANTS = ("bf16-eager", "bf16-compile", "torchao-int8dyn", "torchao-fp8", "dq-int8", "dq-fp8", "dq-w4a8", "dq-w4a16",
-            "dq-fp8-fp8attn")
+            "dq-fp8-fp8attn", "dq-fp8-dyntoken")
 
 
 def build_model(name: str) -> nn.Module:
@@ -104,13 +104,15 @@ def _quantized(model: nn.Module, backend: str, calib_inputs: tuple) -> nn.Module
     from diffquant.models.adapter import call_model
     from diffquant.quantize import calibrate, quantize
 
-    attention = "float"
+    attention, dynamic = "float", False
     if backend.endswith("-fp8attn"):  # e.g. dq-fp8-fp8attn: FP8 layers and FP8 attention
         backend, attention = backend[: -len("-fp8attn")], "fp8"
+    if backend.endswith("-dyntoken"):  # dq-fp8-dyntoken: dynamic per-token activation scales (Linear / 1x1 convs)
+        backend, dynamic = backend[: -len("-dyntoken")], "token"
     q = quantize(model, config_for_backend(backend))
     with torch.no_grad(), calibrate(q):
         call_model(q, *calib_inputs)
-    cm = convert(q, backend, attention=attention, unsupported="float", inplace=True)
+    cm = convert(q, backend, attention=attention, unsupported="float", inplace=True, fp8_dynamic=dynamic)
     return cm
 
 

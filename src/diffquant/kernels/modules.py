@@ -111,6 +111,10 @@ class LowBitLayer(_KeepStorage, nn.Module):
             return quantize_act_int8(x4, self.act_inv_scale, self.act_zp, self.qmin, self.qmax, self.offset), None
         if self.act == "fp8":
             return quantize_act_fp8(x4, self.act_scale), None
+        if self.act == "fp8_dynamic" and len(self.parts) > 1:  # a split layer: one scale per part, [parts]
+            s = torch.cat([fp8_dynamic_scale(x4[:, p.lo:p.hi]) for p in self.parts])
+            per_ch = torch.cat([s[i:i + 1].expand(p.hi - p.lo) for i, p in enumerate(self.parts)]).view(1, -1, 1, 1)
+            return quantize_act_fp8(x4, per_ch), s
         if self.act == "fp8_dynamic":
             s = fp8_dynamic_scale(x4)
             return quantize_act_fp8(x4, s), s
@@ -145,7 +149,7 @@ class LowBitLayer(_KeepStorage, nn.Module):
             y = None
             for i, p in enumerate(self.parts):
                 xs = xq if len(self.parts) == 1 else xq[:, p.lo:p.hi]
-                a_scale = dyn_scale if dyn_scale is not None else p.a_scale
+                a_scale = p.a_scale if dyn_scale is None else dyn_scale if len(self.parts) == 1 else dyn_scale[i:i + 1]
                 y = ops.qconv(xs, p.w, p.w_scale, a_scale, p.corr, p.wzp, self.bias if i == 0 else None, y,
                               p.a_zp, list(self.stride), list(self.padding), list(self.dilation), p.w4, out_dtype,
                               p.pad_corr)
