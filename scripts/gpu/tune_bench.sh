@@ -4,10 +4,10 @@
 # benchmark rows BENCH_ONLY with that table (DIFFQUANT_QCONV_TUNED), everything to $OUT.
 #   carry: .whl (diffusers wheel; .whl/torchao-gpu for torchao rows)
 #   run:   bash scripts/gpu/tune_bench.sh      (env: TOTAL_S (520), TUNE_TASKS, TUNE_S (170), BENCH_ONLY, TESTS_K)
-#   the experimental TMA conv path: DIFFQUANT_QCONV_TMA=1 TESTS_K=tma bash scripts/gpu/tune_bench.sh (its table keys end in :tma)
-#   PROBE=1 first runs benchmarks/qconv_tma_probe.py. Suggested first call of the next session (nvidia-h200):
-#     PROBE=1 TUNE_TASKS=none TESTS_K="tma or fp8_attention or gpu_kernel or tuner" TEST_S=150 \
-#     BENCH_ONLY=sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8,sd15-unet:8:dq-fp8-fp8attn bash scripts/gpu/tune_bench.sh
+#   The tuner times the gather kernel's and both TMA kernels' candidates per shape (tma4d: not yet run on a GPU);
+#   DIFFQUANT_QCONV_TMA=1 / 4d forces one TMA kernel wherever it can run.
+#   PROBE=1 first runs benchmarks/qconv_tma_probe.py (the padded-copy TMA kernel vs the gather kernel vs cuDNN bf16).
+#   On two GPUs, scripts/gpu/issue7_x2.sh does tuning and bench rows side by side (its header: the suggested call).
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
