@@ -3,9 +3,11 @@
     python benchmarks/kernel_quality.py [--n 500] [--steps 20] [--backends int8,int8:conv_out,fp8,w4a8,w4a16]
                                         [--out benchmarks/results/kernel_quality.json]
 
-A backend ``NAME[:PATTERN][+fp8attn]``: ``+fp8attn`` also converts the attention blocks to FP8
+A backend ``NAME[:PATTERN][+fp8attn][+dyntensor|+dyntoken]``: ``+fp8attn`` also converts the attention blocks to FP8
 (``convert(..., attention="fp8")``; the fake-quant model keeps float attention, so real vs fake then includes
-the FP8 attention's error). Runs on the CPU too (the reference ops), slowly.
+the FP8 attention's error); ``+dyntensor`` / ``+dyntoken`` convert FP8 layers with dynamic activation scales per call
+/ per token (``convert(..., fp8_dynamic=...)``; real vs fake then includes the change from the calibrated static
+scales). Runs on the CPU too (the reference ops), slowly.
 
 For each backend: zoo:cifar10-ddpm quantized with ``config_for_backend(backend)`` (min-max ranges from a DDIM
 calibration set; ``NAME:PATTERN`` leaves matching layers in float), sampled with DDIM from the same seeds three
@@ -62,13 +64,15 @@ def main() -> None:
            "model": "zoo:cifar10-ddpm", "n": a.n, "sampler": f"ddim-{a.steps}", "fp_seconds": round(fp_s, 2),
            "calib_rows": len(calib), "rows": []}
     for b in filter(None, a.backends.split(",")):
-        attention = "fp8" if b.endswith("+fp8attn") else "float"
-        name, *keep = b.removesuffix("+fp8attn").split(":")
-        row = {"backend": name, "keep_float": keep, "attention": attention}
+        base, *flags = b.split("+")
+        attention = "fp8" if "fp8attn" in flags else "float"
+        dynamic = "token" if "dyntoken" in flags else "tensor" if "dyntensor" in flags else False
+        name, *keep = base.split(":")
+        row = {"backend": name, "keep_float": keep, "attention": attention, "fp8_dynamic": dynamic}
         try:
             q = run_ptq(lm.model, config_for_backend(name, keep_float=keep), "naive", calib, device=dev, progress=False)
             fake, fake_s = draw(q)
-            real_m = convert(q, name, attention=attention, unsupported="simulate")
+            real_m = convert(q, name, attention=attention, unsupported="simulate", fp8_dynamic=dynamic)
             rep = real_m._diffquant_convert_report
             real, real_s = draw(real_m)
             rf, ff, rfp = paired_fidelity(fake, real), paired_fidelity(fp, fake), paired_fidelity(fp, real)

@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="tune no new shape after this many seconds")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-tma", action="store_true", help="time the gather kernel's candidates only")
+    ap.add_argument("--skip-paths", default="", help="comma list of TMA kernels not to try (tma, tma4d)")
     ap.add_argument("--print-rows", metavar="ROWS_JSON", help="print the summary of a --rows file and exit (no GPU)")
     args = ap.parse_args()
     if args.print_rows:
@@ -76,8 +77,10 @@ def main() -> None:
         torch.cuda.synchronize()
         print(f"{spec}: {len(calls)} qconv calls, {len({k for k, _, _ in calls})} distinct shapes", flush=True)
         left = args.budget_s - (time.time() - t0)
-        def paths_for(a, kw):
-            return tma_paths(a[0], a[1], a[5], a[9], a[10], a[11], a[12], a[8], kw.get("pad_corr"))
+        skip = {p for p in args.skip_paths.split(",") if p}
+
+        def paths_for(a, kw, skip=skip):
+            return tma_paths(a[0], a[1], a[5], a[9], a[10], a[11], a[12], a[8], kw.get("pad_corr")) - skip
         counts: dict = {}  # time share of the shapes in the model: calls per key
         for k, _, _ in calls:
             counts[k] = counts.get(k, 0) + 1
