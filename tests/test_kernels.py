@@ -612,6 +612,14 @@ def test_fp8_attention_reference_close_to_float_and_op_checks():
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         fp8_attention_fp8(q, k, v, s_q, s_k, s_v, 1.0, torch.float32)
+    # e4m3 output for a consumer with a static input scale: the float output / that scale, rounded to e4m3
+    o_scale = torch.tensor([0.01])
+    o8 = fp8_attention_fp8(q8, k8, v8, s_q, s_k, s_v, 40 ** -0.5, torch.float8_e4m3fn, o_scale)
+    o32 = fp8_attention_fp8(q8, k8, v8, s_q, s_k, s_v, 40 ** -0.5, torch.float32)
+    assert o8.dtype == torch.float8_e4m3fn and o8.transpose(1, 2).is_contiguous()
+    assert torch.equal(o8.float(), (o32 / 0.01).clamp(-448, 448).to(torch.float8_e4m3fn).float())
+    with pytest.raises(ValueError, match="out_scale"):
+        fp8_attention_fp8(q8, k8, v8, s_q, s_k, s_v, 1.0, torch.float32, o_scale)
     # (test_schema is left out: it multiplies the inputs, which CPU float8 tensors do not support)
     torch.library.opcheck(torch.ops.diffquant.fp8_attention_fp8.default, (q8, k8, v8, s_q, s_k, s_v, 0.125, torch.float32),
                           test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
@@ -631,6 +639,14 @@ def test_convert_attention_fp8_installs_processor_and_runs():
     assert all(p.fp8_calls >= 1 and p.float_calls == 0 for p in procs)
     rel = float((out - ref).norm() / ref.norm())
     assert math.isfinite(rel) and rel < 0.1, rel
+    # to_out's static FP8 input quantization fused into the attention output: the same numbers, one pass fewer
+    assert all(p.fused_out_calls == p.fp8_calls for p in procs)
+    for p in procs:
+        p.fuse_out = False
+    with torch.no_grad():
+        unfused = call_model(cm, x, t, c)
+    assert all(p.fused_out_calls < p.fp8_calls for p in procs)
+    torch.testing.assert_close(out, unfused, rtol=0, atol=0)
     with pytest.raises(ValueError, match="attention="):
         convert(q, "fp8", attention="int4")
 
@@ -650,6 +666,12 @@ def test_gpu_fp8_attention_kernel_matches_reference(shape):
     want = fp8_attention_reference(q, k, v, d ** -0.5).float()
     assert torch.isfinite(got).all()
     assert float((got - want).norm() / want.norm()) < 2e-2
+    # e4m3 output with a consumer's static input scale (poisoned buffer: every element written)
+    o_scale = (want.abs().amax() / 200).reshape(1)
+    torch.full((b * h * sq * d * 2,), float("nan"), device="cuda")
+    got8 = fp8_attention(q, k, v, d ** -0.5, out_scale=o_scale)
+    assert got8.dtype == torch.float8_e4m3fn and torch.isfinite(got8.float()).all()
+    assert float((got8.float() * o_scale - want).norm() / want.norm()) < 4e-2
 
 
 def test_bench_torchao_int8_skips_the_linears_torch_int_mm_cannot_run():

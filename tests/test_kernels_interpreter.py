@@ -111,7 +111,8 @@ ATTN_SCRIPT = r'''
 import json, sys
 sys.path.insert(0, {src!r})
 import torch
-from diffquant.kernels.reference import fp8_attention_quantize, fp8_attention_reference, fp8_attention_scales
+from diffquant.kernels.reference import (fp8_attention_fp8_reference, fp8_attention_quantize, fp8_attention_reference,
+                                       fp8_attention_scales)
 from diffquant.kernels.triton_attention import fp8_attention_triton
 torch.manual_seed(0)
 res = []
@@ -122,6 +123,12 @@ for b, h, sq, sk, d in [(2, 3, 50, 77, 40), (1, 2, 130, 130, 64), (1, 1, 17, 5, 
     assert got.transpose(1, 2).is_contiguous()
     want = fp8_attention_reference(q, k, v, d ** -0.5, scales)
     res.append([bool(torch.isfinite(got).all()), float((got - want).norm() / want.norm())])
+    # e4m3 output (the consumer's static input scale): the same values as the reference's quantized output
+    o_scale = torch.tensor([0.005])
+    got8 = fp8_attention_triton(*fp8_attention_quantize(q, k, v, scales), d ** -0.5, torch.float8_e4m3fn, out_scale=o_scale)
+    want8 = fp8_attention_fp8_reference(*fp8_attention_quantize(q, k, v, scales), d ** -0.5, torch.float8_e4m3fn,
+                                         out_scale=o_scale)
+    res.append([bool(torch.isfinite(got8.float()).all()), float((got8.float() - want8.float()).norm() / want8.float().norm())])
 print("RESULT" + json.dumps(res))
 '''
 

@@ -3,7 +3,9 @@
 It computes what diffusers' ``AttnProcessor2_0`` computes (spatial/group norm, heads, q/k norms, residual,
 rescaling) and replaces ``scaled_dot_product_attention`` by the FP8 op. A call with an attention mask goes to SDPA
 in the input dtype instead (the FP8 kernel has no mask) and is counted in ``float_calls``, so nothing is skipped
-silently. Installed by ``convert(..., attention="fp8")``.
+silently. When the output projection ``to_out[0]`` is a converted layer with a static FP8 input scale, the kernel
+writes its output already quantized with that scale (one pass fewer; counted in ``fused_out_calls``; set
+``fuse_out=False`` to keep the separate quantization). Installed by ``convert(..., attention="fp8")``.
 """
 from __future__ import annotations
 
@@ -12,14 +14,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from diffquant.kernels.modules import LowBitLayer
 from diffquant.kernels.ops import fp8_attention
 from diffquant.nn.attention import attention_inputs, attention_output
 
 
 class FP8AttnProcessor:
-    def __init__(self) -> None:
+    def __init__(self, fuse_out: bool = True) -> None:
         self.fp8_calls = 0
         self.float_calls = 0
+        self.fused_out_calls = 0
+        self.fuse_out = fuse_out
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None,
@@ -37,6 +42,15 @@ class FP8AttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        out_layer = attn.to_out[0]
+        fused = (attention_mask is None and self.fuse_out and isinstance(out_layer, LowBitLayer) and out_layer.act == "fp8"
+                 and len(out_layer.parts) == 1 and out_layer.kind == "linear")
+        if fused:  # the output projection's input quantization, done by the attention kernel
+            self.fp8_calls += 1
+            self.fused_out_calls += 1
+            h8 = fp8_attention(query, key, value, float(attn.scale), out_scale=out_layer.parts[0].a_scale)
+            h8 = h8.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+            return attention_output(attn, out_layer(h8, out_dtype=query.dtype), ctx, projected=True)
         if attention_mask is None:
             self.fp8_calls += 1
             hidden_states = fp8_attention(query, key, value, float(attn.scale))

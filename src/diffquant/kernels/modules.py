@@ -125,14 +125,19 @@ class LowBitLayer(_KeepStorage, nn.Module):
             return xq, s
         return x4, None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_dtype = x.dtype
+    def forward(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``x`` in float; or, for a layer with a static FP8 input scale (``act == "fp8"``, one part), already e4m3 values
+        x / scale (its producer fused the quantization: the FP8 attention for ``to_out``), with ``out_dtype``."""
+        prequantized = x.dtype == torch.float8_e4m3fn and self.act == "fp8"
+        if prequantized and (out_dtype is None or len(self.parts) != 1):
+            raise ValueError(f"{self.layer_name}: an e4m3 input needs one part and the output dtype (out_dtype=...)")
+        out_dtype = out_dtype or x.dtype
         if self.kind == "linear":
             lead = x.shape[:-1]
             x4 = x.reshape(-1, x.shape[-1])[:, :, None, None]
         else:
             x4 = x
-        xq, dyn_scale = self._quantize_input(x4)
+        xq, dyn_scale = (x4, None) if prequantized else self._quantize_input(x4)
         if self.kind == "conv" and not xq.is_contiguous(memory_format=torch.channels_last):
             xq = xq.contiguous(memory_format=torch.channels_last)
         if self.fp8_gemm == "scaled_mm" and len(self.parts) == 1:

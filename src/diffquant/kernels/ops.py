@@ -91,34 +91,44 @@ def qconv_ref(*args) -> torch.Tensor:
 ATTN_BLOCK_N = 64  # keys per online-softmax block: part of the FP8 attention's result (P is rounded per block)
 
 
-def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
+                  out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention with both matmuls in FP8 e4m3: Q, K, V scaled per (batch, head) by their absolute maxima and
     quantized (plain tensor ops, which ``torch.compile`` fuses into their producers), then
-    ``diffquant::fp8_attention_fp8``. q [B, H, Sq, D], k/v [B, H, Sk, D] -> [B, H, Sq, D] in q's dtype; equal to
+    ``diffquant::fp8_attention_fp8``. q [B, H, Sq, D], k/v [B, H, Sk, D] -> [B, H, Sq, D] in q's dtype (e4m3 divided
+    by ``out_scale`` when given: the next layer's input quantization); equal to
     :func:`.reference.fp8_attention_reference` up to accumulation order."""
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"fp8_attention needs q [B, H, Sq, D] and k, v [B, H, Sk, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    return fp8_attention_fp8(*fp8_attention_quantize(q, k, v), float(sm_scale), q.dtype)
+    out_dtype = q.dtype if out_scale is None else torch.float8_e4m3fn
+    return fp8_attention_fp8(*fp8_attention_quantize(q, k, v), float(sm_scale), out_dtype, out_scale)
 
 
 @torch.library.custom_op("diffquant::fp8_attention_fp8", mutates_args=())
 def fp8_attention_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, s_q: torch.Tensor, s_k: torch.Tensor,
-                      s_v: torch.Tensor, sm_scale: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """The attention of e4m3 Q, K, V with fp32 scales [B*H] (see :func:`.reference.fp8_attention_fp8_reference`):
-    the Triton kernel on CUDA (see :mod:`.triton_attention`), the reference elsewhere."""
+                      s_v: torch.Tensor, sm_scale: float, out_dtype: torch.dtype,
+                      out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The attention of e4m3 Q, K, V with fp32 scales [B*H] (see :func:`.reference.fp8_attention_fp8_reference`;
+    ``out_scale``: e4m3 output for a consumer with that static input scale): the Triton kernel on CUDA (see
+    :mod:`.triton_attention`), the reference elsewhere."""
     if q8.dtype != torch.float8_e4m3fn or k8.dtype != q8.dtype or v8.dtype != q8.dtype:
         raise ValueError(f"fp8_attention_fp8 needs float8_e4m3fn q8, k8, v8; got {q8.dtype}, {k8.dtype}, {v8.dtype}")
     if q8.dim() != 4 or k8.shape != v8.shape or q8.shape[:2] != k8.shape[:2] or q8.shape[3] != k8.shape[3]:
         raise ValueError(f"fp8_attention_fp8 needs q8 [B, H, Sq, D] and k8, v8 [B, H, Sk, D]; got {tuple(q8.shape)}, "
                          f"{tuple(k8.shape)}, {tuple(v8.shape)}")
+    if (out_scale is not None) != (out_dtype == torch.float8_e4m3fn):
+        raise ValueError(f"an e4m3 output needs out_scale and out_scale needs out_dtype float8_e4m3fn; got {out_dtype}, "
+                         f"out_scale {'set' if out_scale is not None else 'None'}")
     if _use_triton(q8):
         from diffquant.kernels.triton_attention import fp8_attention_triton
 
-        return fp8_attention_triton(q8, k8, v8, s_q, s_k, s_v, sm_scale, out_dtype, block_n=ATTN_BLOCK_N)
-    return fp8_attention_fp8_reference(q8, k8, v8, s_q, s_k, s_v, sm_scale, out_dtype, block_n=ATTN_BLOCK_N)
+        return fp8_attention_triton(q8, k8, v8, s_q, s_k, s_v, sm_scale, out_dtype, block_n=ATTN_BLOCK_N,
+                                    out_scale=out_scale)
+    return fp8_attention_fp8_reference(q8, k8, v8, s_q, s_k, s_v, sm_scale, out_dtype, block_n=ATTN_BLOCK_N,
+                                       out_scale=out_scale)
 
 
 @fp8_attention_fp8.register_fake
-def _fp8_attention_fp8_fake(q8, k8, v8, s_q, s_k, s_v, sm_scale, out_dtype):
+def _fp8_attention_fp8_fake(q8, k8, v8, s_q, s_k, s_v, sm_scale, out_dtype, out_scale=None):
     return attention_out_like(q8, out_dtype)

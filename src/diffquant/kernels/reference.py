@@ -189,10 +189,12 @@ def fp8_attention_quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def fp8_attention_fp8_reference(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, s_q: torch.Tensor,
                                 s_k: torch.Tensor, s_v: torch.Tensor, sm_scale: float, out_dtype: torch.dtype,
-                                block_n: int = 64) -> torch.Tensor:
+                                block_n: int = 64, out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The attention of e4m3 Q, K, V (scales fp32 [B*H]): S = Q8·K8ᵀ x s_q s_k sm_scale; an online softmax over
     key blocks of ``block_n`` whose numerator exp(S - running max) is quantized to e4m3 before the row sum and
-    before P8·V8; x s_v; in ``out_dtype``. What ``diffquant::fp8_attention_fp8`` computes (its test oracle)."""
+    before P8·V8; x s_v; in ``out_dtype``. With ``out_scale`` (fp32 [1]; ``out_dtype`` float8_e4m3fn) the result is
+    quantized with it: the next layer's static input quantization, fused. What ``diffquant::fp8_attention_fp8``
+    computes (its test oracle)."""
     bsz, heads, sq, d = q8.shape
     s_q, s_k, s_v = (s.float().view(bsz, heads, 1, 1) for s in (s_q, s_k, s_v))
     qf, kf, vf = q8.float(), k8.float(), v8.float()
@@ -207,8 +209,9 @@ def fp8_attention_fp8_reference(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Te
         den = den * alpha + p8.sum(dim=-1, keepdim=True)
         acc = acc * alpha + p8 @ vf[:, :, start:start + block_n]
         m = m_new
+    o = acc * s_v / den
     res = attention_out_like(q8, out_dtype)
-    res.copy_(acc * s_v / den)
+    res.copy_(o if out_scale is None else quantize_act_fp8(o, out_scale.float().reshape(())))
     return res
 
 

@@ -40,10 +40,11 @@ def _e4m3(x, EMULATE: tl.constexpr):
 
 @triton.jit(do_not_specialize=["SQ", "SK"])
 def _fp8_attn_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, sq_ptr, sk_ptr, sv_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, sq_ptr, sk_ptr, sv_ptr, so_ptr,
     SQ, SK, H, sm_scale,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr,
+    QUANT_OUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -79,8 +80,12 @@ def _fp8_attn_kernel(
         acc = acc * alpha[:, None] + tl.dot(p8, v)
         m_i = m_new
     out = acc * (s_v / l_i)[:, None]
-    tl.store(o_ptr + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod,
-             out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    o_ptrs = o_ptr + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod
+    if QUANT_OUT:  # the consumer's static input quantization: e4m3 bytes of out / its scale
+        o8 = _e4m3(tl.clamp(out / tl.load(so_ptr), -448.0, 448.0), EMULATE)
+        tl.store(o_ptrs, o8.to(tl.uint8, bitcast=True), mask=m_ok[:, None] & d_ok[None, :])
+    else:
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
 def pick_attn_config(sq: int, block_d: int) -> dict:
@@ -94,9 +99,10 @@ def pick_attn_config(sq: int, block_d: int) -> dict:
 
 
 def fp8_attention_triton(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, s_q: torch.Tensor, s_k: torch.Tensor,
-                         s_v: torch.Tensor, sm_scale: float, out_dtype: torch.dtype, block_n: int = 64) -> torch.Tensor:
+                         s_v: torch.Tensor, sm_scale: float, out_dtype: torch.dtype, block_n: int = 64,
+                         out_scale=None) -> torch.Tensor:
     """q8 [B, H, Sq, D], k8/v8 [B, H, Sk, D] in float8_e4m3fn; scales fp32 [B*H]; output [B, H, Sq, D] of
-    ``out_dtype`` (stored as [B, Sq, H, D])."""
+    ``out_dtype`` (stored as [B, Sq, H, D]); with ``out_scale`` (fp32 [1]) e4m3 values of output / out_scale."""
     from diffquant.kernels.reference import attention_out_like
 
     bsz, heads, sq, d = q8.shape
@@ -106,10 +112,14 @@ def fp8_attention_triton(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, s
     cfg = pick_attn_config(sq, block_d)
     grid = (triton.cdiv(sq, cfg["BLOCK_M"]), bsz * heads)
     qb, kb, vb = (t.view(torch.uint8) for t in (q8, k8, v8))
+    quant = out_scale is not None
+    s_o = out_scale.float().reshape(1).contiguous() if quant else s_q
     _fp8_attn_kernel[grid](
-        qb, kb, vb, out, *(s.contiguous().float() for s in (s_q, s_k, s_v)), sq, sk, heads, float(sm_scale),
+        qb, kb, vb, out.view(torch.uint8) if quant else out, *(s.contiguous().float() for s in (s_q, s_k, s_v)), s_o,
+        sq, sk, heads, float(sm_scale),
         *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(),
         D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_D=block_d,
-        EMULATE=os.environ.get("TRITON_INTERPRET") == "1", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        EMULATE=os.environ.get("TRITON_INTERPRET") == "1", QUANT_OUT=quant,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -79,10 +79,11 @@ def attention_inputs(attn, hidden_states, encoder_hidden_states, temb):
     return query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states), ctx
 
 
-def attention_output(attn, hidden_states, ctx: dict):
+def attention_output(attn, hidden_states, ctx: dict, projected: bool = False):
     """What every diffusers attention processor does after the matmuls (``hidden_states`` as ``[B, S, inner]``):
-    the output projection, the reshape back to 4-D, the residual and the output rescaling."""
-    hidden_states = attn.to_out[0](hidden_states)
+    the output projection (unless ``projected``), the reshape back to 4-D, the residual and the output rescaling."""
+    if not projected:
+        hidden_states = attn.to_out[0](hidden_states)
     hidden_states = attn.to_out[1](hidden_states)
     if ctx["input_ndim"] == 4:
         hidden_states = hidden_states.transpose(-1, -2).reshape(*ctx["shape"])
