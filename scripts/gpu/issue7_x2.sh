@@ -8,7 +8,7 @@
 #          ROW_TIMEOUT_S (240: every bench row in its own process, killed after that; 0: one process per GPU))
 #   suggested first call of the next session (nvidia-h200-x2; the 4-D TMA kernel's GPU tests, tuning with all three
 #   conv kernels, FP8 attention, torchao and the other variants):
-#     TOTAL_S=560 TESTS_K=test_gpu_tma_path TEST_S=80 TUNE_TASKS=sd15-unet:8:dq-fp8 TUNE_S=170 \
+#     TOTAL_S=560 TESTS_K="test_gpu_tma_path or fp8_attention or per_token" TEST_S=120 TUNE_TASKS=sd15-unet:8:dq-fp8 TUNE_S=150 \
 #     BENCH0=sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8,sd15-unet:8:dq-fp8-fp8attn \
 #     BENCH1=sd15-unet:8:bf16-compile,sd15-unet:8:torchao-int8dyn,sd15-unet:8:dq-int8,sd15-unet:8:torchao-fp8,sd15-unet:8:dq-w4a8 \
 #     bash scripts/gpu/issue7_x2.sh
