@@ -1,9 +1,10 @@
-"""Probe (GPU): the experimental TMA conv path against the gather kernel and cuDNN bf16 on a few UNet shapes.
+"""Probe (GPU): the TMA conv kernels against the gather kernel and cuDNN bf16 on a few UNet shapes.
 
-    PYTHONPATH=src python benchmarks/qconv_tma_probe.py [--out probe.json]
+    PYTHONPATH=src python benchmarks/qconv_tma_probe.py [--out probe.json] [--paths tma,tma4d]
 
-FP8 W8A8, bf16 output, per shape: gather kernel (its config: tuned table or heuristic), the TMA path with a few
-configs (each output checked against the gather kernel's), cuDNN's bf16 conv; CUDA-graph replay, median of 20.
+FP8 W8A8, bf16 output, per shape: gather kernel (its config: tuned table or heuristic), each TMA kernel (padded
+copy: ``tma``; 4-D boxes: ``tma4d``) with a few configs (each output checked against the gather kernel's), cuDNN's
+bf16 conv; CUDA-graph replay, median of 20.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--paths", default="tma,tma4d", help="the TMA kernels to time")
     args = ap.parse_args()
     from diffquant.kernels.bench import time_call
     from diffquant.kernels.triton_conv import qconv_triton
@@ -51,24 +53,27 @@ def main() -> None:
             gather_ms = time_call(call, warmup=2, reps=args.reps)[0]
             os.environ["DIFFQUANT_QCONV_TMA"] = "1"
             row = {"shape": [n, c, h, w, co, k], "gather_ms": round(gather_ms, 5), "tma": []}
-            for bm, bn, bk, nw, ns in CONFIGS:
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, path="tma")
+            for path, (bm, bn, bk, nw, ns) in [(pa, c_) for pa in args.paths.split(",") if pa for c_ in CONFIGS]:
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, path=path)
+                entry = {"path": path, "config": [bm, bn, bk, nw, ns]}
                 try:
                     with tuning.forced_config(cfg):
                         out = call().float()
                         err = float((out - ref).norm() / ref.norm())
                         ms = time_call(call, warmup=2, reps=args.reps)[0] if err < 1e-2 else None
-                    row["tma"].append({"config": [bm, bn, bk, nw, ns], "ms": ms and round(ms, 5), "rel_err": err})
+                    entry.update(ms=ms and round(ms, 5), rel_err=err)
                 except Exception as e:
-                    row["tma"].append({"config": [bm, bn, bk, nw, ns], "error": str(e).splitlines()[0][:200]})
+                    entry["error"] = str(e).splitlines()[0][:200]
+                row["tma"].append(entry)
             os.environ["DIFFQUANT_QCONV_TMA"] = "0"
             xb = torch.randn(n, c, h, w, device=dev, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
             wb = torch.randn(co, c, k, k, device=dev, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
             row["cudnn_bf16_ms"] = round(time_call(lambda: F.conv2d(xb, wb, None, 1, p), warmup=2, reps=args.reps)[0], 5)
         flops = 2.0 * n * h * w * co * c * k * k
-        best = min((t["ms"] for t in row["tma"] if t.get("ms")), default=None)
-        row["tflops"] = {"gather": round(flops / gather_ms / 1e9), "tma_best": best and round(flops / best / 1e9),
-                         "cudnn_bf16": round(flops / row["cudnn_bf16_ms"] / 1e9)}
+        row["tflops"] = {"gather": round(flops / gather_ms / 1e9), "cudnn_bf16": round(flops / row["cudnn_bf16_ms"] / 1e9)}
+        for path in {t["path"] for t in row["tma"]}:
+            best = min((t["ms"] for t in row["tma"] if t["path"] == path and t.get("ms")), default=None)
+            row["tflops"][f"{path}_best"] = best and round(flops / best / 1e9)
         rows.append(row)
         print(json.dumps(row), flush=True)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
