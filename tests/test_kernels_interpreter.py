@@ -186,3 +186,37 @@ def test_kernel_choice_follows_table_and_environment(monkeypatch):
             assert pick("kt", both) == gather_cfg
     finally:
         tuning.use_table(None)
+
+
+CANDIDATE_SCRIPT = r'''
+import json, sys
+sys.path.insert(0, {tests!r}); sys.path.insert(0, {src!r})
+import test_kernels as tk
+from diffquant.kernels import qconv_ref, tuning
+from diffquant.kernels.triton_conv import qconv_triton
+res = []
+for kind, kw in [("fp8", dict(n=2, cin=320, cout=200, h=17, w=13)), ("int8", dict(n=3, cin=128, cout=128, h=9, w=7, a_zp=5))]:
+    c = tk._rand_case(kind, **kw)
+    want = tk._call(qconv_ref, c, 1, 1).float()
+    for path in ("tma", "tma4d"):
+        for cfg in tuning.candidates(1, False, kw["cout"], kw["cin"], path=path):
+            with tuning.forced_config(cfg):
+                got = tk._call(qconv_triton, c, 1, 1)
+            res.append([kind, list(cfg.values()), float((got - want).abs().max() / want.abs().max())])
+print("RESULT" + json.dumps(res))
+'''
+
+
+def test_interpreter_every_tma_tuner_candidate_is_correct():
+    """Each block config the tuner tries for the two TMA kernels (tile shapes of 64-256 rows, whole-row boxes of 1-16
+    image rows) on an odd SD-like shape (FP8) and an int8 one with a zero point."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("DIFFQUANT_QCONV_CONFIG", None)
+    p = subprocess.run([sys.executable, "-c", CANDIDATE_SCRIPT.format(tests=str(ROOT / "tests"), src=str(ROOT / "src"))],
+                       env=env, capture_output=True, text=True, timeout=900)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
+    assert p.returncode == 0 and line, p.stderr[-3000:]
+    res = json.loads(line[0][len("RESULT"):])
+    assert len(res) >= 24
+    for kind, cfg, rel in res:
+        assert rel < 1e-5, (kind, cfg, rel)
