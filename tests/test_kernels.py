@@ -832,3 +832,15 @@ def test_gpu_fp8_per_token_layers_match_the_cpu_path():
         ref = call_model(cm_cpu, x, t, c)
         out = call_model(cm_gpu, x.cuda(), t.cuda(), {k: v.cuda() for k, v in c.items()}).cpu()
     assert float((out - ref).norm() / ref.norm()) < 2e-2
+
+
+def test_converted_fp8_model_compiles_on_cpu_with_fp8_attention_and_per_token_scales():
+    """torch.compile of a converted model with the newest paths (FP8 attention writing to_out's e4m3 input, dynamic
+    per-token scales): the custom ops' fake implementations, schemas and the processor's Python-side choices trace,
+    and the compiled model computes what the eager one does (CPU, reference ops)."""
+    model, q, (x, t, c) = _calibrated("fp8")
+    cm = convert(q, "fp8", attention="fp8", fp8_dynamic="token")
+    with torch.no_grad():
+        eager = call_model(cm, x, t, c)
+        compiled = call_model(torch.compile(cm), x, t, c)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
