@@ -844,3 +844,29 @@ def test_converted_fp8_model_compiles_on_cpu_with_fp8_attention_and_per_token_sc
         eager = call_model(cm, x, t, c)
         compiled = call_model(torch.compile(cm), x, t, c)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_tune_kernels_cli_checks_and_shows_rows(tmp_path):
+    """`diffquant tune-kernels`: task specs checked before anything runs, a clear refusal without a GPU, and
+    --show-rows prints a stored rows file on any machine."""
+    from click.testing import CliRunner
+
+    from diffquant.cli import cli
+    from diffquant.kernels.tune_models import parse_tasks
+
+    assert parse_tasks("sd15-unet:8:dq-fp8, zoo:cifar10-ddpm:256:dq-int8") == [
+        ("sd15-unet", 8, "dq-fp8"), ("zoo:cifar10-ddpm", 256, "dq-int8")]
+    r = CliRunner().invoke(cli, ["tune-kernels", "--tasks", "sd15-unet:8:bf16-compile"])
+    assert r.exit_code != 0 and "only diffquant variants" in r.output
+    r = CliRunner().invoke(cli, ["tune-kernels", "--tasks", "sd15-unet:dq-fp8"])
+    assert r.exit_code != 0 and "model:batch:variant" in r.output
+    r = CliRunner().invoke(cli, ["tune-kernels", "--skip-paths", "cudnn"])
+    assert r.exit_code != 0 and "allowed: tma, tma4d" in r.output
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(cli, ["tune-kernels", "--out", str(tmp_path / "t.json")])
+        assert r.exit_code != 0 and "needs a CUDA GPU" in r.output and not (tmp_path / "t.json").exists()
+    from pathlib import Path
+
+    rows = Path(__file__).resolve().parents[1] / "benchmarks/results/qconv_tune_rows_tma.json"
+    r = CliRunner().invoke(cli, ["tune-kernels", "--show-rows", str(rows)])
+    assert r.exit_code == 0 and "fp8:8x1280x32x32:o1280:k3x3" in r.output and "tma" in r.output

@@ -1,0 +1,41 @@
+"""diffquant tune-kernels: per-shape block configs (and gather / TMA kernel) for this GPU, as a tuned table."""
+from __future__ import annotations
+
+import click
+
+from diffquant.commands._common import fail
+
+
+@click.command("tune-kernels")
+@click.option("--tasks", default="sd15-unet:8:dq-fp8", show_default=True,
+              help="comma list of model:batch:variant; models: sd15-unet, ddpm-cifar10-32, zoo:<name>; variants: "
+                   "dq-int8, dq-fp8, dq-w4a8, dq-w4a16")
+@click.option("--out", "out_path", default="qconv_tuned.json", show_default=True,
+              help="the tuned table (use it with DIFFQUANT_QCONV_TUNED=PATH)")
+@click.option("--rows", "rows_path", default=None, help="also write one diagnostic row per shape (JSON)")
+@click.option("--budget-s", default=float("inf"), type=float, help="tune no new shape after this many seconds")
+@click.option("--reps", default=10, show_default=True, help="timed calls per candidate (median)")
+@click.option("--no-tma", is_flag=True, help="time the gather kernel's candidates only")
+@click.option("--skip-paths", default="", help="comma list of TMA kernels not to try (tma, tma4d)")
+@click.option("--show-rows", default=None, help="print the summary of a rows file and exit (no GPU needed)")
+def command(tasks, out_path, rows_path, budget_s, reps, no_tma, skip_paths, show_rows):
+    """Time the conv kernels' candidate configs on every layer shape of the given models and write the fastest per
+    shape; the kernels then use the table on the same GPU model."""
+    from diffquant.kernels.tune_models import format_rows, parse_tasks, tune_models
+
+    if show_rows:
+        try:
+            click.echo("\n".join(format_rows(show_rows)))
+        except (OSError, ValueError, KeyError) as e:
+            fail(f"cannot read tune rows from {show_rows}: {e}")
+        return
+    skip = [p for p in skip_paths.split(",") if p]
+    bad = [p for p in skip if p not in ("tma", "tma4d")]
+    if bad:
+        fail(f"--skip-paths {','.join(bad)}: allowed: tma, tma4d")
+    try:
+        parse_tasks(tasks)
+        tune_models(tasks, out_path, rows_path, budget_s, reps, tma=not no_tma, skip_paths=skip,
+                    progress=lambda s: click.echo(s, err=True))
+    except (ValueError, RuntimeError) as e:
+        fail(str(e))
