@@ -6,11 +6,12 @@
 #   carry: .whl (diffusers wheel; .whl/torchao-gpu for torchao rows)
 #   run:   bash scripts/gpu/issue7_x2.sh    (env: TOTAL_S (540), TUNE_TASKS, TUNE_S (170), BENCH0, BENCH1, TESTS_K,
 #          ROW_TIMEOUT_S (240: every bench row in its own process, killed after that; 0: one process per GPU))
-#   suggested first call of the next session (nvidia-h200-x2; the 4-D TMA kernel's GPU tests, tuning with all three
-#   conv kernels, FP8 attention, torchao and the other variants):
+#   suggested first call of the next session (nvidia-h200-x2). GPU 0: the new GPU tests (4-D TMA, FP8 attention,
+#   per-token FP8), tuning with all three conv kernels, dq-fp8 with that table. GPU 1: the shipped table's dq-fp8 next
+#   to dq-fp8-fp8attn (the attention's effect alone), then torchao and int8 as far as time goes:
 #     TOTAL_S=560 TESTS_K="test_gpu_tma_path or fp8_attention or per_token" TEST_S=120 TUNE_TASKS=sd15-unet:8:dq-fp8 TUNE_S=150 \
-#     BENCH0=sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8,sd15-unet:8:dq-fp8-fp8attn \
-#     BENCH1=sd15-unet:8:bf16-compile,sd15-unet:8:torchao-int8dyn,sd15-unet:8:dq-int8,sd15-unet:8:torchao-fp8,sd15-unet:8:dq-w4a8 \
+#     BENCH0=sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8 \
+#     BENCH1=sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8,sd15-unet:8:dq-fp8-fp8attn,sd15-unet:8:torchao-int8dyn,sd15-unet:8:dq-int8 \
 #     bash scripts/gpu/issue7_x2.sh
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
