@@ -773,6 +773,8 @@ def test_convert_fp8_dynamic_per_tensor_and_per_token():
             assert torch.isfinite(call_model(cm, x, t, c)).all()
     with pytest.raises(ValueError, match="fp8_dynamic"):
         convert(q, "fp8", fp8_dynamic="channel")
+    with pytest.raises(ValueError, match="backend 'fp8' only"):
+        convert(q, "int8", fp8_dynamic="token")
 
     # one Linear, by hand: per-row amax / 448, e4m3 values, float matmul with the e4m3 weight, x row scale x w_scale
     lin = next(m for m in cm.modules() if isinstance(m, LowBitLayer) and m.kind == "linear")

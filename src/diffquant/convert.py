@@ -237,6 +237,8 @@ def convert(
         raise ValueError(f"attention={attention!r}; allowed: 'simulate', 'float', 'fp8'")
     if fp8_dynamic not in (False, True, "tensor", "token"):
         raise ValueError(f"fp8_dynamic={fp8_dynamic!r}; allowed: False, True / 'tensor', 'token'")
+    if fp8_dynamic and backend != "fp8":
+        raise ValueError(f"fp8_dynamic={fp8_dynamic!r} applies to backend 'fp8' only; got backend={backend!r}")
     if isinstance(model, (str, Path)):
         from diffquant.io import load_quantized
 
