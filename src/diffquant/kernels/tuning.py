@@ -258,7 +258,7 @@ def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=No
             rows.append({"key": key, "skipped": "budget"})
             continue
         x, w = args[0], args[1]
-        w4, out_dtype = args[12], args[13]
+        w4 = args[12]
         stride, padding, dilation = args[9], args[10], args[11]
         a_bytes = x.element_size()
         ck = w.shape[3]
