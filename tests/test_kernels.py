@@ -872,3 +872,33 @@ def test_tune_kernels_cli_checks_and_shows_rows(tmp_path):
     rows = Path(__file__).resolve().parents[1] / "benchmarks/results/qconv_tune_rows_tma.json"
     r = CliRunner().invoke(cli, ["tune-kernels", "--show-rows", str(rows)])
     assert r.exit_code == 0 and "fp8:8x1280x32x32:o1280:k3x3" in r.output and "tma" in r.output
+
+
+def test_tuning_tables_merge(tmp_path):
+    """A newer table of the same GPU replaces and adds entries, drops the shapes it timed without listing, keeps the
+    rest and both provenances; tables of different GPUs do not merge; the CLI does it without a GPU."""
+    from click.testing import CliRunner
+
+    from diffquant.cli import cli
+    from diffquant.kernels import tuning
+
+    c1 = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 4}
+    c2 = {**c1, "num_warps": 4, "path": "tma"}
+    base = {"format": tuning.FORMAT, "device": "GPU-A", "command": "old", "date": "2026-11-01",
+            "configs": {"a": c1, "b": c1, "keep": c1}}
+    new = {"format": tuning.FORMAT, "device": "GPU-A", "command": "new", "date": "2026-11-28",
+           "configs": {"a": c2, "c": c2}, "tuned_keys": ["a", "b", "c"]}
+    m = tuning.merge_tables(base, new)
+    assert m["configs"] == {"a": c2, "c": c2, "keep": c1}  # b: timed again, the heuristic won: no entry
+    assert [p["command"] for p in m["merged_from"]] == ["old", "new"] and m["date"] == "2026-11-28"
+    assert "tuned_keys" not in m
+    with pytest.raises(ValueError, match="different GPU models"):
+        tuning.merge_tables(base, {**new, "device": "GPU-B"})
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    r = CliRunner().invoke(cli, ["tune-kernels", "--merge-from", str(tmp_path / "new.json"),
+                                 "--merge-into", str(tmp_path / "base.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "base.json").read_text())["configs"] == m["configs"]
+    r = CliRunner().invoke(cli, ["tune-kernels", "--merge-from", str(tmp_path / "new.json")])
+    assert r.exit_code != 0 and "--merge-into" in r.output

@@ -18,7 +18,11 @@ from diffquant.commands._common import fail
 @click.option("--no-tma", is_flag=True, help="time the gather kernel's candidates only")
 @click.option("--skip-paths", default="", help="comma list of TMA kernels not to try (tma, tma4d)")
 @click.option("--show-rows", default=None, help="print the summary of a rows file and exit (no GPU needed)")
-def command(tasks, out_path, rows_path, budget_s, reps, no_tma, skip_paths, show_rows):
+@click.option("--merge-into", default=None,
+              help="afterwards, merge the new table into this one (same GPU model; written in place)")
+@click.option("--merge-from", default=None,
+              help="with --merge-into: merge this existing table instead of tuning (no GPU needed)")
+def command(tasks, out_path, rows_path, budget_s, reps, no_tma, skip_paths, show_rows, merge_into, merge_from):
     """Time the conv kernels' candidate configs on every layer shape of the given models and write the fastest per
     shape; the kernels then use the table on the same GPU model."""
     from diffquant.kernels.tune_models import format_rows, parse_tasks, tune_models
@@ -28,6 +32,11 @@ def command(tasks, out_path, rows_path, budget_s, reps, no_tma, skip_paths, show
             click.echo("\n".join(format_rows(show_rows)))
         except (OSError, ValueError, KeyError) as e:
             fail(f"cannot read tune rows from {show_rows}: {e}")
+        return
+    if merge_from and not merge_into:
+        fail("--merge-from needs --merge-into (the table to merge it into)")
+    if merge_from:
+        _merge(merge_from, merge_into)
         return
     skip = [p for p in skip_paths.split(",") if p]
     bad = [p for p in skip if p not in ("tma", "tma4d")]
@@ -39,3 +48,19 @@ def command(tasks, out_path, rows_path, budget_s, reps, no_tma, skip_paths, show
                     progress=lambda s: click.echo(s, err=True))
     except (ValueError, RuntimeError) as e:
         fail(str(e))
+    if merge_into:
+        _merge(out_path, merge_into)
+
+
+def _merge(new_path: str, base_path: str) -> None:
+    import json
+
+    from diffquant.kernels.tuning import load_table, merge_tables
+
+    try:
+        merged = merge_tables(load_table(base_path), load_table(new_path))
+    except (OSError, ValueError) as e:
+        fail(f"cannot merge {new_path} into {base_path}: {e}")
+    with open(base_path, "w") as f:
+        json.dump(merged, f, indent=1)
+    click.echo(f"{base_path}: {len(merged['configs'])} shapes after merging {new_path}", err=True)

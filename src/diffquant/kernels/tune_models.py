@@ -57,8 +57,9 @@ def tune_models(tasks: str, out: str, rows_path: Optional[str] = None, budget_s:
         return tma_paths(a[0], a[1], a[5], a[9], a[10], a[11], a[12], a[8], kw.get("pad_corr")) - skip
 
     def write(configs: dict, rows: list) -> None:
+        timed = sorted({r["key"] for r in rows if "best_ms" in r})  # listed or not: the shapes this run measured
         with open(out, "w") as f:
-            json.dump(dict(table, configs={**table["configs"], **configs}), f, indent=1)
+            json.dump(dict(table, configs={**table["configs"], **configs}, tuned_keys=timed), f, indent=1)
         if rows_path:
             with open(rows_path, "w") as f:
                 json.dump(rows, f, indent=1)

@@ -126,6 +126,23 @@ def validate_table(table: Any, where: str = "tuned table") -> dict:
     return table
 
 
+def merge_tables(base: dict, new: dict) -> dict:
+    """``base`` updated by a newer table of the same GPU model: ``new``'s configs replace or add entries, and the shapes
+    ``new`` timed without listing them (``tuned_keys``: the heuristic was within 3 % there) lose their old entries.
+    The provenance (command, date, Triton) of both is kept in ``merged_from``."""
+    validate_table(base, "base table")
+    validate_table(new, "new table")
+    if base["device"] != new["device"]:
+        raise ValueError(f"tables of different GPU models: {base['device']!r} vs {new['device']!r}")
+    configs = {k: v for k, v in base["configs"].items() if k not in set(new.get("tuned_keys", ()))}
+    configs.update(new["configs"])
+    prov = [{k: t.get(k) for k in ("command", "date", "triton", "torch")} for t in (base, new)]
+    merged = {k: v for k, v in base.items() if k not in ("configs", "tuned_keys", "merged_from")}
+    merged.update(date=new.get("date", base.get("date")), triton=new.get("triton", base.get("triton")),
+                  merged_from=base.get("merged_from", prov[:1]) + prov[1:], configs=dict(sorted(configs.items())))
+    return validate_table(merged, "merged table")
+
+
 def load_table(path: Union[str, Path]) -> dict:
     p = Path(path)
     if not p.is_file():
