@@ -756,7 +756,7 @@ def test_convert_fp8_dynamic_per_tensor_and_per_token():
     convs one scale per token (GEMM row) and the other convs one per call. Each converted layer computes exactly
     that quantization (checked against a from-scratch computation), and per-token tracks a float layer better when
     a few tokens carry outliers."""
-    from diffquant.kernels.reference import FP8_MAX
+    from diffquant.quant.affine import FP8_E4M3_MAX as FP8_MAX
 
     model, q, (x, t, c) = _calibrated("fp8")
     for mode, want_1x1 in ((True, "fp8_dynamic"), ("tensor", "fp8_dynamic"), ("token", "fp8_token")):

@@ -170,15 +170,21 @@ def _sharded(model, sampler, steps, spacing, eta, num, seed, batch_size, device,
                    f"{len(run.reused)} reused; {run.world_size} process(es)) in {secs:.1f}s ({rate}) -> {out_path}")
 
 
-def _barrier() -> None:
+def _multi_rank() -> bool:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    return dist.is_available() and dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _barrier() -> None:
+    if _multi_rank():
+        import torch.distributed as dist
+
         dist.barrier()
 
 
 def _destroy_dist() -> None:
-    import torch.distributed as dist
+    if _multi_rank():
+        import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.destroy_process_group()

@@ -25,7 +25,7 @@ from diffquant.commands._common import fail
 def command(tasks, out_path, rows_path, budget_s, reps, no_tma, skip_paths, show_rows, merge_into, merge_from):
     """Time the conv kernels' candidate configs on every layer shape of the given models and write the fastest per
     shape; the kernels then use the table on the same GPU model."""
-    from diffquant.kernels.tune_models import format_rows, parse_tasks, tune_models
+    from diffquant.kernels.tune_models import format_rows, tune_models
 
     if show_rows:
         try:
@@ -38,12 +38,14 @@ def command(tasks, out_path, rows_path, budget_s, reps, no_tma, skip_paths, show
     if merge_from:
         _merge(merge_from, merge_into)
         return
+    from diffquant.kernels.tuning import PATHS
+
+    tma_paths = [p for p in PATHS if p != "gather"]
     skip = [p for p in skip_paths.split(",") if p]
-    bad = [p for p in skip if p not in ("tma", "tma4d")]
+    bad = [p for p in skip if p not in tma_paths]
     if bad:
-        fail(f"--skip-paths {','.join(bad)}: allowed: tma, tma4d")
+        fail(f"--skip-paths {','.join(bad)}: allowed: {', '.join(tma_paths)}")
     try:
-        parse_tasks(tasks)
         tune_models(tasks, out_path, rows_path, budget_s, reps, tma=not no_tma, skip_paths=skip,
                     progress=lambda s: click.echo(s, err=True))
     except (ValueError, RuntimeError) as e:

@@ -236,7 +236,6 @@ def run_tasks(tasks: list[Task], budget_s: float = 1e9, reps: int = 30, out_path
     # tasks run in the given order (the caller puts the important rows first); the fp32 base of each
     # model is built once and kept (the SD-1.5-sized UNet is 3.4 GB in fp32)
     bases: dict = {}
-    compiled_refs: dict = {}
     for tk in tasks:
         if time.time() - t0 > budget_s:
             result["skipped"].append(vars(tk) | {"why": "budget"})
@@ -249,7 +248,6 @@ def run_tasks(tasks: list[Task], budget_s: float = 1e9, reps: int = 30, out_path
             base = build_model(model_name).to(dev)
             bases[model_name] = (base, sum(p.numel() for p in base.parameters()), inputs_for(base, 1, dev, torch.float32))
         base, n_params, calib = bases[model_name]
-        compiled_ref = compiled_refs.setdefault(model_name, {})
         ts = time.time()
         row = {"model": model_name, "params_M": round(n_params / 1e6, 1), "batch": tk.batch, "variant": tk.variant}
         try:
@@ -275,10 +273,6 @@ def run_tasks(tasks: list[Task], budget_s: float = 1e9, reps: int = 30, out_path
             ms, graphed = time_call(lambda: call_model(fn_model, x, t, c), reps=reps)
             row.update(ms=round(ms, 4), compiled=do_compile, cuda_graph=graphed,
                        act_peak_mb=round((torch.cuda.max_memory_allocated() - before) / 2**20, 1))
-            if tk.variant == "bf16-compile":
-                compiled_ref[tk.batch] = ms
-            if tk.batch in compiled_ref:
-                row["speedup_vs_bf16_compiled"] = round(compiled_ref[tk.batch] / ms, 3)
             if profile:
                 try:
                     result["kernel_breakdown"].append(
@@ -300,16 +294,12 @@ def run_tasks(tasks: list[Task], budget_s: float = 1e9, reps: int = 30, out_path
         row["device"] = result["device"]
         row["task_s"] = round(time.time() - ts, 1)
         result["rows"].append(row)
+        _speedups(result["rows"])
         progress(json.dumps(row))
         save()
         gc.collect()
         torch.cuda.empty_cache()
         torch._dynamo.reset()
-    # speedups for rows timed before their bf16-compile reference
-    for row in result["rows"]:
-        ref = compiled_refs.get(row["model"], {})
-        if "ms" in row and row["batch"] in ref:
-            row["speedup_vs_bf16_compiled"] = round(ref[row["batch"]] / row["ms"], 3)
     bases.clear()
     gc.collect()
     torch.cuda.empty_cache()

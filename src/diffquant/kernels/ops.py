@@ -88,6 +88,12 @@ def qconv_ref(*args) -> torch.Tensor:
     return qconv_reference(*args)
 
 
+def _check_attention_shapes(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"{op} needs q [B, H, Sq, D] and k, v [B, H, Sk, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+
+
 ATTN_BLOCK_N = 64  # keys per online-softmax block: part of the FP8 attention's result (P is rounded per block)
 
 
@@ -98,9 +104,7 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: f
     ``diffquant::fp8_attention_fp8``. q [B, H, Sq, D], k/v [B, H, Sk, D] -> [B, H, Sq, D] in q's dtype (e4m3 divided
     by ``out_scale`` when given: the next layer's input quantization); equal to
     :func:`.reference.fp8_attention_reference` up to accumulation order."""
-    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"fp8_attention needs q [B, H, Sq, D] and k, v [B, H, Sk, D]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    _check_attention_shapes("fp8_attention", q, k, v)
     out_dtype = q.dtype if out_scale is None else torch.float8_e4m3fn
     return fp8_attention_fp8(*fp8_attention_quantize(q, k, v), float(sm_scale), out_dtype, out_scale)
 
@@ -114,9 +118,7 @@ def fp8_attention_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, s_q:
     :mod:`.triton_attention`), the reference elsewhere."""
     if q8.dtype != torch.float8_e4m3fn or k8.dtype != q8.dtype or v8.dtype != q8.dtype:
         raise ValueError(f"fp8_attention_fp8 needs float8_e4m3fn q8, k8, v8; got {q8.dtype}, {k8.dtype}, {v8.dtype}")
-    if q8.dim() != 4 or k8.shape != v8.shape or q8.shape[:2] != k8.shape[:2] or q8.shape[3] != k8.shape[3]:
-        raise ValueError(f"fp8_attention_fp8 needs q8 [B, H, Sq, D] and k8, v8 [B, H, Sk, D]; got {tuple(q8.shape)}, "
-                         f"{tuple(k8.shape)}, {tuple(v8.shape)}")
+    _check_attention_shapes("fp8_attention_fp8", q8, k8, v8)
     if (out_scale is not None) != (out_dtype == torch.float8_e4m3fn):
         raise ValueError(f"an e4m3 output needs out_scale and out_scale needs out_dtype float8_e4m3fn; got {out_dtype}, "
                          f"out_scale {'set' if out_scale is not None else 'None'}")

@@ -32,6 +32,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from diffquant.quant.affine import FP8_E4M3_MAX
+
 W4_OFFSET = 8
 
 
@@ -135,37 +137,37 @@ def quantize_act_int8(x: torch.Tensor, inv_scale: torch.Tensor, zero_point: torc
 
 
 def quantize_act_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    from diffquant.quant.affine import FP8_E4M3_MAX
-
     return torch.clamp(x.float() / scale, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
 
 
-def fp8_token_scales(x2: torch.Tensor) -> torch.Tensor:
-    """Per-token FP8 scales of a 2-D activation [tokens, channels]: each row's absolute maximum / 448, fp32 [tokens, 1]
-    (no host sync)."""
-    from diffquant.quant.affine import FP8_E4M3_MAX
+def fp8_amax_scale(x: torch.Tensor, dim=None, keepdim: bool = False) -> torch.Tensor:
+    """FP8 e4m3 scale(s) of ``x``: absolute maximum (over ``dim``; all of it when None) / 448, fp32, never 0 (no host
+    sync)."""
+    a = x.detach().abs()
+    a = a.amax() if dim is None else a.amax(dim=dim, keepdim=keepdim)
+    return (a.float() / FP8_E4M3_MAX).clamp_min(1e-12)
 
-    return (x2.detach().abs().amax(dim=1, keepdim=True).float() / FP8_E4M3_MAX).clamp_min(1e-12)
+
+def fp8_token_scales(x2: torch.Tensor) -> torch.Tensor:
+    """Per-token FP8 scales of a 2-D activation [tokens, channels]: fp32 [tokens, 1]."""
+    return fp8_amax_scale(x2, dim=1, keepdim=True)
 
 
 def fp8_dynamic_scale(x: torch.Tensor) -> torch.Tensor:
-    """Per-tensor FP8 scale of ``x`` on the device (no host sync)."""
-    from diffquant.quant.affine import FP8_E4M3_MAX
-
-    return (x.detach().abs().amax().float() / FP8_E4M3_MAX).clamp_min(1e-12).reshape(1)
+    """Per-tensor FP8 scale of ``x``: fp32 [1]."""
+    return fp8_amax_scale(x).reshape(1)
 
 
-# ---- FP8 attention (diffquant::fp8_attention) ---------------------------------------------------------------
-FP8_MAX = 448.0
+# ---- FP8 attention (diffquant::fp8_attention_fp8) ----------------------------------------------------------
 
 
 def fp8_attention_scales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One e4m3 scale per (batch, head) for each of Q, K, V: absolute maximum / 448, as fp32 [B*H]."""
-    return tuple((t.detach().abs().amax(dim=(2, 3)).float() / FP8_MAX).clamp_min(1e-12).reshape(-1) for t in (q, k, v))
+    return tuple(fp8_amax_scale(t, dim=(2, 3)).reshape(-1) for t in (q, k, v))
 
 
 def _to_e4m3(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    return x.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
 
 
 def attention_out_like(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -182,9 +184,7 @@ def fp8_attention_quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     [B*H] (absolute maximum / 448 unless ``scales`` are given)."""
     bsz, heads = q.shape[:2]
     sc = scales or fp8_attention_scales(q, k, v)
-    q8, k8, v8 = ((t.float() / s.view(bsz, heads, 1, 1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-                  for t, s in zip((q, k, v), sc))
-    return (q8, k8, v8, *sc)
+    return (*(quantize_act_fp8(t, s.view(bsz, heads, 1, 1)) for t, s in zip((q, k, v), sc)), *sc)
 
 
 def fp8_attention_fp8_reference(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, s_q: torch.Tensor,

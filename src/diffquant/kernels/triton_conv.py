@@ -215,7 +215,7 @@ def tma_paths(x, w, wzp, stride, padding, dilation, w4: bool, a_zp: int, pad_cor
     if triton_conv_tma.tma_unsupported(x, w, wzp, stride, dilation, w4) is not None:
         return frozenset()
     ok = {"tma"}
-    if triton_conv_tma.tma4d_unsupported(x, w, wzp, stride, dilation, w4, a_zp, padding, pad_corr) is None:
+    if triton_conv_tma.tma4d_extra_unsupported(x, a_zp, padding, pad_corr) is None:
         ok.add("tma4d")
     return frozenset(ok)
 

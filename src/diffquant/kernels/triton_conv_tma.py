@@ -223,8 +223,11 @@ def tma4d_unsupported(x: torch.Tensor, w: torch.Tensor, wzp, stride: Sequence[in
                       w4: bool, a_zp: int, padding: Sequence[int], pad_corr) -> Optional[str]:
     """Why this call cannot take the 4-D TMA path (None: it can)."""
     why = tma_unsupported(x, w, wzp, stride, dilation, w4)
-    if why is not None:
-        return why
+    return why if why is not None else tma4d_extra_unsupported(x, a_zp, padding, pad_corr)
+
+
+def tma4d_extra_unsupported(x: torch.Tensor, a_zp: int, padding: Sequence[int], pad_corr) -> Optional[str]:
+    """What the 4-D TMA path needs beyond :func:`tma_unsupported` (None: nothing is missing)."""
     if x.stride(1) != 1:
         return "input not channels-last"
     if any((s * x.element_size()) % 16 for s in (x.stride(0), x.stride(2), x.stride(3))) or x.data_ptr() % 16:

@@ -2,7 +2,7 @@
 
 The kernel's default block shapes come from a fixed heuristic (:func:`.triton_conv.pick_config`).
 A *tuned table* replaces the heuristic for the exact layer shapes it lists: it is measured once per
-GPU model by :func:`tune_calls` (``benchmarks/tune_qconv.py`` runs it on whole models) and read from
+GPU model by :func:`tune_calls` (``diffquant tune-kernels`` runs it on whole models) and read from
 
 - :func:`use_table` (a path or a dict), else
 - the JSON file named by the environment variable ``DIFFQUANT_QCONV_TUNED`` (``off``: no table at all), else
