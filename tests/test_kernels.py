@@ -653,11 +653,20 @@ def test_convert_attention_fp8_installs_processor_and_runs():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("shape", [(2, 8, 4096, 40, 4096), (2, 8, 1024, 80, 77), (1, 8, 64, 160, 64), (3, 2, 50, 64, 37)])
-def test_gpu_fp8_attention_kernel_matches_reference(shape):
-    from diffquant.kernels import fp8_attention
+@pytest.mark.parametrize("shape", [(2, 8, 4096, 40, 4096), (2, 8, 1024, 80, 77), (1, 8, 64, 160, 64),
+                                   (2, 8, 256, 160, 256), (3, 2, 50, 64, 37)])
+def test_gpu_fp8_attention_kernel_matches_reference(shape, monkeypatch):
+    from diffquant.kernels import fp8_attention, reference
     from diffquant.kernels.reference import fp8_attention_reference
 
+    real_out_like = reference.attention_out_like
+
+    def poisoned(q, dtype):  # NaN in every element (0x7F in e4m3): an element the kernel does not write fails
+        out = real_out_like(q, dtype)
+        out.view(torch.uint8).fill_(0x7F) if dtype == torch.float8_e4m3fn else out.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(reference, "attention_out_like", poisoned)
     b, h, sq, d, sk = shape
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(b, h, sq, d, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -666,9 +675,8 @@ def test_gpu_fp8_attention_kernel_matches_reference(shape):
     want = fp8_attention_reference(q, k, v, d ** -0.5).float()
     assert torch.isfinite(got).all()
     assert float((got - want).norm() / want.norm()) < 2e-2
-    # e4m3 output with a consumer's static input scale (poisoned buffer: every element written)
+    # e4m3 output with a consumer's static input scale
     o_scale = (want.abs().amax() / 200).reshape(1)
-    torch.full((b * h * sq * d * 2,), float("nan"), device="cuda")
     got8 = fp8_attention(q, k, v, d ** -0.5, out_scale=o_scale)
     assert got8.dtype == torch.float8_e4m3fn and torch.isfinite(got8.float()).all()
     assert float((got8.float() * o_scale - want).norm() / want.norm()) < 4e-2
@@ -821,7 +829,13 @@ def test_convert_fp8_dynamic_per_tensor_and_per_token():
 @gpu
 def test_gpu_fp8_per_token_layers_match_the_cpu_path():
     """fp8_dynamic='token' on the GPU (torch._scaled_mm with row-wise activation scales for Linear / 1x1 convs)
-    against the same converted model on the CPU (reference op, rows scaled after it)."""
+    against the same converted model on the CPU (reference op, rows scaled after it).
+
+    Layer by layer, on the inputs each layer sees in the CPU model: only the accumulation order and the GPU GEMM's
+    bf16 output differ, so they agree to bf16 precision. End to end, FP8 rounding amplifies those differences (a
+    value near a rounding edge lands on the other side: 0.114 relative on the H200, 2026-11-28; on the CPU, scaling
+    this model's input by 1 + 1e-3 moves its output by 8.4 % per token, 9.9 % static), so the model is held to a
+    bound of that size."""
     from diffquant.kernels.modules import scaled_mm_works
 
     if not scaled_mm_works(torch.device("cuda")):
@@ -829,11 +843,30 @@ def test_gpu_fp8_per_token_layers_match_the_cpu_path():
     model, q, (x, t, c) = _calibrated("fp8")
     cm_cpu = convert(q, "fp8", fp8_dynamic="token")
     cm_gpu = convert(q, "fp8", fp8_dynamic="token", device="cuda")
-    assert any(m.fp8_gemm == "scaled_mm" and m.act == "fp8_token" for m in cm_gpu.modules() if isinstance(m, LowBitLayer))
+    gpu_layers = dict(cm_gpu.named_modules())
+    token = [n for n, m in cm_gpu.named_modules()
+             if isinstance(m, LowBitLayer) and m.fp8_gemm == "scaled_mm" and m.act == "fp8_token"]
+    assert token
+    seen = {}
+
+    def keep(name):
+        def hook(mod, args, out):  # first call's input and output (returns None: the output is not replaced)
+            seen.setdefault(name, (args[0].clone(), out.clone()))
+        return hook
+
+    hooks = [dict(cm_cpu.named_modules())[n].register_forward_hook(keep(n)) for n in token]
     with torch.no_grad():
         ref = call_model(cm_cpu, x, t, c)
+        for h in hooks:
+            h.remove()
+        assert set(seen) == set(token)
+        for n, (inp, want) in seen.items():
+            got = gpu_layers[n](inp.cuda()).cpu()
+            assert got.shape == want.shape
+            assert float((got - want).norm() / want.norm()) < 1e-2, n
         out = call_model(cm_gpu, x.cuda(), t.cuda(), {k: v.cuda() for k, v in c.items()}).cpu()
-    assert float((out - ref).norm() / ref.norm()) < 2e-2
+    rel = float((out - ref).norm() / ref.norm())
+    assert math.isfinite(rel) and rel < 0.15, rel
 
 
 def test_converted_fp8_model_compiles_on_cpu_with_fp8_attention_and_per_token_scales():

@@ -13,6 +13,7 @@ import copy
 import gc
 import json
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -462,11 +463,14 @@ def _kernel_class(name: str) -> str:
 
 
 @torch.no_grad()
-def kernel_breakdown(fn: Callable[[], Any], calls: int = 2, top: int = 12) -> dict:
+def kernel_breakdown(fn: Callable[[], Any], calls: int = 2, top: Optional[int] = None) -> dict:
     """GPU time per kernel class over ``calls`` calls of ``fn`` (torch.profiler, no CUDA graph):
     ``{"kernel_ms": {class: ms per call}, "top_kernels": [[name, ms per call, count per call], ...]}``.
-    Classes by kernel name (_KERNEL_CLASSES); the sum is GPU busy time, not latency."""
+    Classes by kernel name (_KERNEL_CLASSES); the sum is GPU busy time, not latency. ``top`` kernels are listed
+    (default ``DIFFQUANT_PROFILE_TOP`` or 12; the environment reaches the per-row processes too)."""
     from torch.profiler import ProfilerActivity, profile
+
+    top = top if top is not None else int(os.environ.get("DIFFQUANT_PROFILE_TOP", "12"))
 
     fn()
     torch.cuda.synchronize()

@@ -94,7 +94,8 @@ def pick_attn_config(sq: int, block_d: int) -> dict:
     if env:
         bm, nw, ns = (int(v) for v in env.split(","))
         return dict(BLOCK_M=bm, num_warps=nw, num_stages=ns)
-    bm = 128 if sq >= 128 else 64
+    # a 128 x 256 fp32 accumulator (head dim 160 padded to 256) spills registers: 64 query rows there
+    bm = 128 if sq >= 128 and block_d <= 128 else 64
     return dict(BLOCK_M=bm, num_warps=8 if bm * block_d >= 128 * 128 else 4, num_stages=3 if block_d <= 128 else 2)
 
 
