@@ -267,13 +267,23 @@ def run_tasks(tasks: list[Task], budget_s: float = 1e9, reps: int = 30, out_path
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
             tc = time.time()
+            graphs0 = _dynamo_graphs()
             with torch.no_grad():
                 call_model(fn_model, x, t, c)
             torch.cuda.synchronize()
             row["first_call_s"] = round(time.time() - tc, 1)
+            graphs1 = _dynamo_graphs()
             ms, graphed = time_call(lambda: call_model(fn_model, x, t, c), reps=reps)
             row.update(ms=round(ms, 4), compiled=do_compile, cuda_graph=graphed,
                        act_peak_mb=round((torch.cuda.max_memory_allocated() - before) / 2**20, 1))
+            if do_compile:
+                # graphs Dynamo captured (more than one: graph breaks); any captured while timing are recompiles,
+                # and past the recompile limit the model runs eager: the row says so instead of passing as compiled
+                row["dynamo_graphs"] = graphs1 - graphs0
+                if _dynamo_graphs() > graphs1:
+                    row["recompiled_while_timed"] = _dynamo_graphs() - graphs1
+                    result["notes"].append(f"{model_name} b{tk.batch} {tk.variant}: recompiled "
+                                           f"{row['recompiled_while_timed']} times while timed (may have run eager)")
             if profile:
                 try:
                     result["kernel_breakdown"].append(
@@ -460,6 +470,13 @@ def _kernel_class(name: str) -> str:
         if any(k in low for k in keys):
             return cls
     return "other"
+
+
+def _dynamo_graphs() -> int:
+    """Graphs torch.compile (Dynamo) has captured in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 @torch.no_grad()
