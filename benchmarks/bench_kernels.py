@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from diffquant.kernels.bench import Task, run_tasks, run_tasks_isolated
+from diffquant.kernels.bench import Task, run_tasks, run_tasks_isolated, visible_gpus
 
 
 def default_tasks(compile: bool = True) -> list[Task]:
@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/kernels.json")
     ap.add_argument("--row-timeout-s", type=float, default=0,
                     help="run every row in its own process, killed after this many seconds (0: all rows in this process)")
+    ap.add_argument("--gpus", default="", help="run rows in parallel, one per GPU: 'all', a count N or indices '0,2' "
+                    "(each row in its own process)")
     a = ap.parse_args()
     tasks = default_tasks()
     if a.only:
@@ -48,9 +50,10 @@ def main() -> None:
         for spec in filter(None, (v.strip() for v in a.only.split(","))):
             m, b, v = spec.rsplit(":", 2)
             tasks.append(Task(m, int(b), v))
-    if a.row_timeout_s > 0:
-        res = run_tasks_isolated(tasks, a.row_timeout_s, budget_s=a.budget_s, reps=a.reps, out_path=a.out,
-                                 layer_types=not a.no_layer_types, profile=not a.no_profile)
+    if a.row_timeout_s > 0 or a.gpus:
+        res = run_tasks_isolated(tasks, a.row_timeout_s or None, budget_s=a.budget_s, reps=a.reps, out_path=a.out,
+                                 layer_types=not a.no_layer_types, profile=not a.no_profile,
+                                 gpus=visible_gpus(a.gpus) if a.gpus else None)
     else:
         res = run_tasks(tasks, budget_s=a.budget_s, reps=a.reps, out_path=a.out, layer_types=not a.no_layer_types,
                         profile=not a.no_profile)

@@ -9,6 +9,7 @@ torch._scaled_mm, a converted UNet in bf16 against the fake-quant model.
 import copy
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -727,7 +728,7 @@ def test_bench_isolated_rows_survive_a_stalled_row(tmp_path):
 
     from diffquant.kernels.bench import Task, run_tasks_isolated
 
-    def spawn(tk, timeout_s, reps, layer_types, profile, work):
+    def spawn(tk, timeout_s, reps, layer_types, profile, work, **kw):
         if tk.variant == "torchao-fp8":
             raise subprocess.TimeoutExpired("row", timeout_s)
         if tk.variant == "dq-int8":
@@ -746,6 +747,50 @@ def test_bench_isolated_rows_survive_a_stalled_row(tmp_path):
     assert json.loads(out.read_text())["rows"] == res["rows"]
     res = run_tasks_isolated(tasks, 5.0, budget_s=0, spawn=spawn, progress=lambda s: None)
     assert res["rows"] == [] and len(res["skipped"]) == 4
+
+
+def test_bench_rows_in_parallel_one_per_gpu(tmp_path):
+    """run_tasks_isolated(gpus=[...]): as many rows at once as GPUs, never two on one GPU, each row tagged with its GPU;
+    rows merged in task order whatever order they finish in; speedups across GPUs from the bf16-compile row."""
+    import threading
+
+    from diffquant.kernels.bench import Task, run_tasks_isolated
+
+    busy, lock, peak = set(), threading.Lock(), [0]
+
+    def spawn(tk, timeout_s, reps, layer_types, profile, work, gpu=None):
+        with lock:
+            assert gpu not in busy, f"two rows on GPU {gpu}"
+            busy.add(gpu)
+            peak[0] = max(peak[0], len(busy))
+        time.sleep(0.3 if tk.batch == 8 else 0.05)  # the first rows finish last
+        with lock:
+            busy.discard(gpu)
+        if tk.variant == "dq-int8":
+            raise RuntimeError("row process exited with 1: boom")
+        return {"rows": [{"model": tk.model, "batch": tk.batch, "variant": tk.variant,
+                          "ms": {"bf16-compile": 10.0, "dq-fp8": 8.0}[tk.variant]}]}
+
+    tasks = [Task("sd15-unet", 8, "bf16-compile"), Task("sd15-unet", 8, "dq-fp8")]
+    tasks += [Task("ddpm-cifar10-32", 256, v) for v in ("bf16-compile", "dq-fp8", "dq-int8")]
+    out = tmp_path / "k.json"
+    res = run_tasks_isolated(tasks, 5.0, out_path=str(out), spawn=spawn, progress=lambda s: None, gpus=[0, 1, 3])
+    assert peak[0] == 3
+    assert [(r["model"], r["variant"]) for r in res["rows"]] == [(t.model, t.variant) for t in tasks]
+    assert {r["gpu"] for r in res["rows"]} <= {0, 1, 3} and len({r["gpu"] for r in res["rows"]}) >= 2
+    assert [r.get("speedup_vs_bf16_compiled") for r in res["rows"]] == [1.0, 1.25, 1.0, 1.25, None]
+    assert "boom" in res["rows"][-1]["error"] and res["gpus"] == [0, 1, 3]
+    assert json.loads(out.read_text())["rows"] == res["rows"]
+
+
+def test_bench_gpus_option_parses_and_refuses_what_is_not_there(monkeypatch):
+    from diffquant.kernels.bench import visible_gpus
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert visible_gpus("all") == [0, 1, 2, 3] and visible_gpus("2") == [0, 1] and visible_gpus("1,3") == [1, 3]
+    for bad, msg in (("5", "no GPU"), ("0,4", "no GPU"), ("0", "4 GPU"), ("gpu0", "comma list")):
+        with pytest.raises(ValueError, match=msg):
+            visible_gpus(bad)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the child process's failure path on a machine without a GPU")

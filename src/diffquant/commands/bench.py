@@ -23,16 +23,23 @@ def _csv(s: str) -> list[str]:
 @click.option("--no-layer-types", is_flag=True, help="skip the per-layer-type timing")
 @click.option("--row-timeout-s", default=0.0, type=float,
               help="run every row in its own process, killed after this many seconds (0: one process)")
+@click.option("--gpus", default="", help="run rows in parallel, one per GPU: 'all', a count N, or indices '0,2' "
+              "(each row in its own process, as with --row-timeout-s)")
 @click.option("--out", "out_path", default="benchmarks/results/kernels.json", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def command(models, batches, variants, no_compile, reps, budget_s, no_layer_types, row_timeout_s, out_path, as_json):
+def command(models, batches, variants, no_compile, reps, budget_s, no_layer_types, row_timeout_s, gpus, out_path,
+            as_json):
     """Time bf16 (eager, torch.compile), torchao and diffquant low-bit variants end to end and per layer type."""
     import torch
 
-    from diffquant.kernels.bench import MODELS, VARIANTS, plan, run_tasks, run_tasks_isolated
+    from diffquant.kernels.bench import MODELS, VARIANTS, plan, run_tasks, run_tasks_isolated, visible_gpus
 
     if not torch.cuda.is_available():
         fail("diffquant bench needs a CUDA GPU (the low-bit kernels are GPU kernels); none is visible")
+    try:
+        gpu_ids = visible_gpus(gpus) if gpus else None
+    except ValueError as e:
+        fail(str(e))
     ms = _csv(models)
     vs = _csv(variants)
     for m in ms:
@@ -48,9 +55,10 @@ def command(models, batches, variants, no_compile, reps, budget_s, no_layer_type
             fail(f"--batches names model {name!r}, which is not in --models")
         bmap[name.strip()] = [int(b) for b in _csv(bs)]
     tasks = plan(ms, bmap, vs, compile=not no_compile)
-    if row_timeout_s > 0:
-        res = run_tasks_isolated(tasks, row_timeout_s, budget_s=budget_s, reps=reps, out_path=out_path,
-                                 layer_types=not no_layer_types, progress=lambda s: click.echo(s, err=True))
+    if row_timeout_s > 0 or gpu_ids:
+        res = run_tasks_isolated(tasks, row_timeout_s or None, budget_s=budget_s, reps=reps, out_path=out_path,
+                                 layer_types=not no_layer_types, progress=lambda s: click.echo(s, err=True),
+                                 gpus=gpu_ids)
     else:
         res = run_tasks(tasks, budget_s=budget_s, reps=reps, out_path=out_path, layer_types=not no_layer_types,
                         progress=lambda s: click.echo(s, err=True))

@@ -324,9 +324,10 @@ def _task_spec(tk: Task) -> str:
     return f"{tk.model}:{tk.batch}:{tk.variant}" + ("" if tk.compile else ":eager")
 
 
-def _spawn_task(tk: Task, timeout_s: float, reps: int, layer_types: bool, profile: bool, workdir: str) -> dict:
-    """One task in a child process (``python -m diffquant.kernels.bench``): its result dict, or raises
-    subprocess.TimeoutExpired / RuntimeError."""
+def _spawn_task(tk: Task, timeout_s: Optional[float], reps: int, layer_types: bool, profile: bool, workdir: str,
+                gpu: Optional[int] = None) -> dict:
+    """One task in a child process (``python -m diffquant.kernels.bench``), on GPU ``gpu`` if given
+    (``CUDA_VISIBLE_DEVICES``): its result dict, or raises subprocess.TimeoutExpired / RuntimeError."""
     import os
     import subprocess
     import sys
@@ -335,60 +336,118 @@ def _spawn_task(tk: Task, timeout_s: float, reps: int, layer_types: bool, profil
     cmd = [sys.executable, "-m", "diffquant.kernels.bench", "--one", _task_spec(tk), "--out", out, "--reps", str(reps)]
     cmd += [] if layer_types else ["--no-layer-types"]
     cmd += [] if profile else ["--no-profile"]
-    p = subprocess.run(cmd, timeout=timeout_s, capture_output=True, text=True)
+    env = None if gpu is None else dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+    p = subprocess.run(cmd, timeout=timeout_s, capture_output=True, text=True, env=env)
     if p.returncode != 0 or not os.path.exists(out):
         raise RuntimeError(f"row process exited with {p.returncode}: {(p.stderr or '').strip()[-400:]}")
     with open(out) as f:
         return json.load(f)
 
 
-def run_tasks_isolated(tasks: list[Task], row_timeout_s: float, budget_s: float = 1e9, reps: int = 30,
+def visible_gpus(spec: str) -> list[int]:
+    """``--gpus``: "all" (every visible GPU), a count "N" (the first N) or a comma list of indices "0,2"."""
+    n = torch.cuda.device_count()
+    spec = spec.strip()
+    if spec == "all":
+        ids = list(range(n))
+    elif "," in spec:
+        ids = [int(v) for v in spec.split(",") if v.strip()]
+    elif spec.isdigit():
+        ids = list(range(int(spec)))
+    else:
+        raise ValueError(f"--gpus {spec!r}: 'all', a count, or a comma list of GPU indices")
+    bad = [i for i in ids if not 0 <= i < n]
+    if not ids or bad:
+        raise ValueError(f"--gpus {spec!r}: {n} GPU(s) visible here" + (f"; no GPU {bad}" if bad else ""))
+    return ids
+
+
+def run_tasks_isolated(tasks: list[Task], row_timeout_s: Optional[float], budget_s: float = 1e9, reps: int = 30,
                        out_path: Optional[str] = None, layer_types: bool = True, progress: Callable[[str], None] = print,
-                       profile: bool = True, spawn: Optional[Callable[..., dict]] = None) -> dict:
-    """:func:`run_tasks` with every task in its own process, killed after ``row_timeout_s`` (a compile or kernel
-    that stalls costs one row, not the run: on 2026-11-28 a torchao row held an H200 for 430 s). Rows are merged in
-    task order; speedups use the bf16-compile row of the same model and batch. A task that times out or fails
-    gets a row with ``error``."""
+                       profile: bool = True, spawn: Optional[Callable[..., dict]] = None,
+                       gpus: Optional[list[int]] = None) -> dict:
+    """:func:`run_tasks` with every task in its own process, killed after ``row_timeout_s`` (None: never; a compile
+    or kernel that stalls costs one row, not the run: on 2026-11-28 a torchao row held an H200 for 430 s).
+
+    ``gpus``: run that many rows at once, each on its own GPU of the list (a queue: the next task starts on the
+    first GPU that is free; each row records its ``gpu``). Rows are merged in task order whatever order they finish
+    in; speedups use the bf16-compile row of the same model and batch. A task that times out or fails gets a row
+    with ``error``; a task not started within ``budget_s`` is listed under ``skipped``."""
+    import queue
     import subprocess
     import tempfile
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     spawn = spawn or _spawn_task
     t0 = time.time()
     result: dict = {"device": _device_name(), "torch": torch.__version__, "rows": [], "per_layer_type": [],
                     "kernel_breakdown": [], "skipped": [], "notes": [], "row_timeout_s": row_timeout_s}
+    if gpus:
+        result["gpus"] = list(gpus)
+    done: list = [None] * len(tasks)  # per task: ("row", sub-result dict) | ("skipped", dict)
+    lock = threading.Lock()
+    free: "queue.Queue[Optional[int]]" = queue.Queue()
+    for g in (gpus or [None]):
+        free.put(g)
 
-    def save():
+    def merge() -> None:
+        lists = ("rows", "per_layer_type", "kernel_breakdown", "skipped", "notes")
+        res = {k: ([] if k in lists else v) for k, v in result.items()}
+        for item in done:
+            if item is None:
+                continue
+            kind, sub = item
+            if kind == "skipped":
+                res["skipped"].append(sub)
+                continue
+            for key in lists:
+                res[key] += sub.get(key, [])
+            for key in ("torchao", "device", "torch"):
+                if sub.get(key) is not None:
+                    res[key] = sub[key]
+        _speedups(res["rows"])
+        result.update(res)
         if out_path:
             with open(out_path, "w") as f:
                 json.dump(result, f, indent=1)
 
+    def run_one(i: int, tk: Task, work: str) -> None:
+        gpu = free.get()
+        try:
+            if time.time() - t0 > budget_s:
+                item = ("skipped", vars(tk) | {"why": "budget"})
+            else:
+                ts = time.time()
+                err = None
+                try:
+                    kw = {} if gpu is None else {"gpu": gpu}
+                    sub = spawn(tk, row_timeout_s, reps, layer_types, profile, work, **kw)
+                except subprocess.TimeoutExpired:
+                    err = f"timeout: no result within {row_timeout_s:.0f} s (process killed)"
+                except Exception as e:
+                    err = f"{type(e).__name__}: {e}"[:600]
+                if err is not None:
+                    sub = {"rows": [{"model": tk.model, "batch": tk.batch, "variant": tk.variant, "error": err,
+                                     "device": result["device"], "task_s": round(time.time() - ts, 1)}]}
+                if gpu is not None:
+                    for r in sub.get("rows", []):
+                        r["gpu"] = gpu
+                item = ("row", sub)
+        finally:
+            free.put(gpu)
+        with lock:
+            done[i] = item
+            rows = item[1].get("rows", []) if item[0] == "row" else []
+            progress(json.dumps(rows[-1]) if rows else f"{_task_spec(tk)}: {item[0]}")
+            merge()
+
     with tempfile.TemporaryDirectory() as work:
-        for tk in tasks:
-            left = budget_s - (time.time() - t0)
-            if left <= 0:
-                result["skipped"].append(vars(tk) | {"why": "budget"})
-                continue
-            ts = time.time()
-            try:
-                sub = spawn(tk, row_timeout_s, reps, layer_types, profile, work)
-                for key in ("rows", "per_layer_type", "kernel_breakdown", "skipped", "notes"):
-                    result[key] += sub.get(key, [])
-                for key in ("torchao", "device", "torch"):
-                    if sub.get(key) is not None:
-                        result[key] = sub[key]
-            except subprocess.TimeoutExpired:
-                result["rows"].append({"model": tk.model, "batch": tk.batch, "variant": tk.variant,
-                                       "error": f"timeout: no result within {row_timeout_s:.0f} s (process killed)",
-                                       "device": result["device"], "task_s": round(time.time() - ts, 1)})
-            except Exception as e:
-                result["rows"].append({"model": tk.model, "batch": tk.batch, "variant": tk.variant,
-                                       "error": f"{type(e).__name__}: {e}"[:600], "device": result["device"],
-                                       "task_s": round(time.time() - ts, 1)})
-            progress(json.dumps(result["rows"][-1]) if result["rows"] else f"{_task_spec(tk)}: no row")
-            _speedups(result["rows"])
-            save()
+        with ThreadPoolExecutor(max_workers=len(gpus) if gpus else 1) as pool:
+            for f in [pool.submit(run_one, i, tk, work) for i, tk in enumerate(tasks)]:
+                f.result()
     result["wall_s"] = round(time.time() - t0, 1)
-    save()
+    merge()
     return result
 
 

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Issue 7 bench rows spread over the machine's GPUs (a queue: each GPU runs one row at a time, every row in its own
+# process, killed after ROW_TIMEOUT_S), and optionally conv tuning for more shapes on the last GPU at the same time.
+# Everything to $OUT: kernels.json, bench.log, and with tuning qconv_tuned.json, qconv_tune_rows.json, tune.log.
+#   carry: .whl (diffusers wheel; .whl/torchao-gpu for the torchao rows)
+#   run:   ROWS=model:batch:variant,... bash scripts/gpu/issue7_rows.sh
+#   env:   TOTAL_S (560), ROW_TIMEOUT_S (420), START_S (last row start, default TOTAL_S - 150),
+#          TUNE_TASKS (model:batch:variant,...; empty: no tuning, every GPU benches), TUNE_S (200),
+#          DIFFQUANT_PROFILE_TOP (kernels listed per row's profile, default here 40)
+#   suggested (nvidia-h200-x4): the rows no session has measured yet, the slow torchao rows first
+#     TUNE_TASKS=sd15-unet:1:dq-fp8,ddpm-cifar10-32:64:dq-fp8,ddpm-cifar10-32:1:dq-fp8 \
+#     ROWS=sd15-unet:8:torchao-int8dyn,sd15-unet:8:torchao-fp8,sd15-unet:8:dq-fp8-fp8attn,sd15-unet:8:dq-int8,sd15-unet:8:bf16-compile,sd15-unet:8:dq-w4a16,sd15-unet:8:dq-w4a8,sd15-unet:8:dq-fp8-dyntoken,ddpm-cifar10-32:256:torchao-int8dyn,ddpm-cifar10-32:256:torchao-fp8,ddpm-cifar10-32:256:bf16-compile,ddpm-cifar10-32:256:dq-int8,ddpm-cifar10-32:256:dq-w4a16,ddpm-cifar10-32:256:bf16-eager,sd15-unet:8:bf16-eager \
+#     bash scripts/gpu/issue7_rows.sh
+set -uo pipefail
+source scripts/gpu/_zoo_common.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+TOTAL_S=${TOTAL_S:-560}
+ROW_TIMEOUT_S=${ROW_TIMEOUT_S:-420}
+START_S=${START_S:-$(( TOTAL_S - 150 ))}
+export DIFFQUANT_PROFILE_TOP=${DIFFQUANT_PROFILE_TOP:-40}
+kernel_job_env
+[ -n "${ROWS:-}" ] || { echo "ROWS is empty: nothing to bench"; exit 2; }
+N=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+BENCH_GPUS=$(python3 -c "print(','.join(map(str, range($N))))")
+if [ -n "${TUNE_TASKS:-}" ]; then
+  [ "$N" -ge 2 ] || { echo "tuning next to the bench needs 2 or more GPUs; $N here"; exit 2; }
+  TUNE_GPU=$(( N - 1 )); BENCH_GPUS=$(python3 -c "print(','.join(map(str, range($N - 1))))")
+  say "GPU $TUNE_GPU: tune $TUNE_TASKS"
+  ( CUDA_VISIBLE_DEVICES=$TUNE_GPU timeout $(( ${TUNE_S:-200} + 60 )) python3 benchmarks/tune_qconv.py --tasks "$TUNE_TASKS" \
+      --budget-s ${TUNE_S:-200} --out $OUT/qconv_tuned.json --rows $OUT/qconv_tune_rows.json > $OUT/tune.log 2>&1
+    echo "tune rc=$?" >> $OUT/tune.log ) &
+  TP=$!
+fi
+say "GPUs $BENCH_GPUS: bench $ROWS"
+timeout $(( TOTAL_S - $(elapsed) - 10 )) python3 benchmarks/bench_kernels.py --gpus "$BENCH_GPUS" \
+  --row-timeout-s $ROW_TIMEOUT_S --budget-s $(( START_S - $(elapsed) )) --no-layer-types --only "$ROWS" \
+  --out $OUT/kernels.json > $OUT/bench.log 2>&1; echo "bench rc=$?" >> $OUT/bench.log
+[ -n "${TP:-}" ] && wait $TP
+grep "^{" $OUT/bench.log | cut -c1-300
+grep -A40 "^model " $OUT/bench.log | head -60
+if [ -f $OUT/qconv_tune_rows.json ]; then
+  grep -v "trying" $OUT/tune.log | tail -8
+  python3 benchmarks/tune_qconv.py --print-rows $OUT/qconv_tune_rows.json
+fi
+ls -la $OUT
+say done
