@@ -500,6 +500,36 @@ def test_tuning_record_and_force_contexts_nest():
     assert tuning._RECORD == {"calls": None, "force": None}
 
 
+def test_tuner_bookkeeping_on_cpu_with_a_fake_clock():
+    """tune_calls on the CPU (reference op, a fake timer that reads the forced config): every candidate that ran is
+    in the row's candidates_ms with its time, the best is their minimum, best_ms_by_path holds each kernel's
+    minimum, and a best that beats the heuristic by more than 3 % becomes the shape's entry."""
+    from diffquant.kernels import tuning
+    from diffquant.kernels.reference import qconv_reference
+
+    c = _rand_case("fp8", n=2, cin=128, cout=128, h=8, w=8)
+    args = (c["x"], c["w"], c["w_scale"], c["a_scale"], c["corr"], c["wzp"], c["bias"], c["add"], c["a_zp"],
+            [1, 1], [1, 1], [1, 1], c["w4"], torch.float32)
+    key = tuning.shape_key(c["x"].shape, c["x"].dtype, c["w"].shape, False, [1, 1], [1, 1], [1, 1], torch.float32, False)
+
+    def fake_ms(fn):  # the heuristic 1.0 ms; a candidate: a time from its config (TMA ones a little faster)
+        cfg = tuning._RECORD["force"]
+        if cfg is None:
+            return 1.0
+        return 0.5 + cfg["BLOCK_M"] / 1024 + cfg["num_stages"] / 100 - (0.05 if cfg.get("path") == "tma4d" else 0)
+
+    configs, rows = tuning.tune_calls([(key, args, {})], qconv_reference, progress=lambda s: None, time_fn=fake_ms,
+                                      paths_for=lambda a, kw: {"tma4d"})
+    (row,) = rows
+    cands = row["candidates_ms"]
+    assert len(cands) == row["tried"] > 1 and row["failed"] == 0
+    want = min(cands, key=lambda r: r[-1])
+    assert row["best_ms"] == want[-1] and [row["best"][f] for f in tuning.CONFIG_FIELDS] == want[:5]
+    assert row["best"].get("path") == want[5] == "tma4d" and configs[key] == row["best"]
+    for path in ("gather", "tma4d"):
+        assert row["best_ms_by_path"][path] == min(r[-1] for r in cands if r[5] == path)
+
+
 @pytest.mark.gpu
 @gpu
 def test_gpu_tuner_on_a_small_layer_picks_a_config_that_matches():
@@ -519,6 +549,7 @@ def test_gpu_tuner_on_a_small_layer_picks_a_config_that_matches():
     assert rows[0]["tried"] >= 1 and rows[0]["best_ms"] <= rows[0]["heuristic_ms"]
     # both TMA kernels' candidates competed on this stride-1 fp8 shape
     assert set(rows[0]["best_ms_by_path"]) == {"gather", "tma", "tma4d"}
+    assert len(rows[0]["candidates_ms"]) == rows[0]["tried"]
     tuning.use_table({"format": tuning.FORMAT, "device": torch.cuda.get_device_name(),
                       "configs": {calls[0][0]: rows[0]["best"] or tuning.candidates(1, False, 128, 128)[0]}})
     try:

@@ -283,6 +283,7 @@ def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=No
             ref = qconv_fn(*args, **kwargs).float()
             base_ms = time_fn(lambda: qconv_fn(*args, **kwargs))
             best, best_ms, tried, failed, by_path = None, base_ms, 0, 0, {"gather": base_ms}
+            timed = []  # every candidate's time: the data to fit a better default for shapes without an entry
             cands = candidates(a_bytes, w4, w.shape[0], ck)
             for path in sorted(paths_for(args, kwargs) if paths_for is not None else ()):
                 cands += candidates(a_bytes, w4, w.shape[0], ck, path=path)
@@ -302,6 +303,7 @@ def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=No
                     continue
                 path = cfg.get("path", "gather")
                 by_path[path] = min(by_path.get(path, ms), ms)
+                timed.append([cfg[f] for f in CONFIG_FIELDS] + [path, round(ms, 5)])
                 if ms < best_ms:
                     best, best_ms = cfg, ms
             # cuDNN bf16 on the same shape (channels-last), for reference
@@ -316,6 +318,7 @@ def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=No
         row = {"key": key, "heuristic_ms": round(base_ms, 5), "best_ms": round(best_ms, 5),
                "best": best, "tried": tried, "failed": failed, "cudnn_bf16_ms": round(cudnn_ms, 5),
                "best_ms_by_path": {p: round(v, 5) for p, v in by_path.items()},
+               "candidates_ms": timed,  # [*CONFIG_FIELDS, path, ms] of every candidate that ran correctly
                "tflops_best": round(flops / best_ms / 1e9, 1), "tflops_cudnn_bf16": round(flops / cudnn_ms / 1e9, 1)}
         rows.append(row)
         progress(json.dumps(row))
