@@ -129,6 +129,18 @@ for b, h, sq, sk, d in [(2, 3, 50, 77, 40), (1, 2, 130, 130, 64), (1, 1, 17, 5, 
     want8 = fp8_attention_fp8_reference(*fp8_attention_quantize(q, k, v, scales), d ** -0.5, torch.float8_e4m3fn,
                                          out_scale=o_scale)
     res.append([bool(torch.isfinite(got8.float()).all()), float((got8.float() - want8.float()).norm() / want8.float().norm())])
+    # through the op, which hands the kernel V8 with the keys contiguous (Hopper's 8-bit MMA wants P.V's B K-major)
+    import diffquant.kernels.triton_attention as ta
+    from diffquant.kernels.ops import fp8_attention
+    seen, real = [], ta.fp8_attention_triton
+    ta.fp8_attention_triton = lambda q8, k8, v8, *a, **kw: seen.append(v8.stride(2)) or real(q8, k8, v8, *a, **kw)
+    try:
+        got = fp8_attention(q, k, v, d ** -0.5)
+    finally:
+        ta.fp8_attention_triton = real
+    assert seen == [1], seen
+    want = fp8_attention_reference(q, k, v, d ** -0.5)
+    res.append([bool(torch.isfinite(got).all()), float((got - want).norm() / want.norm())])
 print("RESULT" + json.dumps(res))
 '''
 

@@ -106,7 +106,12 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: f
     :func:`.reference.fp8_attention_reference` up to accumulation order."""
     _check_attention_shapes("fp8_attention", q, k, v)
     out_dtype = q.dtype if out_scale is None else torch.float8_e4m3fn
-    return fp8_attention_fp8(*fp8_attention_quantize(q, k, v), float(sm_scale), out_dtype, out_scale)
+    q8, k8, v8, *scales = fp8_attention_quantize(q, k, v)
+    if _use_triton(q8):
+        # V8 with the keys contiguous (same shape, other strides; under torch.compile the quantization writes it so):
+        # on Hopper an 8-bit MMA takes its B operand K-major only, and P·V's K dimension is the keys
+        v8 = v8.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return fp8_attention_fp8(q8, k8, v8, *scales, float(sm_scale), out_dtype, out_scale)
 
 
 @torch.library.custom_op("diffquant::fp8_attention_fp8", mutates_args=())
