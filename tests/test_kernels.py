@@ -714,6 +714,27 @@ def test_gpu_fp8_attention_kernel_matches_reference(shape, monkeypatch):
     assert float((got8.float() * o_scale - want).norm() / want.norm()) < 4e-2
 
 
+def test_convert_keeps_thin_layers_simulated():
+    """min_channels: layers with fewer input or output channels (conv_in, conv_out) keep their fake-quant module,
+    reported as such; the model computes what the fully converted one does (reference ops on the CPU: the same
+    quantization, up to accumulation order); a bad value is refused."""
+    from diffquant.nn.modules import QuantConv2d
+
+    model, q, (x, t, c) = _calibrated("int8")
+    full = convert(q, "int8")
+    thin = convert(q, "int8", min_channels=16)
+    kept = thin._diffquant_convert_report.kept
+    assert set(kept) == {"conv_in", "conv_out"} and all("min_channels=16" in why for why in kept.values())
+    assert type(thin.conv_in) is QuantConv2d and isinstance(full.conv_in, LowBitLayer)
+    assert len(thin._diffquant_convert_report.converted) == len(full._diffquant_convert_report.converted) - 2
+    with torch.no_grad():
+        a, b = call_model(full, x, t, c), call_model(thin, x, t, c)
+    assert float((a - b).norm() / a.norm()) < 2e-2
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="min_channels"):
+            convert(q, "int8", min_channels=bad)
+
+
 def test_bench_torchao_int8_skips_the_linears_torch_int_mm_cannot_run():
     """torchao's int8-dynamic variant in `diffquant bench`: the time-embedding linears (batch rows only, fewer than
     17 at small batches) stay bf16, the others are quantized; measured 2026-11-28 on the H200, applying it to every

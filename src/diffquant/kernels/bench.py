@@ -113,8 +113,14 @@ def _quantized(model: nn.Module, backend: str, calib_inputs: tuple) -> nn.Module
     q = quantize(model, config_for_backend(backend))
     with torch.no_grad(), calibrate(q):
         call_model(q, *calib_inputs)
-    cm = convert(q, backend, attention=attention, unsupported="float", inplace=True, fp8_dynamic=dynamic)
+    cm = convert(q, backend, attention=attention, unsupported="float", inplace=True, fp8_dynamic=dynamic,
+                 min_channels=BENCH_MIN_CHANNELS)
     return cm
+
+
+# the bench's dq-* variants keep layers with fewer channels than this simulated (conv_in / conv_out: 3-4 channels);
+# DIFFQUANT_BENCH_MIN_CHANNELS=0 converts them too
+BENCH_MIN_CHANNELS = int(os.environ.get("DIFFQUANT_BENCH_MIN_CHANNELS", "16"))
 
 
 # torch._int_mm (torchao's int8 dynamic matmul on CUDA) needs more than 16 rows
