@@ -730,6 +730,16 @@ def test_convert_keeps_thin_layers_simulated():
     with torch.no_grad():
         a, b = call_model(full, x, t, c), call_model(thin, x, t, c)
     assert float((a - b).norm() / a.norm()) < 2e-2
+    # compiled as one graph: the kept fake-quant layers neither break it (the weight cache's data-pointer key, the
+    # fused fake-quant op without a fake-tensor kernel did, 10 graphs) nor change its numbers
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        compiled = call_model(torch.compile(thin), x, t, c)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch.testing.assert_close(compiled, b, rtol=1e-5, atol=1e-5)
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="min_channels"):
             convert(q, "int8", min_channels=bad)

@@ -112,7 +112,9 @@ class WeightQuantizer(_Quantizer):
             return w
         if self.rounding != "nearest":
             return self._adaround(w)
-        cacheable = CACHE_WEIGHTS and not torch.is_grad_enabled()
+        # not under torch.compile: Dynamo cannot trace the data-pointer key (a graph break per layer), and a
+        # compiled graph recomputes the fake-quant weight inside the graph anyway
+        cacheable = CACHE_WEIGHTS and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if cacheable:
             key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device,
                    self.scale.data_ptr(), self.scale._version, self.zero_point._version)

@@ -79,9 +79,10 @@ def fake_quantize_fused(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.
     """Per-tensor fake quantization through PyTorch's fused kernel (one pass over ``x``).
 
     Same values as :func:`fake_quantize`; the gradient reaches ``x`` (STE inside the range) but
-    not ``scale``. Falls back to :func:`fake_quantize` for dtypes the fused kernel lacks.
+    not ``scale``. Falls back to :func:`fake_quantize` for dtypes the fused kernel lacks, and under
+    ``torch.compile`` (the fused op has no fake-tensor implementation: a graph break; Inductor fuses the plain ops).
     """
-    if x.dtype != torch.float32 or scale.numel() != 1:
+    if x.dtype != torch.float32 or scale.numel() != 1 or torch.compiler.is_compiling():
         return fake_quantize(x, scale, zero_point, bits, symmetric)
     qmin, qmax = qrange(bits, symmetric)
     return torch.fake_quantize_per_tensor_affine(
