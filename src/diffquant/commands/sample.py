@@ -16,6 +16,7 @@ Several GPUs on one host::
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def _sharded(model, sampler, steps, spacing, eta, num, seed, batch_size, device,
     finally:
         _destroy_dist()
     if run.rank != 0:
-        return
+        _exit_worker()
     secs = time.perf_counter() - t0
     grid_path = None
     if grid and run.images is not None:
@@ -181,6 +182,16 @@ def _barrier() -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def _exit_worker() -> None:
+    """A rank other than 0 ends here, once its process group is gone: its shards are written and rank 0 has merged
+    them (the barrier). It exits without the interpreter's teardown, where rank 1 aborted now and then with
+    "terminate called without an active exception" (1 of 88 CPU runs after the barrier, 1 of 12 before; root cause
+    not found), failing a torchrun job whose output was complete."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _destroy_dist() -> None:
