@@ -46,7 +46,7 @@ from torch import nn
 from diffquant.config import QuantScheme
 from diffquant.nn.quantizers import WeightQuantizer
 from diffquant.quant.adaround import BetaSchedule, rectified_sigmoid, round_regularizer
-from diffquant.quant.affine import fake_quantize, group_view, qparams_from_range, qrange
+from diffquant.quant.affine import fake_quantize, group_view, qparams_from_range
 from diffquant.quant.estimators import lp_search
 
 REF_FILES = ("qdiff/quant_layer.py", "qdiff/adaptive_rounding.py")

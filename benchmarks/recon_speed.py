@@ -25,7 +25,7 @@ def main() -> None:
     a = ap.parse_args()
     from diffquant.algorithms.qdiffusion import ReconConfig, qdiffusion_ptq
     from diffquant.models.loading import load_model
-    from diffquant.recipes import CalibOptions, build_config, get_calibration, run_ptq
+    from diffquant.recipes import CalibOptions, build_config, get_calibration
     from diffquant.sampling.large import sample_fixed
     from diffquant.sampling.samplers import SamplerSpec
 

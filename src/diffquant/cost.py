@@ -224,7 +224,7 @@ def model_cost(
 
     def matmul_hook(name: str):
         def hook(m: QuantMatMul, args: tuple, out: torch.Tensor) -> None:
-            a, b = args[0], args[1]
+            a = args[0]
             macs = out.numel() * a.shape[-1]
             add(name, "MatMul", macs, None, (_bits_of(m.quantizer_a.scheme, float_bits),
                                              _bits_of(m.quantizer_b.scheme, float_bits)))

@@ -64,4 +64,4 @@ def command(spec_path, out_dir, device, data_dir, inception_weights, dry_run, re
     else:
         click.echo(terminal_table(d))
         click.echo(f"{res.computed} cells computed, {res.cached} cached -> {out_dir}/results.json, results.csv"
-                   + (f", report.md, report.html" if report else ""))
+                   + (", report.md, report.html" if report else ""))

@@ -279,7 +279,7 @@ def run_tasks(tasks: list[Task], budget_s: float = 1e9, reps: int = 30, out_path
             torch.cuda.synchronize()
             row["first_call_s"] = round(time.time() - tc, 1)
             graphs1 = _dynamo_graphs()
-            ms, graphed = time_call(lambda: call_model(fn_model, x, t, c), reps=reps)
+            ms, graphed = time_call(lambda fm=fn_model: call_model(fm, x, t, c), reps=reps)
             row.update(ms=round(ms, 4), compiled=do_compile, cuda_graph=graphed,
                        act_peak_mb=round((torch.cuda.max_memory_allocated() - before) / 2**20, 1))
             if do_compile:
@@ -294,7 +294,7 @@ def run_tasks(tasks: list[Task], budget_s: float = 1e9, reps: int = 30, out_path
                 try:
                     result["kernel_breakdown"].append(
                         {"model": model_name, "batch": tk.batch, "variant": tk.variant}
-                        | kernel_breakdown(lambda: call_model(fn_model, x, t, c)))
+                        | kernel_breakdown(lambda fm=fn_model: call_model(fm, x, t, c)))
                 except Exception as e:
                     result["notes"].append(f"kernel breakdown {model_name} b{tk.batch} {tk.variant} failed: {e!r}"[:400])
             # per layer: the uncompiled layers (cuDNN / cuBLAS for bf16, the diffquant op for dq-*)
