@@ -745,6 +745,65 @@ def test_convert_keeps_thin_layers_simulated():
             convert(q, "int8", min_channels=bad)
 
 
+def test_group_norm_act_op_checks_and_compiles():
+    """diffquant::group_norm_act on the CPU (the reference): a fused norm + SiLU + FP8 quantization equals the
+    unfused float ops followed by the FP8 quantization of the consumer; bad shapes and an output dtype that does not
+    match out_scale are refused; torch.compile traces it through its fake implementation."""
+    from diffquant.kernels.ops import group_norm_act
+    from diffquant.kernels.reference import quantize_act_fp8
+
+    g = torch.Generator().manual_seed(0)
+    x, x2 = torch.randn(2, 24, 5, 7, generator=g), torch.randn(2, 16, 5, 7, generator=g)
+    t = torch.randn(2, 40, generator=g)
+    w, b = torch.rand(40, generator=g) + 0.5, torch.randn(40, generator=g)
+    s = torch.tensor([0.02])
+    got = group_norm_act(x, x2, t, w, b, 8, 1e-6, True, s, torch.float8_e4m3fn)
+    ref = F.silu(F.group_norm(torch.cat([x, x2], 1).double() + t.double()[:, :, None, None], 8, w.double(), b.double(),
+                              1e-6)).float()
+    assert got.dtype == torch.float8_e4m3fn and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got.view(torch.uint8), quantize_act_fp8(ref, s).view(torch.uint8))
+    plain = group_norm_act(x, None, None, w[:24], b[:24], 4, 1e-6, False, None, torch.float32)
+    torch.testing.assert_close(plain, F.group_norm(x, 4, w[:24], b[:24], 1e-6), rtol=1e-5, atol=1e-5)
+    for args, msg in (((x, x2[:1], None, w, b, 8), "x2"), ((x, None, None, w[:24], b[:24], 5), "groups"),
+                      ((x, x2, t[:, :8], w, b, 8), "add_nc")):
+        with pytest.raises(ValueError, match=msg):
+            group_norm_act(*args, 1e-6, True, s, torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="out_scale"):
+        group_norm_act(x, x2, t, w, b, 8, 1e-6, True, None, torch.float8_e4m3fn)
+    f = torch.compile(lambda a: group_norm_act(a * 2, x2, t, w, b, 8, 1e-6, True, s, torch.float8_e4m3fn))
+    assert torch.equal(f(x).view(torch.uint8), group_norm_act(x * 2, x2, t, w, b, 8, 1e-6, True, s,
+                                                               torch.float8_e4m3fn).view(torch.uint8))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("shape", [(8, 320, 0, 64, 64, 32, True), (8, 1280, 1280, 16, 16, 32, False),
+                                   (256, 128, 0, 32, 32, 32, True), (3, 96, 40, 5, 9, 8, True)])
+def test_gpu_group_norm_act_matches_reference(shape):
+    """The Triton kernels on the GPU (bf16 channels-last input, SD- and CIFAR-sized, a concatenated skip) against the
+    float64 reference: e4m3 codes equal but for rounding-edge flips, bf16 output to bf16 precision."""
+    from diffquant.kernels.ops import group_norm_act
+    from diffquant.kernels.reference import group_norm_act_reference
+
+    n, c1, c2, h, w, groups, add = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(n, c1, h, w, device="cuda", generator=g, dtype=torch.bfloat16).contiguous(memory_format=cl)
+    x2 = torch.randn(n, c2, h, w, device="cuda", generator=g, dtype=torch.bfloat16).contiguous(memory_format=cl) \
+        if c2 else None
+    c = c1 + c2
+    t = torch.randn(n, c, device="cuda", generator=g, dtype=torch.bfloat16) if add else None
+    wt = torch.rand(c, device="cuda", generator=g) + 0.5
+    b = torch.randn(c, device="cuda", generator=g)
+    s = torch.tensor([0.01], device="cuda")
+    got = group_norm_act(x, x2, t, wt, b, groups, 1e-5, True, s, torch.float8_e4m3fn)
+    want = group_norm_act_reference(x, x2, t, wt, b, groups, 1e-5, True, s, torch.float8_e4m3fn)
+    assert torch.isfinite(got.float()).all() and float((got.float() != want.float()).float().mean()) < 5e-3
+    got = group_norm_act(x, x2, t, wt, b, groups, 1e-5, False, None, torch.bfloat16).float()
+    want = group_norm_act_reference(x, x2, t, wt, b, groups, 1e-5, False, None, torch.float32)
+    assert float((got - want).abs().max()) < 2e-2 * float(want.abs().max())
+
+
 def test_bench_torchao_int8_skips_the_linears_torch_int_mm_cannot_run():
     """torchao's int8-dynamic variant in `diffquant bench`: the time-embedding linears (batch rows only, fewer than
     17 at small batches) stay bf16, the others are quantized; measured 2026-11-28 on the H200, applying it to every

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from diffquant.kernels.reference import (attention_out_like, conv_out_hw, fp8_attention_fp8_reference,
-                                       fp8_attention_quantize, out_like, qconv_reference)
+                                       fp8_attention_quantize, group_norm_act_reference, out_like, qconv_reference)
 
 _TRITON = None
 
@@ -139,3 +139,36 @@ def fp8_attention_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, s_q:
 @fp8_attention_fp8.register_fake
 def _fp8_attention_fp8_fake(q8, k8, v8, s_q, s_k, s_v, sm_scale, out_dtype, out_scale=None):
     return attention_out_like(q8, out_dtype)
+
+
+@torch.library.custom_op("diffquant::group_norm_act", mutates_args=())
+def group_norm_act(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: Optional[torch.Tensor], weight: torch.Tensor,
+                   bias: torch.Tensor, num_groups: int, eps: float, silu: bool, out_scale: Optional[torch.Tensor],
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """GroupNorm of cat(x, x2) (+ add_nc [N, C] per image and channel), affine, SiLU if ``silu``; e4m3 values of the
+    result / ``out_scale`` (fp32 [1], the consumer's static FP8 input scale; ``out_dtype`` float8_e4m3fn), or the
+    result in ``out_dtype``. Channels-last [N, C, H, W] out. See :func:`.reference.group_norm_act_reference`; the
+    Triton kernels (:mod:`.triton_norm`) on CUDA, the reference elsewhere."""
+    c = x.shape[1] + (x2.shape[1] if x2 is not None else 0)
+    if x.dim() != 4 or (x2 is not None and (x2.shape[0] != x.shape[0] or x2.shape[2:] != x.shape[2:])):
+        raise ValueError(f"group_norm_act needs x [N, C1, H, W] and x2 [N, C2, H, W]; got {tuple(x.shape)}, "
+                         f"{None if x2 is None else tuple(x2.shape)}")
+    if num_groups <= 0 or c % num_groups or weight.shape != (c,) or bias.shape != (c,):
+        raise ValueError(f"group_norm_act: {c} channels, {num_groups} groups, weight {tuple(weight.shape)}, "
+                         f"bias {tuple(bias.shape)}")
+    if add_nc is not None and add_nc.shape != (x.shape[0], c):
+        raise ValueError(f"group_norm_act: add_nc must be [N, C] = {(x.shape[0], c)}; got {tuple(add_nc.shape)}")
+    if (out_scale is not None) != (out_dtype == torch.float8_e4m3fn):
+        raise ValueError(f"an e4m3 output needs out_scale and out_scale needs out_dtype float8_e4m3fn; got {out_dtype}, "
+                         f"out_scale {'set' if out_scale is not None else 'None'}")
+    if _use_triton(x):
+        from diffquant.kernels.triton_norm import group_norm_act_triton
+
+        return group_norm_act_triton(x, x2, add_nc, weight, bias, num_groups, eps, silu, out_scale, out_dtype)
+    return group_norm_act_reference(x, x2, add_nc, weight, bias, num_groups, eps, silu, out_scale, out_dtype)
+
+
+@group_norm_act.register_fake
+def _group_norm_act_fake(x, x2, add_nc, weight, bias, num_groups, eps, silu, out_scale, out_dtype):
+    c = x.shape[1] + (x2.shape[1] if x2 is not None else 0)
+    return out_like(x, c, x.shape[2], x.shape[3], out_dtype)

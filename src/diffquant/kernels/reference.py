@@ -221,3 +221,25 @@ def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     scale per (batch, head) (:func:`fp8_attention_quantize`), then :func:`fp8_attention_fp8_reference`; output in
     q's dtype. q [B, H, Sq, D], k/v [B, H, Sk, D]."""
     return fp8_attention_fp8_reference(*fp8_attention_quantize(q, k, v, scales), sm_scale, q.dtype, block_n)
+
+
+# ---- group norm + SiLU + quantization (diffquant::group_norm_act) ------------------------------------------
+
+
+def group_norm_act_reference(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: Optional[torch.Tensor],
+                             weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, silu: bool,
+                             out_scale: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """GroupNorm over the channel concatenation of ``x`` and ``x2`` (when given) plus ``add_nc`` ([N, C], broadcast
+    over the pixels: a time embedding), affine, SiLU if ``silu``, in float64 (PyTorch's fp32 CPU group norm loses
+    3 digits at an input mean of 100); then y as fp32 and, with ``out_scale`` (fp32 [1]: the consumer's static FP8
+    input scale), e4m3 values of y / out_scale, else y in ``out_dtype``. Channels-last output [N, C, H, W]. What
+    ``diffquant::group_norm_act`` computes (its test oracle)."""
+    xc = x.double() if x2 is None else torch.cat([x.double(), x2.double()], dim=1)
+    if add_nc is not None:
+        xc = xc + add_nc.double()[:, :, None, None]
+    y = F.group_norm(xc, num_groups, weight.double(), bias.double(), eps)
+    if silu:
+        y = F.silu(y)
+    y = y.float()
+    y = quantize_act_fp8(y, out_scale.float().reshape(())) if out_scale is not None else y.to(out_dtype)
+    return y.contiguous(memory_format=torch.channels_last)
