@@ -804,6 +804,86 @@ def test_gpu_group_norm_act_matches_reference(shape):
     assert float((got - want).abs().max()) < 2e-2 * float(want.abs().max())
 
 
+def _check_fused_blocks(cm, fused, inputs, tol):
+    """Run ``cm``; every fused ResNet block's output against diffusers' own forward on the inputs it saw."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    seen = {}
+
+    def keep(name):
+        def hook(mod, args, kwargs, out):
+            seen.setdefault(name, (args, kwargs, out.clone()))
+        return hook
+
+    mods = dict(cm.named_modules())
+    hooks = [mods[n].register_forward_hook(keep(n), with_kwargs=True) for n in fused]
+    try:
+        out = call_model(cm, *inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert set(seen) == set(fused)
+    for n, (args, kwargs, got) in seen.items():
+        want = ResnetBlock2D.forward(mods[n], *args, **kwargs)
+        assert float((got.float() - want.float()).norm() / want.float().norm()) < tol, n
+    return out
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_fused_resnet_norms_match_diffusers_blocks():
+    """convert(fuse_norms=True) on the GPU (Triton norm kernels, bf16): each fused block against diffusers' forward
+    of the same converted block on the same input."""
+    model, q, (x, t, c) = _calibrated("fp8")
+    cm = convert(q, "fp8", attention="float", device="cuda", fuse_norms=True).to(torch.bfloat16)
+    fused = [n for n, m in cm.named_modules() if type(m).__name__ == "FusedNormResnetBlock2D"]
+    with torch.no_grad():
+        out = _check_fused_blocks(cm, fused, (x.cuda().bfloat16(), t.cuda(),
+                                              {k: v.cuda().bfloat16() for k, v in c.items()}), 3e-2)
+    assert fused and torch.isfinite(out).all()
+
+
+def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):
+    """convert(fuse_norms=True): every plain ResNet block runs norm + SiLU (+ time embedding) through
+    diffquant::group_norm_act, handing converted FP8 convs their e4m3 input; on the inputs each block sees, it
+    returns what diffusers' own forward returns (the reference op: the same FP8 codes here); the model compiles as
+    one graph; a block of another form is left alone with its reason."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from diffquant.kernels import fused_blocks, ops
+    from diffquant.kernels.bench import _kernel_class
+
+    model, q, (x, t, c) = _calibrated("fp8")
+    cm = convert(q, "fp8", fuse_norms=True)
+    fused = [n for n, m in cm.named_modules() if type(m).__name__ == "FusedNormResnetBlock2D"]
+    assert fused and cm._diffquant_convert_report.norms.startswith(f"{len(fused)} ResNet blocks")
+    calls, fp8_out = [], []
+    real = fused_blocks.group_norm_act
+
+    def counted(*a):
+        out = real(*a)
+        calls.append(1)
+        fp8_out.append(out.dtype == torch.float8_e4m3fn)
+        return out
+
+    monkeypatch.setattr(fused_blocks, "group_norm_act", counted)
+    with torch.no_grad():
+        out = _check_fused_blocks(cm, fused, (x, t, c), 1e-3)
+        assert len(calls) == 2 * len(fused) and all(fp8_out)
+        monkeypatch.setattr(fused_blocks, "group_norm_act", ops.group_norm_act)
+        from torch._dynamo.utils import counters
+
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = call_model(torch.compile(cm), x, t, c)
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch.testing.assert_close(compiled, out, rtol=1e-5, atol=1e-5)
+    other = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=4, groups=4, time_embedding_norm="scale_shift")
+    done, left = fused_blocks.fuse_resnet_norms(torch.nn.Sequential(other))
+    assert done == [] and "scale_shift" in left["0"]
+    assert _kernel_class("_gn_apply_kernel") == "dq_norm"
+
+
 def test_bench_torchao_int8_skips_the_linears_torch_int_mm_cannot_run():
     """torchao's int8-dynamic variant in `diffquant bench`: the time-embedding linears (batch rows only, fewer than
     17 at small batches) stay bf16, the others are quantized; measured 2026-11-28 on the H200, applying it to every

@@ -254,13 +254,14 @@ for n, c1, c2, h, w, groups, add, silu, fp8, off in [(2, 40, 0, 5, 7, 8, False, 
                                                      (2, 24, 16, 5, 7, 8, True, True, True, 0.0),
                                                      (1, 64, 0, 9, 9, 32, False, False, False, 100.0),
                                                      (2, 320, 0, 6, 6, 32, True, True, True, 0.5),
-                                                     (1, 96, 64, 3, 5, 32, False, True, False, 0.0)]:
+                                                     (1, 96, 64, 3, 5, 32, False, True, False, 0.0),
+                                                     (2, 48, 32, 4, 5, 16, True, True, "per_channel", 0.0)]:
     x = (torch.randn(n, c1, h, w, generator=g) + off).contiguous(memory_format=torch.channels_last)
     x2 = torch.randn(n, c2, h, w, generator=g).contiguous(memory_format=torch.channels_last) if c2 else None
     c = c1 + c2
     a = torch.randn(n, c, generator=g) if add else None
     wt, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
-    s = torch.tensor([0.01]) if fp8 else None
+    s = (torch.rand(c, generator=g) * 0.02 + 0.005) if fp8 == "per_channel" else torch.tensor([0.01]) if fp8 else None
     dt = torch.float8_e4m3fn if fp8 else torch.float32
     got = group_norm_act_triton(x, x2, a, wt, b, groups, 1e-5, silu, s, dt).float()
     want = group_norm_act_reference(x, x2, a, wt, b, groups, 1e-5, silu, s, dt).float()
@@ -275,7 +276,8 @@ print("RESULT" + json.dumps(res))
 def test_interpreter_group_norm_act_kernels_match_reference():
     """The channels-last GroupNorm kernels (tile statistics, Chan's combination, apply + SiLU + FP8 quantization):
     odd channel counts and pixel tails, a concatenated second input read in place, a per-channel addend, and an
-    input offset of 100 (no cancellation), against the reference; outputs poisoned."""
+    input offset of 100 (no cancellation), one FP8 scale per channel (a split consumer), against the reference;
+    outputs poisoned."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     p = subprocess.run([sys.executable, "-c", GN_SCRIPT.format(src=str(ROOT / "src"))], env=env,
                        capture_output=True, text=True, timeout=600)

@@ -56,6 +56,7 @@ class ConvertReport:
     converted: dict = field(default_factory=dict)  # name -> "conv3x3" / "conv1x1" / "linear" (+ " split")
     kept: dict = field(default_factory=dict)  # name -> reason (simulated or float)
     attention: str = ""
+    norms: str = ""
 
     def summary(self) -> str:
         lines = [f"convert(backend={self.backend!r}): {len(self.converted)} layers converted, {len(self.kept)} kept"]
@@ -63,11 +64,13 @@ class ConvertReport:
             lines.append(f"  kept {name}: {why}")
         if self.attention:
             lines.append(f"  attention: {self.attention}")
+        if self.norms:
+            lines.append(f"  norms: {self.norms}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "converted": dict(self.converted), "kept": dict(self.kept),
-                "attention": self.attention}
+                "attention": self.attention, "norms": self.norms}
 
 
 class UnsupportedLayer(ValueError):
@@ -221,6 +224,7 @@ def convert(
     attention: str = "simulate",
     fp8_dynamic: Union[bool, str] = False,
     min_channels: int = 0,
+    fuse_norms: bool = False,
     inplace: bool = False,
     device=None,
 ) -> nn.Module:
@@ -232,7 +236,9 @@ def convert(
     chosen only when the model sits on a GPU where it works). ``min_channels``: a layer with fewer input or output
     channels keeps its fake-quant module (the same numbers, computed by the float conv / matmul): the low-bit
     kernels' tensor-core tiles are mostly empty there (the CIFAR UNet's conv_in, 3 -> 128 channels at batch 256:
-    0.257 ms in the FP8 kernel, 0.091 ms in cuDNN bf16; H200, 2026-11-28)."""
+    0.257 ms in the FP8 kernel, 0.091 ms in cuDNN bf16; H200, 2026-11-28). ``fuse_norms``: every plain diffusers
+    ResNet block runs its group norms + SiLU as ``diffquant::group_norm_act``, which also writes a converted conv's
+    e4m3 input (:mod:`diffquant.kernels.fused_blocks`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; allowed: {', '.join(BACKENDS)}")
     if unsupported not in UNSUPPORTED:
@@ -280,6 +286,12 @@ def convert(
             {"fp8_token": ", dynamic FP8 per token", "fp8_dynamic": ", dynamic FP8 per tensor"}.get(new.act, "")
         _set_submodule(model, name, new)
     report.attention = _convert_attention(model, attention)
+    if fuse_norms:
+        from diffquant.kernels.fused_blocks import fuse_resnet_norms
+
+        fused, left = fuse_resnet_norms(model)
+        report.norms = (f"{len(fused)} ResNet blocks run norm + SiLU as diffquant::group_norm_act (fuse_norms=True)"
+                        + "".join(f"; {n} left alone: {why}" for n, why in left.items()))
     model._diffquant_convert_report = report  # type: ignore[attr-defined]
     model._diffquant_backend = backend  # type: ignore[attr-defined]
     log.info(report.summary())

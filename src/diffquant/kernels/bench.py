@@ -34,7 +34,7 @@ SD15_UNET = dict(
 )
 MODELS = ("sd15-unet", "ddpm-cifar10-32", "zoo:cifar10-ddpm")
 VARIANTS = ("bf16-eager", "bf16-compile", "torchao-int8dyn", "torchao-fp8", "dq-int8", "dq-fp8", "dq-w4a8", "dq-w4a16",
-            "dq-fp8-fp8attn", "dq-fp8-dyntoken")
+            "dq-fp8-fp8attn", "dq-fp8-dyntoken", "dq-fp8-gn", "dq-int8-gn", "bf16-compile-gn")
 
 
 def build_model(name: str) -> nn.Module:
@@ -105,7 +105,9 @@ def _quantized(model: nn.Module, backend: str, calib_inputs: tuple) -> nn.Module
     from diffquant.models.adapter import call_model
     from diffquant.quantize import calibrate, quantize
 
-    attention, dynamic = "float", False
+    attention, dynamic, fuse_norms = "float", False, False
+    if backend.endswith("-gn"):  # e.g. dq-fp8-gn: the ResNet blocks' norms + SiLU as diffquant::group_norm_act
+        backend, fuse_norms = backend[: -len("-gn")], True
     if backend.endswith("-fp8attn"):  # e.g. dq-fp8-fp8attn: FP8 layers and FP8 attention
         backend, attention = backend[: -len("-fp8attn")], "fp8"
     if backend.endswith("-dyntoken"):  # dq-fp8-dyntoken: dynamic per-token activation scales (Linear / 1x1 convs)
@@ -114,7 +116,7 @@ def _quantized(model: nn.Module, backend: str, calib_inputs: tuple) -> nn.Module
     with torch.no_grad(), calibrate(q):
         call_model(q, *calib_inputs)
     cm = convert(q, backend, attention=attention, unsupported="float", inplace=True, fp8_dynamic=dynamic,
-                 min_channels=BENCH_MIN_CHANNELS)
+                 min_channels=BENCH_MIN_CHANNELS, fuse_norms=fuse_norms)
     return cm
 
 
@@ -176,6 +178,10 @@ def make_variant(base_fp32: nn.Module, variant: str, calib_inputs: tuple, run_in
     else:
         m = copy.deepcopy(base_fp32)
     m = m.to(torch.bfloat16).to(memory_format=torch.channels_last).eval()
+    if variant == "bf16-compile-gn":  # bf16 with diffquant's norm kernels: what the norms alone are worth
+        from diffquant.kernels.fused_blocks import fuse_resnet_norms
+
+        fuse_resnet_norms(m)
     if variant.startswith("torchao-"):
         m = _torchao(m, variant[len("torchao-"):], run_inputs)
     return m
@@ -520,6 +526,7 @@ def per_layer_type(model: nn.Module, model_name: str, batch: int, variant: str, 
 _KERNEL_CLASSES = (
     ("dq_qconv", ("_qconv_kernel", "_qconv_tma_kernel", "_qconv_tma4d_kernel")),
     ("dq_attention", ("_fp8_attn",)),
+    ("dq_norm", ("_gn_stats_kernel", "_gn_finalize_kernel", "_gn_apply_kernel")),
     ("inductor_fused", ("triton_",)),
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("conv_cudnn", ("conv", "fprop", "implicit_convolve", "dgrad", "xmma_fprop")),

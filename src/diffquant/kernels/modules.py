@@ -126,11 +126,12 @@ class LowBitLayer(_KeepStorage, nn.Module):
         return x4, None
 
     def forward(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """``x`` in float; or, for a layer with a static FP8 input scale (``act == "fp8"``, one part), already e4m3 values
-        x / scale (its producer fused the quantization: the FP8 attention for ``to_out``), with ``out_dtype``."""
+        """``x`` in float; or, for a layer with static FP8 input scales (``act == "fp8"``), already e4m3 values
+        x / scale, per channel (its producer fused the quantization: the FP8 attention for ``to_out``, a fused group
+        norm for a ResNet conv), with ``out_dtype``."""
         prequantized = x.dtype == torch.float8_e4m3fn and self.act == "fp8"
-        if prequantized and (out_dtype is None or len(self.parts) != 1):
-            raise ValueError(f"{self.layer_name}: an e4m3 input needs one part and the output dtype (out_dtype=...)")
+        if prequantized and out_dtype is None:
+            raise ValueError(f"{self.layer_name}: an e4m3 input needs the output dtype (out_dtype=...)")
         out_dtype = out_dtype or x.dtype
         if self.kind == "linear":
             lead = x.shape[:-1]

@@ -146,7 +146,7 @@ def group_norm_act(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: Optional
                    bias: torch.Tensor, num_groups: int, eps: float, silu: bool, out_scale: Optional[torch.Tensor],
                    out_dtype: torch.dtype) -> torch.Tensor:
     """GroupNorm of cat(x, x2) (+ add_nc [N, C] per image and channel), affine, SiLU if ``silu``; e4m3 values of the
-    result / ``out_scale`` (fp32 [1], the consumer's static FP8 input scale; ``out_dtype`` float8_e4m3fn), or the
+    result / ``out_scale`` (fp32 [1] or [C]: the consumer's static FP8 input scale; ``out_dtype`` float8_e4m3fn), or the
     result in ``out_dtype``. Channels-last [N, C, H, W] out. See :func:`.reference.group_norm_act_reference`; the
     Triton kernels (:mod:`.triton_norm`) on CUDA, the reference elsewhere."""
     c = x.shape[1] + (x2.shape[1] if x2 is not None else 0)
@@ -161,6 +161,8 @@ def group_norm_act(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: Optional
     if (out_scale is not None) != (out_dtype == torch.float8_e4m3fn):
         raise ValueError(f"an e4m3 output needs out_scale and out_scale needs out_dtype float8_e4m3fn; got {out_dtype}, "
                          f"out_scale {'set' if out_scale is not None else 'None'}")
+    if out_scale is not None and out_scale.numel() not in (1, c):
+        raise ValueError(f"group_norm_act: out_scale needs 1 or {c} values (one per channel); got {out_scale.numel()}")
     if _use_triton(x):
         from diffquant.kernels.triton_norm import group_norm_act_triton
 

@@ -231,8 +231,8 @@ def group_norm_act_reference(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc
                              out_scale: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     """GroupNorm over the channel concatenation of ``x`` and ``x2`` (when given) plus ``add_nc`` ([N, C], broadcast
     over the pixels: a time embedding), affine, SiLU if ``silu``, in float64 (PyTorch's fp32 CPU group norm loses
-    3 digits at an input mean of 100); then y as fp32 and, with ``out_scale`` (fp32 [1]: the consumer's static FP8
-    input scale), e4m3 values of y / out_scale, else y in ``out_dtype``. Channels-last output [N, C, H, W]. What
+    3 digits at an input mean of 100); then y as fp32 and, with ``out_scale`` (fp32 [1] or [C]: the consumer's static
+    FP8 input scale, per channel for a split layer), e4m3 values of y / out_scale, else y in ``out_dtype``. Channels-last output [N, C, H, W]. What
     ``diffquant::group_norm_act`` computes (its test oracle)."""
     xc = x.double() if x2 is None else torch.cat([x.double(), x2.double()], dim=1)
     if add_nc is not None:
@@ -241,5 +241,8 @@ def group_norm_act_reference(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc
     if silu:
         y = F.silu(y)
     y = y.float()
-    y = quantize_act_fp8(y, out_scale.float().reshape(())) if out_scale is not None else y.to(out_dtype)
+    if out_scale is not None:
+        y = quantize_act_fp8(y, out_scale.float().reshape(() if out_scale.numel() == 1 else (1, -1, 1, 1)))
+    else:
+        y = y.to(out_dtype)
     return y.contiguous(memory_format=torch.channels_last)

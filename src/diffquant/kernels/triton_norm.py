@@ -97,7 +97,7 @@ def _gn_finalize_kernel(mean_ptr, m2_ptr, gmean_ptr, grstd_ptr, HW, C, T, CPG, G
 @triton.jit
 def _gn_apply_kernel(x_ptr, x2_ptr, add_ptr, gmean_ptr, grstd_ptr, w_ptr, b_ptr, so_ptr, out_ptr, HW, C1, C, CPG, G,
                      HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr, QUANT: tl.constexpr,
-                     EMULATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                     SCALE_PER_CH: tl.constexpr, EMULATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     t = tl.program_id(0)
     n = tl.program_id(1)
     offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -114,8 +114,12 @@ def _gn_apply_kernel(x_ptr, x2_ptr, add_ptr, gmean_ptr, grstd_ptr, w_ptr, b_ptr,
         y = y / (1.0 + tl.exp(-y))
     ptrs = out_ptr + n.to(tl.int64) * HW * C + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
     ok = (offs_p < HW)[:, None] & c_ok[None, :]
-    if QUANT:  # the consumer's static input quantization: e4m3 bytes of y / its scale
-        y8 = _e4m3(tl.clamp(y / tl.load(so_ptr), -448.0, 448.0), EMULATE)
+    if QUANT:  # the consumer's static input quantization: e4m3 bytes of y / its scale (per channel: a split layer)
+        if SCALE_PER_CH:
+            so = tl.load(so_ptr + offs_c, mask=c_ok, other=1.0)[None, :]
+        else:
+            so = tl.load(so_ptr)
+        y8 = _e4m3(tl.clamp(y / so, -448.0, 448.0), EMULATE)
         tl.store(ptrs, y8.to(tl.uint8, bitcast=True), mask=ok)
     else:
         tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
@@ -158,10 +162,10 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
                                           1.0 / (hw * cpg),
                                           BLOCK_P=block_p, BLOCK_T=max(2, min(256, 2048 // block_cg)),
                                           BLOCK_CG=block_cg, num_warps=4)
-    s_out = out_scale.float().reshape(1).contiguous() if quant else gmean
+    s_out = out_scale.float().reshape(-1).contiguous() if quant else gmean
     _gn_apply_kernel[(tiles, nb)](x, x2_arg, add_arg, gmean, grstd, weight.contiguous(), bias.contiguous(), s_out,
                                   out.view(torch.uint8) if quant else out, hw, c1, c, cpg, num_groups,
                                   HAS_X2=x2 is not None, HAS_ADD=add_nc is not None, SILU=silu, QUANT=quant,
-                                  EMULATE=os.environ.get("TRITON_INTERPRET") == "1", BLOCK_P=block_p,
+                                  SCALE_PER_CH=quant and s_out.numel() > 1, EMULATE=os.environ.get("TRITON_INTERPRET") == "1", BLOCK_P=block_p,
                                   BLOCK_C=block_c, num_warps=warps)
     return out
