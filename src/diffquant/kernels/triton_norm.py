@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from diffquant.kernels.triton_attention import _e4m3
+from diffquant.kernels.triton_conv import _num_sms
 
 
 @triton.jit
@@ -52,15 +53,16 @@ def _gn_stats_kernel(x_ptr, x2_ptr, add_ptr, mean_ptr, m2_ptr, HW, C1, C, T,
     t = tl.program_id(0)
     n = tl.program_id(1)
     offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.arange(0, BLOCK_C)
-    x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, HW, C1, C, HAS_X2, HAS_ADD)
     cnt = tl.minimum(HW - t * BLOCK_P, BLOCK_P).to(tl.float32)
-    mean = tl.sum(x, axis=0) / cnt
-    d = tl.where((offs_p < HW)[:, None], x - mean[None, :], 0.0)
-    m2 = tl.sum(d * d, axis=0)
-    dst = (n * T + t).to(tl.int64) * C + offs_c
-    tl.store(mean_ptr + dst, mean, mask=offs_c < C)
-    tl.store(m2_ptr + dst, m2, mask=offs_c < C)
+    for c0 in range(0, C, BLOCK_C):  # channel chunks: whole rows of a pixel tile, partials stay small
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, HW, C1, C, HAS_X2, HAS_ADD)
+        mean = tl.sum(x, axis=0) / cnt
+        d = tl.where((offs_p < HW)[:, None], x - mean[None, :], 0.0)
+        m2 = tl.sum(d * d, axis=0)
+        dst = (n * T + t).to(tl.int64) * C + offs_c
+        tl.store(mean_ptr + dst, mean, mask=offs_c < C)
+        tl.store(m2_ptr + dst, m2, mask=offs_c < C)
 
 
 @triton.jit
@@ -101,28 +103,29 @@ def _gn_apply_kernel(x_ptr, x2_ptr, add_ptr, gmean_ptr, grstd_ptr, w_ptr, b_ptr,
     t = tl.program_id(0)
     n = tl.program_id(1)
     offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, HW, C1, C, HAS_X2, HAS_ADD)
-    gi = n * G + offs_c // CPG
-    mu = tl.load(gmean_ptr + gi, mask=c_ok, other=0.0)
-    rs = tl.load(grstd_ptr + gi, mask=c_ok, other=0.0)
-    gamma = tl.load(w_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-    beta = tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-    y = (x - mu[None, :]) * (rs * gamma)[None, :] + beta[None, :]
-    if SILU:
-        y = y / (1.0 + tl.exp(-y))
-    ptrs = out_ptr + n.to(tl.int64) * HW * C + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
-    ok = (offs_p < HW)[:, None] & c_ok[None, :]
-    if QUANT:  # the consumer's static input quantization: e4m3 bytes of y / its scale (per channel: a split layer)
-        if SCALE_PER_CH:
-            so = tl.load(so_ptr + offs_c, mask=c_ok, other=1.0)[None, :]
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, HW, C1, C, HAS_X2, HAS_ADD)
+        gi = n * G + offs_c // CPG
+        mu = tl.load(gmean_ptr + gi, mask=c_ok, other=0.0)
+        rs = tl.load(grstd_ptr + gi, mask=c_ok, other=0.0)
+        gamma = tl.load(w_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        beta = tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        y = (x - mu[None, :]) * (rs * gamma)[None, :] + beta[None, :]
+        if SILU:
+            y = y / (1.0 + tl.exp(-y))
+        ptrs = out_ptr + n.to(tl.int64) * HW * C + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
+        ok = (offs_p < HW)[:, None] & c_ok[None, :]
+        if QUANT:  # the consumer's static input quantization: e4m3 bytes of y / its scale (per channel: split layer)
+            if SCALE_PER_CH:
+                so = tl.load(so_ptr + offs_c, mask=c_ok, other=1.0)[None, :]
+            else:
+                so = tl.load(so_ptr)
+            y8 = _e4m3(tl.clamp(y / so, -448.0, 448.0), EMULATE)
+            tl.store(ptrs, y8.to(tl.uint8, bitcast=True), mask=ok)
         else:
-            so = tl.load(so_ptr)
-        y8 = _e4m3(tl.clamp(y / so, -448.0, 448.0), EMULATE)
-        tl.store(ptrs, y8.to(tl.uint8, bitcast=True), mask=ok)
-    else:
-        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
+            tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -143,8 +146,12 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
     out = out_like(x, c, h, w, torch.float8_e4m3fn if quant else out_dtype)
     if nb == 0 or hw == 0:
         return out
-    block_c = max(16, triton.next_power_of_2(c))
-    block_p = max(1, min(128, 8192 // block_c))
+    block_c = max(16, min(128, triton.next_power_of_2(c)))  # a channel chunk; the kernels loop over the chunks
+    # 64-512 pixels per tile (partials 1/64 of the input or less); fewer, down to 16, when the tiles would not fill
+    # the GPU twice over (SD's 8x8 level at batch 8: 8 tiles of 64 pixels)
+    block_p = 8192 // block_c
+    while block_p > 16 and nb * triton.cdiv(hw, block_p) < 2 * _num_sms(x.device):
+        block_p //= 2
     tiles = triton.cdiv(hw, block_p)
     warps = 8 if block_p * block_c >= 4096 else 4
     part_mean = torch.empty((nb, tiles, c), dtype=torch.float32, device=x.device)

@@ -1,0 +1,75 @@
+"""GroupNorm + SiLU (+ the consumer's FP8 input quantization) alone, on the GPU: diffquant::group_norm_act against
+what torch.compile makes of the same ops, on channels-last bf16 activations of the SD-1.5 (batch 8) and CIFAR
+(batch 256) UNets' norm shapes. Each row: Inductor's ms and diffquant's, for bf16 output and for e4m3 output, and
+the GB/s of diffquant's kernels (two reads of the input, one write).
+
+    python benchmarks/bench_groupnorm.py [--out benchmarks/results/groupnorm.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+# (label, N, C, H, W, groups): the norms of a ResNet block's conv1 / conv2 inputs and of the up blocks' concatenations
+SHAPES = [
+    ("sd15 64x64 c320", 8, 320, 64, 64, 32), ("sd15 64x64 c640 (cat)", 8, 640, 64, 64, 32),
+    ("sd15 32x32 c640", 8, 640, 32, 32, 32), ("sd15 32x32 c1280 (cat)", 8, 1280, 32, 32, 32),
+    ("sd15 16x16 c1280", 8, 1280, 16, 16, 32), ("sd15 16x16 c2560 (cat)", 8, 2560, 16, 16, 32),
+    ("sd15 8x8 c1280", 8, 1280, 8, 8, 32),
+    ("cifar 32x32 c128", 256, 128, 32, 32, 32), ("cifar 32x32 c384 (cat)", 256, 384, 32, 32, 32),
+    ("cifar 16x16 c256", 256, 256, 16, 16, 32), ("cifar 8x8 c256", 256, 256, 8, 8, 32),
+]
+
+
+def main() -> None:
+    from diffquant.kernels.bench import time_call
+    from diffquant.kernels.ops import group_norm_act
+    from diffquant.kernels.reference import quantize_act_fp8
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/groupnorm.json")
+    ap.add_argument("--reps", type=int, default=50)
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_groupnorm.py needs a CUDA GPU")
+    rows = []
+    for label, n, c, h, w, groups in SHAPES:
+        x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        t = torch.randn(n, c, device="cuda", dtype=torch.bfloat16)
+        wt = torch.rand(c, device="cuda", dtype=torch.bfloat16) + 0.5
+        b = torch.randn(c, device="cuda", dtype=torch.bfloat16)
+        s = torch.tensor([0.02], device="cuda")
+
+        def ind_bf16(x=x, t=t, wt=wt, b=b, groups=groups):
+            return F.silu(F.group_norm(x + t[:, :, None, None], groups, wt, b, 1e-5))
+
+        def ind_fp8(x=x, t=t, wt=wt, b=b, groups=groups, s=s):
+            return quantize_act_fp8(F.silu(F.group_norm(x + t[:, :, None, None], groups, wt, b, 1e-5)), s)
+
+        row = {"shape": label, "n": n, "c": c, "h": h, "w": w, "groups": groups}
+        with torch.no_grad():
+            for name, fn in (("inductor_bf16", torch.compile(ind_bf16)), ("inductor_fp8", torch.compile(ind_fp8)),
+                             ("diffquant_bf16", lambda: group_norm_act(x, None, t, wt, b, groups, 1e-5, True, None,
+                                                                       torch.bfloat16)),
+                             ("diffquant_fp8", lambda: group_norm_act(x, None, t, wt, b, groups, 1e-5, True, s,
+                                                                      torch.float8_e4m3fn))):
+                row[name + "_ms"] = round(time_call(fn, reps=a.reps)[0], 5)
+        for out in ("bf16", "fp8"):
+            moved = x.numel() * (2 + 2 + (2 if out == "bf16" else 1))
+            row[f"diffquant_{out}_GBps"] = round(moved / row[f"diffquant_{out}_ms"] / 1e6, 1)
+            row[f"speedup_{out}"] = round(row[f"inductor_{out}_ms"] / row[f"diffquant_{out}_ms"], 3)
+        rows.append(row)
+        print(json.dumps(row))
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
+           "sum_inductor_fp8_ms": round(sum(r["inductor_fp8_ms"] for r in rows), 4),
+           "sum_diffquant_fp8_ms": round(sum(r["diffquant_fp8_ms"] for r in rows), 4)}
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print("sum over shapes, fp8 out: inductor", res["sum_inductor_fp8_ms"], "ms, diffquant", res["sum_diffquant_fp8_ms"], "ms")
+
+
+if __name__ == "__main__":
+    main()
