@@ -845,7 +845,8 @@ def test_gpu_fused_resnet_norms_match_diffusers_blocks():
 
 def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):
     """convert(fuse_norms=True): every plain ResNet block runs norm + SiLU (+ time embedding) through
-    diffquant::group_norm_act, handing converted FP8 convs their e4m3 input; on the inputs each block sees, it
+    diffquant::group_norm_act, handing converted FP8 convs their e4m3 input (int8 convs their int8 codes); on the
+    inputs each block sees, it
     returns what diffusers' own forward returns (the reference op: the same FP8 codes here); the model compiles as
     one graph; a block of another form is left alone with its reason."""
     from diffusers.models.resnet import ResnetBlock2D
@@ -856,6 +857,12 @@ def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):
     model, q, (x, t, c) = _calibrated("fp8")
     cm = convert(q, "fp8", fuse_norms=True)
     fused = [n for n, m in cm.named_modules() if type(m).__name__ == "FusedNormResnetBlock2D"]
+    # int8: the norm writes the conv's int8 codes; the same per-block check
+    mi, qi, (xi, ti, ci) = _calibrated("int8")
+    ci8 = convert(qi, "int8", fuse_norms=True)
+    with torch.no_grad():
+        _check_fused_blocks(ci8, [n for n, m in ci8.named_modules() if type(m).__name__ == "FusedNormResnetBlock2D"],
+                            (xi, ti, ci), 1e-3)
     assert fused and cm._diffquant_convert_report.norms.startswith(f"{len(fused)} ResNet blocks")
     calls, fp8_out = [], []
     real = fused_blocks.group_norm_act

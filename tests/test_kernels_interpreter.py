@@ -240,9 +240,12 @@ sys.path.insert(0, {src!r})
 import torch
 import diffquant.kernels.reference as ref_mod
 _out_like = ref_mod.out_like
-def poisoned(*a, **k):  # NaN in every element (0x7F in e4m3): an element the kernel does not write fails
+def poisoned(*a, **k):  # NaN in every element (0x7F in e4m3; random bytes in int8): an unwritten element fails
     out = _out_like(*a, **k)
-    out.view(torch.uint8).fill_(0x7F) if out.dtype == torch.float8_e4m3fn else out.fill_(float("nan"))
+    if out.dtype == torch.int8:
+        out.view(torch.uint8).copy_(torch.randint(0, 256, out.shape, dtype=torch.uint8))
+    else:
+        out.view(torch.uint8).fill_(0x7F) if out.dtype == torch.float8_e4m3fn else out.fill_(float("nan"))
     return out
 ref_mod.out_like = poisoned
 from diffquant.kernels.reference import group_norm_act_reference
@@ -255,18 +258,26 @@ for n, c1, c2, h, w, groups, add, silu, fp8, off in [(2, 40, 0, 5, 7, 8, False, 
                                                      (1, 64, 0, 9, 9, 32, False, False, False, 100.0),
                                                      (2, 320, 0, 6, 6, 32, True, True, True, 0.5),
                                                      (1, 96, 64, 3, 5, 32, False, True, False, 0.0),
-                                                     (2, 48, 32, 4, 5, 16, True, True, "per_channel", 0.0)]:
+                                                     (2, 48, 32, 4, 5, 16, True, True, "per_channel", 0.0),
+                                                     (2, 40, 0, 5, 7, 8, True, True, "int8", 0.0),
+                                                     (1, 48, 32, 4, 5, 16, False, True, "int8_per_channel", 0.3)]:
     x = (torch.randn(n, c1, h, w, generator=g) + off).contiguous(memory_format=torch.channels_last)
     x2 = torch.randn(n, c2, h, w, generator=g).contiguous(memory_format=torch.channels_last) if c2 else None
     c = c1 + c2
     a = torch.randn(n, c, generator=g) if add else None
     wt, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
-    s = (torch.rand(c, generator=g) * 0.02 + 0.005) if fp8 == "per_channel" else torch.tensor([0.01]) if fp8 else None
-    dt = torch.float8_e4m3fn if fp8 else torch.float32
-    got = group_norm_act_triton(x, x2, a, wt, b, groups, 1e-5, silu, s, dt).float()
-    want = group_norm_act_reference(x, x2, a, wt, b, groups, 1e-5, silu, s, dt).float()
-    if fp8:  # summation order may move a value across an e4m3 rounding edge: count the codes that differ
-        res.append([bool(torch.isfinite(got).all()), float((got != want).float().mean()), "fp8"])
+    zp, q = None, (0, 0, 0)
+    if fp8 in ("int8", "int8_per_channel"):  # the converted int8 layers' grid: inverse scale, zero point, offset 128
+        per = c if fp8 == "int8_per_channel" else 1
+        s, zp, q = torch.rand(per, generator=g) * 40 + 20, torch.randint(0, 255, (per,), generator=g).float(), (0, 255, 128)
+        dt = torch.int8
+    else:
+        s = (torch.rand(c, generator=g) * 0.02 + 0.005) if fp8 == "per_channel" else torch.tensor([0.01]) if fp8 else None
+        dt = torch.float8_e4m3fn if fp8 else torch.float32
+    got = group_norm_act_triton(x, x2, a, wt, b, groups, 1e-5, silu, s, dt, zp, *q).float()
+    want = group_norm_act_reference(x, x2, a, wt, b, groups, 1e-5, silu, s, dt, zp, *q).float()
+    if fp8:  # summation order may move a value across a rounding edge: count the codes that differ
+        res.append([bool(torch.isfinite(got).all()), float((got != want).float().mean()), "codes"])
     else:
         res.append([bool(torch.isfinite(got).all()), float((got - want).abs().max() / want.abs().max()), "f32"])
 print("RESULT" + json.dumps(res))
@@ -276,8 +287,8 @@ print("RESULT" + json.dumps(res))
 def test_interpreter_group_norm_act_kernels_match_reference():
     """The channels-last GroupNorm kernels (tile statistics, Chan's combination, apply + SiLU + FP8 quantization):
     odd channel counts and pixel tails, a concatenated second input read in place, a per-channel addend, and an
-    input offset of 100 (no cancellation), one FP8 scale per channel (a split consumer), against the reference;
-    outputs poisoned."""
+    input offset of 100 (no cancellation), one FP8 scale per channel (a split consumer), int8 output with a zero
+    point (per tensor and per channel), against the reference; outputs poisoned."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     p = subprocess.run([sys.executable, "-c", GN_SCRIPT.format(src=str(ROOT / "src"))], env=env,
                        capture_output=True, text=True, timeout=600)
@@ -285,4 +296,4 @@ def test_interpreter_group_norm_act_kernels_match_reference():
     assert p.returncode == 0 and line, p.stderr[-3000:]
     for finite, err, kind in json.loads(line[0][len("RESULT"):]):
         assert finite, kind
-        assert err < (5e-3 if kind == "fp8" else 1e-5), (kind, err)
+        assert err < (5e-3 if kind == "codes" else 1e-5), (kind, err)

@@ -3,7 +3,8 @@
 In a ResNet block each group norm is followed by SiLU and a 3x3 conv. :func:`fuse_resnet_norms` swaps the class of
 every block that has this plain form for :class:`FusedNormResnetBlock2D`. That subclass computes norm + SiLU (+ the
 time embedding added before ``norm2``) in one op over channels-last activations. When the conv is a converted
-layer with a static FP8 input scale, the op also writes the conv's e4m3 input. The parameters and the state dict
+layer with a static input quantization (FP8, or integer with a zero point), the op also writes the conv's
+quantized input. The parameters and the state dict
 are unchanged; a block in training mode, or called with extra arguments, runs diffusers' own forward.
 """
 from __future__ import annotations
@@ -48,12 +49,24 @@ def _resnet_block_class():
     return ResnetBlock2D
 
 
+def _input_quantization(conv: nn.Module, dtype: torch.dtype) -> tuple:
+    """What the norm writes for ``conv``: ``(out_dtype, scale, zero point, qmin, qmax, offset)``: e4m3 for a converted
+    conv with static FP8 input scales, its int8 codes for one with a static integer input quantization, else the
+    float activations (a converted conv with dynamic scales, or a float / fake-quant conv, quantizes them itself)."""
+    scale = _fp8_input_scale(conv)
+    if scale is not None:
+        return torch.float8_e4m3fn, scale, None, 0, 0, 0
+    if isinstance(conv, LowBitLayer) and conv.kind == "conv" and conv.act == "int":
+        return (torch.int8, conv.act_inv_scale.reshape(-1), conv.act_zp.reshape(-1), conv.qmin, conv.qmax,
+                conv.offset)
+    return dtype, None, None, 0, 0, 0
+
+
 class _FusedNormMixin:
     def _norm_act(self, norm: nn.GroupNorm, conv: nn.Module, x: torch.Tensor, add_nc: Optional[torch.Tensor]):
-        scale = _fp8_input_scale(conv)
-        out_dtype = torch.float8_e4m3fn if scale is not None else x.dtype
+        out_dtype, scale, zp, qmin, qmax, offset = _input_quantization(conv, x.dtype)
         h = group_norm_act(x, None, add_nc, norm.weight, norm.bias, norm.num_groups, float(norm.eps), True, scale,
-                           out_dtype)
+                           out_dtype, zp, qmin, qmax, offset)
         return conv(h, out_dtype=x.dtype) if scale is not None else conv(h)
 
     def forward(self, input_tensor: torch.Tensor, temb: Optional[torch.Tensor], *args, **kwargs) -> torch.Tensor:

@@ -126,12 +126,14 @@ class LowBitLayer(_KeepStorage, nn.Module):
         return x4, None
 
     def forward(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """``x`` in float; or, for a layer with static FP8 input scales (``act == "fp8"``), already e4m3 values
-        x / scale, per channel (its producer fused the quantization: the FP8 attention for ``to_out``, a fused group
-        norm for a ResNet conv), with ``out_dtype``."""
-        prequantized = x.dtype == torch.float8_e4m3fn and self.act == "fp8"
+        """``x`` in float; or, for a layer with a static input quantization (``act`` "fp8" or "int"), its already
+        quantized values (e4m3 x / scale per channel, or the int8 codes of :func:`.reference.quantize_act_int8`): its
+        producer fused the quantization (the FP8 attention for ``to_out``, a fused group norm for a ResNet conv). Then
+        ``out_dtype`` is needed."""
+        prequantized = (x.dtype == torch.float8_e4m3fn and self.act == "fp8") or (x.dtype == torch.int8 and
+                                                                                  self.act == "int")
         if prequantized and out_dtype is None:
-            raise ValueError(f"{self.layer_name}: an e4m3 input needs the output dtype (out_dtype=...)")
+            raise ValueError(f"{self.layer_name}: a quantized input needs the output dtype (out_dtype=...)")
         out_dtype = out_dtype or x.dtype
         if self.kind == "linear":
             lead = x.shape[:-1]

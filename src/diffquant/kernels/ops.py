@@ -144,10 +144,12 @@ def _fp8_attention_fp8_fake(q8, k8, v8, s_q, s_k, s_v, sm_scale, out_dtype, out_
 @torch.library.custom_op("diffquant::group_norm_act", mutates_args=())
 def group_norm_act(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: Optional[torch.Tensor], weight: torch.Tensor,
                    bias: torch.Tensor, num_groups: int, eps: float, silu: bool, out_scale: Optional[torch.Tensor],
-                   out_dtype: torch.dtype) -> torch.Tensor:
+                   out_dtype: torch.dtype, out_zp: Optional[torch.Tensor] = None, qmin: int = 0, qmax: int = 0,
+                   qoffset: int = 0) -> torch.Tensor:
     """GroupNorm of cat(x, x2) (+ add_nc [N, C] per image and channel), affine, SiLU if ``silu``; e4m3 values of the
-    result / ``out_scale`` (fp32 [1] or [C]: the consumer's static FP8 input scale; ``out_dtype`` float8_e4m3fn), or the
-    result in ``out_dtype``. Channels-last [N, C, H, W] out. See :func:`.reference.group_norm_act_reference`; the
+    result / ``out_scale`` (fp32 [1] or [C]: the consumer's static FP8 input scale; ``out_dtype`` float8_e4m3fn); with
+    ``out_dtype`` int8, the consumer's integer input quantization (``out_scale`` its inverse scale, ``out_zp`` its zero
+    point, ``qmin``/``qmax``/``qoffset`` its grid); or the result in ``out_dtype``. Channels-last [N, C, H, W] out. See :func:`.reference.group_norm_act_reference`; the
     Triton kernels (:mod:`.triton_norm`) on CUDA, the reference elsewhere."""
     c = x.shape[1] + (x2.shape[1] if x2 is not None else 0)
     if x.dim() != 4 or (x2 is not None and (x2.shape[0] != x.shape[0] or x2.shape[2:] != x.shape[2:])):
@@ -158,19 +160,24 @@ def group_norm_act(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: Optional
                          f"bias {tuple(bias.shape)}")
     if add_nc is not None and add_nc.shape != (x.shape[0], c):
         raise ValueError(f"group_norm_act: add_nc must be [N, C] = {(x.shape[0], c)}; got {tuple(add_nc.shape)}")
-    if (out_scale is not None) != (out_dtype == torch.float8_e4m3fn):
-        raise ValueError(f"an e4m3 output needs out_scale and out_scale needs out_dtype float8_e4m3fn; got {out_dtype}, "
-                         f"out_scale {'set' if out_scale is not None else 'None'}")
-    if out_scale is not None and out_scale.numel() not in (1, c):
-        raise ValueError(f"group_norm_act: out_scale needs 1 or {c} values (one per channel); got {out_scale.numel()}")
+    quant = out_dtype in (torch.float8_e4m3fn, torch.int8)
+    if (out_scale is not None) != quant or (out_zp is not None) != (out_dtype == torch.int8):
+        raise ValueError(f"group_norm_act: an e4m3 output needs out_scale, an int8 output out_scale and out_zp, a float "
+                         f"output neither; got {out_dtype}, out_scale {'set' if out_scale is not None else 'None'}, "
+                         f"out_zp {'set' if out_zp is not None else 'None'}")
+    for name, v in (("out_scale", out_scale), ("out_zp", out_zp)):
+        if v is not None and v.numel() not in (1, c):
+            raise ValueError(f"group_norm_act: {name} needs 1 or {c} values (one per channel); got {v.numel()}")
+    args = (x, x2, add_nc, weight, bias, num_groups, eps, silu, out_scale, out_dtype, out_zp, qmin, qmax, qoffset)
     if _use_triton(x):
         from diffquant.kernels.triton_norm import group_norm_act_triton
 
-        return group_norm_act_triton(x, x2, add_nc, weight, bias, num_groups, eps, silu, out_scale, out_dtype)
-    return group_norm_act_reference(x, x2, add_nc, weight, bias, num_groups, eps, silu, out_scale, out_dtype)
+        return group_norm_act_triton(*args)
+    return group_norm_act_reference(*args)
 
 
 @group_norm_act.register_fake
-def _group_norm_act_fake(x, x2, add_nc, weight, bias, num_groups, eps, silu, out_scale, out_dtype):
+def _group_norm_act_fake(x, x2, add_nc, weight, bias, num_groups, eps, silu, out_scale, out_dtype, out_zp=None,
+                         qmin=0, qmax=0, qoffset=0):
     c = x.shape[1] + (x2.shape[1] if x2 is not None else 0)
     return out_like(x, c, x.shape[2], x.shape[3], out_dtype)

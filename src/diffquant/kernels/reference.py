@@ -228,11 +228,15 @@ def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
 
 def group_norm_act_reference(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: Optional[torch.Tensor],
                              weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, silu: bool,
-                             out_scale: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+                             out_scale: Optional[torch.Tensor], out_dtype: torch.dtype,
+                             out_zp: Optional[torch.Tensor] = None, qmin: int = 0, qmax: int = 0,
+                             qoffset: int = 0) -> torch.Tensor:
     """GroupNorm over the channel concatenation of ``x`` and ``x2`` (when given) plus ``add_nc`` ([N, C], broadcast
     over the pixels: a time embedding), affine, SiLU if ``silu``, in float64 (PyTorch's fp32 CPU group norm loses
     3 digits at an input mean of 100); then y as fp32 and, with ``out_scale`` (fp32 [1] or [C]: the consumer's static
-    FP8 input scale, per channel for a split layer), e4m3 values of y / out_scale, else y in ``out_dtype``. Channels-last output [N, C, H, W]. What
+    FP8 input scale, per channel for a split layer), e4m3 values of y / out_scale; ``out_dtype`` int8: the consumer's
+    integer input quantization (:func:`quantize_act_int8`; ``out_scale`` is then its inverse scale, ``out_zp`` its
+    zero point, both [1] or [C]); else y in ``out_dtype``. Channels-last output [N, C, H, W]. What
     ``diffquant::group_norm_act`` computes (its test oracle)."""
     xc = x.double() if x2 is None else torch.cat([x.double(), x2.double()], dim=1)
     if add_nc is not None:
@@ -241,8 +245,11 @@ def group_norm_act_reference(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc
     if silu:
         y = F.silu(y)
     y = y.float()
-    if out_scale is not None:
-        y = quantize_act_fp8(y, out_scale.float().reshape(() if out_scale.numel() == 1 else (1, -1, 1, 1)))
+    per_ch = lambda v: v.float().reshape(() if v.numel() == 1 else (1, -1, 1, 1))  # noqa: E731
+    if out_dtype == torch.int8:
+        y = quantize_act_int8(y, per_ch(out_scale), per_ch(out_zp), qmin, qmax, qoffset)
+    elif out_scale is not None:
+        y = quantize_act_fp8(y, per_ch(out_scale))
     else:
         y = y.to(out_dtype)
     return y.contiguous(memory_format=torch.channels_last)

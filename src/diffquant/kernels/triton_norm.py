@@ -97,9 +97,11 @@ def _gn_finalize_kernel(mean_ptr, m2_ptr, gmean_ptr, grstd_ptr, HW, C, T, CPG, G
 
 
 @triton.jit
-def _gn_apply_kernel(x_ptr, x2_ptr, add_ptr, gmean_ptr, grstd_ptr, w_ptr, b_ptr, so_ptr, out_ptr, HW, C1, C, CPG, G,
+def _gn_apply_kernel(x_ptr, x2_ptr, add_ptr, gmean_ptr, grstd_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, HW, C1, C,
+                     CPG, G, QMIN, QMAX, QOFF,
                      HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr, QUANT: tl.constexpr,
-                     SCALE_PER_CH: tl.constexpr, EMULATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                     INT8: tl.constexpr, SCALE_PER_CH: tl.constexpr, EMULATE: tl.constexpr, BLOCK_P: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
     t = tl.program_id(0)
     n = tl.program_id(1)
     offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -117,13 +119,23 @@ def _gn_apply_kernel(x_ptr, x2_ptr, add_ptr, gmean_ptr, grstd_ptr, w_ptr, b_ptr,
             y = y / (1.0 + tl.exp(-y))
         ptrs = out_ptr + n.to(tl.int64) * HW * C + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
         ok = (offs_p < HW)[:, None] & c_ok[None, :]
-        if QUANT:  # the consumer's static input quantization: e4m3 bytes of y / its scale (per channel: split layer)
+        if QUANT:  # the consumer's static input quantization (scales per channel: a split layer)
             if SCALE_PER_CH:
                 so = tl.load(so_ptr + offs_c, mask=c_ok, other=1.0)[None, :]
             else:
                 so = tl.load(so_ptr)
-            y8 = _e4m3(tl.clamp(y / so, -448.0, 448.0), EMULATE)
-            tl.store(ptrs, y8.to(tl.uint8, bitcast=True), mask=ok)
+            if INT8:  # clamp(round(y * inverse scale) + zp, qmin, qmax) - offset, rounding half to even
+                if SCALE_PER_CH:
+                    zp = tl.load(zp_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
+                else:
+                    zp = tl.load(zp_ptr)
+                v = y * so
+                r = (v + 12582912.0) - 12582912.0  # 1.5 * 2**23: to the nearest integer, ties to even (|v| < 2**22)
+                q = tl.minimum(tl.maximum(r + zp, QMIN), QMAX) - QOFF
+                tl.store(ptrs, q.to(tl.int8), mask=ok)
+            else:  # e4m3 bytes of y / scale
+                y8 = _e4m3(tl.clamp(y / so, -448.0, 448.0), EMULATE)
+                tl.store(ptrs, y8.to(tl.uint8, bitcast=True), mask=ok)
         else:
             tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -134,7 +146,9 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 
 def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: Optional[torch.Tensor],
                           weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, silu: bool,
-                          out_scale: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+                          out_scale: Optional[torch.Tensor], out_dtype: torch.dtype,
+                          out_zp: Optional[torch.Tensor] = None, qmin: int = 0, qmax: int = 0,
+                          qoffset: int = 0) -> torch.Tensor:
     from diffquant.kernels.reference import out_like
 
     nb, c1, h, w = x.shape
@@ -143,7 +157,8 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
     x = _channels_last(x)
     x2 = _channels_last(x2) if x2 is not None else None
     quant = out_scale is not None
-    out = out_like(x, c, h, w, torch.float8_e4m3fn if quant else out_dtype)
+    int8 = out_dtype == torch.int8
+    out = out_like(x, c, h, w, out_dtype)
     if nb == 0 or hw == 0:
         return out
     block_c = max(16, min(128, triton.next_power_of_2(c)))  # a channel chunk; the kernels loop over the chunks
@@ -170,9 +185,13 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
                                           BLOCK_P=block_p, BLOCK_T=max(2, min(256, 2048 // block_cg)),
                                           BLOCK_CG=block_cg, num_warps=4)
     s_out = out_scale.float().reshape(-1).contiguous() if quant else gmean
-    _gn_apply_kernel[(tiles, nb)](x, x2_arg, add_arg, gmean, grstd, weight.contiguous(), bias.contiguous(), s_out,
-                                  out.view(torch.uint8) if quant else out, hw, c1, c, cpg, num_groups,
+    zp = out_zp.float().reshape(-1).contiguous() if int8 else gmean
+    if int8 and s_out.numel() != zp.numel():  # one per channel for both when either is
+        s_out, zp = s_out.expand(c).contiguous(), zp.expand(c).contiguous()
+    _gn_apply_kernel[(tiles, nb)](x, x2_arg, add_arg, gmean, grstd, weight.contiguous(), bias.contiguous(), s_out, zp,
+                                  out.view(torch.uint8) if quant and not int8 else out, hw, c1, c, cpg, num_groups,
+                                  qmin, qmax, qoffset,
                                   HAS_X2=x2 is not None, HAS_ADD=add_nc is not None, SILU=silu, QUANT=quant,
-                                  SCALE_PER_CH=quant and s_out.numel() > 1, EMULATE=os.environ.get("TRITON_INTERPRET") == "1", BLOCK_P=block_p,
+                                  INT8=int8, SCALE_PER_CH=quant and s_out.numel() > 1, EMULATE=os.environ.get("TRITON_INTERPRET") == "1", BLOCK_P=block_p,
                                   BLOCK_C=block_c, num_warps=warps)
     return out
