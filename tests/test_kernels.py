@@ -812,6 +812,7 @@ def _check_fused_blocks(cm, fused, inputs, tol):
 
     def keep(name):
         def hook(mod, args, kwargs, out):
+            out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
             seen.setdefault(name, (args, kwargs, out.clone()))
         return hook
 
@@ -824,7 +825,13 @@ def _check_fused_blocks(cm, fused, inputs, tol):
             h.remove()
     assert set(seen) == set(fused)
     for n, (args, kwargs, got) in seen.items():
-        want = ResnetBlock2D.forward(mods[n], *args, **kwargs)
+        m = mods[n]
+        fused_cls, m.__class__ = type(m), type(m).__bases__[1]  # diffusers' own class, same module, same inputs
+        try:
+            want = m(*args, **kwargs)
+        finally:
+            m.__class__ = fused_cls
+        got, want = (v[0] if isinstance(v, tuple) else getattr(v, "sample", v) for v in (got, want))
         assert float((got.float() - want.float()).norm() / want.float().norm()) < tol, n
     return out
 
@@ -857,13 +864,15 @@ def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):
     model, q, (x, t, c) = _calibrated("fp8")
     cm = convert(q, "fp8", fuse_norms=True)
     fused = [n for n, m in cm.named_modules() if type(m).__name__ == "FusedNormResnetBlock2D"]
-    # int8: the norm writes the conv's int8 codes; the same per-block check
-    mi, qi, (xi, ti, ci) = _calibrated("int8")
-    ci8 = convert(qi, "int8", fuse_norms=True)
-    with torch.no_grad():
-        _check_fused_blocks(ci8, [n for n, m in ci8.named_modules() if type(m).__name__ == "FusedNormResnetBlock2D"],
-                            (xi, ti, ci), 1e-3)
-    assert fused and cm._diffquant_convert_report.norms.startswith(f"{len(fused)} ResNet blocks")
+    # int8: the norm writes the conv's int8 codes; a text-to-image UNet: transformer input norms into proj_in too
+    for backend, unet in (("int8", None), ("fp8", tiny_sd_unet())):
+        mi, qi, inputs = _calibrated(backend, model=unet)
+        ci8 = convert(qi, backend, fuse_norms=True)
+        names = [n for n, m in ci8.named_modules() if type(m).__name__.startswith("FusedNorm")]
+        assert unet is None or any(type(m).__name__ == "FusedNormTransformer2DModel" for m in ci8.modules())
+        with torch.no_grad():
+            _check_fused_blocks(ci8, names, inputs, 1e-3)
+    assert fused and cm._diffquant_convert_report.norms.startswith(f"{len(fused)} blocks")
     calls, fp8_out = [], []
     real = fused_blocks.group_norm_act
 

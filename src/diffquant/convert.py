@@ -236,9 +236,9 @@ def convert(
     chosen only when the model sits on a GPU where it works). ``min_channels``: a layer with fewer input or output
     channels keeps its fake-quant module (the same numbers, computed by the float conv / matmul): the low-bit
     kernels' tensor-core tiles are mostly empty there (the CIFAR UNet's conv_in, 3 -> 128 channels at batch 256:
-    0.257 ms in the FP8 kernel, 0.091 ms in cuDNN bf16; H200, 2026-11-28). ``fuse_norms``: every plain diffusers
-    ResNet block runs its group norms + SiLU as ``diffquant::group_norm_act``, which also writes a converted conv's
-    e4m3 input (:mod:`diffquant.kernels.fused_blocks`)."""
+    0.257 ms in the FP8 kernel, 0.091 ms in cuDNN bf16; H200, 2026-11-28). ``fuse_norms``: the group norms of every
+    plain diffusers ResNet block (+ SiLU) and Transformer2DModel input run as ``diffquant::group_norm_act``, which
+    also writes a converted consumer's quantized input (:mod:`diffquant.kernels.fused_blocks`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; allowed: {', '.join(BACKENDS)}")
     if unsupported not in UNSUPPORTED:
@@ -290,7 +290,8 @@ def convert(
         from diffquant.kernels.fused_blocks import fuse_resnet_norms
 
         fused, left = fuse_resnet_norms(model)
-        report.norms = (f"{len(fused)} ResNet blocks run norm + SiLU as diffquant::group_norm_act (fuse_norms=True)"
+        report.norms = (f"{len(fused)} blocks (ResNet norms + SiLU, transformer input norms) run their group norms as "
+                        f"diffquant::group_norm_act (fuse_norms=True)"
                         + "".join(f"; {n} left alone: {why}" for n, why in left.items()))
     model._diffquant_convert_report = report  # type: ignore[attr-defined]
     model._diffquant_backend = backend  # type: ignore[attr-defined]

@@ -1,8 +1,9 @@
-"""Block-level fusion for inference: a diffusers ``ResnetBlock2D`` whose group norms run as ``diffquant::group_norm_act``.
+"""Block-level fusion for inference: diffusers blocks whose group norms run as ``diffquant::group_norm_act``.
 
-In a ResNet block each group norm is followed by SiLU and a 3x3 conv. :func:`fuse_resnet_norms` swaps the class of
-every block that has this plain form for :class:`FusedNormResnetBlock2D`. That subclass computes norm + SiLU (+ the
-time embedding added before ``norm2``) in one op over channels-last activations. When the conv is a converted
+In a ResNet block each group norm is followed by SiLU and a 3x3 conv; in a ``Transformer2DModel`` the input norm is
+followed by ``proj_in``. :func:`fuse_resnet_norms` swaps the class of every such block that has the plain form for a
+subclass (``FusedNormResnetBlock2D``, ``FusedNormTransformer2DModel``) that computes norm (+ SiLU, + the time
+embedding added before ``norm2``) in one op over channels-last activations. When the conv is a converted
 layer with a static input quantization (FP8, or integer with a zero point), the op also writes the conv's
 quantized input. The parameters and the state dict
 are unchanged; a block in training mode, or called with extra arguments, runs diffusers' own forward.
@@ -21,7 +22,7 @@ from diffquant.kernels.ops import group_norm_act
 def _fp8_input_scale(conv: nn.Module) -> Optional[torch.Tensor]:
     """The static FP8 input scales (fp32 [C], one per input channel: a split conv has two values) of a converted
     conv that takes e4m3 input, else None."""
-    if isinstance(conv, LowBitLayer) and conv.kind == "conv" and conv.act == "fp8":
+    if isinstance(conv, LowBitLayer) and conv.act == "fp8":
         return conv.act_scale.reshape(-1)
     return None
 
@@ -56,18 +57,27 @@ def _input_quantization(conv: nn.Module, dtype: torch.dtype) -> tuple:
     scale = _fp8_input_scale(conv)
     if scale is not None:
         return torch.float8_e4m3fn, scale, None, 0, 0, 0
-    if isinstance(conv, LowBitLayer) and conv.kind == "conv" and conv.act == "int":
+    if isinstance(conv, LowBitLayer) and conv.act == "int":
         return (torch.int8, conv.act_inv_scale.reshape(-1), conv.act_zp.reshape(-1), conv.qmin, conv.qmax,
                 conv.offset)
     return dtype, None, None, 0, 0, 0
 
 
+def _norm_into(norm: nn.GroupNorm, consumer: nn.Module, x: torch.Tensor, add_nc: Optional[torch.Tensor], silu: bool,
+               as_tokens: bool = False) -> torch.Tensor:
+    """``consumer(act(norm(x + add_nc)))`` with the norm, the activation and the consumer's input quantization in
+    one op; ``as_tokens``: the consumer is a Linear over [N, H*W, C] (a free view of the channels-last output)."""
+    out_dtype, scale, zp, qmin, qmax, offset = _input_quantization(consumer, x.dtype)
+    h = group_norm_act(x, None, add_nc, norm.weight, norm.bias, norm.num_groups, float(norm.eps), silu, scale,
+                       out_dtype, zp, qmin, qmax, offset)
+    if as_tokens:
+        h = h.permute(0, 2, 3, 1).reshape(x.shape[0], x.shape[2] * x.shape[3], h.shape[1])
+    return consumer(h, out_dtype=x.dtype) if scale is not None else consumer(h)
+
+
 class _FusedNormMixin:
     def _norm_act(self, norm: nn.GroupNorm, conv: nn.Module, x: torch.Tensor, add_nc: Optional[torch.Tensor]):
-        out_dtype, scale, zp, qmin, qmax, offset = _input_quantization(conv, x.dtype)
-        h = group_norm_act(x, None, add_nc, norm.weight, norm.bias, norm.num_groups, float(norm.eps), True, scale,
-                           out_dtype, zp, qmin, qmax, offset)
-        return conv(h, out_dtype=x.dtype) if scale is not None else conv(h)
+        return _norm_into(norm, conv, x, add_nc, True)
 
     def forward(self, input_tensor: torch.Tensor, temb: Optional[torch.Tensor], *args, **kwargs) -> torch.Tensor:
         if self.training or args or kwargs:
@@ -83,29 +93,61 @@ class _FusedNormMixin:
         return (x + h) / self.output_scale_factor
 
 
-_FUSED_CLASS = None
+class _FusedInputNormMixin:
+    def _operate_on_continuous_inputs(self, hidden_states: torch.Tensor):
+        if self.training:
+            return super()._operate_on_continuous_inputs(hidden_states)
+        h = _norm_into(self.norm, self.proj_in, hidden_states, None, False, as_tokens=self.use_linear_projection)
+        if self.use_linear_projection:  # what diffusers returns as inner_dim: the channels before proj_in
+            return h, hidden_states.shape[1]
+        return h.permute(0, 2, 3, 1).reshape(hidden_states.shape[0], -1, h.shape[1]), h.shape[1]
 
 
-def fused_class():
-    """:class:`FusedNormResnetBlock2D`, made on first use (diffusers is imported lazily)."""
-    global _FUSED_CLASS
-    if _FUSED_CLASS is None:
-        _FUSED_CLASS = type("FusedNormResnetBlock2D", (_FusedNormMixin, _resnet_block_class()), {
-            "__doc__": "A ResnetBlock2D whose norm + SiLU (+ time embedding) run as diffquant::group_norm_act."})
-    return _FUSED_CLASS
+def _transformer_class():
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    return Transformer2DModel
+
+
+def _transformer_unfusable(block) -> Optional[str]:
+    if not block.is_input_continuous:
+        return "input is not continuous (vectorized / patches)"
+    if type(block.norm) is not nn.GroupNorm or not block.norm.affine:
+        return f"norm is {type(block.norm).__name__} (needs an affine nn.GroupNorm)"
+    return None
+
+
+_FUSED_CLASSES: dict = {}
+
+
+def fused_class(kind: str = "resnet"):
+    """The fused subclass of ``ResnetBlock2D`` (``kind="resnet"``) or ``Transformer2DModel`` (``"transformer"``), made
+    on first use (diffusers is imported lazily)."""
+    if kind not in _FUSED_CLASSES:
+        if kind == "resnet":
+            _FUSED_CLASSES[kind] = type("FusedNormResnetBlock2D", (_FusedNormMixin, _resnet_block_class()), {
+                "__doc__": "A ResnetBlock2D whose norm + SiLU (+ time embedding) run as diffquant::group_norm_act."})
+        elif kind == "transformer":
+            _FUSED_CLASSES[kind] = type("FusedNormTransformer2DModel", (_FusedInputNormMixin, _transformer_class()), {
+                "__doc__": "A Transformer2DModel whose input norm runs as diffquant::group_norm_act."})
+        else:
+            raise ValueError(f"kind={kind!r}; allowed: 'resnet', 'transformer'")
+    return _FUSED_CLASSES[kind]
 
 
 def fuse_resnet_norms(model: nn.Module) -> tuple[list[str], dict[str, str]]:
-    """Swap every plain ``ResnetBlock2D`` of ``model`` for the fused-norm subclass, in place: ``(fused block names,
-    {block name: why it was left alone})``."""
-    base, cls = _resnet_block_class(), fused_class()
+    """Swap every plain ``ResnetBlock2D`` and ``Transformer2DModel`` of ``model`` for its fused-norm subclass, in
+    place: ``(fused block names, {block name: why it was left alone})``."""
+    kinds = [(_resnet_block_class(), fused_class("resnet"), _unfusable),
+             (_transformer_class(), fused_class("transformer"), _transformer_unfusable)]
     fused, left = [], {}
     for name, m in model.named_modules():
-        if isinstance(m, base) and type(m) is base:
-            why = _unfusable(m)
-            if why is None:
-                m.__class__ = cls
-                fused.append(name)
-            else:
-                left[name] = why
+        for base, cls, unfusable in kinds:
+            if type(m) is base:
+                why = unfusable(m)
+                if why is None:
+                    m.__class__ = cls
+                    fused.append(name)
+                else:
+                    left[name] = why
     return fused, left
