@@ -20,8 +20,8 @@ from diffquant.kernels.ops import group_norm_act
 
 
 def _fp8_input_scale(conv: nn.Module) -> Optional[torch.Tensor]:
-    """The static FP8 input scales (fp32 [C], one per input channel: a split conv has two values) of a converted
-    conv that takes e4m3 input, else None."""
+    """The static FP8 input scales (fp32 [C], one per input channel: a split layer has two values) of a converted
+    layer that takes e4m3 input, else None."""
     if isinstance(conv, LowBitLayer) and conv.act == "fp8":
         return conv.act_scale.reshape(-1)
     return None
@@ -40,7 +40,7 @@ def _unfusable(block) -> Optional[str]:
     if type(block.nonlinearity) is not nn.SiLU:
         return f"nonlinearity is {type(block.nonlinearity).__name__} (needs SiLU)"
     # any conv takes the float output (a converted or fake-quant conv quantizes it itself); a converted conv with a
-    # static FP8 input scale gets its e4m3 input straight from the norm
+    # static input quantization gets its quantized input straight from the norm (_input_quantization)
     return None
 
 
