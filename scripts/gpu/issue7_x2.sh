@@ -6,13 +6,8 @@
 #   carry: .whl (diffusers wheel; .whl/torchao-gpu for torchao rows)
 #   run:   bash scripts/gpu/issue7_x2.sh    (env: TOTAL_S (540), TUNE_TASKS, TUNE_S (170), BENCH0, BENCH1, TESTS_K,
 #          ROW_TIMEOUT_S (240: every bench row in its own process, killed after that; 0: one process per GPU))
-#   suggested first call of the next session (nvidia-h200-x2). GPU 0: the new GPU tests (4-D TMA, FP8 attention,
-#   per-token FP8), tuning with all three conv kernels, dq-fp8 with that table. GPU 1: the shipped table's dq-fp8 next
-#   to dq-fp8-fp8attn (the attention's effect alone), then torchao and int8 as far as time goes:
-#     TOTAL_S=560 TESTS_K="test_gpu_tma_path or fp8_attention or per_token" TEST_S=120 TUNE_TASKS=sd15-unet:8:dq-fp8 TUNE_S=150 \
-#     BENCH0=sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8 \
-#     BENCH1=sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8,sd15-unet:8:dq-fp8-fp8attn,sd15-unet:8:torchao-int8dyn,sd15-unet:8:dq-int8 \
-#     bash scripts/gpu/issue7_x2.sh
+#   (session 7 ran it three times; its commands are in BENCHMARKS.md, "Kernels, fifth measurement". For the next
+#   measurements see scripts/gpu/norms.sh and scripts/gpu/issue7_rows.sh, which spread rows over every GPU.)
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
