@@ -804,6 +804,33 @@ def test_gpu_group_norm_act_matches_reference(shape):
     assert float((got - want).abs().max()) < 2e-2 * float(want.abs().max())
 
 
+def test_lowbit_layer_adds_a_residual_in_the_kernel():
+    """LowBitLayer(x, residual=r) == LowBitLayer(x) + r (up to the output's rounding) for every converted layer of a
+    model: single-part and split convs through diffquant::qconv's add, linears (the CPU reference ops here)."""
+    model, q, (x, t, c) = _calibrated("int8")
+    cm = convert(q, "int8")
+    seen = {}
+    layers = {n: m for n, m in cm.named_modules() if isinstance(m, LowBitLayer)}
+    def keep(name):
+        def hook(mod, args, out):  # returns None: the output is not replaced
+            seen.setdefault(name, args[0].clone())
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
+    with torch.no_grad():
+        call_model(cm, x, t, c)
+        for h in hooks:
+            h.remove()
+        kinds = set()
+        for n, inp in seen.items():
+            m = layers[n]
+            y = m(inp)
+            r = torch.randn_like(y)
+            torch.testing.assert_close(m(inp, residual=r), y + r, rtol=1e-5, atol=1e-5)
+            kinds.add((m.kind, len(m.parts)))
+    assert {("conv", 1), ("conv", 2), ("linear", 1)} <= kinds
+
+
 def _check_fused_blocks(cm, fused, inputs, tol):
     """Run ``cm``; every fused block's output against diffusers' own class's forward on the inputs it saw."""
     seen = {}

@@ -64,20 +64,25 @@ def _input_quantization(conv: nn.Module, dtype: torch.dtype) -> tuple:
 
 
 def _norm_into(norm: nn.GroupNorm, consumer: nn.Module, x: torch.Tensor, add_nc: Optional[torch.Tensor], silu: bool,
-               as_tokens: bool = False) -> torch.Tensor:
-    """``consumer(act(norm(x + add_nc)))`` with the norm, the activation and the consumer's input quantization in
-    one op; ``as_tokens``: the consumer is a Linear over [N, H*W, C] (a free view of the channels-last output)."""
+               as_tokens: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``consumer(act(norm(x + add_nc))) + residual`` with the norm, the activation and the consumer's input
+    quantization in one op (and the residual in a converted consumer's epilogue); ``as_tokens``: the consumer is a
+    Linear over [N, H*W, C] (a free view of the channels-last output)."""
     out_dtype, scale, zp, qmin, qmax, offset = _input_quantization(consumer, x.dtype)
     h = group_norm_act(x, None, add_nc, norm.weight, norm.bias, norm.num_groups, float(norm.eps), silu, scale,
                        out_dtype, zp, qmin, qmax, offset)
     if as_tokens:
         h = h.permute(0, 2, 3, 1).reshape(x.shape[0], x.shape[2] * x.shape[3], h.shape[1])
-    return consumer(h, out_dtype=x.dtype) if scale is not None else consumer(h)
+    if isinstance(consumer, LowBitLayer):
+        return consumer(h, out_dtype=x.dtype, residual=residual)
+    y = consumer(h)
+    return y if residual is None else y + residual
 
 
 class _FusedNormMixin:
-    def _norm_act(self, norm: nn.GroupNorm, conv: nn.Module, x: torch.Tensor, add_nc: Optional[torch.Tensor]):
-        return _norm_into(norm, conv, x, add_nc, True)
+    def _norm_act(self, norm: nn.GroupNorm, conv: nn.Module, x: torch.Tensor, add_nc: Optional[torch.Tensor],
+                  residual: Optional[torch.Tensor] = None):
+        return _norm_into(norm, conv, x, add_nc, True, residual=residual)
 
     def forward(self, input_tensor: torch.Tensor, temb: Optional[torch.Tensor], *args, **kwargs) -> torch.Tensor:
         if self.training or args or kwargs:
@@ -88,9 +93,10 @@ class _FusedNormMixin:
             if not self.skip_time_act:
                 temb = self.nonlinearity(temb)
             t = self.time_emb_proj(temb)
-        h = self._norm_act(self.norm2, self.conv2, h, t)  # dropout: identity in eval
         x = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
-        return (x + h) / self.output_scale_factor
+        if self.output_scale_factor == 1:  # the shortcut added in conv2's epilogue (dropout: identity in eval)
+            return self._norm_act(self.norm2, self.conv2, h, t, residual=x)
+        return (x + self._norm_act(self.norm2, self.conv2, h, t)) / self.output_scale_factor
 
 
 class _FusedInputNormMixin:

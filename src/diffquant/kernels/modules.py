@@ -125,11 +125,13 @@ class LowBitLayer(_KeepStorage, nn.Module):
             return xq, s
         return x4, None
 
-    def forward(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x`` in float; or, for a layer with a static input quantization (``act`` "fp8" or "int"), its already
         quantized values (e4m3 x / scale per channel, or the int8 codes of :func:`.reference.quantize_act_int8`): its
         producer fused the quantization (the FP8 attention for ``to_out``, a fused group norm for a ResNet conv). Then
-        ``out_dtype`` is needed."""
+        ``out_dtype`` is needed. ``residual`` (shaped like the output) is added to it, in the conv kernel's epilogue
+        where the layer runs ``diffquant::qconv`` (a ResNet block's shortcut: one pass fewer)."""
         prequantized = (x.dtype == torch.float8_e4m3fn and self.act == "fp8") or (x.dtype == torch.int8 and
                                                                                   self.act == "int")
         if prequantized and out_dtype is None:
@@ -143,8 +145,11 @@ class LowBitLayer(_KeepStorage, nn.Module):
         xq, dyn_scale = (x4, None) if prequantized else self._quantize_input(x4)
         if self.kind == "conv" and not xq.is_contiguous(memory_format=torch.channels_last):
             xq = xq.contiguous(memory_format=torch.channels_last)
+        if residual is not None and self.kind == "linear":
+            residual = residual.reshape(-1, self.out_channels)[:, :, None, None]
         if self.fp8_gemm == "scaled_mm" and len(self.parts) == 1:
             y = self._scaled_mm(xq, dyn_scale, out_dtype)
+            y = y if residual is None else y + residual
         elif self.act == "fp8_token":  # no per-row scale in diffquant::qconv: scale the rows of its output
             p = self.parts[0]
             y = ops.qconv(xq, p.w, p.w_scale, None, None, None, None, None, 0, list(self.stride), list(self.padding),
@@ -152,9 +157,9 @@ class LowBitLayer(_KeepStorage, nn.Module):
             y = y * dyn_scale.view(xq.shape[0], xq.shape[2], xq.shape[3], 1).permute(0, 3, 1, 2)
             if self.bias is not None:
                 y = y + self.bias.view(1, -1, 1, 1)
-            y = y.to(out_dtype)
+            y = (y if residual is None else y + residual).to(out_dtype)
         else:
-            y = None
+            y = residual  # the first part's kernel adds it; each later part adds the sum so far
             for i, p in enumerate(self.parts):
                 xs = xq if len(self.parts) == 1 else xq[:, p.lo:p.hi]
                 a_scale = p.a_scale if dyn_scale is None else dyn_scale if len(self.parts) == 1 else dyn_scale[i:i + 1]
