@@ -500,6 +500,31 @@ def test_tuning_record_and_force_contexts_nest():
     assert tuning._RECORD == {"calls": None, "force": None}
 
 
+def test_tuning_lookup_nearest_borrows_the_same_layer_at_the_nearest_size():
+    """lookup_nearest: a shape without an entry takes the config of the same layer (channels, kernel, stride,
+    padding, output, residual, activation kind) at the nearest N*H*W; another layer, GPU or activation kind: None."""
+    from diffquant.kernels import tuning
+
+    cfg = lambda bm, path=None: dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3,  # noqa: E731
+                                     **({"path": path} if path else {}))
+    key = lambda n, c, h, o=320, act="fp8", add="": (f"{act}:{n}x{c}x{h}x{h}:o{o}:k3x3:s1x1:p1x1:d1x1:bfloat16"  # noqa: E731
+                                                    + add)
+    table = {"format": tuning.FORMAT, "device": "GPU-A", "configs": {
+        key(8, 320, 64): cfg(256, "tma4d"), key(8, 320, 32): cfg(128, "tma4d"), key(8, 320, 16, o=640): cfg(64),
+        key(8, 320, 8, add=":add"): cfg(32)}}
+    tuning.use_table(table)
+    try:
+        assert tuning.lookup_nearest(key(1, 320, 64), "GPU-A") == cfg(128, "tma4d")  # 4096 rows: nearest 8192
+        assert tuning.lookup_nearest(key(64, 320, 64), "GPU-A") == cfg(256, "tma4d")
+        assert tuning.lookup_nearest(key(2, 320, 16, o=640), "GPU-A") == cfg(64)
+        assert tuning.lookup_nearest(key(2, 320, 8, add=":add"), "GPU-A") == cfg(32)
+        for miss in (key(1, 640, 64), key(1, 320, 64, act="int8"), key(1, 320, 64, o=1280)):
+            assert tuning.lookup_nearest(miss, "GPU-A") is None
+        assert tuning.lookup_nearest(key(1, 320, 64), "GPU-B") is None
+    finally:
+        tuning.use_table(None)
+
+
 def test_tuner_bookkeeping_on_cpu_with_a_fake_clock():
     """tune_calls on the CPU (reference op, a fake timer that reads the forced config): every candidate that ran is
     in the row's candidates_ms with its time, the best is their minimum, best_ms_by_path holds each kernel's

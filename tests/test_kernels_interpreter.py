@@ -196,6 +196,14 @@ def test_kernel_choice_follows_table_and_environment(monkeypatch):
         assert pick("kg", only2d) == gather_cfg and pick("kt", only2d) == tma_cfg  # 4-D impossible here: the table
         with tuning.forced_config(gather_cfg):  # the tuner's forced candidate wins over everything
             assert pick("kt", both) == gather_cfg
+        # DIFFQUANT_QCONV_BORROW=1: a shape without an entry takes the same layer's entry at the nearest size
+        monkeypatch.delenv("DIFFQUANT_QCONV_TMA")
+        k8 = "fp8:8x320x64x64:o320:k3x3:s1x1:p1x1:d1x1:bfloat16"
+        tuning.use_table({"format": tuning.FORMAT, "device": "GPU-A", "configs": {k8: tma_cfg}})
+        k1 = k8.replace(":8x", ":1x")
+        assert pick(k1, both).get("path") is None  # default: the heuristic
+        monkeypatch.setenv("DIFFQUANT_QCONV_BORROW", "1")
+        assert pick(k1, both) == tma_cfg and pick(k1, none).get("path") is None
     finally:
         tuning.use_table(None)
 

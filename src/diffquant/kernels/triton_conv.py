@@ -190,14 +190,16 @@ _FORCED_PATHS = {"1": "tma", "4d": "tma4d"}  # DIFFQUANT_QCONV_TMA values that f
 
 def _config(x, key: str, M: int, cout: int, ck: int, w4: bool, ok_paths: frozenset) -> dict:
     """The block config (and kernel path) of one call: forced (tuner) > ``DIFFQUANT_QCONV_TMA=1`` / ``4d`` (that TMA
-    kernel wherever it can run, with the table's config for it or its heuristic) > tuned table of this GPU model >
-    heuristic. ``DIFFQUANT_QCONV_TMA=0`` keeps every shape on the gather kernel. ``ok_paths``: the TMA kernels that
+    kernel wherever it can run, with the table's config for it or its heuristic) > tuned table of this GPU model
+    (with ``DIFFQUANT_QCONV_BORROW=1``, the same layer's entry at the nearest batch size) > heuristic. ``DIFFQUANT_QCONV_TMA=0`` keeps every shape on the gather kernel. ``ok_paths``: the TMA kernels that
     can run this call."""
     forced = tuning._RECORD["force"]
     if forced is not None:
         return forced
     env = os.environ.get("DIFFQUANT_QCONV_TMA", "")
     cfg = tuning.lookup(key, _device_name(x.device)) if x.device.type == "cuda" else None
+    if cfg is None and x.device.type == "cuda" and os.environ.get("DIFFQUANT_QCONV_BORROW") == "1":
+        cfg = tuning.lookup_nearest(key, _device_name(x.device))  # the same layer tuned at another batch size
     want = _FORCED_PATHS.get(env)
     if want is not None and want in ok_paths:
         if cfg is not None and cfg.get("path") == want:

@@ -25,6 +25,7 @@ This module does not import Triton: the table logic is usable (and tested) on an
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -198,6 +199,30 @@ def lookup(key: str, device_name: str) -> Optional[dict]:
         if table["device"] == device_name and key in table["configs"]:
             return dict(table["configs"][key])
     return None
+
+
+def lookup_nearest(key: str, device_name: str) -> Optional[dict]:
+    """For a shape without an entry: the config tuned on ``device_name`` for the same layer (activation kind,
+    channels, kernel, stride, padding, dilation, output, residual) at the batch x spatial size nearest to this one's
+    (log ratio of the GEMM rows N*H*W), or None. Used with ``DIFFQUANT_QCONV_BORROW=1`` (not yet measured against
+    the heuristic: a tuned config of another batch size may not suit this one)."""
+    fields = key.split(":")
+    n, c, h, w = (int(v) for v in fields[1].split("x"))
+    best, best_d = None, None
+    for table in active_tables():
+        if table["device"] != device_name:
+            continue
+        for k, cfg in table["configs"].items():
+            f = k.split(":")
+            if len(f) != len(fields) or f[0] != fields[0] or f[2:] != fields[2:]:
+                continue
+            kn, kc, kh, kw = (int(v) for v in f[1].split("x"))
+            if kc != c:
+                continue
+            d = abs(math.log((kn * kh * kw) / (n * h * w)))
+            if best_d is None or d < best_d:
+                best, best_d = dict(cfg), d
+    return best
 
 
 @contextmanager
