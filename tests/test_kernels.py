@@ -950,6 +950,39 @@ def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):
     assert _kernel_class("_gn_apply_kernel") == "dq_norm"
 
 
+def test_inductor_kernels_joins_profile_and_generated_code(tmp_path):
+    """benchmarks/inductor_kernels.py: kernel sources parsed from an Inductor output-code log (the format
+    TORCH_LOGS=output_code prints) and joined with a bench row's profile, largest first."""
+    import importlib.util
+    from pathlib import Path
+
+    from diffquant.kernels.bench import _kernel_class
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "inductor_kernels.py"
+    spec = importlib.util.spec_from_file_location("inductor_kernels", path)
+    ik = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ik)
+    q3 = "'" * 3
+    log = (f"triton_red_fused_native_group_norm_3 = async_compile.triton('triton_red_fused_native_group_norm_3', {q3}\n"
+           f"    x = tl.load(in_ptr0 + r)\n    tmp = triton_helpers.welford_reduce(x)\n    tl.store(out_ptr0 + x0, tmp)\n"
+           f"{q3}, device_str='cuda')\n"
+           f"triton_poi_fused_clamp_div_qconv_7 = async_compile.triton('triton_poi_fused_clamp_div_qconv_7', {q3}\n"
+           f"    a = tl.load(in_ptr0 + x0)\n    b = tl.load(in_ptr1 + x0)\n"
+           f"    tl.store(out_ptr0 + x0, tl.clamp(a / b, -448.0, 448.0).to(tl.float8e4nv))\n{q3}, device_str='cuda')\n")
+    src = ik.kernel_sources(log)
+    assert set(src) == {"triton_red_fused_native_group_norm_3", "triton_poi_fused_clamp_div_qconv_7"}
+    row = {"kernel_breakdown": [{"variant": "dq-fp8", "top_kernels": [
+        ["triton_poi_fused_clamp_div_qconv_7", 0.2, 5], ["triton_red_fused_native_group_norm_3", 0.5, 2],
+        ["_qconv_tma4d_kernel", 3.0, 40], ["triton_poi_missing_9", 0.1, 1]]}]}
+    rows = ik.table(row, src)
+    assert [r["kernel"] for r in rows] == ["triton_red_fused_native_group_norm_3", "triton_poi_fused_clamp_div_qconv_7",
+                                           "triton_poi_missing_9"]
+    gn, q, missing = rows
+    assert gn["welford"] and gn["reduction"] and gn["loads"] == 1 and not gn["quantizes"]
+    assert q["quantizes"] and q["stores_fp8"] >= 1 and q["loads"] == 2 and not q["reduction"]
+    assert missing["source"] == "not in the log" and _kernel_class("triton_poi_missing_9") == "inductor_fused"
+
+
 def test_bench_torchao_int8_skips_the_linears_torch_int_mm_cannot_run():
     """torchao's int8-dynamic variant in `diffquant bench`: the time-embedding linears (batch rows only, fewer than
     17 at small batches) stay bf16, the others are quantized; measured 2026-11-28 on the H200, applying it to every

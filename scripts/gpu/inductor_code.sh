@@ -3,7 +3,8 @@
 # when there are enough GPUs), with Inductor's output code logged (TORCH_LOGS=output_code) and the profile listing
 # PROFILE_TOP kernels. What comes back, per row i: row_i.json (the bench row and its kernel list) and
 # code_i.log.gz (every generated Triton kernel's source, by the names the profile shows). Use it to see what the
-# extra fused elementwise time of dq-fp8 over bf16-compile is made of.
+# extra fused elementwise time of dq-fp8 over bf16-compile is made of. Read it anywhere with
+#   python benchmarks/inductor_kernels.py row_1.json code_1.log.gz [--grep group_norm]
 #   carry: .whl
 #   run:   bash scripts/gpu/inductor_code.sh   (env: ROWS, default sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8;
 #          TOTAL_S (420); PROFILE_TOP (400))

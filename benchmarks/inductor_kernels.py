@@ -1,0 +1,79 @@
+"""Join a bench row's kernel profile with Inductor's generated code (what ``scripts/gpu/inductor_code.sh`` brings back):
+for each listed Triton kernel, its GPU ms and calls per model call, and what its source does (loads, stores and their
+dtypes, reductions, whether it quantizes). Runs anywhere (no GPU).
+
+    python benchmarks/inductor_kernels.py ROW_JSON CODE_LOG[.gz] [--top 40] [--grep group_norm]
+
+Two runs side by side (e.g. bf16-compile and dq-fp8) show where the extra fused time goes.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+
+_KERNEL_DEF = re.compile(r"^(triton_[A-Za-z0-9_]+)\s*=\s*async_compile\.triton\(\s*'([^']+)'", re.M)
+
+
+def kernel_sources(log_text: str) -> dict[str, str]:
+    """Kernel name -> its Triton source, from Inductor's output code (``TORCH_LOGS=output_code``): each kernel is
+    defined as ``name = async_compile.triton('name', '''source''', ...)``."""
+    out: dict[str, str] = {}
+    for m in _KERNEL_DEF.finditer(log_text):
+        start = log_text.find("'''", m.end())
+        end = log_text.find("'''", start + 3) if start >= 0 else -1
+        if start >= 0 and end > start:
+            out.setdefault(m.group(1), log_text[start + 3:end])
+    return out
+
+
+def summarize(src: str) -> dict:
+    """What a generated kernel does, read from its source."""
+    stores = re.findall(r"tl\.store\([^\n]*", src)
+    return {
+        "loads": len(re.findall(r"tl\.load\(", src)),
+        "stores": len(stores),
+        "stores_fp8": sum("float8" in s or "fp8" in s for s in stores) + len(re.findall(r"\.to\(tl\.float8", src)),
+        "reduction": bool(re.search(r"tl\.sum\(|triton_helpers\.(max|min|welford)|tl\.reduce\(", src)),
+        "welford": "welford" in src,
+        "quantizes": bool(re.search(r"float8|clamp|448\.0", src)),
+    }
+
+
+def table(row_json: dict, sources: dict[str, str], top: int = 40, grep: str = "") -> list[dict]:
+    """The profile's Triton kernels (``kernel_breakdown[*].top_kernels``) joined with their sources' summary."""
+    rows = []
+    for kb in row_json.get("kernel_breakdown", []):
+        for name, ms, calls in kb["top_kernels"]:
+            if not name.startswith("triton_") or (grep and grep not in name):
+                continue
+            src = sources.get(name)
+            rows.append({"variant": kb.get("variant"), "kernel": name, "ms": ms, "calls": calls,
+                         **(summarize(src) if src is not None else {"source": "not in the log"})})
+    rows.sort(key=lambda r: -r["ms"])
+    return rows[:top]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("row_json")
+    ap.add_argument("code_log")
+    ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--grep", default="")
+    a = ap.parse_args()
+    opener = gzip.open if a.code_log.endswith(".gz") else open
+    with opener(a.code_log, "rt", errors="replace") as f:
+        sources = kernel_sources(f.read())
+    with open(a.row_json) as f:
+        row = json.load(f)
+    rows = table(row, sources, a.top, a.grep)
+    from diffquant.commands._common import format_table
+
+    print(f"{len(sources)} kernels in the log")
+    print(format_table(rows, ["kernel", "ms", "calls", "loads", "stores", "stores_fp8", "reduction", "welford",
+                              "quantizes"]))
+
+
+if __name__ == "__main__":
+    main()
