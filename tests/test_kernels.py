@@ -945,7 +945,7 @@ def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):
         assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     torch.testing.assert_close(compiled, out, rtol=1e-5, atol=1e-5)
     other = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=4, groups=4, time_embedding_norm="scale_shift")
-    done, left = fused_blocks.fuse_resnet_norms(torch.nn.Sequential(other))
+    done, left = fused_blocks.fuse_group_norms(torch.nn.Sequential(other))
     assert done == [] and "scale_shift" in left["0"]
     assert _kernel_class("_gn_apply_kernel") == "dq_norm"
 

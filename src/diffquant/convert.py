@@ -287,9 +287,9 @@ def convert(
         _set_submodule(model, name, new)
     report.attention = _convert_attention(model, attention)
     if fuse_norms:
-        from diffquant.kernels.fused_blocks import fuse_resnet_norms
+        from diffquant.kernels.fused_blocks import fuse_group_norms
 
-        fused, left = fuse_resnet_norms(model)
+        fused, left = fuse_group_norms(model)
         report.norms = (f"{len(fused)} blocks (ResNet norms + SiLU, transformer input norms) run their group norms as "
                         f"diffquant::group_norm_act (fuse_norms=True)"
                         + "".join(f"; {n} left alone: {why}" for n, why in left.items()))

@@ -179,9 +179,9 @@ def make_variant(base_fp32: nn.Module, variant: str, calib_inputs: tuple, run_in
         m = copy.deepcopy(base_fp32)
     m = m.to(torch.bfloat16).to(memory_format=torch.channels_last).eval()
     if variant == "bf16-compile-gn":  # bf16 with diffquant's norm kernels: what the norms alone are worth
-        from diffquant.kernels.fused_blocks import fuse_resnet_norms
+        from diffquant.kernels.fused_blocks import fuse_group_norms
 
-        fuse_resnet_norms(m)
+        fuse_group_norms(m)
     if variant.startswith("torchao-"):
         m = _torchao(m, variant[len("torchao-"):], run_inputs)
     return m
@@ -292,8 +292,9 @@ def run_tasks(tasks: list[Task], budget_s: float = 1e9, reps: int = 30, out_path
                 # graphs Dynamo captured (more than one: graph breaks); any captured while timing are recompiles,
                 # and past the recompile limit the model runs eager: the row says so instead of passing as compiled
                 row["dynamo_graphs"] = graphs1 - graphs0
-                if _dynamo_graphs() > graphs1:
-                    row["recompiled_while_timed"] = _dynamo_graphs() - graphs1
+                recompiled = _dynamo_graphs() - graphs1
+                if recompiled:
+                    row["recompiled_while_timed"] = recompiled
                     result["notes"].append(f"{model_name} b{tk.batch} {tk.variant}: recompiled "
                                            f"{row['recompiled_while_timed']} times while timed (may have run eager)")
             if profile:
@@ -340,7 +341,6 @@ def _spawn_task(tk: Task, timeout_s: Optional[float], reps: int, layer_types: bo
                 gpu: Optional[int] = None) -> dict:
     """One task in a child process (``python -m diffquant.kernels.bench``), on GPU ``gpu`` if given
     (``CUDA_VISIBLE_DEVICES``): its result dict, or raises subprocess.TimeoutExpired / RuntimeError."""
-    import os
     import subprocess
     import sys
 

@@ -1,7 +1,7 @@
 """Block-level fusion for inference: diffusers blocks whose group norms run as ``diffquant::group_norm_act``.
 
 In a ResNet block each group norm is followed by SiLU and a 3x3 conv; in a ``Transformer2DModel`` the input norm is
-followed by ``proj_in``. :func:`fuse_resnet_norms` swaps the class of every such block that has the plain form for a
+followed by ``proj_in``. :func:`fuse_group_norms` swaps the class of every such block that has the plain form for a
 subclass (``FusedNormResnetBlock2D``, ``FusedNormTransformer2DModel``) that computes norm (+ SiLU, + the time
 embedding added before ``norm2``) in one op over channels-last activations. When the conv is a converted
 layer with a static input quantization (FP8, or integer with a zero point), the op also writes the conv's
@@ -17,14 +17,6 @@ from torch import nn
 
 from diffquant.kernels.modules import LowBitLayer
 from diffquant.kernels.ops import group_norm_act
-
-
-def _fp8_input_scale(conv: nn.Module) -> Optional[torch.Tensor]:
-    """The static FP8 input scales (fp32 [C], one per input channel: a split layer has two values) of a converted
-    layer that takes e4m3 input, else None."""
-    if isinstance(conv, LowBitLayer) and conv.act == "fp8":
-        return conv.act_scale.reshape(-1)
-    return None
 
 
 def _unfusable(block) -> Optional[str]:
@@ -54,9 +46,8 @@ def _input_quantization(conv: nn.Module, dtype: torch.dtype) -> tuple:
     """What the norm writes for ``conv``: ``(out_dtype, scale, zero point, qmin, qmax, offset)``: e4m3 for a converted
     conv with static FP8 input scales, its int8 codes for one with a static integer input quantization, else the
     float activations (a converted conv with dynamic scales, or a float / fake-quant conv, quantizes them itself)."""
-    scale = _fp8_input_scale(conv)
-    if scale is not None:
-        return torch.float8_e4m3fn, scale, None, 0, 0, 0
+    if isinstance(conv, LowBitLayer) and conv.act == "fp8":  # one scale per input channel (a split layer: 2 values)
+        return torch.float8_e4m3fn, conv.act_scale.reshape(-1), None, 0, 0, 0
     if isinstance(conv, LowBitLayer) and conv.act == "int":
         return (torch.int8, conv.act_inv_scale.reshape(-1), conv.act_zp.reshape(-1), conv.qmin, conv.qmax,
                 conv.offset)
@@ -141,7 +132,7 @@ def fused_class(kind: str = "resnet"):
     return _FUSED_CLASSES[kind]
 
 
-def fuse_resnet_norms(model: nn.Module) -> tuple[list[str], dict[str, str]]:
+def fuse_group_norms(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     """Swap every plain ``ResnetBlock2D`` and ``Transformer2DModel`` of ``model`` for its fused-norm subclass, in
     place: ``(fused block names, {block name: why it was left alone})``."""
     kinds = [(_resnet_block_class(), fused_class("resnet"), _unfusable),
