@@ -3,7 +3,11 @@ what torch.compile makes of the same ops, on channels-last bf16 activations of t
 (batch 256) UNets' norm shapes. Each row: Inductor's ms and diffquant's, for bf16 output and for e4m3 output, and
 the GB/s of diffquant's kernels (two reads of the input, one write).
 
-    python benchmarks/bench_groupnorm.py [--out benchmarks/results/groupnorm.json]
+    python benchmarks/bench_groupnorm.py [--out benchmarks/results/groupnorm.json] [--sweep]
+
+--sweep adds, per shape, each kernel timed alone (statistics, finalize, apply with e4m3 output) under the default
+launch plan and under variants of it (programs per SM, pixel rows per step, warps), and a bf16 copy of the input as
+the bandwidth roof.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/groupnorm.json")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--sweep", action="store_true")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_groupnorm.py needs a CUDA GPU")
@@ -63,12 +68,48 @@ def main() -> None:
             row[f"speedup_{out}"] = round(row[f"inductor_{out}_ms"] / row[f"diffquant_{out}_ms"], 3)
         rows.append(row)
         print(json.dumps(row))
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
+    sweep = _sweep(a.reps, time_call) if a.sweep else []
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "sweep": sweep,
            "sum_inductor_fp8_ms": round(sum(r["inductor_fp8_ms"] for r in rows), 4),
            "sum_diffquant_fp8_ms": round(sum(r["diffquant_fp8_ms"] for r in rows), 4)}
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
     print("sum over shapes, fp8 out: inductor", res["sum_inductor_fp8_ms"], "ms, diffquant", res["sum_diffquant_fp8_ms"], "ms")
+
+
+def _sweep(reps, time_call) -> list:
+    from diffquant.kernels.triton_conv import _num_sms
+    from diffquant.kernels.triton_norm import group_norm_act_triton, norm_plan
+
+    sms = _num_sms(torch.device("cuda"))
+    out = []
+    for label, n, c, h, w, groups in SHAPES:
+        x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        t = torch.randn(n, c, device="cuda", dtype=torch.bfloat16)
+        wt = torch.rand(c, device="cuda", dtype=torch.bfloat16) + 0.5
+        b = torch.randn(c, device="cuda", dtype=torch.bfloat16)
+        s = torch.tensor([0.02], device="cuda")
+        base = norm_plan(n, c, h * w, x.device)
+        variants = {"default": {}, "programs 2/SM": {"programs": 2 * sms}, "programs 8/SM": {"programs": 8 * sms},
+                    "rows x0.5": {"block_p": max(16, base["block_p"] // 2)}, "rows x2": {"block_p": base["block_p"] * 2},
+                    "8 warps": {"warps": 8}, "chunk 64": {"block_c": min(64, base["block_c"])}}
+        row = {"shape": label, "copy_ms": round(time_call(lambda: x.clone(), reps=reps)[0], 5)}
+        row["copy_GBps"] = round(2 * x.numel() * 2 / row["copy_ms"] / 1e6, 1)
+        for name, kw in variants.items():
+            plan = norm_plan(n, c, h * w, x.device, **kw)
+            r = {"plan": plan}
+            with torch.no_grad():
+                for stages in (("stats",), ("finalize",), ("apply",), ("stats", "finalize", "apply")):
+                    ms = time_call(lambda: group_norm_act_triton(x, None, t, wt, b, groups, 1e-5, True, s,
+                                                                 torch.float8_e4m3fn, plan=plan, stages=stages),
+                                   reps=reps)[0]
+                    r["+".join(stages) if len(stages) < 3 else "all"] = round(ms, 5)
+            r["stats_GBps"] = round(x.numel() * 2 / r["stats"] / 1e6, 1)
+            r["apply_GBps"] = round(x.numel() * 3 / r["apply"] / 1e6, 1)
+            row[name] = r
+        out.append(row)
+        print(json.dumps(row))
+    return out
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 #   3. bench rows with and without the fused norms (ROWS), one row per GPU at a time.
 # Everything to $OUT: pytest_gpu.log, groupnorm.json, kernels.json, bench.log.
 #   carry: .whl
-#   run:   bash scripts/gpu/norms.sh   (env: TOTAL_S (560), ROW_TIMEOUT_S (300), ROWS, TESTS_K)
+#   run:   bash scripts/gpu/norms.sh   (env: TOTAL_S (560), ROW_TIMEOUT_S (300), ROWS, TESTS_K, GN_ARGS (--sweep),
+#          GN_TIMEOUT_S (420))
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -24,12 +25,12 @@ ROW_GPUS=all
 if [ "$N" -ge 2 ]; then  # the norm alone on the last GPU while the rows run on the others
   ROW_GPUS=$(python3 -c "print(','.join(map(str, range($N - 1))))")
   say "norm alone on GPU $(( N - 1 ))"
-  ( CUDA_VISIBLE_DEVICES=$(( N - 1 )) timeout 300 python3 benchmarks/bench_groupnorm.py --out $OUT/groupnorm.json \
+  ( CUDA_VISIBLE_DEVICES=$(( N - 1 )) timeout ${GN_TIMEOUT_S:-420} python3 benchmarks/bench_groupnorm.py ${GN_ARGS:-} --out $OUT/groupnorm.json \
       > $OUT/groupnorm.log 2>&1; echo "groupnorm rc=$?" >> $OUT/groupnorm.log ) &
   GP=$!
 else
   say "norm alone"
-  timeout 200 python3 benchmarks/bench_groupnorm.py --out $OUT/groupnorm.json > $OUT/groupnorm.log 2>&1
+  timeout 200 python3 benchmarks/bench_groupnorm.py ${GN_ARGS:-} --out $OUT/groupnorm.json > $OUT/groupnorm.log 2>&1
   echo "groupnorm rc=$?" >> $OUT/groupnorm.log
 fi
 say "rows on GPUs $ROW_GPUS: $ROWS"
@@ -37,7 +38,7 @@ timeout $(( TOTAL_S - $(elapsed) - 10 )) python3 benchmarks/bench_kernels.py --g
   --row-timeout-s $ROW_TIMEOUT_S --budget-s $(( TOTAL_S - $(elapsed) - 150 )) --no-layer-types --only "$ROWS" \
   --out $OUT/kernels.json > $OUT/bench.log 2>&1; echo "bench rc=$?" >> $OUT/bench.log
 [ -n "${GP:-}" ] && wait $GP
-tail -14 $OUT/groupnorm.log | cut -c1-300
+grep -v "^{\"shape.*default" $OUT/groupnorm.log | tail -14 | cut -c1-300
 grep "^{" $OUT/bench.log | cut -c1-300; grep -A20 "^model " $OUT/bench.log | head -40
 ls -la $OUT
 say done

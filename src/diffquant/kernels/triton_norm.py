@@ -3,14 +3,19 @@
 
 Why: under ``torch.compile`` a group norm over a channels-last tensor reads each group as a strided slice of every
 pixel's channel row (4–40 channels of 128–2,560), and the norms took 4.2 of the CIFAR UNet's 5.4 ms of fused
-elementwise time at batch 256 (H200, 2026-11-28). Here every read is a whole channel row:
+elementwise time at batch 256 (H200, 2026-11-28). Here every read is a contiguous run of a pixel's channels, and
+each program covers one segment of an image's pixels for one chunk of channels (grid: segments x images x chunks,
+about four programs per SM):
 
-1. ``_gn_stats_kernel``, one program per (pixel tile, image): per channel, the tile's mean and sum of squared
-   deviations (centred in the tile, so no E[x²] - E[x]² cancellation);
-2. ``_gn_finalize_kernel``, one program per (group, image): Chan's combination of the tiles' partials into the
-   group's mean and 1/std (deterministic: no atomics);
-3. ``_gn_apply_kernel``, one program per (pixel tile, image): normalise, affine, SiLU, and write e4m3 values of
-   y / out_scale (or y in the output dtype).
+1. ``_gn_stats_kernel``: per channel, the segment's mean and sum of squared deviations, by a running Welford update
+   per (row lane, channel) and Chan's combination of the lanes at the end (no E[x²] - E[x]² cancellation);
+2. ``_gn_finalize_kernel``, one program per image and block of groups: Chan's combination of the segments'
+   partials into each group's mean and 1/std (deterministic: no atomics);
+3. ``_gn_apply_kernel``: normalise, affine, SiLU, and write e4m3 values of y / out_scale (or int8 codes, or y in the
+   output dtype).
+
+The first layout (one program per 64-pixel tile, one per group and image to finalize) moved 1 TB/s alone and lost
+to Inductor inside the CIFAR UNet (finalize alone 26 µs a call; H200, 2026-11-28).
 
 The input may be two tensors concatenated along the channels (a UNet up block's ``cat([h, skip])``, read in place)
 and may get a per-(image, channel) addend first (a ResNet block's time embedding). All arithmetic is fp32; the
@@ -30,9 +35,10 @@ from diffquant.kernels.triton_conv import _num_sms
 
 
 @triton.jit
-def _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, HW, C1, C, HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr):
-    """The [pixels, channels] tile of cat(x, x2) (+ add[n]) in fp32; 0 outside the tensor."""
-    p_ok = offs_p < HW
+def _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, P_END, HW, C1, C, HAS_X2: tl.constexpr,
+               HAS_ADD: tl.constexpr):
+    """The [pixels, channels] tile of cat(x, x2) (+ add[n]) in fp32; 0 outside the tensor or past ``P_END``."""
+    p_ok = offs_p < P_END
     c_ok = offs_c < C
     n64 = n.to(tl.int64)
     rows = offs_p.to(tl.int64)[:, None]
@@ -48,87 +54,112 @@ def _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, HW, C1, C, HAS_X2: tl.
 
 
 @triton.jit
-def _gn_stats_kernel(x_ptr, x2_ptr, add_ptr, mean_ptr, m2_ptr, HW, C1, C, T,
+def _gn_stats_kernel(x_ptr, x2_ptr, add_ptr, mean_ptr, m2_ptr, HW, C1, C, S, SEG_P,
                      HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    t = tl.program_id(0)
+    """Per channel of one chunk, the mean and sum of squared deviations of one segment of an image's pixels: a
+    running Welford update per (row lane, channel), no reduction inside the loop; Chan's combination of the lanes."""
+    s = tl.program_id(0)
     n = tl.program_id(1)
-    offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
-    cnt = tl.minimum(HW - t * BLOCK_P, BLOCK_P).to(tl.float32)
-    for c0 in range(0, C, BLOCK_C):  # channel chunks: whole rows of a pixel tile, partials stay small
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, HW, C1, C, HAS_X2, HAS_ADD)
-        mean = tl.sum(x, axis=0) / cnt
-        d = tl.where((offs_p < HW)[:, None], x - mean[None, :], 0.0)
-        m2 = tl.sum(d * d, axis=0)
-        dst = (n * T + t).to(tl.int64) * C + offs_c
-        tl.store(mean_ptr + dst, mean, mask=offs_c < C)
-        tl.store(m2_ptr + dst, m2, mask=offs_c < C)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p0 = s * SEG_P
+    p_end = tl.minimum(p0 + SEG_P, HW)
+    mean = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    cnt = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for p in range(p0, p_end, BLOCK_P):
+        offs_p = p + tl.arange(0, BLOCK_P)
+        okf = (offs_p < p_end).to(tl.float32)
+        x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, p_end, HW, C1, C, HAS_X2, HAS_ADD)
+        cnt += okf
+        d = x - mean
+        mean += d * (okf / tl.maximum(cnt, 1.0))[:, None]
+        m2 += d * (x - mean) * okf[:, None]
+    tot = tl.sum(cnt, axis=0)
+    mc = tl.sum(mean * cnt[:, None], axis=0) / tot
+    dd = mean - mc[None, :]
+    m2c = tl.sum(m2 + cnt[:, None] * dd * dd, axis=0)
+    dst = (n * S + s).to(tl.int64) * C + offs_c
+    tl.store(mean_ptr + dst, mc, mask=offs_c < C)
+    tl.store(m2_ptr + dst, m2c, mask=offs_c < C)
 
 
 @triton.jit
-def _gn_finalize_kernel(mean_ptr, m2_ptr, gmean_ptr, grstd_ptr, HW, C, T, CPG, G, eps, inv_total,
-                        BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_CG: tl.constexpr):
-    g = tl.program_id(0)
-    n = tl.program_id(1)
-    j = tl.arange(0, BLOCK_CG)
-    cg_ok = j < CPG
-    offs_c = g * CPG + j
-    acc = tl.zeros((BLOCK_T, BLOCK_CG), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        ok = (offs_t < T)[:, None] & cg_ok[None, :]
-        cnt = tl.minimum(HW - offs_t * BLOCK_P, BLOCK_P).to(tl.float32)
-        m = tl.load(mean_ptr + (n * T + offs_t).to(tl.int64)[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
+def _gn_finalize_kernel(mean_ptr, m2_ptr, gmean_ptr, grstd_ptr, HW, C, S, SEG_P, CPG, G, eps, inv_total,
+                        BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
+    """Chan's combination of the segments' per-channel partials into BLOCK_G groups' mean and 1/std of one image
+    (deterministic: no atomics). Columns are (group, channel in group) pairs."""
+    n = tl.program_id(0)
+    g0 = tl.program_id(1) * BLOCK_G
+    j = tl.arange(0, BLOCK_G * BLOCK_CG)
+    k = j % BLOCK_CG
+    g = g0 + j // BLOCK_CG
+    col_ok = (k < CPG) & (g < G)
+    offs_c = g * CPG + k
+    acc = tl.zeros((BLOCK_S, BLOCK_G * BLOCK_CG), dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        ok = (offs_s < S)[:, None] & col_ok[None, :]
+        cnt = tl.minimum(HW - offs_s * SEG_P, SEG_P).to(tl.float32)
+        m = tl.load(mean_ptr + (n * S + offs_s).to(tl.int64)[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
         acc += tl.where(ok, m * cnt[:, None], 0.0)
-    gmean = tl.sum(tl.sum(acc, axis=1), axis=0) * inv_total
-    acc = tl.zeros((BLOCK_T, BLOCK_CG), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        ok = (offs_t < T)[:, None] & cg_ok[None, :]
-        cnt = tl.minimum(HW - offs_t * BLOCK_P, BLOCK_P).to(tl.float32)
-        src = (n * T + offs_t).to(tl.int64)[:, None] * C + offs_c[None, :]
+    gmean = tl.sum(tl.reshape(tl.sum(acc, axis=0), (BLOCK_G, BLOCK_CG)), axis=1) * inv_total
+    gmean_col = tl.reshape(tl.broadcast_to(gmean[:, None], (BLOCK_G, BLOCK_CG)), (BLOCK_G * BLOCK_CG,))
+    acc = tl.zeros((BLOCK_S, BLOCK_G * BLOCK_CG), dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        ok = (offs_s < S)[:, None] & col_ok[None, :]
+        cnt = tl.minimum(HW - offs_s * SEG_P, SEG_P).to(tl.float32)
+        src = (n * S + offs_s).to(tl.int64)[:, None] * C + offs_c[None, :]
         m = tl.load(mean_ptr + src, mask=ok, other=0.0)
         m2 = tl.load(m2_ptr + src, mask=ok, other=0.0)
-        d = m - gmean
+        d = m - gmean_col[None, :]
         acc += tl.where(ok, m2 + cnt[:, None] * d * d, 0.0)
-    var = tl.sum(tl.sum(acc, axis=1), axis=0) * inv_total
-    tl.store(gmean_ptr + n * G + g, gmean)
-    tl.store(grstd_ptr + n * G + g, 1.0 / tl.sqrt(var + eps))
+    var = tl.sum(tl.reshape(tl.sum(acc, axis=0), (BLOCK_G, BLOCK_CG)), axis=1) * inv_total
+    offs_g = g0 + tl.arange(0, BLOCK_G)
+    tl.store(gmean_ptr + n * G + offs_g, gmean, mask=offs_g < G)
+    tl.store(grstd_ptr + n * G + offs_g, 1.0 / tl.sqrt(var + eps), mask=offs_g < G)
 
 
 @triton.jit
 def _gn_apply_kernel(x_ptr, x2_ptr, add_ptr, gmean_ptr, grstd_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, HW, C1, C,
-                     CPG, G, QMIN, QMAX, QOFF,
+                     CPG, G, SEG_P, QMIN, QMAX, QOFF,
                      HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr, QUANT: tl.constexpr,
                      INT8: tl.constexpr, SCALE_PER_CH: tl.constexpr, EMULATE: tl.constexpr, BLOCK_P: tl.constexpr,
                      BLOCK_C: tl.constexpr):
-    t = tl.program_id(0)
+    """Normalise, affine, SiLU and the consumer's quantization over one segment of one image's pixels, one chunk of
+    channels; the per-channel constants are loaded once per program."""
+    s = tl.program_id(0)
     n = tl.program_id(1)
-    offs_p = t * BLOCK_P + tl.arange(0, BLOCK_P)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = offs_c < C
-        x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, HW, C1, C, HAS_X2, HAS_ADD)
-        gi = n * G + offs_c // CPG
-        mu = tl.load(gmean_ptr + gi, mask=c_ok, other=0.0)
-        rs = tl.load(grstd_ptr + gi, mask=c_ok, other=0.0)
-        gamma = tl.load(w_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-        beta = tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-        y = (x - mu[None, :]) * (rs * gamma)[None, :] + beta[None, :]
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    p0 = s * SEG_P
+    p_end = tl.minimum(p0 + SEG_P, HW)
+    gi = n * G + offs_c // CPG
+    mu = tl.load(gmean_ptr + gi, mask=c_ok, other=0.0)[None, :]
+    rs = tl.load(grstd_ptr + gi, mask=c_ok, other=0.0)
+    gamma = tl.load(w_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+    a = (rs * gamma)[None, :]
+    beta = tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    if QUANT:  # the consumer's static input quantization (scales per channel: a split layer)
+        if SCALE_PER_CH:
+            so = tl.load(so_ptr + offs_c, mask=c_ok, other=1.0)[None, :]
+        else:
+            so = tl.load(so_ptr)
+        if INT8:
+            if SCALE_PER_CH:
+                zp = tl.load(zp_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
+            else:
+                zp = tl.load(zp_ptr)
+    for p in range(p0, p_end, BLOCK_P):
+        offs_p = p + tl.arange(0, BLOCK_P)
+        x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, p_end, HW, C1, C, HAS_X2, HAS_ADD)
+        y = (x - mu) * a + beta
         if SILU:
             y = y / (1.0 + tl.exp(-y))
         ptrs = out_ptr + n.to(tl.int64) * HW * C + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
-        ok = (offs_p < HW)[:, None] & c_ok[None, :]
-        if QUANT:  # the consumer's static input quantization (scales per channel: a split layer)
-            if SCALE_PER_CH:
-                so = tl.load(so_ptr + offs_c, mask=c_ok, other=1.0)[None, :]
-            else:
-                so = tl.load(so_ptr)
+        ok = (offs_p < p_end)[:, None] & c_ok[None, :]
+        if QUANT:
             if INT8:  # clamp(round(y * inverse scale) + zp, qmin, qmax) - offset, rounding half to even
-                if SCALE_PER_CH:
-                    zp = tl.load(zp_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
-                else:
-                    zp = tl.load(zp_ptr)
                 v = y * so
                 r = (v + 12582912.0) - 12582912.0  # 1.5 * 2**23: to the nearest integer, ties to even (|v| < 2**22)
                 q = tl.minimum(tl.maximum(r + zp, QMIN), QMAX) - QOFF
@@ -144,11 +175,35 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous(memory_format=torch.channels_last) else t.contiguous(memory_format=torch.channels_last)
 
 
+def norm_plan(nb: int, c: int, hw: int, device: torch.device, block_c: Optional[int] = None,
+              block_p: Optional[int] = None, programs: Optional[int] = None, warps: Optional[int] = None) -> dict:
+    """Launch shape: channel chunks of ``block_c`` (the largest power of two up to 128 that divides C), pixel blocks
+    of ``block_p`` rows per loop step (4,096 elements a step), and each image's pixels cut into segments so that
+    there are about ``programs`` (4 per SM) programs; keyword overrides are for the benchmark's sweep."""
+    if block_c is None:
+        block_c = 128
+        while block_c > 16 and c % block_c:
+            block_c //= 2
+        if c % block_c:
+            block_c = max(16, min(128, triton.next_power_of_2(c)))
+    if block_p is None:
+        block_p = max(16, min(256, 4096 // block_c, triton.next_power_of_2(hw)))
+    nch = triton.cdiv(c, block_c)
+    target = programs if programs is not None else 4 * _num_sms(device)
+    segs = max(1, min(triton.cdiv(target, nb * nch), triton.cdiv(hw, block_p)))
+    seg_p = triton.cdiv(triton.cdiv(hw, segs), block_p) * block_p
+    return {"block_c": block_c, "block_p": block_p, "nch": nch, "segs": triton.cdiv(hw, seg_p), "seg_p": seg_p,
+            "warps": warps if warps is not None else 4}
+
+
 def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: Optional[torch.Tensor],
                           weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, silu: bool,
                           out_scale: Optional[torch.Tensor], out_dtype: torch.dtype,
                           out_zp: Optional[torch.Tensor] = None, qmin: int = 0, qmax: int = 0,
-                          qoffset: int = 0) -> torch.Tensor:
+                          qoffset: int = 0, plan: Optional[dict] = None,
+                          stages: tuple = ("stats", "finalize", "apply")) -> torch.Tensor:
+    """``plan``: :func:`norm_plan`'s dict (default: its choice); ``stages``: the kernels to launch (the benchmark
+    times them one by one)."""
     from diffquant.kernels.reference import out_like
 
     nb, c1, h, w = x.shape
@@ -161,37 +216,38 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
     out = out_like(x, c, h, w, out_dtype)
     if nb == 0 or hw == 0:
         return out
-    block_c = max(16, min(128, triton.next_power_of_2(c)))  # a channel chunk; the kernels loop over the chunks
-    # 64-512 pixels per tile (partials 1/64 of the input or less); fewer, down to 16, when the tiles would not fill
-    # the GPU twice over (SD's 8x8 level at batch 8: 8 tiles of 64 pixels)
-    block_p = 8192 // block_c
-    while block_p > 16 and nb * triton.cdiv(hw, block_p) < 2 * _num_sms(x.device):
-        block_p //= 2
-    tiles = triton.cdiv(hw, block_p)
-    warps = 8 if block_p * block_c >= 4096 else 4
-    part_mean = torch.empty((nb, tiles, c), dtype=torch.float32, device=x.device)
+    pl = plan if plan is not None else norm_plan(nb, c, hw, x.device)
+    block_c, block_p, segs, seg_p, warps = pl["block_c"], pl["block_p"], pl["segs"], pl["seg_p"], pl["warps"]
+    grid = (segs, nb, triton.cdiv(c, block_c))
+    part_mean = torch.empty((nb, segs, c), dtype=torch.float32, device=x.device)
     part_m2 = torch.empty_like(part_mean)
     gmean = torch.empty((nb, num_groups), dtype=torch.float32, device=x.device)
     grstd = torch.empty_like(gmean)
     x2_arg = x2 if x2 is not None else x
     add_arg = add_nc.contiguous() if add_nc is not None else x
-    _gn_stats_kernel[(tiles, nb)](x, x2_arg, add_arg, part_mean, part_m2, hw, c1, c, tiles,
-                                  HAS_X2=x2 is not None, HAS_ADD=add_nc is not None, BLOCK_P=block_p,
-                                  BLOCK_C=block_c, num_warps=warps)
+    if "stats" in stages:
+        _gn_stats_kernel[grid](x, x2_arg, add_arg, part_mean, part_m2, hw, c1, c, segs, seg_p,
+                               HAS_X2=x2 is not None, HAS_ADD=add_nc is not None, BLOCK_P=block_p,
+                               BLOCK_C=block_c, num_warps=warps)
     cpg = c // num_groups
     block_cg = max(2, triton.next_power_of_2(cpg))
-    _gn_finalize_kernel[(num_groups, nb)](part_mean, part_m2, gmean, grstd, hw, c, tiles, cpg, num_groups, float(eps),
-                                          1.0 / (hw * cpg),
-                                          BLOCK_P=block_p, BLOCK_T=max(2, min(256, 2048 // block_cg)),
-                                          BLOCK_CG=block_cg, num_warps=4)
+    block_g = max(1, min(triton.next_power_of_2(num_groups), 256 // block_cg))
+    if "finalize" in stages:
+        _gn_finalize_kernel[(nb, triton.cdiv(num_groups, block_g))](
+            part_mean, part_m2, gmean, grstd, hw, c, segs, seg_p, cpg, num_groups, float(eps), 1.0 / (hw * cpg),
+            BLOCK_S=max(2, min(triton.next_power_of_2(segs), 4096 // (block_g * block_cg))), BLOCK_G=block_g,
+            BLOCK_CG=block_cg, num_warps=4)
+    if "apply" not in stages:
+        return out
     s_out = out_scale.float().reshape(-1).contiguous() if quant else gmean
     zp = out_zp.float().reshape(-1).contiguous() if int8 else gmean
     if int8 and s_out.numel() != zp.numel():  # one per channel for both when either is
         s_out, zp = s_out.expand(c).contiguous(), zp.expand(c).contiguous()
-    _gn_apply_kernel[(tiles, nb)](x, x2_arg, add_arg, gmean, grstd, weight.contiguous(), bias.contiguous(), s_out, zp,
-                                  out.view(torch.uint8) if quant and not int8 else out, hw, c1, c, cpg, num_groups,
-                                  qmin, qmax, qoffset,
-                                  HAS_X2=x2 is not None, HAS_ADD=add_nc is not None, SILU=silu, QUANT=quant,
-                                  INT8=int8, SCALE_PER_CH=quant and s_out.numel() > 1, EMULATE=os.environ.get("TRITON_INTERPRET") == "1", BLOCK_P=block_p,
-                                  BLOCK_C=block_c, num_warps=warps)
+    _gn_apply_kernel[grid](x, x2_arg, add_arg, gmean, grstd, weight.contiguous(), bias.contiguous(), s_out, zp,
+                           out.view(torch.uint8) if quant and not int8 else out, hw, c1, c, cpg, num_groups, seg_p,
+                           qmin, qmax, qoffset,
+                           HAS_X2=x2 is not None, HAS_ADD=add_nc is not None, SILU=silu, QUANT=quant, INT8=int8,
+                           SCALE_PER_CH=quant and s_out.numel() > 1,
+                           EMULATE=os.environ.get("TRITON_INTERPRET") == "1", BLOCK_P=block_p, BLOCK_C=block_c,
+                           num_warps=warps)
     return out
