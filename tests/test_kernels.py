@@ -919,6 +919,26 @@ def test_gpu_fused_resnet_norms_match_diffusers_blocks():
     assert fused and torch.isfinite(out).all()
 
 
+def test_converted_model_compiles_with_inductor_freezing(monkeypatch):
+    """The bench's DIFFQUANT_BENCH_FREEZE=1 path: a converted model with fused norms (FP8 and int8) compiled with
+    Inductor's freezing (parameters and buffers folded as constants) is one graph and computes what it computes
+    eager."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(inductor_config, "freezing", True)
+    for backend in ("fp8", "int8"):
+        _, q, (x, t, c) = _calibrated(backend)
+        cm = convert(q, backend, fuse_norms=True)
+        with torch.no_grad():
+            want = call_model(cm, x, t, c)
+            torch._dynamo.reset()
+            counters.clear()
+            got = call_model(torch.compile(cm), x, t, c)
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], backend
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):
     """convert(fuse_norms=True): every plain ResNet block runs norm + SiLU (+ time embedding) through
     diffquant::group_norm_act, handing converted FP8 convs their e4m3 input (int8 convs their int8 codes); on the

@@ -123,6 +123,11 @@ def _quantized(model: nn.Module, backend: str, calib_inputs: tuple) -> nn.Module
 # the bench's dq-* variants keep layers with fewer channels than this simulated (conv_in / conv_out: 3-4 channels);
 # DIFFQUANT_BENCH_MIN_CHANNELS=0 converts them too
 BENCH_MIN_CHANNELS = int(os.environ.get("DIFFQUANT_BENCH_MIN_CHANNELS", "16"))
+# DIFFQUANT_BENCH_FREEZE=1: compiled rows (bf16 and diffquant alike) compile with Inductor's freezing, which folds
+# parameters and buffers as constants: per-call copies made from static buffers alone (SD-1.5 b8 dq-fp8-gn runs a
+# `..._to_copy_clone_expand...` kernel 50 times a call, 0.063 ms in all; H200, 2026-11-28) could fold away. Not yet
+# measured on the GPU.
+BENCH_FREEZE = os.environ.get("DIFFQUANT_BENCH_FREEZE", "") == "1"
 
 
 # torch._int_mm (torchao's int8 dynamic matmul on CUDA) needs more than 16 rows
@@ -274,6 +279,11 @@ def run_tasks(tasks: list[Task], budget_s: float = 1e9, reps: int = 30, out_path
                 row["converted_layers"] = len(rep.converted)
                 row["kept_layers"] = len(rep.kept)
             do_compile = tk.compile and tk.variant != "bf16-eager"
+            if do_compile and BENCH_FREEZE:
+                import torch._inductor.config as inductor_config
+
+                inductor_config.freezing = True
+                row["inductor_freezing"] = True
             fn_model = torch.compile(m) if do_compile else m
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
