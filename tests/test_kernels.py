@@ -9,6 +9,7 @@ torch._scaled_mm, a converted UNet in bf16 against the fake-quant model.
 import copy
 import json
 import math
+import sys
 import time
 
 import pytest
@@ -877,6 +878,9 @@ def _check_fused_blocks(cm, fused, inputs, tol, seen=None):
     assert set(seen) == set(fused)
     for n, (args, kwargs, got) in seen.items():
         m = mods[n]
+        if "skip" in kwargs:  # a fused up block's call: diffusers' blocks get the concatenation
+            kwargs = dict(kwargs)
+            args = (torch.cat([args[0], kwargs.pop("skip")], 1), *args[1:])
         fused_cls, m.__class__ = type(m), type(m).__bases__[1]  # diffusers' own class, same module, same inputs
         try:
             want = m(*args, **kwargs)
@@ -919,24 +923,81 @@ def test_gpu_fused_resnet_norms_match_diffusers_blocks():
     assert fused and torch.isfinite(out).all()
 
 
-def test_converted_model_compiles_with_inductor_freezing(monkeypatch):
+def test_converted_model_compiles_with_inductor_freezing():
     """The bench's DIFFQUANT_BENCH_FREEZE=1 path: a converted model with fused norms (FP8 and int8) compiled with
     Inductor's freezing (parameters and buffers folded as constants) is one graph and computes what it computes
     eager."""
     import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(inductor_config, "freezing", True)
     for backend in ("fp8", "int8"):
         _, q, (x, t, c) = _calibrated(backend)
         cm = convert(q, backend, fuse_norms=True)
-        with torch.no_grad():
+        with torch.no_grad(), inductor_config.patch(freezing=True):
             want = call_model(cm, x, t, c)
             torch._dynamo.reset()
             counters.clear()
             got = call_model(torch.compile(cm), x, t, c)
         assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], backend
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_up_blocks_skip_the_concatenation(monkeypatch):
+    """convert(fuse_norms=True) on UpBlock2D, AttnUpBlock2D and CrossAttnUpBlock2D (a UNet2DModel and a text-to-image
+    UNet; FP8 and int8): the ResNet steps get (h, skip), no [h, skip] channel concatenation is made, and the model
+    computes exactly what it computes with diffusers' up-block forward (which concatenates); a shortcut that is not
+    split gets the concatenation."""
+    from diffquant.kernels.fused_blocks import _FusedUpMixin
+
+    real_cat = torch.cat
+    cats = []
+
+    def counting_cat(tensors, dim=0, **kw):  # [h, skip] concatenations outside the reference ops (the CPU norm op's
+        caller = sys._getframe(1).f_globals.get("__name__", "")  # own float64 concatenation is not one)
+        if dim == 1 and len(tensors) == 2 and all(t.dim() == 4 for t in tensors) and not caller.endswith(".reference"):
+            cats.append(tuple(t.shape[1] for t in tensors))
+        return real_cat(tensors, dim, **kw)
+
+    for backend, unet in (("fp8", None), ("int8", None), ("fp8", tiny_sd_unet()), ("int8", tiny_sd_unet())):
+        _, q, inputs = _calibrated(backend, model=unet)
+        cm = convert(q, backend, fuse_norms=True)
+        ups = [m for m in cm.modules() if isinstance(m, _FusedUpMixin)]
+        assert len(ups) == 2, backend
+        assert "2 up blocks hand their ResNet steps (h, skip)" in cm._diffquant_convert_report.norms
+        with torch.no_grad():
+            monkeypatch.setattr(torch, "cat", counting_cat)
+            cats.clear()
+            got = call_model(cm, *inputs)
+            n_fused = len(cats)
+            for m in ups:  # diffusers' up-block forward: it concatenates, the ResNet blocks get one tensor
+                m.__class__ = type(m).__bases__[1]
+            cats.clear()
+            want = call_model(cm, *inputs)
+            monkeypatch.setattr(torch, "cat", real_cat)
+        assert n_fused == 0 and len(cats) == 4, (backend, n_fused, cats)  # 2 up blocks of 2 ResNet steps
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # a shortcut that is not split (split_shortcut=False): the step concatenates, and still computes the same
+    from diffquant.config import QuantConfig
+
+    model = build_unet(SMALL).eval()
+    cfg = config_for_backend("fp8")
+    q = quantize(model, QuantConfig(**{**vars(cfg), "split_shortcut": False}))
+    x, t, c = example_inputs(model)
+    with torch.no_grad(), calibrate(q):
+        call_model(q, x, t, c)
+    cm = convert(q, "fp8", fuse_norms=True)
+    with torch.no_grad():
+        monkeypatch.setattr(torch, "cat", counting_cat)
+        cats.clear()
+        got = call_model(cm, x, t, c)
+        monkeypatch.setattr(torch, "cat", real_cat)
+        n_fused = len(cats)
+        for m in cm.modules():
+            if isinstance(m, _FusedUpMixin):
+                m.__class__ = type(m).__bases__[1]
+        want = call_model(cm, x, t, c)
+    assert n_fused == 4
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
 def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):

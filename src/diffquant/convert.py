@@ -238,7 +238,9 @@ def convert(
     kernels' tensor-core tiles are mostly empty there (the CIFAR UNet's conv_in, 3 -> 128 channels at batch 256:
     0.257 ms in the FP8 kernel, 0.091 ms in cuDNN bf16; H200, 2026-11-28). ``fuse_norms``: the group norms of every
     plain diffusers ResNet block (+ SiLU) and Transformer2DModel input run as ``diffquant::group_norm_act``, which
-    also writes a converted consumer's quantized input (:mod:`diffquant.kernels.fused_blocks`)."""
+    also writes a converted consumer's quantized input, and the up blocks (UpBlock2D, AttnUpBlock2D,
+    CrossAttnUpBlock2D) no longer concatenate ``[h, skip]``: the norm reads both and a split shortcut conv takes its
+    two pieces (:mod:`diffquant.kernels.fused_blocks`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; allowed: {', '.join(BACKENDS)}")
     if unsupported not in UNSUPPORTED:
@@ -287,11 +289,13 @@ def convert(
         _set_submodule(model, name, new)
     report.attention = _convert_attention(model, attention)
     if fuse_norms:
-        from diffquant.kernels.fused_blocks import fuse_group_norms
+        from diffquant.kernels.fused_blocks import _FusedUpMixin, fuse_group_norms
 
         fused, left = fuse_group_norms(model)
-        report.norms = (f"{len(fused)} blocks (ResNet norms + SiLU, transformer input norms) run their group norms as "
-                        f"diffquant::group_norm_act (fuse_norms=True)"
+        ups = [n for n in fused if isinstance(model.get_submodule(n), _FusedUpMixin)]
+        report.norms = (f"{len(fused) - len(ups)} blocks (ResNet norms + SiLU, transformer input norms) run their "
+                        f"group norms as diffquant::group_norm_act (fuse_norms=True); {len(ups)} up blocks hand "
+                        f"their ResNet steps (h, skip) unconcatenated"
                         + "".join(f"; {n} left alone: {why}" for n, why in left.items()))
     model._diffquant_convert_report = report  # type: ignore[attr-defined]
     model._diffquant_backend = backend  # type: ignore[attr-defined]

@@ -55,12 +55,13 @@ def _input_quantization(conv: nn.Module, dtype: torch.dtype) -> tuple:
 
 
 def _norm_into(norm: nn.GroupNorm, consumer: nn.Module, x: torch.Tensor, add_nc: Optional[torch.Tensor], silu: bool,
-               as_tokens: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``consumer(act(norm(x + add_nc))) + residual`` with the norm, the activation and the consumer's input
+               as_tokens: bool = False, residual: Optional[torch.Tensor] = None,
+               x2: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``consumer(act(norm(cat(x, x2) + add_nc))) + residual`` with the norm, the activation and the consumer's input
     quantization in one op (and the residual in a converted consumer's epilogue); ``as_tokens``: the consumer is a
     Linear over [N, H*W, C] (a free view of the channels-last output)."""
     out_dtype, scale, zp, qmin, qmax, offset = _input_quantization(consumer, x.dtype)
-    h = group_norm_act(x, None, add_nc, norm.weight, norm.bias, norm.num_groups, float(norm.eps), silu, scale,
+    h = group_norm_act(x, x2, add_nc, norm.weight, norm.bias, norm.num_groups, float(norm.eps), silu, scale,
                        out_dtype, zp, qmin, qmax, offset)
     if as_tokens:
         h = h.permute(0, 2, 3, 1).reshape(x.shape[0], x.shape[2] * x.shape[3], h.shape[1])
@@ -75,7 +76,14 @@ class _FusedNormMixin:
                   residual: Optional[torch.Tensor] = None):
         return _norm_into(norm, conv, x, add_nc, True, residual=residual)
 
-    def forward(self, input_tensor: torch.Tensor, temb: Optional[torch.Tensor], *args, **kwargs) -> torch.Tensor:
+    def forward(self, input_tensor: torch.Tensor, temb: Optional[torch.Tensor], *args,
+                skip: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """diffusers' forward; ``skip``: the input is ``torch.cat([input_tensor, skip], 1)`` (a fused up block's
+        call), which :meth:`_forward_pair` need not materialize."""
+        if skip is not None and not (self.training or args or kwargs):
+            return self._forward_pair(input_tensor, skip, temb)
+        if skip is not None:
+            input_tensor = torch.cat([input_tensor, skip], 1)
         if self.training or args or kwargs:
             return super().forward(input_tensor, temb, *args, **kwargs)
         h = self._norm_act(self.norm1, self.conv1, input_tensor, None)
@@ -88,6 +96,79 @@ class _FusedNormMixin:
         if self.output_scale_factor == 1:  # the shortcut added in conv2's epilogue (dropout: identity in eval)
             return self._norm_act(self.norm2, self.conv2, h, t, residual=x)
         return (x + self._norm_act(self.norm2, self.conv2, h, t)) / self.output_scale_factor
+
+
+    def _forward_pair(self, h_in: torch.Tensor, skip: torch.Tensor, temb: Optional[torch.Tensor]) -> torch.Tensor:
+        """``forward(torch.cat([h_in, skip], 1), temb)`` without the concatenation where the shortcut is a split
+        converted conv (a UNet up block's first step): norm1 reads both tensors in place and each shortcut part
+        takes its own piece. Otherwise the concatenation, then :meth:`forward`."""
+        sc = self.conv_shortcut
+        if not (isinstance(sc, LowBitLayer) and sc.takes_pieces([h_in, skip]) and self.output_scale_factor == 1):
+            return self.forward(torch.cat([h_in, skip], 1), temb)
+        h = _norm_into(self.norm1, self.conv1, h_in, None, True, x2=skip)
+        t = None
+        if self.time_emb_proj is not None and temb is not None:
+            t = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
+        return self._norm_act(self.norm2, self.conv2, h, t, residual=sc.forward_pieces([h_in, skip]))
+
+
+class _FusedUpMixin:
+    """An up block whose ResNet steps get ``(hidden_states, skip)`` instead of their concatenation
+    (``resnet(h, temb, skip=skip)``: :meth:`_FusedNormMixin._forward_pair`). Training, gradient checkpointing with grad enabled, FreeU, or a ResNet
+    that is not fused: diffusers' own forward."""
+
+    def _fused_path(self) -> bool:
+        freeu = all(getattr(self, k, None) for k in ("s1", "s2", "b1", "b2"))
+        return not (self.training or freeu or (torch.is_grad_enabled() and self.gradient_checkpointing)
+                    or not all(isinstance(r, _FusedNormMixin) for r in self.resnets))
+
+    def _steps(self, hidden_states, res_hidden_states_tuple, temb, attend=None):
+        attentions = getattr(self, "attentions", None) or [None] * len(self.resnets)
+        for resnet, attn in zip(self.resnets, attentions):
+            skip, res_hidden_states_tuple = res_hidden_states_tuple[-1], res_hidden_states_tuple[:-1]
+            hidden_states = resnet(hidden_states, temb, skip=skip)
+            if attn is not None:
+                hidden_states = attend(attn, hidden_states)
+        return hidden_states
+
+
+class _FusedUpBlockMixin(_FusedUpMixin):
+    def forward(self, hidden_states, res_hidden_states_tuple, temb=None, upsample_size=None, *args, **kwargs):
+        if args or kwargs or not self._fused_path():
+            return super().forward(hidden_states, res_hidden_states_tuple, temb, upsample_size, *args, **kwargs)
+        hidden_states = self._steps(hidden_states, res_hidden_states_tuple, temb)
+        for upsampler in self.upsamplers or []:
+            hidden_states = upsampler(hidden_states, upsample_size)
+        return hidden_states
+
+
+class _FusedAttnUpBlockMixin(_FusedUpMixin):
+    def forward(self, hidden_states, res_hidden_states_tuple, temb=None, upsample_size=None, *args, **kwargs):
+        if args or kwargs or not self._fused_path():
+            return super().forward(hidden_states, res_hidden_states_tuple, temb, upsample_size, *args, **kwargs)
+        hidden_states = self._steps(hidden_states, res_hidden_states_tuple, temb, lambda attn, h: attn(h))
+        for upsampler in self.upsamplers or []:
+            hidden_states = (upsampler(hidden_states, temb=temb) if self.upsample_type == "resnet"
+                             else upsampler(hidden_states))
+        return hidden_states
+
+
+class _FusedCrossAttnUpBlockMixin(_FusedUpMixin):
+    def forward(self, hidden_states, res_hidden_states_tuple, temb=None, encoder_hidden_states=None,
+                cross_attention_kwargs=None, upsample_size=None, attention_mask=None, encoder_attention_mask=None):
+        if not self._fused_path():
+            return super().forward(hidden_states, res_hidden_states_tuple, temb, encoder_hidden_states,
+                                   cross_attention_kwargs, upsample_size, attention_mask, encoder_attention_mask)
+
+        def attend(attn, h):
+            return attn(h, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs,
+                        attention_mask=attention_mask, encoder_attention_mask=encoder_attention_mask,
+                        return_dict=False)[0]
+
+        hidden_states = self._steps(hidden_states, res_hidden_states_tuple, temb, attend)
+        for upsampler in self.upsamplers or []:
+            hidden_states = upsampler(hidden_states, upsample_size)
+        return hidden_states
 
 
 class _FusedInputNormMixin:
@@ -114,21 +195,35 @@ def _transformer_unfusable(block) -> Optional[str]:
     return None
 
 
+def _up_block_classes() -> dict:
+    from diffusers.models.unets.unet_2d_blocks import AttnUpBlock2D, CrossAttnUpBlock2D, UpBlock2D
+
+    return {"up": (UpBlock2D, _FusedUpBlockMixin), "attn_up": (AttnUpBlock2D, _FusedAttnUpBlockMixin),
+            "cross_attn_up": (CrossAttnUpBlock2D, _FusedCrossAttnUpBlockMixin)}
+
+
 _FUSED_CLASSES: dict = {}
 
 
 def fused_class(kind: str = "resnet"):
-    """The fused subclass of ``ResnetBlock2D`` (``kind="resnet"``) or ``Transformer2DModel`` (``"transformer"``), made
-    on first use (diffusers is imported lazily)."""
+    """The fused subclass of ``ResnetBlock2D`` (``kind="resnet"``), ``Transformer2DModel`` (``"transformer"``) or an
+    up block (``"up"``, ``"attn_up"``, ``"cross_attn_up"``: UpBlock2D, AttnUpBlock2D, CrossAttnUpBlock2D), made on
+    first use (diffusers is imported lazily)."""
     if kind not in _FUSED_CLASSES:
-        if kind == "resnet":
+        ups = _up_block_classes()
+        if kind in ups:
+            base, mixin = ups[kind]
+            _FUSED_CLASSES[kind] = type("Fused" + base.__name__, (mixin, base), {
+                "__doc__": f"A {base.__name__} whose ResNet steps take (hidden_states, skip) without concatenating "
+                           f"them, where the ResNet block and its shortcut conv allow it."})
+        elif kind == "resnet":
             _FUSED_CLASSES[kind] = type("FusedNormResnetBlock2D", (_FusedNormMixin, _resnet_block_class()), {
                 "__doc__": "A ResnetBlock2D whose norm + SiLU (+ time embedding) run as diffquant::group_norm_act."})
         elif kind == "transformer":
             _FUSED_CLASSES[kind] = type("FusedNormTransformer2DModel", (_FusedInputNormMixin, _transformer_class()), {
                 "__doc__": "A Transformer2DModel whose input norm runs as diffquant::group_norm_act."})
         else:
-            raise ValueError(f"kind={kind!r}; allowed: 'resnet', 'transformer'")
+            raise ValueError(f"kind={kind!r}; allowed: 'resnet', 'transformer', 'up', 'attn_up', 'cross_attn_up'")
     return _FUSED_CLASSES[kind]
 
 
@@ -137,6 +232,7 @@ def fuse_group_norms(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     place: ``(fused block names, {block name: why it was left alone})``."""
     kinds = [(_resnet_block_class(), fused_class("resnet"), _unfusable),
              (_transformer_class(), fused_class("transformer"), _transformer_unfusable)]
+    kinds += [(base, fused_class(kind), lambda m: None) for kind, (base, _) in _up_block_classes().items()]
     fused, left = [], {}
     for name, m in model.named_modules():
         for base, cls, unfusable in kinds:

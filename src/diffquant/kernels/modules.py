@@ -159,16 +159,46 @@ class LowBitLayer(_KeepStorage, nn.Module):
                 y = y + self.bias.view(1, -1, 1, 1)
             y = (y if residual is None else y + residual).to(out_dtype)
         else:
-            y = residual  # the first part's kernel adds it; each later part adds the sum so far
-            for i, p in enumerate(self.parts):
-                xs = xq if len(self.parts) == 1 else xq[:, p.lo:p.hi]
-                a_scale = p.a_scale if dyn_scale is None else dyn_scale if len(self.parts) == 1 else dyn_scale[i:i + 1]
-                y = ops.qconv(xs, p.w, p.w_scale, a_scale, p.corr, p.wzp, self.bias if i == 0 else None, y,
-                              p.a_zp, list(self.stride), list(self.padding), list(self.dilation), p.w4, out_dtype,
-                              p.pad_corr)
+            pieces = [xq] if len(self.parts) == 1 else [xq[:, p.lo:p.hi] for p in self.parts]
+            y = self._qconv_parts(pieces, dyn_scale, out_dtype, residual)
         if self.kind == "linear":
             return y.reshape(*lead, self.out_channels)
         return y
+
+    def _qconv_parts(self, pieces: list, dyn_scale: Optional[torch.Tensor], out_dtype: torch.dtype,
+                     residual: Optional[torch.Tensor]) -> torch.Tensor:
+        y = residual  # the first part's kernel adds it; each later part adds the sum so far
+        for i, (p, xs) in enumerate(zip(self.parts, pieces)):
+            a_scale = p.a_scale if dyn_scale is None else dyn_scale if len(self.parts) == 1 else dyn_scale[i:i + 1]
+            y = ops.qconv(xs, p.w, p.w_scale, a_scale, p.corr, p.wzp, self.bias if i == 0 else None, y,
+                          p.a_zp, list(self.stride), list(self.padding), list(self.dilation), p.w4, out_dtype,
+                          p.pad_corr)
+        return y
+
+    def takes_pieces(self, pieces) -> bool:
+        """Whether :meth:`forward_pieces` runs this layer on ``pieces`` without concatenating them: a split conv whose
+        parts are the pieces' channels, with static (or no) input quantization."""
+        return (self.kind == "conv" and len(pieces) == len(self.parts) > 1 and self.act in ("fp8", "int", "none")
+                and all(x.dim() == 4 and x.shape[1] == p.hi - p.lo for x, p in zip(pieces, self.parts)))
+
+    def forward_pieces(self, pieces, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The layer on ``torch.cat(pieces, 1)`` without the concatenation (a UNet up block's shortcut conv on
+        ``[h, skip]``): each part quantizes and convolves its own piece. Same numbers as :meth:`forward` on the
+        concatenation; a layer that :meth:`takes_pieces` refuses gets the concatenation."""
+        pieces = list(pieces)
+        if not self.takes_pieces(pieces):
+            return self.forward(torch.cat(pieces, 1), residual=residual)
+        out_dtype = pieces[0].dtype
+        quantized = []
+        for p, x in zip(self.parts, pieces):
+            if self.act == "fp8":
+                x = quantize_act_fp8(x, self.act_scale[:, p.lo:p.hi])
+            elif self.act == "int":
+                x = quantize_act_int8(x, self.act_inv_scale[:, p.lo:p.hi], self.act_zp[:, p.lo:p.hi], self.qmin,
+                                      self.qmax, self.offset)
+            quantized.append(x if x.is_contiguous(memory_format=torch.channels_last)
+                             else x.contiguous(memory_format=torch.channels_last))
+        return self._qconv_parts(quantized, None, out_dtype, residual)
 
     def _scaled_mm(self, xq: torch.Tensor, dyn_scale: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
         p = self.parts[0]
