@@ -57,6 +57,7 @@ class ConvertReport:
     kept: dict = field(default_factory=dict)  # name -> reason (simulated or float)
     attention: str = ""
     norms: str = ""
+    projections: str = ""
 
     def summary(self) -> str:
         lines = [f"convert(backend={self.backend!r}): {len(self.converted)} layers converted, {len(self.kept)} kept"]
@@ -66,11 +67,13 @@ class ConvertReport:
             lines.append(f"  attention: {self.attention}")
         if self.norms:
             lines.append(f"  norms: {self.norms}")
+        if self.projections:
+            lines.append(f"  projections: {self.projections}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "converted": dict(self.converted), "kept": dict(self.kept),
-                "attention": self.attention, "norms": self.norms}
+                "attention": self.attention, "norms": self.norms, "projections": self.projections}
 
 
 class UnsupportedLayer(ValueError):
@@ -225,6 +228,7 @@ def convert(
     fp8_dynamic: Union[bool, str] = False,
     min_channels: int = 0,
     fuse_norms: bool = False,
+    fuse_qkv: bool = False,
     inplace: bool = False,
     device=None,
 ) -> nn.Module:
@@ -240,7 +244,9 @@ def convert(
     plain diffusers ResNet block (+ SiLU) and Transformer2DModel input run as ``diffquant::group_norm_act``, which
     also writes a converted consumer's quantized input, and the up blocks (UpBlock2D, AttnUpBlock2D,
     CrossAttnUpBlock2D) no longer concatenate ``[h, skip]``: the norm reads both and a split shortcut conv takes its
-    two pieces (:mod:`diffquant.kernels.fused_blocks`)."""
+    two pieces (:mod:`diffquant.kernels.fused_blocks`). ``fuse_qkv``: each float-attention block's Q/K/V projections
+    (K/V in cross-attention) become one stacked low-bit GEMM on a once-quantized input, run by diffusers'
+    ``FusedAttnProcessor2_0`` (:mod:`diffquant.kernels.fused_attention`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; allowed: {', '.join(BACKENDS)}")
     if unsupported not in UNSUPPORTED:
@@ -297,6 +303,12 @@ def convert(
                         f"group norms as diffquant::group_norm_act (fuse_norms=True); {len(ups)} up blocks hand "
                         f"their ResNet steps (h, skip) unconcatenated"
                         + "".join(f"; {n} left alone: {why}" for n, why in left.items()))
+    if fuse_qkv:
+        from diffquant.kernels.fused_attention import fuse_qkv as _fuse_qkv
+
+        merged, left = _fuse_qkv(model)
+        report.projections = (f"{len(merged)} attention blocks run Q/K/V (cross-attention: K/V) as one stacked GEMM "
+                              f"(fuse_qkv=True)" + "".join(f"; {n} left alone: {why}" for n, why in left.items()))
     model._diffquant_convert_report = report  # type: ignore[attr-defined]
     model._diffquant_backend = backend  # type: ignore[attr-defined]
     log.info(report.summary())

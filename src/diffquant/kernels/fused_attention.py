@@ -1,0 +1,104 @@
+"""Merged attention projections for converted models: one low-bit GEMM for Q, K and V.
+
+A diffusers self-attention block runs ``to_q``, ``to_k`` and ``to_v`` on the same input; a cross-attention block runs
+``to_k`` and ``to_v`` on the same context. Calibrated on that one input, the converted layers have the same input
+quantization, so their weights can be stacked into one :class:`.modules.LowBitLayer` (``to_qkv`` / ``to_kv``): the
+input is quantized once and read by one GEMM with N = 3C (or 2C) instead of three (two) with N = C. The block then
+runs diffusers' own ``FusedAttnProcessor2_0`` (the processor behind diffusers' ``fuse_qkv_projections``), and the
+separate layers are removed (their weights live on in the stacked layer, so the model's bytes do not grow).
+
+Only blocks on diffusers' ``AttnProcessor2_0`` (float attention) whose layers are converted ``LowBitLayer`` Linears
+with identical input quantization are merged; every other block is left alone, with the reason.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from diffquant.kernels.modules import LowBitLayer, _Part
+
+_ACT_BUFFERS = ("act_scale", "act_inv_scale", "act_zp")
+
+
+def _unmergeable(layers: list) -> Optional[str]:
+    """Why ``layers`` cannot be stacked into one LowBitLayer (None: they can)."""
+    if not all(isinstance(m, LowBitLayer) for m in layers):
+        return "a projection is not a converted LowBitLayer: " + ", ".join(type(m).__name__ for m in layers)
+    first = layers[0]
+    for m in layers:
+        if m.kind != "linear" or len(m.parts) != 1:
+            return f"{m.layer_name}: a {m.kind} with {len(m.parts)} parts (needs a one-part Linear)"
+        same = (m.backend, m.act, m.fp8_gemm, m.in_channels, m.qmin, m.qmax, m.offset) == (
+            first.backend, first.act, first.fp8_gemm, first.in_channels, first.qmin, first.qmax, first.offset)
+        if not same:
+            return f"{m.layer_name} and {first.layer_name} differ in backend, input quantization or GEMM path"
+        for key in _ACT_BUFFERS:
+            a, b = getattr(m, key, None), getattr(first, key, None)
+            if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+                return f"{m.layer_name} and {first.layer_name} have different input quantization ({key})"
+        p, p0 = m.parts[0], first.parts[0]
+        if (p.a_zp, p.w4) != (p0.a_zp, p0.w4) or (p.a_scale is None) != (p0.a_scale is None) or (
+                p.a_scale is not None and not torch.equal(p.a_scale, p0.a_scale)):
+            return f"{m.layer_name} and {first.layer_name} have different activation qparams"
+        for key in ("corr", "wzp"):
+            if (getattr(p, key) is None) != (getattr(p0, key) is None):
+                return f"{m.layer_name} and {first.layer_name} differ in {key}"
+    return None
+
+
+def stack_linears(layers: list, name: str) -> LowBitLayer:
+    """One LowBitLayer computing ``torch.cat([m(x) for m in layers], -1)``: the layers' weights, scales, corrections
+    and biases stacked along the output channels; the input quantization is the (shared) one of ``layers``."""
+    why = _unmergeable(layers)
+    if why is not None:
+        raise ValueError(f"cannot stack {[m.layer_name for m in layers]}: {why}")
+    first, p0 = layers[0], layers[0].parts[0]
+    bias = None
+    if any(m.bias is not None for m in layers):
+        bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_channels, device=p0.w.device)
+                          for m in layers])
+    out = LowBitLayer("linear", first.backend, first.in_channels, sum(m.out_channels for m in layers), bias=bias,
+                      name=name)
+    out.act, out.qmin, out.qmax, out.offset, out.fp8_gemm = first.act, first.qmin, first.qmax, first.offset, first.fp8_gemm
+    for key in _ACT_BUFFERS:
+        if getattr(first, key, None) is not None:
+            out.register_buffer(key, getattr(first, key).clone())
+
+    def cat(key):
+        return None if getattr(p0, key) is None else torch.cat([getattr(m.parts[0], key) for m in layers])
+
+    out.parts.append(_Part(0, first.in_channels, cat("w"), cat("w_scale"), p0.a_scale, cat("corr"), cat("wzp"),
+                           p0.a_zp, p0.w4))
+    return out
+
+
+def fuse_qkv(model: nn.Module) -> tuple[list[str], dict[str, str]]:
+    """Stack the Q/K/V projections of every self-attention block (K/V of every cross-attention block) of ``model``
+    that runs diffusers' ``AttnProcessor2_0`` into ``to_qkv`` (``to_kv``), in place, and switch the block to
+    ``FusedAttnProcessor2_0``: ``(merged block names, {block name: why it was left alone})``."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
+
+    merged, left = [], {}
+    for name, attn in model.named_modules():
+        if not isinstance(attn, Attention):
+            continue
+        if type(attn.processor) is not AttnProcessor2_0:
+            left[name] = f"processor {type(attn.processor).__name__} (needs AttnProcessor2_0: attention='float')"
+            continue
+        keys = ("to_k", "to_v") if attn.is_cross_attention else ("to_q", "to_k", "to_v")
+        layers = [getattr(attn, k, None) for k in keys]
+        why = _unmergeable(layers)
+        if why is not None:
+            left[name] = why
+            continue
+        fused_name = name + (".to_kv" if attn.is_cross_attention else ".to_qkv")
+        setattr(attn, "to_kv" if attn.is_cross_attention else "to_qkv", stack_linears(layers, fused_name))
+        for k in keys:  # the stacked layer holds their weights
+            delattr(attn, k)
+            setattr(attn, k, None)
+        attn.fused_projections = True
+        attn.set_processor(FusedAttnProcessor2_0())
+        merged.append(name)
+    return merged, left
