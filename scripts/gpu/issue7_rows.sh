@@ -7,11 +7,19 @@
 #   env:   TOTAL_S (560), ROW_TIMEOUT_S (420), START_S (last row start, default TOTAL_S - 150),
 #          TUNE_TASKS (model:batch:variant,...; empty: no tuning, every GPU benches), TUNE_S (200),
 #          DIFFQUANT_PROFILE_TOP (kernels listed per row's profile, default here 40)
-#   suggested first call of the next session (nvidia-h200-x4: GPUs 0-2 bench, GPU 3 tunes the INT8 shapes, which
-#   the shipped table lacks; the rows: the FP8 attention with its fixes, dq-fp8 with conv_in/out kept, torchao):
-#     TUNE_TASKS=ddpm-cifar10-32:256:dq-int8,sd15-unet:8:dq-int8 TUNE_S=240 \
-#     ROWS=sd15-unet:8:dq-fp8-fp8attn,sd15-unet:8:torchao-int8dyn,sd15-unet:8:torchao-fp8,sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8,ddpm-cifar10-32:256:bf16-compile,ddpm-cifar10-32:256:dq-fp8,ddpm-cifar10-32:256:torchao-int8dyn,ddpm-cifar10-32:256:torchao-fp8,sd15-unet:8:dq-w4a16,ddpm-cifar10-32:256:dq-w4a16,ddpm-cifar10-32:256:bf16-eager,sd15-unet:8:bf16-eager \
-#     bash scripts/gpu/issue7_rows.sh
+#   suggested calls for the next session (nvidia-h200-x4; written at the end of session 8, 2026-11-28):
+#   1. GPU tests of the session-8 code (fused up blocks, stacked Q/K/V), then the rows that say what they are worth
+#      (GPU 3 tunes the INT8 shapes meanwhile):
+#        TESTS_K="group_norm or fused_resnet or fuse_qkv" bash scripts/gpu/norms.sh   with
+#        ROWS=ddpm-cifar10-32:256:bf16-compile,ddpm-cifar10-32:256:dq-fp8-gn,ddpm-cifar10-32:256:dq-fp8-gn-qkv,sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8-gn,sd15-unet:8:dq-fp8-gn-qkv
+#   2. Inductor freezing, and the nearest tuned conv config for untuned batches:
+#        DIFFQUANT_BENCH_FREEZE=1 ROWS=ddpm-cifar10-32:256:bf16-compile,ddpm-cifar10-32:256:dq-fp8-gn-qkv,sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8-gn-qkv bash scripts/gpu/issue7_rows.sh
+#        DIFFQUANT_QCONV_BORROW=1 ROWS=ddpm-cifar10-32:1:bf16-compile,ddpm-cifar10-32:1:dq-fp8-gn,ddpm-cifar10-32:64:bf16-compile,ddpm-cifar10-32:64:dq-fp8-gn,sd15-unet:1:bf16-compile,sd15-unet:1:dq-fp8-gn bash scripts/gpu/issue7_rows.sh
+#   3. INT8 tuning: TUNE_TASKS=ddpm-cifar10-32:256:dq-int8,sd15-unet:8:dq-int8 TUNE_S=240 ROWS=... (merge the
+#      result with diffquant tune-kernels --merge-from OUT/qconv_tuned.json --merge-into
+#      src/diffquant/kernels/tuned/nvidia-h200.json).
+#   Leave the torchao rows out unless a longer ROW_TIMEOUT_S is affordable: they gave no result within 300 s in
+#   every call so far, and each holds a GPU for the whole timeout.
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
