@@ -246,7 +246,8 @@ def convert(
     CrossAttnUpBlock2D) no longer concatenate ``[h, skip]``: the norm reads both and a split shortcut conv takes its
     two pieces (:mod:`diffquant.kernels.fused_blocks`). ``fuse_qkv``: each float-attention block's Q/K/V projections
     (K/V in cross-attention) become one stacked low-bit GEMM on a once-quantized input, run by diffusers'
-    ``FusedAttnProcessor2_0`` (:mod:`diffquant.kernels.fused_attention`)."""
+    ``FusedAttnProcessor2_0`` (:mod:`diffquant.kernels.fused_attention`); with ``fuse_norms`` too, an attention
+    block's input group norm (UNet2DModel's) runs as ``diffquant::group_norm_act`` writing ``to_qkv``'s input."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; allowed: {', '.join(BACKENDS)}")
     if unsupported not in UNSUPPORTED:
@@ -309,6 +310,13 @@ def convert(
         merged, left = _fuse_qkv(model)
         report.projections = (f"{len(merged)} attention blocks run Q/K/V (cross-attention: K/V) as one stacked GEMM "
                               f"(fuse_qkv=True)" + "".join(f"; {n} left alone: {why}" for n, why in left.items()))
+        if fuse_norms:
+            from diffquant.kernels.fused_attention import fuse_attention_norms
+
+            normed = fuse_attention_norms(model)
+            if normed:
+                report.projections += (f"; {len(normed)} of them run their input group norm as "
+                                       f"diffquant::group_norm_act into to_qkv")
     model._diffquant_convert_report = report  # type: ignore[attr-defined]
     model._diffquant_backend = backend  # type: ignore[attr-defined]
     log.info(report.summary())

@@ -102,3 +102,60 @@ def fuse_qkv(model: nn.Module) -> tuple[list[str], dict[str, str]]:
         attn.set_processor(FusedAttnProcessor2_0())
         merged.append(name)
     return merged, left
+
+
+def _norm_processor_class():
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    if "norm" not in _PROCESSORS:
+        class FusedNormQKVAttnProcessor(FusedAttnProcessor2_0):
+            """diffusers' ``FusedAttnProcessor2_0`` whose input group norm (a UNet2DModel attention block's) runs as
+            ``diffquant::group_norm_act`` over the channels-last input, writing ``to_qkv``'s quantized input: the
+            tokens are a free view of its output. Anything else (a mask, a context, a spatial norm, Q/K norms,
+            3-D input) takes diffusers' path."""
+
+            def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                         *args, **kwargs):
+                if (hidden_states.ndim != 4 or encoder_hidden_states is not None or attention_mask is not None
+                        or args or kwargs or not _norm_fusable(attn)):
+                    return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args,
+                                            **kwargs)
+                from diffquant.kernels.fused_blocks import _norm_into
+
+                nb, c, h, w = hidden_states.shape
+                qkv = _norm_into(attn.group_norm, attn.to_qkv, hidden_states, None, False, as_tokens=True)
+                query, key, value = qkv.split(qkv.shape[-1] // 3, dim=-1)
+                head_dim = key.shape[-1] // attn.heads
+                query, key, value = (v.view(nb, -1, attn.heads, head_dim).transpose(1, 2) for v in (query, key, value))
+                out = torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=0.0,
+                                                                       is_causal=False)
+                out = out.transpose(1, 2).reshape(nb, -1, attn.heads * head_dim).to(query.dtype)
+                out = attn.to_out[1](attn.to_out[0](out))
+                out = out.transpose(-1, -2).reshape(nb, c, h, w)
+                if attn.residual_connection:
+                    out = out + hidden_states
+                return out / attn.rescale_output_factor
+
+        _PROCESSORS["norm"] = FusedNormQKVAttnProcessor
+    return _PROCESSORS["norm"]
+
+
+_PROCESSORS: dict = {}
+
+
+def _norm_fusable(attn) -> bool:
+    return (isinstance(getattr(attn, "to_qkv", None), LowBitLayer) and type(attn.group_norm) is nn.GroupNorm
+            and attn.group_norm.affine and attn.spatial_norm is None and attn.norm_q is None and attn.norm_k is None)
+
+
+def fuse_attention_norms(model: nn.Module) -> list[str]:
+    """Blocks merged by :func:`fuse_qkv` that have an input group norm (UNet2DModel's attention blocks) switch to a
+    processor that runs it as ``diffquant::group_norm_act`` into ``to_qkv`` (in place); their names."""
+    from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+    done = []
+    for name, attn in model.named_modules():
+        if isinstance(attn, Attention) and type(attn.processor) is FusedAttnProcessor2_0 and _norm_fusable(attn):
+            attn.set_processor(_norm_processor_class()())
+            done.append(name)
+    return done
