@@ -3,8 +3,10 @@
     python benchmarks/kernel_quality.py [--n 500] [--steps 20] [--backends int8,int8:conv_out,fp8,w4a8,w4a16]
                                         [--out benchmarks/results/kernel_quality.json]
 
-A backend ``NAME[:PATTERN][+fp8attn][+dyntensor|+dyntoken][+gn]``: ``+gn`` runs the ResNet blocks' norms + SiLU as
-``diffquant::group_norm_act``, which writes the convs' quantized input (``convert(..., fuse_norms=True)``);
+A backend ``NAME[:PATTERN][+fp8attn][+dyntensor|+dyntoken][+gn][+qkv]``: ``+gn`` runs the ResNet blocks' norms + SiLU as
+``diffquant::group_norm_act``, which writes the convs' quantized input (``convert(..., fuse_norms=True)``); ``+qkv``
+stacks each attention block's Q/K/V into one GEMM (``fuse_qkv=True``; with ``+gn`` the attention input norm runs
+into it too);
 ``+fp8attn`` also converts the attention blocks to FP8
 (``convert(..., attention="fp8")``; the fake-quant model keeps float attention, so real vs fake then includes
 the FP8 attention's error); ``+dyntensor`` / ``+dyntoken`` convert FP8 layers with dynamic activation scales per call
@@ -70,14 +72,14 @@ def main() -> None:
         attention = "fp8" if "fp8attn" in flags else "float"
         dynamic = "token" if "dyntoken" in flags else "tensor" if "dyntensor" in flags else False
         name, *keep = base.split(":")
-        fuse_norms = "gn" in flags
+        fuse_norms, fuse_qkv = "gn" in flags, "qkv" in flags
         row = {"backend": name, "keep_float": keep, "attention": attention, "fp8_dynamic": dynamic,
-               "fuse_norms": fuse_norms}
+               "fuse_norms": fuse_norms, "fuse_qkv": fuse_qkv}
         try:
             q = run_ptq(lm.model, config_for_backend(name, keep_float=keep), "naive", calib, device=dev, progress=False)
             fake, fake_s = draw(q)
             real_m = convert(q, name, attention=attention, unsupported="simulate", fp8_dynamic=dynamic,
-                             fuse_norms=fuse_norms)
+                             fuse_norms=fuse_norms, fuse_qkv=fuse_qkv)
             rep = real_m._diffquant_convert_report
             real, real_s = draw(real_m)
             rf, ff, rfp = paired_fidelity(fake, real), paired_fidelity(fp, fake), paired_fidelity(fp, real)
