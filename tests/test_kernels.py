@@ -1265,6 +1265,27 @@ def test_bench_isolated_rows_survive_a_stalled_row(tmp_path):
     assert res["rows"] == [] and len(res["skipped"]) == 4
 
 
+def test_bench_timeout_names_the_last_phase(monkeypatch, tmp_path):
+    """A row process killed at its timeout is reported with the last progress mark it printed (build, first call /
+    compile, timing), read from the partial stderr; a process that printed none says so."""
+    import subprocess
+
+    from diffquant.kernels import bench
+    from diffquant.kernels.bench import Task, run_tasks_isolated
+
+    def fake_run(cmd, timeout=None, **kw):
+        err = ("x\n" + bench._PHASE_MARK + " build the variant at 3 s\nwarning\n" + bench._PHASE_MARK
+               + " first call (compiles) at 41 s\n") if "torchao-fp8" in " ".join(cmd) else "no marks"
+        raise subprocess.TimeoutExpired(cmd, timeout, stderr=err.encode())
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    tasks = [Task("sd15-unet", 8, "torchao-fp8"), Task("sd15-unet", 8, "torchao-int8dyn")]
+    res = run_tasks_isolated(tasks, 300.0, progress=lambda s: None)
+    errs = [r["error"] for r in res["rows"]]
+    assert errs[0] == "timeout: no result within 300 s (process killed; last phase: first call (compiles) at 41 s)"
+    assert errs[1].endswith("last phase: none reached)")
+
+
 def test_bench_rows_in_parallel_one_per_gpu(tmp_path):
     """run_tasks_isolated(gpus=[...]): as many rows at once as GPUs, never two on one GPU, each row tagged with its GPU;
     rows merged in task order whatever order they finish in; speedups across GPUs from the bf16-compile row."""

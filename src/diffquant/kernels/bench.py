@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -272,6 +273,7 @@ def run_tasks(tasks: list[Task], budget_s: float = 1e9, reps: int = 30, out_path
         ts = time.time()
         row = {"model": model_name, "params_M": round(n_params / 1e6, 1), "batch": tk.batch, "variant": tk.variant}
         try:
+            _phase("build the variant")
             x, t, c = inputs_for(base, tk.batch, dev, torch.bfloat16)
             m = make_variant(base, tk.variant, calib, run_inputs=(x, t, c))
             row["weight_bytes"] = weight_bytes(m)
@@ -293,11 +295,13 @@ def run_tasks(tasks: list[Task], budget_s: float = 1e9, reps: int = 30, out_path
             before = torch.cuda.memory_allocated()
             tc = time.time()
             graphs0 = _dynamo_graphs()
+            _phase("first call" + (" (compiles)" if do_compile else ""))
             with torch.no_grad():
                 call_model(fn_model, x, t, c)
             torch.cuda.synchronize()
             row["first_call_s"] = round(time.time() - tc, 1)
             graphs1 = _dynamo_graphs()
+            _phase("timing (CUDA graph capture, warm-up, reps)")
             ms, graphed = time_call(lambda fm=fn_model: call_model(fm, x, t, c), reps=reps)
             row.update(ms=round(ms, 4), compiled=do_compile, cuda_graph=graphed,
                        act_peak_mb=round((torch.cuda.max_memory_allocated() - before) / 2**20, 1))
@@ -346,6 +350,21 @@ def run_tasks(tasks: list[Task], budget_s: float = 1e9, reps: int = 30, out_path
     return result
 
 
+_PHASE_MARK = "diffquant-bench-phase:"
+_T_START = time.time()
+
+
+def _phase(what: str) -> None:
+    """A progress mark on stderr: a row process killed at its timeout is reported with the last phase it reached."""
+    print(f"{_PHASE_MARK} {what} at {time.time() - _T_START:.0f} s", file=sys.stderr, flush=True)
+
+
+def _last_phase(stderr) -> str:
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else (stderr or "")
+    marks = [ln.split(_PHASE_MARK, 1)[1].strip() for ln in text.splitlines() if _PHASE_MARK in ln]
+    return marks[-1] if marks else "none reached"
+
+
 def _task_spec(tk: Task) -> str:
     return f"{tk.model}:{tk.batch}:{tk.variant}" + ("" if tk.compile else ":eager")
 
@@ -362,11 +381,22 @@ def _spawn_task(tk: Task, timeout_s: Optional[float], reps: int, layer_types: bo
     cmd += [] if layer_types else ["--no-layer-types"]
     cmd += [] if profile else ["--no-profile"]
     env = None if gpu is None else dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
-    p = subprocess.run(cmd, timeout=timeout_s, capture_output=True, text=True, env=env)
+    try:
+        p = subprocess.run(cmd, timeout=timeout_s, capture_output=True, text=True, env=env)
+    except subprocess.TimeoutExpired as e:
+        raise RowTimeout(timeout_s, _last_phase(e.stderr)) from None
     if p.returncode != 0 or not os.path.exists(out):
         raise RuntimeError(f"row process exited with {p.returncode}: {(p.stderr or '').strip()[-400:]}")
     with open(out) as f:
         return json.load(f)
+
+
+class RowTimeout(Exception):
+    """A row process killed at its timeout; ``phase``: the last progress mark it printed."""
+
+    def __init__(self, timeout_s, phase: str):
+        super().__init__(f"no result within {timeout_s} s; last phase: {phase}")
+        self.phase = phase
 
 
 def visible_gpus(spec: str) -> list[int]:
@@ -448,6 +478,8 @@ def run_tasks_isolated(tasks: list[Task], row_timeout_s: Optional[float], budget
                 try:
                     kw = {} if gpu is None else {"gpu": gpu}
                     sub = spawn(tk, row_timeout_s, reps, layer_types, profile, work, **kw)
+                except RowTimeout as e:
+                    err = f"timeout: no result within {row_timeout_s:.0f} s (process killed; last phase: {e.phase})"
                 except subprocess.TimeoutExpired:
                     err = f"timeout: no result within {row_timeout_s:.0f} s (process killed)"
                 except Exception as e:
