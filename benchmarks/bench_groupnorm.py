@@ -28,6 +28,15 @@ SHAPES = [
 ]
 
 
+def _tensors(n: int, c: int, h: int, w: int) -> tuple:
+    """A channels-last bf16 input, a per-(image, channel) addend, the affine weight and bias, an FP8 output scale."""
+    x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    t = torch.randn(n, c, device="cuda", dtype=torch.bfloat16)
+    wt = torch.rand(c, device="cuda", dtype=torch.bfloat16) + 0.5
+    b = torch.randn(c, device="cuda", dtype=torch.bfloat16)
+    return x, t, wt, b, torch.tensor([0.02], device="cuda")
+
+
 def main() -> None:
     from diffquant.kernels.bench import time_call
     from diffquant.kernels.ops import group_norm_act
@@ -42,11 +51,7 @@ def main() -> None:
         raise SystemExit("bench_groupnorm.py needs a CUDA GPU")
     rows = []
     for label, n, c, h, w, groups in SHAPES:
-        x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        t = torch.randn(n, c, device="cuda", dtype=torch.bfloat16)
-        wt = torch.rand(c, device="cuda", dtype=torch.bfloat16) + 0.5
-        b = torch.randn(c, device="cuda", dtype=torch.bfloat16)
-        s = torch.tensor([0.02], device="cuda")
+        x, t, wt, b, s = _tensors(n, c, h, w)
 
         def ind_bf16(x=x, t=t, wt=wt, b=b, groups=groups):
             return F.silu(F.group_norm(x + t[:, :, None, None], groups, wt, b, 1e-5))
@@ -84,11 +89,7 @@ def _sweep(reps, time_call) -> list:
     sms = _num_sms(torch.device("cuda"))
     out = []
     for label, n, c, h, w, groups in SHAPES:
-        x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        t = torch.randn(n, c, device="cuda", dtype=torch.bfloat16)
-        wt = torch.rand(c, device="cuda", dtype=torch.bfloat16) + 0.5
-        b = torch.randn(c, device="cuda", dtype=torch.bfloat16)
-        s = torch.tensor([0.02], device="cuda")
+        x, t, wt, b, s = _tensors(n, c, h, w)
         base = norm_plan(n, c, h * w, x.device)
         variants = {"default": {}, "programs 2/SM": {"programs": 2 * sms}, "programs 8/SM": {"programs": 8 * sms},
                     "rows x0.5": {"block_p": max(16, base["block_p"] // 2)}, "rows x2": {"block_p": base["block_p"] * 2},

@@ -133,23 +133,20 @@ class _FusedUpMixin:
 
 
 class _FusedUpBlockMixin(_FusedUpMixin):
-    def forward(self, hidden_states, res_hidden_states_tuple, temb=None, upsample_size=None, *args, **kwargs):
-        if args or kwargs or not self._fused_path():
-            return super().forward(hidden_states, res_hidden_states_tuple, temb, upsample_size, *args, **kwargs)
-        hidden_states = self._steps(hidden_states, res_hidden_states_tuple, temb)
-        for upsampler in self.upsamplers or []:
-            hidden_states = upsampler(hidden_states, upsample_size)
-        return hidden_states
+    """UpBlock2D and AttnUpBlock2D (self-attention without a context; a "resnet" upsampler takes the time
+    embedding)."""
 
-
-class _FusedAttnUpBlockMixin(_FusedUpMixin):
     def forward(self, hidden_states, res_hidden_states_tuple, temb=None, upsample_size=None, *args, **kwargs):
         if args or kwargs or not self._fused_path():
             return super().forward(hidden_states, res_hidden_states_tuple, temb, upsample_size, *args, **kwargs)
         hidden_states = self._steps(hidden_states, res_hidden_states_tuple, temb, lambda attn, h: attn(h))
         for upsampler in self.upsamplers or []:
-            hidden_states = (upsampler(hidden_states, temb=temb) if self.upsample_type == "resnet"
-                             else upsampler(hidden_states))
+            if getattr(self, "upsample_type", None) == "resnet":
+                hidden_states = upsampler(hidden_states, temb=temb)
+            elif hasattr(self, "upsample_type"):  # AttnUpBlock2D's other upsamplers take no size
+                hidden_states = upsampler(hidden_states)
+            else:
+                hidden_states = upsampler(hidden_states, upsample_size)
         return hidden_states
 
 
@@ -198,7 +195,7 @@ def _transformer_unfusable(block) -> Optional[str]:
 def _up_block_classes() -> dict:
     from diffusers.models.unets.unet_2d_blocks import AttnUpBlock2D, CrossAttnUpBlock2D, UpBlock2D
 
-    return {"up": (UpBlock2D, _FusedUpBlockMixin), "attn_up": (AttnUpBlock2D, _FusedAttnUpBlockMixin),
+    return {"up": (UpBlock2D, _FusedUpBlockMixin), "attn_up": (AttnUpBlock2D, _FusedUpBlockMixin),
             "cross_attn_up": (CrossAttnUpBlock2D, _FusedCrossAttnUpBlockMixin)}
 
 
