@@ -103,6 +103,35 @@ def test_quantize_qdiffusion_cli_with_resume(tmp_path):
     assert r.exit_code != 0 and "weights fingerprint" in r.output
 
 
+def test_sample_real_kernels(tmp_path):
+    """`diffquant sample QDIR --real int8`: the quantized folder converted to real int8 modules (the reference ops on
+    the CPU; fused norms and stacked Q/K/V), sampled with the same seeds as the fake-quant model: near-identical
+    images; the conversion report in the samples' metadata; bad combinations refused with the reason."""
+    q = tmp_path / "w8a8"
+    r = _run(["quantize", "zoo:tiny-random", "--weight-bits", "8", "--act-bits", "8", "--calib-num", "4",
+              "--calib-st", "2", "--calib-steps", "4", "--device", "cpu", "--out", str(q), "--json"])
+    assert r.exit_code == 0, r.output
+    base = ["sample", str(q), "--steps", "3", "--num", "2", "--device", "cpu", "--no-grid", "--json"]
+    r = _run(base + ["--out", str(tmp_path / "fake.npz"), "--real-attention", "simulate"])
+    assert r.exit_code == 0, r.output
+    r = _run(base + ["--real", "int8", "--real-attention", "simulate", "--out", str(tmp_path / "real.npz")])
+    assert r.exit_code == 0, r.output
+    real = json.loads(r.stdout)["real_kernels"]
+    assert real["backend"] == "int8" and len(real["converted"]) > 20 and real["fuse"] is True
+    assert "group_norm_act" in real["norms"]
+    from diffquant.evaluation.fidelity import paired_fidelity
+
+    fake, real_imgs = load_samples(tmp_path / "fake.npz")[0], load_samples(tmp_path / "real.npz")[0]
+    assert paired_fidelity(fake, real_imgs)["psnr"]["mean"] > 30  # 37.1 dB on this CPU, 2026-11-28
+    r = _run(base + ["--real", "fp8", "--out", str(tmp_path / "x.npz")])
+    assert r.exit_code != 0 and "--real fp8: no layer" in r.output and "needs fp8_e4m3 weights" in r.output
+    r = _run(["sample", "zoo:tiny-random", "--steps", "2", "--num", "1", "--device", "cpu", "--real", "int8",
+              "--out", str(tmp_path / "y.npz")])
+    assert r.exit_code != 0 and "--real needs a quantized folder" in r.output
+    r = _run(base + ["--real", "int8", "--shard-size", "1", "--out", str(tmp_path / "z.npz")])
+    assert r.exit_code != 0 and "in one go" in r.output
+
+
 @pytest.mark.skipif(not torchao_available(), reason="needs torchao")
 def test_sample_cpu_int8(tmp_path):
     """`diffquant sample --cpu-int8`: calibrate on the FP sampler, pt2e int8 on the CPU, sample; close to FP."""

@@ -12,6 +12,10 @@ Several GPUs on one host::
         --shard-size 1000 --out-dir run/ --out samples.npz
 
 (``--num-samples`` is ``--num``; torchrun's own parser would take ``--num`` for its ``--numa-binding``.)
+
+A quantized folder on diffquant's real low-bit kernels (packed weights; Triton on the GPU)::
+
+    diffquant sample QUANT_DIR --real int8 --compile --device cuda --out real.npz
 """
 from __future__ import annotations
 
@@ -50,9 +54,19 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
 @click.option("--calib-num", type=int, default=16, show_default=True,
               help="with --cpu-int8: calibration trajectories (x 10 steps of DDIM-20; consistency models: x the noise "
                    "levels of the 1/2/4-step chains)")
+@click.option("--real", "real", type=click.Choice(["int8", "fp8", "w4a8", "w4a16"]), default=None,
+              help="run a quantized folder on diffquant's real low-bit kernels (diffquant.convert: packed weights, "
+                   "Triton kernels on the GPU, the reference ops elsewhere) instead of the fake-quant simulation")
+@click.option("--fuse/--no-fuse", default=True, show_default=True,
+              help="with --real: fused group norms, unconcatenated up blocks and stacked Q/K/V (convert's fuse_norms, "
+                   "fuse_qkv)")
+@click.option("--real-attention", type=click.Choice(["float", "simulate", "fp8"]), default="float",
+              show_default=True, help="with --real: the attention matmuls in float (SDPA), fake-quantized as "
+                                      "calibrated, or in FP8")
+@click.option("--compile", "compile_", is_flag=True, help="with --real: torch.compile the converted model")
 @click.option("--json", "as_json", is_flag=True)
 def command(model, sampler, steps, spacing, eta, num, seed, batch_size, device, out_path, grid, shard_size, out_dir,
-            resume, compute_batch, cpu_int8, calib_num, as_json):
+            resume, compute_batch, cpu_int8, calib_num, real, fuse, real_attention, compile_, as_json):
     """Sample MODEL (zoo:NAME, diffusers folder, hub id, or a quantized folder) with fixed seeds."""
     from diffquant.models.loading import load_model
     from diffquant.sampling import SamplerSpec, sample, save_samples
@@ -60,8 +74,11 @@ def command(model, sampler, steps, spacing, eta, num, seed, batch_size, device, 
 
     sharded = (shard_size is not None or out_dir is not None or resume or compute_batch is not None
                or int(os.environ.get("WORLD_SIZE", "1")) > 1)
-    if sharded and cpu_int8:
-        fail("--cpu-int8 samples in one go: leave out --shard-size/--out-dir/--resume/--compute-batch and torchrun")
+    if sharded and (cpu_int8 or real):
+        fail(f"{'--cpu-int8' if cpu_int8 else '--real'} samples in one go: leave out --shard-size/--out-dir/--resume/"
+             f"--compute-batch and torchrun")
+    if cpu_int8 and real:
+        fail("--cpu-int8 and --real are two different int8 paths: pick one")
     if sharded:
         return _sharded(model, sampler, steps, spacing, eta, num, seed, batch_size, device, out_path, grid,
                         shard_size, out_dir, resume, compute_batch, as_json)
@@ -74,6 +91,9 @@ def command(model, sampler, steps, spacing, eta, num, seed, batch_size, device, 
         net, int8_info = loaded.model, None
         if cpu_int8:
             net, int8_info = _cpu_int8(loaded, dev, calib_num)
+        real_info = None
+        if real:
+            net, real_info = _real_kernels(loaded, real, fuse, real_attention, compile_, dev)
         t0 = time.perf_counter()
         res = sample(net, loaded.scheduler, num=num, seed=seed, spec=spec, batch_size=batch_size, device=dev)
         secs = time.perf_counter() - t0
@@ -82,6 +102,8 @@ def command(model, sampler, steps, spacing, eta, num, seed, batch_size, device, 
     meta = {**res.meta, "model": model, "quantized": loaded.quantized, "device": str(dev)}
     if int8_info:
         meta["cpu_int8"] = int8_info
+    if real_info:
+        meta["real_kernels"] = real_info
     save_samples(out_path, res.images, res.seeds, meta)
     grid_path = None
     if grid:
@@ -92,6 +114,25 @@ def command(model, sampler, steps, spacing, eta, num, seed, batch_size, device, 
         emit_json(out)
     else:
         click.echo(f"{num} samples in {secs:.1f}s ({num / secs:.2f} img/s) -> {out_path}")
+
+
+def _real_kernels(loaded, backend: str, fuse: bool, attention: str, compile_: bool, dev):
+    """(converted denoiser, info): the quantized model on diffquant's real low-bit modules."""
+    import torch
+
+    from diffquant.convert import convert
+
+    if not loaded.quantized:
+        fail("--real needs a quantized folder (diffquant quantize MODEL ... --out DIR), not a full-precision model")
+    net = convert(loaded.model, backend, attention=attention, fuse_norms=fuse, fuse_qkv=fuse, device=dev)
+    rep = net._diffquant_convert_report
+    if not rep.converted:
+        why = next(iter(rep.kept.items()), ("", "no quantized layers"))
+        fail(f"--real {backend}: no layer of this folder can run on it ({why[0]}: {why[1]})")
+    click.echo(rep.summary(), err=True)
+    if compile_:
+        net = torch.compile(net)
+    return net, {**rep.to_dict(), "fuse": fuse, "compiled": compile_}
 
 
 def _cpu_int8(loaded, dev, calib_num: int):
