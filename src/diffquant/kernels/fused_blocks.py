@@ -5,8 +5,10 @@ followed by ``proj_in``. :func:`fuse_group_norms` swaps the class of every such 
 subclass (``FusedNormResnetBlock2D``, ``FusedNormTransformer2DModel``) that computes norm (+ SiLU, + the time
 embedding added before ``norm2``) in one op over channels-last activations. When the conv is a converted
 layer with a static input quantization (FP8, or integer with a zero point), the op also writes the conv's
-quantized input. The parameters and the state dict
-are unchanged; a block in training mode, or called with extra arguments, runs diffusers' own forward.
+quantized input. The up blocks (UpBlock2D, AttnUpBlock2D, CrossAttnUpBlock2D) get a subclass that hands each ResNet
+step ``(h, skip)`` instead of ``torch.cat([h, skip], 1)``: the norm reads both, and a split shortcut conv takes its
+two pieces. The parameters and the state dict are unchanged; a block in training mode, or called with extra
+arguments, runs diffusers' own forward.
 """
 from __future__ import annotations
 
@@ -97,7 +99,6 @@ class _FusedNormMixin:
             return self._norm_act(self.norm2, self.conv2, h, t, residual=x)
         return (x + self._norm_act(self.norm2, self.conv2, h, t)) / self.output_scale_factor
 
-
     def _forward_pair(self, h_in: torch.Tensor, skip: torch.Tensor, temb: Optional[torch.Tensor]) -> torch.Tensor:
         """``forward(torch.cat([h_in, skip], 1), temb)`` without the concatenation where the shortcut is a split
         converted conv (a UNet up block's first step): norm1 reads both tensors in place and each shortcut part
@@ -114,8 +115,8 @@ class _FusedNormMixin:
 
 class _FusedUpMixin:
     """An up block whose ResNet steps get ``(hidden_states, skip)`` instead of their concatenation
-    (``resnet(h, temb, skip=skip)``: :meth:`_FusedNormMixin._forward_pair`). Training, gradient checkpointing with grad enabled, FreeU, or a ResNet
-    that is not fused: diffusers' own forward."""
+    (``resnet(h, temb, skip=skip)``: :meth:`_FusedNormMixin._forward_pair`). Training, gradient checkpointing with
+    grad enabled, FreeU, or a ResNet that is not fused: diffusers' own forward."""
 
     def _fused_path(self) -> bool:
         freeu = all(getattr(self, k, None) for k in ("s1", "s2", "b1", "b2"))
