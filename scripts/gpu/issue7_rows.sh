@@ -18,8 +18,11 @@
 #   3. INT8 tuning: TUNE_TASKS=ddpm-cifar10-32:256:dq-int8,sd15-unet:8:dq-int8 TUNE_S=240 ROWS=... (merge the
 #      result with diffquant tune-kernels --merge-from OUT/qconv_tuned.json --merge-into
 #      src/diffquant/kernels/tuned/nvidia-h200.json).
-#   Leave the torchao rows out unless a longer ROW_TIMEOUT_S is affordable: they gave no result within 300 s in
-#   every call so far, and each holds a GPU for the whole timeout.
+#   4. Tables for the small batches (0.51-0.87x of bf16 there, untuned): TUNE_TASKS=sd15-unet:1:dq-fp8,
+#      ddpm-cifar10-32:64:dq-fp8,ddpm-cifar10-32:1:dq-fp8, merged the same way.
+#   The torchao rows gave no result within 300 s in every call so far (torchao 0.16, which skipped its C++ extensions
+#   on torch 2.11) and each held a GPU for the whole timeout; .whl/torchao-gpu now carries 0.17.0 (built for torch
+#   >= 2.11). Try one (sd15-unet:8:torchao-fp8) on its own GPU first; a timeout now names the phase it reached.
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
