@@ -1017,7 +1017,9 @@ def test_attention_input_norm_runs_into_stacked_qkv(monkeypatch):
         resnets = sum(type(m).__name__ == "FusedNormResnetBlock2D" for m in cm.modules())
         with torch.no_grad():
             got = call_model(cm, *inputs)
-            assert len(calls) == 2 * resnets + len(blocks) and set(calls) == {out_dtype}, (backend, calls)
+            # ResNet norms and attention norms quantized for their consumers, the output norm in float
+            assert len(calls) == 2 * resnets + len(blocks) + 1, (backend, calls)
+            assert calls.count(torch.float32) == 1 and set(calls) == {out_dtype, torch.float32}, (backend, calls)
             monkeypatch.setattr(fused_blocks, "group_norm_act", real)
             for m in blocks:
                 m.set_processor(FusedAttnProcessor2_0())
@@ -1151,7 +1153,14 @@ def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):
     monkeypatch.setattr(fused_blocks, "group_norm_act", counted)
     with torch.no_grad():
         out = _check_fused_blocks(cm, fused, (x, t, c), 1e-3)
-        assert len(calls) == 2 * len(fused) and all(fp8_out)
+        # two per ResNet block, e4m3 for their converted convs; one for the output norm + SiLU, in float
+        assert len(calls) == 2 * len(fused) + 1 and sum(fp8_out) == 2 * len(fused)
+        assert type(cm.conv_norm_out).__name__ == "FusedGroupNormSiLU" and isinstance(cm.conv_act, torch.nn.Identity)
+        xo = torch.randn(2, cm.conv_norm_out.num_channels, 5, 6)
+        fused_out = cm.conv_norm_out(xo)
+        cm.conv_norm_out.train()  # training: the plain GroupNorm and SiLU
+        torch.testing.assert_close(fused_out, cm.conv_norm_out(xo), rtol=1e-5, atol=1e-5)
+        cm.conv_norm_out.eval()
         monkeypatch.setattr(fused_blocks, "group_norm_act", ops.group_norm_act)
         from torch._dynamo.utils import counters
 

@@ -300,9 +300,11 @@ def convert(
 
         fused, left = fuse_group_norms(model)
         ups = [n for n in fused if isinstance(model.get_submodule(n), _FusedUpMixin)]
-        report.norms = (f"{len(fused) - len(ups)} blocks (ResNet norms + SiLU, transformer input norms) run their "
+        blocks = [n for n in fused if n not in ups and n != "conv_norm_out"]
+        report.norms = (f"{len(blocks)} blocks (ResNet norms + SiLU, transformer input norms) run their "
                         f"group norms as diffquant::group_norm_act (fuse_norms=True); {len(ups)} up blocks hand "
                         f"their ResNet steps (h, skip) unconcatenated"
+                        + ("; the output norm runs with its SiLU as one op" if "conv_norm_out" in fused else "")
                         + "".join(f"; {n} left alone: {why}" for n, why in left.items()))
     if fuse_qkv:
         from diffquant.kernels.fused_attention import fuse_qkv as _fuse_qkv

@@ -7,7 +7,8 @@ embedding added before ``norm2``) in one op over channels-last activations. When
 layer with a static input quantization (FP8, or integer with a zero point), the op also writes the conv's
 quantized input. The up blocks (UpBlock2D, AttnUpBlock2D, CrossAttnUpBlock2D) get a subclass that hands each ResNet
 step ``(h, skip)`` instead of ``torch.cat([h, skip], 1)``: the norm reads both, and a split shortcut conv takes its
-two pieces. The parameters and the state dict are unchanged; a block in training mode, or called with extra
+two pieces. A UNet's output norm runs with its SiLU as one op (``FusedGroupNormSiLU``; ``conv_act`` becomes an
+identity). The parameters and the state dict are unchanged; a block in training mode, or called with extra
 arguments, runs diffusers' own forward.
 """
 from __future__ import annotations
@@ -193,6 +194,30 @@ def _transformer_unfusable(block) -> Optional[str]:
     return None
 
 
+class FusedGroupNormSiLU(nn.GroupNorm):
+    """A UNet's output norm (``conv_norm_out``) that also applies the SiLU after it (its ``conv_act`` becomes an
+    ``nn.Identity``): one ``diffquant::group_norm_act`` in eval mode, the plain ops in training."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or x.dim() != 4:
+            return torch.nn.functional.silu(super().forward(x))
+        return group_norm_act(x, None, None, self.weight, self.bias, self.num_groups, float(self.eps), True, None,
+                              x.dtype)
+
+
+def _fuse_output_norm(model: nn.Module) -> Optional[str]:
+    """``model.conv_norm_out`` + ``model.conv_act`` (UNet2DModel, UNet2DConditionModel) as one op, in place: None if
+    done, else why not."""
+    norm, act = getattr(model, "conv_norm_out", None), getattr(model, "conv_act", None)
+    if norm is None:
+        return "no conv_norm_out"
+    if type(norm) is not nn.GroupNorm or not norm.affine or type(act) is not nn.SiLU:
+        return f"conv_norm_out is {type(norm).__name__}, conv_act {type(act).__name__} (needs affine GroupNorm + SiLU)"
+    norm.__class__ = FusedGroupNormSiLU
+    model.conv_act = nn.Identity()
+    return None
+
+
 def _up_block_classes() -> dict:
     from diffusers.models.unets.unet_2d_blocks import AttnUpBlock2D, CrossAttnUpBlock2D, UpBlock2D
 
@@ -232,6 +257,11 @@ def fuse_group_norms(model: nn.Module) -> tuple[list[str], dict[str, str]]:
              (_transformer_class(), fused_class("transformer"), _transformer_unfusable)]
     kinds += [(base, fused_class(kind), lambda m: None) for kind, (base, _) in _up_block_classes().items()]
     fused, left = [], {}
+    why = _fuse_output_norm(model)
+    if why is None:
+        fused.append("conv_norm_out")
+    elif why != "no conv_norm_out":
+        left["conv_norm_out"] = why
     for name, m in model.named_modules():
         for base, cls, unfusable in kinds:
             if type(m) is base:
