@@ -6,8 +6,8 @@ the GB/s of diffquant's kernels (two reads of the input, one write).
     python benchmarks/bench_groupnorm.py [--out benchmarks/results/groupnorm.json] [--sweep]
 
 --sweep adds, per shape, each kernel timed alone (statistics, finalize, apply with e4m3 output) under the default
-launch plan and under variants of it (programs per SM, pixel rows per step, warps), and a bf16 copy of the input as
-the bandwidth roof.
+launch plan and under variants of it (programs per SM, pixel rows per step, warps), the one-launch kernel for
+images of up to 1,024 pixels ("whole"), and a bf16 copy of the input as the bandwidth roof.
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def main() -> None:
 
 def _sweep(reps, time_call) -> list:
     from diffquant.kernels.triton_conv import _num_sms
-    from diffquant.kernels.triton_norm import group_norm_act_triton, norm_plan
+    from diffquant.kernels.triton_norm import group_norm_act_triton, norm_plan, whole_plan
 
     sms = _num_sms(torch.device("cuda"))
     out = []
@@ -96,6 +96,12 @@ def _sweep(reps, time_call) -> list:
                     "8 warps": {"warps": 8}, "chunk 64": {"block_c": min(64, base["block_c"])}}
         row = {"shape": label, "copy_ms": round(time_call(lambda: x.clone(), reps=reps)[0], 5)}
         row["copy_GBps"] = round(2 * x.numel() * 2 / row["copy_ms"] / 1e6, 1)
+        if h * w <= 1024:  # the one-launch kernel (whole groups of whole images per program)
+            plan = whole_plan(c, h * w, groups)
+            with torch.no_grad():
+                ms = time_call(lambda: group_norm_act_triton(x, None, t, wt, b, groups, 1e-5, True, s,
+                                                             torch.float8_e4m3fn, plan=plan), reps=reps)[0]
+            row["whole"] = {"plan": plan, "all": round(ms, 5)}
         for name, kw in variants.items():
             plan = norm_plan(n, c, h * w, x.device, **kw)
             r = {"plan": plan}

@@ -257,7 +257,7 @@ def poisoned(*a, **k):  # NaN in every element (0x7F in e4m3; random bytes in in
     return out
 ref_mod.out_like = poisoned
 from diffquant.kernels.reference import group_norm_act_reference
-from diffquant.kernels.triton_norm import group_norm_act_triton, norm_plan
+from diffquant.kernels.triton_norm import group_norm_act_triton, norm_plan, whole_plan
 g = torch.Generator().manual_seed(0)
 res = []
 # n, c1, c2, h, w, groups, add, silu, fp8 out, input offset
@@ -286,13 +286,21 @@ for n, c1, c2, h, w, groups, add, silu, fp8, off in [(2, 40, 0, 5, 7, 8, False, 
     # the default launch (one segment per image at these sizes), then 16-row pixel blocks in 16-row segments (a
     # tail segment; the finalize combines many partials) and 16-channel chunks (groups straddle chunks), then
     # segments of 32 rows (two where an image has 33-64 pixels) with 32-row blocks
+    # and the one-launch kernel for small images (blocks of whole groups; 16-row steps: several of them)
     for plan in (None, norm_plan(n, c, h * w, x.device, block_c=16, block_p=16, programs=10**6),
-                 norm_plan(n, c, h * w, x.device, block_p=32 if h * w > 32 else 16, programs=10**6)):
+                 norm_plan(n, c, h * w, x.device, block_p=32 if h * w > 32 else 16, programs=10**6),
+                 whole_plan(c, h * w, groups), dict(whole_plan(c, h * w, groups), block_p=16)):
         got = group_norm_act_triton(x, x2, a, wt, b, groups, 1e-5, silu, s, dt, zp, *q, plan=plan).float()
         if fp8:  # summation order may move a value across a rounding edge: count the codes that differ
             res.append([bool(torch.isfinite(got).all()), float((got != want).float().mean()), "codes"])
         else:
             res.append([bool(torch.isfinite(got).all()), float((got - want).abs().max() / want.abs().max()), "f32"])
+import os
+from diffquant.kernels.triton_norm import _default_plan
+assert "kind" not in _default_plan(2, 64, 64, 32, torch.device("cpu"))  # the segmented plan unless asked
+os.environ["DIFFQUANT_GN_WHOLE_MAX_HW"] = "64"
+assert _default_plan(2, 64, 64, 32, torch.device("cpu"))["kind"] == "whole"
+assert "kind" not in _default_plan(2, 64, 65, 32, torch.device("cpu"))
 print("RESULT" + json.dumps(res))
 '''
 
@@ -308,7 +316,7 @@ def test_interpreter_group_norm_act_kernels_match_reference():
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
     assert p.returncode == 0 and line, p.stderr[-3000:]
     res = json.loads(line[0][len("RESULT"):])
-    assert len(res) == 24
+    assert len(res) == 40
     for finite, err, kind in res:
         assert finite, kind
         assert err < (5e-3 if kind == "codes" else 1e-5), (kind, err)

@@ -54,15 +54,10 @@ def _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, P_END, HW, C1, C, HAS_
 
 
 @triton.jit
-def _gn_stats_kernel(x_ptr, x2_ptr, add_ptr, mean_ptr, m2_ptr, HW, C1, C, S, SEG_P,
-                     HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per channel of one chunk, the mean and sum of squared deviations of one segment of an image's pixels: a
+def _channel_stats(x_ptr, x2_ptr, add_ptr, n, offs_c, p0, p_end, HW, C1, C, HAS_X2: tl.constexpr,
+                   HAS_ADD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per channel of ``offs_c``, the mean and sum of squared deviations of image ``n``'s pixels [p0, p_end): a
     running Welford update per (row lane, channel), no reduction inside the loop; Chan's combination of the lanes."""
-    s = tl.program_id(0)
-    n = tl.program_id(1)
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p0 = s * SEG_P
-    p_end = tl.minimum(p0 + SEG_P, HW)
     mean = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     cnt = tl.zeros((BLOCK_P,), dtype=tl.float32)
@@ -77,7 +72,19 @@ def _gn_stats_kernel(x_ptr, x2_ptr, add_ptr, mean_ptr, m2_ptr, HW, C1, C, S, SEG
     tot = tl.sum(cnt, axis=0)
     mc = tl.sum(mean * cnt[:, None], axis=0) / tot
     dd = mean - mc[None, :]
-    m2c = tl.sum(m2 + cnt[:, None] * dd * dd, axis=0)
+    return mc, tl.sum(m2 + cnt[:, None] * dd * dd, axis=0)
+
+
+@triton.jit
+def _gn_stats_kernel(x_ptr, x2_ptr, add_ptr, mean_ptr, m2_ptr, HW, C1, C, S, SEG_P,
+                     HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per channel of one chunk, the mean and sum of squared deviations of one segment of an image's pixels."""
+    s = tl.program_id(0)
+    n = tl.program_id(1)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p0 = s * SEG_P
+    mc, m2c = _channel_stats(x_ptr, x2_ptr, add_ptr, n, offs_c, p0, tl.minimum(p0 + SEG_P, HW), HW, C1, C, HAS_X2,
+                             HAS_ADD, BLOCK_P, BLOCK_C)
     dst = (n * S + s).to(tl.int64) * C + offs_c
     tl.store(mean_ptr + dst, mc, mask=offs_c < C)
     tl.store(m2_ptr + dst, m2c, mask=offs_c < C)
@@ -121,22 +128,12 @@ def _gn_finalize_kernel(mean_ptr, m2_ptr, gmean_ptr, grstd_ptr, HW, C, S, SEG_P,
 
 
 @triton.jit
-def _gn_apply_kernel(x_ptr, x2_ptr, add_ptr, gmean_ptr, grstd_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, HW, C1, C,
-                     CPG, G, SEG_P, QMIN, QMAX, QOFF,
-                     HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr, QUANT: tl.constexpr,
-                     INT8: tl.constexpr, SCALE_PER_CH: tl.constexpr, EMULATE: tl.constexpr, BLOCK_P: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
-    """Normalise, affine, SiLU and the consumer's quantization over one segment of one image's pixels, one chunk of
-    channels; the per-channel constants are loaded once per program."""
-    s = tl.program_id(0)
-    n = tl.program_id(1)
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    p0 = s * SEG_P
-    p_end = tl.minimum(p0 + SEG_P, HW)
-    gi = n * G + offs_c // CPG
-    mu = tl.load(gmean_ptr + gi, mask=c_ok, other=0.0)[None, :]
-    rs = tl.load(grstd_ptr + gi, mask=c_ok, other=0.0)
+def _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n, offs_c, c_ok, mu, rs, p0, p_end, HW,
+                C1, C, QMIN, QMAX, QOFF, HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr,
+                QUANT: tl.constexpr, INT8: tl.constexpr, SCALE_PER_CH: tl.constexpr, EMULATE: tl.constexpr,
+                BLOCK_P: tl.constexpr):
+    """Normalise (per-channel ``mu``, ``rs``), affine, SiLU and the consumer's quantization of image ``n``'s pixels
+    [p0, p_end) in channels ``offs_c``; the per-channel constants are loaded once."""
     gamma = tl.load(w_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     a = (rs * gamma)[None, :]
     beta = tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
@@ -153,7 +150,7 @@ def _gn_apply_kernel(x_ptr, x2_ptr, add_ptr, gmean_ptr, grstd_ptr, w_ptr, b_ptr,
     for p in range(p0, p_end, BLOCK_P):
         offs_p = p + tl.arange(0, BLOCK_P)
         x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, p_end, HW, C1, C, HAS_X2, HAS_ADD)
-        y = (x - mu) * a + beta
+        y = (x - mu[None, :]) * a + beta
         if SILU:
             y = y / (1.0 + tl.exp(-y))
         ptrs = out_ptr + n.to(tl.int64) * HW * C + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
@@ -169,6 +166,52 @@ def _gn_apply_kernel(x_ptr, x2_ptr, add_ptr, gmean_ptr, grstd_ptr, w_ptr, b_ptr,
                 tl.store(ptrs, y8.to(tl.uint8, bitcast=True), mask=ok)
         else:
             tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gn_apply_kernel(x_ptr, x2_ptr, add_ptr, gmean_ptr, grstd_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, HW, C1, C,
+                     CPG, G, SEG_P, QMIN, QMAX, QOFF,
+                     HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr, QUANT: tl.constexpr,
+                     INT8: tl.constexpr, SCALE_PER_CH: tl.constexpr, EMULATE: tl.constexpr, BLOCK_P: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    """The apply step over one segment of one image's pixels, one chunk of channels."""
+    s = tl.program_id(0)
+    n = tl.program_id(1)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    gi = n * G + offs_c // CPG
+    mu = tl.load(gmean_ptr + gi, mask=c_ok, other=0.0)
+    rs = tl.load(grstd_ptr + gi, mask=c_ok, other=0.0)
+    p0 = s * SEG_P
+    _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n, offs_c, c_ok, mu, rs, p0,
+                tl.minimum(p0 + SEG_P, HW), HW, C1, C, QMIN, QMAX, QOFF, HAS_X2, HAS_ADD, SILU, QUANT, INT8,
+                SCALE_PER_CH, EMULATE, BLOCK_P)
+
+
+@triton.jit
+def _gn_whole_kernel(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, HW, C1, C, CPG, GPP, eps,
+                     QMIN, QMAX, QOFF,
+                     HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr, QUANT: tl.constexpr,
+                     INT8: tl.constexpr, SCALE_PER_CH: tl.constexpr, EMULATE: tl.constexpr, BLOCK_P: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Small images in one launch: one program per (image, block of GPP whole groups) reads all the image's pixels
+    of those channels twice (statistics, then apply; the second read mostly from L2). Groups combine in registers
+    through a (channel, group) one-hot matrix, so the channels per group need not be a power of two."""
+    n = tl.program_id(0)
+    c_lo = tl.program_id(1) * GPP * CPG
+    j = tl.arange(0, BLOCK_C)
+    offs_c = c_lo + j
+    c_ok = (j < GPP * CPG) & (offs_c < C)
+    mc, m2c = _channel_stats(x_ptr, x2_ptr, add_ptr, n, offs_c, 0, HW, HW, C1, C, HAS_X2, HAS_ADD, BLOCK_P, BLOCK_C)
+    onehot = ((j // CPG)[:, None] == tl.arange(0, BLOCK_G)[None, :]) & c_ok[:, None]
+    oh = onehot.to(tl.float32)
+    gmean = tl.sum(oh * mc[:, None], axis=0) / CPG  # every channel has HW pixels
+    mu = tl.sum(oh * gmean[None, :], axis=1)
+    d = mc - mu
+    gvar = tl.sum(oh * (m2c + HW * d * d)[:, None], axis=0) / (HW * CPG)
+    rs = tl.sum(oh * (1.0 / tl.sqrt(gvar + eps))[None, :], axis=1)
+    _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n, offs_c, c_ok, mu, rs, 0, HW, HW,
+                C1, C, QMIN, QMAX, QOFF, HAS_X2, HAS_ADD, SILU, QUANT, INT8, SCALE_PER_CH, EMULATE, BLOCK_P)
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -199,14 +242,32 @@ def norm_plan(nb: int, c: int, hw: int, device: torch.device, block_c: Optional[
             "warps": warps if warps is not None else 4}
 
 
+def whole_plan(c: int, hw: int, num_groups: int, warps: Optional[int] = None) -> dict:
+    """The one-launch plan for small images (:func:`_gn_whole_kernel`): blocks of whole groups of about 64 channels
+    (one group when a group has more), pixel blocks of up to 4,096 elements."""
+    cpg = c // num_groups
+    gpp = max(1, min(num_groups, 64 // cpg))
+    block_c = max(16, triton.next_power_of_2(gpp * cpg))
+    return {"kind": "whole", "gpp": gpp, "block_c": block_c, "block_g": max(2, triton.next_power_of_2(gpp)),
+            "block_p": max(16, min(triton.next_power_of_2(hw), 4096 // block_c)), "warps": warps or 4}
+
+
+def _default_plan(nb: int, c: int, hw: int, num_groups: int, device: torch.device) -> dict:
+    # DIFFQUANT_GN_WHOLE_MAX_HW=N: images of at most N pixels take the one-launch kernel (not yet timed on a GPU;
+    # default 0: never)
+    if hw <= int(os.environ.get("DIFFQUANT_GN_WHOLE_MAX_HW", "0")):
+        return whole_plan(c, hw, num_groups)
+    return norm_plan(nb, c, hw, device)
+
+
 def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: Optional[torch.Tensor],
                           weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, silu: bool,
                           out_scale: Optional[torch.Tensor], out_dtype: torch.dtype,
                           out_zp: Optional[torch.Tensor] = None, qmin: int = 0, qmax: int = 0,
                           qoffset: int = 0, plan: Optional[dict] = None,
                           stages: tuple = ("stats", "finalize", "apply")) -> torch.Tensor:
-    """``plan``: :func:`norm_plan`'s dict (default: its choice); ``stages``: the kernels to launch (the benchmark
-    times them one by one)."""
+    """``plan``: :func:`norm_plan`'s or :func:`whole_plan`'s dict (default: the segmented plan); ``stages``: the
+    segmented path's kernels to launch (the benchmark times them one by one)."""
     from diffquant.kernels.reference import out_like
 
     nb, c1, h, w = x.shape
@@ -219,15 +280,29 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
     out = out_like(x, c, h, w, out_dtype)
     if nb == 0 or hw == 0:
         return out
-    pl = plan if plan is not None else norm_plan(nb, c, hw, x.device)
+    pl = plan if plan is not None else _default_plan(nb, c, hw, num_groups, x.device)
+    x2_arg = x2 if x2 is not None else x
+    add_arg = add_nc.contiguous() if add_nc is not None else x
+    s_out = out_scale.float().reshape(-1).contiguous() if quant else x
+    zp = out_zp.float().reshape(-1).contiguous() if int8 else x
+    if int8 and s_out.numel() != zp.numel():  # one per channel for both when either is
+        s_out, zp = s_out.expand(c).contiguous(), zp.expand(c).contiguous()
+    flags = dict(HAS_X2=x2 is not None, HAS_ADD=add_nc is not None, SILU=silu, QUANT=quant, INT8=int8,
+                 SCALE_PER_CH=quant and s_out.numel() > 1, EMULATE=os.environ.get("TRITON_INTERPRET") == "1")
+    out_arg = out.view(torch.uint8) if quant and not int8 else out
+    if pl.get("kind") == "whole":
+        cpg = c // num_groups
+        _gn_whole_kernel[(nb, triton.cdiv(num_groups, pl["gpp"]))](
+            x, x2_arg, add_arg, weight.contiguous(), bias.contiguous(), s_out, zp, out_arg, hw, c1, c, cpg, pl["gpp"],
+            float(eps), qmin, qmax, qoffset, **flags, BLOCK_P=pl["block_p"], BLOCK_C=pl["block_c"],
+            BLOCK_G=pl["block_g"], num_warps=pl["warps"])
+        return out
     block_c, block_p, segs, seg_p, warps = pl["block_c"], pl["block_p"], pl["segs"], pl["seg_p"], pl["warps"]
     grid = (segs, nb, triton.cdiv(c, block_c))
     part_mean = torch.empty((nb, segs, c), dtype=torch.float32, device=x.device)
     part_m2 = torch.empty_like(part_mean)
     gmean = torch.empty((nb, num_groups), dtype=torch.float32, device=x.device)
     grstd = torch.empty_like(gmean)
-    x2_arg = x2 if x2 is not None else x
-    add_arg = add_nc.contiguous() if add_nc is not None else x
     if "stats" in stages:
         _gn_stats_kernel[grid](x, x2_arg, add_arg, part_mean, part_m2, hw, c1, c, segs, seg_p,
                                HAS_X2=x2 is not None, HAS_ADD=add_nc is not None, BLOCK_P=block_p,
@@ -242,15 +317,7 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
             BLOCK_CG=block_cg, num_warps=4)
     if "apply" not in stages:
         return out
-    s_out = out_scale.float().reshape(-1).contiguous() if quant else gmean
-    zp = out_zp.float().reshape(-1).contiguous() if int8 else gmean
-    if int8 and s_out.numel() != zp.numel():  # one per channel for both when either is
-        s_out, zp = s_out.expand(c).contiguous(), zp.expand(c).contiguous()
     _gn_apply_kernel[grid](x, x2_arg, add_arg, gmean, grstd, weight.contiguous(), bias.contiguous(), s_out, zp,
-                           out.view(torch.uint8) if quant and not int8 else out, hw, c1, c, cpg, num_groups, seg_p,
-                           qmin, qmax, qoffset,
-                           HAS_X2=x2 is not None, HAS_ADD=add_nc is not None, SILU=silu, QUANT=quant, INT8=int8,
-                           SCALE_PER_CH=quant and s_out.numel() > 1,
-                           EMULATE=os.environ.get("TRITON_INTERPRET") == "1", BLOCK_P=block_p, BLOCK_C=block_c,
-                           num_warps=warps)
+                           out_arg, hw, c1, c, cpg, num_groups, seg_p, qmin, qmax, qoffset, **flags,
+                           BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     return out
