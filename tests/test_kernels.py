@@ -1077,6 +1077,11 @@ def test_fused_up_blocks_skip_the_concatenation(monkeypatch):
             monkeypatch.setattr(torch, "cat", real_cat)
         assert n_fused == 0 and len(cats) == 4, (backend, n_fused, cats)  # 2 up blocks of 2 ResNet steps
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    monkeypatch.setenv("DIFFQUANT_FUSE_UP", "0")  # the A/B switch: plain up blocks and output norm
+    cm0 = convert(q, backend, fuse_norms=True)
+    assert not any(isinstance(m, _FusedUpMixin) for m in cm0.modules())
+    assert type(cm0.conv_norm_out) is torch.nn.GroupNorm and "up blocks" in cm0._diffquant_convert_report.norms
+    monkeypatch.delenv("DIFFQUANT_FUSE_UP")
     # a shortcut that is not split (split_shortcut=False): the step concatenates, and still computes the same
     from diffquant.config import QuantConfig
 

@@ -12,6 +12,7 @@
 #      (GPU 3 tunes the INT8 shapes meanwhile):
 #        TESTS_K="group_norm or fused_resnet or fuse_qkv" bash scripts/gpu/norms.sh   with
 #        ROWS=ddpm-cifar10-32:256:bf16-compile,ddpm-cifar10-32:256:dq-fp8-gn,ddpm-cifar10-32:256:dq-fp8-gn-qkv,sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8-gn,sd15-unet:8:dq-fp8-gn-qkv
+#      (an A/B of the up-block / output-norm changes: the same dq-fp8-gn rows with DIFFQUANT_FUSE_UP=0 in a later call)
 #      and GN_ARGS=--sweep (it now times the one-launch norm kernel, "whole", on images up to 32x32); if it wins,
 #      rows with DIFFQUANT_GN_WHOLE_MAX_HW=256 (or the size the sweep says) and then make it the default
 #   2. Inductor freezing, and the nearest tuned conv config for untuned batches:

@@ -13,6 +13,7 @@ arguments, runs diffusers' own forward.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -255,13 +256,16 @@ def fuse_group_norms(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     place: ``(fused block names, {block name: why it was left alone})``."""
     kinds = [(_resnet_block_class(), fused_class("resnet"), _unfusable),
              (_transformer_class(), fused_class("transformer"), _transformer_unfusable)]
-    kinds += [(base, fused_class(kind), lambda m: None) for kind, (base, _) in _up_block_classes().items()]
     fused, left = [], {}
-    why = _fuse_output_norm(model)
-    if why is None:
-        fused.append("conv_norm_out")
-    elif why != "no conv_norm_out":
-        left["conv_norm_out"] = why
+    # DIFFQUANT_FUSE_UP=0: the session-8 additions (up blocks without the concatenation, the output norm) left out,
+    # for an A/B of their worth on the GPU
+    if os.environ.get("DIFFQUANT_FUSE_UP", "1") != "0":
+        kinds += [(base, fused_class(kind), lambda m: None) for kind, (base, _) in _up_block_classes().items()]
+        why = _fuse_output_norm(model)
+        if why is None:
+            fused.append("conv_norm_out")
+        elif why != "no conv_norm_out":
+            left["conv_norm_out"] = why
     for name, m in model.named_modules():
         for base, cls, unfusable in kinds:
             if type(m) is base:
