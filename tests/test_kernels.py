@@ -799,6 +799,23 @@ def test_group_norm_act_op_checks_and_compiles():
     f = torch.compile(lambda a: group_norm_act(a * 2, x2, t, w, b, 8, 1e-6, True, s, torch.float8_e4m3fn))
     assert torch.equal(f(x).view(torch.uint8), group_norm_act(x * 2, x2, t, w, b, 8, 1e-6, True, s,
                                                                torch.float8_e4m3fn).view(torch.uint8))
+    # the dual op: the same first output, and the raw input quantized for a second consumer; its checks
+    from diffquant.kernels.ops import group_norm_act_dual
+
+    rs = torch.rand(40, generator=g) * 0.02 + 0.005
+    n1, raw = group_norm_act_dual(x, x2, w, b, 8, 1e-6, True, s, torch.float8_e4m3fn, None, 0, 0, 0, rs,
+                                  torch.float8_e4m3fn, None, 0, 0, 0)
+    assert torch.equal(n1.view(torch.uint8), group_norm_act(x, x2, None, w, b, 8, 1e-6, True, s,
+                                                            torch.float8_e4m3fn).view(torch.uint8))
+    assert raw.is_contiguous(memory_format=torch.channels_last) and torch.equal(
+        raw.view(torch.uint8), quantize_act_fp8(torch.cat([x, x2], 1), rs.view(1, -1, 1, 1)).view(torch.uint8))
+    for raw_args, msg in (((rs, torch.float8_e4m3fn, rs), "raw_zp"), ((rs[:7], torch.float8_e4m3fn, None), "raw_scale"),
+                          ((rs, torch.float32, None), "raw output")):
+        with pytest.raises(ValueError, match=msg):
+            group_norm_act_dual(x, x2, w, b, 8, 1e-6, True, s, torch.float8_e4m3fn, None, 0, 0, 0, *raw_args, 0, 0, 0)
+    fd = torch.compile(lambda a: group_norm_act_dual(a, x2, w, b, 8, 1e-6, True, s, torch.float8_e4m3fn, None, 0, 0, 0,
+                                                     rs, torch.float8_e4m3fn, None, 0, 0, 0)[1])
+    assert torch.equal(fd(x).view(torch.uint8), raw.view(torch.uint8))
 
 
 @pytest.mark.gpu
@@ -904,7 +921,7 @@ def test_gpu_fused_resnet_norms_match_diffusers_blocks():
     """convert(fuse_norms=True) on the GPU (Triton norm kernels, bf16): each fused block against diffusers' forward
     of the same converted block on the same input."""
     from diffquant.kernels import fused_blocks
-    from diffquant.kernels.reference import group_norm_act_reference
+    from diffquant.kernels.reference import group_norm_act_dual_reference, group_norm_act_reference
 
     model, q, (x, t, c) = _calibrated("fp8")
     cm = convert(q, "fp8", attention="float", device="cuda", fuse_norms=True).to(torch.bfloat16)
@@ -918,15 +935,16 @@ def test_gpu_fused_resnet_norms_match_diffusers_blocks():
         # against the same blocks with the float64 reference norm on the same inputs: only the summation order
         # differs, so few e4m3 codes may move
         mods = dict(cm.named_modules())
-        real = fused_blocks.group_norm_act
+        real, real_dual = fused_blocks.group_norm_act, fused_blocks.group_norm_act_dual
         fused_blocks.group_norm_act = group_norm_act_reference
+        fused_blocks.group_norm_act_dual = group_norm_act_dual_reference
         try:
             for n, (args, kwargs, got) in seen.items():
                 want = mods[n](*args, **kwargs)
                 err = float((got.float() - want.float()).norm() / want.float().norm())
                 assert err < 1e-2, (n, err)
         finally:
-            fused_blocks.group_norm_act = real
+            fused_blocks.group_norm_act, fused_blocks.group_norm_act_dual = real, real_dual
     assert fused and torch.isfinite(out).all()
 
 
@@ -1006,7 +1024,7 @@ def test_attention_input_norm_runs_into_stacked_qkv(monkeypatch):
 
     from diffquant.kernels import fused_blocks
 
-    real = fused_blocks.group_norm_act
+    real, real_dual = fused_blocks.group_norm_act, fused_blocks.group_norm_act_dual
     for backend, out_dtype in (("fp8", torch.float8_e4m3fn), ("int8", torch.int8)):
         _, q, inputs = _calibrated(backend)
         cm = convert(q, backend, attention="float", fuse_norms=True, fuse_qkv=True)
@@ -1020,7 +1038,13 @@ def test_attention_input_norm_runs_into_stacked_qkv(monkeypatch):
             calls.append(out.dtype)
             return out
 
+        def counted_dual(*a):  # an up block's norm1: conv1's input and the shortcut's, from one read
+            out = real_dual(*a)
+            calls.append(out[0].dtype)
+            return out
+
         monkeypatch.setattr(fused_blocks, "group_norm_act", counted)
+        monkeypatch.setattr(fused_blocks, "group_norm_act_dual", counted_dual)
         resnets = sum(type(m).__name__ == "FusedNormResnetBlock2D" for m in cm.modules())
         with torch.no_grad():
             got = call_model(cm, *inputs)
@@ -1028,6 +1052,7 @@ def test_attention_input_norm_runs_into_stacked_qkv(monkeypatch):
             assert len(calls) == 2 * resnets + len(blocks) + 1, (backend, calls)
             assert calls.count(torch.float32) == 1 and set(calls) == {out_dtype, torch.float32}, (backend, calls)
             monkeypatch.setattr(fused_blocks, "group_norm_act", real)
+            monkeypatch.setattr(fused_blocks, "group_norm_act_dual", real_dual)
             for m in blocks:
                 m.set_processor(FusedAttnProcessor2_0())
             want = call_model(cm, *inputs)
@@ -1153,8 +1178,8 @@ def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):
         with torch.no_grad():
             _check_fused_blocks(ci8, names, inputs, 1e-3)
     assert fused and cm._diffquant_convert_report.norms.startswith(f"{len(fused)} blocks")
-    calls, fp8_out = [], []
-    real = fused_blocks.group_norm_act
+    calls, fp8_out, raw = [], [], []
+    real, real_dual = fused_blocks.group_norm_act, fused_blocks.group_norm_act_dual
 
     def counted(*a):
         out = real(*a)
@@ -1162,11 +1187,21 @@ def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):
         fp8_out.append(out.dtype == torch.float8_e4m3fn)
         return out
 
+    def counted_dual(*a):  # an up block's norm1, with the split shortcut's e4m3 input from the same read
+        out = real_dual(*a)
+        calls.append(1)
+        fp8_out.append(out[0].dtype == torch.float8_e4m3fn)
+        raw.append(out[1].dtype)
+        return out
+
     monkeypatch.setattr(fused_blocks, "group_norm_act", counted)
+    monkeypatch.setattr(fused_blocks, "group_norm_act_dual", counted_dual)
     with torch.no_grad():
         out = _check_fused_blocks(cm, fused, (x, t, c), 1e-3)
         # two per ResNet block, e4m3 for their converted convs; one for the output norm + SiLU, in float
         assert len(calls) == 2 * len(fused) + 1 and sum(fp8_out) == 2 * len(fused)
+        ups = [n for n in fused if n.startswith("up_blocks")]
+        assert ups and raw == [torch.float8_e4m3fn] * len(ups)
         assert type(cm.conv_norm_out).__name__ == "FusedGroupNormSiLU" and isinstance(cm.conv_act, torch.nn.Identity)
         xo = torch.randn(2, cm.conv_norm_out.num_channels, 5, 6)
         fused_out = cm.conv_norm_out(xo)
@@ -1174,6 +1209,7 @@ def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):
         torch.testing.assert_close(fused_out, cm.conv_norm_out(xo), rtol=1e-5, atol=1e-5)
         cm.conv_norm_out.eval()
         monkeypatch.setattr(fused_blocks, "group_norm_act", ops.group_norm_act)
+        monkeypatch.setattr(fused_blocks, "group_norm_act_dual", ops.group_norm_act_dual)
         from torch._dynamo.utils import counters
 
         torch._dynamo.reset()

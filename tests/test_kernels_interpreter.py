@@ -295,6 +295,35 @@ for n, c1, c2, h, w, groups, add, silu, fp8, off in [(2, 40, 0, 5, 7, 8, False, 
             res.append([bool(torch.isfinite(got).all()), float((got != want).float().mean()), "codes"])
         else:
             res.append([bool(torch.isfinite(got).all()), float((got - want).abs().max() / want.abs().max()), "f32"])
+# the dual op: conv1's input and, from the same read, the shortcut conv's input (the raw values quantized)
+from diffquant.kernels.reference import group_norm_act_dual_reference
+from diffquant.kernels.triton_norm import group_norm_act_dual_triton
+for out_kind, raw_kind in (("fp8", "fp8"), ("int8", "int8"), ("bf16", "fp8")):
+    x = torch.randn(2, 24, 5, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    x2 = (torch.randn(2, 16, 5, 7, generator=g) * 3).contiguous(memory_format=torch.channels_last)
+    wt, b = torch.rand(40, generator=g) + 0.5, torch.randn(40, generator=g)
+    if out_kind == "int8":
+        o = (torch.rand(1, generator=g) * 40 + 20, torch.int8, torch.randint(0, 255, (1,), generator=g).float(), 0, 255, 128)
+    elif out_kind == "fp8":
+        o = (torch.tensor([0.01]), torch.float8_e4m3fn, None, 0, 0, 0)
+    else:
+        o = (None, torch.float32, None, 0, 0, 0)
+    if raw_kind == "int8":  # one inverse scale and zero point per channel (two halves of a split conv)
+        r = (torch.rand(40, generator=g) * 40 + 20, torch.int8, torch.randint(0, 255, (40,), generator=g).float(), 0, 255, 128)
+    else:
+        r = (torch.rand(40, generator=g) * 0.02 + 0.005, torch.float8_e4m3fn, None, 0, 0, 0)
+    args = (x, x2, wt, b, 8, 1e-5, True, o[0], o[1], o[2], o[3], o[4], o[5], *r)
+    want_n, want_r = group_norm_act_dual_reference(*args)
+    for plan in (None, whole_plan(40, 35, 8)):
+        got_n, got_r = group_norm_act_triton(x, x2, None, wt, b, 8, 1e-5, True, *o, plan=plan, raw=r)
+        if plan is None:
+            got_n2, got_r2 = group_norm_act_dual_triton(*args)
+            assert torch.equal(got_n2.float(), got_n.float()) and torch.equal(got_r2.float(), got_r.float())
+        res.append([bool(torch.isfinite(got_n.float()).all()), float((got_r.float() != want_r.float()).float().mean()), "raw"])
+        kind = "f32" if out_kind == "bf16" else "codes"
+        err = (float((got_n.float() - want_n.float()).abs().max() / want_n.float().abs().max()) if kind == "f32"
+               else float((got_n.float() != want_n.float()).float().mean()))
+        res.append([bool(torch.isfinite(got_n.float()).all()), err, kind])
 import os
 from diffquant.kernels.triton_norm import _default_plan
 assert "kind" not in _default_plan(2, 64, 64, 32, torch.device("cpu"))  # the segmented plan unless asked
@@ -316,7 +345,7 @@ def test_interpreter_group_norm_act_kernels_match_reference():
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
     assert p.returncode == 0 and line, p.stderr[-3000:]
     res = json.loads(line[0][len("RESULT"):])
-    assert len(res) == 40
+    assert len(res) == 40 + 12
     for finite, err, kind in res:
         assert finite, kind
-        assert err < (5e-3 if kind == "codes" else 1e-5), (kind, err)
+        assert err < {"codes": 5e-3, "f32": 1e-5, "raw": 1e-9}[kind], (kind, err)

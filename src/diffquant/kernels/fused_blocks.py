@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from diffquant.kernels.modules import LowBitLayer
-from diffquant.kernels.ops import group_norm_act
+from diffquant.kernels.ops import group_norm_act, group_norm_act_dual
 
 
 def _unfusable(block) -> Optional[str]:
@@ -58,6 +58,13 @@ def _input_quantization(conv: nn.Module, dtype: torch.dtype) -> tuple:
     return dtype, None, None, 0, 0, 0
 
 
+def _dual_out_args(consumer: nn.Module, dtype: torch.dtype) -> tuple:
+    """``diffquant::group_norm_act_dual``'s first-output arguments for ``consumer``: (scale, dtype, zp, qmin, qmax,
+    offset) in the op's order."""
+    out_dtype, scale, zp, qmin, qmax, offset = _input_quantization(consumer, dtype)
+    return scale, out_dtype, zp, qmin, qmax, offset
+
+
 def _norm_into(norm: nn.GroupNorm, consumer: nn.Module, x: torch.Tensor, add_nc: Optional[torch.Tensor], silu: bool,
                as_tokens: bool = False, residual: Optional[torch.Tensor] = None,
                x2: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -69,8 +76,15 @@ def _norm_into(norm: nn.GroupNorm, consumer: nn.Module, x: torch.Tensor, add_nc:
                        out_dtype, zp, qmin, qmax, offset)
     if as_tokens:
         h = h.permute(0, 2, 3, 1).reshape(x.shape[0], x.shape[2] * x.shape[3], h.shape[1])
+    return _consume(consumer, h, x.dtype, residual)
+
+
+def _consume(consumer: nn.Module, h: torch.Tensor, dtype: torch.dtype,
+             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``consumer(h) + residual``: a converted consumer takes ``h`` as it comes (quantized or float, output in
+    ``dtype``) and adds the residual in its epilogue."""
     if isinstance(consumer, LowBitLayer):
-        return consumer(h, out_dtype=x.dtype, residual=residual)
+        return consumer(h, out_dtype=dtype, residual=residual)
     y = consumer(h)
     return y if residual is None else y + residual
 
@@ -108,11 +122,21 @@ class _FusedNormMixin:
         sc = self.conv_shortcut
         if not (isinstance(sc, LowBitLayer) and sc.takes_pieces([h_in, skip]) and self.output_scale_factor == 1):
             return self.forward(torch.cat([h_in, skip], 1), temb)
-        h = _norm_into(self.norm1, self.conv1, h_in, None, True, x2=skip)
+        if sc.act in ("fp8", "int"):  # one read of (h, skip): conv1's input and the shortcut's quantized input
+            n1 = self.norm1
+            raw_dtype, raw_scale, raw_zp, rqmin, rqmax, rqoffset = _input_quantization(sc, h_in.dtype)
+            h, raw = group_norm_act_dual(h_in, skip, n1.weight, n1.bias, n1.num_groups, float(n1.eps), True,
+                                         *_dual_out_args(self.conv1, h_in.dtype), raw_scale, raw_dtype, raw_zp,
+                                         rqmin, rqmax, rqoffset)
+            h = _consume(self.conv1, h, h_in.dtype)
+            x = sc(raw, out_dtype=h_in.dtype)
+        else:
+            h = _norm_into(self.norm1, self.conv1, h_in, None, True, x2=skip)
+            x = sc.forward_pieces([h_in, skip])
         t = None
         if self.time_emb_proj is not None and temb is not None:
             t = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
-        return self._norm_act(self.norm2, self.conv2, h, t, residual=sc.forward_pieces([h_in, skip]))
+        return self._norm_act(self.norm2, self.conv2, h, t, residual=x)
 
 
 class _FusedUpMixin:

@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 
 from diffquant.kernels.reference import (attention_out_like, conv_out_hw, fp8_attention_fp8_reference,
-                                       fp8_attention_quantize, group_norm_act_reference, out_like, qconv_reference)
+                                       fp8_attention_quantize, group_norm_act_dual_reference,
+                                       group_norm_act_reference, out_like, qconv_reference)
 
 _TRITON = None
 
@@ -141,16 +142,7 @@ def _fp8_attention_fp8_fake(q8, k8, v8, s_q, s_k, s_v, sm_scale, out_dtype, out_
     return attention_out_like(q8, out_dtype)
 
 
-@torch.library.custom_op("diffquant::group_norm_act", mutates_args=())
-def group_norm_act(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: Optional[torch.Tensor], weight: torch.Tensor,
-                   bias: torch.Tensor, num_groups: int, eps: float, silu: bool, out_scale: Optional[torch.Tensor],
-                   out_dtype: torch.dtype, out_zp: Optional[torch.Tensor] = None, qmin: int = 0, qmax: int = 0,
-                   qoffset: int = 0) -> torch.Tensor:
-    """GroupNorm of cat(x, x2) (+ add_nc [N, C] per image and channel), affine, SiLU if ``silu``; e4m3 values of the
-    result / ``out_scale`` (fp32 [1] or [C]: the consumer's static FP8 input scale; ``out_dtype`` float8_e4m3fn); with
-    ``out_dtype`` int8, the consumer's integer input quantization (``out_scale`` its inverse scale, ``out_zp`` its zero
-    point, ``qmin``/``qmax``/``qoffset`` its grid); or the result in ``out_dtype``. Channels-last [N, C, H, W] out. See :func:`.reference.group_norm_act_reference`; the
-    Triton kernels (:mod:`.triton_norm`) on CUDA, the reference elsewhere."""
+def _check_norm_args(x, x2, add_nc, weight, bias, num_groups, out_scale, out_dtype, out_zp) -> None:
     c = x.shape[1] + (x2.shape[1] if x2 is not None else 0)
     if x.dim() != 4 or (x2 is not None and (x2.shape[0] != x.shape[0] or x2.shape[2:] != x.shape[2:])):
         raise ValueError(f"group_norm_act needs x [N, C1, H, W] and x2 [N, C2, H, W]; got {tuple(x.shape)}, "
@@ -168,6 +160,19 @@ def group_norm_act(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: Optional
     for name, v in (("out_scale", out_scale), ("out_zp", out_zp)):
         if v is not None and v.numel() not in (1, c):
             raise ValueError(f"group_norm_act: {name} needs 1 or {c} values (one per channel); got {v.numel()}")
+
+
+@torch.library.custom_op("diffquant::group_norm_act", mutates_args=())
+def group_norm_act(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: Optional[torch.Tensor], weight: torch.Tensor,
+                   bias: torch.Tensor, num_groups: int, eps: float, silu: bool, out_scale: Optional[torch.Tensor],
+                   out_dtype: torch.dtype, out_zp: Optional[torch.Tensor] = None, qmin: int = 0, qmax: int = 0,
+                   qoffset: int = 0) -> torch.Tensor:
+    """GroupNorm of cat(x, x2) (+ add_nc [N, C] per image and channel), affine, SiLU if ``silu``; e4m3 values of the
+    result / ``out_scale`` (fp32 [1] or [C]: the consumer's static FP8 input scale; ``out_dtype`` float8_e4m3fn); with
+    ``out_dtype`` int8, the consumer's integer input quantization (``out_scale`` its inverse scale, ``out_zp`` its zero
+    point, ``qmin``/``qmax``/``qoffset`` its grid); or the result in ``out_dtype``. Channels-last [N, C, H, W] out. See :func:`.reference.group_norm_act_reference`; the
+    Triton kernels (:mod:`.triton_norm`) on CUDA, the reference elsewhere."""
+    _check_norm_args(x, x2, add_nc, weight, bias, num_groups, out_scale, out_dtype, out_zp)
     args = (x, x2, add_nc, weight, bias, num_groups, eps, silu, out_scale, out_dtype, out_zp, qmin, qmax, qoffset)
     if _use_triton(x):
         from diffquant.kernels.triton_norm import group_norm_act_triton
@@ -181,3 +186,38 @@ def _group_norm_act_fake(x, x2, add_nc, weight, bias, num_groups, eps, silu, out
                          qmin=0, qmax=0, qoffset=0):
     c = x.shape[1] + (x2.shape[1] if x2 is not None else 0)
     return out_like(x, c, x.shape[2], x.shape[3], out_dtype)
+
+
+@torch.library.custom_op("diffquant::group_norm_act_dual", mutates_args=())
+def group_norm_act_dual(x: torch.Tensor, x2: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
+                        num_groups: int, eps: float, silu: bool, out_scale: Optional[torch.Tensor],
+                        out_dtype: torch.dtype, out_zp: Optional[torch.Tensor], qmin: int, qmax: int, qoffset: int,
+                        raw_scale: torch.Tensor, raw_dtype: torch.dtype, raw_zp: Optional[torch.Tensor], rqmin: int,
+                        rqmax: int, rqoffset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`group_norm_act` of cat(x, x2) (no addend) and, from the same read, the raw input quantized for a second
+    consumer: e4m3 of x / ``raw_scale`` (``raw_dtype`` float8_e4m3fn) or int8 codes (``raw_dtype`` int8: inverse
+    scale ``raw_scale``, zero point ``raw_zp``, grid ``rqmin``/``rqmax``/``rqoffset``); ``raw_scale`` [1] or [C]. A
+    UNet up block's ResNet step: conv1's input and the split shortcut conv's input in one pass. See
+    :func:`.reference.group_norm_act_dual_reference`; the Triton kernels on CUDA, the reference elsewhere."""
+    _check_norm_args(x, x2, None, weight, bias, num_groups, out_scale, out_dtype, out_zp)
+    c = x.shape[1] + (x2.shape[1] if x2 is not None else 0)
+    if raw_dtype not in (torch.float8_e4m3fn, torch.int8) or (raw_zp is not None) != (raw_dtype == torch.int8):
+        raise ValueError(f"group_norm_act_dual: the raw output is e4m3 (raw_scale) or int8 (raw_scale and raw_zp); "
+                         f"got {raw_dtype}, raw_zp {'set' if raw_zp is not None else 'None'}")
+    for name, v in (("raw_scale", raw_scale), ("raw_zp", raw_zp)):
+        if v is not None and v.numel() not in (1, c):
+            raise ValueError(f"group_norm_act_dual: {name} needs 1 or {c} values (one per channel); got {v.numel()}")
+    args = (x, x2, weight, bias, num_groups, eps, silu, out_scale, out_dtype, out_zp, qmin, qmax, qoffset, raw_scale,
+            raw_dtype, raw_zp, rqmin, rqmax, rqoffset)
+    if _use_triton(x):
+        from diffquant.kernels.triton_norm import group_norm_act_dual_triton
+
+        return group_norm_act_dual_triton(*args)
+    return group_norm_act_dual_reference(*args)
+
+
+@group_norm_act_dual.register_fake
+def _group_norm_act_dual_fake(x, x2, weight, bias, num_groups, eps, silu, out_scale, out_dtype, out_zp, qmin, qmax,
+                              qoffset, raw_scale, raw_dtype, raw_zp, rqmin, rqmax, rqoffset):
+    c = x.shape[1] + (x2.shape[1] if x2 is not None else 0)
+    return out_like(x, c, x.shape[2], x.shape[3], out_dtype), out_like(x, c, x.shape[2], x.shape[3], raw_dtype)

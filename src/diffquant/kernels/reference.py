@@ -244,12 +244,34 @@ def group_norm_act_reference(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc
     y = F.group_norm(xc, num_groups, weight.double(), bias.double(), eps)
     if silu:
         y = F.silu(y)
-    y = y.float()
+    return _quantize_out(y.float(), out_scale, out_dtype, out_zp, qmin, qmax, qoffset)
+
+
+def _quantize_out(y: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.dtype, zp: Optional[torch.Tensor],
+                  qmin: int, qmax: int, qoffset: int) -> torch.Tensor:
+    """``y`` quantized for its consumer (e4m3 with ``scale``, int8 codes with inverse ``scale`` and ``zp``; [1] or
+    [C] each) or cast to ``dtype``, channels-last."""
     per_ch = lambda v: v.float().reshape(() if v.numel() == 1 else (1, -1, 1, 1))  # noqa: E731
-    if out_dtype == torch.int8:
-        y = quantize_act_int8(y, per_ch(out_scale), per_ch(out_zp), qmin, qmax, qoffset)
-    elif out_scale is not None:
-        y = quantize_act_fp8(y, per_ch(out_scale))
+    if dtype == torch.int8:
+        y = quantize_act_int8(y, per_ch(scale), per_ch(zp), qmin, qmax, qoffset)
+    elif scale is not None:
+        y = quantize_act_fp8(y, per_ch(scale))
     else:
-        y = y.to(out_dtype)
+        y = y.to(dtype)
     return y.contiguous(memory_format=torch.channels_last)
+
+
+def group_norm_act_dual_reference(x: torch.Tensor, x2: Optional[torch.Tensor], weight: torch.Tensor,
+                                  bias: torch.Tensor, num_groups: int, eps: float, silu: bool,
+                                  out_scale: Optional[torch.Tensor], out_dtype: torch.dtype,
+                                  out_zp: Optional[torch.Tensor], qmin: int, qmax: int, qoffset: int,
+                                  raw_scale: torch.Tensor, raw_dtype: torch.dtype, raw_zp: Optional[torch.Tensor],
+                                  rqmin: int, rqmax: int, rqoffset: int) -> tuple:
+    """``(group_norm_act_reference(...), the raw input cat(x, x2) quantized for a second consumer)``: a ResNet block's
+    norm1 output for conv1 and its input for the shortcut conv, from one read of the input. The raw codes are what
+    the consumer's own input quantization computes (:func:`quantize_act_fp8` / :func:`quantize_act_int8` of the
+    input values). What ``diffquant::group_norm_act_dual`` computes."""
+    normed = group_norm_act_reference(x, x2, None, weight, bias, num_groups, eps, silu, out_scale, out_dtype, out_zp,
+                                      qmin, qmax, qoffset)
+    xc = x if x2 is None else torch.cat([x, x2], dim=1)
+    return normed, _quantize_out(xc.float(), raw_scale, raw_dtype, raw_zp, rqmin, rqmax, rqoffset)

@@ -128,52 +128,74 @@ def _gn_finalize_kernel(mean_ptr, m2_ptr, gmean_ptr, grstd_ptr, HW, C, S, SEG_P,
 
 
 @triton.jit
+def _qparams(so_ptr, zp_ptr, offs_c, c_ok, INT8: tl.constexpr, PER_CH: tl.constexpr):
+    """A consumer's static input quantization: its scale (e4m3: the scale; int8: the inverse scale) and zero point,
+    per channel (a split layer) or one value; shaped to broadcast over [pixels, channels]."""
+    if PER_CH:
+        so = tl.load(so_ptr + offs_c, mask=c_ok, other=1.0)[None, :]
+    else:
+        so = tl.load(so_ptr)
+    zp = 0.0
+    if INT8:
+        if PER_CH:
+            zp = tl.load(zp_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
+        else:
+            zp = tl.load(zp_ptr)
+    return so, zp
+
+
+@triton.jit
+def _store_q(ptrs, y, ok, so, zp, QMIN, QMAX, QOFF, QUANT: tl.constexpr, INT8: tl.constexpr, EMULATE: tl.constexpr,
+             out_ptr):
+    if QUANT:
+        if INT8:  # clamp(round(y * inverse scale) + zp, qmin, qmax) - offset, rounding half to even
+            v = y * so
+            r = (v + 12582912.0) - 12582912.0  # 1.5 * 2**23: to the nearest integer, ties to even (|v| < 2**22)
+            q = tl.minimum(tl.maximum(r + zp, QMIN), QMAX) - QOFF
+            tl.store(ptrs, q.to(tl.int8), mask=ok)
+        else:  # e4m3 bytes of y / scale
+            y8 = _e4m3(tl.clamp(y / so, -448.0, 448.0), EMULATE)
+            tl.store(ptrs, y8.to(tl.uint8, bitcast=True), mask=ok)
+    else:
+        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n, offs_c, c_ok, mu, rs, p0, p_end, HW,
-                C1, C, QMIN, QMAX, QOFF, HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr,
-                QUANT: tl.constexpr, INT8: tl.constexpr, SCALE_PER_CH: tl.constexpr, EMULATE: tl.constexpr,
-                BLOCK_P: tl.constexpr):
+                C1, C, QMIN, QMAX, QOFF, raw_ptr, rso_ptr, rzp_ptr, RQMIN, RQMAX, RQOFF,
+                HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr, QUANT: tl.constexpr,
+                INT8: tl.constexpr, SCALE_PER_CH: tl.constexpr, RAW: tl.constexpr, RAW_INT8: tl.constexpr,
+                RAW_PER_CH: tl.constexpr, EMULATE: tl.constexpr, BLOCK_P: tl.constexpr):
     """Normalise (per-channel ``mu``, ``rs``), affine, SiLU and the consumer's quantization of image ``n``'s pixels
-    [p0, p_end) in channels ``offs_c``; the per-channel constants are loaded once."""
+    [p0, p_end) in channels ``offs_c``; with ``RAW``, also the input itself quantized for a second consumer (into
+    ``raw_ptr``). The per-channel constants are loaded once."""
     gamma = tl.load(w_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     a = (rs * gamma)[None, :]
     beta = tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    if QUANT:  # the consumer's static input quantization (scales per channel: a split layer)
-        if SCALE_PER_CH:
-            so = tl.load(so_ptr + offs_c, mask=c_ok, other=1.0)[None, :]
-        else:
-            so = tl.load(so_ptr)
-        if INT8:
-            if SCALE_PER_CH:
-                zp = tl.load(zp_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
-            else:
-                zp = tl.load(zp_ptr)
+    so, zp = 1.0, 0.0
+    if QUANT:
+        so, zp = _qparams(so_ptr, zp_ptr, offs_c, c_ok, INT8, SCALE_PER_CH)
+    if RAW:
+        rso, rzp = _qparams(rso_ptr, rzp_ptr, offs_c, c_ok, RAW_INT8, RAW_PER_CH)
     for p in range(p0, p_end, BLOCK_P):
         offs_p = p + tl.arange(0, BLOCK_P)
         x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, p_end, HW, C1, C, HAS_X2, HAS_ADD)
+        off = n.to(tl.int64) * HW * C + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
+        ok = (offs_p < p_end)[:, None] & c_ok[None, :]
+        if RAW:
+            _store_q(raw_ptr + off, x, ok, rso, rzp, RQMIN, RQMAX, RQOFF, True, RAW_INT8, EMULATE, raw_ptr)
         y = (x - mu[None, :]) * a + beta
         if SILU:
             y = y / (1.0 + tl.exp(-y))
-        ptrs = out_ptr + n.to(tl.int64) * HW * C + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
-        ok = (offs_p < p_end)[:, None] & c_ok[None, :]
-        if QUANT:
-            if INT8:  # clamp(round(y * inverse scale) + zp, qmin, qmax) - offset, rounding half to even
-                v = y * so
-                r = (v + 12582912.0) - 12582912.0  # 1.5 * 2**23: to the nearest integer, ties to even (|v| < 2**22)
-                q = tl.minimum(tl.maximum(r + zp, QMIN), QMAX) - QOFF
-                tl.store(ptrs, q.to(tl.int8), mask=ok)
-            else:  # e4m3 bytes of y / scale
-                y8 = _e4m3(tl.clamp(y / so, -448.0, 448.0), EMULATE)
-                tl.store(ptrs, y8.to(tl.uint8, bitcast=True), mask=ok)
-        else:
-            tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
+        _store_q(out_ptr + off, y, ok, so, zp, QMIN, QMAX, QOFF, QUANT, INT8, EMULATE, out_ptr)
 
 
 @triton.jit
 def _gn_apply_kernel(x_ptr, x2_ptr, add_ptr, gmean_ptr, grstd_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, HW, C1, C,
-                     CPG, G, SEG_P, QMIN, QMAX, QOFF,
+                     CPG, G, SEG_P, QMIN, QMAX, QOFF, raw_ptr, rso_ptr, rzp_ptr, RQMIN, RQMAX, RQOFF,
                      HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr, QUANT: tl.constexpr,
-                     INT8: tl.constexpr, SCALE_PER_CH: tl.constexpr, EMULATE: tl.constexpr, BLOCK_P: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
+                     INT8: tl.constexpr, SCALE_PER_CH: tl.constexpr, RAW: tl.constexpr, RAW_INT8: tl.constexpr,
+                     RAW_PER_CH: tl.constexpr, EMULATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """The apply step over one segment of one image's pixels, one chunk of channels."""
     s = tl.program_id(0)
     n = tl.program_id(1)
@@ -184,16 +206,17 @@ def _gn_apply_kernel(x_ptr, x2_ptr, add_ptr, gmean_ptr, grstd_ptr, w_ptr, b_ptr,
     rs = tl.load(grstd_ptr + gi, mask=c_ok, other=0.0)
     p0 = s * SEG_P
     _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n, offs_c, c_ok, mu, rs, p0,
-                tl.minimum(p0 + SEG_P, HW), HW, C1, C, QMIN, QMAX, QOFF, HAS_X2, HAS_ADD, SILU, QUANT, INT8,
-                SCALE_PER_CH, EMULATE, BLOCK_P)
+                tl.minimum(p0 + SEG_P, HW), HW, C1, C, QMIN, QMAX, QOFF, raw_ptr, rso_ptr, rzp_ptr, RQMIN, RQMAX,
+                RQOFF, HAS_X2, HAS_ADD, SILU, QUANT, INT8, SCALE_PER_CH, RAW, RAW_INT8, RAW_PER_CH, EMULATE, BLOCK_P)
 
 
 @triton.jit
 def _gn_whole_kernel(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, HW, C1, C, CPG, GPP, eps,
-                     QMIN, QMAX, QOFF,
+                     QMIN, QMAX, QOFF, raw_ptr, rso_ptr, rzp_ptr, RQMIN, RQMAX, RQOFF,
                      HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr, QUANT: tl.constexpr,
-                     INT8: tl.constexpr, SCALE_PER_CH: tl.constexpr, EMULATE: tl.constexpr, BLOCK_P: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr):
+                     INT8: tl.constexpr, SCALE_PER_CH: tl.constexpr, RAW: tl.constexpr, RAW_INT8: tl.constexpr,
+                     RAW_PER_CH: tl.constexpr, EMULATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_G: tl.constexpr):
     """Small images in one launch: one program per (image, block of GPP whole groups) reads all the image's pixels
     of those channels twice (statistics, then apply; the second read mostly from L2). Groups combine in registers
     through a (channel, group) one-hot matrix, so the channels per group need not be a power of two."""
@@ -211,7 +234,8 @@ def _gn_whole_kernel(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_p
     gvar = tl.sum(oh * (m2c + HW * d * d)[:, None], axis=0) / (HW * CPG)
     rs = tl.sum(oh * (1.0 / tl.sqrt(gvar + eps))[None, :], axis=1)
     _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n, offs_c, c_ok, mu, rs, 0, HW, HW,
-                C1, C, QMIN, QMAX, QOFF, HAS_X2, HAS_ADD, SILU, QUANT, INT8, SCALE_PER_CH, EMULATE, BLOCK_P)
+                C1, C, QMIN, QMAX, QOFF, raw_ptr, rso_ptr, rzp_ptr, RQMIN, RQMAX, RQOFF, HAS_X2, HAS_ADD, SILU, QUANT,
+                INT8, SCALE_PER_CH, RAW, RAW_INT8, RAW_PER_CH, EMULATE, BLOCK_P)
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -265,9 +289,10 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
                           out_scale: Optional[torch.Tensor], out_dtype: torch.dtype,
                           out_zp: Optional[torch.Tensor] = None, qmin: int = 0, qmax: int = 0,
                           qoffset: int = 0, plan: Optional[dict] = None,
-                          stages: tuple = ("stats", "finalize", "apply")) -> torch.Tensor:
+                          stages: tuple = ("stats", "finalize", "apply"), raw: Optional[tuple] = None):
     """``plan``: :func:`norm_plan`'s or :func:`whole_plan`'s dict (default: the segmented plan); ``stages``: the
-    segmented path's kernels to launch (the benchmark times them one by one)."""
+    segmented path's kernels to launch (the benchmark times them one by one); ``raw``: ``(scale, dtype, zp, qmin,
+    qmax, offset)`` of a second consumer of the input itself (no addend then): the result is ``(out, raw codes)``."""
     from diffquant.kernels.reference import out_like
 
     nb, c1, h, w = x.shape
@@ -278,8 +303,9 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
     quant = out_scale is not None
     int8 = out_dtype == torch.int8
     out = out_like(x, c, h, w, out_dtype)
+    raw_out = None if raw is None else out_like(x, c, h, w, raw[1])
     if nb == 0 or hw == 0:
-        return out
+        return out if raw is None else (out, raw_out)
     pl = plan if plan is not None else _default_plan(nb, c, hw, num_groups, x.device)
     x2_arg = x2 if x2 is not None else x
     add_arg = add_nc.contiguous() if add_nc is not None else x
@@ -290,13 +316,14 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
     flags = dict(HAS_X2=x2 is not None, HAS_ADD=add_nc is not None, SILU=silu, QUANT=quant, INT8=int8,
                  SCALE_PER_CH=quant and s_out.numel() > 1, EMULATE=os.environ.get("TRITON_INTERPRET") == "1")
     out_arg = out.view(torch.uint8) if quant and not int8 else out
+    raw_args, result = _raw_args(raw, raw_out, c, x, flags), out if raw is None else (out, raw_out)
     if pl.get("kind") == "whole":
         cpg = c // num_groups
         _gn_whole_kernel[(nb, triton.cdiv(num_groups, pl["gpp"]))](
             x, x2_arg, add_arg, weight.contiguous(), bias.contiguous(), s_out, zp, out_arg, hw, c1, c, cpg, pl["gpp"],
-            float(eps), qmin, qmax, qoffset, **flags, BLOCK_P=pl["block_p"], BLOCK_C=pl["block_c"],
+            float(eps), qmin, qmax, qoffset, *raw_args, **flags, BLOCK_P=pl["block_p"], BLOCK_C=pl["block_c"],
             BLOCK_G=pl["block_g"], num_warps=pl["warps"])
-        return out
+        return result
     block_c, block_p, segs, seg_p, warps = pl["block_c"], pl["block_p"], pl["segs"], pl["seg_p"], pl["warps"]
     grid = (segs, nb, triton.cdiv(c, block_c))
     part_mean = torch.empty((nb, segs, c), dtype=torch.float32, device=x.device)
@@ -316,8 +343,31 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
             BLOCK_S=max(2, min(triton.next_power_of_2(segs), 4096 // (block_g * block_cg))), BLOCK_G=block_g,
             BLOCK_CG=block_cg, num_warps=4)
     if "apply" not in stages:
-        return out
+        return result
     _gn_apply_kernel[grid](x, x2_arg, add_arg, gmean, grstd, weight.contiguous(), bias.contiguous(), s_out, zp,
-                           out_arg, hw, c1, c, cpg, num_groups, seg_p, qmin, qmax, qoffset, **flags,
+                           out_arg, hw, c1, c, cpg, num_groups, seg_p, qmin, qmax, qoffset, *raw_args, **flags,
                            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
-    return out
+    return result
+
+
+def _raw_args(raw: Optional[tuple], raw_out: Optional[torch.Tensor], c: int, x: torch.Tensor, flags: dict) -> tuple:
+    """The kernels' raw-output arguments (pointers and grid; RAW* flags set in ``flags``)."""
+    if raw is None:
+        flags.update(RAW=False, RAW_INT8=False, RAW_PER_CH=False)
+        return x, x, x, 0, 0, 0
+    if flags["HAS_ADD"]:
+        raise ValueError("group_norm_act: a raw second output is the input itself; it takes no addend")
+    scale, dtype, zp, qmin, qmax, qoffset = raw
+    scale = scale.float().reshape(-1).contiguous()
+    zp = zp.float().reshape(-1).contiguous() if dtype == torch.int8 else scale
+    if dtype == torch.int8 and scale.numel() != zp.numel():
+        scale, zp = scale.expand(c).contiguous(), zp.expand(c).contiguous()
+    flags.update(RAW=True, RAW_INT8=dtype == torch.int8, RAW_PER_CH=scale.numel() > 1)
+    return (raw_out.view(torch.uint8) if dtype == torch.float8_e4m3fn else raw_out), scale, zp, qmin, qmax, qoffset
+
+
+def group_norm_act_dual_triton(x, x2, weight, bias, num_groups, eps, silu, out_scale, out_dtype, out_zp, qmin, qmax,
+                               qoffset, raw_scale, raw_dtype, raw_zp, rqmin, rqmax, rqoffset) -> tuple:
+    """``diffquant::group_norm_act_dual`` on the GPU: :func:`group_norm_act_triton` with its raw second output."""
+    return group_norm_act_triton(x, x2, None, weight, bias, num_groups, eps, silu, out_scale, out_dtype, out_zp, qmin,
+                                 qmax, qoffset, raw=(raw_scale, raw_dtype, raw_zp, rqmin, rqmax, rqoffset))
