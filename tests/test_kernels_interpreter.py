@@ -393,3 +393,53 @@ def test_group_norm_kernels_compile_for_hopper():
     built += bool(build(tn._gn_stats_kernel, dict(HAS_X2=True, HAS_ADD=True, BLOCK_P=32, BLOCK_C=128)).asm.get("cubin"))
     built += bool(build(tn._gn_finalize_kernel, dict(BLOCK_S=16, BLOCK_G=32, BLOCK_CG=4)).asm.get("cubin"))
     assert built == 14
+
+
+def test_attention_and_gather_conv_kernels_compile_for_hopper():
+    """The FP8 attention kernel (V handed over keys-contiguous; head dims 40 and 160 padded to 64 and 256; e4m3 or
+    bf16 output) and the gather conv kernel (FP8, and int8 with a zero point and the padding fix-up) compile for
+    sm_90 without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
+    from diffquant.kernels import triton_attention as ta
+    from diffquant.kernels import triton_conv as tc
+
+    def build(fn, consts, types, warps=4, stages=3):
+        sig = {n: "constexpr" if n in consts else types(n) for n in fn.arg_names}
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
+                                                                              "num_stages": stages})
+
+    def attn_type(n):
+        if n in ("q_ptr", "k_ptr", "v_ptr"):
+            return "*u8"
+        if n in ("sq_ptr", "sk_ptr", "sv_ptr", "so_ptr"):
+            return "*fp32"
+        return "fp32" if n == "sm_scale" else "i32"
+
+    built = 0
+    for d, bd, bm, quant in ((40, 64, 128, False), (160, 256, 64, True)):
+        types = lambda n: ("*u8" if quant else "*bf16") if n == "o_ptr" else attn_type(n)  # noqa: E731
+        k = build(ta._fp8_attn_kernel, dict(D=d, BLOCK_M=bm, BLOCK_N=64, BLOCK_D=bd, EMULATE=False, QUANT_OUT=quant),
+                  types, warps=8 if bm * bd >= 128 * 128 else 4, stages=3 if bd <= 128 else 2)
+        built += bool(k.asm.get("cubin"))
+
+    for fp8 in (True, False):
+        def conv_type(n, fp8=fp8):
+            if n in ("x_ptr", "w_ptr"):
+                return "*u8" if fp8 else "*i8"  # FP8 travels as its bytes
+            if n in ("out_ptr", "add_ptr"):
+                return "*bf16"
+            if n in ("ascale_ptr", "wscale_ptr", "bias_ptr"):
+                return "*fp32"
+            return "*i32" if n.endswith("_ptr") else "i32"
+
+        consts = dict(KH=3, KW=3, A_INT=not fp8, A_FP8=fp8, W4=False, HAS_AZP=False, PAD_FIX=not fp8, HAS_ASCALE=True,
+                      HAS_WZP=False, HAS_CORR=not fp8, HAS_BIAS=True, HAS_ADD=True, BLOCK_M=128, BLOCK_N=128,
+                      BLOCK_K=64, GROUP_M=8, EVEN_K=True, IEEE=False)
+        built += bool(build(tc._qconv_kernel, consts, conv_type, warps=8).asm.get("cubin"))
+    assert built == 4
