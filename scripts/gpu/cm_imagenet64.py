@@ -110,13 +110,13 @@ def main() -> None:
         try:
             q = st.run(f"{name}/quantize", lambda: fn(cfg))
             folder = work / name
-            st.run(f"{name}/save", lambda: save_quantized(q, folder, sched))
+            st.run(f"{name}/save", lambda q=q, folder=folder: save_quantized(q, folder, sched))
             rep = quant_report(q)
             del q
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             loaded = st.run(f"{name}/load", lambda: load_quantized(folder, device=dev))
-            res = st.run(f"{name}/sample_1step", lambda: sample(
+            res = st.run(f"{name}/sample_1step", lambda loaded=loaded: sample(
                 loaded.model, loaded.scheduler, num=args.num, seed=0, spec=SamplerSpec("cm", 1), class_labels=labels,
                 batch_size=args.num, device=dev, progress=False, return_float=True))
             result[name] = {"config": cfg.describe(), "checkpoint_mib": dir_mib(folder),

@@ -27,7 +27,6 @@ from diffquant.zoo.classifier import load_classifier
 def load_unet(path: str, device: str):
     p = Path(path)
     if (p / "state.json").is_file():
-        from diffquant.zoo.checkpoint import load_state
         from diffquant.zoo.train_ddpm import ema_unet
         from diffquant.models.configs import DDPM_SCHEDULER
         from diffusers import DDPMScheduler

@@ -18,7 +18,7 @@ import torch
 
 from diffquant.data import load_images
 from diffquant.evaluation.fid import frechet_distance
-from diffquant.zoo.bundle import classifier_features, classifier_stats
+from diffquant.zoo.bundle import classifier_features
 from diffquant.evaluation.fid import statistics_from_features
 from diffquant.zoo.classifier import load_classifier
 
