@@ -395,10 +395,10 @@ def test_group_norm_kernels_compile_for_hopper():
     assert built == 14
 
 
-def test_attention_and_gather_conv_kernels_compile_for_hopper():
+def test_attention_and_conv_kernels_compile_for_hopper():
     """The FP8 attention kernel (V handed over keys-contiguous; head dims 40 and 160 padded to 64 and 256; e4m3 or
-    bf16 output) and the gather conv kernel (FP8, and int8 with a zero point and the padding fix-up) compile for
-    sm_90 without a GPU."""
+    bf16 output) and the three conv kernels (gather, TMA over a padded copy, 4-D TMA; FP8, and int8 with a zero
+    point and the padding fix-up) compile for sm_90 without a GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -407,6 +407,7 @@ def test_attention_and_gather_conv_kernels_compile_for_hopper():
         sys.path.insert(0, str(ROOT / "src"))
     from diffquant.kernels import triton_attention as ta
     from diffquant.kernels import triton_conv as tc
+    from diffquant.kernels import triton_conv_tma as tt
 
     def build(fn, consts, types, warps=4, stages=3):
         sig = {n: "constexpr" if n in consts else types(n) for n in fn.arg_names}
@@ -442,4 +443,19 @@ def test_attention_and_gather_conv_kernels_compile_for_hopper():
                       HAS_WZP=False, HAS_CORR=not fp8, HAS_BIAS=True, HAS_ADD=True, BLOCK_M=128, BLOCK_N=128,
                       BLOCK_K=64, GROUP_M=8, EVEN_K=True, IEEE=False)
         built += bool(build(tc._qconv_kernel, consts, conv_type, warps=8).asm.get("cubin"))
-    assert built == 4
+
+        def tma_type(n, fp8=fp8, a_box="1, 8, 16, 64"):  # host tensor descriptors (e4m3 on the GPU, not bitcast)
+            el = "fp8e4nv" if fp8 else "i8"
+            if n == "a_desc":
+                return f"tensordesc<{el}[{a_box}]>"
+            if n == "b_desc":
+                return f"tensordesc<{el}[128, 64]>"
+            return conv_type(n)
+
+        common = dict(KW=3, A_INT=not fp8, BITCAST_FP8=False, HAS_ASCALE=True, HAS_CORR=not fp8, HAS_BIAS=True,
+                      HAS_ADD=True, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+        built += bool(build(tt._qconv_tma4d_kernel, dict(common, KH=3, PAD_FIX=not fp8, BI=1, BH=8, BW=16), tma_type,
+                            warps=8, stages=4).asm.get("cubin"))
+        built += bool(build(tt._qconv_tma_kernel, dict(common, BLOCK_M=128),
+                            lambda n, f=tma_type: f(n, a_box="128, 64"), warps=8, stages=4).asm.get("cubin"))
+    assert built == 8
