@@ -1138,21 +1138,28 @@ def test_gpu_fuse_qkv_matches_separate_projections():
     text-to-image UNet with self- and cross-attention, and a UNet2DModel whose attention input norms run as
     diffquant::group_norm_act into to_qkv): the stacked projections give the separate ones' output, eager and
     compiled."""
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
     for unet, blocks in ((tiny_sd_unet(), 8), (None, 4)):
         _, q, (x, t, c) = _calibrated("fp8", model=unet)
         inputs = (x.cuda().bfloat16(), t.cuda(), {k: v.cuda().bfloat16() for k, v in c.items()})
+        ref = convert(q, "fp8", attention="float", device="cuda", fuse_norms=True)  # fp32 activations
         plain = convert(q, "fp8", attention="float", device="cuda", fuse_norms=True).to(torch.bfloat16)
         cm = convert(q, "fp8", attention="float", device="cuda", fuse_norms=True, fuse_qkv=True).to(torch.bfloat16)
         assert cm._diffquant_convert_report.projections.startswith(f"{blocks} attention blocks")
         with torch.no_grad():
-            want = call_model(plain, *inputs).float()
+            want32 = call_model(ref, x.cuda(), t.cuda(), {k: v.cuda() for k, v in c.items()}).float()
+            base = rel(call_model(plain, *inputs).float(), want32)
             got = call_model(cm, *inputs).float()
             torch._dynamo.reset()
             compiled = call_model(torch.compile(cm), *inputs).float()
+        # bf16 activations move FP8 codes in these tiny random UNets (on the CPU with the reference ops: 9-12 % from
+        # the fp32 model for both variants; the attention norm rounding once instead of twice: 10.4 vs 9.3 %), so
+        # the stacked model is held to the unstacked one's distance from fp32, not to the unstacked output
         for out in (got, compiled):
             assert torch.isfinite(out).all()
-            # FP8 codes can move where the attention norm's rounding differs (the fused-block test's 6e-2 case)
-            assert float((out - want).norm() / want.norm()) < 6e-2
+            assert rel(out, want32) <= 1.5 * base + 1e-2, (blocks, rel(out, want32), base)
 
 
 def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):
