@@ -1102,6 +1102,14 @@ def test_fused_up_blocks_skip_the_concatenation(monkeypatch):
             monkeypatch.setattr(torch, "cat", real_cat)
         assert n_fused == 0 and len(cats) == 4, (backend, n_fused, cats)  # 2 up blocks of 2 ResNet steps
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        # forward_pieces on its own (the fused path takes the dual norm op for these static scales): a split shortcut
+        # on (h, skip) equals the layer on their concatenation
+        sc = next(m.conv_shortcut for m in ups[0].resnets)
+        h = torch.randn(2, sc.parts[0].hi, 4, 4).contiguous(memory_format=torch.channels_last)
+        skip = torch.randn(2, sc.parts[1].hi - sc.parts[1].lo, 4, 4).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            assert sc.takes_pieces([h, skip])
+            torch.testing.assert_close(sc.forward_pieces([h, skip]), sc(torch.cat([h, skip], 1)), rtol=0, atol=1e-6)
     monkeypatch.setenv("DIFFQUANT_FUSE_UP", "0")  # the A/B switch: plain up blocks and output norm
     cm0 = convert(q, backend, fuse_norms=True)
     assert not any(isinstance(m, _FusedUpMixin) for m in cm0.modules())

@@ -124,7 +124,8 @@ def _real_kernels(loaded, backend: str, fuse: bool, attention: str, compile_: bo
 
     if not loaded.quantized:
         fail("--real needs a quantized folder (diffquant quantize MODEL ... --out DIR), not a full-precision model")
-    net = convert(loaded.model, backend, attention=attention, fuse_norms=fuse, fuse_qkv=fuse, device=dev)
+    net = convert(loaded.model, backend, attention=attention, fuse_norms=fuse, fuse_qkv=fuse, device=dev,
+                  inplace=True)  # the loaded fake-quant model is not used again: no copy
     rep = net._diffquant_convert_report
     if not rep.converted:
         why = next(iter(rep.kept.items()), ("", "no quantized layers"))

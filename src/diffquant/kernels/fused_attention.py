@@ -96,7 +96,6 @@ def fuse_qkv(model: nn.Module) -> tuple[list[str], dict[str, str]]:
         fused_name = name + (".to_kv" if attn.is_cross_attention else ".to_qkv")
         setattr(attn, "to_kv" if attn.is_cross_attention else "to_qkv", stack_linears(layers, fused_name))
         for k in keys:  # the stacked layer holds their weights
-            delattr(attn, k)
             setattr(attn, k, None)
         attn.fused_projections = True
         attn.set_processor(FusedAttnProcessor2_0())
