@@ -1,7 +1,8 @@
 """GroupNorm + SiLU (+ the consumer's FP8 input quantization) alone, on the GPU: diffquant::group_norm_act against
 what torch.compile makes of the same ops, on channels-last bf16 activations of the SD-1.5 (batch 8) and CIFAR
 (batch 256) UNets' norm shapes. Each row: Inductor's ms and diffquant's, for bf16 output and for e4m3 output, and
-the GB/s of diffquant's kernels (two reads of the input, one write).
+the GB/s of diffquant's kernels (two reads of the input, one write); for the up blocks' concatenations also the
+two-tensor form (diffquant::group_norm_act_dual against Inductor's cat + norm + both quantizations).
 
     python benchmarks/bench_groupnorm.py [--out benchmarks/results/groupnorm.json] [--sweep]
 
@@ -26,6 +27,9 @@ SHAPES = [
     ("cifar 32x32 c128", 256, 128, 32, 32, 32), ("cifar 32x32 c384 (cat)", 256, 384, 32, 32, 32),
     ("cifar 16x16 c256", 256, 256, 16, 16, 32), ("cifar 8x8 c256", 256, 256, 8, 8, 32),
 ]
+# the concatenations' first parts (h; the rest is the skip): the up blocks' ResNet inputs, also timed as two tensors
+DUAL_C1 = {"sd15 64x64 c640 (cat)": 320, "sd15 32x32 c1280 (cat)": 640, "sd15 16x16 c2560 (cat)": 1280,
+           "cifar 32x32 c384 (cat)": 256}
 
 
 def _tensors(n: int, c: int, h: int, w: int) -> tuple:
@@ -71,6 +75,8 @@ def main() -> None:
             moved = x.numel() * (2 + 2 + (2 if out == "bf16" else 1))
             row[f"diffquant_{out}_GBps"] = round(moved / row[f"diffquant_{out}_ms"] / 1e6, 1)
             row[f"speedup_{out}"] = round(row[f"inductor_{out}_ms"] / row[f"diffquant_{out}_ms"], 3)
+        if label in DUAL_C1:
+            row.update(_dual(x, wt, b, s, groups, DUAL_C1[label], a.reps, time_call))
         rows.append(row)
         print(json.dumps(row))
     sweep = _sweep(a.reps, time_call) if a.sweep else []
@@ -80,6 +86,39 @@ def main() -> None:
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
     print("sum over shapes, fp8 out: inductor", res["sum_inductor_fp8_ms"], "ms, diffquant", res["sum_diffquant_fp8_ms"], "ms")
+
+
+def _dual(x, wt, b, s, groups, c1, reps, time_call) -> dict:
+    """An up block's ResNet input: the norm of cat(h, skip) into conv1 and, from the same read, the concatenation
+    quantized for the split shortcut conv (diffquant::group_norm_act_dual, h and skip read in place) against
+    Inductor's compile of the concatenation, the norm and both quantizations. ``dual_mixed_ms``: the launch plan
+    chosen without regard to C1 (channel chunks straddle h and skip: two masked loads per element), where it
+    differs from the default one."""
+    from diffquant.kernels.ops import group_norm_act_dual
+    from diffquant.kernels.reference import quantize_act_fp8
+    from diffquant.kernels.triton_norm import group_norm_act_triton, norm_plan
+
+    h, skip = x[:, :c1].contiguous(memory_format=torch.channels_last), x[:, c1:].contiguous(memory_format=torch.channels_last)
+    s2 = torch.full((x.shape[1],), 0.03, device=x.device)
+    fp8 = torch.float8_e4m3fn
+
+    def ind(h=h, skip=skip):
+        cat = torch.cat([h, skip], 1)
+        return quantize_act_fp8(F.silu(F.group_norm(cat, groups, wt, b, 1e-5)), s), quantize_act_fp8(cat, s2[None, :, None, None])
+
+    out = {"c1": c1}
+    with torch.no_grad():
+        out["dual_inductor_ms"] = round(time_call(torch.compile(ind), reps=reps)[0], 5)
+        out["dual_ms"] = round(time_call(lambda: group_norm_act_dual(h, skip, wt, b, groups, 1e-5, True, s, fp8, None, 0,
+                                                                     0, 0, s2, fp8, None, 0, 0, 0), reps=reps)[0], 5)
+        n, c, hh, ww = x.shape
+        plain, aware = norm_plan(n, c, hh * ww, x.device), norm_plan(n, c, hh * ww, x.device, c1=c1)
+        if plain != aware:
+            out["dual_mixed_ms"] = round(time_call(lambda: group_norm_act_triton(
+                h, skip, None, wt, b, groups, 1e-5, True, s, fp8, plan=plain, raw=(s2, fp8, None, 0, 0, 0)),
+                reps=reps)[0], 5)
+    out["dual_speedup"] = round(out["dual_inductor_ms"] / out["dual_ms"], 3)
+    return out
 
 
 def _sweep(reps, time_call) -> list:

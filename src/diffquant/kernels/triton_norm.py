@@ -23,6 +23,7 @@ result is :func:`.reference.group_norm_act_reference` up to summation order. Imp
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -35,27 +36,39 @@ from diffquant.kernels.triton_conv import _num_sms
 
 
 @triton.jit
-def _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, P_END, HW, C1, C, HAS_X2: tl.constexpr,
-               HAS_ADD: tl.constexpr):
-    """The [pixels, channels] tile of cat(x, x2) (+ add[n]) in fp32; 0 outside the tensor or past ``P_END``."""
+def _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, c0, P_END, HW, C1, C, HAS_X2: tl.constexpr,
+               HAS_ADD: tl.constexpr, PURE: tl.constexpr):
+    """The [pixels, channels] tile of cat(x, x2) (+ add[n]) in fp32; 0 outside the tensor or past ``P_END``.
+    ``PURE``: the chunk starting at channel ``c0`` lies wholly in x or wholly in x2 (the plan's chunk divides C1),
+    so one plain load of one tensor; else two masked loads per element (both issued: 2x slower in the SD and CIFAR
+    UNets' up blocks, H200, 2026-11-28)."""
     p_ok = offs_p < P_END
     c_ok = offs_c < C
     n64 = n.to(tl.int64)
     rows = offs_p.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + n64 * HW * C1 + rows * C1 + offs_c[None, :], mask=p_ok[:, None] & (offs_c < C1)[None, :],
-                other=0.0).to(tl.float32)
-    if HAS_X2:
-        c2 = tl.maximum(offs_c - C1, 0)
-        x += tl.load(x2_ptr + n64 * HW * (C - C1) + rows * (C - C1) + c2[None, :],
-                     mask=p_ok[:, None] & ((offs_c >= C1) & c_ok)[None, :], other=0.0).to(tl.float32)
+    if HAS_X2 and PURE:
+        if c0 < C1:
+            x = tl.load(x_ptr + n64 * HW * C1 + rows * C1 + offs_c[None, :], mask=p_ok[:, None] & c_ok[None, :],
+                        other=0.0).to(tl.float32)
+        else:
+            C2 = C - C1
+            x = tl.load(x2_ptr + n64 * HW * C2 + rows * C2 + (offs_c - C1)[None, :],
+                        mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + n64 * HW * C1 + rows * C1 + offs_c[None, :],
+                    mask=p_ok[:, None] & (offs_c < C1)[None, :], other=0.0).to(tl.float32)
+        if HAS_X2:
+            c2 = tl.maximum(offs_c - C1, 0)
+            x += tl.load(x2_ptr + n64 * HW * (C - C1) + rows * (C - C1) + c2[None, :],
+                         mask=p_ok[:, None] & ((offs_c >= C1) & c_ok)[None, :], other=0.0).to(tl.float32)
     if HAS_ADD:
         x += tl.load(add_ptr + n * C + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     return tl.where(p_ok[:, None] & c_ok[None, :], x, 0.0)
 
 
 @triton.jit
-def _channel_stats(x_ptr, x2_ptr, add_ptr, n, offs_c, p0, p_end, HW, C1, C, HAS_X2: tl.constexpr,
-                   HAS_ADD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _channel_stats(x_ptr, x2_ptr, add_ptr, n, offs_c, c0, p0, p_end, HW, C1, C, HAS_X2: tl.constexpr,
+                   HAS_ADD: tl.constexpr, PURE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per channel of ``offs_c``, the mean and sum of squared deviations of image ``n``'s pixels [p0, p_end): a
     running Welford update per (row lane, channel), no reduction inside the loop; Chan's combination of the lanes."""
     mean = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
@@ -64,7 +77,7 @@ def _channel_stats(x_ptr, x2_ptr, add_ptr, n, offs_c, p0, p_end, HW, C1, C, HAS_
     for p in range(p0, p_end, BLOCK_P):
         offs_p = p + tl.arange(0, BLOCK_P)
         okf = (offs_p < p_end).to(tl.float32)
-        x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, p_end, HW, C1, C, HAS_X2, HAS_ADD)
+        x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, c0, p_end, HW, C1, C, HAS_X2, HAS_ADD, PURE)
         cnt += okf
         d = x - mean
         mean += d * (okf / tl.maximum(cnt, 1.0))[:, None]
@@ -77,14 +90,16 @@ def _channel_stats(x_ptr, x2_ptr, add_ptr, n, offs_c, p0, p_end, HW, C1, C, HAS_
 
 @triton.jit
 def _gn_stats_kernel(x_ptr, x2_ptr, add_ptr, mean_ptr, m2_ptr, HW, C1, C, S, SEG_P,
-                     HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                     HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, PURE: tl.constexpr, BLOCK_P: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
     """Per channel of one chunk, the mean and sum of squared deviations of one segment of an image's pixels."""
     s = tl.program_id(0)
     n = tl.program_id(1)
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c0 = tl.program_id(2) * BLOCK_C
+    offs_c = c0 + tl.arange(0, BLOCK_C)
     p0 = s * SEG_P
-    mc, m2c = _channel_stats(x_ptr, x2_ptr, add_ptr, n, offs_c, p0, tl.minimum(p0 + SEG_P, HW), HW, C1, C, HAS_X2,
-                             HAS_ADD, BLOCK_P, BLOCK_C)
+    mc, m2c = _channel_stats(x_ptr, x2_ptr, add_ptr, n, offs_c, c0, p0, tl.minimum(p0 + SEG_P, HW), HW, C1, C,
+                             HAS_X2, HAS_ADD, PURE, BLOCK_P, BLOCK_C)
     dst = (n * S + s).to(tl.int64) * C + offs_c
     tl.store(mean_ptr + dst, mc, mask=offs_c < C)
     tl.store(m2_ptr + dst, m2c, mask=offs_c < C)
@@ -161,11 +176,11 @@ def _store_q(ptrs, y, ok, so, zp, QMIN, QMAX, QOFF, QUANT: tl.constexpr, INT8: t
 
 
 @triton.jit
-def _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n, offs_c, c_ok, mu, rs, p0, p_end, HW,
-                C1, C, QMIN, QMAX, QOFF, raw_ptr, rso_ptr, rzp_ptr, RQMIN, RQMAX, RQOFF,
+def _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n, offs_c, c0, c_ok, mu, rs, p0, p_end,
+                HW, C1, C, QMIN, QMAX, QOFF, raw_ptr, rso_ptr, rzp_ptr, RQMIN, RQMAX, RQOFF,
                 HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr, QUANT: tl.constexpr,
                 INT8: tl.constexpr, SCALE_PER_CH: tl.constexpr, RAW: tl.constexpr, RAW_INT8: tl.constexpr,
-                RAW_PER_CH: tl.constexpr, EMULATE: tl.constexpr, BLOCK_P: tl.constexpr):
+                RAW_PER_CH: tl.constexpr, EMULATE: tl.constexpr, PURE: tl.constexpr, BLOCK_P: tl.constexpr):
     """Normalise (per-channel ``mu``, ``rs``), affine, SiLU and the consumer's quantization of image ``n``'s pixels
     [p0, p_end) in channels ``offs_c``; with ``RAW``, also the input itself quantized for a second consumer (into
     ``raw_ptr``). The per-channel constants are loaded once."""
@@ -179,7 +194,7 @@ def _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n
         rso, rzp = _qparams(rso_ptr, rzp_ptr, offs_c, c_ok, RAW_INT8, RAW_PER_CH)
     for p in range(p0, p_end, BLOCK_P):
         offs_p = p + tl.arange(0, BLOCK_P)
-        x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, p_end, HW, C1, C, HAS_X2, HAS_ADD)
+        x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, c0, p_end, HW, C1, C, HAS_X2, HAS_ADD, PURE)
         off = n.to(tl.int64) * HW * C + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
         ok = (offs_p < p_end)[:, None] & c_ok[None, :]
         if RAW:
@@ -195,19 +210,22 @@ def _gn_apply_kernel(x_ptr, x2_ptr, add_ptr, gmean_ptr, grstd_ptr, w_ptr, b_ptr,
                      CPG, G, SEG_P, QMIN, QMAX, QOFF, raw_ptr, rso_ptr, rzp_ptr, RQMIN, RQMAX, RQOFF,
                      HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr, QUANT: tl.constexpr,
                      INT8: tl.constexpr, SCALE_PER_CH: tl.constexpr, RAW: tl.constexpr, RAW_INT8: tl.constexpr,
-                     RAW_PER_CH: tl.constexpr, EMULATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                     RAW_PER_CH: tl.constexpr, EMULATE: tl.constexpr, PURE: tl.constexpr, BLOCK_P: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
     """The apply step over one segment of one image's pixels, one chunk of channels."""
     s = tl.program_id(0)
     n = tl.program_id(1)
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c0 = tl.program_id(2) * BLOCK_C
+    offs_c = c0 + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     gi = n * G + offs_c // CPG
     mu = tl.load(gmean_ptr + gi, mask=c_ok, other=0.0)
     rs = tl.load(grstd_ptr + gi, mask=c_ok, other=0.0)
     p0 = s * SEG_P
-    _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n, offs_c, c_ok, mu, rs, p0,
+    _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n, offs_c, c0, c_ok, mu, rs, p0,
                 tl.minimum(p0 + SEG_P, HW), HW, C1, C, QMIN, QMAX, QOFF, raw_ptr, rso_ptr, rzp_ptr, RQMIN, RQMAX,
-                RQOFF, HAS_X2, HAS_ADD, SILU, QUANT, INT8, SCALE_PER_CH, RAW, RAW_INT8, RAW_PER_CH, EMULATE, BLOCK_P)
+                RQOFF, HAS_X2, HAS_ADD, SILU, QUANT, INT8, SCALE_PER_CH, RAW, RAW_INT8, RAW_PER_CH, EMULATE, PURE,
+                BLOCK_P)
 
 
 @triton.jit
@@ -225,7 +243,8 @@ def _gn_whole_kernel(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_p
     j = tl.arange(0, BLOCK_C)
     offs_c = c_lo + j
     c_ok = (j < GPP * CPG) & (offs_c < C)
-    mc, m2c = _channel_stats(x_ptr, x2_ptr, add_ptr, n, offs_c, 0, HW, HW, C1, C, HAS_X2, HAS_ADD, BLOCK_P, BLOCK_C)
+    mc, m2c = _channel_stats(x_ptr, x2_ptr, add_ptr, n, offs_c, c_lo, 0, HW, HW, C1, C, HAS_X2, HAS_ADD, False,
+                             BLOCK_P, BLOCK_C)
     onehot = ((j // CPG)[:, None] == tl.arange(0, BLOCK_G)[None, :]) & c_ok[:, None]
     oh = onehot.to(tl.float32)
     gmean = tl.sum(oh * mc[:, None], axis=0) / CPG  # every channel has HW pixels
@@ -233,9 +252,9 @@ def _gn_whole_kernel(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_p
     d = mc - mu
     gvar = tl.sum(oh * (m2c + HW * d * d)[:, None], axis=0) / (HW * CPG)
     rs = tl.sum(oh * (1.0 / tl.sqrt(gvar + eps))[None, :], axis=1)
-    _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n, offs_c, c_ok, mu, rs, 0, HW, HW,
-                C1, C, QMIN, QMAX, QOFF, raw_ptr, rso_ptr, rzp_ptr, RQMIN, RQMAX, RQOFF, HAS_X2, HAS_ADD, SILU, QUANT,
-                INT8, SCALE_PER_CH, RAW, RAW_INT8, RAW_PER_CH, EMULATE, BLOCK_P)
+    _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n, offs_c, c_lo, c_ok, mu, rs, 0, HW,
+                HW, C1, C, QMIN, QMAX, QOFF, raw_ptr, rso_ptr, rzp_ptr, RQMIN, RQMAX, RQOFF, HAS_X2, HAS_ADD, SILU,
+                QUANT, INT8, SCALE_PER_CH, RAW, RAW_INT8, RAW_PER_CH, EMULATE, False, BLOCK_P)
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -243,16 +262,19 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def norm_plan(nb: int, c: int, hw: int, device: torch.device, block_c: Optional[int] = None,
-              block_p: Optional[int] = None, programs: Optional[int] = None, warps: Optional[int] = None) -> dict:
-    """Launch shape: channel chunks of ``block_c`` (the largest power of two up to 128 that divides C), pixel blocks
-    of ``block_p`` rows per loop step (4,096 elements a step), and each image's pixels cut into segments so that
+              block_p: Optional[int] = None, programs: Optional[int] = None, warps: Optional[int] = None,
+              c1: Optional[int] = None) -> dict:
+    """Launch shape: channel chunks of ``block_c`` (the largest power of two up to 128 that divides C, and C1 where
+    the input is two tensors of C1 and C - C1 channels, so that a chunk reads one of them), pixel blocks of
+    ``block_p`` rows per loop step (4,096 elements a step), and each image's pixels cut into segments so that
     there are at most ``programs`` (4 per SM: one wave) programs, or one segment per image and chunk when even
     that is more; keyword overrides are for the benchmark's sweep."""
     if block_c is None:
+        div = math.gcd(c, c1) if c1 else c
         block_c = 128
-        while block_c > 16 and c % block_c:
+        while block_c > 16 and div % block_c:
             block_c //= 2
-        if c % block_c:
+        if div % block_c:
             block_c = max(16, min(128, triton.next_power_of_2(c)))
     if block_p is None:
         block_p = max(16, min(256, 4096 // block_c, triton.next_power_of_2(hw)))
@@ -276,12 +298,13 @@ def whole_plan(c: int, hw: int, num_groups: int, warps: Optional[int] = None) ->
             "block_p": max(16, min(triton.next_power_of_2(hw), 4096 // block_c)), "warps": warps or 4}
 
 
-def _default_plan(nb: int, c: int, hw: int, num_groups: int, device: torch.device) -> dict:
-    # DIFFQUANT_GN_WHOLE_MAX_HW=N: images of at most N pixels take the one-launch kernel (not yet timed on a GPU;
-    # default 0: never)
+def _default_plan(nb: int, c: int, hw: int, num_groups: int, device: torch.device, c1: Optional[int] = None) -> dict:
+    # DIFFQUANT_GN_WHOLE_MAX_HW=N: images of at most N pixels take the one-launch kernel (default 0: never; it lost
+    # to the segmented kernels on every SD-1.5 b8 and CIFAR b256 shape but 8x8 x 1280 channels, 0.0107 against
+    # 0.0143 ms: benchmarks/results/groupnorm.json, H200, 2026-11-28)
     if hw <= int(os.environ.get("DIFFQUANT_GN_WHOLE_MAX_HW", "0")):
         return whole_plan(c, hw, num_groups)
-    return norm_plan(nb, c, hw, device)
+    return norm_plan(nb, c, hw, device, c1=c1)
 
 
 def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: Optional[torch.Tensor],
@@ -306,7 +329,7 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
     raw_out = None if raw is None else out_like(x, c, h, w, raw[1])
     if nb == 0 or hw == 0:
         return out if raw is None else (out, raw_out)
-    pl = plan if plan is not None else _default_plan(nb, c, hw, num_groups, x.device)
+    pl = plan if plan is not None else _default_plan(nb, c, hw, num_groups, x.device, c1 if x2 is not None else None)
     x2_arg = x2 if x2 is not None else x
     add_arg = add_nc.contiguous() if add_nc is not None else x
     s_out = out_scale.float().reshape(-1).contiguous() if quant else x
@@ -325,6 +348,7 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
             BLOCK_G=pl["block_g"], num_warps=pl["warps"])
         return result
     block_c, block_p, segs, seg_p, warps = pl["block_c"], pl["block_p"], pl["segs"], pl["seg_p"], pl["warps"]
+    pure = x2 is not None and c1 % block_c == 0 and c % block_c == 0  # each chunk reads one of x, x2
     grid = (segs, nb, triton.cdiv(c, block_c))
     part_mean = torch.empty((nb, segs, c), dtype=torch.float32, device=x.device)
     part_m2 = torch.empty_like(part_mean)
@@ -332,7 +356,7 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
     grstd = torch.empty_like(gmean)
     if "stats" in stages:
         _gn_stats_kernel[grid](x, x2_arg, add_arg, part_mean, part_m2, hw, c1, c, segs, seg_p,
-                               HAS_X2=x2 is not None, HAS_ADD=add_nc is not None, BLOCK_P=block_p,
+                               HAS_X2=x2 is not None, HAS_ADD=add_nc is not None, PURE=pure, BLOCK_P=block_p,
                                BLOCK_C=block_c, num_warps=warps)
     cpg = c // num_groups
     block_cg = max(2, triton.next_power_of_2(cpg))
@@ -346,7 +370,7 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
         return result
     _gn_apply_kernel[grid](x, x2_arg, add_arg, gmean, grstd, weight.contiguous(), bias.contiguous(), s_out, zp,
                            out_arg, hw, c1, c, cpg, num_groups, seg_p, qmin, qmax, qoffset, *raw_args, **flags,
-                           BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
+                           PURE=pure, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     return result
 
 
