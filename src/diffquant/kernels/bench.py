@@ -154,6 +154,14 @@ def linear_rows(model: nn.Module, inputs: tuple) -> dict[str, int]:
     return rows
 
 
+# torchao's configs by default switch on Inductor's coordinate-descent tuning (all directions) for the whole process
+# (``set_inductor_config=True``): every row of torchao then spent over 240 s autotuning kernels in its first
+# compiled call and never finished (H200, torch 2.11, torchao 0.17, 2026-11-28: benchmarks/torchao_probe.py's stack
+# dumps). The bench compiles every variant with the same default Inductor settings; DIFFQUANT_BENCH_TORCHAO_INDUCTOR=1
+# restores torchao's.
+TORCHAO_INDUCTOR_CONFIG = os.environ.get("DIFFQUANT_BENCH_TORCHAO_INDUCTOR", "0") == "1"
+
+
 def _torchao(model: nn.Module, which: str, run_inputs: Optional[tuple] = None) -> nn.Module:
     """The torchao variant: its config applied to the nn.Linear layers it supports at this batch size
     (int8 dynamic: inputs of more than 16 rows, the limit of ``torch._int_mm``; the skipped layers stay bf16 and
@@ -167,12 +175,13 @@ def _torchao(model: nn.Module, which: str, run_inputs: Optional[tuple] = None) -
 
         rows = linear_rows(m, run_inputs) if run_inputs is not None else {}
         skipped = sorted(n for n, r in rows.items() if r < TORCHAO_INT8_MIN_ROWS)
-        quantize_(m, Int8DynamicActivationInt8WeightConfig(),
+        quantize_(m, Int8DynamicActivationInt8WeightConfig(set_inductor_config=TORCHAO_INDUCTOR_CONFIG),
                   filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and fqn not in skipped)
     elif which == "fp8":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
-        quantize_(m, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        quantize_(m, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(),
+                                                               set_inductor_config=TORCHAO_INDUCTOR_CONFIG))
     else:
         raise ValueError(f"torchao variant {which!r}; known: int8dyn, fp8")
     m._torchao_skipped = skipped
