@@ -1295,6 +1295,30 @@ def test_bench_torchao_int8_skips_the_linears_torch_int_mm_cannot_run():
         _torchao(unet, "int4", inputs)
 
 
+def test_bench_torchao_keeps_inductor_defaults(monkeypatch):
+    """torchao's configs switch on Inductor's coordinate-descent tuning for the whole process unless told not to;
+    every torchao bench row then stalled over 240 s in its first compiled call on the H200 (2026-11-28). The bench
+    keeps Inductor's defaults, the same as for the bf16 and diffquant rows; DIFFQUANT_BENCH_TORCHAO_INDUCTOR=1 is
+    torchao's own setting."""
+    pytest.importorskip("torchao")
+    import torch._inductor.config as inductor_config
+
+    from diffquant.kernels import bench
+    from diffquant.models.adapter import example_inputs
+
+    unet = tiny_sd_unet()
+    inputs = example_inputs(unet, batch=2)
+    # everything torchao's setter touches, restored afterwards for the tests that follow
+    with inductor_config.patch({"coordinate_descent_tuning": False, "coordinate_descent_check_all_directions": False,
+                                "force_fuse_int_mm_with_mul": False, "fx_graph_cache": inductor_config.fx_graph_cache,
+                                "triton.unique_kernel_names": inductor_config.triton.unique_kernel_names}):
+        bench._torchao(unet, "int8dyn", inputs)
+        assert inductor_config.coordinate_descent_tuning is False
+        monkeypatch.setattr(bench, "TORCHAO_INDUCTOR_CONFIG", True)
+        bench._torchao(unet, "int8dyn", inputs)
+        assert inductor_config.coordinate_descent_tuning is True  # torchao's setting, as the switch says
+
+
 def test_bench_kernel_classes():
     """The profiler breakdown's classes: diffquant's kernels are not counted as cuDNN or attention (the TMA conv
     kernel's name contains 'conv' and was counted as cuDNN in the first TMA measurement)."""
