@@ -299,9 +299,9 @@ def whole_plan(c: int, hw: int, num_groups: int, warps: Optional[int] = None) ->
 
 
 def _default_plan(nb: int, c: int, hw: int, num_groups: int, device: torch.device, c1: Optional[int] = None) -> dict:
-    # DIFFQUANT_GN_WHOLE_MAX_HW=N: images of at most N pixels take the one-launch kernel (default 0: never; it lost
-    # to the segmented kernels on every SD-1.5 b8 and CIFAR b256 shape but 8x8 x 1280 channels, 0.0107 against
-    # 0.0143 ms: benchmarks/results/groupnorm.json, H200, 2026-11-28)
+    # DIFFQUANT_GN_WHOLE_MAX_HW=N: images of at most N pixels take the one-launch kernel (default 0: never; it won
+    # only on SD-1.5 b8's 8x8 and 16x16 shapes, by 1-4 us, and lost by up to 2.5x on CIFAR b256's:
+    # benchmarks/results/groupnorm.json, first of earlier_runs, H200, 2026-11-28)
     if hw <= int(os.environ.get("DIFFQUANT_GN_WHOLE_MAX_HW", "0")):
         return whole_plan(c, hw, num_groups)
     return norm_plan(nb, c, hw, device, c1=c1)
