@@ -612,17 +612,17 @@ TMA_GPU_CASES = [  # kind, n, cin, cout, h, w, k, pad, a_zp
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("path", ["tma", "tma4d"])
+@pytest.mark.parametrize("path", ["tma", "tma4d", "tma4dp"])
 @pytest.mark.parametrize("case", TMA_GPU_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_gpu_tma_path_matches_reference(case, path, monkeypatch):
-    """The TMA conv kernels (padded copy: DIFFQUANT_QCONV_TMA=1; 4-D boxes: =4d) against the reference op, odd
-    sizes, poisoned output; the 4-D path also on a channel slice read in place."""
+    """The TMA conv kernels (padded copy: DIFFQUANT_QCONV_TMA=1; 4-D boxes: =4d; the persistent 4-D kernel: =4dp)
+    against the reference op, odd sizes, poisoned output; the 4-D paths also on a channel slice read in place."""
     from diffquant.kernels.triton_conv import tma_paths
 
     kind, n, cin, cout, h, w, k, pad, a_zp = case
-    monkeypatch.setenv("DIFFQUANT_QCONV_TMA", "1" if path == "tma" else "4d")
+    monkeypatch.setenv("DIFFQUANT_QCONV_TMA", {"tma": "1", "tma4d": "4d", "tma4dp": "4dp"}[path])
     c = _rand_case(kind, n=n, cin=cin, cout=cout, h=h, w=w, k=k, a_zp=a_zp, device="cuda")
-    slices = [False, True] if path == "tma4d" and cin % 32 == 0 else [False]
+    slices = [False, True] if path != "tma" and cin % 32 == 0 else [False]
     for sliced in slices:
         if sliced:  # the second half of the channels (a split layer's second part)
             c["x"] = c["x"][:, cin // 2:]
@@ -1581,7 +1581,7 @@ def test_tune_kernels_cli_checks_and_shows_rows(tmp_path):
     r = CliRunner().invoke(cli, ["tune-kernels", "--tasks", "sd15-unet:dq-fp8"])
     assert r.exit_code != 0 and "model:batch:variant" in r.output
     r = CliRunner().invoke(cli, ["tune-kernels", "--skip-paths", "cudnn"])
-    assert r.exit_code != 0 and "allowed: tma, tma4d" in r.output
+    assert r.exit_code != 0 and "allowed: tma, tma4d, tma4dp" in r.output
     if not torch.cuda.is_available():
         r = CliRunner().invoke(cli, ["tune-kernels", "--out", str(tmp_path / "t.json")])
         assert r.exit_code != 0 and "needs a CUDA GPU" in r.output and not (tmp_path / "t.json").exists()

@@ -107,6 +107,13 @@ def test_interpreter_tma4d_path_matches_reference():
         assert finite and rel < 1e-5, (case, rel)
 
 
+def test_interpreter_tma4d_persistent_path_matches_reference():
+    """The persistent 4-D TMA kernel: three programs in the interpreter, each walking several output tiles (and the
+    tiles' channel blocks), on the same cases as the one-tile-per-program kernel."""
+    for case, (finite, rel) in zip(TMA4D_CASES, _run(TMA4D_CASES, "tma4dp")):
+        assert finite and rel < 1e-5, (case, rel)
+
+
 ATTN_SCRIPT = r'''
 import json, sys
 sys.path.insert(0, {src!r})
@@ -218,7 +225,7 @@ res = []
 for kind, kw in [("fp8", dict(n=2, cin=320, cout=200, h=17, w=13)), ("int8", dict(n=3, cin=128, cout=128, h=9, w=7, a_zp=5))]:
     c = tk._rand_case(kind, **kw)
     want = tk._call(qconv_ref, c, 1, 1).float()
-    for path in ("tma", "tma4d"):
+    for path in ("tma", "tma4d", "tma4dp"):
         for cfg in tuning.candidates(1, False, kw["cout"], kw["cin"], path=path):
             with tuning.forced_config(cfg):
                 got = tk._call(qconv_triton, c, 1, 1)
@@ -228,7 +235,7 @@ print("RESULT" + json.dumps(res))
 
 
 def test_interpreter_every_tma_tuner_candidate_is_correct():
-    """Each block config the tuner tries for the two TMA kernels (tile shapes of 64-256 rows, whole-row boxes of 1-16
+    """Each block config the tuner tries for the three TMA kernels (tile shapes of 64-256 rows, whole-row boxes of 1-16
     image rows) on an odd SD-like shape (FP8) and an int8 one with a zero point."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("DIFFQUANT_QCONV_CONFIG", None)
@@ -237,7 +244,7 @@ def test_interpreter_every_tma_tuner_candidate_is_correct():
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
     assert p.returncode == 0 and line, p.stderr[-3000:]
     res = json.loads(line[0][len("RESULT"):])
-    assert len(res) >= 24
+    assert len(res) >= 36
     for kind, cfg, rel in res:
         assert rel < 1e-5, (kind, cfg, rel)
 
@@ -399,8 +406,8 @@ def test_group_norm_kernels_compile_for_hopper():
 
 def test_attention_and_conv_kernels_compile_for_hopper():
     """The FP8 attention kernel (V handed over keys-contiguous; head dims 40 and 160 padded to 64 and 256; e4m3 or
-    bf16 output) and the three conv kernels (gather, TMA over a padded copy, 4-D TMA; FP8, and int8 with a zero
-    point and the padding fix-up) compile for sm_90 without a GPU."""
+    bf16 output) and the four conv kernels (gather, TMA over a padded copy, 4-D TMA and its persistent form; FP8, and
+    int8 with a zero point and the padding fix-up) compile for sm_90 without a GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -458,6 +465,10 @@ def test_attention_and_conv_kernels_compile_for_hopper():
                       HAS_ADD=True, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
         built += bool(build(tt._qconv_tma4d_kernel, dict(common, KH=3, PAD_FIX=not fp8, BI=1, BH=8, BW=16), tma_type,
                             warps=8, stages=4).asm.get("cubin"))
+        # the persistent form, its tile loop flattened into the tap loop (software-pipelined across tiles)
+        built += bool(build(tt._qconv_tma4d_persistent_kernel, dict(common, KH=3, PAD_FIX=not fp8, BI=1, BH=8, BW=16,
+                                                                     FLATTEN=True), tma_type,
+                            warps=8, stages=4).asm.get("cubin"))
         built += bool(build(tt._qconv_tma_kernel, dict(common, BLOCK_M=128),
                             lambda n, f=tma_type: f(n, a_box="128, 64"), warps=8, stages=4).asm.get("cubin"))
-    assert built == 8
+    assert built == 10

@@ -16,7 +16,7 @@ from diffquant.commands._common import fail
 @click.option("--budget-s", default=float("inf"), type=float, help="tune no new shape after this many seconds")
 @click.option("--reps", default=10, show_default=True, help="timed calls per candidate (median)")
 @click.option("--no-tma", is_flag=True, help="time the gather kernel's candidates only")
-@click.option("--skip-paths", default="", help="comma list of TMA kernels not to try (tma, tma4d)")
+@click.option("--skip-paths", default="", help="comma list of TMA kernels not to try (tma, tma4d, tma4dp)")
 @click.option("--show-rows", default=None, help="print the summary of a rows file and exit (no GPU needed)")
 @click.option("--merge-into", default=None,
               help="afterwards, merge the new table into this one (same GPU model; written in place)")

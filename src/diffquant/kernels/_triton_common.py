@@ -8,7 +8,12 @@ import triton.language as tl
 @triton.jit
 def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """This program's (pid_m, pid_n), GROUP_M row tiles at a time (L2 reuse of the B tiles)."""
-    pid = tl.program_id(0)
+    return grouped_tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+
+@triton.jit
+def grouped_tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile ``pid``'s (pid_m, pid_n) in the grouped order of :func:`grouped_tile` (persistent kernels walk tiles)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n

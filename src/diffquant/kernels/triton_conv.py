@@ -185,11 +185,11 @@ def _device_name(device: torch.device) -> str:
 _DEVICE_NAMES: dict = {}
 
 
-_FORCED_PATHS = {"1": "tma", "4d": "tma4d"}  # DIFFQUANT_QCONV_TMA values that force a TMA kernel
+_FORCED_PATHS = {"1": "tma", "4d": "tma4d", "4dp": "tma4dp"}  # DIFFQUANT_QCONV_TMA values that force a TMA kernel
 
 
 def _config(x, key: str, M: int, cout: int, ck: int, w4: bool, ok_paths: frozenset) -> dict:
-    """The block config (and kernel path) of one call: forced (tuner) > ``DIFFQUANT_QCONV_TMA=1`` / ``4d`` (that TMA
+    """The block config (and kernel path) of one call: forced (tuner) > ``DIFFQUANT_QCONV_TMA=1`` / ``4d`` / ``4dp`` (that TMA
     kernel wherever it can run, with the table's config for it or its heuristic) > tuned table of this GPU model
     (with ``DIFFQUANT_QCONV_BORROW=1``, the same layer's entry at the nearest batch size) > heuristic. ``DIFFQUANT_QCONV_TMA=0`` keeps every shape on the gather kernel. ``ok_paths``: the TMA kernels that
     can run this call."""
@@ -213,12 +213,12 @@ def _config(x, key: str, M: int, cout: int, ck: int, w4: bool, ok_paths: frozens
 
 
 def tma_paths(x, w, wzp, stride, padding, dilation, w4: bool, a_zp: int, pad_corr) -> frozenset:
-    """The TMA kernels that can run this call: {"tma", "tma4d"}, a subset, or none."""
+    """The TMA kernels that can run this call: {"tma", "tma4d", "tma4dp"}, a subset, or none."""
     if triton_conv_tma.tma_unsupported(x, w, wzp, stride, dilation, w4) is not None:
         return frozenset()
     ok = {"tma"}
     if triton_conv_tma.tma4d_extra_unsupported(x, a_zp, padding, pad_corr) is None:
-        ok.add("tma4d")
+        ok.update(("tma4d", "tma4dp"))
     return frozenset(ok)
 
 
@@ -264,9 +264,9 @@ def qconv_triton(
                          f"({triton_conv_tma.tma4d_unsupported(x, w, wzp, stride, dilation, w4, a_zp, padding, pad_corr)})")
     if path == "tma":
         return triton_conv_tma.qconv_tma(x, w, w_scale, a_scale, corr, bias, add, a_zp, padding, out_dtype, config=cfg)
-    if path == "tma4d":
+    if path in ("tma4d", "tma4dp"):
         return triton_conv_tma.qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp, padding, out_dtype,
-                                           pad_corr=pad_corr, config=cfg)
+                                           pad_corr=pad_corr, config=cfg, persistent=path == "tma4dp")
     bk = cfg["BLOCK_K"]
     ncb = triton.cdiv(ck, bk)
     dummy = w_scale

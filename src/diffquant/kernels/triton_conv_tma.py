@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from diffquant.kernels._triton_common import dequant_store, grouped_tile, tap_block, zero_acc
+from diffquant.kernels._triton_common import dequant_store, grouped_tile, grouped_tile_of, tap_block, zero_acc
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -219,6 +219,62 @@ def _qconv_tma4d_kernel(
                   son, soh, sow, soc, san, sah, saw, sac, HAS_CORR, HAS_ASCALE, HAS_BIAS, HAS_ADD)
 
 
+# The persistent form (path "tma4dp"): one program per SM walks the output tiles, and the tile loop is flattened
+# into the tap loop (``tl.range(..., flatten=True)``), so the loads of a tile's first taps are issued while the
+# previous tile's epilogue runs. The CIFAR UNet's 3x3 convs have 9 to 18 K steps per tile (128 to 256 channels), so
+# each program's prologue and epilogue weigh: the non-persistent kernel reached 540-650 TFLOPS there against cuDNN
+# bf16's 640-800 (tune rows, H200, 2026-11-28).
+@triton.jit(do_not_specialize=["N", "H", "W", "Ho", "Wo", "NITER", "TILES_H", "TILES_W", "pad_h", "pad_w",
+                               "NUM_PROGS"])
+def _qconv_tma4d_persistent_kernel(
+    a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr, padc_ptr,
+    N, H, W, Ho, Wo, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h, pad_w, NUM_PROGS,
+    son, soh, sow, soc,
+    san, sah, saw, sac,
+    KH: tl.constexpr, KW: tl.constexpr, A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr, PAD_FIX: tl.constexpr,
+    HAS_ASCALE: tl.constexpr, HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
+    BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = BI * BH * BW
+    tiles_m = tl.cdiv(N, BI) * TILES_H * TILES_W
+    num_tiles = tiles_m * tl.cdiv(Cout, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=FLATTEN):
+        pid_m, pid_n = grouped_tile_of(tile, tiles_m * BLOCK_M, Cout, BLOCK_M, BLOCK_N, GROUP_M)
+        tw = pid_m % TILES_W
+        th = (pid_m // TILES_W) % TILES_H
+        n0 = (pid_m // (TILES_W * TILES_H)) * BI
+        oh0 = th * BH
+        ow0 = tw * BW
+        co0 = pid_n * BLOCK_N
+        acc = zero_acc(BLOCK_M, BLOCK_N, A_INT)
+        for it in range(0, NITER):
+            tap, c0, kh, kw = tap_block(it, NCB, KW, BLOCK_K)
+            a = a_desc.load([n0, oh0 + kh - pad_h, ow0 + kw - pad_w, c0])
+            a = tl.reshape(a, (BLOCK_M, BLOCK_K))
+            b = b_desc.load([co0, tap * CK + c0])
+            if BITCAST_FP8:
+                a = a.to(tl.float8e4nv, bitcast=True)
+                b = b.to(tl.float8e4nv, bitcast=True)
+            acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype)
+        r = tl.arange(0, BLOCK_M)
+        nb = n0 + r // (BH * BW)
+        oh = oh0 + (r // BW) % BH
+        ow = ow0 + r % BW
+        offs_n = co0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Cout
+        m_ok = (nb < N) & (oh < Ho) & (ow < Wo)
+        if PAD_FIX:
+            for t in tl.static_range(KH * KW):
+                ih = oh + t // KW - pad_h
+                iw = ow + t % KW - pad_w
+                outside = (ih < 0) | (ih >= H) | (iw < 0) | (iw >= W)
+                pc = tl.load(padc_ptr + offs_n * (KH * KW) + t, mask=n_ok, other=0)
+                acc += tl.where(outside[:, None], pc[None, :], 0)
+        dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr,
+                      add_ptr, son, soh, sow, soc, san, sah, saw, sac, HAS_CORR, HAS_ASCALE, HAS_BIAS, HAS_ADD)
+
+
 def tma4d_unsupported(x: torch.Tensor, w: torch.Tensor, wzp, stride: Sequence[int], dilation: Sequence[int],
                       w4: bool, a_zp: int, padding: Sequence[int], pad_corr) -> Optional[str]:
     """Why this call cannot take the 4-D TMA path (None: it can)."""
@@ -245,9 +301,10 @@ def tile_4d(block_m: int, ho: int, wo: int) -> tuple[int, int, int]:
 
 
 def qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Sequence[int], out_dtype: torch.dtype,
-                pad_corr=None, config: Optional[dict] = None) -> torch.Tensor:
+                pad_corr=None, config: Optional[dict] = None, persistent: bool = False) -> torch.Tensor:
     """``diffquant::qconv`` through 4-D TMA boxes (see :func:`tma4d_unsupported`); same arguments and result as
-    :func:`.reference.qconv_reference`. Reads channels-last input in place, channel slices included."""
+    :func:`.reference.qconv_reference`. Reads channels-last input in place, channel slices included.
+    ``persistent``: one program per SM walking the tiles (:func:`_qconv_tma4d_persistent_kernel`)."""
     from diffquant.kernels.reference import out_like
 
     nbatch, c, h, wd = x.shape
@@ -274,17 +331,29 @@ def qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seq
     pad_fix = x.dtype == torch.int8 and a_zp != 0 and bool(ph or pw)
     sa = add.stride() if add is not None else (0, 0, 0, 0)
     tiles_h, tiles_w = triton.cdiv(ho, bh), triton.cdiv(wo, bw)
-    grid = (triton.cdiv(nbatch, bi) * tiles_h * tiles_w * triton.cdiv(cout, bn),)
-    _qconv_tma4d_kernel[grid](
-        a_desc, b_desc, out,
-        a_scale if a_scale is not None else dummy, w_scale, corr if corr is not None else dummy,
-        bias if bias is not None else dummy, add if add is not None else out, pad_corr if pad_fix else dummy,
-        nbatch, h, wd, ho, wo, cout, ck, ncb, kh * kw * ncb, tiles_h, tiles_w, ph, pw,
-        out.stride(0), out.stride(2), out.stride(3), out.stride(1),
-        sa[0], sa[2], sa[3], sa[1],
-        KH=kh, KW=kw, A_INT=x.dtype == torch.int8, BITCAST_FP8=bitcast, PAD_FIX=pad_fix,
-        HAS_ASCALE=a_scale is not None, HAS_CORR=corr is not None, HAS_BIAS=bias is not None, HAS_ADD=add is not None,
-        BI=bi, BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    tiles = triton.cdiv(nbatch, bi) * tiles_h * tiles_w * triton.cdiv(cout, bn)
+    args = (a_desc, b_desc, out,
+            a_scale if a_scale is not None else dummy, w_scale, corr if corr is not None else dummy,
+            bias if bias is not None else dummy, add if add is not None else out, pad_corr if pad_fix else dummy,
+            nbatch, h, wd, ho, wo, cout, ck, ncb, kh * kw * ncb, tiles_h, tiles_w, ph, pw)
+    strides = (out.stride(0), out.stride(2), out.stride(3), out.stride(1), sa[0], sa[2], sa[3], sa[1])
+    flags = dict(KH=kh, KW=kw, A_INT=x.dtype == torch.int8, BITCAST_FP8=bitcast, PAD_FIX=pad_fix,
+                 HAS_ASCALE=a_scale is not None, HAS_CORR=corr is not None, HAS_BIAS=bias is not None,
+                 HAS_ADD=add is not None, BI=bi, BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if persistent:
+        progs = max(1, min(tiles, persistent_programs(x.device)))
+        _qconv_tma4d_persistent_kernel[(progs,)](*args, progs, *strides, **flags, FLATTEN=not _interpreting())
+    else:
+        _qconv_tma4d_kernel[(tiles,)](*args, *strides, **flags)
     return out
+
+
+def persistent_programs(device: torch.device) -> int:
+    """Programs of the persistent conv kernel: one per SM (a small fixed count in the interpreter, so that its tests
+    walk several tiles per program)."""
+    if _interpreting() or device.type != "cuda":
+        return 3
+    from diffquant.kernels.triton_conv import _num_sms
+
+    return _num_sms(device)

@@ -17,7 +17,8 @@ list fall back to the heuristic. Format::
 
 A config may also name its kernel: ``"path": "tma"`` (the TMA kernel over a padded copy of the input, in
 :mod:`.triton_conv_tma`, for the stride-1 8-bit shapes), ``"tma4d"`` (the TMA kernel with 4-D boxes over the
-unpadded input) or ``"gather"`` (the default). The tuner times the candidates of every kernel that can run a shape
+unpadded input), ``"tma4dp"`` (the same, persistent: one program per SM walks the tiles) or ``"gather"`` (the
+default). The tuner times the candidates of every kernel that can run a shape
 and the table records the fastest.
 
 This module does not import Triton: the table logic is usable (and tested) on any machine.
@@ -35,7 +36,7 @@ import torch
 
 FORMAT = "diffquant-qconv-tuned/1"
 CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
-PATHS = ("gather", "tma", "tma4d")  # the optional "path" field of a config: which conv kernel runs the shape
+PATHS = ("gather", "tma", "tma4d", "tma4dp")  # the optional "path" field of a config: which conv kernel runs the shape
 
 # 8-bit activations: the candidates tried per shape (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 CANDIDATES_8BIT: tuple[tuple[int, ...], ...] = (
