@@ -25,6 +25,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-tma", action="store_true", help="time the gather kernel's candidates only")
     ap.add_argument("--skip-paths", default="", help="comma list of TMA kernels not to try (tma, tma4d, tma4dp)")
+    ap.add_argument("--untuned-only", action="store_true",
+                    help="time only the shapes that no active tuned table (shipped or DIFFQUANT_QCONV_TUNED) lists")
     ap.add_argument("--print-rows", metavar="ROWS_JSON", help="print the summary of a --rows file and exit (no GPU)")
     args = ap.parse_args()
     from diffquant.kernels.tune_models import format_rows, tune_models
@@ -38,6 +40,7 @@ def main() -> None:
     try:
         tune_models(args.tasks, args.out, args.rows, args.budget_s, args.reps, tma=not args.no_tma,
                     skip_paths=[p for p in args.skip_paths.split(",") if p], command=shlex.join(["python", *sys.argv]),
+                    untuned_only=args.untuned_only,
                     progress=lambda s: print(s, flush=True))
     except (ValueError, RuntimeError) as e:
         raise SystemExit(str(e))

@@ -522,6 +522,11 @@ def test_tuning_lookup_nearest_borrows_the_same_layer_at_the_nearest_size():
         for miss in (key(1, 640, 64), key(1, 320, 64, act="int8"), key(1, 320, 64, o=1280)):
             assert tuning.lookup_nearest(miss, "GPU-A") is None
         assert tuning.lookup_nearest(key(1, 320, 64), "GPU-B") is None
+        # --untuned-only: the recorded calls whose exact shape has no entry on this GPU (all of them on another GPU)
+        calls = [(key(8, 320, 64), (), {}), (key(1, 320, 64), (), {}), (key(8, 320, 32), (), {}),
+                 (key(1, 320, 64), (), {})]
+        assert [c[0] for c in tuning.untuned_calls(calls, "GPU-A")] == [key(1, 320, 64)] * 2
+        assert tuning.untuned_calls(calls, "GPU-B") == calls
     finally:
         tuning.use_table(None)
 

@@ -5,27 +5,22 @@
 #   carry: .whl (diffusers wheel; .whl/torchao-gpu for the torchao rows)
 #   run:   ROWS=model:batch:variant,... bash scripts/gpu/issue7_rows.sh
 #   env:   TOTAL_S (560), ROW_TIMEOUT_S (420), START_S (last row start, default TOTAL_S - 150),
-#          TUNE_TASKS (model:batch:variant,...; empty: no tuning, every GPU benches), TUNE_S (200),
+#          TUNE_TASKS (model:batch:variant,...; empty: no tuning, every GPU benches), TUNE_S (200), TUNE_ARGS (more
+#          tune_qconv.py options, e.g. --untuned-only or --skip-paths tma),
 #          DIFFQUANT_PROFILE_TOP (kernels listed per row's profile, default here 40)
-#   suggested calls for the next session (nvidia-h200-x4; written at the end of session 8, 2026-11-28):
-#   1. GPU tests of the session-8 code (fused up blocks, stacked Q/K/V), then the rows that say what they are worth
-#      (GPU 3 tunes the INT8 shapes meanwhile):
-#        TESTS_K="group_norm or fused_resnet or fuse_qkv" bash scripts/gpu/norms.sh   with
-#        ROWS=ddpm-cifar10-32:256:bf16-compile,ddpm-cifar10-32:256:dq-fp8-gn,ddpm-cifar10-32:256:dq-fp8-gn-qkv,sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8-gn,sd15-unet:8:dq-fp8-gn-qkv
-#      (an A/B of the up-block / output-norm changes: the same dq-fp8-gn rows with DIFFQUANT_FUSE_UP=0 in a later call)
-#      and GN_ARGS=--sweep (it now times the one-launch norm kernel, "whole", on images up to 32x32); if it wins,
-#      rows with DIFFQUANT_GN_WHOLE_MAX_HW=256 (or the size the sweep says) and then make it the default
-#   2. Inductor freezing, and the nearest tuned conv config for untuned batches:
-#        DIFFQUANT_BENCH_FREEZE=1 ROWS=ddpm-cifar10-32:256:bf16-compile,ddpm-cifar10-32:256:dq-fp8-gn-qkv,sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8-gn-qkv bash scripts/gpu/issue7_rows.sh
-#        DIFFQUANT_QCONV_BORROW=1 ROWS=ddpm-cifar10-32:1:bf16-compile,ddpm-cifar10-32:1:dq-fp8-gn,ddpm-cifar10-32:64:bf16-compile,ddpm-cifar10-32:64:dq-fp8-gn,sd15-unet:1:bf16-compile,sd15-unet:1:dq-fp8-gn bash scripts/gpu/issue7_rows.sh
-#   3. INT8 tuning: TUNE_TASKS=ddpm-cifar10-32:256:dq-int8,sd15-unet:8:dq-int8 TUNE_S=240 ROWS=... (merge the
-#      result with diffquant tune-kernels --merge-from OUT/qconv_tuned.json --merge-into
-#      src/diffquant/kernels/tuned/nvidia-h200.json).
-#   4. Tables for the small batches (0.51-0.87x of bf16 there, untuned): TUNE_TASKS=sd15-unet:1:dq-fp8,
-#      ddpm-cifar10-32:64:dq-fp8,ddpm-cifar10-32:1:dq-fp8, merged the same way.
-#   The torchao rows gave no result within 300 s in every call so far (torchao 0.16, which skipped its C++ extensions
-#   on torch 2.11) and each held a GPU for the whole timeout; .whl/torchao-gpu now carries 0.17.0 (built for torch
-#   >= 2.11). Try one (sd15-unet:8:torchao-fp8) on its own GPU first; a timeout now names the phase it reached.
+#   suggested calls for the next session (nvidia-h200-x4; written at the end of session 9, 2026-11-28):
+#   1. SD-1.5 b8 against torchao in the same run (the torchao rows now compile with Inductor's defaults; CIFAR's took
+#      29-40 s), while GPU 3 re-tunes the CIFAR b256 FP8 shapes with the persistent 4-D TMA kernel (path tma4dp,
+#      never run on a GPU: its GPU test first, TESTS_K in norms.sh or pytest -m gpu -k "tma_path" by hand):
+#        TUNE_TASKS=ddpm-cifar10-32:256:dq-fp8 TUNE_S=380 ROWS=sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8-gn-qkv,sd15-unet:8:torchao-fp8,sd15-unet:8:torchao-int8dyn bash scripts/gpu/issue7_rows.sh
+#      merge: diffquant tune-kernels --merge-from OUT/qconv_tuned.json --merge-into src/diffquant/kernels/tuned/nvidia-h200.json
+#   2. the same for SD b8 FP8 (TUNE_TASKS=sd15-unet:8:dq-fp8) with ROWS=ddpm-cifar10-32:256:bf16-compile,
+#      ddpm-cifar10-32:256:dq-fp8-gn-qkv (what the call-1 table is worth), and the 17 INT8 CIFAR shapes the last
+#      tuning had no time for (TUNE_TASKS=ddpm-cifar10-32:256:dq-int8 TUNE_ARGS=--untuned-only).
+#   3. small batches (0.51-0.87x of bf16, untuned): DIFFQUANT_QCONV_BORROW=1 rows at ddpm-cifar10-32:1/64 and
+#      sd15-unet:1, then TUNE_TASKS=sd15-unet:1:dq-fp8,ddpm-cifar10-32:64:dq-fp8,ddpm-cifar10-32:1:dq-fp8.
+#   4. the bench's zoo:cifar10-ddpm rows (the issue names that model too; none measured yet) and dq-w4a8 at b256.
+#   Untimed switches: DIFFQUANT_FUSE_UP=0 (A/B of the fused up blocks), DIFFQUANT_BENCH_FREEZE=1.
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -41,7 +36,7 @@ if [ -n "${TUNE_TASKS:-}" ]; then
   [ "$N" -ge 2 ] || { echo "tuning next to the bench needs 2 or more GPUs; $N here"; exit 2; }
   TUNE_GPU=$(( N - 1 )); BENCH_GPUS=$(python3 -c "print(','.join(map(str, range($N - 1))))")
   say "GPU $TUNE_GPU: tune $TUNE_TASKS"
-  ( CUDA_VISIBLE_DEVICES=$TUNE_GPU timeout $(( ${TUNE_S:-200} + 60 )) python3 benchmarks/tune_qconv.py --tasks "$TUNE_TASKS" \
+  ( CUDA_VISIBLE_DEVICES=$TUNE_GPU timeout $(( ${TUNE_S:-200} + 60 )) python3 benchmarks/tune_qconv.py --tasks "$TUNE_TASKS" ${TUNE_ARGS:-} \
       --budget-s ${TUNE_S:-200} --out $OUT/qconv_tuned.json --rows $OUT/qconv_tune_rows.json > $OUT/tune.log 2>&1
     echo "tune rc=$?" >> $OUT/tune.log ) &
   TP=$!

@@ -32,9 +32,10 @@ def parse_tasks(tasks: str) -> list[tuple[str, int, str]]:
 
 
 def tune_models(tasks: str, out: str, rows_path: Optional[str] = None, budget_s: float = float("inf"), reps: int = 10,
-                tma: bool = True, skip_paths: Sequence[str] = (), command: str = "",
+                tma: bool = True, skip_paths: Sequence[str] = (), command: str = "", untuned_only: bool = False,
                 progress: Callable[[str], None] = print) -> dict:
-    """Tune on every task of ``tasks`` (see :func:`parse_tasks`); returns the table (also written to ``out``)."""
+    """Tune on every task of ``tasks`` (see :func:`parse_tasks`); returns the table (also written to ``out``).
+    ``untuned_only``: time only the shapes that no active tuned table lists for this GPU."""
     specs = parse_tasks(tasks)
     if not torch.cuda.is_available():
         raise RuntimeError("tuning the conv kernels needs a CUDA GPU (they are Triton GPU kernels); none is visible")
@@ -76,6 +77,9 @@ def tune_models(tasks: str, out: str, rows_path: Optional[str] = None, budget_s:
         counts: dict = {}  # time share of the shapes in the model: calls per key
         for k, _, _ in calls:
             counts[k] = counts.get(k, 0) + 1
+        if untuned_only:  # the shapes some active table already lists keep their entries and are not timed
+            calls = tuning.untuned_calls(calls, table["device"])
+            progress(f"{spec}: --untuned-only: {len({k for k, _, _ in calls})} shapes without a table entry")
 
         def on_shape(configs, rows, spec=spec, counts=counts):
             for r in rows:

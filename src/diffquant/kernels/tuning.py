@@ -202,6 +202,13 @@ def lookup(key: str, device_name: str) -> Optional[dict]:
     return None
 
 
+def untuned_calls(calls: list, device_name: str) -> list:
+    """The recorded calls (``(key, args, kwargs)``) whose shape no active table lists for ``device_name``: what a
+    tuning run with ``--untuned-only`` times (a run cut short by its budget is continued without re-timing the
+    shapes it tuned)."""
+    return [c for c in calls if lookup(c[0], device_name) is None]
+
+
 def lookup_nearest(key: str, device_name: str) -> Optional[dict]:
     """For a shape without an entry: the config tuned on ``device_name`` for the same layer (activation kind,
     channels, kernel, stride, padding, dilation, output, residual) at the batch x spatial size nearest to this one's
