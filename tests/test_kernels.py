@@ -1020,6 +1020,102 @@ def test_fuse_qkv_stacks_attention_projections():
         stack_linears([attn.to_q, attn.to_k, attn.to_v], "x")
 
 
+def test_fuse_ff_runs_geglu_in_one_op():
+    """convert(fuse_ff=True) on a text-to-image UNet (FP8): each GEGLU feed-forward runs its projection, GELU gate
+    and net[2]'s input quantization as diffquant::linear_geglu, which hands net[2] e4m3 codes; the model computes what
+    the unfused one does up to the rounding of the projection, compiles as one graph, and training mode runs the
+    original layers; an int8 model is left alone with the reason."""
+    from torch._dynamo.utils import counters
+
+    from diffquant.kernels import ops
+    from diffquant.kernels.fused_ff import FusedGEGLUFeedForward, fuse_feed_forward
+
+    _, q, inputs = _calibrated("fp8", model=tiny_sd_unet())
+    plain = convert(q, "fp8", attention="float")
+    cm = convert(q, "fp8", attention="float", fuse_ff=True)
+    ffs = [m for m in cm.modules() if isinstance(m, FusedGEGLUFeedForward)]
+    n_ff = sum(type(m).__name__ == "FeedForward" for m in plain.modules())
+    assert n_ff >= 2 and len(ffs) == n_ff
+    assert f"{n_ff} GEGLU feed-forward blocks" in cm._diffquant_convert_report.feed_forward
+    seen = []  # the op's output: e4m3, handed to net[2] as it is
+    h = ffs[0].net[2].register_forward_pre_hook(lambda mod, a, kw: seen.append((a[0].dtype, kw.get("out_dtype"))),
+                                                with_kwargs=True)
+    with torch.no_grad():
+        want = call_model(plain, *inputs)
+        got = call_model(cm, *inputs)
+    h.remove()
+    assert seen == [(torch.float8_e4m3fn, torch.float32)]
+    rel = float((got - want).abs().max() / want.abs().max())
+    assert rel < 1e-3, rel  # 0.0 on this CPU: the same e4m3 codes reach net[2]
+    # the feed-forward alone: the unfused projection (fp32) -> GEGLU -> quantize; the op rounds once from float64
+    ff_plain = plain.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.ff")
+    ff = cm.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.ff")
+    x = torch.randn(2, 5, ff_plain.net[0].proj.in_channels)
+    with torch.no_grad():
+        a, b = ff_plain(x), ff(x)
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-3
+    with torch.no_grad():
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = call_model(torch.compile(cm), *inputs)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch.testing.assert_close(compiled, got, rtol=1e-4, atol=1e-4 * float(got.abs().max()))
+    ff.train()
+    with torch.no_grad():
+        torch.testing.assert_close(ff(x), ff_plain(x))  # the original layers, one by one
+    ff.eval()
+    _, q8, _ = _calibrated("int8", model=tiny_sd_unet())
+    c8 = convert(q8, "int8", attention="float")
+    fused, left = fuse_feed_forward(c8)
+    assert not fused and left and all("static FP8 input scale" in why for why in left.values())
+    w8 = ff.net[0].proj.parts[0].w.view(-1, x.shape[-1])
+    with pytest.raises(ValueError, match="e4m3 input"):
+        ops.linear_geglu(x[0], w8, torch.ones(1), torch.ones(1), None, None, torch.float32)
+    xq = x[0].to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="out_scale"):
+        ops.linear_geglu(xq, w8, torch.ones(w8.shape[0]), torch.ones(1), None, None, torch.float8_e4m3fn)
+    torch.library.opcheck(torch.ops.diffquant.linear_geglu.default,
+                          (xq, w8, torch.rand(w8.shape[0]) * 0.01, torch.tensor([0.02]), torch.randn(w8.shape[0]),
+                           torch.tensor([0.05]), torch.float8_e4m3fn),
+                          test_utils=("test_faketensor", "test_aot_dispatch_static"))  # schema test: no e4m3 mul on CPU
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("m,k,i", [(4099, 320, 1280), (77, 640, 2560), (1000, 48, 40)])
+def test_gpu_linear_geglu_matches_reference(m, k, i):
+    """diffquant::linear_geglu's Triton kernel on the GPU against the float64 reference: SD-1.5 widths with a row
+    tail, a short sequence, odd small sizes; poisoned output; e4m3 output (codes may cross a rounding edge: Hopper's
+    FP8 MMA accumulates differently) and bf16 output."""
+    from diffquant.kernels import ops
+    from diffquant.kernels import triton_geglu as tg
+    from diffquant.kernels.reference import linear_geglu_reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, k, device="cuda", generator=g)
+    a_s = x.abs().amax().reshape(1) / 448
+    xq = (x / a_s).to(torch.float8_e4m3fn)
+    w = torch.randn(2 * i, k, device="cuda", generator=g) * 0.05
+    ws = w.abs().amax(1) / 448
+    wq = (w / ws[:, None]).to(torch.float8_e4m3fn)
+    b = torch.randn(2 * i, device="cuda", generator=g)
+    so = torch.tensor([0.01], device="cuda")
+    orig = tg.new_out
+    try:
+        tg.new_out = lambda *a: orig(*a).view(torch.uint8).fill_(0x7F).view(a[2]) if a[2] == torch.float8_e4m3fn \
+            else orig(*a).fill_(float("nan"))
+        got8 = ops.linear_geglu(xq, wq, ws, a_s, b, so, torch.float8_e4m3fn).float()
+        gotb = ops.linear_geglu(xq, wq, ws, a_s, b, None, torch.bfloat16).float()
+    finally:
+        tg.new_out = orig
+    want8 = linear_geglu_reference(xq, wq, ws, a_s, b, so, torch.float8_e4m3fn).float()
+    wantb = linear_geglu_reference(xq, wq, ws, a_s, b, None, torch.float32)
+    assert torch.isfinite(got8).all() and torch.isfinite(gotb).all()
+    assert float((got8 != want8).float().mean()) < 2e-2
+    assert float((got8 - want8).norm() / want8.norm()) < 2e-2
+    assert float((gotb - wantb).norm() / wantb.norm()) < 1e-2
+
+
 def test_attention_input_norm_runs_into_stacked_qkv(monkeypatch):
     """convert(fuse_norms=True, fuse_qkv=True) on a UNet2DModel: each attention block's input group norm runs as
     diffquant::group_norm_act writing to_qkv's quantized input (e4m3 / int8 codes), the model computes what it

@@ -114,6 +114,61 @@ def test_interpreter_tma4d_persistent_path_matches_reference():
         assert finite and rel < 1e-5, (case, rel)
 
 
+GEGLU_SCRIPT = r'''
+import json, sys
+sys.path.insert(0, {src!r})
+import torch
+import diffquant.kernels.triton_geglu as tg
+from diffquant.kernels.reference import linear_geglu_reference
+_new = tg.new_out
+def poisoned(m, i, dtype, device):  # an element the kernel does not write stays NaN
+    o = _new(m, i, dtype, device)
+    if dtype == torch.float8_e4m3fn:
+        o.view(torch.uint8).fill_(0x7F)
+    else:
+        o.fill_(float("nan"))
+    return o
+tg.new_out = poisoned
+g = torch.Generator().manual_seed(0)
+res = []
+small = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2)
+# M, K, I tails against the tiles; bias or not; e4m3 output with one or I scales, or bf16
+for m, k, i, bias, oq, cfg in [(37, 48, 40, True, "fp8", small), (70, 32, 24, False, "bf16", dict(small, BLOCK_M=32)),
+                               (33, 64, 48, True, "fp8_ch", None)]:
+    x = torch.randn(m, k, generator=g)
+    a_s = x.abs().amax().reshape(1) / 448
+    xq = (x / a_s).to(torch.float8_e4m3fn)
+    w = torch.randn(2 * i, k, generator=g) * 0.1
+    ws = w.abs().amax(1) / 448
+    wq = (w / ws[:, None]).to(torch.float8_e4m3fn)
+    b = torch.randn(2 * i, generator=g) if bias else None
+    dt = torch.bfloat16 if oq == "bf16" else torch.float8_e4m3fn
+    so = None if oq == "bf16" else (torch.rand(i, generator=g) * 0.01 + 0.002 if oq == "fp8_ch" else torch.tensor([0.005]))
+    want = linear_geglu_reference(xq, wq, ws, a_s, b, so, dt).float()
+    got = tg.linear_geglu_triton(xq, wq, ws, a_s, b, so, dt, config=cfg).float()
+    if dt == torch.float8_e4m3fn:  # codes that differ (accumulation order may cross a rounding edge)
+        res.append([bool(torch.isfinite(got).all()), float((got != want).float().mean()), "codes"])
+    else:
+        res.append([bool(torch.isfinite(got).all()), float((got - want).abs().max() / want.abs().max()), "bf16"])
+print("RESULT" + json.dumps(res))
+'''
+
+
+def test_interpreter_linear_geglu_kernel_matches_reference():
+    """diffquant::linear_geglu's kernel (two accumulators over the same A tiles, GEGLU and e4m3 quantization in the
+    epilogue): row, column and K tails, with and without bias, one or per-channel output scales, bf16 output;
+    poisoned output buffers."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, "-c", GEGLU_SCRIPT.format(src=str(ROOT / "src"))], env=env,
+                       capture_output=True, text=True, timeout=600)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
+    assert p.returncode == 0 and line, p.stderr[-3000:]
+    res = json.loads(line[0][len("RESULT"):])
+    assert len(res) == 3
+    for finite, err, kind in res:
+        assert finite and err < {"codes": 5e-3, "bf16": 1e-2}[kind], (kind, err)
+
+
 ATTN_SCRIPT = r'''
 import json, sys
 sys.path.insert(0, {src!r})
@@ -406,8 +461,8 @@ def test_group_norm_kernels_compile_for_hopper():
 
 def test_attention_and_conv_kernels_compile_for_hopper():
     """The FP8 attention kernel (V handed over keys-contiguous; head dims 40 and 160 padded to 64 and 256; e4m3 or
-    bf16 output) and the four conv kernels (gather, TMA over a padded copy, 4-D TMA and its persistent form; FP8, and
-    int8 with a zero point and the padding fix-up) compile for sm_90 without a GPU."""
+    bf16 output), the four conv kernels (gather, TMA over a padded copy, 4-D TMA and its persistent form; FP8, and
+    int8 with a zero point and the padding fix-up) and the GEGLU GEMM compile for sm_90 without a GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -471,4 +526,18 @@ def test_attention_and_conv_kernels_compile_for_hopper():
                             warps=8, stages=4).asm.get("cubin"))
         built += bool(build(tt._qconv_tma_kernel, dict(common, BLOCK_M=128),
                             lambda n, f=tma_type: f(n, a_box="128, 64"), warps=8, stages=4).asm.get("cubin"))
-    assert built == 10
+    from diffquant.kernels import triton_geglu as tg
+
+    def geglu_type(n):
+        if n == "a_desc":
+            return "tensordesc<fp8e4nv[128, 128]>"
+        if n == "w_desc":
+            return "tensordesc<fp8e4nv[128, 128]>"
+        if n == "out_ptr":
+            return "*u8"
+        return "*fp32" if n.endswith("_ptr") else "i32"
+
+    built += bool(build(tg._linear_geglu_kernel, dict(HAS_BIAS=True, QUANT=True, OSCALE_PER_CH=False, BITCAST_FP8=False,
+                                                       EMULATE=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128,
+                                                       GROUP_M=8), geglu_type, warps=8, stages=3).asm.get("cubin"))
+    assert built == 11

@@ -58,6 +58,7 @@ class ConvertReport:
     attention: str = ""
     norms: str = ""
     projections: str = ""
+    feed_forward: str = ""
 
     def summary(self) -> str:
         lines = [f"convert(backend={self.backend!r}): {len(self.converted)} layers converted, {len(self.kept)} kept"]
@@ -69,11 +70,14 @@ class ConvertReport:
             lines.append(f"  norms: {self.norms}")
         if self.projections:
             lines.append(f"  projections: {self.projections}")
+        if self.feed_forward:
+            lines.append(f"  feed-forward: {self.feed_forward}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "converted": dict(self.converted), "kept": dict(self.kept),
-                "attention": self.attention, "norms": self.norms, "projections": self.projections}
+                "attention": self.attention, "norms": self.norms, "projections": self.projections,
+                "feed_forward": self.feed_forward}
 
 
 class UnsupportedLayer(ValueError):
@@ -229,6 +233,7 @@ def convert(
     min_channels: int = 0,
     fuse_norms: bool = False,
     fuse_qkv: bool = False,
+    fuse_ff: bool = False,
     inplace: bool = False,
     device=None,
 ) -> nn.Module:
@@ -247,7 +252,10 @@ def convert(
     two pieces (:mod:`diffquant.kernels.fused_blocks`). ``fuse_qkv``: each float-attention block's Q/K/V projections
     (K/V in cross-attention) become one stacked low-bit GEMM on a once-quantized input, run by diffusers'
     ``FusedAttnProcessor2_0`` (:mod:`diffquant.kernels.fused_attention`); with ``fuse_norms`` too, an attention
-    block's input group norm (UNet2DModel's) runs as ``diffquant::group_norm_act`` writing ``to_qkv``'s input."""
+    block's input group norm (UNet2DModel's) runs as ``diffquant::group_norm_act`` writing ``to_qkv``'s input.
+    ``fuse_ff``: each GEGLU feed-forward whose two Linears have static FP8 input scales runs its projection, GELU gate
+    and the second Linear's input quantization as one op, ``diffquant::linear_geglu``
+    (:mod:`diffquant.kernels.fused_ff`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; allowed: {', '.join(BACKENDS)}")
     if unsupported not in UNSUPPORTED:
@@ -319,6 +327,12 @@ def convert(
             if normed:
                 report.projections += (f"; {len(normed)} of them run their input group norm as "
                                        f"diffquant::group_norm_act into to_qkv")
+    if fuse_ff:
+        from diffquant.kernels.fused_ff import fuse_feed_forward
+
+        ffs, left = fuse_feed_forward(model)
+        report.feed_forward = (f"{len(ffs)} GEGLU feed-forward blocks run as diffquant::linear_geglu (fuse_ff=True)"
+                               + "".join(f"; {n} left alone: {why}" for n, why in left.items()))
     model._diffquant_convert_report = report  # type: ignore[attr-defined]
     model._diffquant_backend = backend  # type: ignore[attr-defined]
     log.info(report.summary())

@@ -36,7 +36,7 @@ SD15_UNET = dict(
 MODELS = ("sd15-unet", "ddpm-cifar10-32", "zoo:cifar10-ddpm")
 VARIANTS = ("bf16-eager", "bf16-compile", "torchao-int8dyn", "torchao-fp8", "dq-int8", "dq-fp8", "dq-w4a8", "dq-w4a16",
             "dq-fp8-fp8attn", "dq-fp8-dyntoken", "dq-fp8-gn", "dq-int8-gn", "bf16-compile-gn", "dq-fp8-gn-qkv",
-            "dq-int8-gn-qkv")
+            "dq-int8-gn-qkv", "dq-fp8-gn-qkv-ff")
 
 
 def build_model(name: str) -> nn.Module:
@@ -107,7 +107,9 @@ def _quantized(model: nn.Module, backend: str, calib_inputs: tuple) -> nn.Module
     from diffquant.models.adapter import call_model
     from diffquant.quantize import calibrate, quantize
 
-    attention, dynamic, fuse_norms, fuse_qkv = "float", False, False, False
+    attention, dynamic, fuse_norms, fuse_qkv, fuse_ff = "float", False, False, False, False
+    if backend.endswith("-ff"):  # e.g. dq-fp8-gn-qkv-ff: GEGLU feed-forwards as diffquant::linear_geglu
+        backend, fuse_ff = backend[: -len("-ff")], True
     if backend.endswith("-qkv"):  # e.g. dq-fp8-gn-qkv: the attention blocks' Q/K/V as one stacked GEMM
         backend, fuse_qkv = backend[: -len("-qkv")], True
     if backend.endswith("-gn"):  # e.g. dq-fp8-gn: the ResNet blocks' norms + SiLU as diffquant::group_norm_act
@@ -120,7 +122,7 @@ def _quantized(model: nn.Module, backend: str, calib_inputs: tuple) -> nn.Module
     with torch.no_grad(), calibrate(q):
         call_model(q, *calib_inputs)
     cm = convert(q, backend, attention=attention, unsupported="float", inplace=True, fp8_dynamic=dynamic,
-                 min_channels=BENCH_MIN_CHANNELS, fuse_norms=fuse_norms, fuse_qkv=fuse_qkv)
+                 min_channels=BENCH_MIN_CHANNELS, fuse_norms=fuse_norms, fuse_qkv=fuse_qkv, fuse_ff=fuse_ff)
     return cm
 
 

@@ -14,7 +14,8 @@ import torch
 
 from diffquant.kernels.reference import (attention_out_like, conv_out_hw, fp8_attention_fp8_reference,
                                        fp8_attention_quantize, group_norm_act_dual_reference,
-                                       group_norm_act_reference, out_like, qconv_reference)
+                                       group_norm_act_reference, linear_geglu_reference, out_like,
+                                       qconv_reference)
 
 _TRITON = None
 
@@ -221,3 +222,36 @@ def _group_norm_act_dual_fake(x, x2, weight, bias, num_groups, eps, silu, out_sc
                               qoffset, raw_scale, raw_dtype, raw_zp, rqmin, rqmax, rqoffset):
     c = x.shape[1] + (x2.shape[1] if x2 is not None else 0)
     return out_like(x, c, x.shape[2], x.shape[3], out_dtype), out_like(x, c, x.shape[2], x.shape[3], raw_dtype)
+
+
+@torch.library.custom_op("diffquant::linear_geglu", mutates_args=())
+def linear_geglu(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
+                 bias: Optional[torch.Tensor], out_scale: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """A feed-forward block's GEGLU in one pass: the FP8 GEMM of diffusers' ``GEGLU.proj`` (``xq`` [M, K] e4m3 of the
+    input / ``a_scale``; ``w`` [2I, K] e4m3 with per-row ``w_scale``; fp32 ``bias`` [2I] or None), ``h * gelu(g)`` of
+    its two halves, and the output quantized for the next Linear (e4m3 of ``/ out_scale``, [1] or [I], when
+    ``out_dtype`` is float8_e4m3fn): the [M, 2I] projection is never written. See
+    :func:`.reference.linear_geglu_reference`; the Triton kernel on CUDA, the reference elsewhere."""
+    fp8 = torch.float8_e4m3fn
+    if xq.dim() != 2 or w.dim() != 2 or xq.dtype != fp8 or w.dtype != fp8:
+        raise ValueError(f"linear_geglu needs 2-D e4m3 input and weight; got {xq.dtype} {tuple(xq.shape)}, "
+                         f"{w.dtype} {tuple(w.shape)}")
+    if xq.shape[1] != w.shape[1] or w.shape[0] % 2:
+        raise ValueError(f"linear_geglu: input {tuple(xq.shape)} and weight {tuple(w.shape)} (needs [2I, K], K the "
+                         f"input's)")
+    i = w.shape[0] // 2
+    if w_scale.numel() != 2 * i or a_scale.numel() != 1 or (bias is not None and bias.numel() != 2 * i):
+        raise ValueError(f"linear_geglu: w_scale needs {2 * i} values, a_scale 1, bias {2 * i} or None; got "
+                         f"{w_scale.numel()}, {a_scale.numel()}, {None if bias is None else bias.numel()}")
+    if out_dtype == fp8 and (out_scale is None or out_scale.numel() not in (1, i)):
+        raise ValueError(f"linear_geglu: an e4m3 output needs out_scale of 1 or {i} values")
+    if _use_triton(xq):
+        from diffquant.kernels.triton_geglu import linear_geglu_triton
+
+        return linear_geglu_triton(xq, w, w_scale, a_scale, bias, out_scale, out_dtype)
+    return linear_geglu_reference(xq, w, w_scale, a_scale, bias, out_scale, out_dtype)
+
+
+@linear_geglu.register_fake
+def _linear_geglu_fake(xq, w, w_scale, a_scale, bias, out_scale, out_dtype):
+    return xq.new_empty((xq.shape[0], w.shape[0] // 2), dtype=out_dtype)

@@ -275,3 +275,22 @@ def group_norm_act_dual_reference(x: torch.Tensor, x2: Optional[torch.Tensor], w
                                       qmin, qmax, qoffset)
     xc = x if x2 is None else torch.cat([x, x2], dim=1)
     return normed, _quantize_out(xc.float(), raw_scale, raw_dtype, raw_zp, rqmin, rqmax, rqoffset)
+
+
+def linear_geglu_reference(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
+                           bias: Optional[torch.Tensor], out_scale: Optional[torch.Tensor],
+                           out_dtype: torch.dtype) -> torch.Tensor:
+    """diffusers' GEGLU on a quantized Linear, and the next layer's input quantization: with
+    ``y = (xq @ w.T) * a_scale * w_scale + bias`` (xq [M, K] and w [2I, K] e4m3, accumulated in float64) split into
+    ``h, g = y[:, :I], y[:, I:]``, the result is ``h * gelu(g)`` (exact erf GELU, as diffusers' ``F.gelu``) as e4m3
+    values of ``/ out_scale`` ([1] or [I]) when ``out_dtype`` is float8_e4m3fn, else in ``out_dtype``."""
+    y = (xq.double() @ w.double().t()) * (a_scale.double().reshape(-1)[0] * w_scale.double().reshape(1, -1))
+    if bias is not None:
+        y = y + bias.double().reshape(1, -1)
+    i = w.shape[0] // 2
+    o = (y[:, :i] * torch.nn.functional.gelu(y[:, i:])).float()
+    if out_dtype == torch.float8_e4m3fn:
+        if out_scale is None:
+            raise ValueError("linear_geglu: an e4m3 output needs out_scale")
+        return quantize_act_fp8(o, out_scale.float().reshape(1, -1))
+    return o.to(out_dtype)

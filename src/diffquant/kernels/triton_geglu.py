@@ -1,0 +1,130 @@
+"""Triton FP8 GEMM with diffusers' GEGLU and the next layer's input quantization in its epilogue
+(``diffquant::linear_geglu``).
+
+Why: in a transformer block's feed-forward, ``GEGLU.proj`` writes a [tokens, 2I] bf16 projection that a separate
+kernel reads back to compute ``h * gelu(g)`` and quantize it for ``ff.net[2]``. At the SD-1.5 UNet's widths these
+GEMMs are bandwidth-bound: at 64x64 latents and batch 8 (32,768 tokens, 320 -> 2 x 1,280), the projection is 168 MB
+of bf16 written and read again for 54 GFLOP. In the H200 profile of the SD-1.5 b8 FP8 rows, the GEGLU-and-quantize
+kernels alone took 0.85 ms (BENCHMARKS.md, "Kernels, seventh measurement"). Here each program computes one tile of
+``h`` and the matching tile of ``g`` (two accumulators over the same A tiles, B tiles from rows ``n`` and ``I + n``
+of the weight) and writes only the e4m3 result: [tokens, I] bytes.
+
+Loads are TMA (tensor descriptors, the K stride must be a multiple of 16 bytes); the epilogue dequantizes with the
+activation scale and per-row weight scales, adds the bias, takes the exact (erf) GELU of the gate in fp32, and
+rounds once to e4m3. The result is :func:`.reference.linear_geglu_reference` up to accumulation order. Importing this
+module needs Triton; it runs under the CPU interpreter (``TRITON_INTERPRET=1``), which is how its tests check it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from diffquant.kernels._triton_common import grouped_tile
+from diffquant.kernels.triton_attention import _e4m3
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # older Triton: the kernel is unavailable
+    TensorDescriptor = None
+
+
+@triton.jit
+def _linear_geglu_kernel(a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M, I, K,
+                         som, soi, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, OSCALE_PER_CH: tl.constexpr,
+                         BITCAST_FP8: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = grouped_tile(M, I, BLOCK_M, BLOCK_N, GROUP_M)
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = a_desc.load([m0, k])
+        bh = w_desc.load([n0, k])
+        bg = w_desc.load([I + n0, k])
+        if BITCAST_FP8:  # the interpreter has no FP8 descriptors: FP8 travels as its bytes
+            a = a.to(tl.float8e4nv, bitcast=True)
+            bh = bh.to(tl.float8e4nv, bitcast=True)
+            bg = bg.to(tl.float8e4nv, bitcast=True)
+        acc_h = tl.dot(a, bh.T, acc_h)
+        acc_g = tl.dot(a, bg.T, acc_g)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I  # the h tile's rows past I are g rows of the weight: computed, never stored
+    s_a = tl.load(ascale_ptr)
+    h = acc_h * (s_a * tl.load(wscale_ptr + offs_n, mask=n_ok, other=0.0))[None, :]
+    g = acc_g * (s_a * tl.load(wscale_ptr + I + offs_n, mask=n_ok, other=0.0))[None, :]
+    if HAS_BIAS:
+        h += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        g += tl.load(bias_ptr + I + offs_n, mask=n_ok, other=0.0)[None, :]
+    y = h * (0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)))
+    mask = (offs_m < M)[:, None] & n_ok[None, :]
+    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * som + offs_n[None, :] * soi
+    if QUANT:
+        if OSCALE_PER_CH:
+            so = tl.load(oscale_ptr + offs_n, mask=n_ok, other=1.0)[None, :]
+        else:
+            so = tl.load(oscale_ptr)
+        y8 = _e4m3(tl.clamp(y / so, -448.0, 448.0), EMULATE)
+        tl.store(ptrs, y8.to(tl.uint8, bitcast=True), mask=mask)
+    else:
+        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def pick_geglu_config(m: int, i: int, k: int) -> dict:
+    """Block shape (not yet tuned on a GPU): 128 x 128 output tiles of h (and of g) with 128-deep K steps, 8 warps for
+    the two accumulators; 64 rows for small M."""
+    bm = 128 if m >= 128 else 64
+    bk = 128 if k >= 128 else max(16, triton.next_power_of_2(k))
+    return {"BLOCK_M": bm, "BLOCK_N": 128 if i >= 128 else max(16, triton.next_power_of_2(i)), "BLOCK_K": bk,
+            "num_warps": 8, "num_stages": 3}
+
+
+def new_out(m: int, i: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The output buffer (a function of its own, so that the tests can poison it)."""
+    return torch.empty((m, i), dtype=dtype, device=device)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def linear_geglu_triton(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
+                        bias: Optional[torch.Tensor], out_scale: Optional[torch.Tensor], out_dtype: torch.dtype,
+                        config: Optional[dict] = None) -> torch.Tensor:
+    """``diffquant::linear_geglu`` on the GPU (or the interpreter); arguments as there. ``config``: a block config
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) instead of :func:`pick_geglu_config`'s."""
+    if TensorDescriptor is None:
+        raise RuntimeError("linear_geglu's kernel needs a Triton with tensor descriptors (triton.tools.tensor_descriptor)")
+    m, k = xq.shape
+    i = w.shape[0] // 2
+    if k % 16:
+        raise ValueError(f"linear_geglu's kernel needs the input width to be a multiple of 16 (TMA rows); got {k}")
+    out = new_out(m, i, out_dtype, xq.device)
+    if m == 0 or i == 0:
+        return out
+    quant = out_dtype == torch.float8_e4m3fn
+    bitcast = _interpreting()
+    xv = xq.contiguous()
+    wv = w.contiguous()
+    if bitcast:
+        xv, wv = xv.view(torch.uint8), wv.view(torch.uint8)
+    cfg = dict(config or pick_geglu_config(m, i, k))
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    a_desc = TensorDescriptor(xv, [m, k], [k, 1], [bm, bk])
+    w_desc = TensorDescriptor(wv, [2 * i, k], [k, 1], [bn, bk])
+    ws = w_scale.float().reshape(-1).contiguous()
+    sa = a_scale.float().reshape(1).contiguous()
+    b = bias.float().reshape(-1).contiguous() if bias is not None else ws
+    so = out_scale.float().reshape(-1).contiguous() if quant else ws
+    out_arg = out.view(torch.uint8) if quant else out
+    grid = (triton.cdiv(m, bm) * triton.cdiv(i, bn),)
+    _linear_geglu_kernel[grid](a_desc, w_desc, out_arg, sa, ws, b, so, m, i, k, out.stride(0), out.stride(1),
+                               HAS_BIAS=bias is not None, QUANT=quant, OSCALE_PER_CH=quant and so.numel() > 1,
+                               BITCAST_FP8=bitcast, EMULATE=bitcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
