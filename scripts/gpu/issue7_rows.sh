@@ -9,9 +9,12 @@
 #          tune_qconv.py options, e.g. --untuned-only or --skip-paths tma),
 #          DIFFQUANT_PROFILE_TOP (kernels listed per row's profile, default here 40)
 #   suggested calls for the next session (nvidia-h200-x4; written at the end of session 9, 2026-11-28):
+#   0. bash scripts/gpu/fused_ff.sh: the GPU tests of session 9's untimed kernels (diffquant::linear_geglu, the
+#      persistent conv kernel tma4dp), the GEGLU op alone (bench_geglu.py) and SD-1.5 b8 rows with and without
+#      convert(fuse_ff=True) (variant dq-fp8-gn-qkv-ff).
 #   1. SD-1.5 b8 against torchao in the same run (the torchao rows now compile with Inductor's defaults; CIFAR's took
-#      29-40 s), while GPU 3 re-tunes the CIFAR b256 FP8 shapes with the persistent 4-D TMA kernel (path tma4dp,
-#      never run on a GPU: its GPU test first, TESTS_K in norms.sh or pytest -m gpu -k "tma_path" by hand):
+#      29-40 s), while GPU 3 re-tunes the CIFAR b256 FP8 shapes with the persistent 4-D TMA kernel as a candidate
+#      (path tma4dp; if call 0's -ff row wins, use dq-fp8-gn-qkv-ff in the rows):
 #        TUNE_TASKS=ddpm-cifar10-32:256:dq-fp8 TUNE_S=380 ROWS=sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8-gn-qkv,sd15-unet:8:torchao-fp8,sd15-unet:8:torchao-int8dyn bash scripts/gpu/issue7_rows.sh
 #      merge: diffquant tune-kernels --merge-from OUT/qconv_tuned.json --merge-into src/diffquant/kernels/tuned/nvidia-h200.json
 #   2. the same for SD b8 FP8 (TUNE_TASKS=sd15-unet:8:dq-fp8) with ROWS=ddpm-cifar10-32:256:bf16-compile,
