@@ -222,8 +222,8 @@ def _qconv_tma4d_kernel(
 # The persistent form (path "tma4dp"): one program per SM walks the output tiles, and the tile loop is flattened
 # into the tap loop (``tl.range(..., flatten=True)``), so the loads of a tile's first taps are issued while the
 # previous tile's epilogue runs. The CIFAR UNet's 3x3 convs have 9 to 18 K steps per tile (128 to 256 channels), so
-# each program's prologue and epilogue weigh: the non-persistent kernel reached 540-650 TFLOPS there against cuDNN
-# bf16's 640-800 (tune rows, H200, 2026-11-28).
+# each program's prologue and epilogue weigh: tuned, the non-persistent kernel reached 645-1,114 TFLOPS on those of
+# 8x8 and up, of an FP8 peak near 1,979 (benchmarks/results/qconv_tune_rows_cifar_tma4d.json, H200, 2026-11-28).
 @triton.jit(do_not_specialize=["N", "H", "W", "Ho", "Wo", "NITER", "TILES_H", "TILES_W", "pad_h", "pad_w",
                                "NUM_PROGS"])
 def _qconv_tma4d_persistent_kernel(
