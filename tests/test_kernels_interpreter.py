@@ -4,6 +4,9 @@ Skipped where Triton is not installed (CI installs none); with Triton on a CPU m
 (``pip install triton``) they check the kernels' index arithmetic, masks, padding and epilogues without a GPU,
 including the experimental TMA path. Each case runs in a subprocess: the interpreter has to be switched on
 before the kernels are defined. Outputs are poisoned (NaN) so that an element the kernel does not write fails.
+Written against Triton 3.9's interpreter; the GPU machine's Triton 3.6 interpreter fails every case here with
+numpy 2 ("only 0-dimensional arrays can be converted to Python scalars", 2026-11-28), while the sm_90 compile tests
+pass with both 3.6 and 3.9.
 """
 from __future__ import annotations
 
