@@ -174,6 +174,50 @@ def test_scaled_mm_operand_layouts(monkeypatch):
     assert float((out - ref).norm() / ref.norm()) < 0.1
 
 
+def test_tensorwise_scaled_mm_matches_rowwise():
+    """set_fp8_gemm(model, "tensorwise"): the cuBLAS FP8 layers run torch._scaled_mm with one scale per operand (0-dim
+    tensors: the tensor-wise kernels) and apply the weight's per-channel scales and the bias to the output. Each
+    layer computes what the row-wise one does up to the bf16 rounding of the GEMM's output, and the whole model stays
+    as close to the fake-quant model as the row-wise one (the real _scaled_mm, here on the CPU)."""
+    from diffquant.kernels.modules import set_fp8_gemm
+
+    model, q, inputs = _calibrated("fp8", model=tiny_sd_unet())
+    cm = convert(q, "fp8", attention="float")
+    gemms = [m for m in cm.modules() if isinstance(m, LowBitLayer) and len(m.parts) == 1 and m._is_gemm()]
+    for m in gemms:
+        m.fp8_gemm = "scaled_mm"
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(7, m.in_channels, generator=g) if m.kind == "linear" else
+          torch.randn(2, m.in_channels, 3, 5, generator=g).contiguous(memory_format=torch.channels_last) for m in gemms]
+    with torch.no_grad():
+        want_layers = [m(x) for m, x in zip(gemms, xs)]
+        want, ref = call_model(cm, *inputs), call_model(q, *inputs)
+    scales = []
+    real = torch._scaled_mm
+
+    def spy(a, b, scale_a, scale_b, **kw):
+        scales.append((scale_a.dim(), scale_b.dim()))
+        return real(a, b, scale_a=scale_a, scale_b=scale_b, **kw)
+
+    n = set_fp8_gemm(cm, "tensorwise")
+    assert n == len(gemms) > 0 and all(m.fp8_gemm == "scaled_mm_tw" for m in gemms)
+    torch._scaled_mm = spy
+    try:
+        with torch.no_grad():
+            got_layers = [m(x) for m, x in zip(gemms, xs)]
+            got = call_model(cm, *inputs)
+    finally:
+        torch._scaled_mm = real
+    assert len(scales) >= 2 * n and set(scales) == {(0, 0)}
+    for m, a, b in zip(gemms, want_layers, got_layers):
+        assert float((a - b).norm() / a.norm()) < 1e-2, m.layer_name
+    base = float((want - ref).norm() / ref.norm())
+    assert float((got - ref).norm() / ref.norm()) <= 1.5 * base + 1e-2, base
+    assert set_fp8_gemm(cm, "rowwise") == n and all(m.fp8_gemm == "scaled_mm" for m in gemms)
+    with pytest.raises(ValueError, match="allowed"):
+        set_fp8_gemm(cm, "columnwise")
+
+
 def test_custom_op_opcheck():
     c = _rand_case("int8", cin=8, cout=8, h=4, w=4, a_zp=3)
     args = (c["x"], c["w"], c["w_scale"], c["a_scale"], c["corr"], c["wzp"], c["bias"], c["add"], c["a_zp"],

@@ -36,7 +36,7 @@ SD15_UNET = dict(
 MODELS = ("sd15-unet", "ddpm-cifar10-32", "zoo:cifar10-ddpm")
 VARIANTS = ("bf16-eager", "bf16-compile", "torchao-int8dyn", "torchao-fp8", "dq-int8", "dq-fp8", "dq-w4a8", "dq-w4a16",
             "dq-fp8-fp8attn", "dq-fp8-dyntoken", "dq-fp8-gn", "dq-int8-gn", "bf16-compile-gn", "dq-fp8-gn-qkv",
-            "dq-int8-gn-qkv", "dq-fp8-gn-qkv-ff")
+            "dq-int8-gn-qkv", "dq-fp8-gn-qkv-ff", "dq-fp8-gn-qkv-tw", "dq-fp8-gn-qkv-ff-tw")
 
 
 def build_model(name: str) -> nn.Module:
@@ -107,7 +107,9 @@ def _quantized(model: nn.Module, backend: str, calib_inputs: tuple) -> nn.Module
     from diffquant.models.adapter import call_model
     from diffquant.quantize import calibrate, quantize
 
-    attention, dynamic, fuse_norms, fuse_qkv, fuse_ff = "float", False, False, False, False
+    attention, dynamic, fuse_norms, fuse_qkv, fuse_ff, tensorwise = "float", False, False, False, False, False
+    if backend.endswith("-tw"):  # e.g. dq-fp8-gn-qkv-tw: cuBLAS FP8 GEMMs with tensor-wise scales
+        backend, tensorwise = backend[: -len("-tw")], True
     if backend.endswith("-ff"):  # e.g. dq-fp8-gn-qkv-ff: GEGLU feed-forwards as diffquant::linear_geglu
         backend, fuse_ff = backend[: -len("-ff")], True
     if backend.endswith("-qkv"):  # e.g. dq-fp8-gn-qkv: the attention blocks' Q/K/V as one stacked GEMM
@@ -123,6 +125,10 @@ def _quantized(model: nn.Module, backend: str, calib_inputs: tuple) -> nn.Module
         call_model(q, *calib_inputs)
     cm = convert(q, backend, attention=attention, unsupported="float", inplace=True, fp8_dynamic=dynamic,
                  min_channels=BENCH_MIN_CHANNELS, fuse_norms=fuse_norms, fuse_qkv=fuse_qkv, fuse_ff=fuse_ff)
+    if tensorwise:
+        from diffquant.kernels.modules import set_fp8_gemm
+
+        set_fp8_gemm(cm, "tensorwise")
     return cm
 
 

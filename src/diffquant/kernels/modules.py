@@ -73,7 +73,9 @@ class LowBitLayer(_KeepStorage, nn.Module):
         # activation quantization, per input channel (two values in a split layer)
         self.act = "none"  # "int" | "fp8" | "fp8_dynamic" | "fp8_token" | "none"
         self.qmin = self.qmax = self.offset = 0
-        self.fp8_gemm = "triton"  # "triton" | "scaled_mm" (FP8 single-part 1x1 / linear)
+        # "triton" | "scaled_mm" (FP8 single-part 1x1 / linear: cuBLAS with row-wise scales) | "scaled_mm_tw" (the
+        # same with tensor-wise scales, the per-channel weight scales applied to the output: set_fp8_gemm)
+        self.fp8_gemm = "triton"
 
     def set_act_int(self, inv_scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, offset: int) -> None:
         self.act, self.qmin, self.qmax, self.offset = "int", qmin, qmax, offset
@@ -147,7 +149,7 @@ class LowBitLayer(_KeepStorage, nn.Module):
             xq = xq.contiguous(memory_format=torch.channels_last)
         if residual is not None and self.kind == "linear":
             residual = residual.reshape(-1, self.out_channels)[:, :, None, None]
-        if self.fp8_gemm == "scaled_mm" and len(self.parts) == 1:
+        if self.fp8_gemm in ("scaled_mm", "scaled_mm_tw") and len(self.parts) == 1:
             y = self._scaled_mm(xq, dyn_scale, out_dtype)
             y = y if residual is None else y + residual
         elif self.act == "fp8_token":  # no per-row scale in diffquant::qconv: scale the rows of its output
@@ -212,6 +214,15 @@ class LowBitLayer(_KeepStorage, nn.Module):
         # p.w is [Cout, 1, 1, Cin] contiguous: as [Cout, Cin] row-major, its .t() is the column-major
         # second operand cuBLASLt wants (no copy)
         w2 = p.w.view(self.out_channels, c)
+        if self.fp8_gemm == "scaled_mm_tw" and self.act != "fp8_token":
+            # one scale per operand (cuBLAS's tensor-wise FP8 kernels); the weight's per-channel scales and the bias
+            # applied to the bf16 result in fp32 (under torch.compile, fused into the output's next elementwise kernel)
+            s_t = (dyn_scale if dyn_scale is not None else p.a_scale).reshape(()).float()
+            y = torch._scaled_mm(a2, w2.t(), scale_a=s_t, scale_b=s_t.new_ones(()), out_dtype=torch.bfloat16)
+            y = y.float() * p.w_scale.view(1, -1)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.to(out_dtype).reshape(nb, h, w, self.out_channels).permute(0, 3, 1, 2)
         fuse_bias = self.bias is not None and out_dtype == torch.bfloat16
         y = torch._scaled_mm(a2, w2.t(), scale_a=s_a, scale_b=p.w_scale.view(1, -1),
                              bias=self.bias.to(torch.bfloat16) if fuse_bias else None, out_dtype=torch.bfloat16)
@@ -219,6 +230,21 @@ class LowBitLayer(_KeepStorage, nn.Module):
         if self.bias is not None and not fuse_bias:
             y = y + self.bias.to(out_dtype)
         return y.reshape(nb, h, w, self.out_channels).permute(0, 3, 1, 2)
+
+
+def set_fp8_gemm(model: nn.Module, mode: str) -> int:
+    """Switch the converted model's cuBLAS FP8 GEMMs between row-wise scales (``"rowwise"``, what convert picks) and
+    tensor-wise scales (``"tensorwise"``: the weight's per-channel scales and the bias applied to the fp32 output, to
+    time whether cuBLAS's tensor-wise kernels are faster); per-token dynamic layers stay row-wise. Returns the number
+    of layers switched."""
+    if mode not in ("rowwise", "tensorwise"):
+        raise ValueError(f"mode={mode!r}; allowed: 'rowwise', 'tensorwise'")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, LowBitLayer) and m.fp8_gemm in ("scaled_mm", "scaled_mm_tw") and m.act != "fp8_token":
+            m.fp8_gemm = "scaled_mm" if mode == "rowwise" else "scaled_mm_tw"
+            n += 1
+    return n
 
 
 def _row_major(a: torch.Tensor) -> torch.Tensor:
