@@ -3,7 +3,8 @@
 #   1. their GPU tests (TESTS_K);
 #   2. benchmarks/bench_geglu.py: the fused op alone against _scaled_mm + Inductor's GEGLU on the SD-1.5 b8 shapes
 #      (on the last GPU, while 3. runs on the others);
-#   3. bench rows with and without the fused feed-forward (ROWS), one row per GPU at a time.
+#   3. bench rows with and without the fused feed-forward (-ff) and with cuBLAS's tensor-wise FP8 GEMMs (-tw), one row
+#      per GPU at a time (ROWS).
 # Everything to $OUT: pytest_gpu.log, geglu.json, kernels.json, bench.log.
 #   carry: .whl
 #   run:   bash scripts/gpu/fused_ff.sh   (env: TOTAL_S (560), ROW_TIMEOUT_S (300), ROWS, TESTS_K)
@@ -12,7 +13,7 @@ source scripts/gpu/_zoo_common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 TOTAL_S=${TOTAL_S:-560}
 ROW_TIMEOUT_S=${ROW_TIMEOUT_S:-300}
-ROWS=${ROWS:-sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8-gn-qkv,sd15-unet:8:dq-fp8-gn-qkv-ff}
+ROWS=${ROWS:-sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8-gn-qkv,sd15-unet:8:dq-fp8-gn-qkv-ff,sd15-unet:8:dq-fp8-gn-qkv-tw,sd15-unet:8:dq-fp8-gn-qkv-ff-tw}
 export DIFFQUANT_PROFILE_TOP=${DIFFQUANT_PROFILE_TOP:-40}
 kernel_job_env
 say "GPU tests"
