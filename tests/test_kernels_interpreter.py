@@ -22,6 +22,15 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def _run_script(code: str, env: dict, timeout: int = 600) -> list:
+    """Run ``code`` in a subprocess (the interpreter must be on before the kernels are defined) and return the JSON
+    list it prints after ``RESULT``."""
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
+    assert p.returncode == 0 and line, p.stderr[-3000:]
+    return json.loads(line[0][len("RESULT"):])
+
 SCRIPT = r'''
 import json, os, sys
 sys.path.insert(0, {tests!r}); sys.path.insert(0, {src!r})
@@ -81,10 +90,7 @@ def _run(cases, path: str = "gather"):
                             "from diffquant.kernels import tuning\n"
                             f"    with tuning.forced_config({cfg!r}):\n"
                             "        got = tk._call(qconv_triton, c, stride, pad)")
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
-    assert p.returncode == 0 and line, p.stderr[-3000:]
-    return json.loads(line[0][len("RESULT"):])
+    return _run_script(code, env)
 
 
 def test_interpreter_gather_kernel_matches_reference():
@@ -162,11 +168,7 @@ def test_interpreter_linear_geglu_kernel_matches_reference():
     epilogue): row, column and K tails, with and without bias, one or per-channel output scales, bf16 output;
     poisoned output buffers."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    p = subprocess.run([sys.executable, "-c", GEGLU_SCRIPT.format(src=str(ROOT / "src"))], env=env,
-                       capture_output=True, text=True, timeout=600)
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
-    assert p.returncode == 0 and line, p.stderr[-3000:]
-    res = json.loads(line[0][len("RESULT"):])
+    res = _run_script(GEGLU_SCRIPT.format(src=str(ROOT / "src")), env)
     assert len(res) == 3
     for finite, err, kind in res:
         assert finite and err < {"codes": 5e-3, "bf16": 1e-2}[kind], (kind, err)
@@ -214,11 +216,7 @@ def test_interpreter_fp8_attention_kernel_matches_reference():
     """The FP8 attention kernel's online softmax, masking of the key tail and padding of the head dimension
     (40 -> 64) against the reference; the interpreter emulates the e4m3 rounding (its own cast mis-rounds)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    p = subprocess.run([sys.executable, "-c", ATTN_SCRIPT.format(src=str(ROOT / "src"))], env=env,
-                       capture_output=True, text=True, timeout=600)
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
-    assert p.returncode == 0 and line, p.stderr[-3000:]
-    for finite, rel in json.loads(line[0][len("RESULT"):]):
+    for finite, rel in _run_script(ATTN_SCRIPT.format(src=str(ROOT / "src")), env):
         assert finite and rel < 1e-5, rel
 
 
@@ -297,11 +295,7 @@ def test_interpreter_every_tma_tuner_candidate_is_correct():
     image rows) on an odd SD-like shape (FP8) and an int8 one with a zero point."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("DIFFQUANT_QCONV_CONFIG", None)
-    p = subprocess.run([sys.executable, "-c", CANDIDATE_SCRIPT.format(tests=str(ROOT / "tests"), src=str(ROOT / "src"))],
-                       env=env, capture_output=True, text=True, timeout=900)
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
-    assert p.returncode == 0 and line, p.stderr[-3000:]
-    res = json.loads(line[0][len("RESULT"):])
+    res = _run_script(CANDIDATE_SCRIPT.format(tests=str(ROOT / "tests"), src=str(ROOT / "src")), env, timeout=900)
     assert len(res) >= 36
     for kind, cfg, rel in res:
         assert rel < 1e-5, (kind, cfg, rel)
@@ -407,11 +401,7 @@ def test_interpreter_group_norm_act_kernels_match_reference():
     input offset of 100 (no cancellation), one FP8 scale per channel (a split consumer), int8 output with a zero
     point (per tensor and per channel), against the reference; outputs poisoned."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    p = subprocess.run([sys.executable, "-c", GN_SCRIPT.format(src=str(ROOT / "src"))], env=env,
-                       capture_output=True, text=True, timeout=600)
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
-    assert p.returncode == 0 and line, p.stderr[-3000:]
-    res = json.loads(line[0][len("RESULT"):])
+    res = _run_script(GN_SCRIPT.format(src=str(ROOT / "src")), env)
     assert len(res) == 40 + 18
     for finite, err, kind in res:
         assert finite, kind

@@ -169,20 +169,17 @@ def qconv_tma(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seque
 # the 4-D TMA box [BI, BH, BW, BLOCK_K] of the NHWC input at (n0, oh0 + kh - pad_h, ow0 + kw - pad_w, c0): the
 # hardware fills coordinates outside the input (the padding) with zeros, so no copy and no pad-band rows. An int8
 # activation zero point is added back per padded tap in the epilogue (``pad_corr``), as in the gather kernel.
-@triton.jit(do_not_specialize=["N", "H", "W", "Ho", "Wo", "NITER", "TILES_H", "TILES_W", "pad_h", "pad_w"])
-def _qconv_tma4d_kernel(
-    a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr, padc_ptr,
-    N, H, W, Ho, Wo, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h, pad_w,
-    son, soh, sow, soc,
-    san, sah, saw, sac,
-    KH: tl.constexpr, KW: tl.constexpr, A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr, PAD_FIX: tl.constexpr,
-    HAS_ASCALE: tl.constexpr, HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
-    BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
+@triton.jit
+def _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr, padc_ptr,
+                N, H, W, Ho, Wo, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h, pad_w,
+                son, soh, sow, soc, san, sah, saw, sac,
+                KH: tl.constexpr, KW: tl.constexpr, A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr,
+                PAD_FIX: tl.constexpr, HAS_ASCALE: tl.constexpr, HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_ADD: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """One output tile (``pid_m``: BI images x BH rows x BW columns; ``pid_n``: BLOCK_N channels): the tap loop over
+    4-D TMA boxes, then the epilogue."""
     BLOCK_M: tl.constexpr = BI * BH * BW
-    tiles_m = tl.cdiv(N, BI) * TILES_H * TILES_W
-    pid_m, pid_n = grouped_tile(tiles_m * BLOCK_M, Cout, BLOCK_M, BLOCK_N, GROUP_M)
     tw = pid_m % TILES_W
     th = (pid_m // TILES_W) % TILES_H
     n0 = (pid_m // (TILES_W * TILES_H)) * BI
@@ -219,6 +216,26 @@ def _qconv_tma4d_kernel(
                   son, soh, sow, soc, san, sah, saw, sac, HAS_CORR, HAS_ASCALE, HAS_BIAS, HAS_ADD)
 
 
+@triton.jit(do_not_specialize=["N", "H", "W", "Ho", "Wo", "NITER", "TILES_H", "TILES_W", "pad_h", "pad_w"])
+def _qconv_tma4d_kernel(
+    a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr, padc_ptr,
+    N, H, W, Ho, Wo, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h, pad_w,
+    son, soh, sow, soc,
+    san, sah, saw, sac,
+    KH: tl.constexpr, KW: tl.constexpr, A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr, PAD_FIX: tl.constexpr,
+    HAS_ASCALE: tl.constexpr, HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
+    BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = BI * BH * BW
+    tiles_m = tl.cdiv(N, BI) * TILES_H * TILES_W
+    pid_m, pid_n = grouped_tile(tiles_m * BLOCK_M, Cout, BLOCK_M, BLOCK_N, GROUP_M)
+    _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr, padc_ptr,
+                N, H, W, Ho, Wo, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h, pad_w, son, soh, sow, soc,
+                san, sah, saw, sac, KH, KW, A_INT, BITCAST_FP8, PAD_FIX, HAS_ASCALE, HAS_CORR, HAS_BIAS, HAS_ADD,
+                BI, BH, BW, BLOCK_N, BLOCK_K)
+
+
 # The persistent form (path "tma4dp"): one program per SM walks the output tiles, and the tile loop is flattened
 # into the tap loop (``tl.range(..., flatten=True)``), so the loads of a tile's first taps are issued while the
 # previous tile's epilogue runs. The CIFAR UNet's 3x3 convs have 9 to 18 K steps per tile (128 to 256 channels), so
@@ -241,38 +258,10 @@ def _qconv_tma4d_persistent_kernel(
     num_tiles = tiles_m * tl.cdiv(Cout, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=FLATTEN):
         pid_m, pid_n = grouped_tile_of(tile, tiles_m * BLOCK_M, Cout, BLOCK_M, BLOCK_N, GROUP_M)
-        tw = pid_m % TILES_W
-        th = (pid_m // TILES_W) % TILES_H
-        n0 = (pid_m // (TILES_W * TILES_H)) * BI
-        oh0 = th * BH
-        ow0 = tw * BW
-        co0 = pid_n * BLOCK_N
-        acc = zero_acc(BLOCK_M, BLOCK_N, A_INT)
-        for it in range(0, NITER):
-            tap, c0, kh, kw = tap_block(it, NCB, KW, BLOCK_K)
-            a = a_desc.load([n0, oh0 + kh - pad_h, ow0 + kw - pad_w, c0])
-            a = tl.reshape(a, (BLOCK_M, BLOCK_K))
-            b = b_desc.load([co0, tap * CK + c0])
-            if BITCAST_FP8:
-                a = a.to(tl.float8e4nv, bitcast=True)
-                b = b.to(tl.float8e4nv, bitcast=True)
-            acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype)
-        r = tl.arange(0, BLOCK_M)
-        nb = n0 + r // (BH * BW)
-        oh = oh0 + (r // BW) % BH
-        ow = ow0 + r % BW
-        offs_n = co0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Cout
-        m_ok = (nb < N) & (oh < Ho) & (ow < Wo)
-        if PAD_FIX:
-            for t in tl.static_range(KH * KW):
-                ih = oh + t // KW - pad_h
-                iw = ow + t % KW - pad_w
-                outside = (ih < 0) | (ih >= H) | (iw < 0) | (iw >= W)
-                pc = tl.load(padc_ptr + offs_n * (KH * KW) + t, mask=n_ok, other=0)
-                acc += tl.where(outside[:, None], pc[None, :], 0)
-        dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr,
-                      add_ptr, son, soh, sow, soc, san, sah, saw, sac, HAS_CORR, HAS_ASCALE, HAS_BIAS, HAS_ADD)
+        _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
+                    padc_ptr, N, H, W, Ho, Wo, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h, pad_w, son, soh, sow, soc,
+                    san, sah, saw, sac, KH, KW, A_INT, BITCAST_FP8, PAD_FIX, HAS_ASCALE, HAS_CORR, HAS_BIAS, HAS_ADD,
+                    BI, BH, BW, BLOCK_N, BLOCK_K)
 
 
 def tma4d_unsupported(x: torch.Tensor, w: torch.Tensor, wzp, stride: Sequence[int], dilation: Sequence[int],
