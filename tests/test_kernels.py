@@ -1315,6 +1315,39 @@ def test_gpu_fuse_qkv_matches_separate_projections():
             assert rel(out, want32) <= 1.5 * base + 1e-2, (blocks, rel(out, want32), base)
 
 
+@pytest.mark.gpu
+@gpu
+def test_gpu_fuse_ff_and_tensorwise_gemms_hold_the_model():
+    """convert(fuse_ff=True) and set_fp8_gemm(..., "tensorwise") on the GPU (bf16, the Triton GEGLU kernel, cuBLAS
+    FP8 GEMMs): a text-to-image UNet's output stays as close to the fp32-activation model as the plain conversion,
+    eager and compiled (bf16 moves FP8 codes in these tiny random UNets, so the distance, not the output, is held)."""
+    from diffquant.kernels.fused_ff import FusedGEGLUFeedForward
+    from diffquant.kernels.modules import set_fp8_gemm
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    _, q, (x, t, c) = _calibrated("fp8", model=tiny_sd_unet())
+    inputs = (x.cuda().bfloat16(), t.cuda(), {k: v.cuda().bfloat16() for k, v in c.items()})
+    ref = convert(q, "fp8", attention="float", device="cuda")  # fp32 activations
+    plain = convert(q, "fp8", attention="float", device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        want32 = call_model(ref, x.cuda(), t.cuda(), {k: v.cuda() for k, v in c.items()}).float()
+        base = rel(call_model(plain, *inputs).float(), want32)
+    for tensorwise in (False, True):
+        cm = convert(q, "fp8", attention="float", device="cuda", fuse_ff=True).to(torch.bfloat16)
+        assert any(isinstance(m, FusedGEGLUFeedForward) for m in cm.modules())
+        if tensorwise:
+            assert set_fp8_gemm(cm, "tensorwise") > 0
+        with torch.no_grad():
+            got = call_model(cm, *inputs).float()
+            torch._dynamo.reset()
+            compiled = call_model(torch.compile(cm), *inputs).float()
+        for out in (got, compiled):
+            assert torch.isfinite(out).all()
+            assert rel(out, want32) <= 1.5 * base + 1e-2, (tensorwise, rel(out, want32), base)
+
+
 def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):
     """convert(fuse_norms=True): every plain ResNet block runs norm + SiLU (+ time embedding) through
     diffquant::group_norm_act, handing converted FP8 convs their e4m3 input (int8 convs their int8 codes); on the

@@ -10,7 +10,7 @@
 #   carry: .whl
 #   run:   bash scripts/gpu/fused_ff.sh   (env: TOTAL_S (560), ROW_TIMEOUT_S (300), ROWS, TESTS_K)
 OUT=${OUT:-/tmp/out}
-export OUT TESTS_K=${TESTS_K:-linear_geglu or tma_path} TEST_S=200 SIDE_NAME=geglu SIDE_S=300
+export OUT TESTS_K=${TESTS_K:-linear_geglu or tma_path or fuse_ff} TEST_S=240 SIDE_NAME=geglu SIDE_S=300
 export SIDE="python3 benchmarks/bench_geglu.py --out $OUT/geglu.json"
 export ROWS=${ROWS:-sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8-gn-qkv,sd15-unet:8:dq-fp8-gn-qkv-ff,sd15-unet:8:dq-fp8-gn-qkv-tw,sd15-unet:8:dq-fp8-gn-qkv-ff-tw}
 exec bash scripts/gpu/tests_side_rows.sh
