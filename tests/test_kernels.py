@@ -1160,6 +1160,45 @@ def test_gpu_linear_geglu_matches_reference(m, k, i):
     assert float((gotb - wantb).norm() / wantb.norm()) < 1e-2
 
 
+def test_fuse_temb_stacks_the_time_projections():
+    """convert(fuse_norms=True, fuse_temb=True): the ResNet blocks' time projections become one stacked LowBitLayer
+    run once after the time embedding (the blocks read their columns); the model computes what the unstacked one
+    does (FP8, int8; a UNet2DModel and a text-to-image UNet), compiles as one graph, holds no more bytes, and refuses
+    training mode with a clear error; without fused blocks it is left alone with the reason."""
+    from torch._dynamo.utils import counters
+
+    from diffquant.kernels.fused_blocks import StackedTimeEmbedding, _TembSlice, stack_time_projections
+
+    for backend, unet in (("fp8", None), ("int8", tiny_sd_unet()), ("fp8", tiny_sd_unet())):
+        _, q, inputs = _calibrated(backend, model=unet)
+        plain = convert(q, backend, attention="float", fuse_norms=True)
+        cm = convert(q, backend, attention="float", fuse_norms=True, fuse_temb=True)
+        slices = [m for m in cm.modules() if isinstance(m, _TembSlice)]
+        n_proj = sum(isinstance(getattr(m, "time_emb_proj", None), LowBitLayer) for m in plain.modules())
+        assert isinstance(cm.time_embedding, StackedTimeEmbedding) and len(slices) == n_proj > 2, backend
+        assert f"{n_proj} ResNet blocks' time projections" in cm._diffquant_convert_report.projections
+        assert cm.time_embedding.proj.out_channels == slices[-1].hi == sum(s.hi - s.lo for s in slices)
+        assert weight_bytes(cm) <= weight_bytes(plain)
+        with torch.no_grad():
+            want = call_model(plain, *inputs)
+            got = call_model(cm, *inputs)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    with torch.no_grad():
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = call_model(torch.compile(cm), *inputs)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch.testing.assert_close(compiled, got, rtol=1e-4, atol=1e-4 * float(got.abs().max()))
+    cm.train()
+    with pytest.raises(RuntimeError, match="eval mode only"):
+        call_model(cm, *inputs)
+    _, q, inputs = _calibrated("fp8")
+    unfused = convert(q, "fp8", attention="float")
+    n, why = stack_time_projections(unfused)
+    assert n == 0 and "keeps diffusers' forward" in why
+    assert "not stacked" in convert(q, "fp8", attention="float", fuse_temb=True)._diffquant_convert_report.projections
+
+
 def test_attention_input_norm_runs_into_stacked_qkv(monkeypatch):
     """convert(fuse_norms=True, fuse_qkv=True) on a UNet2DModel: each attention block's input group norm runs as
     diffquant::group_norm_act writing to_qkv's quantized input (e4m3 / int8 codes), the model computes what it
@@ -1318,8 +1357,9 @@ def test_gpu_fuse_qkv_matches_separate_projections():
 @pytest.mark.gpu
 @gpu
 def test_gpu_fuse_ff_and_tensorwise_gemms_hold_the_model():
-    """convert(fuse_ff=True) and set_fp8_gemm(..., "tensorwise") on the GPU (bf16, the Triton GEGLU kernel, cuBLAS
-    FP8 GEMMs): a text-to-image UNet's output stays as close to the fp32-activation model as the plain conversion,
+    """convert(fuse_ff=True, fuse_temb=True) and set_fp8_gemm(..., "tensorwise") on the GPU (bf16, the Triton GEGLU
+    kernel, the stacked time projection, cuBLAS FP8 GEMMs): a text-to-image UNet's output stays as close to the
+    fp32-activation model as the plain conversion,
     eager and compiled (bf16 moves FP8 codes in these tiny random UNets, so the distance, not the output, is held)."""
     from diffquant.kernels.fused_ff import FusedGEGLUFeedForward
     from diffquant.kernels.modules import set_fp8_gemm
@@ -1329,13 +1369,15 @@ def test_gpu_fuse_ff_and_tensorwise_gemms_hold_the_model():
 
     _, q, (x, t, c) = _calibrated("fp8", model=tiny_sd_unet())
     inputs = (x.cuda().bfloat16(), t.cuda(), {k: v.cuda().bfloat16() for k, v in c.items()})
-    ref = convert(q, "fp8", attention="float", device="cuda")  # fp32 activations
-    plain = convert(q, "fp8", attention="float", device="cuda").to(torch.bfloat16)
+    ref = convert(q, "fp8", attention="float", device="cuda", fuse_norms=True)  # fp32 activations
+    plain = convert(q, "fp8", attention="float", device="cuda", fuse_norms=True).to(torch.bfloat16)
     with torch.no_grad():
         want32 = call_model(ref, x.cuda(), t.cuda(), {k: v.cuda() for k, v in c.items()}).float()
         base = rel(call_model(plain, *inputs).float(), want32)
     for tensorwise in (False, True):
-        cm = convert(q, "fp8", attention="float", device="cuda", fuse_ff=True).to(torch.bfloat16)
+        cm = convert(q, "fp8", attention="float", device="cuda", fuse_norms=True, fuse_ff=True,
+                     fuse_temb=True).to(torch.bfloat16)
+        assert "time projections run as one stacked GEMM" in cm._diffquant_convert_report.projections
         assert any(isinstance(m, FusedGEGLUFeedForward) for m in cm.modules())
         if tensorwise:
             assert set_fp8_gemm(cm, "tensorwise") > 0

@@ -234,6 +234,7 @@ def convert(
     fuse_norms: bool = False,
     fuse_qkv: bool = False,
     fuse_ff: bool = False,
+    fuse_temb: bool = False,
     inplace: bool = False,
     device=None,
 ) -> nn.Module:
@@ -255,7 +256,8 @@ def convert(
     block's input group norm (UNet2DModel's) runs as ``diffquant::group_norm_act`` writing ``to_qkv``'s input.
     ``fuse_ff``: each GEGLU feed-forward whose two Linears have static FP8 input scales runs its projection, GELU gate
     and the second Linear's input quantization as one op, ``diffquant::linear_geglu``
-    (:mod:`diffquant.kernels.fused_ff`)."""
+    (:mod:`diffquant.kernels.fused_ff`). ``fuse_temb`` (with ``fuse_norms``): the ResNet blocks' time projections
+    become one stacked GEMM after the time embedding (:func:`diffquant.kernels.fused_blocks.stack_time_projections`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; allowed: {', '.join(BACKENDS)}")
     if unsupported not in UNSUPPORTED:
@@ -327,6 +329,13 @@ def convert(
             if normed:
                 report.projections += (f"; {len(normed)} of them run their input group norm as "
                                        f"diffquant::group_norm_act into to_qkv")
+    if fuse_temb:
+        from diffquant.kernels.fused_blocks import stack_time_projections
+
+        n, why = stack_time_projections(model)
+        report.projections = "; ".join(p for p in (report.projections, (
+            f"{n} ResNet blocks' time projections run as one stacked GEMM (fuse_temb=True)" if n else
+            f"time projections not stacked (fuse_temb=True): {why}")) if p)
     if fuse_ff:
         from diffquant.kernels.fused_ff import fuse_feed_forward
 

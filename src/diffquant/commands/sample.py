@@ -58,8 +58,8 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
               help="run a quantized folder on diffquant's real low-bit kernels (diffquant.convert: packed weights, "
                    "Triton kernels on the GPU, the reference ops elsewhere) instead of the fake-quant simulation")
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
-              help="with --real: fused group norms, unconcatenated up blocks, stacked Q/K/V and GEGLU in the "
-                   "projection's epilogue (convert's fuse_norms, fuse_qkv, fuse_ff)")
+              help="with --real: fused group norms, unconcatenated up blocks, stacked Q/K/V and time projections, "
+                   "GEGLU in the projection's epilogue (convert's fuse_norms, fuse_qkv, fuse_temb, fuse_ff)")
 @click.option("--real-attention", type=click.Choice(["float", "simulate", "fp8"]), default="float",
               show_default=True, help="with --real: the attention matmuls in float (SDPA), fake-quantized as "
                                       "calibrated, or in FP8")
@@ -124,8 +124,8 @@ def _real_kernels(loaded, backend: str, fuse: bool, attention: str, compile_: bo
 
     if not loaded.quantized:
         fail("--real needs a quantized folder (diffquant quantize MODEL ... --out DIR), not a full-precision model")
-    net = convert(loaded.model, backend, attention=attention, fuse_norms=fuse, fuse_qkv=fuse, fuse_ff=fuse, device=dev,
-                  inplace=True)  # the loaded fake-quant model is not used again: no copy
+    net = convert(loaded.model, backend, attention=attention, fuse_norms=fuse, fuse_qkv=fuse, fuse_ff=fuse,
+                  fuse_temb=fuse, device=dev, inplace=True)  # the loaded fake-quant model is not used again: no copy
     rep = net._diffquant_convert_report
     if not rep.converted:
         why = next(iter(rep.kept.items()), ("", "no quantized layers"))

@@ -36,7 +36,8 @@ SD15_UNET = dict(
 MODELS = ("sd15-unet", "ddpm-cifar10-32", "zoo:cifar10-ddpm")
 VARIANTS = ("bf16-eager", "bf16-compile", "torchao-int8dyn", "torchao-fp8", "dq-int8", "dq-fp8", "dq-w4a8", "dq-w4a16",
             "dq-fp8-fp8attn", "dq-fp8-dyntoken", "dq-fp8-gn", "dq-int8-gn", "bf16-compile-gn", "dq-fp8-gn-qkv",
-            "dq-int8-gn-qkv", "dq-fp8-gn-qkv-ff", "dq-fp8-gn-qkv-tw", "dq-fp8-gn-qkv-ff-tw")
+            "dq-int8-gn-qkv", "dq-fp8-gn-qkv-ff", "dq-fp8-gn-qkv-tw", "dq-fp8-gn-qkv-ff-tw", "dq-fp8-gn-qkv-te",
+            "dq-int8-gn-qkv-te", "dq-fp8-gn-qkv-te-ff")
 
 
 def build_model(name: str) -> nn.Module:
@@ -112,6 +113,9 @@ def _quantized(model: nn.Module, backend: str, calib_inputs: tuple) -> nn.Module
         backend, tensorwise = backend[: -len("-tw")], True
     if backend.endswith("-ff"):  # e.g. dq-fp8-gn-qkv-ff: GEGLU feed-forwards as diffquant::linear_geglu
         backend, fuse_ff = backend[: -len("-ff")], True
+    fuse_temb = backend.endswith("-te")  # e.g. dq-fp8-gn-qkv-te: the ResNet time projections as one stacked GEMM
+    if fuse_temb:
+        backend = backend[: -len("-te")]
     if backend.endswith("-qkv"):  # e.g. dq-fp8-gn-qkv: the attention blocks' Q/K/V as one stacked GEMM
         backend, fuse_qkv = backend[: -len("-qkv")], True
     if backend.endswith("-gn"):  # e.g. dq-fp8-gn: the ResNet blocks' norms + SiLU as diffquant::group_norm_act
@@ -124,7 +128,8 @@ def _quantized(model: nn.Module, backend: str, calib_inputs: tuple) -> nn.Module
     with torch.no_grad(), calibrate(q):
         call_model(q, *calib_inputs)
     cm = convert(q, backend, attention=attention, unsupported="float", inplace=True, fp8_dynamic=dynamic,
-                 min_channels=BENCH_MIN_CHANNELS, fuse_norms=fuse_norms, fuse_qkv=fuse_qkv, fuse_ff=fuse_ff)
+                 min_channels=BENCH_MIN_CHANNELS, fuse_norms=fuse_norms, fuse_qkv=fuse_qkv, fuse_ff=fuse_ff,
+                 fuse_temb=fuse_temb)
     if tensorwise:
         from diffquant.kernels.modules import set_fp8_gemm
 

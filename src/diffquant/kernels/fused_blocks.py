@@ -105,11 +105,7 @@ class _FusedNormMixin:
         if self.training or args or kwargs:
             return super().forward(input_tensor, temb, *args, **kwargs)
         h = self._norm_act(self.norm1, self.conv1, input_tensor, None)
-        t = None
-        if self.time_emb_proj is not None and temb is not None:
-            if not self.skip_time_act:
-                temb = self.nonlinearity(temb)
-            t = self.time_emb_proj(temb)
+        t = self._time_proj(temb)
         x = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
         if self.output_scale_factor == 1:  # the shortcut added in conv2's epilogue (dropout: identity in eval)
             return self._norm_act(self.norm2, self.conv2, h, t, residual=x)
@@ -133,10 +129,16 @@ class _FusedNormMixin:
         else:
             h = _norm_into(self.norm1, self.conv1, h_in, None, True, x2=skip)
             x = sc.forward_pieces([h_in, skip])
-        t = None
-        if self.time_emb_proj is not None and temb is not None:
-            t = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
-        return self._norm_act(self.norm2, self.conv2, h, t, residual=x)
+        return self._norm_act(self.norm2, self.conv2, h, self._time_proj(temb), residual=x)
+
+    def _time_proj(self, temb: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The time embedding's per-channel addend before norm2: this block's columns of the model's stacked
+        projection (:func:`stack_time_projections`: ``temb`` is that projection) or its own projection."""
+        if self.time_emb_proj is None or temb is None:
+            return None
+        if isinstance(self.time_emb_proj, _TembSlice):
+            return temb[:, self.time_emb_proj.lo:self.time_emb_proj.hi]
+        return self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
 
 
 class _FusedUpMixin:
@@ -300,3 +302,71 @@ def fuse_group_norms(model: nn.Module) -> tuple[list[str], dict[str, str]]:
                 else:
                     left[name] = why
     return fused, left
+
+
+class _TembSlice(nn.Module):
+    """A ResNet block's ``time_emb_proj`` once the model's time projections are stacked
+    (:func:`stack_time_projections`): the block reads columns [lo, hi) of the stacked projection, which the UNet's
+    time embedding returns in place of the embedding. Called directly (diffusers' own forward: training mode), it
+    refuses."""
+
+    def __init__(self, lo: int, hi: int):
+        super().__init__()
+        self.lo, self.hi = lo, hi
+
+    def extra_repr(self) -> str:
+        return f"columns {self.lo}:{self.hi} of the stacked time projection"
+
+    def forward(self, temb: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this ResNet block's time projection is part of the model's stacked one "
+                           "(convert(..., fuse_temb=True)): the converted model runs in eval mode only")
+
+
+class StackedTimeEmbedding(nn.Module):
+    """A UNet's ``time_embedding`` followed by the ResNet blocks' nonlinearity and all their time projections as one
+    stacked low-bit GEMM (:func:`stack_time_projections`): it returns [batch, sum of the blocks' channels], which the
+    UNet hands every block as ``temb``."""
+
+    def __init__(self, time_embedding: nn.Module, act: nn.Module, proj: LowBitLayer):
+        super().__init__()
+        self.time_embedding, self.act, self.proj = time_embedding, act, proj
+        self.train(time_embedding.training)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        if self.training:
+            raise RuntimeError("the stacked time projection (convert(..., fuse_temb=True)) runs in eval mode only")
+        return self.proj(self.act(self.time_embedding(*args, **kwargs)))
+
+
+def stack_time_projections(model: nn.Module) -> tuple[int, Optional[str]]:
+    """Stack the time projections of every ResNet block of the UNet ``model`` into one low-bit GEMM run once per call
+    after the time embedding (diffusers computes ``time_emb_proj(silu(temb))`` in each block: 22 small GEMMs and their
+    input quantizations in the SD-1.5 and CIFAR UNets), in place: ``(blocks stacked, None)`` or ``(0, why not)``.
+    Needs every block with a time projection to be a fused ResNet block (:func:`fuse_group_norms`) whose projection
+    is a converted Linear with the same input quantization, and nothing but the blocks reading the embedding."""
+    from diffquant.kernels.fused_attention import _unmergeable, stack_linears
+
+    if not hasattr(model, "time_embedding") or isinstance(model.time_embedding, StackedTimeEmbedding):
+        return 0, "no time_embedding, or already stacked"
+    for attr in ("class_embedding", "add_embedding", "time_embed_act"):
+        if getattr(model, attr, None) is not None:
+            return 0, f"the model has a {attr}, which changes the embedding after time_embedding"
+    blocks = [m for m in model.modules() if isinstance(m, _resnet_block_class()) and m.time_emb_proj is not None]
+    if not blocks:
+        return 0, "no ResNet block with a time projection"
+    for m in blocks:
+        if not isinstance(m, _FusedNormMixin):
+            return 0, "a ResNet block keeps diffusers' forward (fuse_norms=True fuses the plain ones)"
+        if m.skip_time_act or type(m.nonlinearity) is not nn.SiLU:
+            return 0, "a ResNet block skips the SiLU before its time projection"
+    layers = [m.time_emb_proj for m in blocks]
+    why = _unmergeable(layers)
+    if why is not None:
+        return 0, why
+    stacked = stack_linears(layers, "time_emb_proj_stacked")
+    lo = 0
+    for m in blocks:
+        m.time_emb_proj = _TembSlice(lo, lo + m.time_emb_proj.out_channels)
+        lo = m.time_emb_proj.hi
+    model.time_embedding = StackedTimeEmbedding(model.time_embedding, blocks[0].nonlinearity, stacked)
+    return len(blocks), None
