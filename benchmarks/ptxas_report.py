@@ -1,0 +1,103 @@
+"""What the compiler makes of the conv and GEGLU kernels for Hopper, without a GPU: each kernel is compiled by Triton
+for sm_90 and its PTX run through Triton's bundled ``ptxas -v``. Per kernel and block config: registers, spilled
+bytes, and whether ptxas serializes the wgmma pipeline (its warning C7515: "wgmma.mma_async instructions are
+serialized due to non wgmma instructions defining accumulator registers"). Also how the A tile reaches the tensor
+cores: from shared memory, or loaded into registers first (``ttg.local_load`` in the TTGIR: the 4-D TMA kernels'
+``tl.reshape`` of the box).
+
+    python benchmarks/ptxas_report.py [--out benchmarks/results/ptxas_report.json]
+
+Needs Triton (any machine); the numbers depend on the Triton version (recorded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def _build(fn, consts: dict, types, warps: int, stages: int):
+    sig = {n: "constexpr" if n in consts else types(n) for n in fn.arg_names}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "num_stages": stages})
+
+
+def _ptxas(ptx: str) -> dict:
+    exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    r = subprocess.run([exe, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    os.unlink(f.name)
+    out = r.stdout + r.stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores", out)
+    return {"registers": int(regs.group(1)) if regs else None, "spill_store_bytes": int(spill.group(1)) if spill else None,
+            "wgmma_serialized": "C7515" in out}
+
+
+def _conv_types(el: str, a_box: str, b_box: str):
+    def t(n):
+        if n == "a_desc":
+            return f"tensordesc<{el}[{a_box}]>"
+        if n == "b_desc":
+            return f"tensordesc<{el}[{b_box}]>"
+        if n in ("out_ptr", "add_ptr"):
+            return "*bf16"
+        if n in ("ascale_ptr", "wscale_ptr", "bias_ptr"):
+            return "*fp32"
+        return "*i32" if n.endswith("_ptr") else "i32"
+    return t
+
+
+def main() -> None:
+    from diffquant.kernels import triton_conv_tma as tt
+    from diffquant.kernels import triton_geglu as tg
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/ptxas_report.json")
+    a = ap.parse_args()
+    rows = []
+    for kind in ("fp8", "int8"):
+        fp8 = kind == "fp8"
+        el = "fp8e4nv" if fp8 else "i8"
+        for bm, bn, bk, warps, stages in ((128, 128, 128, 4, 3), (128, 128, 128, 8, 4), (128, 64, 128, 4, 4)):
+            common = dict(KW=3, A_INT=not fp8, BITCAST_FP8=False, HAS_ASCALE=True, HAS_CORR=not fp8, HAS_BIAS=True,
+                          HAS_ADD=True, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+            box4 = dict(KH=3, PAD_FIX=not fp8, BI=1, BH=bm // 32, BW=32)
+            for name, fn, consts, a_box in (
+                    ("tma (2-D, padded copy)", tt._qconv_tma_kernel, dict(common, BLOCK_M=bm), f"{bm}, {bk}"),
+                    ("tma4d", tt._qconv_tma4d_kernel, dict(common, **box4), f"1, {bm // 32}, 32, {bk}"),
+                    ("tma4dp (persistent)", tt._qconv_tma4d_persistent_kernel, dict(common, **box4, FLATTEN=True),
+                     f"1, {bm // 32}, 32, {bk}")):
+                k = _build(fn, consts, _conv_types(el, a_box, f"{bn}, {bk}"), warps, stages)
+                row = {"kernel": name, "act": kind, "config": [bm, bn, bk, warps, stages],
+                       "a_via_registers": "ttg.local_load" in k.asm["ttgir"]}
+                row.update(_ptxas(k.asm["ptx"]))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+
+    def gt(n):
+        if n in ("a_desc", "w_desc"):
+            return "tensordesc<fp8e4nv[128, 128]>"
+        return "*u8" if n == "out_ptr" else "*fp32" if n.endswith("_ptr") else "i32"
+
+    k = _build(tg._linear_geglu_kernel, dict(HAS_BIAS=True, QUANT=True, OSCALE_PER_CH=False, BITCAST_FP8=False,
+                                             EMULATE=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8), gt, 8, 3)
+    row = {"kernel": "linear_geglu", "act": "fp8", "config": [128, 128, 128, 8, 3],
+           "a_via_registers": "ttg.local_load" in k.asm["ttgir"]}
+    row.update(_ptxas(k.asm["ptx"]))
+    rows.append(row)
+    print(json.dumps(row))
+    with open(a.out, "w") as f:
+        json.dump({"triton": triton.__version__, "target": "sm_90a (compiled without a GPU)", "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
