@@ -1,8 +1,21 @@
 """Triton pieces shared by the two conv kernels (:mod:`.triton_conv`, :mod:`.triton_conv_tma`)."""
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # older Triton: the TMA kernels are unavailable
+    TensorDescriptor = None
+
+
+def interpreting() -> bool:
+    """Whether Triton's CPU interpreter runs the kernels (``TRITON_INTERPRET=1``): FP8 then travels as its bytes and
+    e4m3 rounding is emulated."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit

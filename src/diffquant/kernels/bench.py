@@ -103,34 +103,35 @@ def time_call(fn: Callable[[], Any], warmup: int = 5, reps: int = 30, graph: boo
     return statistics.median(times), used_graph
 
 
+# the dq-* variants' suffixes, in the order they may follow one another (dq-fp8-gn-qkv-te-ff-tw):
+_SUFFIXES = (
+    "-tw",  # cuBLAS FP8 GEMMs with tensor-wise scales (set_fp8_gemm)
+    "-ff",  # GEGLU feed-forwards as diffquant::linear_geglu (fuse_ff)
+    "-te",  # the ResNet blocks' time projections as one stacked GEMM (fuse_temb)
+    "-qkv",  # the attention blocks' Q/K/V as one stacked GEMM (fuse_qkv)
+    "-gn",  # the ResNet blocks' norms + SiLU as diffquant::group_norm_act (fuse_norms)
+    "-fp8attn",  # FP8 layers and FP8 attention
+    "-dyntoken",  # dynamic per-token activation scales (Linear / 1x1 convs)
+)
+
+
 def _quantized(model: nn.Module, backend: str, calib_inputs: tuple) -> nn.Module:
     from diffquant.convert import config_for_backend, convert
     from diffquant.models.adapter import call_model
     from diffquant.quantize import calibrate, quantize
 
-    attention, dynamic, fuse_norms, fuse_qkv, fuse_ff, tensorwise = "float", False, False, False, False, False
-    if backend.endswith("-tw"):  # e.g. dq-fp8-gn-qkv-tw: cuBLAS FP8 GEMMs with tensor-wise scales
-        backend, tensorwise = backend[: -len("-tw")], True
-    if backend.endswith("-ff"):  # e.g. dq-fp8-gn-qkv-ff: GEGLU feed-forwards as diffquant::linear_geglu
-        backend, fuse_ff = backend[: -len("-ff")], True
-    fuse_temb = backend.endswith("-te")  # e.g. dq-fp8-gn-qkv-te: the ResNet time projections as one stacked GEMM
-    if fuse_temb:
-        backend = backend[: -len("-te")]
-    if backend.endswith("-qkv"):  # e.g. dq-fp8-gn-qkv: the attention blocks' Q/K/V as one stacked GEMM
-        backend, fuse_qkv = backend[: -len("-qkv")], True
-    if backend.endswith("-gn"):  # e.g. dq-fp8-gn: the ResNet blocks' norms + SiLU as diffquant::group_norm_act
-        backend, fuse_norms = backend[: -len("-gn")], True
-    if backend.endswith("-fp8attn"):  # e.g. dq-fp8-fp8attn: FP8 layers and FP8 attention
-        backend, attention = backend[: -len("-fp8attn")], "fp8"
-    if backend.endswith("-dyntoken"):  # dq-fp8-dyntoken: dynamic per-token activation scales (Linear / 1x1 convs)
-        backend, dynamic = backend[: -len("-dyntoken")], "token"
+    on = set()  # the suffixes this variant carries, peeled off the end in this order
+    for suffix in _SUFFIXES:
+        if backend.endswith(suffix):
+            backend = backend[: -len(suffix)]
+            on.add(suffix)
     q = quantize(model, config_for_backend(backend))
     with torch.no_grad(), calibrate(q):
         call_model(q, *calib_inputs)
-    cm = convert(q, backend, attention=attention, unsupported="float", inplace=True, fp8_dynamic=dynamic,
-                 min_channels=BENCH_MIN_CHANNELS, fuse_norms=fuse_norms, fuse_qkv=fuse_qkv, fuse_ff=fuse_ff,
-                 fuse_temb=fuse_temb)
-    if tensorwise:
+    cm = convert(q, backend, attention="fp8" if "-fp8attn" in on else "float", unsupported="float", inplace=True,
+                 fp8_dynamic="token" if "-dyntoken" in on else False, min_channels=BENCH_MIN_CHANNELS,
+                 fuse_norms="-gn" in on, fuse_qkv="-qkv" in on, fuse_ff="-ff" in on, fuse_temb="-te" in on)
+    if "-tw" in on:
         from diffquant.kernels.modules import set_fp8_gemm
 
         set_fp8_gemm(cm, "tensorwise")

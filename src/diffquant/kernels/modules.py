@@ -234,9 +234,9 @@ class LowBitLayer(_KeepStorage, nn.Module):
 
 def set_fp8_gemm(model: nn.Module, mode: str) -> int:
     """Switch the converted model's cuBLAS FP8 GEMMs between row-wise scales (``"rowwise"``, what convert picks) and
-    tensor-wise scales (``"tensorwise"``: the weight's per-channel scales and the bias applied to the fp32 output, to
-    time whether cuBLAS's tensor-wise kernels are faster); per-token dynamic layers stay row-wise. Returns the number
-    of layers switched."""
+    tensor-wise scales (``"tensorwise"``: the weight's per-channel scales and the bias applied, in fp32, to the bf16
+    GEMM output; to time whether cuBLAS's tensor-wise kernels are faster). Per-token dynamic layers stay row-wise.
+    Returns the number of layers switched."""
     if mode not in ("rowwise", "tensorwise"):
         raise ValueError(f"mode={mode!r}; allowed: 'rowwise', 'tensorwise'")
     n = 0

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from diffquant.kernels._triton_common import interpreting
+
 
 @triton.jit
 def _e4m3(x, EMULATE: tl.constexpr):
@@ -120,7 +122,7 @@ def fp8_attention_triton(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, s
         sq, sk, heads, float(sm_scale),
         *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(),
         D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_D=block_d,
-        EMULATE=os.environ.get("TRITON_INTERPRET") == "1", QUANT_OUT=quant,
+        EMULATE=interpreting(), QUANT_OUT=quant,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -25,7 +25,6 @@ interpreter (``TRITON_INTERPRET=1``), which is how its CPU tests check it.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -33,16 +32,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from diffquant.kernels._triton_common import dequant_store, grouped_tile, grouped_tile_of, tap_block, zero_acc
-
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # older Triton: the path is unavailable
-    TensorDescriptor = None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from diffquant.kernels._triton_common import (TensorDescriptor, dequant_store, grouped_tile, grouped_tile_of,
+                                              interpreting as _interpreting, tap_block, zero_acc)
 
 
 @triton.jit(do_not_specialize=["MP", "HP", "WP", "Ho", "Wo", "NITER"])

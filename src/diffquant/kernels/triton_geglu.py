@@ -16,20 +16,14 @@ module needs Triton; it runs under the CPU interpreter (``TRITON_INTERPRET=1``),
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from diffquant.kernels._triton_common import grouped_tile
+from diffquant.kernels._triton_common import TensorDescriptor, grouped_tile, interpreting
 from diffquant.kernels.triton_attention import _e4m3
-
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # older Triton: the kernel is unavailable
-    TensorDescriptor = None
 
 
 @triton.jit
@@ -89,10 +83,6 @@ def new_out(m: int, i: int, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty((m, i), dtype=dtype, device=device)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def linear_geglu_triton(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
                         bias: Optional[torch.Tensor], out_scale: Optional[torch.Tensor], out_dtype: torch.dtype,
                         config: Optional[dict] = None) -> torch.Tensor:
@@ -108,7 +98,7 @@ def linear_geglu_triton(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
     if m == 0 or i == 0:
         return out
     quant = out_dtype == torch.float8_e4m3fn
-    bitcast = _interpreting()
+    bitcast = interpreting()
     xv = xq.contiguous()
     wv = w.contiguous()
     if bitcast:

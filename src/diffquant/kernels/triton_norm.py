@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from diffquant.kernels._triton_common import interpreting
 from diffquant.kernels.triton_attention import _e4m3
 from diffquant.kernels.triton_conv import _num_sms
 
@@ -337,7 +338,7 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
     if int8 and s_out.numel() != zp.numel():  # one per channel for both when either is
         s_out, zp = s_out.expand(c).contiguous(), zp.expand(c).contiguous()
     flags = dict(HAS_X2=x2 is not None, HAS_ADD=add_nc is not None, SILU=silu, QUANT=quant, INT8=int8,
-                 SCALE_PER_CH=quant and s_out.numel() > 1, EMULATE=os.environ.get("TRITON_INTERPRET") == "1")
+                 SCALE_PER_CH=quant and s_out.numel() > 1, EMULATE=interpreting())
     out_arg = out.view(torch.uint8) if quant and not int8 else out
     raw_args, result = _raw_args(raw, raw_out, c, x, flags), out if raw is None else (out, raw_out)
     if pl.get("kind") == "whole":
