@@ -16,7 +16,9 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
+import time
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -96,7 +98,8 @@ def main() -> None:
     rows.append(row)
     print(json.dumps(row))
     with open(a.out, "w") as f:
-        json.dump({"triton": triton.__version__, "target": "sm_90a (compiled without a GPU)", "rows": rows}, f, indent=1)
+        json.dump({"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
+                   "triton": triton.__version__, "target": "sm_90a (compiled without a GPU)", "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
