@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU call in three parts (the shape of norms.sh and fused_ff.sh, which set its variables):
-#   1. GPU tests: pytest -m gpu tests/test_kernels.py -k "$TESTS_K" (TEST_S seconds at most);
+#   1. GPU tests: pytest -m gpu tests/test_kernels.py -k "$TESTS_K" (TEST_S seconds at most; none if TESTS_K is empty);
 #   2. SIDE, a command run on the last GPU (with one GPU: before 3.), its output in $OUT/$SIDE_NAME.log;
 #   3. bench rows (ROWS) on the other GPUs, one row per GPU at a time.
 # Everything to $OUT: pytest_gpu.log, $SIDE_NAME.log (+ what SIDE writes), kernels.json, bench.log.
@@ -13,10 +13,12 @@ ROW_TIMEOUT_S=${ROW_TIMEOUT_S:-300}
 SIDE_NAME=${SIDE_NAME:-side}
 export DIFFQUANT_PROFILE_TOP=${DIFFQUANT_PROFILE_TOP:-40}
 kernel_job_env
-say "GPU tests: $TESTS_K"
-timeout ${TEST_S:-200} python3 -m pytest -m gpu tests/test_kernels.py -k "$TESTS_K" -v --tb=short \
-  -p no:cacheprovider > $OUT/pytest_gpu.log 2>&1; echo "pytest rc=$?" >> $OUT/pytest_gpu.log
-grep -E "PASSED|FAILED|ERROR|rc=" $OUT/pytest_gpu.log | head -40
+if [ -n "${TESTS_K:-}" ]; then
+  say "GPU tests: $TESTS_K"
+  timeout ${TEST_S:-200} python3 -m pytest -m gpu tests/test_kernels.py -k "$TESTS_K" -v --tb=short \
+    -p no:cacheprovider > $OUT/pytest_gpu.log 2>&1; echo "pytest rc=$?" >> $OUT/pytest_gpu.log
+  grep -E "PASSED|FAILED|ERROR|rc=" $OUT/pytest_gpu.log | head -40
+fi
 N=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 ROW_GPUS=all
 if [ "$N" -ge 2 ]; then

@@ -218,7 +218,10 @@ class LowBitLayer(_KeepStorage, nn.Module):
             # one scale per operand (cuBLAS's tensor-wise FP8 kernels); the weight's per-channel scales and the bias
             # applied to the bf16 result in fp32 (under torch.compile, fused into the output's next elementwise kernel)
             s_t = (dyn_scale if dyn_scale is not None else p.a_scale).reshape(()).float()
-            y = torch._scaled_mm(a2, w2.t(), scale_a=s_t, scale_b=s_t.new_ones(()), out_dtype=torch.bfloat16)
+            one = self._buffers.get("_tw_one")
+            if one is None:
+                one = s_t.new_ones(())
+            y = torch._scaled_mm(a2, w2.t(), scale_a=s_t, scale_b=one, out_dtype=torch.bfloat16)
             y = y.float() * p.w_scale.view(1, -1)
             if self.bias is not None:
                 y = y + self.bias
@@ -243,6 +246,9 @@ def set_fp8_gemm(model: nn.Module, mode: str) -> int:
     for m in model.modules():
         if isinstance(m, LowBitLayer) and m.fp8_gemm in ("scaled_mm", "scaled_mm_tw") and m.act != "fp8_token":
             m.fp8_gemm = "scaled_mm" if mode == "rowwise" else "scaled_mm_tw"
+            if mode == "tensorwise" and "_tw_one" not in m._buffers:
+                # the weight operand's scale (1: the per-channel scales follow the GEMM), made once, not per call
+                m.register_buffer("_tw_one", torch.ones((), device=m.parts[0].w.device), persistent=False)
             n += 1
     return n
 

@@ -204,7 +204,7 @@ def _config(x, key: str, M: int, cout: int, ck: int, w4: bool, ok_paths: frozens
     if want is not None and want in ok_paths:
         if cfg is not None and cfg.get("path") == want:
             return cfg
-        return dict(triton_conv_tma.pick_tma_config(M, cout, ck), path=want)
+        return dict(triton_conv_tma.pick_tma_config(M, cout, ck, persistent=want == "tma4dp"), path=want)
     if cfg is not None:
         path = cfg.get("path", "gather")
         if path == "gather" or (path in ok_paths and env != "0"):

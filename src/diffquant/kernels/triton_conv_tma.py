@@ -98,10 +98,14 @@ def tma_unsupported(x: torch.Tensor, w: torch.Tensor, wzp, stride: Sequence[int]
     return None
 
 
-def pick_tma_config(MP: int, cout: int, ck: int) -> dict:
+def pick_tma_config(MP: int, cout: int, ck: int, persistent: bool = False) -> dict:
+    """The untuned block config of the TMA conv kernels. ``persistent`` (path ``tma4dp``): that kernel keeps its
+    output tile in shared memory beside the operand stages, so 128 x 256 tiles get 2 stages, not 3 (3 asked for
+    262,192 bytes on an H200, whose limit is 232,448: the GPU test's 1,280-channel case, 2026-11-28)."""
     bn = 256 if cout >= 1024 else 128 if cout > 64 else 64
     bk = 128 if ck >= 128 else 64 if ck >= 64 else 32
-    return dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bn == 256 else 4, num_stages=3)
+    stages = 2 if persistent and bn == 256 else 3
+    return dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bn == 256 else 4, num_stages=stages)
 
 
 def qconv_tma(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Sequence[int], out_dtype: torch.dtype,
@@ -300,7 +304,7 @@ def qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seq
     bitcast = fp8 and _interpreting()
     xv = x.view(torch.uint8) if bitcast else x
     wv = w.view(torch.uint8) if bitcast else w
-    cfg = dict(config or pick_tma_config(nbatch * ho * wo, cout, ck))
+    cfg = dict(config or pick_tma_config(nbatch * ho * wo, cout, ck, persistent))
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     bi, bh, bw = tile_4d(bm, ho, wo)
     a_desc = TensorDescriptor(xv, [nbatch, h, wd, c], [x.stride(0), x.stride(2), x.stride(3), 1], [bi, bh, bw, bk])
@@ -323,10 +327,27 @@ def qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seq
                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if persistent:
         progs = max(1, min(tiles, persistent_programs(x.device)))
-        _qconv_tma4d_persistent_kernel[(progs,)](*args, progs, *strides, **flags, FLATTEN=not _interpreting())
+        while True:
+            try:
+                _qconv_tma4d_persistent_kernel[(progs,)](*args, progs, *strides, **flags, FLATTEN=not _interpreting())
+                break
+            except triton.runtime.errors.OutOfResources as e:
+                # the persistent kernel's output tile shares memory with the operand stages: one stage fewer
+                if flags["num_stages"] <= 1 or "shared memory" not in str(e):
+                    raise
+                _warn_stages(bm, bn, bk, flags["num_stages"], str(e))
+                flags["num_stages"] -= 1
     else:
         _qconv_tma4d_kernel[(tiles,)](*args, *strides, **flags)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_stages(bm: int, bn: int, bk: int, stages: int, why: str) -> None:
+    import logging
+
+    logging.getLogger(__name__).warning("tma4dp %dx%dx%d with %d stages: %s; retrying with %d", bm, bn, bk, stages,
+                                        why.splitlines()[0][:160], stages - 1)
 
 
 def persistent_programs(device: torch.device) -> int:
