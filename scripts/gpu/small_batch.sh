@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Small batches and the zoo model, in one call (written in session 10, 2026-11-28; nvidia-h200-x4):
 #   phase 1, in parallel: conv tuning of the small-batch shapes, one task list per GPU (TUNE0, TUNE1, TUNE2; TUNE_S
-#     seconds each), and on the last GPU the google/ddpm-cifar10-32 b256 rows the matrix lacks (SIDE_ROWS: W4A8, W4A16,
+#     seconds each; scripts/gpu/tune_split.sh), and on the last GPU the google/ddpm-cifar10-32 b256 rows the matrix lacks (SIDE_ROWS: W4A8, W4A16,
 #     bf16 eager, with their own bf16-compile baseline);
 #   phase 2: the new tables merged into this copy's shipped table (src/diffquant/kernels/tuned/nvidia-h200.json), then
 #     the small-batch rows (ROWS) on every GPU, with the merged table.
@@ -22,20 +22,13 @@ SIDE_ROWS=${SIDE_ROWS:-ddpm-cifar10-32:256:bf16-compile,ddpm-cifar10-32:256:dq-w
 ROWS=${ROWS:-sd15-unet:1:bf16-compile,sd15-unet:1:dq-fp8-gn-qkv-te-ff,ddpm-cifar10-32:64:bf16-compile,ddpm-cifar10-32:64:dq-fp8-gn-qkv-te,ddpm-cifar10-32:1:bf16-compile,ddpm-cifar10-32:1:dq-fp8-gn-qkv-te,zoo:cifar10-ddpm:64:bf16-compile,zoo:cifar10-ddpm:64:dq-fp8-gn-qkv-te,zoo:cifar10-ddpm:256:bf16-compile,zoo:cifar10-ddpm:256:dq-fp8-gn-qkv-te}
 N=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 [ "$N" -ge 4 ] || { echo "needs 4 GPUs; $N here"; exit 2; }
-PIDS=()
-for i in 0 1 2; do
-  eval "T=\$TUNE$i"
-  [ -n "$T" ] || continue
-  say "GPU $i: tune $T"
-  ( CUDA_VISIBLE_DEVICES=$i timeout $(( TUNE_S + 70 )) python3 benchmarks/tune_qconv.py --tasks "$T" --budget-s $TUNE_S \
-      --out $W/qconv_tuned_$i.json --rows $W/qconv_tune_rows_$i.json > $W/tune_$i.log 2>&1; echo "tune rc=$?" >> $W/tune_$i.log ) &
-  PIDS+=($!)
-done
+export TUNE0 TUNE1 TUNE2 TUNE_S
+TUNE_SPLIT_SOURCED=1 TUNE_DIR=$W source scripts/gpu/tune_split.sh
 say "GPU 3: $SIDE_ROWS"
 ( CUDA_VISIBLE_DEVICES=3 timeout 280 python3 benchmarks/bench_kernels.py --gpus all --row-timeout-s 200 --budget-s 200 \
     --no-layer-types --only "$SIDE_ROWS" --out $W/kernels_side.json > $W/bench_side.log 2>&1; echo "bench rc=$?" >> $W/bench_side.log ) &
 SP=$!
-for p in "${PIDS[@]}"; do wait $p; done
+for p in "${TUNE_PIDS[@]}"; do wait $p; done
 for i in 0 1 2; do grep -v trying $W/tune_$i.log | tail -4; done
 python3 - <<'PY'
 import glob, json
