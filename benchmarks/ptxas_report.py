@@ -1,5 +1,5 @@
-"""What the compiler makes of the conv and GEGLU kernels for Hopper, without a GPU: each kernel is compiled by Triton
-for sm_90 and its PTX run through Triton's bundled ``ptxas -v``. Per kernel and block config: registers, spilled
+"""What the compiler makes of the conv, GEGLU and FP8 attention kernels for Hopper, without a GPU: each kernel is
+compiled by Triton for sm_90 and its PTX run through Triton's bundled ``ptxas -v``. Per kernel and block config: registers, spilled
 bytes, and whether ptxas serializes the wgmma pipeline (its warning C7515: "wgmma.mma_async instructions are
 serialized due to non wgmma instructions defining accumulator registers"). Also how the A tile reaches the tensor
 cores: from shared memory, or loaded into registers first (``ttg.local_load`` in the TTGIR: the 4-D TMA kernels'
@@ -97,6 +97,25 @@ def main() -> None:
     row.update(_ptxas(k.asm["ptx"]))
     rows.append(row)
     print(json.dumps(row))
+    from diffquant.kernels import triton_attention as ta
+
+    def at(n):
+        if n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr"):
+            return "*u8"
+        return "*fp32" if n.endswith("_ptr") else "fp32" if n == "sm_scale" else "i32"
+
+    for d in (40, 80, 160):  # SD-1.5's head widths, the default config of pick_attn_config at 4,096 queries
+        bd = max(32, triton.next_power_of_2(d))
+        cfg = ta.pick_attn_config(4096, bd)
+        for even in (True, False):
+            k = _build(ta._fp8_attn_kernel, dict(D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=64, BLOCK_D=bd, EMULATE=False,
+                                                 QUANT_OUT=True, EVEN_K=even), at, cfg["num_warps"], cfg["num_stages"])
+            row = {"kernel": f"fp8_attention d{d}" + ("" if even else " (key mask)"), "act": "fp8",
+                   "config": [cfg["BLOCK_M"], 64, bd, cfg["num_warps"], cfg["num_stages"]],
+                   "a_via_registers": None, "shared_bytes": k.metadata.shared}
+            row.update(_ptxas(k.asm["ptx"]))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     with open(a.out, "w") as f:
         json.dump({"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
                    "triton": triton.__version__, "target": "sm_90a (compiled without a GPU)", "rows": rows}, f, indent=1)
