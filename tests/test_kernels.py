@@ -1053,6 +1053,21 @@ def test_fuse_qkv_stacks_attention_projections():
         assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], backend
         # compiled against compiled (Inductor's own rounding moves int8 codes in both: 0.021 of 0.99 here)
         torch.testing.assert_close(compiled, compiled_plain, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    # FP8 attention keeps its processor and reads the stacked layers (self- and cross-attention)
+    from diffquant.kernels.attention_processor import FP8AttnProcessor
+
+    _, q, inputs = _calibrated("fp8", model=tiny_sd_unet())
+    plain = convert(q, "fp8", attention="fp8")
+    cm = convert(q, "fp8", attention="fp8", fuse_qkv=True)
+    blocks = [m for m in cm.modules() if isinstance(m, Attention)]
+    assert blocks and all(type(m.processor) is FP8AttnProcessor for m in blocks)
+    assert {m.is_cross_attention for m in blocks} == {True, False}
+    assert all(m.to_k is None and (m.to_kv if m.is_cross_attention else m.to_qkv) is not None for m in blocks)
+    with torch.no_grad():
+        want = call_model(plain, *inputs)
+        got = call_model(cm, *inputs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert sum(m.processor.fp8_calls for m in blocks) == len(blocks)
     # different input scales: not stacked, and the reason is given
     _, q, inputs = _calibrated("fp8")
     cm = convert(q, "fp8", attention="float")

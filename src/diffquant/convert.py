@@ -250,9 +250,10 @@ def convert(
     plain diffusers ResNet block (+ SiLU) and Transformer2DModel input run as ``diffquant::group_norm_act``, which
     also writes a converted consumer's quantized input, and the up blocks (UpBlock2D, AttnUpBlock2D,
     CrossAttnUpBlock2D) no longer concatenate ``[h, skip]``: the norm reads both and a split shortcut conv takes its
-    two pieces (:mod:`diffquant.kernels.fused_blocks`). ``fuse_qkv``: each float-attention block's Q/K/V projections
+    two pieces (:mod:`diffquant.kernels.fused_blocks`). ``fuse_qkv``: each attention block's Q/K/V projections
     (K/V in cross-attention) become one stacked low-bit GEMM on a once-quantized input, run by diffusers'
-    ``FusedAttnProcessor2_0`` (:mod:`diffquant.kernels.fused_attention`); with ``fuse_norms`` too, an attention
+    ``FusedAttnProcessor2_0`` (with ``attention="fp8"``: by the FP8 processor)
+    (:mod:`diffquant.kernels.fused_attention`); with ``fuse_norms`` too, an attention
     block's input group norm (UNet2DModel's) runs as ``diffquant::group_norm_act`` writing ``to_qkv``'s input.
     ``fuse_ff``: each GEGLU feed-forward whose two Linears have static FP8 input scales runs its projection, GELU gate
     and the second Linear's input quantization as one op, ``diffquant::linear_geglu``

@@ -37,7 +37,8 @@ MODELS = ("sd15-unet", "ddpm-cifar10-32", "zoo:cifar10-ddpm")
 VARIANTS = ("bf16-eager", "bf16-compile", "torchao-int8dyn", "torchao-fp8", "dq-int8", "dq-fp8", "dq-w4a8", "dq-w4a16",
             "dq-fp8-fp8attn", "dq-fp8-dyntoken", "dq-fp8-gn", "dq-int8-gn", "bf16-compile-gn", "dq-fp8-gn-qkv",
             "dq-int8-gn-qkv", "dq-fp8-gn-qkv-ff", "dq-fp8-gn-qkv-tw", "dq-fp8-gn-qkv-ff-tw", "dq-fp8-gn-qkv-te",
-            "dq-int8-gn-qkv-te", "dq-fp8-gn-qkv-te-ff", "dq-fp8-gn-qkv-te-ff-tw")
+            "dq-int8-gn-qkv-te", "dq-fp8-gn-qkv-te-ff", "dq-fp8-gn-qkv-te-ff-tw",
+            "dq-fp8-fp8attn-gn-qkv-te-ff-tw")
 
 
 def build_model(name: str) -> nn.Module:

@@ -7,8 +7,10 @@ input is quantized once and read by one GEMM with N = 3C (or 2C) instead of thre
 runs diffusers' own ``FusedAttnProcessor2_0`` (the processor behind diffusers' ``fuse_qkv_projections``), and the
 separate layers are removed (their weights live on in the stacked layer, so the model's bytes do not grow).
 
-Only blocks on diffusers' ``AttnProcessor2_0`` (float attention) whose layers are converted ``LowBitLayer`` Linears
-with identical input quantization are merged; every other block is left alone, with the reason.
+Only blocks on diffusers' ``AttnProcessor2_0`` (float attention) or on diffquant's ``FP8AttnProcessor``
+(``attention="fp8"``, which keeps its processor and reads the stacked layer) whose layers are converted
+``LowBitLayer`` Linears with identical input quantization are merged; every other block is left alone, with the
+reason.
 """
 from __future__ import annotations
 
@@ -77,15 +79,20 @@ def stack_linears(layers: list, name: str) -> LowBitLayer:
 def fuse_qkv(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     """Stack the Q/K/V projections of every self-attention block (K/V of every cross-attention block) of ``model``
     that runs diffusers' ``AttnProcessor2_0`` into ``to_qkv`` (``to_kv``), in place, and switch the block to
-    ``FusedAttnProcessor2_0``: ``(merged block names, {block name: why it was left alone})``."""
+    ``FusedAttnProcessor2_0``; a block on diffquant's ``FP8AttnProcessor`` keeps it (it reads the stacked layer):
+    ``(merged block names, {block name: why it was left alone})``."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
+
+    from diffquant.kernels.attention_processor import FP8AttnProcessor
 
     merged, left = [], {}
     for name, attn in model.named_modules():
         if not isinstance(attn, Attention):
             continue
-        if type(attn.processor) is not AttnProcessor2_0:
-            left[name] = f"processor {type(attn.processor).__name__} (needs AttnProcessor2_0: attention='float')"
+        fp8 = type(attn.processor) is FP8AttnProcessor
+        if type(attn.processor) is not AttnProcessor2_0 and not fp8:
+            left[name] = (f"processor {type(attn.processor).__name__} (needs AttnProcessor2_0 or FP8AttnProcessor: "
+                          f"attention='float' or 'fp8')")
             continue
         keys = ("to_k", "to_v") if attn.is_cross_attention else ("to_q", "to_k", "to_v")
         layers = [getattr(attn, k, None) for k in keys]
@@ -98,7 +105,8 @@ def fuse_qkv(model: nn.Module) -> tuple[list[str], dict[str, str]]:
         for k in keys:  # the stacked layer holds their weights
             setattr(attn, k, None)
         attn.fused_projections = True
-        attn.set_processor(FusedAttnProcessor2_0())
+        if not fp8:
+            attn.set_processor(FusedAttnProcessor2_0())
         merged.append(name)
     return merged, left
 
