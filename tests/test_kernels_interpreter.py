@@ -348,12 +348,13 @@ for n, c1, c2, h, w, groups, add, silu, fp8, off in [(2, 40, 0, 5, 7, 8, False, 
         s = (torch.rand(c, generator=g) * 0.02 + 0.005) if fp8 == "per_channel" else torch.tensor([0.01]) if fp8 else None
         dt = torch.float8_e4m3fn if fp8 else torch.float32
     want = group_norm_act_reference(x, x2, a, wt, b, groups, 1e-5, silu, s, dt, zp, *q).float()
-    # the default launch (one segment per image at these sizes), then 16-row pixel blocks in 16-row segments (a
-    # tail segment; the finalize combines many partials) and 16-channel chunks (groups straddle chunks), then
-    # segments of 32 rows (two where an image has 33-64 pixels) with 32-row blocks
+    # the default launch (one segment per image at these sizes; one group per finalize program at these batch
+    # sizes), then 16-row pixel blocks in 16-row segments (a tail segment; the finalize combines many partials, 4
+    # groups a program) and 16-channel chunks (groups straddle chunks), then segments of 32 rows (two where an image
+    # has 33-64 pixels) with 32-row blocks (16 groups a finalize program: more than some layers have)
     # and the one-launch kernel for small images (blocks of whole groups; 16-row steps: several of them)
-    for plan in (None, norm_plan(n, c, h * w, x.device, block_c=16, block_p=16, programs=10**6),
-                 norm_plan(n, c, h * w, x.device, block_p=32 if h * w > 32 else 16, programs=10**6),
+    for plan in (None, dict(norm_plan(n, c, h * w, x.device, block_c=16, block_p=16, programs=10**6), block_g=4),
+                 dict(norm_plan(n, c, h * w, x.device, block_p=32 if h * w > 32 else 16, programs=10**6), block_g=16),
                  whole_plan(c, h * w, groups), dict(whole_plan(c, h * w, groups), block_p=16)):
         got = group_norm_act_triton(x, x2, a, wt, b, groups, 1e-5, silu, s, dt, zp, *q, plan=plan).float()
         if fp8:  # summation order may move a value across a rounding edge: count the codes that differ

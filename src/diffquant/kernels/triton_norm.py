@@ -289,6 +289,17 @@ def norm_plan(nb: int, c: int, hw: int, device: torch.device, block_c: Optional[
             "warps": warps if warps is not None else 4}
 
 
+def finalize_block_g(nb: int, num_groups: int, block_cg: int, target: int) -> int:
+    """Groups per finalize program: up to 256 columns of (group, channel) pairs, fewer while that leaves under
+    ``target`` programs (one per SM). At batch 1 the SD-1.5 UNet's finalize ran as 2 programs of 16 groups, each
+    walking ~100 segments' partials: 6.1 us a norm, more than the statistics (4.1) or the apply step (4.2) (H200,
+    2026-11-28, eighth measurement); one group per program makes 32 programs with one pass over the partials."""
+    block_g = max(1, min(triton.next_power_of_2(num_groups), 256 // block_cg))
+    while block_g > 1 and nb * triton.cdiv(num_groups, block_g) < target:
+        block_g //= 2
+    return block_g
+
+
 def whole_plan(c: int, hw: int, num_groups: int, warps: Optional[int] = None) -> dict:
     """The one-launch plan for small images (:func:`_gn_whole_kernel`): blocks of whole groups of about 64 channels
     (one group when a group has more), pixel blocks of up to 4,096 elements."""
@@ -361,7 +372,7 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
                                BLOCK_C=block_c, num_warps=warps)
     cpg = c // num_groups
     block_cg = max(2, triton.next_power_of_2(cpg))
-    block_g = max(1, min(triton.next_power_of_2(num_groups), 256 // block_cg))
+    block_g = pl.get("block_g") or finalize_block_g(nb, num_groups, block_cg, _num_sms(x.device))
     if "finalize" in stages:
         _gn_finalize_kernel[(nb, triton.cdiv(num_groups, block_g))](
             part_mean, part_m2, gmean, grstd, hw, c, segs, seg_p, cpg, num_groups, float(eps), 1.0 / (hw * cpg),
