@@ -214,8 +214,17 @@ def test_tensorwise_scaled_mm_matches_rowwise():
     base = float((want - ref).norm() / ref.norm())
     assert float((got - ref).norm() / ref.norm()) <= 1.5 * base + 1e-2, base
     assert set_fp8_gemm(cm, "rowwise") == n and all(m.fp8_gemm == "scaled_mm" for m in gemms)
+    # attention's Q/K/V projections excluded: they stay (or go back to) row-wise, the rest is tensor-wise
+    qkv = ("to_q", "to_k", "to_v")
+    set_fp8_gemm(cm, "tensorwise")
+    n_x = set_fp8_gemm(cm, "tensorwise", exclude=qkv)
+    kept = [m for m in gemms if m.layer_name.endswith(qkv)]
+    assert kept and n_x == n - len(kept)
+    assert all((m.fp8_gemm == "scaled_mm") == m.layer_name.endswith(qkv) for m in gemms)
     with pytest.raises(ValueError, match="allowed"):
         set_fp8_gemm(cm, "columnwise")
+    with pytest.raises(TypeError, match="sequence"):
+        set_fp8_gemm(cm, "tensorwise", exclude="to_q")
 
 
 def test_custom_op_opcheck():

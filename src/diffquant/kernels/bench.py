@@ -38,7 +38,7 @@ VARIANTS = ("bf16-eager", "bf16-compile", "torchao-int8dyn", "torchao-fp8", "dq-
             "dq-fp8-fp8attn", "dq-fp8-dyntoken", "dq-fp8-gn", "dq-int8-gn", "bf16-compile-gn", "dq-fp8-gn-qkv",
             "dq-int8-gn-qkv", "dq-fp8-gn-qkv-ff", "dq-fp8-gn-qkv-tw", "dq-fp8-gn-qkv-ff-tw", "dq-fp8-gn-qkv-te",
             "dq-int8-gn-qkv-te", "dq-fp8-gn-qkv-te-ff", "dq-fp8-gn-qkv-te-ff-tw",
-            "dq-fp8-fp8attn-gn-qkv-te-ff-tw")
+            "dq-fp8-fp8attn-gn-qkv-te-ff-tw", "dq-fp8-gn-qkv-te-ff-twq")
 
 
 def build_model(name: str) -> nn.Module:
@@ -106,6 +106,7 @@ def time_call(fn: Callable[[], Any], warmup: int = 5, reps: int = 30, graph: boo
 
 # the dq-* variants' suffixes, in the order they may follow one another (dq-fp8-gn-qkv-te-ff-tw):
 _SUFFIXES = (
+    "-twq",  # the same, except attention's Q/K/V projections (row-wise: attention reads their output directly)
     "-tw",  # cuBLAS FP8 GEMMs with tensor-wise scales (set_fp8_gemm)
     "-ff",  # GEGLU feed-forwards as diffquant::linear_geglu (fuse_ff)
     "-te",  # the ResNet blocks' time projections as one stacked GEMM (fuse_temb)
@@ -132,10 +133,10 @@ def _quantized(model: nn.Module, backend: str, calib_inputs: tuple) -> nn.Module
     cm = convert(q, backend, attention="fp8" if "-fp8attn" in on else "float", unsupported="float", inplace=True,
                  fp8_dynamic="token" if "-dyntoken" in on else False, min_channels=BENCH_MIN_CHANNELS,
                  fuse_norms="-gn" in on, fuse_qkv="-qkv" in on, fuse_ff="-ff" in on, fuse_temb="-te" in on)
-    if "-tw" in on:
+    if "-tw" in on or "-twq" in on:
         from diffquant.kernels.modules import set_fp8_gemm
 
-        set_fp8_gemm(cm, "tensorwise")
+        set_fp8_gemm(cm, "tensorwise", exclude=("to_qkv", "to_kv", "to_q", "to_k", "to_v") if "-twq" in on else ())
     return cm
 
 
