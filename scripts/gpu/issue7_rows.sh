@@ -8,21 +8,22 @@
 #          TUNE_TASKS (model:batch:variant,...; empty: no tuning, every GPU benches), TUNE_S (200), TUNE_ARGS (more
 #          tune_qconv.py options, e.g. --untuned-only or --skip-paths tma),
 #          DIFFQUANT_PROFILE_TOP (kernels listed per row's profile, default here 40)
-#   suggested calls for the next session (nvidia-h200-x4; written at the end of session 9, 2026-11-28):
-#   0. bash scripts/gpu/fused_ff.sh: the GPU tests of session 9's untimed kernels (diffquant::linear_geglu, the
-#      persistent conv kernel tma4dp), the GEGLU op alone (bench_geglu.py) and SD-1.5 b8 rows with and without
-#      convert(fuse_ff=True) (variant dq-fp8-gn-qkv-ff).
-#   1. SD-1.5 b8 against torchao in the same run (the torchao rows now compile with Inductor's defaults; CIFAR's took
-#      29-40 s), while GPU 3 re-tunes the CIFAR b256 FP8 shapes with the persistent 4-D TMA kernel as a candidate
-#      (path tma4dp; if call 0's -ff row wins, use dq-fp8-gn-qkv-ff in the rows):
-#        TUNE_TASKS=ddpm-cifar10-32:256:dq-fp8 TUNE_S=380 ROWS=sd15-unet:8:bf16-compile,sd15-unet:8:dq-fp8-gn-qkv,sd15-unet:8:torchao-fp8,sd15-unet:8:torchao-int8dyn bash scripts/gpu/issue7_rows.sh
-#      merge: diffquant tune-kernels --merge-from OUT/qconv_tuned.json --merge-into src/diffquant/kernels/tuned/nvidia-h200.json
-#   2. the same for SD b8 FP8 (TUNE_TASKS=sd15-unet:8:dq-fp8) with ROWS=ddpm-cifar10-32:256:bf16-compile,
-#      ddpm-cifar10-32:256:dq-fp8-gn-qkv (what the call-1 table is worth), and the 17 INT8 CIFAR shapes the last
-#      tuning had no time for (TUNE_TASKS=ddpm-cifar10-32:256:dq-int8 TUNE_ARGS=--untuned-only).
-#   3. small batches (0.51-0.87x of bf16, untuned): DIFFQUANT_QCONV_BORROW=1 rows at ddpm-cifar10-32:1/64 and
-#      sd15-unet:1, then TUNE_TASKS=sd15-unet:1:dq-fp8,ddpm-cifar10-32:64:dq-fp8,ddpm-cifar10-32:1:dq-fp8.
-#   4. the bench's zoo:cifar10-ddpm rows (the issue names that model too; none measured yet) and dq-w4a8 at b256.
+#   suggested calls for the next session (written at the end of session 10, 2026-11-28; session 9's list ran, see
+#   BENCHMARKS.md "Kernels, eighth measurement"):
+#   0. bash scripts/gpu/attention.sh (nvidia-h200-x4, carry .whl): the rewritten FP8 attention kernel's GPU tests,
+#      benchmarks/bench_attention.py (kernel vs bf16 SDPA per SD-1.5 shape, configs swept) and SD-1.5 b8 rows
+#      -te-ff-tw, fp8attn-...-tw and -twq (tensor-wise GEMMs except Q/K/V) against bf16-compile.
+#   1. the small-batch rest, with the finalize change (one group per program at small batch) timed:
+#        TUNE0=ddpm-cifar10-32:1:dq-fp8 TUNE1=zoo:cifar10-ddpm:256:dq-fp8 TUNE2=zoo:cifar10-ddpm:1:dq-fp8
+#        ROWS=sd15-unet:1:bf16-compile,sd15-unet:1:dq-fp8-gn-qkv-te-ff,ddpm-cifar10-32:1:bf16-compile,
+#        ddpm-cifar10-32:1:dq-fp8-gn-qkv-te,zoo:cifar10-ddpm:256:bf16-compile,zoo:cifar10-ddpm:256:dq-fp8-gn-qkv-te,
+#        zoo:cifar10-ddpm:1:bf16-compile,zoo:cifar10-ddpm:1:dq-fp8-gn-qkv-te
+#        SIDE_ROWS=ddpm-cifar10-32:256:bf16-compile,ddpm-cifar10-32:256:bf16-eager TUNE_ARGS=--untuned-only
+#        bash scripts/gpu/small_batch.sh
+#      then merge qconv_tuned_*.json from all.tgz (diffquant tune-kernels --merge-from ... --merge-into ...).
+#   2. the INT8 CIFAR b256 shapes never tuned: TUNE0=ddpm-cifar10-32:256:dq-int8 TUNE_ARGS=--untuned-only
+#      bash scripts/gpu/tune_split.sh, then ROWS=ddpm-cifar10-32:256:bf16-compile,ddpm-cifar10-32:256:dq-int8-gn-qkv-te.
+#   3. the GEGLU kernel at K = 320 (SD's 64x64 level: 281 TFLOPS, no faster than bf16): time its epilogue alone.
 #   Untimed switches: DIFFQUANT_FUSE_UP=0 (A/B of the fused up blocks), DIFFQUANT_BENCH_FREEZE=1.
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
