@@ -1159,7 +1159,7 @@ def test_fuse_ff_runs_geglu_in_one_op():
 def test_gpu_linear_geglu_matches_reference(m, k, i):
     """diffquant::linear_geglu's Triton kernel on the GPU against the float64 reference: SD-1.5 widths with a row
     tail, a short sequence, odd small sizes; poisoned output; e4m3 output (codes may cross a rounding edge: Hopper's
-    FP8 MMA accumulates differently) and bf16 output."""
+    FP8 MMA accumulates differently), also from the persistent kernel, and bf16 output."""
     from diffquant.kernels import ops
     from diffquant.kernels import triton_geglu as tg
     from diffquant.kernels.reference import linear_geglu_reference
@@ -1179,13 +1179,17 @@ def test_gpu_linear_geglu_matches_reference(m, k, i):
             else orig(*a).fill_(float("nan"))
         got8 = ops.linear_geglu(xq, wq, ws, a_s, b, so, torch.float8_e4m3fn).float()
         gotb = ops.linear_geglu(xq, wq, ws, a_s, b, None, torch.bfloat16).float()
+        # the persistent kernel (one program per SM walking the tiles)
+        got8p = tg.linear_geglu_triton(xq, wq, ws, a_s, b, so, torch.float8_e4m3fn,
+                                       config=dict(tg.pick_geglu_config(m, i, k), persistent=True)).float()
     finally:
         tg.new_out = orig
     want8 = linear_geglu_reference(xq, wq, ws, a_s, b, so, torch.float8_e4m3fn).float()
     wantb = linear_geglu_reference(xq, wq, ws, a_s, b, None, torch.float32)
-    assert torch.isfinite(got8).all() and torch.isfinite(gotb).all()
-    assert float((got8 != want8).float().mean()) < 2e-2
-    assert float((got8 - want8).norm() / want8.norm()) < 2e-2
+    assert torch.isfinite(got8).all() and torch.isfinite(gotb).all() and torch.isfinite(got8p).all()
+    for got in (got8, got8p):
+        assert float((got != want8).float().mean()) < 2e-2
+        assert float((got - want8).norm() / want8.norm()) < 2e-2
     assert float((gotb - wantb).norm() / wantb.norm()) < 1e-2
 
 

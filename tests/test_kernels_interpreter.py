@@ -142,8 +142,10 @@ g = torch.Generator().manual_seed(0)
 res = []
 small = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2)
 # M, K, I tails against the tiles; bias or not; e4m3 output with one or I scales, or bf16
+# the persistent kernel: 3 programs walking 9 and 8 tiles
 for m, k, i, bias, oq, cfg in [(37, 48, 40, True, "fp8", small), (70, 32, 24, False, "bf16", dict(small, BLOCK_M=32)),
-                               (33, 64, 48, True, "fp8_ch", None)]:
+                               (33, 64, 48, True, "fp8_ch", None), (37, 48, 40, True, "fp8", dict(small, persistent=True)),
+                               (70, 32, 24, False, "bf16", dict(small, BLOCK_M=32, persistent=True))]:
     x = torch.randn(m, k, generator=g)
     a_s = x.abs().amax().reshape(1) / 448
     xq = (x / a_s).to(torch.float8_e4m3fn)
@@ -165,11 +167,11 @@ print("RESULT" + json.dumps(res))
 
 def test_interpreter_linear_geglu_kernel_matches_reference():
     """diffquant::linear_geglu's kernel (two accumulators over the same A tiles, GEGLU and e4m3 quantization in the
-    epilogue): row, column and K tails, with and without bias, one or per-channel output scales, bf16 output;
-    poisoned output buffers."""
+    epilogue) and its persistent form: row, column and K tails, with and without bias, one or per-channel output
+    scales, bf16 output; poisoned output buffers."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = _run_script(GEGLU_SCRIPT.format(src=str(ROOT / "src")), env)
-    assert len(res) == 3
+    assert len(res) == 5
     for finite, err, kind in res:
         assert finite and err < {"codes": 5e-3, "bf16": 1e-2}[kind], (kind, err)
 
@@ -462,7 +464,8 @@ def test_group_norm_kernels_compile_for_hopper():
 def test_attention_and_conv_kernels_compile_for_hopper():
     """The FP8 attention kernel (V handed over keys-contiguous; head dims 40 and 160 padded to 64 and 256; e4m3 or
     bf16 output), the four conv kernels (gather, TMA over a padded copy, 4-D TMA and its persistent form; FP8, and
-    int8 with a zero point and the padding fix-up) and the GEGLU GEMM compile for sm_90 without a GPU."""
+    int8 with a zero point and the padding fix-up) and the GEGLU GEMM (and its persistent form) compile for sm_90
+    without a GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -541,4 +544,7 @@ def test_attention_and_conv_kernels_compile_for_hopper():
     built += bool(build(tg._linear_geglu_kernel, dict(HAS_BIAS=True, QUANT=True, OSCALE_PER_CH=False, BITCAST_FP8=False,
                                                        EMULATE=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128,
                                                        GROUP_M=8), geglu_type, warps=8, stages=3).asm.get("cubin"))
-    assert built == 11
+    built += bool(build(tg._linear_geglu_persistent_kernel, dict(
+        HAS_BIAS=True, QUANT=True, OSCALE_PER_CH=False, BITCAST_FP8=False, EMULATE=False, BLOCK_M=128, BLOCK_N=128,
+        BLOCK_K=128, GROUP_M=8, FLATTEN=True), geglu_type, warps=8, stages=3).asm.get("cubin"))
+    assert built == 12

@@ -22,16 +22,16 @@ import torch
 import triton
 import triton.language as tl
 
-from diffquant.kernels._triton_common import TensorDescriptor, grouped_tile, interpreting
+from diffquant.kernels._triton_common import TensorDescriptor, grouped_tile, grouped_tile_of, interpreting
 from diffquant.kernels.triton_attention import _e4m3
 
 
 @triton.jit
-def _linear_geglu_kernel(a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M, I, K,
-                         som, soi, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, OSCALE_PER_CH: tl.constexpr,
-                         BITCAST_FP8: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = grouped_tile(M, I, BLOCK_M, BLOCK_N, GROUP_M)
+def _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M, I, K, som,
+                soi, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, OSCALE_PER_CH: tl.constexpr,
+                BITCAST_FP8: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """One output tile: the h and g accumulators over K, then the epilogue."""
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
     acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -69,6 +69,32 @@ def _linear_geglu_kernel(a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, bias_p
         tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _linear_geglu_kernel(a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M, I, K,
+                         som, soi, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, OSCALE_PER_CH: tl.constexpr,
+                         BITCAST_FP8: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = grouped_tile(M, I, BLOCK_M, BLOCK_N, GROUP_M)
+    _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M, I, K, som,
+                soi, HAS_BIAS, QUANT, OSCALE_PER_CH, BITCAST_FP8, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _linear_geglu_persistent_kernel(a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M, I, K,
+                                    som, soi, NUM_PROGS, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr,
+                                    OSCALE_PER_CH: tl.constexpr, BITCAST_FP8: tl.constexpr, EMULATE: tl.constexpr,
+                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr):
+    """One program per SM walking the tiles; the tile loop is flattened into the K loop, so the next tile's first
+    loads are issued during this tile's epilogue. For short K (SD-1.5's 64x64 level: K = 320, three K steps), where
+    the non-persistent kernel waits for its loads and then for its epilogue on every tile."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(I, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=FLATTEN):
+        pid_m, pid_n = grouped_tile_of(tile, M, I, BLOCK_M, BLOCK_N, GROUP_M)
+        _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M, I, K,
+                    som, soi, HAS_BIAS, QUANT, OSCALE_PER_CH, BITCAST_FP8, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
 def pick_geglu_config(m: int, i: int, k: int) -> dict:
     """Block shape (not yet tuned on a GPU): 128 x 128 output tiles of h (and of g) with 128-deep K steps, 8 warps for
     the two accumulators; 64 rows for small M."""
@@ -87,7 +113,8 @@ def linear_geglu_triton(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
                         bias: Optional[torch.Tensor], out_scale: Optional[torch.Tensor], out_dtype: torch.dtype,
                         config: Optional[dict] = None) -> torch.Tensor:
     """``diffquant::linear_geglu`` on the GPU (or the interpreter); arguments as there. ``config``: a block config
-    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) instead of :func:`pick_geglu_config`'s."""
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages; ``persistent``: True for the persistent kernel) instead of
+    :func:`pick_geglu_config`'s."""
     if TensorDescriptor is None:
         raise RuntimeError("linear_geglu's kernel needs a Triton with tensor descriptors (triton.tools.tensor_descriptor)")
     m, k = xq.shape
@@ -112,9 +139,16 @@ def linear_geglu_triton(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
     b = bias.float().reshape(-1).contiguous() if bias is not None else ws
     so = out_scale.float().reshape(-1).contiguous() if quant else ws
     out_arg = out.view(torch.uint8) if quant else out
-    grid = (triton.cdiv(m, bm) * triton.cdiv(i, bn),)
-    _linear_geglu_kernel[grid](a_desc, w_desc, out_arg, sa, ws, b, so, m, i, k, out.stride(0), out.stride(1),
-                               HAS_BIAS=bias is not None, QUANT=quant, OSCALE_PER_CH=quant and so.numel() > 1,
-                               BITCAST_FP8=bitcast, EMULATE=bitcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    tiles = triton.cdiv(m, bm) * triton.cdiv(i, bn)
+    args = (a_desc, w_desc, out_arg, sa, ws, b, so, m, i, k, out.stride(0), out.stride(1))
+    flags = dict(HAS_BIAS=bias is not None, QUANT=quant, OSCALE_PER_CH=quant and so.numel() > 1, BITCAST_FP8=bitcast,
+                 EMULATE=bitcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=cfg["num_warps"],
+                 num_stages=cfg["num_stages"])
+    if cfg.get("persistent"):
+        from diffquant.kernels.triton_conv_tma import persistent_programs
+
+        progs = max(1, min(tiles, persistent_programs(xq.device)))
+        _linear_geglu_persistent_kernel[(progs,)](*args, progs, **flags, FLATTEN=not bitcast)
+    else:
+        _linear_geglu_kernel[(tiles,)](*args, **flags)
     return out
