@@ -99,9 +99,11 @@ def tma_unsupported(x: torch.Tensor, w: torch.Tensor, wzp, stride: Sequence[int]
 
 
 def pick_tma_config(MP: int, cout: int, ck: int, persistent: bool = False) -> dict:
-    """The untuned block config of the TMA conv kernels. ``persistent`` (path ``tma4dp``): that kernel keeps its
-    output tile in shared memory beside the operand stages, so 128 x 256 tiles get 2 stages, not 3 (3 asked for
-    262,192 bytes on an H200, whose limit is 232,448: the GPU test's 1,280-channel case, 2026-11-28)."""
+    """The untuned block config of the TMA conv kernels. ``persistent`` (path ``tma4dp``): 128 x 256 tiles get 2
+    stages, not 3. With 3, the persistent kernel asked for 262,192 bytes of shared memory on an H200, whose limit is
+    232,448 (the GPU test's 1,280-channel case, 2026-11-28). A compile for sm_90 without the GPU reports 135,216
+    bytes for that config, so the GPU's JIT specializes it differently; the cause is not known. A launch that still
+    runs out of shared memory retries with one stage fewer (:func:`qconv_tma4d`)."""
     bn = 256 if cout >= 1024 else 128 if cout > 64 else 64
     bk = 128 if ck >= 128 else 64 if ck >= 64 else 32
     stages = 2 if persistent and bn == 256 else 3
