@@ -227,6 +227,23 @@ def test_tensorwise_scaled_mm_matches_rowwise():
         set_fp8_gemm(cm, "tensorwise", exclude="to_q")
 
 
+def test_bench_variant_names_parse():
+    """Every dq-* variant of the bench names a backend followed by suffixes it knows, in the order they are peeled
+    (so "-twq" is not read as "-tw", nor a misspelt suffix as part of the backend); a bad name is refused."""
+    from diffquant.kernels.bench import _SUFFIXES, VARIANTS, split_variant
+
+    dq = [v for v in VARIANTS if v.startswith("dq-")]
+    assert dq
+    for v in dq:
+        backend, on = split_variant(v[3:])
+        rebuilt = backend + "".join(sfx for sfx in reversed(_SUFFIXES) if sfx in on)
+        assert rebuilt == v[3:], (v, backend, on)
+    assert split_variant("fp8-gn-qkv-te-ff-twq")[1] == {"-gn", "-qkv", "-te", "-ff", "-twq"}
+    for bad in ("fp8-tw-gn", "fp9-gn", "fp8-gnx"):
+        with pytest.raises(ValueError, match="not a backend"):
+            split_variant(bad)
+
+
 def test_custom_op_opcheck():
     c = _rand_case("int8", cin=8, cout=8, h=4, w=4, a_zp=3)
     args = (c["x"], c["w"], c["w_scale"], c["a_scale"], c["corr"], c["wzp"], c["bias"], c["add"], c["a_zp"],

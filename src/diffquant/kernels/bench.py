@@ -117,16 +117,28 @@ _SUFFIXES = (
 )
 
 
+def split_variant(name: str) -> tuple[str, set]:
+    """A dq-* variant's name without its ``dq-`` prefix -> (backend, the suffixes it carries), peeled off the end
+    in :data:`_SUFFIXES`' order; a name whose rest is not a backend is refused."""
+    from diffquant.kernels.modules import BACKENDS
+
+    backend, on = name, set()
+    for suffix in _SUFFIXES:
+        if backend.endswith(suffix):
+            backend = backend[: -len(suffix)]
+            on.add(suffix)
+    if backend not in BACKENDS:
+        raise ValueError(f"variant dq-{name}: {backend!r} is not a backend ({', '.join(BACKENDS)}) followed by "
+                         f"suffixes in the order {''.join(reversed(_SUFFIXES))}")
+    return backend, on
+
+
 def _quantized(model: nn.Module, backend: str, calib_inputs: tuple) -> nn.Module:
     from diffquant.convert import config_for_backend, convert
     from diffquant.models.adapter import call_model
     from diffquant.quantize import calibrate, quantize
 
-    on = set()  # the suffixes this variant carries, peeled off the end in this order
-    for suffix in _SUFFIXES:
-        if backend.endswith(suffix):
-            backend = backend[: -len(suffix)]
-            on.add(suffix)
+    backend, on = split_variant(backend)
     q = quantize(model, config_for_backend(backend))
     with torch.no_grad(), calibrate(q):
         call_model(q, *calib_inputs)
