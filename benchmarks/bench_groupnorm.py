@@ -4,16 +4,21 @@ what torch.compile makes of the same ops, on channels-last bf16 activations of t
 the GB/s of diffquant's kernels (two reads of the input, one write); for the up blocks' concatenations also the
 two-tensor form (diffquant::group_norm_act_dual against Inductor's cat + norm + both quantizations).
 
-    python benchmarks/bench_groupnorm.py [--out benchmarks/results/groupnorm.json] [--sweep]
+    python benchmarks/bench_groupnorm.py [--out benchmarks/results/groupnorm.json] [--sweep] [--batch N]
 
 --sweep adds, per shape, each kernel timed alone (statistics, finalize, apply with e4m3 output) under the default
-launch plan and under variants of it (programs per SM, pixel rows per step, warps), the one-launch kernel for
-images of up to 1,024 pixels ("whole"), and a bf16 copy of the input as the bandwidth roof.
+launch plan and under variants of it (programs per SM, pixel rows per step, warps, the finalize's groups per
+program as before session 10), the one-launch kernel ("whole": for images of up to 1,024 pixels, or up to 16,384
+pixels in all; also with 1 and 2 groups per program), and a bf16 copy of the input as the bandwidth roof.
+--batch N runs every shape at batch N instead of the UNets' (1: the small-batch case, where the three launches of
+the segmented kernels cost more than their work).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +55,11 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/groupnorm.json")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--batch", type=int, default=None, help="every shape at this batch size")
     a = ap.parse_args()
+    global SHAPES
+    if a.batch is not None:
+        SHAPES = [(label, a.batch, *rest) for label, _n, *rest in SHAPES]
     if not torch.cuda.is_available():
         raise SystemExit("bench_groupnorm.py needs a CUDA GPU")
     rows = []
@@ -80,7 +89,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row))
     sweep = _sweep(a.reps, time_call) if a.sweep else []
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "sweep": sweep,
+    res = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
+           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "sweep": sweep,
            "sum_inductor_fp8_ms": round(sum(r["inductor_fp8_ms"] for r in rows), 4),
            "sum_diffquant_fp8_ms": round(sum(r["diffquant_fp8_ms"] for r in rows), 4)}
     with open(a.out, "w") as f:
@@ -122,6 +132,8 @@ def _dual(x, wt, b, s, groups, c1, reps, time_call) -> dict:
 
 
 def _sweep(reps, time_call) -> list:
+    import triton
+
     from diffquant.kernels.triton_conv import _num_sms
     from diffquant.kernels.triton_norm import group_norm_act_triton, norm_plan, whole_plan
 
@@ -130,19 +142,26 @@ def _sweep(reps, time_call) -> list:
     for label, n, c, h, w, groups in SHAPES:
         x, t, wt, b, s = _tensors(n, c, h, w)
         base = norm_plan(n, c, h * w, x.device)
+        block_cg = max(2, triton.next_power_of_2(c // groups))
+        old_block_g = max(1, min(triton.next_power_of_2(groups), 256 // block_cg))  # the finalize before session 10
         variants = {"default": {}, "programs 2/SM": {"programs": 2 * sms}, "programs 8/SM": {"programs": 8 * sms},
                     "rows x0.5": {"block_p": max(16, base["block_p"] // 2)}, "rows x2": {"block_p": base["block_p"] * 2},
-                    "8 warps": {"warps": 8}, "chunk 64": {"block_c": min(64, base["block_c"])}}
+                    "8 warps": {"warps": 8}, "chunk 64": {"block_c": min(64, base["block_c"])},
+                    f"finalize {old_block_g} groups/program": {"block_g": old_block_g}}
         row = {"shape": label, "copy_ms": round(time_call(lambda: x.clone(), reps=reps)[0], 5)}
         row["copy_GBps"] = round(2 * x.numel() * 2 / row["copy_ms"] / 1e6, 1)
-        if h * w <= 1024:  # the one-launch kernel (whole groups of whole images per program)
-            plan = whole_plan(c, h * w, groups)
-            with torch.no_grad():
-                ms = time_call(lambda: group_norm_act_triton(x, None, t, wt, b, groups, 1e-5, True, s,
-                                                             torch.float8_e4m3fn, plan=plan), reps=reps)[0]
-            row["whole"] = {"plan": plan, "all": round(ms, 5)}
+        if h * w <= 1024 or n * h * w <= 16384:  # the one-launch kernel (whole groups of whole images per program)
+            for wname, gpp in (("whole", None), ("whole 1 group", 1), ("whole 2 groups", 2)):
+                plan = whole_plan(c, h * w, groups, gpp=gpp)
+                with torch.no_grad():
+                    ms = time_call(lambda: group_norm_act_triton(x, None, t, wt, b, groups, 1e-5, True, s,
+                                                                 torch.float8_e4m3fn, plan=plan), reps=reps)[0]
+                row[wname] = {"plan": plan, "all": round(ms, 5)}
         for name, kw in variants.items():
+            block_g = kw.pop("block_g", None)
             plan = norm_plan(n, c, h * w, x.device, **kw)
+            if block_g is not None:
+                plan = dict(plan, block_g=block_g)
             r = {"plan": plan}
             with torch.no_grad():
                 for stages in (("stats",), ("finalize",), ("apply",), ("stats", "finalize", "apply")):

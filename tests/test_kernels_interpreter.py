@@ -354,10 +354,12 @@ for n, c1, c2, h, w, groups, add, silu, fp8, off in [(2, 40, 0, 5, 7, 8, False, 
     # sizes), then 16-row pixel blocks in 16-row segments (a tail segment; the finalize combines many partials, 4
     # groups a program) and 16-channel chunks (groups straddle chunks), then segments of 32 rows (two where an image
     # has 33-64 pixels) with 32-row blocks (16 groups a finalize program: more than some layers have)
-    # and the one-launch kernel for small images (blocks of whole groups; 16-row steps: several of them)
+    # and the one-launch kernel for small images (blocks of whole groups; 16-row steps: several of them; one group
+    # a program)
     for plan in (None, dict(norm_plan(n, c, h * w, x.device, block_c=16, block_p=16, programs=10**6), block_g=4),
                  dict(norm_plan(n, c, h * w, x.device, block_p=32 if h * w > 32 else 16, programs=10**6), block_g=16),
-                 whole_plan(c, h * w, groups), dict(whole_plan(c, h * w, groups), block_p=16)):
+                 whole_plan(c, h * w, groups), dict(whole_plan(c, h * w, groups), block_p=16),
+                 whole_plan(c, h * w, groups, gpp=1)):
         got = group_norm_act_triton(x, x2, a, wt, b, groups, 1e-5, silu, s, dt, zp, *q, plan=plan).float()
         if fp8:  # summation order may move a value across a rounding edge: count the codes that differ
             res.append([bool(torch.isfinite(got).all()), float((got != want).float().mean()), "codes"])
@@ -411,7 +413,7 @@ def test_interpreter_group_norm_act_kernels_match_reference():
     point (per tensor and per channel), against the reference; outputs poisoned."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = _run_script(GN_SCRIPT.format(src=str(ROOT / "src")), env)
-    assert len(res) == 40 + 18
+    assert len(res) == 48 + 18
     for finite, err, kind in res:
         assert finite, kind
         assert err < {"codes": 5e-3, "f32": 1e-5, "raw": 1e-9}[kind], (kind, err)

@@ -300,11 +300,12 @@ def finalize_block_g(nb: int, num_groups: int, block_cg: int, target: int) -> in
     return block_g
 
 
-def whole_plan(c: int, hw: int, num_groups: int, warps: Optional[int] = None) -> dict:
+def whole_plan(c: int, hw: int, num_groups: int, warps: Optional[int] = None, gpp: Optional[int] = None) -> dict:
     """The one-launch plan for small images (:func:`_gn_whole_kernel`): blocks of whole groups of about 64 channels
-    (one group when a group has more), pixel blocks of up to 4,096 elements."""
+    (one group when a group has more; ``gpp`` groups per program instead, for the benchmark's sweep), pixel blocks
+    of up to 4,096 elements."""
     cpg = c // num_groups
-    gpp = max(1, min(num_groups, 64 // cpg))
+    gpp = max(1, min(num_groups, gpp if gpp is not None else 64 // cpg))
     block_c = max(16, triton.next_power_of_2(gpp * cpg))
     return {"kind": "whole", "gpp": gpp, "block_c": block_c, "block_g": max(2, triton.next_power_of_2(gpp)),
             "block_p": max(16, min(triton.next_power_of_2(hw), 4096 // block_c)), "warps": warps or 4}
