@@ -19,6 +19,7 @@
 #        ddpm-cifar10-32:1:dq-fp8-gn-qkv-te,zoo:cifar10-ddpm:256:bf16-compile,zoo:cifar10-ddpm:256:dq-fp8-gn-qkv-te,
 #        zoo:cifar10-ddpm:1:bf16-compile,zoo:cifar10-ddpm:1:dq-fp8-gn-qkv-te
 #        SIDE_ROWS=ddpm-cifar10-32:256:bf16-compile,ddpm-cifar10-32:256:bf16-eager TUNE_ARGS=--untuned-only
+#        GN_ARGS="--sweep --batch 1" (the norm kernels at batch 1: the finalize change, the one-launch kernel)
 #        bash scripts/gpu/small_batch.sh
 #      then merge qconv_tuned_*.json from all.tgz (diffquant tune-kernels --merge-from ... --merge-into ...).
 #   2. the INT8 CIFAR b256 shapes never tuned: TUNE0=ddpm-cifar10-32:256:dq-int8 TUNE_ARGS=--untuned-only
