@@ -460,7 +460,12 @@ def test_group_norm_kernels_compile_for_hopper():
         built += bool(build(tn._gn_whole_kernel, dict(flags, BLOCK_P=64, BLOCK_C=64, BLOCK_G=8)).asm.get("cubin"))
     built += bool(build(tn._gn_stats_kernel, dict(HAS_X2=True, HAS_ADD=True, BLOCK_P=32, BLOCK_C=128)).asm.get("cubin"))
     built += bool(build(tn._gn_finalize_kernel, dict(BLOCK_S=16, BLOCK_G=32, BLOCK_CG=4)).asm.get("cubin"))
-    assert built == 14
+    # one group a program: the finalize at small batch, and the one-launch kernel with gpp=1
+    built += bool(build(tn._gn_finalize_kernel, dict(BLOCK_S=128, BLOCK_G=1, BLOCK_CG=16)).asm.get("cubin"))
+    built += bool(build(tn._gn_whole_kernel, dict(HAS_X2=False, HAS_ADD=True, SILU=True, QUANT=True, INT8=False,
+                                                   SCALE_PER_CH=False, RAW=False, RAW_INT8=False, RAW_PER_CH=False,
+                                                   EMULATE=False, BLOCK_P=256, BLOCK_C=16, BLOCK_G=2)).asm.get("cubin"))
+    assert built == 16
 
 
 def test_attention_and_conv_kernels_compile_for_hopper():
