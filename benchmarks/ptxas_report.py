@@ -26,6 +26,7 @@ from triton.compiler import ASTSource
 
 
 def _build(fn, consts: dict, types, warps: int, stages: int):
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
     sig = {n: "constexpr" if n in consts else types(n) for n in fn.arg_names}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": warps, "num_stages": stages})

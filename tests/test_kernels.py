@@ -714,6 +714,57 @@ def test_gpu_tma_path_matches_reference(case, path, monkeypatch):
         assert float((got.double() - want).norm() / want.norm()) < (1e-5 if kind == "int8" else 5e-3), sliced
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("path,h,w", [("tma4d", 64, 64), ("tma4d", 17, 13), ("gather", 17, 13), ("tma", 17, 13)])
+def test_gpu_fp8_precise_accumulation_matches_reference(path, h, w, monkeypatch):
+    """DIFFQUANT_FP8_ACC=precise (FP8 products promoted into the fp32 accumulator every 64): the FP8 conv kernels
+    (the 4-D TMA kernel with one-row tiles; with multi-row tiles rerouted to the padded 2-D kernel), the GEGLU GEMM
+    and the attention kernel compile and match their references at least as closely as in the default mode."""
+    from diffquant.kernels import ops, triton_conv, tuning
+    from diffquant.kernels import triton_geglu as tg
+    from diffquant.kernels.reference import fp8_attention_reference, linear_geglu_reference
+
+    c = _rand_case("fp8", n=2, cin=256, cout=128, h=h, w=w, k=3, device="cuda")
+    want = _call(qconv_ref, c, 1, 1, 1, torch.float64)
+    cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, path=path)
+    errs = {}
+    for mode in ("fast", "precise"):
+        monkeypatch.setenv("DIFFQUANT_FP8_ACC", mode)
+        seen = []
+        real = triton_conv.precise_path
+        monkeypatch.setattr(triton_conv, "precise_path", lambda *a: seen.append(real(*a)) or seen[-1])
+        with tuning.forced_config(cfg):
+            got = _call(qconv, c, 1, 1, 1, torch.float32)
+        assert torch.isfinite(got).all()
+        errs[mode] = float((got.double() - want).norm() / want.norm())
+        if mode == "precise" and path == "tma4d":  # one row of 64 keeps the 4-D kernel; 17 x 13 does not
+            assert seen == ["tma4d" if w == 64 else "tma"], seen
+    assert errs["precise"] < 5e-3 and errs["precise"] <= errs["fast"] * 1.05 + 1e-7, errs
+    if path != "gather" or h != 17:
+        return
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2048, 1280, device="cuda", generator=g)
+    a_s = x.abs().amax().reshape(1) / 448
+    xq = (x / a_s).to(torch.float8_e4m3fn)
+    wt = torch.randn(2 * 640, 1280, device="cuda", generator=g) * 0.05
+    ws = wt.abs().amax(1) / 448
+    wq = (wt / ws[:, None]).to(torch.float8_e4m3fn)
+    so = torch.tensor([0.01], device="cuda")
+    want8 = linear_geglu_reference(xq, wq, ws, a_s, None, so, torch.float8_e4m3fn).float()
+    q, k, v = (torch.randn(2, 8, 1024, 40, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    want_a = fp8_attention_reference(q, k, v, 40 ** -0.5).float()
+    differ, rel_a = {}, {}
+    for mode in ("fast", "precise"):
+        monkeypatch.setenv("DIFFQUANT_FP8_ACC", mode)
+        got8 = tg.linear_geglu_triton(xq, wq, ws, a_s, None, so, torch.float8_e4m3fn).float()
+        differ[mode] = float((got8 != want8).float().mean())
+        got_a = ops.fp8_attention(q, k, v, 40 ** -0.5).float()
+        rel_a[mode] = float((got_a - want_a).norm() / want_a.norm())
+    assert differ["precise"] <= differ["fast"] and differ["precise"] < 2e-2, differ
+    assert rel_a["precise"] < 2e-2, rel_a
+
+
 # ---- FP8 attention (diffquant::fp8_attention) --------------------------------------------------------------
 def test_fp8_attention_reference_close_to_float_and_op_checks():
     from diffquant.kernels import fp8_attention

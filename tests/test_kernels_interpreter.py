@@ -472,7 +472,7 @@ def test_attention_and_conv_kernels_compile_for_hopper():
     """The FP8 attention kernel (V handed over keys-contiguous; head dims 40 and 160 padded to 64 and 256; e4m3 or
     bf16 output), the four conv kernels (gather, TMA over a padded copy, 4-D TMA and its persistent form; FP8, and
     int8 with a zero point and the padding fix-up) and the GEGLU GEMM (and its persistent form) compile for sm_90
-    without a GPU."""
+    without a GPU; some with DIFFQUANT_FP8_ACC=precise's promoted FP8 accumulation."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -484,6 +484,8 @@ def test_attention_and_conv_kernels_compile_for_hopper():
     from diffquant.kernels import triton_conv_tma as tt
 
     def build(fn, consts, types, warps=4, stages=3):
+        # constexprs with a default (the FP8 accumulation knobs) take it unless given
+        consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
         sig = {n: "constexpr" if n in consts else types(n) for n in fn.arg_names}
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
@@ -497,10 +499,11 @@ def test_attention_and_conv_kernels_compile_for_hopper():
         return "fp32" if n == "sm_scale" else "i32"
 
     built = 0
-    for d, bd, bm, quant in ((40, 64, 128, False), (160, 256, 64, True)):
+    # the second: DIFFQUANT_FP8_ACC=precise (each dot's FP8 products promoted into the fp32 accumulator)
+    for d, bd, bm, quant, acc in ((40, 64, 128, False, None), (160, 256, 64, True, 64)):
         types = lambda n: ("*u8" if quant else "*bf16") if n == "o_ptr" else attn_type(n)  # noqa: E731
         k = build(ta._fp8_attn_kernel, dict(D=d, BLOCK_M=bm, BLOCK_N=64, BLOCK_D=bd, EMULATE=False, QUANT_OUT=quant,
-                                                 EVEN_K=not quant),
+                                                 EVEN_K=not quant, ACC_QK=acc, ACC_PV=acc and 32),
                   types, warps=8 if bm * bd >= 128 * 128 else 4, stages=3 if bd <= 128 else 2)
         built += bool(k.asm.get("cubin"))
 
@@ -531,6 +534,10 @@ def test_attention_and_conv_kernels_compile_for_hopper():
                       HAS_ADD=True, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
         built += bool(build(tt._qconv_tma4d_kernel, dict(common, KH=3, PAD_FIX=not fp8, BI=1, BH=8, BW=16), tma_type,
                             warps=8, stages=4).asm.get("cubin"))
+        # one-row tiles ([1, 1, BW, BK] boxes: A from shared memory), with precise FP8 accumulation where FP8
+        built += bool(build(tt._qconv_tma4d_kernel, dict(common, KH=3, PAD_FIX=not fp8, BI=1, BH=1, BW=128,
+                                                          FP8_ACC=32 if fp8 else None),
+                            lambda n, f=tma_type: f(n, a_box="1, 1, 128, 64"), warps=8, stages=4).asm.get("cubin"))
         # the persistent form, its tile loop flattened into the tap loop (software-pipelined across tiles)
         built += bool(build(tt._qconv_tma4d_persistent_kernel, dict(common, KH=3, PAD_FIX=not fp8, BI=1, BH=8, BW=16,
                                                                      FLATTEN=True), tma_type,
@@ -553,5 +560,35 @@ def test_attention_and_conv_kernels_compile_for_hopper():
                                                        GROUP_M=8), geglu_type, warps=8, stages=3).asm.get("cubin"))
     built += bool(build(tg._linear_geglu_persistent_kernel, dict(
         HAS_BIAS=True, QUANT=True, OSCALE_PER_CH=False, BITCAST_FP8=False, EMULATE=False, BLOCK_M=128, BLOCK_N=128,
-        BLOCK_K=128, GROUP_M=8, FLATTEN=True), geglu_type, warps=8, stages=3).asm.get("cubin"))
-    assert built == 12
+        BLOCK_K=128, GROUP_M=8, FLATTEN=True, FP8_ACC=64), geglu_type, warps=8, stages=3).asm.get("cubin"))
+    assert built == 14
+
+
+def test_fp8_accumulation_knob_and_its_routing(monkeypatch):
+    """DIFFQUANT_FP8_ACC: "fast" (Triton's default on sm_90, no promotion) gives no max_num_imprecise_acc; "precise"
+    promotes every 64 products (32 in a dot of 64; none possible in a dot of 32), FP8 only; a bad value is refused.
+    Under "precise" an FP8 call whose 4-D TMA tile spans several rows (A reshaped in registers: Triton cannot
+    promote there) takes the padded 2-D TMA kernel; one-row tiles, int8 and the default mode keep their kernel.
+    The interpreter's GEGLU and attention kernels still match their references under "precise"."""
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
+    from diffquant.kernels._triton_common import fp8_acc
+    from diffquant.kernels.triton_conv import precise_path
+
+    monkeypatch.delenv("DIFFQUANT_FP8_ACC", raising=False)
+    assert fp8_acc(128) is None and precise_path("tma4d", 128, 32, 32, True) == "tma4d"
+    monkeypatch.setenv("DIFFQUANT_FP8_ACC", "precise")
+    assert (fp8_acc(256), fp8_acc(128), fp8_acc(64), fp8_acc(32), fp8_acc(128, fp8=False)) == (64, 64, 32, None, None)
+    assert precise_path("tma4d", 128, 32, 32, True) == "tma"  # 4 rows of 32
+    assert precise_path("tma4dp", 128, 8, 8, True) == "tma"  # 2 images of 8 x 8
+    assert precise_path("tma4d", 64, 64, 64, True) == "tma4d"  # one row of 64
+    assert precise_path("tma4d", 128, 32, 32, False) == "tma4d"  # int8
+    assert precise_path("gather", 128, 32, 32, True) == "gather"
+    monkeypatch.setenv("DIFFQUANT_FP8_ACC", "exact")
+    with pytest.raises(ValueError, match="allowed"):
+        fp8_acc(128)
+    env = dict(os.environ, TRITON_INTERPRET="1", DIFFQUANT_FP8_ACC="precise")
+    for finite, err, kind in _run_script(GEGLU_SCRIPT.format(src=str(ROOT / "src")), env):
+        assert finite and err < {"codes": 5e-3, "bf16": 1e-2}[kind], (kind, err)
+    for finite, rel in _run_script(ATTN_SCRIPT.format(src=str(ROOT / "src")), env):
+        assert finite and rel < 1e-5, rel

@@ -18,6 +18,32 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+FP8_ACC_MODES = ("fast", "precise")
+
+
+def fp8_precise() -> bool:
+    """``DIFFQUANT_FP8_ACC=precise`` (default ``fast``): see :func:`fp8_acc`."""
+    mode = os.environ.get("DIFFQUANT_FP8_ACC", "fast")
+    if mode not in FP8_ACC_MODES:
+        raise ValueError(f"DIFFQUANT_FP8_ACC={mode!r}; allowed: {', '.join(FP8_ACC_MODES)}")
+    return mode == "precise"
+
+
+def fp8_acc(k: int, fp8: bool = True):
+    """``max_num_imprecise_acc`` for a Triton FP8 dot over ``k`` products. None, Triton's default on sm_90, lets the
+    tensor cores accumulate the FP8 products in their own reduced precision across the whole K loop (``2**30``
+    products before a promotion; 1-3 % of the GEGLU kernel's e4m3 codes then differ from a float reference's, H200,
+    2026-11-28). With ``DIFFQUANT_FP8_ACC=precise`` every 64 products (32 in a dot of 64) go to a partial
+    accumulator that is added to the fp32 one in full precision, the way cuBLAS's FP8 GEMMs (``_scaled_mm`` without
+    ``use_fast_accum``) and DeepSeek-V3's promotion work. Triton 3.6 promotes only when the value is below the dot's
+    K (equal to it compiles to the same code as None) and at least 32, so a dot of 32 products stays unpromoted.
+    None also for non-FP8 operands (int8 accumulates exactly)."""
+    if not (fp8 and fp8_precise()):
+        return None
+    k = int(k)
+    return 64 if k > 64 else 32 if k > 32 else None
+
+
 @triton.jit
 def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """This program's (pid_m, pid_n), GROUP_M row tiles at a time (L2 reuse of the B tiles)."""

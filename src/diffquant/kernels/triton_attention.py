@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from diffquant.kernels._triton_common import interpreting
+from diffquant.kernels._triton_common import fp8_acc, interpreting
 
 
 @triton.jit
@@ -52,7 +52,8 @@ def _e4m3(x, EMULATE: tl.constexpr):
 
 @triton.jit
 def _attn_block(q, k_base, v_base, start, SK, sks, skd, svs, svd, offs_d, d_ok, c, ones, m_i, l16, acc,
-                BLOCK_N: tl.constexpr, MASK: tl.constexpr, EMULATE: tl.constexpr):
+                BLOCK_N: tl.constexpr, MASK: tl.constexpr, EMULATE: tl.constexpr, ACC_QK: tl.constexpr,
+                ACC_PV: tl.constexpr):
     """One key block of the online softmax, in the log2 domain (``c`` = the three scales x sm_scale x log2(e), so
     that each score costs one FMA and one ex2). MASK: keys past SK (the last block only). The row sums of the
     quantized P come from the tensor cores, ``P8 · ones`` into the [BLOCK_M, 16] ``l16`` (its 16 columns equal),
@@ -69,14 +70,14 @@ def _attn_block(q, k_base, v_base, start, SK, sks, skd, svs, svd, offs_d, d_ok, 
                      other=0).to(tl.float8e4nv, bitcast=True)
         v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :],
                     other=0).to(tl.float8e4nv, bitcast=True)
-    s = tl.dot(q, kt)
+    s = tl.dot(q, kt, max_num_imprecise_acc=ACC_QK)
     if MASK:
         s = tl.where(n_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * c)
     alpha = tl.exp2(m_i - m_new)
     p8 = _e4m3(tl.exp2(s * c - m_new[:, None]), EMULATE)
-    l16 = l16 * alpha[:, None] + tl.dot(p8, ones)
-    acc = acc * alpha[:, None] + tl.dot(p8, v)
+    l16 = l16 * alpha[:, None] + tl.dot(p8, ones, max_num_imprecise_acc=ACC_PV)
+    acc = acc * alpha[:, None] + tl.dot(p8, v, max_num_imprecise_acc=ACC_PV)
     return m_new, l16, acc
 
 
@@ -86,7 +87,7 @@ def _fp8_attn_kernel(
     SQ, SK, H, sm_scale,
     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr,
-    QUANT_OUT: tl.constexpr, EVEN_K: tl.constexpr,
+    QUANT_OUT: tl.constexpr, EVEN_K: tl.constexpr, ACC_QK: tl.constexpr = None, ACC_PV: tl.constexpr = None,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -111,7 +112,7 @@ def _fp8_attn_kernel(
     # else every block takes it (cross-attention's 77 tokens: two blocks). One loop either way, one copy of its body.
     for start in range(0, SK, BLOCK_N):
         m_i, l16, acc = _attn_block(q, k_base, v_base, start, SK, sks, skd, svs, svd, offs_d, d_ok, c, ones, m_i, l16,
-                                    acc, BLOCK_N, not EVEN_K, EMULATE)
+                                    acc, BLOCK_N, not EVEN_K, EMULATE, ACC_QK, ACC_PV)
     l_i = tl.max(l16, axis=1)
     out = acc * (s_v / l_i)[:, None]
     o_ptrs = o_ptr + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod
@@ -155,7 +156,8 @@ def fp8_attention_triton(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, s
         sq, sk, heads, float(sm_scale),
         *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(),
         D=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_D=block_d,
-        EMULATE=interpreting(), QUANT_OUT=quant, EVEN_K=sk % block_n == 0,
+        EMULATE=interpreting(), QUANT_OUT=quant, EVEN_K=sk % block_n == 0, ACC_QK=fp8_acc(block_d),
+        ACC_PV=fp8_acc(block_n),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

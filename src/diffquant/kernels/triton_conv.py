@@ -13,6 +13,8 @@ Importing this module needs Triton; :mod:`diffquant.kernels.ops` imports it only
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -21,7 +23,9 @@ import triton
 import triton.language as tl
 
 from diffquant.kernels import triton_conv_tma, tuning
-from diffquant.kernels._triton_common import dequant_store, grouped_tile
+from diffquant.kernels._triton_common import dequant_store, fp8_acc, fp8_precise, grouped_tile
+
+log = logging.getLogger(__name__)
 
 
 # Integer arguments equal to 1 or divisible by 16 are specialised by Triton (one compilation per
@@ -43,7 +47,7 @@ def _qconv_kernel(
     A_INT: tl.constexpr, A_FP8: tl.constexpr, W4: tl.constexpr, HAS_AZP: tl.constexpr, PAD_FIX: tl.constexpr, HAS_ASCALE: tl.constexpr,
     HAS_WZP: tl.constexpr, HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr = False, IEEE: tl.constexpr = False,
+    EVEN_K: tl.constexpr = False, IEEE: tl.constexpr = False, FP8_ACC: tl.constexpr = None,
 ):
     pid_m, pid_n = grouped_tile(M, Cout, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -116,7 +120,7 @@ def _qconv_kernel(
             if IEEE:
                 acc = tl.dot(a, b, acc, out_dtype=acc.dtype, input_precision="ieee")
             else:
-                acc = tl.dot(a, b, acc, out_dtype=acc.dtype)
+                acc = tl.dot(a, b, acc, out_dtype=acc.dtype, max_num_imprecise_acc=FP8_ACC)
             if HAS_WZP:
                 rs += tl.sum(a.to(rs.dtype), axis=1)
 
@@ -212,6 +216,27 @@ def _config(x, key: str, M: int, cout: int, ck: int, w4: bool, ok_paths: frozens
     return pick_config(M, cout, ck, x.element_size() == 1, w4, x.device, a_bytes=x.element_size())
 
 
+def precise_path(path: str, block_m: int, ho: int, wo: int, fp8: bool) -> str:
+    """The kernel an FP8 call takes under ``DIFFQUANT_FP8_ACC=precise`` (:func:`._triton_common.fp8_acc`): the 4-D TMA
+    kernels keep one-row tiles ([1, 1, BW, BK] boxes, read by the MMA from shared memory), but a tile of several
+    rows or images is reshaped in registers, where Triton 3.6 cannot promote the accumulation (the compile fails);
+    those calls take the padded 2-D TMA kernel with the same block config, which runs every shape the 4-D ones do
+    (logged once per shape). Tune in the default mode: the tuner's 4-D candidates would be rerouted too."""
+    if not (fp8 and path in ("tma4d", "tma4dp") and fp8_precise()):
+        return path
+    bi, bh, _ = triton_conv_tma.tile_4d(block_m, ho, wo)
+    if bi * bh == 1:
+        return path
+    _log_reroute(path, block_m, ho, wo)
+    return "tma"
+
+
+@functools.lru_cache(maxsize=None)
+def _log_reroute(path: str, block_m: int, ho: int, wo: int) -> None:
+    log.info("DIFFQUANT_FP8_ACC=precise: %dx%d output, %d-pixel tiles of several rows: %s -> tma (padded 2-D TMA)",
+             ho, wo, block_m, path)
+
+
 def tma_paths(x, w, wzp, stride, padding, dilation, w4: bool, a_zp: int, pad_corr) -> frozenset:
     """The TMA kernels that can run this call: {"tma", "tma4d", "tma4dp"}, a subset, or none."""
     if triton_conv_tma.tma_unsupported(x, w, wzp, stride, dilation, w4) is not None:
@@ -258,7 +283,7 @@ def qconv_triton(
     if tuning._RECORD["calls"] is not None:
         tuning._RECORD["calls"].append((key, (x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, list(stride),
                                               list(padding), list(dilation), w4, out_dtype), {"pad_corr": pad_corr}))
-    path = cfg.get("path", "gather")
+    path = precise_path(cfg.get("path", "gather"), cfg["BLOCK_M"], ho, wo, x.dtype == torch.float8_e4m3fn)
     if path != "gather" and path not in ok_paths:
         raise ValueError(f"{key}: the forced {path} config cannot run this call "
                          f"({triton_conv_tma.tma4d_unsupported(x, w, wzp, stride, dilation, w4, a_zp, padding, pad_corr)})")
@@ -296,6 +321,7 @@ def qconv_triton(
         KH=kh, KW=kw, A_INT=a_int, A_FP8=a_fp8, W4=w4, HAS_AZP=padded and not pad_fix, PAD_FIX=pad_fix, HAS_ASCALE=a_scale is not None,
         HAS_WZP=wzp is not None, HAS_CORR=corr is not None, HAS_BIAS=bias is not None, HAS_ADD=add is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, GROUP_M=8, EVEN_K=ck % bk == 0,
+        FP8_ACC=fp8_acc(bk, a_fp8 and not w4),
         # fp32 operands: TF32 or IEEE as PyTorch's own conv would (torch.backends.cudnn.allow_tf32)
         IEEE=x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

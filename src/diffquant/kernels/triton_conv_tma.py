@@ -32,8 +32,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from diffquant.kernels._triton_common import (TensorDescriptor, dequant_store, grouped_tile, grouped_tile_of,
-                                              interpreting as _interpreting, tap_block, zero_acc)
+from diffquant.kernels._triton_common import (TensorDescriptor, dequant_store, fp8_acc, grouped_tile,
+                                              grouped_tile_of, interpreting as _interpreting, tap_block, zero_acc)
 
 
 @triton.jit(do_not_specialize=["MP", "HP", "WP", "Ho", "Wo", "NITER"])
@@ -45,6 +45,7 @@ def _qconv_tma_kernel(
     KW: tl.constexpr, A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr, HAS_ASCALE: tl.constexpr,
     HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FP8_ACC: tl.constexpr = None,
 ):
     pid_m, pid_n = grouped_tile(MP, Cout, BLOCK_M, BLOCK_N, GROUP_M)
     m0 = pid_m * BLOCK_M
@@ -58,7 +59,7 @@ def _qconv_tma_kernel(
         if BITCAST_FP8:  # the interpreter has no FP8 descriptors: FP8 travels as its bytes
             a = a.to(tl.float8e4nv, bitcast=True)
             b = b.to(tl.float8e4nv, bitcast=True)
-        acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype)
+        acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype, max_num_imprecise_acc=FP8_ACC)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -155,7 +156,8 @@ def qconv_tma(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seque
         sa[0], sa[2], sa[3], sa[1],
         KW=kw, A_INT=x.dtype == torch.int8, BITCAST_FP8=bitcast, HAS_ASCALE=a_scale is not None,
         HAS_CORR=corr is not None, HAS_BIAS=bias is not None, HAS_ADD=add is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FP8_ACC=fp8_acc(bk, fp8), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out
 
@@ -173,7 +175,7 @@ def _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, c
                 KH: tl.constexpr, KW: tl.constexpr, A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr,
                 PAD_FIX: tl.constexpr, HAS_ASCALE: tl.constexpr, HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_ADD: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr):
     """One output tile (``pid_m``: BI images x BH rows x BW columns; ``pid_n``: BLOCK_N channels): the tap loop over
     4-D TMA boxes, then the epilogue."""
     BLOCK_M: tl.constexpr = BI * BH * BW
@@ -193,7 +195,7 @@ def _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, c
         if BITCAST_FP8:  # the interpreter has no FP8 descriptors: FP8 travels as its bytes
             a = a.to(tl.float8e4nv, bitcast=True)
             b = b.to(tl.float8e4nv, bitcast=True)
-        acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype)
+        acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype, max_num_imprecise_acc=FP8_ACC)
 
     r = tl.arange(0, BLOCK_M)
     nb = n0 + r // (BH * BW)
@@ -222,7 +224,7 @@ def _qconv_tma4d_kernel(
     KH: tl.constexpr, KW: tl.constexpr, A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr, PAD_FIX: tl.constexpr,
     HAS_ASCALE: tl.constexpr, HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
     BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, FP8_ACC: tl.constexpr = None,
 ):
     BLOCK_M: tl.constexpr = BI * BH * BW
     tiles_m = tl.cdiv(N, BI) * TILES_H * TILES_W
@@ -230,7 +232,7 @@ def _qconv_tma4d_kernel(
     _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr, padc_ptr,
                 N, H, W, Ho, Wo, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h, pad_w, son, soh, sow, soc,
                 san, sah, saw, sac, KH, KW, A_INT, BITCAST_FP8, PAD_FIX, HAS_ASCALE, HAS_CORR, HAS_BIAS, HAS_ADD,
-                BI, BH, BW, BLOCK_N, BLOCK_K)
+                BI, BH, BW, BLOCK_N, BLOCK_K, FP8_ACC)
 
 
 # The persistent form (path "tma4dp"): one program per SM walks the output tiles, and the tile loop is flattened
@@ -248,7 +250,7 @@ def _qconv_tma4d_persistent_kernel(
     KH: tl.constexpr, KW: tl.constexpr, A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr, PAD_FIX: tl.constexpr,
     HAS_ASCALE: tl.constexpr, HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
     BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
+    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, FP8_ACC: tl.constexpr = None,
 ):
     BLOCK_M: tl.constexpr = BI * BH * BW
     tiles_m = tl.cdiv(N, BI) * TILES_H * TILES_W
@@ -258,7 +260,7 @@ def _qconv_tma4d_persistent_kernel(
         _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
                     padc_ptr, N, H, W, Ho, Wo, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h, pad_w, son, soh, sow, soc,
                     san, sah, saw, sac, KH, KW, A_INT, BITCAST_FP8, PAD_FIX, HAS_ASCALE, HAS_CORR, HAS_BIAS, HAS_ADD,
-                    BI, BH, BW, BLOCK_N, BLOCK_K)
+                    BI, BH, BW, BLOCK_N, BLOCK_K, FP8_ACC)
 
 
 def tma4d_unsupported(x: torch.Tensor, w: torch.Tensor, wzp, stride: Sequence[int], dilation: Sequence[int],
@@ -326,6 +328,7 @@ def qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seq
     flags = dict(KH=kh, KW=kw, A_INT=x.dtype == torch.int8, BITCAST_FP8=bitcast, PAD_FIX=pad_fix,
                  HAS_ASCALE=a_scale is not None, HAS_CORR=corr is not None, HAS_BIAS=bias is not None,
                  HAS_ADD=add is not None, BI=bi, BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                 FP8_ACC=fp8_acc(bk, fp8),
                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if persistent:
         progs = max(1, min(tiles, persistent_programs(x.device)))

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from diffquant.kernels._triton_common import TensorDescriptor, grouped_tile, grouped_tile_of, interpreting
+from diffquant.kernels._triton_common import TensorDescriptor, fp8_acc, grouped_tile, grouped_tile_of, interpreting
 from diffquant.kernels.triton_attention import _e4m3
 
 
@@ -30,7 +30,7 @@ from diffquant.kernels.triton_attention import _e4m3
 def _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M, I, K, som,
                 soi, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, OSCALE_PER_CH: tl.constexpr,
                 BITCAST_FP8: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr):
     """One output tile: the h and g accumulators over K, then the epilogue."""
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
@@ -44,8 +44,8 @@ def _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, b
             a = a.to(tl.float8e4nv, bitcast=True)
             bh = bh.to(tl.float8e4nv, bitcast=True)
             bg = bg.to(tl.float8e4nv, bitcast=True)
-        acc_h = tl.dot(a, bh.T, acc_h)
-        acc_g = tl.dot(a, bg.T, acc_g)
+        acc_h = tl.dot(a, bh.T, acc_h, max_num_imprecise_acc=FP8_ACC)
+        acc_g = tl.dot(a, bg.T, acc_g, max_num_imprecise_acc=FP8_ACC)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I  # the h tile's rows past I are g rows of the weight: computed, never stored
@@ -73,10 +73,11 @@ def _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, b
 def _linear_geglu_kernel(a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M, I, K,
                          som, soi, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, OSCALE_PER_CH: tl.constexpr,
                          BITCAST_FP8: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                         FP8_ACC: tl.constexpr = None):
     pid_m, pid_n = grouped_tile(M, I, BLOCK_M, BLOCK_N, GROUP_M)
     _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M, I, K, som,
-                soi, HAS_BIAS, QUANT, OSCALE_PER_CH, BITCAST_FP8, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K)
+                soi, HAS_BIAS, QUANT, OSCALE_PER_CH, BITCAST_FP8, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
 
 
 @triton.jit
@@ -84,7 +85,7 @@ def _linear_geglu_persistent_kernel(a_desc, w_desc, out_ptr, ascale_ptr, wscale_
                                     som, soi, NUM_PROGS, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr,
                                     OSCALE_PER_CH: tl.constexpr, BITCAST_FP8: tl.constexpr, EMULATE: tl.constexpr,
                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr):
+                                    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, FP8_ACC: tl.constexpr = None):
     """One program per SM walking the tiles; the tile loop is flattened into the K loop, so the next tile's first
     loads are issued during this tile's epilogue. For short K (SD-1.5's 64x64 level: K = 320, three K steps), where
     the non-persistent kernel waits for its loads and then for its epilogue on every tile."""
@@ -92,7 +93,8 @@ def _linear_geglu_persistent_kernel(a_desc, w_desc, out_ptr, ascale_ptr, wscale_
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=FLATTEN):
         pid_m, pid_n = grouped_tile_of(tile, M, I, BLOCK_M, BLOCK_N, GROUP_M)
         _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M, I, K,
-                    som, soi, HAS_BIAS, QUANT, OSCALE_PER_CH, BITCAST_FP8, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K)
+                    som, soi, HAS_BIAS, QUANT, OSCALE_PER_CH, BITCAST_FP8, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K,
+                    FP8_ACC)
 
 
 def pick_geglu_config(m: int, i: int, k: int) -> dict:
@@ -142,8 +144,8 @@ def linear_geglu_triton(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
     tiles = triton.cdiv(m, bm) * triton.cdiv(i, bn)
     args = (a_desc, w_desc, out_arg, sa, ws, b, so, m, i, k, out.stride(0), out.stride(1))
     flags = dict(HAS_BIAS=bias is not None, QUANT=quant, OSCALE_PER_CH=quant and so.numel() > 1, BITCAST_FP8=bitcast,
-                 EMULATE=bitcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=cfg["num_warps"],
-                 num_stages=cfg["num_stages"])
+                 EMULATE=bitcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FP8_ACC=fp8_acc(bk),
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg.get("persistent"):
         from diffquant.kernels.triton_conv_tma import persistent_programs
 
