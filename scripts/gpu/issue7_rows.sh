@@ -25,6 +25,8 @@
 #   2. the INT8 CIFAR b256 shapes never tuned: TUNE0=ddpm-cifar10-32:256:dq-int8 TUNE_ARGS=--untuned-only
 #      bash scripts/gpu/tune_split.sh, then ROWS=ddpm-cifar10-32:256:bf16-compile,ddpm-cifar10-32:256:dq-int8-gn-qkv-te.
 #   3. the GEGLU kernel at K = 320 (SD's 64x64 level: 281 TFLOPS, no faster than bf16): time its epilogue alone.
+#   4. bash scripts/gpu/fp8_precise.sh: what DIFFQUANT_FP8_ACC=precise costs (CIFAR b256 and SD b8 rows in both
+#      modes) and buys (FP8 real-vs-fake PSNR, 38.6 dB in the default mode against INT8's 42.9).
 #   Untimed switches: DIFFQUANT_FUSE_UP=0 (A/B of the fused up blocks), DIFFQUANT_BENCH_FREEZE=1.
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
