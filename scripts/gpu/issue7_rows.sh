@@ -13,7 +13,10 @@
 #   0. bash scripts/gpu/attention.sh (nvidia-h200-x4, carry .whl): the rewritten FP8 attention kernel's GPU tests,
 #      benchmarks/bench_attention.py (kernel vs bf16 SDPA per SD-1.5 shape, configs swept) and SD-1.5 b8 rows
 #      -te-ff-tw, fp8attn-...-tw and -twq (tensor-wise GEMMs except Q/K/V) against bf16-compile.
-#   1. the small-batch rest, with the finalize change (one group per program at small batch) timed:
+#   1. bash scripts/gpu/fp8_precise.sh: what DIFFQUANT_FP8_ACC=precise costs (CIFAR b256 and SD b8 rows in both
+#      modes) and buys (FP8 real-vs-fake PSNR, 38.6 dB in the default mode against INT8's 42.9). Every Triton FP8
+#      kernel so far accumulated in the tensor cores' reduced precision (Triton's default on sm_90).
+#   2. the small-batch rest, with the finalize change (one group per program at small batch) timed:
 #        TUNE0=ddpm-cifar10-32:1:dq-fp8 TUNE1=zoo:cifar10-ddpm:256:dq-fp8 TUNE2=zoo:cifar10-ddpm:1:dq-fp8
 #        ROWS=sd15-unet:1:bf16-compile,sd15-unet:1:dq-fp8-gn-qkv-te-ff,ddpm-cifar10-32:1:bf16-compile,
 #        ddpm-cifar10-32:1:dq-fp8-gn-qkv-te,zoo:cifar10-ddpm:256:bf16-compile,zoo:cifar10-ddpm:256:dq-fp8-gn-qkv-te,
@@ -22,11 +25,9 @@
 #        GN_ARGS="--sweep --batch 1" (the norm kernels at batch 1: the finalize change, the one-launch kernel)
 #        bash scripts/gpu/small_batch.sh
 #      then merge qconv_tuned_*.json from all.tgz (diffquant tune-kernels --merge-from ... --merge-into ...).
-#   2. the INT8 CIFAR b256 shapes never tuned: TUNE0=ddpm-cifar10-32:256:dq-int8 TUNE_ARGS=--untuned-only
+#   3. the INT8 CIFAR b256 shapes never tuned: TUNE0=ddpm-cifar10-32:256:dq-int8 TUNE_ARGS=--untuned-only
 #      bash scripts/gpu/tune_split.sh, then ROWS=ddpm-cifar10-32:256:bf16-compile,ddpm-cifar10-32:256:dq-int8-gn-qkv-te.
-#   3. the GEGLU kernel at K = 320 (SD's 64x64 level: 281 TFLOPS, no faster than bf16): time its epilogue alone.
-#   4. bash scripts/gpu/fp8_precise.sh: what DIFFQUANT_FP8_ACC=precise costs (CIFAR b256 and SD b8 rows in both
-#      modes) and buys (FP8 real-vs-fake PSNR, 38.6 dB in the default mode against INT8's 42.9).
+#   4. the GEGLU kernel at K = 320 (SD's 64x64 level: 281 TFLOPS, no faster than bf16): time its epilogue alone.
 #   Untimed switches: DIFFQUANT_FUSE_UP=0 (A/B of the fused up blocks), DIFFQUANT_BENCH_FREEZE=1.
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
