@@ -8,8 +8,9 @@ two-tensor form (diffquant::group_norm_act_dual against Inductor's cat + norm + 
 
 --sweep adds, per shape, each kernel timed alone (statistics, finalize, apply with e4m3 output) under the default
 launch plan and under variants of it (programs per SM, pixel rows per step, warps, the finalize's groups per
-program as before session 10), the one-launch kernel ("whole": for images of up to 1,024 pixels, or up to 16,384
-pixels in all; also with 1 and 2 groups per program), and a bf16 copy of the input as the bandwidth roof.
+program as before session 10), the one-launch kernel ("whole": its default plan for images of up to 1,024 pixels
+or 16,384 pixels in all; with 1 and 2 groups per program on every shape), and a bf16 copy of the input as the
+bandwidth roof.
 --batch N runs every shape at batch N instead of the UNets' (1: the small-batch case, where the three launches of
 the segmented kernels cost more than their work).
 """
@@ -150,13 +151,16 @@ def _sweep(reps, time_call) -> list:
                     f"finalize {old_block_g} groups/program": {"block_g": old_block_g}}
         row = {"shape": label, "copy_ms": round(time_call(lambda: x.clone(), reps=reps)[0], 5)}
         row["copy_GBps"] = round(2 * x.numel() * 2 / row["copy_ms"] / 1e6, 1)
-        if h * w <= 1024 or n * h * w <= 16384:  # the one-launch kernel (whole groups of whole images per program)
-            for wname, gpp in (("whole", None), ("whole 1 group", 1), ("whole 2 groups", 2)):
-                plan = whole_plan(c, h * w, groups, gpp=gpp)
-                with torch.no_grad():
-                    ms = time_call(lambda: group_norm_act_triton(x, None, t, wt, b, groups, 1e-5, True, s,
-                                                                 torch.float8_e4m3fn, plan=plan), reps=reps)[0]
-                row[wname] = {"plan": plan, "all": round(ms, 5)}
+        # the one-launch kernel (whole groups of whole images per program): its default plan where images are small,
+        # one and two groups a program everywhere (more programs, shorter rows per load)
+        wholes = ((("whole", None),) if h * w <= 1024 or n * h * w <= 16384 else ()) + (
+            ("whole 1 group", 1), ("whole 2 groups", 2))
+        for wname, gpp in wholes:
+            plan = whole_plan(c, h * w, groups, gpp=gpp)
+            with torch.no_grad():
+                ms = time_call(lambda: group_norm_act_triton(x, None, t, wt, b, groups, 1e-5, True, s,
+                                                             torch.float8_e4m3fn, plan=plan), reps=reps)[0]
+            row[wname] = {"plan": plan, "all": round(ms, 5)}
         for name, kw in variants.items():
             block_g = kw.pop("block_g", None)
             plan = norm_plan(n, c, h * w, x.device, **kw)
