@@ -71,7 +71,8 @@ def attention_inputs(attn, hidden_states, encoder_hidden_states, temb):
     ctx.update(batch_size=batch_size, sequence_length=sequence_length)
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    if getattr(attn, "to_qkv", None) is not None and encoder_hidden_states is None:  # stacked (fuse_qkv)
+    # diffquant's fuse_qkv stacks the projections and removes the separate ones (diffusers' own fusion keeps them)
+    if attn.to_q is None and getattr(attn, "to_qkv", None) is not None and encoder_hidden_states is None:
         query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         return query, key, value, ctx
     query = attn.to_q(hidden_states)
@@ -79,7 +80,7 @@ def attention_inputs(attn, hidden_states, encoder_hidden_states, temb):
         encoder_hidden_states = hidden_states
     elif attn.norm_cross:
         encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-    if getattr(attn, "to_kv", None) is not None:  # a cross-attention block's K/V stacked (fuse_qkv)
+    if attn.to_k is None and getattr(attn, "to_kv", None) is not None:  # a cross-attention block's K/V stacked
         key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
         return query, key, value, ctx
     return query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states), ctx
