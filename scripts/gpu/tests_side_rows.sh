@@ -4,7 +4,9 @@
 #   2. SIDE, a command run on the last GPU (with one GPU: before 3.), its output in $OUT/$SIDE_NAME.log;
 #   3. bench rows (ROWS) on the other GPUs, one row per GPU at a time.
 # Everything to $OUT: pytest_gpu.log, $SIDE_NAME.log (+ what SIDE writes), kernels.json, bench.log.
-#   env: TESTS_K, TEST_S (200), SIDE, SIDE_NAME (side), SIDE_S (420), ROWS, TOTAL_S (560), ROW_TIMEOUT_S (300)
+#   env: TESTS_K, TEST_S (200), SIDE, SIDE_NAME (side), SIDE_S (420), ROWS, TOTAL_S (560), ROW_TIMEOUT_S (300),
+#        ROW_GPUS (the rows' GPUs; default all but the last, where SIDE runs: a SIDE that spreads over more GPUs sets
+#        its own CUDA_VISIBLE_DEVICES and leaves them out of ROW_GPUS)
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,9 +22,10 @@ if [ -n "${TESTS_K:-}" ]; then
   grep -E "PASSED|FAILED|ERROR|rc=" $OUT/pytest_gpu.log | head -40
 fi
 N=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+ROW_GPUS_SET=${ROW_GPUS:-}
 ROW_GPUS=all
 if [ "$N" -ge 2 ]; then
-  ROW_GPUS=$(python3 -c "print(','.join(map(str, range($N - 1))))")
+  ROW_GPUS=${ROW_GPUS_SET:-$(python3 -c "print(','.join(map(str, range($N - 1))))")}
   say "$SIDE_NAME on GPU $(( N - 1 ))"
   ( CUDA_VISIBLE_DEVICES=$(( N - 1 )) timeout ${SIDE_S:-420} bash -c "$SIDE" > $OUT/$SIDE_NAME.log 2>&1
     echo "$SIDE_NAME rc=$?" >> $OUT/$SIDE_NAME.log ) &
