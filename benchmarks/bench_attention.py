@@ -34,17 +34,17 @@ SFU_PER_S = 3.9e12
 
 
 def main() -> None:
-    from diffquant.kernels.bench import time_call
-    from diffquant.kernels.ops import ATTN_BLOCK_N, fp8_attention
-    from diffquant.kernels.reference import fp8_attention_quantize
-    from diffquant.kernels.triton_attention import fp8_attention_triton, pick_attn_config
-
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/attention.json")
     ap.add_argument("--reps", type=int, default=50)
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention.py needs a CUDA GPU")
+    from diffquant.kernels.bench import time_call
+    from diffquant.kernels.ops import ATTN_BLOCK_N, fp8_attention
+    from diffquant.kernels.reference import fp8_attention_quantize
+    from diffquant.kernels.triton_attention import fp8_attention_triton, pick_attn_config
+
     rows = []
     for label, calls, b, h, sq, sk, d in SHAPES:
         g = torch.Generator(device="cuda").manual_seed(0)

@@ -31,16 +31,16 @@ CONFIGS = [None, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_st
 
 
 def main() -> None:
-    from diffquant.kernels.bench import time_call
-    from diffquant.kernels.reference import linear_geglu_reference, quantize_act_fp8
-    from diffquant.kernels.triton_geglu import linear_geglu_triton, pick_geglu_config
-
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/geglu.json")
     ap.add_argument("--reps", type=int, default=50)
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_geglu.py needs a CUDA GPU")
+    from diffquant.kernels.bench import time_call
+    from diffquant.kernels.reference import linear_geglu_reference, quantize_act_fp8
+    from diffquant.kernels.triton_geglu import linear_geglu_triton, pick_geglu_config
+
     rows = []
     for label, m, k, i in SHAPES:
         g = torch.Generator(device="cuda").manual_seed(0)

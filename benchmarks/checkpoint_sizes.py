@@ -7,6 +7,7 @@ Prints a table and writes benchmarks/results/checkpoint_sizes.json.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -26,6 +27,9 @@ MODELS = {"google/ddpm-cifar10-32 config": DDPM_CIFAR10_32, "zoo:cifar10-ddpm co
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "checkpoint_sizes.json"))
+    a = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for name, cfg in MODELS.items():
@@ -43,7 +47,7 @@ def main() -> None:
     print(format_table(rows, floatfmt=".3f"))
     res = {"command": "python benchmarks/checkpoint_sizes.py", "device": platform.machine() + " CPU",
            "date": datetime.date.today().isoformat(), "torch": torch.__version__, "rows": rows}
-    out = Path(__file__).parent / "results" / "checkpoint_sizes.json"
+    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
 
