@@ -58,13 +58,11 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--batch", type=int, default=None, help="every shape at this batch size")
     a = ap.parse_args()
-    global SHAPES
-    if a.batch is not None:
-        SHAPES = [(label, a.batch, *rest) for label, _n, *rest in SHAPES]
+    shapes = SHAPES if a.batch is None else [(label, a.batch, *rest) for label, _n, *rest in SHAPES]
     if not torch.cuda.is_available():
         raise SystemExit("bench_groupnorm.py needs a CUDA GPU")
     rows = []
-    for label, n, c, h, w, groups in SHAPES:
+    for label, n, c, h, w, groups in shapes:
         x, t, wt, b, s = _tensors(n, c, h, w)
 
         def ind_bf16(x=x, t=t, wt=wt, b=b, groups=groups):
@@ -89,7 +87,7 @@ def main() -> None:
             row.update(_dual(x, wt, b, s, groups, DUAL_C1[label], a.reps, time_call))
         rows.append(row)
         print(json.dumps(row))
-    sweep = _sweep(a.reps, time_call) if a.sweep else []
+    sweep = _sweep(shapes, a.reps, time_call) if a.sweep else []
     res = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "sweep": sweep,
            "sum_inductor_fp8_ms": round(sum(r["inductor_fp8_ms"] for r in rows), 4),
@@ -132,7 +130,7 @@ def _dual(x, wt, b, s, groups, c1, reps, time_call) -> dict:
     return out
 
 
-def _sweep(reps, time_call) -> list:
+def _sweep(shapes, reps, time_call) -> list:
     import triton
 
     from diffquant.kernels.triton_conv import _num_sms
@@ -140,7 +138,7 @@ def _sweep(reps, time_call) -> list:
 
     sms = _num_sms(torch.device("cuda"))
     out = []
-    for label, n, c, h, w, groups in SHAPES:
+    for label, n, c, h, w, groups in shapes:
         x, t, wt, b, s = _tensors(n, c, h, w)
         base = norm_plan(n, c, h * w, x.device)
         block_cg = max(2, triton.next_power_of_2(c // groups))

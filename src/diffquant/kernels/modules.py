@@ -218,10 +218,8 @@ class LowBitLayer(_KeepStorage, nn.Module):
             # one scale per operand (cuBLAS's tensor-wise FP8 kernels); the weight's per-channel scales and the bias
             # applied to the bf16 result in fp32 (under torch.compile, fused into the output's next elementwise kernel)
             s_t = (dyn_scale if dyn_scale is not None else p.a_scale).reshape(()).float()
-            one = self._buffers.get("_tw_one")
-            if one is None:
-                one = s_t.new_ones(())
-            y = torch._scaled_mm(a2, w2.t(), scale_a=s_t, scale_b=one, out_dtype=torch.bfloat16)
+            # scaled_mm_tw is set only by set_fp8_gemm, which registers the unit scale _tw_one
+            y = torch._scaled_mm(a2, w2.t(), scale_a=s_t, scale_b=self._tw_one, out_dtype=torch.bfloat16)
             y = y.float() * p.w_scale.view(1, -1)
             if self.bias is not None:
                 y = y + self.bias
