@@ -98,6 +98,25 @@ def main() -> None:
     row.update(_ptxas(k.asm["ptx"]))
     rows.append(row)
     print(json.dumps(row))
+    # DIFFQUANT_FP8_ACC=precise (FP8 products promoted every 64): what it adds, FP8, 128 x 128 x 128 tiles
+    import re
+
+    for name, fn, consts, types, warps, stages in (
+            ("tma (2-D, padded copy)", tt._qconv_tma_kernel,
+             dict(KW=3, A_INT=False, BITCAST_FP8=False, HAS_ASCALE=True, HAS_CORR=False, HAS_BIAS=True, HAS_ADD=True,
+                  BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8), _conv_types("fp8e4nv", "128, 128", "128, 128"), 8, 4),
+            ("linear_geglu", tg._linear_geglu_kernel,
+             dict(HAS_BIAS=True, QUANT=True, OSCALE_PER_CH=False, BITCAST_FP8=False, EMULATE=False, BLOCK_M=128,
+                  BLOCK_N=128, BLOCK_K=128, GROUP_M=8), gt, 8, 3)):
+        for acc in (None, 64):
+            k = _build(fn, dict(consts, FP8_ACC=acc), types, warps, stages)
+            row = {"kernel": name + ("" if acc is None else " (precise FP8 accumulation, every 64)"), "act": "fp8",
+                   "config": [128, 128, 128, warps, stages], "a_via_registers": "ttg.local_load" in k.asm["ttgir"],
+                   "fp32_adds_in_ptx": len(re.findall(r"\badd(\.rn)?\.f32", k.asm["ptx"]))}
+            row.update(_ptxas(k.asm["ptx"]))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
     from diffquant.kernels import triton_attention as ta
 
     def at(n):
