@@ -465,6 +465,30 @@ def test_gpu_converted_unet_close_to_fake_quant(backend):
         assert any(m.fp8_gemm == "scaled_mm" for m in cm.modules() if isinstance(m, LowBitLayer))
 
 
+def test_time_call_refuses_negative_inner():
+    from diffquant.kernels.bench import time_call
+
+    with pytest.raises(ValueError, match="inner must be"):
+        time_call(lambda: None, inner=-1)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_time_call_inner_removes_launch_latency():
+    """time_call(inner=0) times a microsecond kernel without the graph launch's latency: below the one-call time,
+    and the same (within 15 %) for a call long enough that the latency does not matter."""
+    from diffquant.kernels.bench import time_call
+
+    tiny = torch.zeros(1024, device="cuda")
+    one = time_call(lambda: tiny.add_(1), reps=50)[0]
+    many = time_call(lambda: tiny.add_(1), reps=50, inner=0)[0]
+    assert many < one * 0.8, (one, many)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    big1 = time_call(lambda: a @ a, reps=10)[0]
+    big0 = time_call(lambda: a @ a, reps=10, inner=0)[0]
+    assert big1 > 0.5 and abs(big0 - big1) / big1 < 0.15, (big1, big0)
+
+
 @pytest.mark.gpu
 @gpu
 def test_gpu_compile_and_cuda_graph():
@@ -729,10 +753,10 @@ def test_gpu_fp8_precise_accumulation_matches_reference(path, h, w, monkeypatch)
     want = _call(qconv_ref, c, 1, 1, 1, torch.float64)
     cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, path=path)
     errs = {}
+    real = triton_conv.precise_path  # taken once: inside the loop the second mode would wrap the first's wrapper
     for mode in ("fast", "precise"):
         monkeypatch.setenv("DIFFQUANT_FP8_ACC", mode)
         seen = []
-        real = triton_conv.precise_path
         monkeypatch.setattr(triton_conv, "precise_path", lambda *a: seen.append(real(*a)) or seen[-1])
         with tuning.forced_config(cfg):
             got = _call(qconv, c, 1, 1, 1, torch.float32)
@@ -1249,7 +1273,8 @@ def test_gpu_linear_geglu_matches_reference(m, k, i):
         gotb = ops.linear_geglu(xq, wq, ws, a_s, b, None, torch.bfloat16).float()
         # the persistent kernel (one program per SM walking the tiles)
         got8p = tg.linear_geglu_triton(xq, wq, ws, a_s, b, so, torch.float8_e4m3fn,
-                                       config=dict(tg.pick_geglu_config(m, i, k), persistent=True)).float()
+                                       config=dict(tg.pick_geglu_config(m, i, k), BLOCK_M=128, num_warps=8,
+                                                   num_stages=3, persistent=True)).float()
     finally:
         tg.new_out = orig
     want8 = linear_geglu_reference(xq, wq, ws, a_s, b, so, torch.float8_e4m3fn).float()

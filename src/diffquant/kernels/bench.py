@@ -68,8 +68,19 @@ def inputs_for(model: nn.Module, batch: int, device, dtype) -> tuple:
                              for k, v in c.items()}
 
 
-def time_call(fn: Callable[[], Any], warmup: int = 5, reps: int = 30, graph: bool = True) -> tuple[float, bool]:
-    """Median ms of ``fn()`` over ``reps`` calls (CUDA events), replaying a CUDA graph if it captures."""
+def time_call(fn: Callable[[], Any], warmup: int = 5, reps: int = 30, graph: bool = True,
+              inner: int = 1) -> tuple[float, bool]:
+    """Median ms of ``fn()`` over ``reps`` samples (CUDA events), replaying a CUDA graph if it captures. Each sample
+    times ``inner`` calls back to back (one graph holding them all) and reports the time of one: a single kernel of a
+    few microseconds is otherwise measured with the graph's launch and the events' own latency, about 10 us on an
+    H200, which hides the differences between configs at batch 1. ``inner=0``: chosen so that a sample covers about
+    0.2 ms (1 for calls that long, at most 50)."""
+    if inner < 0:
+        raise ValueError(f"inner must be >= 0, got {inner}")
+    if inner == 0:
+        one, _ = time_call(fn, warmup=warmup, reps=max(5, reps // 3), graph=graph, inner=1)
+        inner = max(1, min(50, int(0.2 / max(one, 1e-4))))
+        warmup = 1
     with torch.no_grad():
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -78,13 +89,17 @@ def time_call(fn: Callable[[], Any], warmup: int = 5, reps: int = 30, graph: boo
                 fn()
         torch.cuda.current_stream().wait_stream(s)
         torch.cuda.synchronize()
-        run = fn
+
+        def run():
+            for _ in range(inner):
+                fn()
+
         used_graph = False
         if graph:
             try:
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g):
-                    fn()
+                    run()
                 g.replay()
                 torch.cuda.synchronize()
                 run, used_graph = g.replay, True
@@ -100,7 +115,7 @@ def time_call(fn: Callable[[], Any], warmup: int = 5, reps: int = 30, graph: boo
             run()
             b.record()
             b.synchronize()
-            times.append(a.elapsed_time(b))
+            times.append(a.elapsed_time(b) / inner)
     return statistics.median(times), used_graph
 
 

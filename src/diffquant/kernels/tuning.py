@@ -295,7 +295,7 @@ def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=No
 
     from diffquant.kernels.bench import time_call
 
-    time_fn = time_fn or (lambda fn: time_call(fn, warmup=2, reps=reps)[0])
+    time_fn = time_fn or (lambda fn: time_call(fn, warmup=2, reps=reps, inner=0)[0])  # inner=0: batch-1 calls too
     configs: dict = {}
     rows: list[dict] = []
     # distinct shapes, the most work first (a run cut short by its budget has tuned the big layers)
