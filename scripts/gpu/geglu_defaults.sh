@@ -16,7 +16,7 @@ timeout ${TEST_S:-100} python3 -m pytest -m gpu tests/test_kernels.py -k "precis
   --tb=short -p no:cacheprovider > $OUT/pytest_gpu.log 2>&1; echo "pytest rc=$?" >> $OUT/pytest_gpu.log
 grep -E "PASSED|FAILED|ERROR|rc=" $OUT/pytest_gpu.log | head -20
 say "rows: $ROWS"
-timeout 200 python3 benchmarks/bench_kernels.py --gpus 0 --row-timeout-s 120 --budget-s 100 --no-layer-types \
+timeout 300 python3 benchmarks/bench_kernels.py --gpus 1 --row-timeout-s 160 --budget-s 130 --no-layer-types \
   --only "$ROWS" --out $OUT/kernels.json > $OUT/bench.log 2>&1; echo "bench rc=$?" >> $OUT/bench.log
 grep -A6 "^model " $OUT/bench.log
 say done

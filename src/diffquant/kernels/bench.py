@@ -460,6 +460,8 @@ def visible_gpus(spec: str) -> list[int]:
     elif "," in spec:
         ids = [int(v) for v in spec.split(",") if v.strip()]
     elif spec.isdigit():
+        if int(spec) == 0:
+            raise ValueError("--gpus '0' is a count of no GPUs; GPU 0 alone is '1' (a count) or '0,' (a list)")
         ids = list(range(int(spec)))
     else:
         raise ValueError(f"--gpus {spec!r}: 'all', a count, or a comma list of GPU indices")

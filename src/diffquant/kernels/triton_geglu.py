@@ -100,13 +100,11 @@ def _linear_geglu_persistent_kernel(a_desc, w_desc, out_ptr, ascale_ptr, wscale_
 def pick_geglu_config(m: int, i: int, k: int) -> dict:
     """Block shape, from ``benchmarks/bench_geglu.py`` on an H200 (2026-11-28, BENCHMARKS.md "Kernels, ninth
     measurement"): 64 x 128 output tiles of h (and of g), 128-deep K steps, 4 warps, 2 stages beat the earlier
-    128 x 128 / 8 warps / 3 stages on every SD-1.5 shape (0.100 against 0.112 ms at 32x32, K = 640); with a short K
-    (at most 4 steps) and many tiles, the persistent kernel, whose next tile's loads overlap this tile's epilogue,
-    wins (0.156 against 0.190 ms at 64x64, K = 320, 2,560 tiles)."""
+    128 x 128 / 8 warps / 3 stages on every SD-1.5 shape (0.163 against 0.190 ms at 64x64, K = 320; 0.100 against
+    0.112 at 32x32). The persistent kernel (``config={"persistent": True}``) won that op benchmark at K = 320
+    (0.156 ms) but took 0.217 ms a call inside the SD-1.5 UNet (profile of the same session), so it is no default."""
     bk = 128 if k >= 128 else max(16, triton.next_power_of_2(k))
     bn = 128 if i >= 128 else max(16, triton.next_power_of_2(i))
-    if k <= 4 * 128 and triton.cdiv(m, 128) * triton.cdiv(i, bn) >= 2048:
-        return {"BLOCK_M": 128, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 8, "num_stages": 3, "persistent": True}
     return {"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 2}
 
 
