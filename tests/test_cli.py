@@ -132,6 +132,31 @@ def test_sample_real_kernels(tmp_path):
     assert r.exit_code != 0 and "in one go" in r.output
 
 
+def test_sample_real_fp8_gemm_option(tmp_path):
+    """`diffquant sample QDIR --real fp8 --fp8-gemm MODE`: the FP8 folder samples with the option recorded in the
+    metadata (no cuBLAS GEMM on the CPU: 0 layers switched, said so); the option without --real fp8 is refused."""
+    from diffquant.algorithms.naive import naive_ptq
+    from diffquant.calibration import capture_calibration_set
+    from diffquant.convert import config_for_backend
+    from diffquant.io import save_quantized
+    from diffquant.models.loading import load_model
+    from diffquant.sampling import SamplerSpec
+
+    loaded = load_model("zoo:tiny-random", device="cpu")
+    cal = capture_calibration_set(loaded.model, loaded.scheduler, num_per_step=1, spec=SamplerSpec("ddim", 2),
+                                  progress=False)
+    q = naive_ptq(loaded.model, config_for_backend("fp8"), cal)
+    save_quantized(q, tmp_path / "fp8", loaded.scheduler)
+    base = ["sample", str(tmp_path / "fp8"), "--steps", "2", "--num", "1", "--device", "cpu", "--no-grid", "--json"]
+    r = _run(base + ["--real", "fp8", "--fp8-gemm", "tensorwise-except-qkv", "--out", str(tmp_path / "a.npz")])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)["real_kernels"]
+    assert info["backend"] == "fp8" and info["fp8_gemm"] == {"mode": "tensorwise-except-qkv", "layers_switched": 0}
+    assert "GPU only" in r.stderr
+    r = _run(base + ["--real", "int8", "--fp8-gemm", "tensorwise", "--out", str(tmp_path / "b.npz")])
+    assert r.exit_code != 0 and "applies to --real fp8 only" in r.output
+
+
 @pytest.mark.skipif(not torchao_available(), reason="needs torchao")
 def test_sample_cpu_int8(tmp_path):
     """`diffquant sample --cpu-int8`: calibrate on the FP sampler, pt2e int8 on the CPU, sample; close to FP."""

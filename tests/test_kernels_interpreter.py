@@ -593,3 +593,40 @@ def test_fp8_accumulation_knob_and_its_routing(monkeypatch):
         assert finite and err < {"codes": 5e-3, "bf16": 1e-2}[kind], (kind, err)
     for finite, rel in _run_script(ATTN_SCRIPT.format(src=str(ROOT / "src")), env):
         assert finite and rel < 1e-5, rel
+
+
+def test_geglu_config_environment_override(monkeypatch):
+    """DIFFQUANT_GEGLU_CONFIG (JSON) overrides pick_geglu_config's keys for calls without an explicit config (the
+    in-model A/B of GEGLU configs), reaches the launch, and is refused when it is not JSON or names unknown keys."""
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    import diffquant.kernels.triton_geglu as tg
+
+    monkeypatch.delenv("DIFFQUANT_GEGLU_CONFIG", raising=False)
+    base = tg.pick_geglu_config(32768, 1280, 320)
+    assert tg.geglu_config(32768, 1280, 320) == base and not base.get("persistent")
+    monkeypatch.setenv("DIFFQUANT_GEGLU_CONFIG", '{"BLOCK_M": 128, "num_warps": 8, "persistent": true}')
+    assert tg.geglu_config(32768, 1280, 320) == dict(base, BLOCK_M=128, num_warps=8, persistent=True)
+
+    class Launched(Exception):
+        pass
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                raise Launched((grid, kw["BLOCK_M"], kw["num_warps"]))
+            return launch
+
+    monkeypatch.setattr(tg, "_linear_geglu_persistent_kernel", Spy())
+    xq = torch.zeros(40, 32).to(torch.float8_e4m3fn)
+    wq = torch.zeros(2 * 16, 32).to(torch.float8_e4m3fn)
+    one = torch.ones(1)
+    with pytest.raises(Launched) as e:
+        tg.linear_geglu_triton(xq, wq, torch.ones(32), one, None, one, torch.float8_e4m3fn)
+    assert e.value.args[0][1:] == (128, 8)
+    for bad, msg in (("{BLOCK_M: 64}", "not JSON"), ('{"BLOCK": 64}', "keys among"), ("[64]", "keys among")):
+        monkeypatch.setenv("DIFFQUANT_GEGLU_CONFIG", bad)
+        with pytest.raises(ValueError, match=msg):
+            tg.geglu_config(64, 64, 64)

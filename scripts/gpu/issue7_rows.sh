@@ -8,26 +8,23 @@
 #          TUNE_TASKS (model:batch:variant,...; empty: no tuning, every GPU benches), TUNE_S (200), TUNE_ARGS (more
 #          tune_qconv.py options, e.g. --untuned-only or --skip-paths tma),
 #          DIFFQUANT_PROFILE_TOP (kernels listed per row's profile, default here 40)
-#   suggested calls for the next session (written at the end of session 10, 2026-11-28; session 9's list ran, see
-#   BENCHMARKS.md "Kernels, eighth measurement"):
-#   0. bash scripts/gpu/attention.sh (nvidia-h200-x4, carry .whl): the rewritten FP8 attention kernel's GPU tests,
-#      benchmarks/bench_attention.py (kernel vs bf16 SDPA per SD-1.5 shape, configs swept) and SD-1.5 b8 rows
-#      -te-ff-tw, fp8attn-...-tw and -twq (tensor-wise GEMMs except Q/K/V) against bf16-compile.
-#   1. bash scripts/gpu/fp8_precise.sh: what DIFFQUANT_FP8_ACC=precise costs (CIFAR b256 and SD b8 rows in both
-#      modes) and buys (FP8 real-vs-fake PSNR, 38.6 dB in the default mode against INT8's 42.9). Every Triton FP8
-#      kernel so far accumulated in the tensor cores' reduced precision (Triton's default on sm_90).
-#   2. the small-batch rest, with the finalize change (one group per program at small batch) timed:
-#        TUNE0=ddpm-cifar10-32:1:dq-fp8 TUNE1=zoo:cifar10-ddpm:256:dq-fp8 TUNE2=zoo:cifar10-ddpm:1:dq-fp8
-#        ROWS=sd15-unet:1:bf16-compile,sd15-unet:1:dq-fp8-gn-qkv-te-ff,ddpm-cifar10-32:1:bf16-compile,
-#        ddpm-cifar10-32:1:dq-fp8-gn-qkv-te,zoo:cifar10-ddpm:256:bf16-compile,zoo:cifar10-ddpm:256:dq-fp8-gn-qkv-te,
-#        zoo:cifar10-ddpm:1:bf16-compile,zoo:cifar10-ddpm:1:dq-fp8-gn-qkv-te
-#        SIDE_ROWS=ddpm-cifar10-32:256:bf16-compile,ddpm-cifar10-32:256:bf16-eager TUNE_ARGS=--untuned-only
-#        GN_ARGS="--sweep --batch 1" (the norm kernels at batch 1: the finalize change, the one-launch kernel)
-#        bash scripts/gpu/small_batch.sh
-#      then merge qconv_tuned_*.json from all.tgz (diffquant tune-kernels --merge-from ... --merge-into ...).
-#   3. the INT8 CIFAR b256 shapes never tuned: TUNE0=ddpm-cifar10-32:256:dq-int8 TUNE_ARGS=--untuned-only
-#      bash scripts/gpu/tune_split.sh, then ROWS=ddpm-cifar10-32:256:bf16-compile,ddpm-cifar10-32:256:dq-int8-gn-qkv-te.
-#   4. the GEGLU kernel at K = 320 (SD's 64x64 level: 281 TFLOPS, no faster than bf16): time its epilogue alone.
+#   suggested calls for the next session (written at the end of session 11, 2026-11-28; session 10's list ran, see
+#   BENCHMARKS.md "Kernels, ninth measurement"):
+#   0. bash scripts/gpu/geglu_ab.sh (nvidia-h200-x4, carry .whl): SD-1.5 b8 -twq with the shipped GEGLU default
+#      (64x128x128, 4 warps, 2 stages; never timed end to end), session 10's default and the persistent kernel, one
+#      GPU each, via DIFFQUANT_GEGLU_CONFIG; CIFAR b1 re-tuned on GPU 3 with time_call(inner=0) (the batch-1 tables
+#      were chosen among times flattened by the launch latency). Merge qconv_tuned_3.json; keep the best GEGLU
+#      config as pick_geglu_config's default.
+#   1. re-tune the other batch-1 tasks with inner timing and time their rows:
+#        TUNE0=sd15-unet:1:dq-fp8 TUNE1=zoo:cifar10-ddpm:1:dq-fp8 ROWS=sd15-unet:1:bf16-compile,
+#        sd15-unet:1:dq-fp8-gn-qkv-te-ff-twq,ddpm-cifar10-32:1:bf16-compile,ddpm-cifar10-32:1:dq-fp8-gn-qkv-te,
+#        zoo:cifar10-ddpm:1:bf16-compile,zoo:cifar10-ddpm:1:dq-fp8-gn-qkv-te GN_ARGS="--sweep --batch 1"
+#        bash scripts/gpu/small_batch.sh (no --untuned-only: every shape again)
+#   2. the 12 INT8 CIFAR b256 shapes still untuned, spread over GPUs:
+#        TUNE0=ddpm-cifar10-32:256:dq-int8 TUNE1=... TUNE_ARGS=--untuned-only bash scripts/gpu/tune_split.sh
+#      then ROWS=ddpm-cifar10-32:256:bf16-compile,ddpm-cifar10-32:256:dq-int8-gn-qkv-te.
+#   Measured and dropped in session 11: FP8 attention (2x slower than cuDNN), DIFFQUANT_FP8_ACC=precise (2x cost,
+#   +0.07 dB), the persistent GEGLU kernel as a default.
 #   Untimed switches: DIFFQUANT_FUSE_UP=0 (A/B of the fused up blocks), DIFFQUANT_BENCH_FREEZE=1.
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh

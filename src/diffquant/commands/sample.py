@@ -30,6 +30,11 @@ from diffquant.commands._common import emit_json, fail
 from diffquant.commands._options import device_option, resolve_device, sampler_options
 
 
+# --fp8-gemm: set_fp8_gemm's mode and the layer-name endings it leaves row-wise
+FP8_GEMM_MODES = {"rowwise": ("rowwise", ()), "tensorwise": ("tensorwise", ()),
+                  "tensorwise-except-qkv": ("tensorwise", ("to_qkv", "to_kv", "to_q", "to_k", "to_v"))}
+
+
 @click.command("sample")
 @click.argument("model")
 @sampler_options(default_steps=100)
@@ -63,10 +68,14 @@ from diffquant.commands._options import device_option, resolve_device, sampler_o
 @click.option("--real-attention", type=click.Choice(["float", "simulate", "fp8"]), default="float",
               show_default=True, help="with --real: the attention matmuls in float (SDPA), fake-quantized as "
                                       "calibrated, or in FP8")
+@click.option("--fp8-gemm", type=click.Choice(list(FP8_GEMM_MODES)), default="rowwise", show_default=True,
+              help="with --real fp8 on a GPU: cuBLAS FP8 GEMM scales (set_fp8_gemm). 'tensorwise-except-qkv' was the "
+                   "fastest on an SD-1.5-sized UNet at batch 8 (1.19x over compiled bf16 against 1.17x for "
+                   "'tensorwise', H200, 2026-11-28; BENCHMARKS.md, ninth measurement); not measured on the CIFAR UNets")
 @click.option("--compile", "compile_", is_flag=True, help="with --real: torch.compile the converted model")
 @click.option("--json", "as_json", is_flag=True)
 def command(model, sampler, steps, spacing, eta, num, seed, batch_size, device, out_path, grid, shard_size, out_dir,
-            resume, compute_batch, cpu_int8, calib_num, real, fuse, real_attention, compile_, as_json):
+            resume, compute_batch, cpu_int8, calib_num, real, fuse, real_attention, fp8_gemm, compile_, as_json):
     """Sample MODEL (zoo:NAME, diffusers folder, hub id, or a quantized folder) with fixed seeds."""
     from diffquant.models.loading import load_model
     from diffquant.sampling import SamplerSpec, sample, save_samples
@@ -79,6 +88,8 @@ def command(model, sampler, steps, spacing, eta, num, seed, batch_size, device, 
              f"--compute-batch and torchrun")
     if cpu_int8 and real:
         fail("--cpu-int8 and --real are two different int8 paths: pick one")
+    if fp8_gemm != "rowwise" and real != "fp8":
+        fail(f"--fp8-gemm {fp8_gemm} applies to --real fp8 only")
     if sharded:
         return _sharded(model, sampler, steps, spacing, eta, num, seed, batch_size, device, out_path, grid,
                         shard_size, out_dir, resume, compute_batch, as_json)
@@ -93,7 +104,7 @@ def command(model, sampler, steps, spacing, eta, num, seed, batch_size, device, 
             net, int8_info = _cpu_int8(loaded, dev, calib_num)
         real_info = None
         if real:
-            net, real_info = _real_kernels(loaded, real, fuse, real_attention, compile_, dev)
+            net, real_info = _real_kernels(loaded, real, fuse, real_attention, compile_, dev, fp8_gemm)
         t0 = time.perf_counter()
         res = sample(net, loaded.scheduler, num=num, seed=seed, spec=spec, batch_size=batch_size, device=dev)
         secs = time.perf_counter() - t0
@@ -116,11 +127,12 @@ def command(model, sampler, steps, spacing, eta, num, seed, batch_size, device, 
         click.echo(f"{num} samples in {secs:.1f}s ({num / secs:.2f} img/s) -> {out_path}")
 
 
-def _real_kernels(loaded, backend: str, fuse: bool, attention: str, compile_: bool, dev):
+def _real_kernels(loaded, backend: str, fuse: bool, attention: str, compile_: bool, dev, fp8_gemm: str = "rowwise"):
     """(converted denoiser, info): the quantized model on diffquant's real low-bit modules."""
     import torch
 
     from diffquant.convert import convert
+    from diffquant.kernels.modules import set_fp8_gemm
 
     if not loaded.quantized:
         fail("--real needs a quantized folder (diffquant quantize MODEL ... --out DIR), not a full-precision model")
@@ -131,9 +143,16 @@ def _real_kernels(loaded, backend: str, fuse: bool, attention: str, compile_: bo
         why = next(iter(rep.kept.items()), ("", "no quantized layers"))
         fail(f"--real {backend}: no layer of this folder can run on it ({why[0]}: {why[1]})")
     click.echo(rep.summary(), err=True)
+    info = {**rep.to_dict(), "fuse": fuse, "compiled": compile_}
+    if fp8_gemm != "rowwise":
+        mode, exclude = FP8_GEMM_MODES[fp8_gemm]
+        switched = set_fp8_gemm(net, mode, exclude=exclude)
+        info["fp8_gemm"] = {"mode": fp8_gemm, "layers_switched": switched}
+        click.echo(f"--fp8-gemm {fp8_gemm}: {switched} GEMMs switched"
+                   + ("" if switched else " (cuBLAS FP8 GEMMs run on a GPU only: none here)"), err=True)
     if compile_:
         net = torch.compile(net)
-    return net, {**rep.to_dict(), "fuse": fuse, "compiled": compile_}
+    return net, info
 
 
 def _cpu_int8(loaded, dev, calib_num: int):

@@ -16,6 +16,9 @@ module needs Triton; it runs under the CPU interpreter (``TRITON_INTERPRET=1``),
 """
 from __future__ import annotations
 
+import functools
+import json
+import os
 from typing import Optional
 
 import torch
@@ -108,6 +111,33 @@ def pick_geglu_config(m: int, i: int, k: int) -> dict:
     return {"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 2}
 
 
+_CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "persistent"}
+
+
+@functools.lru_cache(maxsize=8)
+def _env_config(text: str) -> Optional[dict]:
+    """``DIFFQUANT_GEGLU_CONFIG``: a JSON block config for every GEGLU call, to A/B configs inside a model (the op
+    benchmark and the model disagreed on the persistent kernel, BENCHMARKS.md "Kernels, ninth measurement"). Keys
+    missing from it keep :func:`pick_geglu_config`'s values."""
+    if not text:
+        return None
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"DIFFQUANT_GEGLU_CONFIG is not JSON ({e}): {text!r}") from None
+    if not isinstance(cfg, dict) or set(cfg) - _CONFIG_KEYS:
+        raise ValueError(f"DIFFQUANT_GEGLU_CONFIG: an object with keys among {sorted(_CONFIG_KEYS)}; got {text!r}")
+    return cfg
+
+
+def geglu_config(m: int, i: int, k: int) -> dict:
+    """The block config a call without an explicit one runs: :func:`pick_geglu_config`'s, with
+    ``DIFFQUANT_GEGLU_CONFIG`` over it."""
+    cfg = pick_geglu_config(m, i, k)
+    over = _env_config(os.environ.get("DIFFQUANT_GEGLU_CONFIG", ""))
+    return dict(cfg, **over) if over else cfg
+
+
 def new_out(m: int, i: int, dtype: torch.dtype, device) -> torch.Tensor:
     """The output buffer (a function of its own, so that the tests can poison it)."""
     return torch.empty((m, i), dtype=dtype, device=device)
@@ -118,7 +148,7 @@ def linear_geglu_triton(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
                         config: Optional[dict] = None) -> torch.Tensor:
     """``diffquant::linear_geglu`` on the GPU (or the interpreter); arguments as there. ``config``: a block config
     (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages; ``persistent``: True for the persistent kernel) instead of
-    :func:`pick_geglu_config`'s."""
+    :func:`geglu_config`'s."""
     if TensorDescriptor is None:
         raise RuntimeError("linear_geglu's kernel needs a Triton with tensor descriptors (triton.tools.tensor_descriptor)")
     m, k = xq.shape
@@ -134,7 +164,7 @@ def linear_geglu_triton(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
     wv = w.contiguous()
     if bitcast:
         xv, wv = xv.view(torch.uint8), wv.view(torch.uint8)
-    cfg = dict(config or pick_geglu_config(m, i, k))
+    cfg = dict(config or geglu_config(m, i, k))
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     a_desc = TensorDescriptor(xv, [m, k], [k, 1], [bm, bk])
     w_desc = TensorDescriptor(wv, [2 * i, k], [k, 1], [bn, bk])
