@@ -86,6 +86,26 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
+    # 64-pixel output rows (SD-1.5's 64x64 level): tiles of 2 or 4 rows as one reshaped box (tma4d) against one
+    # one-row box and one dot per row (tma4dr)
+    for kind in ("fp8", "int8"):
+        fp8 = kind == "fp8"
+        el = "fp8e4nv" if fp8 else "i8"
+        for bm, bn, bk, warps, stages in ((128, 128, 128, 4, 3), (128, 128, 128, 8, 4), (256, 128, 64, 8, 3),
+                                          (128, 256, 128, 8, 3)):
+            consts = dict(KW=3, KH=3, A_INT=not fp8, BITCAST_FP8=False, PAD_FIX=not fp8, HAS_ASCALE=True,
+                          HAS_CORR=not fp8, HAS_BIAS=True, HAS_ADD=True, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, BI=1,
+                          BH=bm // 64, BW=64)
+            for name, fn, a_box in (("tma4d, 64-wide rows", tt._qconv_tma4d_kernel, f"1, {bm // 64}, 64, {bk}"),
+                                    ("tma4dr (one dot per row), 64-wide rows", tt._qconv_tma4d_rows_kernel,
+                                     f"1, 1, 64, {bk}")):
+                k = _build(fn, consts, _conv_types(el, a_box, f"{bn}, {bk}"), warps, stages)
+                row = {"kernel": name, "act": kind, "config": [bm, bn, bk, warps, stages],
+                       "a_via_registers": "ttg.local_load" in k.asm["ttgir"]}
+                row.update(_ptxas(k.asm["ptx"]))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+
     def gt(n):
         if n in ("a_desc", "w_desc"):
             return "tensordesc<fp8e4nv[128, 128]>"

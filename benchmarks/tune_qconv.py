@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="tune no new shape after this many seconds")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-tma", action="store_true", help="time the gather kernel's candidates only")
-    ap.add_argument("--skip-paths", default="", help="comma list of TMA kernels not to try (tma, tma4d, tma4dp)")
+    ap.add_argument("--skip-paths", default="", help="comma list of TMA kernels not to try (tma, tma4d, tma4dp, tma4dr)")
     ap.add_argument("--untuned-only", action="store_true",
                     help="time only the shapes that no active tuned table (shipped or DIFFQUANT_QCONV_TUNED) lists")
     ap.add_argument("--print-rows", metavar="ROWS_JSON", help="print the summary of a --rows file and exit (no GPU)")

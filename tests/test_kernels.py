@@ -711,6 +711,39 @@ TMA_GPU_CASES = [  # kind, n, cin, cout, h, w, k, pad, a_zp
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("bm,bn,bk,warps,stages", [(128, 128, 128, 8, 4), (256, 128, 64, 8, 3), (128, 64, 128, 4, 4)])
+@pytest.mark.parametrize("case", [("fp8", 2, 320, 320, 64, 64, 3, 1, 0), ("int8", 1, 128, 96, 17, 80, 3, 1, 5),
+                                  ("fp8", 3, 64, 200, 5, 64, 3, 1, 0)], ids=lambda c: "-".join(map(str, c)))
+def test_gpu_tma4d_rows_path_matches_reference(case, bm, bn, bk, warps, stages, monkeypatch):
+    """The one-dot-per-row 4-D TMA kernel ("tma4dr"; rows of 64 or 128 pixels, 2 or 4 a tile, rows past the image and
+    from two images, an int8 zero point's padding fix) against the reference op, poisoned output; the rows kernel
+    must be the one that ran."""
+    from diffquant.kernels import triton_conv_tma as tt
+    from diffquant.kernels import tuning
+
+    kind, n, cin, cout, h, w, k, pad, a_zp = case
+    c = _rand_case(kind, n=n, cin=cin, cout=cout, h=h, w=w, k=k, a_zp=a_zp, device="cuda")
+    launched, real = [], tt._qconv_tma4d_rows_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(tt, "_qconv_tma4d_rows_kernel", Spy())
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, path="tma4dr")
+    with tuning.forced_config(cfg):
+        got = _poisoned_call(c, 1, pad)
+    torch.cuda.synchronize()
+    # 80-pixel rows in tiles of 128: one row a tile, the plain 4-D kernel's case; every other case takes the rows kernel
+    assert len(launched) == (0 if (w, bm) == (80, 128) else 1) and (tt.rows_split(bm, h, w) is None) == (not launched)
+    want = _call(qconv_ref, c, 1, pad, 1, torch.float64)
+    assert torch.isfinite(got).all()
+    assert float((got.double() - want).norm() / want.norm()) < (1e-5 if kind == "int8" else 5e-3)
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("path", ["tma", "tma4d", "tma4dp"])
 @pytest.mark.parametrize("case", TMA_GPU_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_gpu_tma_path_matches_reference(case, path, monkeypatch):

@@ -123,6 +123,48 @@ def test_interpreter_tma4d_persistent_path_matches_reference():
         assert finite and rel < 1e-5, (case, rel)
 
 
+TMA4DR_CASES = [  # output rows of 64 pixels or more (each row one dot of M >= 64), with the config forced below
+    ("fp8", dict(n=1, cin=32, cout=40, h=5, w=64), 1, 1, True, 0),  # 5 rows: the last tile's rows partly outside
+    ("int8", dict(n=2, cin=32, cout=24, h=2, w=64, a_zp=5), 1, 1, False, 0),  # rows of two images in one tile
+    ("int8", dict(n=1, cin=64, cout=16, h=3, w=66, a_zp=-3), 1, 1, True, 32),  # 128-wide rows, 66 valid; a slice
+]
+
+
+def test_interpreter_tma4d_rows_path_matches_reference():
+    """The one-dot-per-row 4-D TMA kernel ("tma4dr"): tiles of 2 and 4 rows of 64 (and 2 of 128), rows past the
+    image, rows from two images, the int8 zero point's padding fix per row, residual adds and channel slices; the
+    rows kernel itself must have run (a spy counts its launches)."""
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
+    import diffquant.kernels.triton_conv_tma as tt
+
+    assert [tt.rows_split(bm, ho, wo) for bm, ho, wo in ((128, 64, 64), (256, 64, 64), (64, 64, 64), (256, 4, 32),
+                                                         (256, 3, 66), (128, 3, 66))] == [2, 4, None, None, 2, None]
+    env = dict(os.environ, TRITON_INTERPRET="1", DIFFQUANT_QCONV_TMA="0")
+    for bm in (128, 256):
+        cfg = dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, path="tma4dr")
+        code = SCRIPT.format(tests=str(ROOT / "tests"), src=str(ROOT / "src"), cases=json.dumps(TMA4DR_CASES))
+        code = code.replace("got = tk._call(qconv_triton, c, stride, pad)",
+                            "from diffquant.kernels import tuning\n"
+                            "    import diffquant.kernels.triton_conv_tma as tt\n"
+                            "    real_k = tt._qconv_tma4d_rows_kernel\n"
+                            "    class Spy:\n"
+                            "        def __getitem__(self, grid):\n"
+                            "            launched.append(grid)\n"
+                            "            return real_k[grid]\n"
+                            "    tt._qconv_tma4d_rows_kernel = Spy()\n"
+                            f"    with tuning.forced_config({cfg!r}):\n"
+                            "        got = tk._call(qconv_triton, c, stride, pad)\n"
+                            "    tt._qconv_tma4d_rows_kernel = real_k")
+        code = code.replace("res = []\n", "res = []\nlaunched = []\n", 1)
+        code = code.replace('print("RESULT" + json.dumps(res))', 'print("RESULT" + json.dumps(res + [len(launched)]))')
+        res = _run_script(code, env)
+        # every case takes the rows kernel, except the 128-wide rows at BLOCK_M 128 (one row a tile: plain kernel)
+        assert res[-1] == (3 if bm == 256 else 2), (bm, res[-1])
+        for case, (finite, rel) in zip(TMA4DR_CASES, res[:-1]):
+            assert finite and rel < 1e-5, (bm, case, rel)
+
+
 GEGLU_SCRIPT = r'''
 import json, sys
 sys.path.insert(0, {src!r})
@@ -262,6 +304,14 @@ def test_kernel_choice_follows_table_and_environment(monkeypatch):
         monkeypatch.setenv("DIFFQUANT_QCONV_TMA", "1")
         assert pick("kt", both) == tma_cfg and pick("kg", both)["path"] == "tma" and pick("other", both)["path"] == "tma"
         assert pick("kg", none) == gather_cfg
+        monkeypatch.setenv("DIFFQUANT_QCONV_TMA", "4dr")  # only tuned tma4d entries change: same tiles, rows kernel
+        t4 = dict(tma_cfg, path="tma4d")
+        tuning.use_table({"format": tuning.FORMAT, "device": "GPU-A", "configs": {"kt": tma_cfg, "kg": gather_cfg,
+                                                                                 "k4": t4}})
+        rows_ok = both | {"tma4dr"}
+        assert pick("k4", rows_ok) == dict(t4, path="tma4dr") and pick("k4", both) == t4
+        assert pick("kt", rows_ok) == tma_cfg and pick("kg", rows_ok) == gather_cfg
+        assert pick("other", rows_ok).get("path") is None
         monkeypatch.setenv("DIFFQUANT_QCONV_TMA", "4d")
         assert pick("kt", both)["path"] == "tma4d" and pick("kg", both)["path"] == "tma4d"
         assert pick("kg", only2d) == gather_cfg and pick("kt", only2d) == tma_cfg  # 4-D impossible here: the table
@@ -294,17 +344,25 @@ for kind, kw in [("fp8", dict(n=2, cin=320, cout=200, h=17, w=13)), ("int8", dic
             with tuning.forced_config(cfg):
                 got = tk._call(qconv_triton, c, 1, 1)
             res.append([kind, list(cfg.values()), float((got - want).abs().max() / want.abs().max())])
+# the one-dot-per-row kernel's candidates, on rows of 64 pixels (its only shapes)
+c = tk._rand_case("fp8", n=1, cin=128, cout=128, h=5, w=64)
+want = tk._call(qconv_ref, c, 1, 1).float()
+for cfg in tuning.candidates(1, False, 128, 128, path="tma4dr"):
+    with tuning.forced_config(cfg):
+        got = tk._call(qconv_triton, c, 1, 1)
+    res.append(["fp8", list(cfg.values()), float((got - want).abs().max() / want.abs().max())])
 print("RESULT" + json.dumps(res))
 '''
 
 
 def test_interpreter_every_tma_tuner_candidate_is_correct():
-    """Each block config the tuner tries for the three TMA kernels (tile shapes of 64-256 rows, whole-row boxes of 1-16
-    image rows) on an odd SD-like shape (FP8) and an int8 one with a zero point."""
+    """Each block config the tuner tries for the TMA kernels (tile shapes of 64-256 rows, whole-row boxes of 1-16
+    image rows) on an odd SD-like shape (FP8) and an int8 one with a zero point; the one-dot-per-row kernel's on
+    64-pixel rows."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("DIFFQUANT_QCONV_CONFIG", None)
     res = _run_script(CANDIDATE_SCRIPT.format(tests=str(ROOT / "tests"), src=str(ROOT / "src")), env, timeout=900)
-    assert len(res) >= 36
+    assert len(res) >= 41 and sum(cfg[-1] == "tma4dr" for _, cfg, _ in res) == 5
     for kind, cfg, rel in res:
         assert rel < 1e-5, (kind, cfg, rel)
 
@@ -470,8 +528,9 @@ def test_group_norm_kernels_compile_for_hopper():
 
 def test_attention_and_conv_kernels_compile_for_hopper():
     """The FP8 attention kernel (V handed over keys-contiguous; head dims 40 and 160 padded to 64 and 256; e4m3 or
-    bf16 output), the four conv kernels (gather, TMA over a padded copy, 4-D TMA and its persistent form; FP8, and
-    int8 with a zero point and the padding fix-up) and the GEGLU GEMM (and its persistent form) compile for sm_90
+    bf16 output), the five conv kernels (gather, TMA over a padded copy, 4-D TMA, its persistent form, and its
+    one-dot-per-row form, whose A tiles stay in shared memory; FP8, and int8 with a zero point and the padding
+    fix-up) and the GEGLU GEMM (and its persistent form) compile for sm_90
     without a GPU; some with DIFFQUANT_FP8_ACC=precise's promoted FP8 accumulation."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -538,6 +597,13 @@ def test_attention_and_conv_kernels_compile_for_hopper():
         built += bool(build(tt._qconv_tma4d_kernel, dict(common, KH=3, PAD_FIX=not fp8, BI=1, BH=1, BW=128,
                                                           FP8_ACC=32 if fp8 else None),
                             lambda n, f=tma_type: f(n, a_box="1, 1, 128, 64"), warps=8, stages=4).asm.get("cubin"))
+        # one dot per row (tma4dr): 4 rows of 64, each a one-row box read by the MMA from shared memory (so precise
+        # FP8 accumulation compiles too), where the plain kernel reshapes a [1, 4, 64, BK] box in registers
+        k = build(tt._qconv_tma4d_rows_kernel, dict(common, KH=3, PAD_FIX=not fp8, BI=1, BH=4, BW=64,
+                                                    FP8_ACC=32 if fp8 else None),
+                  lambda n, f=tma_type: f(n, a_box="1, 1, 64, 64"), warps=8, stages=4)
+        built += bool(k.asm.get("cubin"))
+        assert "ttg.local_load" not in k.asm["ttgir"]
         # the persistent form, its tile loop flattened into the tap loop (software-pipelined across tiles)
         built += bool(build(tt._qconv_tma4d_persistent_kernel, dict(common, KH=3, PAD_FIX=not fp8, BI=1, BH=8, BW=16,
                                                                      FLATTEN=True), tma_type,
@@ -562,7 +628,7 @@ def test_attention_and_conv_kernels_compile_for_hopper():
     built += bool(build(tg._linear_geglu_persistent_kernel, dict(
         HAS_BIAS=True, QUANT=True, OSCALE_PER_CH=False, BITCAST_FP8=False, EMULATE=False, BLOCK_M=128, BLOCK_N=128,
         BLOCK_K=128, GROUP_M=8, FLATTEN=True, FP8_ACC=64), geglu_type, warps=8, stages=3).asm.get("cubin"))
-    assert built == 14
+    assert built == 16
 
 
 def test_fp8_accumulation_knob_and_its_routing(monkeypatch):

@@ -189,12 +189,14 @@ def _device_name(device: torch.device) -> str:
 _DEVICE_NAMES: dict = {}
 
 
-_FORCED_PATHS = {"1": "tma", "4d": "tma4d", "4dp": "tma4dp"}  # DIFFQUANT_QCONV_TMA values that force a TMA kernel
+# DIFFQUANT_QCONV_TMA values that force a TMA kernel
+_FORCED_PATHS = {"1": "tma", "4d": "tma4d", "4dp": "tma4dp", "4dr": "tma4dr"}
 
 
 def _config(x, key: str, M: int, cout: int, ck: int, w4: bool, ok_paths: frozenset) -> dict:
-    """The block config (and kernel path) of one call: forced (tuner) > ``DIFFQUANT_QCONV_TMA=1`` / ``4d`` / ``4dp`` (that TMA
-    kernel wherever it can run, with the table's config for it or its heuristic) > tuned table of this GPU model
+    """The block config (and kernel path) of one call: forced (tuner) > ``DIFFQUANT_QCONV_TMA=1`` / ``4d`` / ``4dp``
+    (that TMA kernel wherever it can run, with the table's config for it or its heuristic; ``4dr``: the table's
+    ``tma4d`` entries run their tiles one dot per row, :func:`.triton_conv_tma.rows_split`) > tuned table of this GPU model
     (with ``DIFFQUANT_QCONV_BORROW=1``, the same layer's entry at the nearest batch size) > heuristic. ``DIFFQUANT_QCONV_TMA=0`` keeps every shape on the gather kernel. ``ok_paths``: the TMA kernels that
     can run this call."""
     forced = tuning._RECORD["force"]
@@ -205,7 +207,10 @@ def _config(x, key: str, M: int, cout: int, ck: int, w4: bool, ok_paths: frozens
     if cfg is None and x.device.type == "cuda" and os.environ.get("DIFFQUANT_QCONV_BORROW") == "1":
         cfg = tuning.lookup_nearest(key, _device_name(x.device))  # the same layer tuned at another batch size
     want = _FORCED_PATHS.get(env)
-    if want is not None and want in ok_paths:
+    if want == "tma4dr":  # an A/B of the same tiles: the table's tma4d entries run one dot per row, the rest as tuned
+        if cfg is not None and cfg.get("path") == "tma4d" and want in ok_paths:
+            return dict(cfg, path=want)
+    elif want is not None and want in ok_paths:
         if cfg is not None and cfg.get("path") == want:
             return cfg
         return dict(triton_conv_tma.pick_tma_config(M, cout, ck, persistent=want == "tma4dp"), path=want)
@@ -238,12 +243,15 @@ def _log_reroute(path: str, block_m: int, ho: int, wo: int) -> None:
 
 
 def tma_paths(x, w, wzp, stride, padding, dilation, w4: bool, a_zp: int, pad_corr) -> frozenset:
-    """The TMA kernels that can run this call: {"tma", "tma4d", "tma4dp"}, a subset, or none."""
+    """The TMA kernels that can run this call: {"tma", "tma4d", "tma4dp", "tma4dr"}, a subset, or none ("tma4dr"
+    where the output rows are 64 pixels or wider)."""
     if triton_conv_tma.tma_unsupported(x, w, wzp, stride, dilation, w4) is not None:
         return frozenset()
     ok = {"tma"}
     if triton_conv_tma.tma4d_extra_unsupported(x, a_zp, padding, pad_corr) is None:
         ok.update(("tma4d", "tma4dp"))
+        if x.shape[3] + 2 * int(padding[1]) - w.shape[2] + 1 >= 64:
+            ok.add("tma4dr")
     return frozenset(ok)
 
 
@@ -289,9 +297,10 @@ def qconv_triton(
                          f"({triton_conv_tma.tma4d_unsupported(x, w, wzp, stride, dilation, w4, a_zp, padding, pad_corr)})")
     if path == "tma":
         return triton_conv_tma.qconv_tma(x, w, w_scale, a_scale, corr, bias, add, a_zp, padding, out_dtype, config=cfg)
-    if path in ("tma4d", "tma4dp"):
+    if path in ("tma4d", "tma4dp", "tma4dr"):
         return triton_conv_tma.qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp, padding, out_dtype,
-                                           pad_corr=pad_corr, config=cfg, persistent=path == "tma4dp")
+                                           pad_corr=pad_corr, config=cfg, persistent=path == "tma4dp",
+                                           rows=path == "tma4dr")
     bk = cfg["BLOCK_K"]
     ncb = triton.cdiv(ck, bk)
     dummy = w_scale

@@ -263,6 +263,113 @@ def _qconv_tma4d_persistent_kernel(
                     BI, BH, BW, BLOCK_N, BLOCK_K, FP8_ACC)
 
 
+# ---- 4-D boxes, one dot per output row (path "tma4dr") --------------------------------------------------------
+# A tile of several rows reshaped from one [BI, BH, BW, BK] box goes through registers before the MMA, and ptxas then
+# serializes the wgmma pipeline (C7515; benchmarks/ptxas_report.py). One-row boxes [1, 1, BW, BK] stay in shared
+# memory. So this kernel covers R = BI * BH rows (2 or 4) with R one-row boxes per K step and one accumulator
+# each: R dots of [BW, BK] x [BK, BLOCK_N] that share the B tile. BW must be 64 or more (wgmma's M per warpgroup).
+@triton.jit
+def _row_epilogue(acc, r: tl.constexpr, n0, oh0, ow0, offs_n, n_ok, out_ptr, ascale_ptr, wscale_ptr, corr_ptr,
+                  bias_ptr, add_ptr, padc_ptr, N, H, W, Ho, Wo, pad_h, pad_w, son, soh, sow, soc, san, sah, saw, sac,
+                  KH: tl.constexpr, KW: tl.constexpr, PAD_FIX: tl.constexpr, HAS_ASCALE: tl.constexpr,
+                  HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, BH: tl.constexpr,
+                  BW: tl.constexpr):
+    """Row ``r`` of the tile (image n0 + r // BH, output row oh0 + r % BH): the zero-point fix and the epilogue."""
+    zero = tl.zeros((BW,), dtype=tl.int32)
+    nb = zero + n0 + r // BH
+    oh = zero + oh0 + r % BH
+    ow = ow0 + tl.arange(0, BW)
+    m_ok = (nb < N) & (oh < Ho) & (ow < Wo)
+    if PAD_FIX:
+        for t in tl.static_range(KH * KW):
+            ih = oh + t // KW - pad_h
+            iw = ow + t % KW - pad_w
+            outside = (ih < 0) | (ih >= H) | (iw < 0) | (iw >= W)
+            pc = tl.load(padc_ptr + offs_n * (KH * KW) + t, mask=n_ok, other=0)
+            acc += tl.where(outside[:, None], pc[None, :], 0)
+    dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
+                  son, soh, sow, soc, san, sah, saw, sac, HAS_CORR, HAS_ASCALE, HAS_BIAS, HAS_ADD)
+
+
+@triton.jit
+def _row_a(a_desc, r: tl.constexpr, n0, oh0, ow0, kh, kw, c0, pad_h, pad_w, BH: tl.constexpr, BW: tl.constexpr,
+           BLOCK_K: tl.constexpr, BITCAST_FP8: tl.constexpr):
+    """The A tile of row ``r`` for tap (kh, kw): a one-row box, [BW, BLOCK_K] without leaving shared memory."""
+    a = a_desc.load([n0 + r // BH, oh0 + r % BH + kh - pad_h, ow0 + kw - pad_w, c0])
+    a = tl.reshape(a, (BW, BLOCK_K))
+    if BITCAST_FP8:
+        a = a.to(tl.float8e4nv, bitcast=True)
+    return a
+
+
+@triton.jit(do_not_specialize=["N", "H", "W", "Ho", "Wo", "NITER", "TILES_H", "TILES_W", "pad_h", "pad_w"])
+def _qconv_tma4d_rows_kernel(
+    a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr, padc_ptr,
+    N, H, W, Ho, Wo, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h, pad_w,
+    son, soh, sow, soc,
+    san, sah, saw, sac,
+    KH: tl.constexpr, KW: tl.constexpr, A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr, PAD_FIX: tl.constexpr,
+    HAS_ASCALE: tl.constexpr, HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
+    BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, FP8_ACC: tl.constexpr = None,
+):
+    R: tl.constexpr = BI * BH
+    tl.static_assert(R == 2 or R == 4, "tma4dr covers 2 or 4 rows a tile")
+    BLOCK_M: tl.constexpr = R * BW
+    tiles_m = tl.cdiv(N, BI) * TILES_H * TILES_W
+    pid_m, pid_n = grouped_tile(tiles_m * BLOCK_M, Cout, BLOCK_M, BLOCK_N, GROUP_M)
+    tw = pid_m % TILES_W
+    th = (pid_m // TILES_W) % TILES_H
+    n0 = (pid_m // (TILES_W * TILES_H)) * BI
+    oh0 = th * BH
+    ow0 = tw * BW
+    co0 = pid_n * BLOCK_N
+    acc0 = zero_acc(BW, BLOCK_N, A_INT)
+    acc1 = zero_acc(BW, BLOCK_N, A_INT)
+    if R == 4:
+        acc2 = zero_acc(BW, BLOCK_N, A_INT)
+        acc3 = zero_acc(BW, BLOCK_N, A_INT)
+    for it in range(0, NITER):
+        tap, c0, kh, kw = tap_block(it, NCB, KW, BLOCK_K)
+        b = b_desc.load([co0, tap * CK + c0])
+        if BITCAST_FP8:
+            b = b.to(tl.float8e4nv, bitcast=True)
+        bt = b.T
+        a = _row_a(a_desc, 0, n0, oh0, ow0, kh, kw, c0, pad_h, pad_w, BH, BW, BLOCK_K, BITCAST_FP8)
+        acc0 = tl.dot(a, bt, acc0, out_dtype=acc0.dtype, max_num_imprecise_acc=FP8_ACC)
+        a = _row_a(a_desc, 1, n0, oh0, ow0, kh, kw, c0, pad_h, pad_w, BH, BW, BLOCK_K, BITCAST_FP8)
+        acc1 = tl.dot(a, bt, acc1, out_dtype=acc1.dtype, max_num_imprecise_acc=FP8_ACC)
+        if R == 4:
+            a = _row_a(a_desc, 2, n0, oh0, ow0, kh, kw, c0, pad_h, pad_w, BH, BW, BLOCK_K, BITCAST_FP8)
+            acc2 = tl.dot(a, bt, acc2, out_dtype=acc2.dtype, max_num_imprecise_acc=FP8_ACC)
+            a = _row_a(a_desc, 3, n0, oh0, ow0, kh, kw, c0, pad_h, pad_w, BH, BW, BLOCK_K, BITCAST_FP8)
+            acc3 = tl.dot(a, bt, acc3, out_dtype=acc3.dtype, max_num_imprecise_acc=FP8_ACC)
+    offs_n = co0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Cout
+    _row_epilogue(acc0, 0, n0, oh0, ow0, offs_n, n_ok, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
+                  padc_ptr, N, H, W, Ho, Wo, pad_h, pad_w, son, soh, sow, soc, san, sah, saw, sac, KH, KW, PAD_FIX,
+                  HAS_ASCALE, HAS_CORR, HAS_BIAS, HAS_ADD, BH, BW)
+    _row_epilogue(acc1, 1, n0, oh0, ow0, offs_n, n_ok, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
+                  padc_ptr, N, H, W, Ho, Wo, pad_h, pad_w, son, soh, sow, soc, san, sah, saw, sac, KH, KW, PAD_FIX,
+                  HAS_ASCALE, HAS_CORR, HAS_BIAS, HAS_ADD, BH, BW)
+    if R == 4:
+        _row_epilogue(acc2, 2, n0, oh0, ow0, offs_n, n_ok, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr,
+                      add_ptr, padc_ptr, N, H, W, Ho, Wo, pad_h, pad_w, son, soh, sow, soc, san, sah, saw, sac, KH, KW,
+                      PAD_FIX, HAS_ASCALE, HAS_CORR, HAS_BIAS, HAS_ADD, BH, BW)
+        _row_epilogue(acc3, 3, n0, oh0, ow0, offs_n, n_ok, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr,
+                      add_ptr, padc_ptr, N, H, W, Ho, Wo, pad_h, pad_w, son, soh, sow, soc, san, sah, saw, sac, KH, KW,
+                      PAD_FIX, HAS_ASCALE, HAS_CORR, HAS_BIAS, HAS_ADD, BH, BW)
+
+
+def rows_split(block_m: int, ho: int, wo: int) -> Optional[int]:
+    """Rows of a tma4dr tile (2 or 4), or None where that kernel cannot take this tile: rows under 64 pixels wide
+    (wgmma's M per warpgroup), a tile of one row (the plain 4-D kernel already reads it from shared memory), or more
+    than 4 rows."""
+    bi, bh, bw = tile_4d(block_m, ho, wo)
+    r = bi * bh
+    return r if bw >= 64 and r in (2, 4) else None
+
+
 def tma4d_unsupported(x: torch.Tensor, w: torch.Tensor, wzp, stride: Sequence[int], dilation: Sequence[int],
                       w4: bool, a_zp: int, padding: Sequence[int], pad_corr) -> Optional[str]:
     """Why this call cannot take the 4-D TMA path (None: it can)."""
@@ -289,10 +396,13 @@ def tile_4d(block_m: int, ho: int, wo: int) -> tuple[int, int, int]:
 
 
 def qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Sequence[int], out_dtype: torch.dtype,
-                pad_corr=None, config: Optional[dict] = None, persistent: bool = False) -> torch.Tensor:
+                pad_corr=None, config: Optional[dict] = None, persistent: bool = False,
+                rows: bool = False) -> torch.Tensor:
     """``diffquant::qconv`` through 4-D TMA boxes (see :func:`tma4d_unsupported`); same arguments and result as
     :func:`.reference.qconv_reference`. Reads channels-last input in place, channel slices included.
-    ``persistent``: one program per SM walking the tiles (:func:`_qconv_tma4d_persistent_kernel`)."""
+    ``persistent``: one program per SM walking the tiles (:func:`_qconv_tma4d_persistent_kernel`). ``rows``: one
+    one-row box and one dot per output row of the tile (:func:`_qconv_tma4d_rows_kernel`; :func:`rows_split` says
+    where it applies, elsewhere the plain kernel runs)."""
     from diffquant.kernels.reference import out_like
 
     nbatch, c, h, wd = x.shape
@@ -311,7 +421,9 @@ def qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seq
     cfg = dict(config or pick_tma_config(nbatch * ho * wo, cout, ck, persistent))
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     bi, bh, bw = tile_4d(bm, ho, wo)
-    a_desc = TensorDescriptor(xv, [nbatch, h, wd, c], [x.stride(0), x.stride(2), x.stride(3), 1], [bi, bh, bw, bk])
+    rows = rows and not persistent and rows_split(bm, ho, wo) is not None
+    box = [1, 1, bw, bk] if rows else [bi, bh, bw, bk]
+    a_desc = TensorDescriptor(xv, [nbatch, h, wd, c], [x.stride(0), x.stride(2), x.stride(3), 1], box)
     w2 = wv.reshape(cout, kh * kw * ck)
     b_desc = TensorDescriptor(w2, [cout, kh * kw * ck], [kh * kw * ck, 1], [bn, bk])
     ncb = triton.cdiv(ck, bk)
@@ -342,6 +454,8 @@ def qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seq
                     raise
                 _warn_stages(bm, bn, bk, flags["num_stages"], str(e))
                 flags["num_stages"] -= 1
+    elif rows:
+        _qconv_tma4d_rows_kernel[(tiles,)](*args, *strides, **flags)
     else:
         _qconv_tma4d_kernel[(tiles,)](*args, *strides, **flags)
     return out

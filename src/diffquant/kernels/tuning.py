@@ -17,8 +17,9 @@ list fall back to the heuristic. Format::
 
 A config may also name its kernel: ``"path": "tma"`` (the TMA kernel over a padded copy of the input, in
 :mod:`.triton_conv_tma`, for the stride-1 8-bit shapes), ``"tma4d"`` (the TMA kernel with 4-D boxes over the
-unpadded input), ``"tma4dp"`` (the same, persistent: one program per SM walks the tiles) or ``"gather"`` (the
-default). The tuner times the candidates of every kernel that can run a shape
+unpadded input), ``"tma4dp"`` (the same, persistent: one program per SM walks the tiles), ``"tma4dr"`` (4-D boxes
+of one row each, one dot per output row of a 2- or 4-row tile, so that the A tiles stay in shared memory) or
+``"gather"`` (the default). The tuner times the candidates of every kernel that can run a shape
 and the table records the fastest.
 
 This module does not import Triton: the table logic is usable (and tested) on any machine.
@@ -36,7 +37,7 @@ import torch
 
 FORMAT = "diffquant-qconv-tuned/1"
 CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
-PATHS = ("gather", "tma", "tma4d", "tma4dp")  # the optional "path" field of a config: which conv kernel runs the shape
+PATHS = ("gather", "tma", "tma4d", "tma4dp", "tma4dr")  # the optional "path" field of a config: which conv kernel runs the shape
 
 # 8-bit activations: the candidates tried per shape (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 CANDIDATES_8BIT: tuple[tuple[int, ...], ...] = (
@@ -105,6 +106,8 @@ def candidates(a_bytes: int, w4: bool, cout: int, ck: int, limit: int = SMEM_LIM
         if bk > 32 and ck <= bk // 2:
             continue
         if smem_bytes(cfg, a_bytes, w4) > limit:
+            continue
+        if path == "tma4dr" and bm < 128:  # one row of 64: the plain 4-D kernel's tile
             continue
         if tma:
             cfg["path"] = path
