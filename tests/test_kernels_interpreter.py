@@ -139,7 +139,7 @@ def test_interpreter_tma4d_rows_path_matches_reference():
     import diffquant.kernels.triton_conv_tma as tt
 
     assert [tt.rows_split(bm, ho, wo) for bm, ho, wo in ((128, 64, 64), (256, 64, 64), (64, 64, 64), (256, 4, 32),
-                                                         (256, 3, 66), (128, 3, 66))] == [2, 4, None, None, 2, None]
+                                                         (256, 3, 66), (128, 3, 66), (128, 40, 40))] == [2, 4, None, None, 2, None, None]
     env = dict(os.environ, TRITON_INTERPRET="1", DIFFQUANT_QCONV_TMA="0")
     for bm in (128, 256):
         cfg = dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, path="tma4dr")
@@ -635,7 +635,8 @@ def test_fp8_accumulation_knob_and_its_routing(monkeypatch):
     """DIFFQUANT_FP8_ACC: "fast" (Triton's default on sm_90, no promotion) gives no max_num_imprecise_acc; "precise"
     promotes every 64 products (32 in a dot of 64; none possible in a dot of 32), FP8 only; a bad value is refused.
     Under "precise" an FP8 call whose 4-D TMA tile spans several rows (A reshaped in registers: Triton cannot
-    promote there) takes the padded 2-D TMA kernel; one-row tiles, int8 and the default mode keep their kernel.
+    promote there) takes the one-dot-per-row kernel where rows are 64 pixels or wider, else the padded 2-D TMA
+    kernel; one-row tiles, int8 and the default mode keep their kernel.
     The interpreter's GEGLU and attention kernels still match their references under "precise"."""
     if str(ROOT / "src") not in sys.path:
         sys.path.insert(0, str(ROOT / "src"))
@@ -647,6 +648,9 @@ def test_fp8_accumulation_knob_and_its_routing(monkeypatch):
     monkeypatch.setenv("DIFFQUANT_FP8_ACC", "precise")
     assert (fp8_acc(256), fp8_acc(128), fp8_acc(64), fp8_acc(32), fp8_acc(128, fp8=False)) == (64, 64, 32, None, None)
     assert precise_path("tma4d", 128, 32, 32, True) == "tma"  # 4 rows of 32
+    assert precise_path("tma4d", 128, 64, 64, True) == "tma4dr"  # 2 rows of 64: one-row boxes, one dot per row
+    assert precise_path("tma4dp", 256, 64, 64, True) == "tma4dr"
+    assert precise_path("tma4d", 128, 40, 40, True) == "tma"  # 64-wide boxes over 40-pixel rows: not offered
     assert precise_path("tma4dp", 128, 8, 8, True) == "tma"  # 2 images of 8 x 8
     assert precise_path("tma4d", 64, 64, 64, True) == "tma4d"  # one row of 64
     assert precise_path("tma4d", 128, 32, 32, False) == "tma4d"  # int8

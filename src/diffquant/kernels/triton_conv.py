@@ -225,21 +225,23 @@ def precise_path(path: str, block_m: int, ho: int, wo: int, fp8: bool) -> str:
     """The kernel an FP8 call takes under ``DIFFQUANT_FP8_ACC=precise`` (:func:`._triton_common.fp8_acc`): the 4-D TMA
     kernels keep one-row tiles ([1, 1, BW, BK] boxes, read by the MMA from shared memory), but a tile of several
     rows or images is reshaped in registers, where Triton 3.6 cannot promote the accumulation (the compile fails);
-    those calls take the padded 2-D TMA kernel with the same block config, which runs every shape the 4-D ones do
-    (logged once per shape). Tune in the default mode: the tuner's 4-D candidates would be rerouted too."""
+    those calls take the one-dot-per-row kernel (``"tma4dr"``, one-row boxes) where the rows are 64 pixels or wider,
+    else the padded 2-D TMA kernel, with the same block config (logged once per shape). Tune in the default mode: the
+    tuner's 4-D candidates would be rerouted too."""
     if not (fp8 and path in ("tma4d", "tma4dp") and fp8_precise()):
         return path
     bi, bh, _ = triton_conv_tma.tile_4d(block_m, ho, wo)
     if bi * bh == 1:
         return path
-    _log_reroute(path, block_m, ho, wo)
-    return "tma"
+    to = "tma4dr" if triton_conv_tma.rows_split(block_m, ho, wo) is not None else "tma"
+    _log_reroute(path, block_m, ho, wo, to)
+    return to
 
 
 @functools.lru_cache(maxsize=None)
-def _log_reroute(path: str, block_m: int, ho: int, wo: int) -> None:
-    log.info("DIFFQUANT_FP8_ACC=precise: %dx%d output, %d-pixel tiles of several rows: %s -> tma (padded 2-D TMA)",
-             ho, wo, block_m, path)
+def _log_reroute(path: str, block_m: int, ho: int, wo: int, to: str) -> None:
+    log.info("DIFFQUANT_FP8_ACC=precise: %dx%d output, %d-pixel tiles of several rows: %s -> %s", ho, wo, block_m,
+             path, to)
 
 
 def tma_paths(x, w, wzp, stride, padding, dilation, w4: bool, a_zp: int, pad_corr) -> frozenset:

@@ -362,12 +362,12 @@ def _qconv_tma4d_rows_kernel(
 
 
 def rows_split(block_m: int, ho: int, wo: int) -> Optional[int]:
-    """Rows of a tma4dr tile (2 or 4), or None where that kernel cannot take this tile: rows under 64 pixels wide
-    (wgmma's M per warpgroup), a tile of one row (the plain 4-D kernel already reads it from shared memory), or more
-    than 4 rows."""
+    """Rows of a tma4dr tile (2 or 4), or None where that kernel cannot take this tile: output rows under 64 pixels
+    wide (wgmma's M per warpgroup; :func:`.triton_conv.tma_paths` offers the kernel from 64 up), a tile of one row
+    (the plain 4-D kernel already reads it from shared memory), or more than 4 rows."""
     bi, bh, bw = tile_4d(block_m, ho, wo)
     r = bi * bh
-    return r if bw >= 64 and r in (2, 4) else None
+    return r if wo >= 64 and bw >= 64 and r in (2, 4) else None
 
 
 def tma4d_unsupported(x: torch.Tensor, w: torch.Tensor, wzp, stride: Sequence[int], dilation: Sequence[int],
