@@ -194,3 +194,18 @@ def test_benchmark_scripts_answer_help_without_running():
         assert r.returncode == 0 and "usage:" in r.stdout, (script.name, r.stdout[-300:], r.stderr[-600:])
     after = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_cli_quiets_third_party_import_noise_unless_verbose():
+    """Without -v the CLI raises torchao's, torch's pytree and diffusers' torchao-quantizer loggers to ERROR (their
+    import-time warnings on a CPU machine say nothing about diffquant's work); with -v they keep their level."""
+    import logging
+
+    from diffquant.cli import _QUIET_LOGGERS
+
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    r = _run(["-v", "zoo", "--help"])
+    assert r.exit_code == 0 and all(logging.getLogger(n).level == logging.NOTSET for n in _QUIET_LOGGERS)
+    r = _run(["zoo", "--help"])
+    assert r.exit_code == 0 and all(logging.getLogger(n).level == logging.ERROR for n in _QUIET_LOGGERS)

@@ -22,6 +22,16 @@ def cli(verbose: int) -> None:
     """Quantize diffusion models and measure what it costs and buys."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # diffusers imports torchao where it is installed (the [test] and [cpu-int8] extras), and torchao then warns
+        # about its CUDA extensions and Triton on a CPU machine, torch about torchao's enum registrations, and
+        # diffusers about loading torchao-pickled checkpoints (diffquant loads safetensors only): noise before every
+        # command's output that says nothing about diffquant's work (shown again with -v)
+        for name in _QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+_QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao")
 
 
 def _register() -> None:
