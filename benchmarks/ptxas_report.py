@@ -59,6 +59,16 @@ def _conv_types(el: str, a_box: str, b_box: str):
     return t
 
 
+def _conv_row(name: str, fn, consts: dict, el: str, a_box: str, kind: str, config: tuple) -> dict:
+    """One conv kernel's row: compiled for sm_90 with the given constexprs and A box, read by ptxas (printed)."""
+    bm, bn, bk, warps, stages = config
+    k = _build(fn, consts, _conv_types(el, a_box, f"{bn}, {bk}"), warps, stages)
+    row = {"kernel": name, "act": kind, "config": list(config), "a_via_registers": "ttg.local_load" in k.asm["ttgir"]}
+    row.update(_ptxas(k.asm["ptx"]))
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     from diffquant.kernels import triton_conv_tma as tt
     from diffquant.kernels import triton_geglu as tg
@@ -79,12 +89,7 @@ def main() -> None:
                     ("tma4d", tt._qconv_tma4d_kernel, dict(common, **box4), f"1, {bm // 32}, 32, {bk}"),
                     ("tma4dp (persistent)", tt._qconv_tma4d_persistent_kernel, dict(common, **box4, FLATTEN=True),
                      f"1, {bm // 32}, 32, {bk}")):
-                k = _build(fn, consts, _conv_types(el, a_box, f"{bn}, {bk}"), warps, stages)
-                row = {"kernel": name, "act": kind, "config": [bm, bn, bk, warps, stages],
-                       "a_via_registers": "ttg.local_load" in k.asm["ttgir"]}
-                row.update(_ptxas(k.asm["ptx"]))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                rows.append(_conv_row(name, fn, consts, el, a_box, kind, (bm, bn, bk, warps, stages)))
 
     # 64-pixel output rows (SD-1.5's 64x64 level): tiles of 2 or 4 rows as one reshaped box (tma4d) against one
     # one-row box and one dot per row (tma4dr)
@@ -99,12 +104,7 @@ def main() -> None:
             for name, fn, a_box in (("tma4d, 64-wide rows", tt._qconv_tma4d_kernel, f"1, {bm // 64}, 64, {bk}"),
                                     ("tma4dr (one dot per row), 64-wide rows", tt._qconv_tma4d_rows_kernel,
                                      f"1, 1, 64, {bk}")):
-                k = _build(fn, consts, _conv_types(el, a_box, f"{bn}, {bk}"), warps, stages)
-                row = {"kernel": name, "act": kind, "config": [bm, bn, bk, warps, stages],
-                       "a_via_registers": "ttg.local_load" in k.asm["ttgir"]}
-                row.update(_ptxas(k.asm["ptx"]))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                rows.append(_conv_row(name, fn, consts, el, a_box, kind, (bm, bn, bk, warps, stages)))
 
     def gt(n):
         if n in ("a_desc", "w_desc"):

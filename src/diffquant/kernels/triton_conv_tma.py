@@ -169,6 +169,34 @@ def qconv_tma(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seque
 # hardware fills coordinates outside the input (the padding) with zeros, so no copy and no pad-band rows. An int8
 # activation zero point is added back per padded tap in the epilogue (``pad_corr``), as in the gather kernel.
 @triton.jit
+def _tile_origin(pid_m, pid_n, TILES_H, TILES_W, BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """The first image, output row, output column and output channel of tile (pid_m, pid_n)."""
+    tw = pid_m % TILES_W
+    th = (pid_m // TILES_W) % TILES_H
+    return (pid_m // (TILES_W * TILES_H)) * BI, th * BH, tw * BW, pid_n * BLOCK_N
+
+
+@triton.jit
+def _pad_fix_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
+                   padc_ptr, H, W, pad_h, pad_w, son, soh, sow, soc, san, sah, saw, sac, KH: tl.constexpr,
+                   KW: tl.constexpr, PAD_FIX: tl.constexpr, HAS_ASCALE: tl.constexpr, HAS_CORR: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr):
+    """The 4-D kernels' epilogue for the output pixels (nb, oh, ow): the padded taps read zeros, where the true input
+    is an int8 zero point (``PAD_FIX``: its products added back per tap, as in the gather kernel), then
+    :func:`dequant_store`."""
+    if PAD_FIX:
+        for t in tl.static_range(KH * KW):
+            ih = oh + t // KW - pad_h
+            iw = ow + t % KW - pad_w
+            outside = (ih < 0) | (ih >= H) | (iw < 0) | (iw >= W)
+            pc = tl.load(padc_ptr + offs_n * (KH * KW) + t, mask=n_ok, other=0)
+            acc += tl.where(outside[:, None], pc[None, :], 0)
+    dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
+                  son, soh, sow, soc, san, sah, saw, sac, HAS_CORR, HAS_ASCALE, HAS_BIAS, HAS_ADD)
+
+
+@triton.jit
 def _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr, padc_ptr,
                 N, H, W, Ho, Wo, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h, pad_w,
                 son, soh, sow, soc, san, sah, saw, sac,
@@ -179,13 +207,7 @@ def _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, c
     """One output tile (``pid_m``: BI images x BH rows x BW columns; ``pid_n``: BLOCK_N channels): the tap loop over
     4-D TMA boxes, then the epilogue."""
     BLOCK_M: tl.constexpr = BI * BH * BW
-    tw = pid_m % TILES_W
-    th = (pid_m // TILES_W) % TILES_H
-    n0 = (pid_m // (TILES_W * TILES_H)) * BI
-    oh0 = th * BH
-    ow0 = tw * BW
-    co0 = pid_n * BLOCK_N
-
+    n0, oh0, ow0, co0 = _tile_origin(pid_m, pid_n, TILES_H, TILES_W, BI, BH, BW, BLOCK_N)
     acc = zero_acc(BLOCK_M, BLOCK_N, A_INT)
     for it in range(0, NITER):
         tap, c0, kh, kw = tap_block(it, NCB, KW, BLOCK_K)
@@ -204,15 +226,9 @@ def _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, c
     offs_n = co0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Cout
     m_ok = (nb < N) & (oh < Ho) & (ow < Wo)
-    if PAD_FIX:  # the padded taps read zeros; the true input there is the zero point (see the gather kernel)
-        for t in tl.static_range(KH * KW):
-            ih = oh + t // KW - pad_h
-            iw = ow + t % KW - pad_w
-            outside = (ih < 0) | (ih >= H) | (iw < 0) | (iw >= W)
-            pc = tl.load(padc_ptr + offs_n * (KH * KW) + t, mask=n_ok, other=0)
-            acc += tl.where(outside[:, None], pc[None, :], 0)
-    dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
-                  son, soh, sow, soc, san, sah, saw, sac, HAS_CORR, HAS_ASCALE, HAS_BIAS, HAS_ADD)
+    _pad_fix_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
+                   padc_ptr, H, W, pad_h, pad_w, son, soh, sow, soc, san, sah, saw, sac, KH, KW, PAD_FIX, HAS_ASCALE,
+                   HAS_CORR, HAS_BIAS, HAS_ADD)
 
 
 @triton.jit(do_not_specialize=["N", "H", "W", "Ho", "Wo", "NITER", "TILES_H", "TILES_W", "pad_h", "pad_w"])
@@ -280,15 +296,9 @@ def _row_epilogue(acc, r: tl.constexpr, n0, oh0, ow0, offs_n, n_ok, out_ptr, asc
     oh = zero + oh0 + r % BH
     ow = ow0 + tl.arange(0, BW)
     m_ok = (nb < N) & (oh < Ho) & (ow < Wo)
-    if PAD_FIX:
-        for t in tl.static_range(KH * KW):
-            ih = oh + t // KW - pad_h
-            iw = ow + t % KW - pad_w
-            outside = (ih < 0) | (ih >= H) | (iw < 0) | (iw >= W)
-            pc = tl.load(padc_ptr + offs_n * (KH * KW) + t, mask=n_ok, other=0)
-            acc += tl.where(outside[:, None], pc[None, :], 0)
-    dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
-                  son, soh, sow, soc, san, sah, saw, sac, HAS_CORR, HAS_ASCALE, HAS_BIAS, HAS_ADD)
+    _pad_fix_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
+                   padc_ptr, H, W, pad_h, pad_w, son, soh, sow, soc, san, sah, saw, sac, KH, KW, PAD_FIX, HAS_ASCALE,
+                   HAS_CORR, HAS_BIAS, HAS_ADD)
 
 
 @triton.jit
@@ -318,12 +328,7 @@ def _qconv_tma4d_rows_kernel(
     BLOCK_M: tl.constexpr = R * BW
     tiles_m = tl.cdiv(N, BI) * TILES_H * TILES_W
     pid_m, pid_n = grouped_tile(tiles_m * BLOCK_M, Cout, BLOCK_M, BLOCK_N, GROUP_M)
-    tw = pid_m % TILES_W
-    th = (pid_m // TILES_W) % TILES_H
-    n0 = (pid_m // (TILES_W * TILES_H)) * BI
-    oh0 = th * BH
-    ow0 = tw * BW
-    co0 = pid_n * BLOCK_N
+    n0, oh0, ow0, co0 = _tile_origin(pid_m, pid_n, TILES_H, TILES_W, BI, BH, BW, BLOCK_N)
     acc0 = zero_acc(BW, BLOCK_N, A_INT)
     acc1 = zero_acc(BW, BLOCK_N, A_INT)
     if R == 4:
