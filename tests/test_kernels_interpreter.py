@@ -700,3 +700,47 @@ def test_geglu_config_environment_override(monkeypatch):
         monkeypatch.setenv("DIFFQUANT_GEGLU_CONFIG", bad)
         with pytest.raises(ValueError, match=msg):
             tg.geglu_config(64, 64, 64)
+
+
+def test_tma4d_launch_retries_with_fewer_stages_when_shared_memory_runs_out(monkeypatch):
+    """A 4-D TMA conv launch (plain, rows or persistent) that runs out of shared memory is retried with one stage
+    fewer, down to one; another OutOfResources (registers), or one at a single stage, is raised."""
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
+    import torch
+    import triton
+
+    import diffquant.kernels.triton_conv_tma as tt
+
+    def fake(limit, what="shared memory"):
+        seen = []
+
+        class K:
+            def __getitem__(self, grid):
+                def launch(*a, **kw):
+                    seen.append(kw["num_stages"])
+                    if kw["num_stages"] > limit:
+                        raise triton.runtime.errors.OutOfResources(262192, 232448, what)
+                return launch
+        return K(), seen
+
+    x = torch.zeros(1, 32, 4, 64).to(torch.float8_e4m3fn).contiguous(memory_format=torch.channels_last)
+    w = torch.zeros(16, 3, 3, 32).to(torch.float8_e4m3fn)
+    ws, sa = torch.ones(16), torch.ones(1)
+    cfg = dict(BLOCK_M=128, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=4)
+    for name, kw in (("_qconv_tma4d_rows_kernel", dict(rows=True)), ("_qconv_tma4d_kernel", {}),
+                     ("_qconv_tma4d_persistent_kernel", dict(persistent=True))):
+        k, seen = fake(2)
+        monkeypatch.setattr(tt, name, k)
+        tt.qconv_tma4d(x, w, ws, sa, None, None, None, 0, (1, 1), torch.bfloat16, config=cfg, **kw)
+        assert seen == [4, 3, 2], (name, seen)
+        k, seen = fake(0)
+        monkeypatch.setattr(tt, name, k)
+        with pytest.raises(triton.runtime.errors.OutOfResources):
+            tt.qconv_tma4d(x, w, ws, sa, None, None, None, 0, (1, 1), torch.bfloat16, config=cfg, **kw)
+        assert seen == [4, 3, 2, 1]
+        k, seen = fake(2, "registers")
+        monkeypatch.setattr(tt, name, k)
+        with pytest.raises(triton.runtime.errors.OutOfResources):
+            tt.qconv_tma4d(x, w, ws, sa, None, None, None, 0, (1, 1), torch.bfloat16, config=cfg, **kw)
+        assert seen == [4]

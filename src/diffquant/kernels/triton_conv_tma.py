@@ -449,20 +449,21 @@ def qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seq
                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if persistent:
         progs = max(1, min(tiles, persistent_programs(x.device)))
-        while True:
-            try:
-                _qconv_tma4d_persistent_kernel[(progs,)](*args, progs, *strides, **flags, FLATTEN=not _interpreting())
-                break
-            except triton.runtime.errors.OutOfResources as e:
-                # the persistent kernel's output tile shares memory with the operand stages: one stage fewer
-                if flags["num_stages"] <= 1 or "shared memory" not in str(e):
-                    raise
-                _warn_stages(bm, bn, bk, flags["num_stages"], str(e))
-                flags["num_stages"] -= 1
-    elif rows:
-        _qconv_tma4d_rows_kernel[(tiles,)](*args, *strides, **flags)
+        grid, kernel, extra = (progs,), _qconv_tma4d_persistent_kernel, dict(FLATTEN=not _interpreting())
+        args = (*args, progs)
     else:
-        _qconv_tma4d_kernel[(tiles,)](*args, *strides, **flags)
+        grid, kernel, extra = (tiles,), _qconv_tma4d_rows_kernel if rows else _qconv_tma4d_kernel, {}
+    while True:
+        try:
+            kernel[grid](*args, *strides, **flags, **extra)
+            break
+        except triton.runtime.errors.OutOfResources as e:
+            # the persistent kernel's output tile, and the rows kernel's per-row epilogue, share shared memory with
+            # the operand stages (a config tuned for the plain kernel can run out there): one stage fewer
+            if flags["num_stages"] <= 1 or "shared memory" not in str(e):
+                raise
+            _warn_stages(bm, bn, bk, flags["num_stages"], str(e))
+            flags["num_stages"] -= 1
     return out
 
 
@@ -470,8 +471,8 @@ def qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seq
 def _warn_stages(bm: int, bn: int, bk: int, stages: int, why: str) -> None:
     import logging
 
-    logging.getLogger(__name__).warning("tma4dp %dx%dx%d with %d stages: %s; retrying with %d", bm, bn, bk, stages,
-                                        why.splitlines()[0][:160], stages - 1)
+    logging.getLogger(__name__).warning("4-D TMA conv %dx%dx%d with %d stages: %s; retrying with %d", bm, bn, bk,
+                                        stages, why.splitlines()[0][:160], stages - 1)
 
 
 def persistent_programs(device: torch.device) -> int:
