@@ -1006,8 +1006,9 @@ def test_group_norm_act_op_checks_and_compiles():
 @pytest.mark.parametrize("shape", [(8, 320, 0, 64, 64, 32, True), (8, 1280, 1280, 16, 16, 32, False),
                                    (256, 128, 0, 32, 32, 32, True), (3, 96, 40, 5, 9, 8, True)])
 def test_gpu_group_norm_act_matches_reference(shape):
-    """The Triton kernels on the GPU (bf16 channels-last input, SD- and CIFAR-sized, a concatenated skip) against the
-    float64 reference: e4m3 codes equal but for rounding-edge flips, bf16 output to bf16 precision."""
+    """The Triton kernels on the GPU (bf16 channels-last input, SD- and CIFAR-sized, a concatenated skip; loads
+    plain and software-pipelined) against the float64 reference: e4m3 codes equal but for rounding-edge flips, bf16
+    output to bf16 precision."""
     from diffquant.kernels.ops import group_norm_act
     from diffquant.kernels.reference import group_norm_act_reference
 
@@ -1022,12 +1023,14 @@ def test_gpu_group_norm_act_matches_reference(shape):
     wt = torch.rand(c, device="cuda", generator=g) + 0.5
     b = torch.randn(c, device="cuda", generator=g)
     s = torch.tensor([0.01], device="cuda")
-    from diffquant.kernels.triton_norm import group_norm_act_triton, whole_plan
+    from diffquant.kernels.triton_norm import group_norm_act_triton, norm_plan, whole_plan
 
     want = group_norm_act_reference(x, x2, t, wt, b, groups, 1e-5, True, s, torch.float8_e4m3fn)
     want_bf = group_norm_act_reference(x, x2, t, wt, b, groups, 1e-5, False, None, torch.float32)
-    # the op (segmented kernels), and the one-launch kernel for images of up to 1,024 pixels
-    runs = [lambda *a: group_norm_act(*a)]
+    # the op (segmented kernels), the same with software-pipelined loads (3 stages), and the one-launch kernel for
+    # images of up to 1,024 pixels
+    piped = dict(norm_plan(n, c, h * w, x.device, c1=c1 if c2 else None), stages=3)
+    runs = [lambda *a: group_norm_act(*a), lambda *a: group_norm_act_triton(*a, plan=piped)]
     if h * w <= 1024:
         runs.append(lambda *a: group_norm_act_triton(*a, plan=whole_plan(c, h * w, groups)))
     for run in runs:

@@ -419,7 +419,8 @@ for n, c1, c2, h, w, groups, add, silu, fp8, off in [(2, 40, 0, 5, 7, 8, False, 
     for plan in (None, dict(norm_plan(n, c, h * w, x.device, block_c=16, block_p=16, programs=10**6), block_g=4),
                  dict(norm_plan(n, c, h * w, x.device, block_p=32 if h * w > 32 else 16, programs=10**6), block_g=16),
                  whole_plan(c, h * w, groups), dict(whole_plan(c, h * w, groups), block_p=16),
-                 whole_plan(c, h * w, groups, gpp=1)):
+                 whole_plan(c, h * w, groups, gpp=1),
+                 norm_plan(n, c, h * w, x.device, block_p=16, programs=10**6, stages=3)):  # pipelined loads
         got = group_norm_act_triton(x, x2, a, wt, b, groups, 1e-5, silu, s, dt, zp, *q, plan=plan).float()
         if fp8:  # summation order may move a value across a rounding edge: count the codes that differ
             res.append([bool(torch.isfinite(got).all()), float((got != want).float().mean()), "codes"])
@@ -473,7 +474,7 @@ def test_interpreter_group_norm_act_kernels_match_reference():
     point (per tensor and per channel), against the reference; outputs poisoned."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = _run_script(GN_SCRIPT.format(src=str(ROOT / "src")), env)
-    assert len(res) == 48 + 18
+    assert len(res) == 56 + 18
     for finite, err, kind in res:
         assert finite, kind
         assert err < {"codes": 5e-3, "f32": 1e-5, "raw": 1e-9}[kind], (kind, err)
@@ -503,8 +504,13 @@ def test_group_norm_kernels_compile_for_hopper():
     from diffquant.kernels import triton_norm as tn
 
     def build(fn, consts):
+        # constexprs with a default (LOAD_STAGES) take it unless given; sizes and pointers carry the divisibility by
+        # 16 that Triton's launcher specializes on for the UNets' shapes (vector loads, asynchronous copies)
+        consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
         sig = {n: "constexpr" if n in consts else _norm_arg_type(n) for n in fn.arg_names}
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                 if n not in consts and (n.endswith("_ptr") or n in ("HW", "C1", "C", "SEG_P"))}
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
     built = 0
@@ -525,7 +531,17 @@ def test_group_norm_kernels_compile_for_hopper():
     built += bool(build(tn._gn_whole_kernel, dict(HAS_X2=False, HAS_ADD=True, SILU=True, QUANT=True, INT8=False,
                                                    SCALE_PER_CH=False, RAW=False, RAW_INT8=False, RAW_PER_CH=False,
                                                    EMULATE=False, BLOCK_P=256, BLOCK_C=16, BLOCK_G=2)).asm.get("cubin"))
-    assert built == 16
+    # LOAD_STAGES: by default each loop's loads are plain (synchronous) vector loads; with 3, asynchronous copies
+    # through shared memory, the next tiles' issued while this one is reduced
+    apply_flags = dict(HAS_X2=False, HAS_ADD=True, SILU=True, QUANT=True, INT8=False, SCALE_PER_CH=False, RAW=False,
+                       RAW_INT8=False, RAW_PER_CH=False, EMULATE=False, PURE=False, BLOCK_P=32, BLOCK_C=128)
+    for fn, consts in ((tn._gn_stats_kernel, dict(HAS_X2=False, HAS_ADD=True, PURE=False, BLOCK_P=32, BLOCK_C=128)),
+                       (tn._gn_apply_kernel, apply_flags)):
+        plain, piped = build(fn, consts), build(fn, dict(consts, LOAD_STAGES=3))
+        assert "async_copy_global_to_local" not in plain.asm["ttgir"], fn.__name__
+        assert "async_copy_global_to_local" in piped.asm["ttgir"] and "cp.async" in piped.asm["ptx"], fn.__name__
+        built += 2
+    assert built == 20
 
 
 def test_attention_and_conv_kernels_compile_for_hopper():
@@ -746,3 +762,24 @@ def test_tma4d_launch_retries_with_fewer_stages_when_shared_memory_runs_out(monk
         with pytest.raises(triton.runtime.errors.OutOfResources):
             tt.qconv_tma4d(x, w, ws, sa, None, None, None, 0, (1, 1), torch.bfloat16, config=cfg, **kw)
         assert seen == [4]
+
+
+def test_norm_load_stages_knob(monkeypatch):
+    """DIFFQUANT_GN_LOAD_STAGES: the norm plans' tiles in flight (default 1: plain loads), an explicit value over
+    the environment's, anything but 1-4 refused."""
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    from diffquant.kernels.triton_norm import load_stages, norm_plan, whole_plan
+
+    monkeypatch.delenv("DIFFQUANT_GN_LOAD_STAGES", raising=False)
+    cpu = torch.device("cpu")
+    assert load_stages() == 1 and norm_plan(8, 320, 4096, cpu)["stages"] == 1
+    monkeypatch.setenv("DIFFQUANT_GN_LOAD_STAGES", "3")
+    assert norm_plan(8, 320, 4096, cpu)["stages"] == 3 and whole_plan(320, 64, 32)["stages"] == 3
+    assert norm_plan(8, 320, 4096, cpu, stages=2)["stages"] == 2
+    for bad in ("three", "0", "5"):
+        monkeypatch.setenv("DIFFQUANT_GN_LOAD_STAGES", bad)
+        with pytest.raises(ValueError, match="1 to 4|integer from 1 to 4"):
+            load_stages()

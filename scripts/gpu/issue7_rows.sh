@@ -10,11 +10,12 @@
 #          DIFFQUANT_PROFILE_TOP (kernels listed per row's profile, default here 40)
 #   suggested calls for the next session (written at the end of session 11, 2026-11-28; session 10's list ran, see
 #   BENCHMARKS.md "Kernels, ninth measurement"):
-#   0. bash scripts/gpu/ab_rows.sh (nvidia-h200-x4, carry .whl): GPU tests of the one-dot-per-row conv kernel
-#      (tma4dr, written after session 11's device time: A tiles stay in shared memory, wgmma not serialized per
-#      ptxas) and of GEGLU; SD-1.5 b8 -twq as shipped, with DIFFQUANT_QCONV_TMA=4dr (the table's tma4d tiles, one dot
-#      per row) and with session 10's GEGLU config, one GPU each; SD b8 re-tuned on GPU 3 with tma4dr candidates.
-#      Merge qconv_tuned_3.json; keep the faster GEGLU config as pick_geglu_config's default.
+#   0. bash scripts/gpu/ab_rows.sh (nvidia-h200-x4, carry .whl, about 8 min): GPU tests of the one-dot-per-row conv
+#      kernel (tma4dr, written after session 11's device time: A tiles stay in shared memory, wgmma not serialized
+#      per ptxas), GEGLU and the norms; SD-1.5 b8 -twq and CIFAR b256 as shipped, with DIFFQUANT_QCONV_TMA=4dr (the
+#      table's tma4d tiles, one dot per row), with session 10's GEGLU config, and with DIFFQUANT_GN_LOAD_STAGES=3
+#      (pipelined norm loads); SD b8 re-tuned on GPU 3 with tma4dr candidates, then the norm sweep. Merge
+#      qconv_tuned_3.json (in all.tgz); keep the faster GEGLU config and norm stages as the defaults.
 #   0b. CIFAR b1 re-tuned with time_call(inner=0) (the batch-1 tables were chosen among times flattened by the
 #      launch latency): TUNE0=ddpm-cifar10-32:1:dq-fp8 bash scripts/gpu/tune_split.sh, rows after the merge.
 #   1. re-tune the other batch-1 tasks with inner timing and time their rows:

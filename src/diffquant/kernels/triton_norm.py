@@ -69,13 +69,15 @@ def _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, c0, P_END, HW, C1, C, 
 
 @triton.jit
 def _channel_stats(x_ptr, x2_ptr, add_ptr, n, offs_c, c0, p0, p_end, HW, C1, C, HAS_X2: tl.constexpr,
-                   HAS_ADD: tl.constexpr, PURE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                   HAS_ADD: tl.constexpr, PURE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                   LOAD_STAGES: tl.constexpr):
     """Per channel of ``offs_c``, the mean and sum of squared deviations of image ``n``'s pixels [p0, p_end): a
-    running Welford update per (row lane, channel), no reduction inside the loop; Chan's combination of the lanes."""
+    running Welford update per (row lane, channel), no reduction inside the loop; Chan's combination of the lanes.
+    ``LOAD_STAGES`` > 1: the loop's loads are software-pipelined (asynchronous copies, that many tiles in flight)."""
     mean = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     cnt = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for p in range(p0, p_end, BLOCK_P):
+    for p in tl.range(p0, p_end, BLOCK_P, num_stages=LOAD_STAGES):
         offs_p = p + tl.arange(0, BLOCK_P)
         okf = (offs_p < p_end).to(tl.float32)
         x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, c0, p_end, HW, C1, C, HAS_X2, HAS_ADD, PURE)
@@ -92,7 +94,7 @@ def _channel_stats(x_ptr, x2_ptr, add_ptr, n, offs_c, c0, p0, p_end, HW, C1, C, 
 @triton.jit
 def _gn_stats_kernel(x_ptr, x2_ptr, add_ptr, mean_ptr, m2_ptr, HW, C1, C, S, SEG_P,
                      HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, PURE: tl.constexpr, BLOCK_P: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
+                     BLOCK_C: tl.constexpr, LOAD_STAGES: tl.constexpr = 1):
     """Per channel of one chunk, the mean and sum of squared deviations of one segment of an image's pixels."""
     s = tl.program_id(0)
     n = tl.program_id(1)
@@ -100,7 +102,7 @@ def _gn_stats_kernel(x_ptr, x2_ptr, add_ptr, mean_ptr, m2_ptr, HW, C1, C, S, SEG
     offs_c = c0 + tl.arange(0, BLOCK_C)
     p0 = s * SEG_P
     mc, m2c = _channel_stats(x_ptr, x2_ptr, add_ptr, n, offs_c, c0, p0, tl.minimum(p0 + SEG_P, HW), HW, C1, C,
-                             HAS_X2, HAS_ADD, PURE, BLOCK_P, BLOCK_C)
+                             HAS_X2, HAS_ADD, PURE, BLOCK_P, BLOCK_C, LOAD_STAGES)
     dst = (n * S + s).to(tl.int64) * C + offs_c
     tl.store(mean_ptr + dst, mc, mask=offs_c < C)
     tl.store(m2_ptr + dst, m2c, mask=offs_c < C)
@@ -181,10 +183,11 @@ def _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n
                 HW, C1, C, QMIN, QMAX, QOFF, raw_ptr, rso_ptr, rzp_ptr, RQMIN, RQMAX, RQOFF,
                 HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr, QUANT: tl.constexpr,
                 INT8: tl.constexpr, SCALE_PER_CH: tl.constexpr, RAW: tl.constexpr, RAW_INT8: tl.constexpr,
-                RAW_PER_CH: tl.constexpr, EMULATE: tl.constexpr, PURE: tl.constexpr, BLOCK_P: tl.constexpr):
+                RAW_PER_CH: tl.constexpr, EMULATE: tl.constexpr, PURE: tl.constexpr, BLOCK_P: tl.constexpr,
+                LOAD_STAGES: tl.constexpr):
     """Normalise (per-channel ``mu``, ``rs``), affine, SiLU and the consumer's quantization of image ``n``'s pixels
     [p0, p_end) in channels ``offs_c``; with ``RAW``, also the input itself quantized for a second consumer (into
-    ``raw_ptr``). The per-channel constants are loaded once."""
+    ``raw_ptr``). The per-channel constants are loaded once. ``LOAD_STAGES``: as in :func:`_channel_stats`."""
     gamma = tl.load(w_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
     a = (rs * gamma)[None, :]
     beta = tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
@@ -193,7 +196,7 @@ def _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n
         so, zp = _qparams(so_ptr, zp_ptr, offs_c, c_ok, INT8, SCALE_PER_CH)
     if RAW:
         rso, rzp = _qparams(rso_ptr, rzp_ptr, offs_c, c_ok, RAW_INT8, RAW_PER_CH)
-    for p in range(p0, p_end, BLOCK_P):
+    for p in tl.range(p0, p_end, BLOCK_P, num_stages=LOAD_STAGES):
         offs_p = p + tl.arange(0, BLOCK_P)
         x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, c0, p_end, HW, C1, C, HAS_X2, HAS_ADD, PURE)
         off = n.to(tl.int64) * HW * C + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
@@ -212,7 +215,7 @@ def _gn_apply_kernel(x_ptr, x2_ptr, add_ptr, gmean_ptr, grstd_ptr, w_ptr, b_ptr,
                      HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr, QUANT: tl.constexpr,
                      INT8: tl.constexpr, SCALE_PER_CH: tl.constexpr, RAW: tl.constexpr, RAW_INT8: tl.constexpr,
                      RAW_PER_CH: tl.constexpr, EMULATE: tl.constexpr, PURE: tl.constexpr, BLOCK_P: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
+                     BLOCK_C: tl.constexpr, LOAD_STAGES: tl.constexpr = 1):
     """The apply step over one segment of one image's pixels, one chunk of channels."""
     s = tl.program_id(0)
     n = tl.program_id(1)
@@ -226,7 +229,7 @@ def _gn_apply_kernel(x_ptr, x2_ptr, add_ptr, gmean_ptr, grstd_ptr, w_ptr, b_ptr,
     _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n, offs_c, c0, c_ok, mu, rs, p0,
                 tl.minimum(p0 + SEG_P, HW), HW, C1, C, QMIN, QMAX, QOFF, raw_ptr, rso_ptr, rzp_ptr, RQMIN, RQMAX,
                 RQOFF, HAS_X2, HAS_ADD, SILU, QUANT, INT8, SCALE_PER_CH, RAW, RAW_INT8, RAW_PER_CH, EMULATE, PURE,
-                BLOCK_P)
+                BLOCK_P, LOAD_STAGES)
 
 
 @triton.jit
@@ -235,7 +238,7 @@ def _gn_whole_kernel(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_p
                      HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr, QUANT: tl.constexpr,
                      INT8: tl.constexpr, SCALE_PER_CH: tl.constexpr, RAW: tl.constexpr, RAW_INT8: tl.constexpr,
                      RAW_PER_CH: tl.constexpr, EMULATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_G: tl.constexpr):
+                     BLOCK_G: tl.constexpr, LOAD_STAGES: tl.constexpr = 1):
     """Small images in one launch: one program per (image, block of GPP whole groups) reads all the image's pixels
     of those channels twice (statistics, then apply; the second read mostly from L2). Groups combine in registers
     through a (channel, group) one-hot matrix, so the channels per group need not be a power of two."""
@@ -245,7 +248,7 @@ def _gn_whole_kernel(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_p
     offs_c = c_lo + j
     c_ok = (j < GPP * CPG) & (offs_c < C)
     mc, m2c = _channel_stats(x_ptr, x2_ptr, add_ptr, n, offs_c, c_lo, 0, HW, HW, C1, C, HAS_X2, HAS_ADD, False,
-                             BLOCK_P, BLOCK_C)
+                             BLOCK_P, BLOCK_C, LOAD_STAGES)
     onehot = ((j // CPG)[:, None] == tl.arange(0, BLOCK_G)[None, :]) & c_ok[:, None]
     oh = onehot.to(tl.float32)
     gmean = tl.sum(oh * mc[:, None], axis=0) / CPG  # every channel has HW pixels
@@ -255,21 +258,39 @@ def _gn_whole_kernel(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_p
     rs = tl.sum(oh * (1.0 / tl.sqrt(gvar + eps))[None, :], axis=1)
     _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n, offs_c, c_lo, c_ok, mu, rs, 0, HW,
                 HW, C1, C, QMIN, QMAX, QOFF, raw_ptr, rso_ptr, rzp_ptr, RQMIN, RQMAX, RQOFF, HAS_X2, HAS_ADD, SILU,
-                QUANT, INT8, SCALE_PER_CH, RAW, RAW_INT8, RAW_PER_CH, EMULATE, False, BLOCK_P)
+                QUANT, INT8, SCALE_PER_CH, RAW, RAW_INT8, RAW_PER_CH, EMULATE, False, BLOCK_P, LOAD_STAGES)
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous(memory_format=torch.channels_last) else t.contiguous(memory_format=torch.channels_last)
 
 
+def load_stages(stages: Optional[int] = None) -> int:
+    """Tiles in flight in the norm kernels' pixel loops: 1 (the default) issues each tile's loads and waits for them;
+    2 or 3 software-pipeline the loads (asynchronous copies through shared memory). Compiled for sm_90 without the
+    knob, the loops had no prefetch at all (plain vector loads; ``tl.range(..., num_stages=...)`` is what turns the
+    pipeliner on for a loop without a dot), and the norms ran at about half of the H200's bandwidth (BENCHMARKS.md,
+    ninth measurement). ``DIFFQUANT_GN_LOAD_STAGES`` sets the default."""
+    if stages is None:
+        env = os.environ.get("DIFFQUANT_GN_LOAD_STAGES", "1")
+        try:
+            stages = int(env)
+        except ValueError:
+            raise ValueError(f"DIFFQUANT_GN_LOAD_STAGES={env!r}: an integer from 1 to 4") from None
+    if not 1 <= stages <= 4:
+        raise ValueError(f"norm load stages must be 1 to 4; got {stages}")
+    return stages
+
+
 def norm_plan(nb: int, c: int, hw: int, device: torch.device, block_c: Optional[int] = None,
               block_p: Optional[int] = None, programs: Optional[int] = None, warps: Optional[int] = None,
-              c1: Optional[int] = None) -> dict:
+              c1: Optional[int] = None, stages: Optional[int] = None) -> dict:
     """Launch shape: channel chunks of ``block_c`` (the largest power of two up to 128 that divides C, and C1 where
     the input is two tensors of C1 and C - C1 channels, so that a chunk reads one of them), pixel blocks of
     ``block_p`` rows per loop step (4,096 elements a step), and each image's pixels cut into segments so that
     there are at most ``programs`` (4 per SM: one wave) programs, or one segment per image and chunk when even
-    that is more; keyword overrides are for the benchmark's sweep."""
+    that is more; keyword overrides are for the benchmark's sweep. ``stages``: tiles in flight in the pixel loops
+    (:func:`load_stages`)."""
     if block_c is None:
         div = math.gcd(c, c1) if c1 else c
         block_c = 128
@@ -286,7 +307,7 @@ def norm_plan(nb: int, c: int, hw: int, device: torch.device, block_c: Optional[
     segs = max(1, min(target // (nb * nch), triton.cdiv(hw, block_p)))
     seg_p = triton.cdiv(triton.cdiv(hw, segs), block_p) * block_p
     return {"block_c": block_c, "block_p": block_p, "nch": nch, "segs": triton.cdiv(hw, seg_p), "seg_p": seg_p,
-            "warps": warps if warps is not None else 4}
+            "warps": warps if warps is not None else 4, "stages": load_stages(stages)}
 
 
 def finalize_block_g(nb: int, num_groups: int, block_cg: int, target: int) -> int:
@@ -300,7 +321,8 @@ def finalize_block_g(nb: int, num_groups: int, block_cg: int, target: int) -> in
     return block_g
 
 
-def whole_plan(c: int, hw: int, num_groups: int, warps: Optional[int] = None, gpp: Optional[int] = None) -> dict:
+def whole_plan(c: int, hw: int, num_groups: int, warps: Optional[int] = None, gpp: Optional[int] = None,
+               stages: Optional[int] = None) -> dict:
     """The one-launch plan for small images (:func:`_gn_whole_kernel`): blocks of whole groups of about 64 channels
     (one group when a group has more; ``gpp`` groups per program instead, for the benchmark's sweep), pixel blocks
     of up to 4,096 elements."""
@@ -308,7 +330,8 @@ def whole_plan(c: int, hw: int, num_groups: int, warps: Optional[int] = None, gp
     gpp = max(1, min(num_groups, gpp if gpp is not None else 64 // cpg))
     block_c = max(16, triton.next_power_of_2(gpp * cpg))
     return {"kind": "whole", "gpp": gpp, "block_c": block_c, "block_g": max(2, triton.next_power_of_2(gpp)),
-            "block_p": max(16, min(triton.next_power_of_2(hw), 4096 // block_c)), "warps": warps or 4}
+            "block_p": max(16, min(triton.next_power_of_2(hw), 4096 // block_c)), "warps": warps or 4,
+            "stages": load_stages(stages)}
 
 
 def _default_plan(nb: int, c: int, hw: int, num_groups: int, device: torch.device, c1: Optional[int] = None) -> dict:
@@ -358,7 +381,7 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
         _gn_whole_kernel[(nb, triton.cdiv(num_groups, pl["gpp"]))](
             x, x2_arg, add_arg, weight.contiguous(), bias.contiguous(), s_out, zp, out_arg, hw, c1, c, cpg, pl["gpp"],
             float(eps), qmin, qmax, qoffset, *raw_args, **flags, BLOCK_P=pl["block_p"], BLOCK_C=pl["block_c"],
-            BLOCK_G=pl["block_g"], num_warps=pl["warps"])
+            BLOCK_G=pl["block_g"], LOAD_STAGES=pl.get("stages", 1), num_warps=pl["warps"])
         return result
     block_c, block_p, segs, seg_p, warps = pl["block_c"], pl["block_p"], pl["segs"], pl["seg_p"], pl["warps"]
     pure = x2 is not None and c1 % block_c == 0 and c % block_c == 0  # each chunk reads one of x, x2
@@ -370,7 +393,7 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
     if "stats" in stages:
         _gn_stats_kernel[grid](x, x2_arg, add_arg, part_mean, part_m2, hw, c1, c, segs, seg_p,
                                HAS_X2=x2 is not None, HAS_ADD=add_nc is not None, PURE=pure, BLOCK_P=block_p,
-                               BLOCK_C=block_c, num_warps=warps)
+                               BLOCK_C=block_c, LOAD_STAGES=pl.get("stages", 1), num_warps=warps)
     cpg = c // num_groups
     block_cg = max(2, triton.next_power_of_2(cpg))
     block_g = pl.get("block_g") or finalize_block_g(nb, num_groups, block_cg, _num_sms(x.device))
@@ -383,7 +406,8 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
         return result
     _gn_apply_kernel[grid](x, x2_arg, add_arg, gmean, grstd, weight.contiguous(), bias.contiguous(), s_out, zp,
                            out_arg, hw, c1, c, cpg, num_groups, seg_p, qmin, qmax, qoffset, *raw_args, **flags,
-                           PURE=pure, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
+                           PURE=pure, BLOCK_P=block_p, BLOCK_C=block_c, LOAD_STAGES=pl.get("stages", 1),
+                           num_warps=warps)
     return result
 
 
