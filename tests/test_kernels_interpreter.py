@@ -125,7 +125,7 @@ def test_interpreter_tma4d_persistent_path_matches_reference():
 
 TMA4DR_CASES = [  # output rows of 64 pixels or more (each row one dot of M >= 64), with the config forced below
     ("fp8", dict(n=1, cin=32, cout=40, h=5, w=64), 1, 1, True, 0),  # 5 rows: the last tile's rows partly outside
-    ("int8", dict(n=2, cin=32, cout=24, h=2, w=64, a_zp=5), 1, 1, False, 0),  # rows of two images in one tile
+    ("int8", dict(n=3, cin=32, cout=24, h=2, w=64, a_zp=5), 1, 1, False, 0),  # rows of two images a tile; 3 images
     ("int8", dict(n=1, cin=64, cout=16, h=3, w=66, a_zp=-3), 1, 1, True, 32),  # 128-wide rows, 66 valid; a slice
     ("fp8", dict(n=1, cin=48, cout=24, h=3, w=64), 1, 1, False, 0),  # a channel tail in the last K block
     ("int8", dict(n=1, cin=32, cout=16, h=4, w=64, k=1, a_zp=2), 1, 0, False, 0),  # 1x1, no padding
