@@ -153,6 +153,8 @@ def _sweep(shapes, reps, time_call) -> list:
                     "rows x0.5": {"block_p": max(16, base["block_p"] // 2)}, "rows x2": {"block_p": base["block_p"] * 2},
                     "8 warps": {"warps": 8}, "chunk 64": {"block_c": min(64, base["block_c"])},
                     "loads 2 stages": {"stages": 2}, "loads 3 stages": {"stages": 3},
+                    "finalize folded into apply": {"fold": True},
+                    "folded, loads 3 stages": {"fold": True, "stages": 3},
                     f"finalize {old_block_g} groups/program": {"block_g": old_block_g}}
         row = {"shape": label, "copy_ms": round(time_call(lambda: x.clone(), reps=reps)[0], 5)}
         row["copy_GBps"] = round(2 * x.numel() * 2 / row["copy_ms"] / 1e6, 1)

@@ -1007,7 +1007,7 @@ def test_group_norm_act_op_checks_and_compiles():
                                    (256, 128, 0, 32, 32, 32, True), (3, 96, 40, 5, 9, 8, True)])
 def test_gpu_group_norm_act_matches_reference(shape):
     """The Triton kernels on the GPU (bf16 channels-last input, SD- and CIFAR-sized, a concatenated skip; loads
-    plain and software-pipelined) against the float64 reference: e4m3 codes equal but for rounding-edge flips, bf16
+    plain and software-pipelined; the finalize step separate and folded into apply) against the float64 reference: e4m3 codes equal but for rounding-edge flips, bf16
     output to bf16 precision."""
     from diffquant.kernels.ops import group_norm_act
     from diffquant.kernels.reference import group_norm_act_reference
@@ -1030,7 +1030,9 @@ def test_gpu_group_norm_act_matches_reference(shape):
     # the op (segmented kernels), the same with software-pipelined loads (3 stages), and the one-launch kernel for
     # images of up to 1,024 pixels
     piped = dict(norm_plan(n, c, h * w, x.device, c1=c1 if c2 else None), stages=3)
-    runs = [lambda *a: group_norm_act(*a), lambda *a: group_norm_act_triton(*a, plan=piped)]
+    folded = dict(norm_plan(n, c, h * w, x.device, c1=c1 if c2 else None), fold=True)  # no finalize launch
+    runs = [lambda *a: group_norm_act(*a), lambda *a: group_norm_act_triton(*a, plan=piped),
+            lambda *a: group_norm_act_triton(*a, plan=folded)]
     if h * w <= 1024:
         runs.append(lambda *a: group_norm_act_triton(*a, plan=whole_plan(c, h * w, groups)))
     for run in runs:

@@ -420,7 +420,11 @@ for n, c1, c2, h, w, groups, add, silu, fp8, off in [(2, 40, 0, 5, 7, 8, False, 
                  dict(norm_plan(n, c, h * w, x.device, block_p=32 if h * w > 32 else 16, programs=10**6), block_g=16),
                  whole_plan(c, h * w, groups), dict(whole_plan(c, h * w, groups), block_p=16),
                  whole_plan(c, h * w, groups, gpp=1),
-                 norm_plan(n, c, h * w, x.device, block_p=16, programs=10**6, stages=3)):  # pipelined loads
+                 norm_plan(n, c, h * w, x.device, block_p=16, programs=10**6, stages=3),  # pipelined loads
+                 # the finalize folded into apply: 16-channel chunks (groups straddling them) with many segments,
+                 # and the default chunks
+                 norm_plan(n, c, h * w, x.device, block_c=16, block_p=16, programs=10**6, fold=True),
+                 norm_plan(n, c, h * w, x.device, fold=True)):
         got = group_norm_act_triton(x, x2, a, wt, b, groups, 1e-5, silu, s, dt, zp, *q, plan=plan).float()
         if fp8:  # summation order may move a value across a rounding edge: count the codes that differ
             res.append([bool(torch.isfinite(got).all()), float((got != want).float().mean()), "codes"])
@@ -474,7 +478,7 @@ def test_interpreter_group_norm_act_kernels_match_reference():
     point (per tensor and per channel), against the reference; outputs poisoned."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = _run_script(GN_SCRIPT.format(src=str(ROOT / "src")), env)
-    assert len(res) == 56 + 18
+    assert len(res) == 72 + 18
     for finite, err, kind in res:
         assert finite, kind
         assert err < {"codes": 5e-3, "f32": 1e-5, "raw": 1e-9}[kind], (kind, err)
@@ -541,7 +545,10 @@ def test_group_norm_kernels_compile_for_hopper():
         assert "async_copy_global_to_local" not in plain.asm["ttgir"], fn.__name__
         assert "async_copy_global_to_local" in piped.asm["ttgir"] and "cp.async" in piped.asm["ptx"], fn.__name__
         built += 2
-    assert built == 20
+    # the finalize folded into apply (SD-1.5's 320-channel norm: 64-channel chunks touch up to 8 groups of 10)
+    built += bool(build(tn._gn_apply_kernel, dict(apply_flags, BLOCK_C=64, FOLD=True, FBLOCK_S=16, FBLOCK_G=8,
+                                                  FBLOCK_CG=16)).asm.get("cubin"))
+    assert built == 21
 
 
 def test_attention_and_conv_kernels_compile_for_hopper():

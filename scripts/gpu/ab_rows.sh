@@ -7,7 +7,8 @@
 #   GPU 1: ROW with DIFFQUANT_QCONV_TMA=4dr (the table's tma4d tiles, one dot per row: A tiles in shared memory, the
 #          wgmma pipeline no longer serialized per benchmarks/ptxas_report.py), then ROW with session 10's GEGLU config;
 #   GPU 2: ROW and CROW with DIFFQUANT_GN_LOAD_STAGES=3 (the norms' pixel loops software-pipelined: asynchronous
-#          copies, where the shipped loops wait for every load; the norms are 31 % of CIFAR b256's GPU time);
+#          copies, where the shipped loops wait for every load; the norms are 31 % of CIFAR b256's GPU time), then
+#          with DIFFQUANT_GN_FOLD=1 too (the finalize step folded into apply: one launch fewer per norm);
 #   GPU 3: TUNE3 tuned with the tma4dr candidates beside gather and tma4d (TUNE_ARGS).
 # Everything to $OUT: pytest_gpu.log, kernels_g*.json, bench_g*.log, qconv_tuned_3.json, qconv_tune_rows_3.json,
 # tune_3.log, all in $OUT/all.tgz (more than the 8 files that come back). The norm sweep with its load-stages
@@ -32,15 +33,17 @@ fi
 export TUNE_SPLIT_SOURCED=1 TUNE3=${TUNE3-sd15-unet:8:dq-fp8-gn-qkv-te-ff-twq} TUNE_S=${TUNE_S:-200}
 export TUNE_ARGS=${TUNE_ARGS:---skip-paths tma,tma4dp}
 source scripts/gpu/tune_split.sh
-rows() {  # rows GPU TAG ONLY [VAR=value]   (env T: the bench's time limit, default 360 s)
-  env ${4:+"$4"} CUDA_VISIBLE_DEVICES=$1 timeout ${T:-360} python3 benchmarks/bench_kernels.py --row-timeout-s 200 \
-    --budget-s 240 --no-layer-types --only "$3" --out $OUT/kernels_g$1$2.json > $OUT/bench_g$1$2.log 2>&1
-  echo "bench rc=$?" >> $OUT/bench_g$1$2.log
+rows() {  # rows GPU TAG ONLY [VAR=value ...]   (env T: the bench's time limit, default 360 s)
+  local g=$1 tag=$2 only=$3; shift 3
+  env "$@" CUDA_VISIBLE_DEVICES=$g timeout ${T:-360} python3 benchmarks/bench_kernels.py --row-timeout-s 200 \
+    --budget-s 240 --no-layer-types --only "$only" --out $OUT/kernels_g$g$tag.json > $OUT/bench_g$g$tag.log 2>&1
+  echo "bench rc=$?" >> $OUT/bench_g$g$tag.log
 }
-say "rows: GPU 0 as shipped, GPU 1 4dr then the old GEGLU config, GPU 2 norm loads in 3 stages"
+say "rows: GPU 0 as shipped, GPU 1 4dr then the old GEGLU config, GPU 2 norm loads in 3 stages, then also folded"
 rows 0 "" "sd15-unet:8:bf16-compile,$ROW,ddpm-cifar10-32:256:bf16-compile,$CROW" & P0=$!
 ( T=220 rows 1 a "$ROW" DIFFQUANT_QCONV_TMA=4dr; T=200 rows 1 b "$ROW" "$OLD_GEGLU" ) & P1=$!
-rows 2 "" "$ROW,$CROW" DIFFQUANT_GN_LOAD_STAGES=3 & P2=$!
+( T=200 rows 2 a "$ROW,$CROW" DIFFQUANT_GN_LOAD_STAGES=3
+  T=200 rows 2 b "$ROW,$CROW" DIFFQUANT_GN_LOAD_STAGES=3 DIFFQUANT_GN_FOLD=1 ) & P2=$!
 wait $P0 $P1 $P2
 for p in "${TUNE_PIDS[@]}"; do wait $p; done
 for f in $OUT/bench_g*.log; do echo "== $f"; grep -A6 "^model " $f; done

@@ -109,12 +109,10 @@ def _gn_stats_kernel(x_ptr, x2_ptr, add_ptr, mean_ptr, m2_ptr, HW, C1, C, S, SEG
 
 
 @triton.jit
-def _gn_finalize_kernel(mean_ptr, m2_ptr, gmean_ptr, grstd_ptr, HW, C, S, SEG_P, CPG, G, eps, inv_total,
-                        BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
-    """Chan's combination of the segments' per-channel partials into BLOCK_G groups' mean and 1/std of one image
-    (deterministic: no atomics). Columns are (group, channel in group) pairs."""
-    n = tl.program_id(0)
-    g0 = tl.program_id(1) * BLOCK_G
+def _group_stats(mean_ptr, m2_ptr, n, g0, HW, C, S, SEG_P, CPG, G, inv_total, BLOCK_S: tl.constexpr,
+                 BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
+    """Chan's combination of the segments' per-channel partials into the mean and variance of groups g0 ..
+    g0 + BLOCK_G - 1 of image ``n`` (deterministic: no atomics). Columns are (group, channel in group) pairs."""
     j = tl.arange(0, BLOCK_G * BLOCK_CG)
     k = j % BLOCK_CG
     g = g0 + j // BLOCK_CG
@@ -139,7 +137,17 @@ def _gn_finalize_kernel(mean_ptr, m2_ptr, gmean_ptr, grstd_ptr, HW, C, S, SEG_P,
         m2 = tl.load(m2_ptr + src, mask=ok, other=0.0)
         d = m - gmean_col[None, :]
         acc += tl.where(ok, m2 + cnt[:, None] * d * d, 0.0)
-    var = tl.sum(tl.reshape(tl.sum(acc, axis=0), (BLOCK_G, BLOCK_CG)), axis=1) * inv_total
+    return gmean, tl.sum(tl.reshape(tl.sum(acc, axis=0), (BLOCK_G, BLOCK_CG)), axis=1) * inv_total
+
+
+@triton.jit
+def _gn_finalize_kernel(mean_ptr, m2_ptr, gmean_ptr, grstd_ptr, HW, C, S, SEG_P, CPG, G, eps, inv_total,
+                        BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
+    """BLOCK_G groups' mean and 1/std of one image (:func:`_group_stats`)."""
+    n = tl.program_id(0)
+    g0 = tl.program_id(1) * BLOCK_G
+    gmean, var = _group_stats(mean_ptr, m2_ptr, n, g0, HW, C, S, SEG_P, CPG, G, inv_total, BLOCK_S, BLOCK_G,
+                              BLOCK_CG)
     offs_g = g0 + tl.arange(0, BLOCK_G)
     tl.store(gmean_ptr + n * G + offs_g, gmean, mask=offs_g < G)
     tl.store(grstd_ptr + n * G + offs_g, 1.0 / tl.sqrt(var + eps), mask=offs_g < G)
@@ -212,19 +220,32 @@ def _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n
 @triton.jit
 def _gn_apply_kernel(x_ptr, x2_ptr, add_ptr, gmean_ptr, grstd_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, HW, C1, C,
                      CPG, G, SEG_P, QMIN, QMAX, QOFF, raw_ptr, rso_ptr, rzp_ptr, RQMIN, RQMAX, RQOFF,
+                     mean_ptr, m2_ptr, S, eps, inv_total,
                      HAS_X2: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr, QUANT: tl.constexpr,
                      INT8: tl.constexpr, SCALE_PER_CH: tl.constexpr, RAW: tl.constexpr, RAW_INT8: tl.constexpr,
                      RAW_PER_CH: tl.constexpr, EMULATE: tl.constexpr, PURE: tl.constexpr, BLOCK_P: tl.constexpr,
-                     BLOCK_C: tl.constexpr, LOAD_STAGES: tl.constexpr = 1):
-    """The apply step over one segment of one image's pixels, one chunk of channels."""
+                     BLOCK_C: tl.constexpr, LOAD_STAGES: tl.constexpr = 1, FOLD: tl.constexpr = False,
+                     FBLOCK_S: tl.constexpr = 2, FBLOCK_G: tl.constexpr = 1, FBLOCK_CG: tl.constexpr = 2):
+    """The apply step over one segment of one image's pixels, one chunk of channels. ``FOLD``: the chunk's groups'
+    statistics are combined here from the segments' partials (``mean_ptr``, ``m2_ptr``: the FBLOCK_G groups from
+    the chunk's first, :func:`_group_stats`) instead of read from the finalize kernel's output: one launch fewer
+    per norm, each program re-reading its groups' partials."""
     s = tl.program_id(0)
     n = tl.program_id(1)
     c0 = tl.program_id(2) * BLOCK_C
     offs_c = c0 + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
-    gi = n * G + offs_c // CPG
-    mu = tl.load(gmean_ptr + gi, mask=c_ok, other=0.0)
-    rs = tl.load(grstd_ptr + gi, mask=c_ok, other=0.0)
+    if FOLD:
+        g_first = c0 // CPG
+        gmean, var = _group_stats(mean_ptr, m2_ptr, n, g_first, HW, C, S, SEG_P, CPG, G, inv_total, FBLOCK_S,
+                                  FBLOCK_G, FBLOCK_CG)
+        onehot = ((offs_c // CPG - g_first)[:, None] == tl.arange(0, FBLOCK_G)[None, :]).to(tl.float32)
+        mu = tl.sum(onehot * gmean[None, :], axis=1)
+        rs = tl.sum(onehot * (1.0 / tl.sqrt(var + eps))[None, :], axis=1)
+    else:
+        gi = n * G + offs_c // CPG
+        mu = tl.load(gmean_ptr + gi, mask=c_ok, other=0.0)
+        rs = tl.load(grstd_ptr + gi, mask=c_ok, other=0.0)
     p0 = s * SEG_P
     _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n, offs_c, c0, c_ok, mu, rs, p0,
                 tl.minimum(p0 + SEG_P, HW), HW, C1, C, QMIN, QMAX, QOFF, raw_ptr, rso_ptr, rzp_ptr, RQMIN, RQMAX,
@@ -265,6 +286,14 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous(memory_format=torch.channels_last) else t.contiguous(memory_format=torch.channels_last)
 
 
+def _env_flag(name: str) -> bool:
+    """A 0/1 switch from the environment (unset: 0)."""
+    v = os.environ.get(name, "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"{name}={v!r}: 0 or 1")
+    return v == "1"
+
+
 def load_stages(stages: Optional[int] = None) -> int:
     """Tiles in flight in the norm kernels' pixel loops: 1 (the default) issues each tile's loads and waits for them;
     2 or 3 software-pipeline the loads (asynchronous copies through shared memory). Compiled for sm_90 without the
@@ -284,13 +313,15 @@ def load_stages(stages: Optional[int] = None) -> int:
 
 def norm_plan(nb: int, c: int, hw: int, device: torch.device, block_c: Optional[int] = None,
               block_p: Optional[int] = None, programs: Optional[int] = None, warps: Optional[int] = None,
-              c1: Optional[int] = None, stages: Optional[int] = None) -> dict:
+              c1: Optional[int] = None, stages: Optional[int] = None, fold: Optional[bool] = None) -> dict:
     """Launch shape: channel chunks of ``block_c`` (the largest power of two up to 128 that divides C, and C1 where
     the input is two tensors of C1 and C - C1 channels, so that a chunk reads one of them), pixel blocks of
     ``block_p`` rows per loop step (4,096 elements a step), and each image's pixels cut into segments so that
     there are at most ``programs`` (4 per SM: one wave) programs, or one segment per image and chunk when even
     that is more; keyword overrides are for the benchmark's sweep. ``stages``: tiles in flight in the pixel loops
-    (:func:`load_stages`)."""
+    (:func:`load_stages`). ``fold``: the apply kernel combines its groups' statistics itself, no finalize launch
+    (default ``DIFFQUANT_GN_FOLD=1`` or off; each apply program then re-reads ``segs`` partials of its groups, cheap
+    where an image has few segments, as at batch 8 and up, and not at batch 1)."""
     if block_c is None:
         div = math.gcd(c, c1) if c1 else c
         block_c = 128
@@ -307,7 +338,8 @@ def norm_plan(nb: int, c: int, hw: int, device: torch.device, block_c: Optional[
     segs = max(1, min(target // (nb * nch), triton.cdiv(hw, block_p)))
     seg_p = triton.cdiv(triton.cdiv(hw, segs), block_p) * block_p
     return {"block_c": block_c, "block_p": block_p, "nch": nch, "segs": triton.cdiv(hw, seg_p), "seg_p": seg_p,
-            "warps": warps if warps is not None else 4, "stages": load_stages(stages)}
+            "warps": warps if warps is not None else 4, "stages": load_stages(stages),
+            "fold": fold if fold is not None else _env_flag("DIFFQUANT_GN_FOLD")}
 
 
 def finalize_block_g(nb: int, num_groups: int, block_cg: int, target: int) -> int:
@@ -396,18 +428,22 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
                                BLOCK_C=block_c, LOAD_STAGES=pl.get("stages", 1), num_warps=warps)
     cpg = c // num_groups
     block_cg = max(2, triton.next_power_of_2(cpg))
+    fold = bool(pl.get("fold"))
     block_g = pl.get("block_g") or finalize_block_g(nb, num_groups, block_cg, _num_sms(x.device))
-    if "finalize" in stages:
+    if "finalize" in stages and not fold:
         _gn_finalize_kernel[(nb, triton.cdiv(num_groups, block_g))](
             part_mean, part_m2, gmean, grstd, hw, c, segs, seg_p, cpg, num_groups, float(eps), 1.0 / (hw * cpg),
             BLOCK_S=max(2, min(triton.next_power_of_2(segs), 4096 // (block_g * block_cg))), BLOCK_G=block_g,
             BLOCK_CG=block_cg, num_warps=4)
     if "apply" not in stages:
         return result
+    fblock_g = triton.next_power_of_2((block_c - 1) // cpg + 2)  # the groups a chunk of block_c channels touches
     _gn_apply_kernel[grid](x, x2_arg, add_arg, gmean, grstd, weight.contiguous(), bias.contiguous(), s_out, zp,
-                           out_arg, hw, c1, c, cpg, num_groups, seg_p, qmin, qmax, qoffset, *raw_args, **flags,
+                           out_arg, hw, c1, c, cpg, num_groups, seg_p, qmin, qmax, qoffset, *raw_args,
+                           part_mean, part_m2, segs, float(eps), 1.0 / (hw * cpg), **flags,
                            PURE=pure, BLOCK_P=block_p, BLOCK_C=block_c, LOAD_STAGES=pl.get("stages", 1),
-                           num_warps=warps)
+                           FOLD=fold, FBLOCK_S=max(2, min(triton.next_power_of_2(segs), 4096 // (fblock_g * block_cg))),
+                           FBLOCK_G=fblock_g, FBLOCK_CG=block_cg, num_warps=warps)
     return result
 
 
