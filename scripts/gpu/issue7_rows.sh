@@ -17,7 +17,9 @@
 #      (pipelined norm loads); SD b8 re-tuned on GPU 3 with tma4dr candidates, then the norm sweep. Merge
 #      qconv_tuned_3.json (in all.tgz); keep the faster GEGLU config and norm stages as the defaults.
 #   0b. CIFAR b1 re-tuned with time_call(inner=0) (the batch-1 tables were chosen among times flattened by the
-#      launch latency): TUNE0=ddpm-cifar10-32:1:dq-fp8 bash scripts/gpu/tune_split.sh, rows after the merge.
+#      launch latency): TUNE0=ddpm-cifar10-32:1:dq-fp8 bash scripts/gpu/tune_split.sh, rows after the merge, with
+#      and without DIFFQUANT_GN_WHOLE_MAX_HW=1024 (one launch a norm instead of three: CIFAR b1's norms took 0.39 ms
+#      against 0.24 for all of bf16-compile's fused elementwise work, session 11 call 3's profile).
 #   1. re-tune the other batch-1 tasks with inner timing and time their rows:
 #        TUNE0=sd15-unet:1:dq-fp8 TUNE1=zoo:cifar10-ddpm:1:dq-fp8 ROWS=sd15-unet:1:bf16-compile,
 #        sd15-unet:1:dq-fp8-gn-qkv-te-ff-twq,ddpm-cifar10-32:1:bf16-compile,ddpm-cifar10-32:1:dq-fp8-gn-qkv-te,
