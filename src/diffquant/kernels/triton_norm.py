@@ -320,8 +320,8 @@ def norm_plan(nb: int, c: int, hw: int, device: torch.device, block_c: Optional[
     there are at most ``programs`` (4 per SM: one wave) programs, or one segment per image and chunk when even
     that is more; keyword overrides are for the benchmark's sweep. ``stages``: tiles in flight in the pixel loops
     (:func:`load_stages`). ``fold``: the apply kernel combines its groups' statistics itself, no finalize launch
-    (default ``DIFFQUANT_GN_FOLD=1`` or off; each apply program then re-reads ``segs`` partials of its groups, cheap
-    where an image has few segments, as at batch 8 and up, and not at batch 1)."""
+    (default: on where ``DIFFQUANT_GN_FOLD=1``, else off; each apply program then re-reads ``segs`` partials of its
+    groups, cheap where an image has few segments, as at batch 8 and up, and not at batch 1)."""
     if block_c is None:
         div = math.gcd(c, c1) if c1 else c
         block_c = 128
