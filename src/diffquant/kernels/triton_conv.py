@@ -252,7 +252,9 @@ def tma_paths(x, w, wzp, stride, padding, dilation, w4: bool, a_zp: int, pad_cor
     ok = {"tma"}
     if triton_conv_tma.tma4d_extra_unsupported(x, a_zp, padding, pad_corr) is None:
         ok.update(("tma4d", "tma4dp"))
-        if x.shape[3] + 2 * int(padding[1]) - w.shape[2] + 1 >= 64:
+        from diffquant.kernels.reference import conv_out_hw
+
+        if conv_out_hw(x.shape[2], x.shape[3], w.shape[1], w.shape[2], stride, padding, dilation)[1] >= 64:
             ok.add("tma4dr")
     return frozenset(ok)
 
