@@ -1711,6 +1711,26 @@ def test_bench_kernel_classes():
     assert _kernel_class("triton_per_fused_add_native_group_norm_silu_10") == "inductor_fused"
 
 
+def test_bench_kernel_classes_cover_every_diffquant_kernel():
+    """Every Triton kernel diffquant defines lands in a dq_ class: session 12's profiles counted the one-dot-per-row
+    conv kernel as cuDNN and the GEGLU GEMM as 'other', because the classes listed kernel names one by one."""
+    import ast
+    from pathlib import Path
+
+    import diffquant.kernels as pkg
+    from diffquant.kernels.bench import _kernel_class
+
+    names = []
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and any(
+                    "jit" in ast.unparse(d) for d in node.decorator_list) and node.name.endswith("_kernel"):
+                names.append(node.name)
+    assert len(names) >= 10 and "_qconv_tma4d_rows_kernel" in names and "_linear_geglu_kernel" in names
+    wrong = {n: _kernel_class(n) for n in names if not _kernel_class(n).startswith("dq_")}
+    assert not wrong, wrong
+
+
 def test_bench_isolated_rows_survive_a_stalled_row(tmp_path):
     """run_tasks_isolated: a row that times out or fails costs that row only; speedups come from the bf16-compile
     row of the same model and batch; the budget stops new rows; the merged result is saved after every row."""

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# ab_rows.sh's A/B rows on one GPU (nvidia-h200; the x4 kind was not lent in session 12), in three calls of about
+# 9 minutes each (carry .whl, timeout_s 600). Every row runs in its own bench process with its own environment.
+#   PART=1: GPU tests (tma4dr, GEGLU, norms); SD-1.5 b8 bf16-compile and ROW as shipped; ROW with
+#           DIFFQUANT_QCONV_TMA=4dr (the table's tma4d tiles, one dot per row); ROW with DIFFQUANT_GN_LOAD_STAGES=3.
+#   PART=2: SD b8 re-tuned with the tma4dr candidates beside gather and tma4d (TUNE_S seconds), merged into the
+#           shipped table on the device (the merged table comes back as nvidia-h200.merged.json); ROW with it; ROW
+#           with the norm stages and the folded finalize; ROW with session 10's GEGLU config.
+#   PART=3: CIFAR b256 bf16-compile and CROW as shipped, with the norm stages, with the stages and the fold; then
+#           CIFAR b1 bf16-compile and dq-fp8-gn-qkv-te with and without DIFFQUANT_GN_WHOLE_MAX_HW=1024.
+# Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in part 2.
+#   run: PART=1 bash scripts/gpu/ab_rows_1gpu.sh   (env: ROW, CROW, TUNE_S (200), TOTAL_S (570), EXTRA (env for
+#        every row, e.g. DIFFQUANT_GN_LOAD_STAGES=3 once it wins))
+set -uo pipefail
+source scripts/gpu/_zoo_common.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export DIFFQUANT_PROFILE_TOP=${DIFFQUANT_PROFILE_TOP:-40}
+kernel_job_env
+PART=${PART:-1}
+TOTAL_S=${TOTAL_S:-570}
+ROW=${ROW:-sd15-unet:8:dq-fp8-gn-qkv-te-ff-twq}
+CROW=${CROW:-ddpm-cifar10-32:256:dq-fp8-gn-qkv-te}
+OLD_GEGLU='DIFFQUANT_GEGLU_CONFIG={"BLOCK_M": 128, "num_warps": 8, "num_stages": 3}'
+STAGES=DIFFQUANT_GN_LOAD_STAGES=3
+read -r -a EXTRA_ENV <<< "${EXTRA:-}"
+rows() {  # rows TAG ONLY [VAR=value ...]: one bench process, skipped when fewer than 60 s of the call are left
+  local tag=$1 only=$2; shift 2
+  local left=$(( TOTAL_S - $(elapsed) - 5 ))
+  if [ $left -lt 60 ]; then say "skip $tag ($only $*): ${left}s left"; return; fi
+  say "rows $tag: $only $*"
+  env "${EXTRA_ENV[@]}" "$@" timeout $left python3 benchmarks/bench_kernels.py --row-timeout-s $(( left - 10 )) \
+    --no-layer-types --only "$only" --out $OUT/kernels_$tag.json > $OUT/bench_$tag.log 2>&1
+  echo "bench rc=$?" >> $OUT/bench_$tag.log
+  grep -A4 "^model " $OUT/bench_$tag.log | grep -v "^model \|^--" | cut -c1-150
+}
+case $PART in
+1)
+  say "GPU tests"
+  timeout 110 python3 -m pytest -m gpu tests/test_kernels.py -k "tma4d_rows or linear_geglu or group_norm" -v \
+    --tb=short -p no:cacheprovider > $OUT/pytest_gpu.log 2>&1; echo "pytest rc=$?" >> $OUT/pytest_gpu.log
+  grep -E "PASSED|FAILED|ERROR|rc=" $OUT/pytest_gpu.log | head -30
+  rows ship "sd15-unet:8:bf16-compile,$ROW"
+  rows 4dr "$ROW" DIFFQUANT_QCONV_TMA=4dr
+  rows stages "$ROW" $STAGES
+  ;;
+2)
+  say "tune $ROW with tma4dr candidates"
+  timeout $(( ${TUNE_S:-200} + 70 )) python3 benchmarks/tune_qconv.py --tasks "$ROW" --budget-s ${TUNE_S:-200} \
+    --skip-paths tma,tma4dp --out $OUT/qconv_tuned.json --rows $OUT/qconv_tune_rows.json > $OUT/tune.log 2>&1
+  echo "tune rc=$?" >> $OUT/tune.log
+  grep -v trying $OUT/tune.log | grep -v '^{' | tail -4
+  python3 benchmarks/tune_qconv.py --print-rows $OUT/qconv_tune_rows.json 2>/dev/null | tail -24
+  T=src/diffquant/kernels/tuned/nvidia-h200.json
+  if [ -s $OUT/qconv_tuned.json ]; then
+    python3 -m diffquant.cli tune-kernels --merge-from $OUT/qconv_tuned.json --merge-into $T && cp $T $OUT/nvidia-h200.merged.json
+    rows tuned "$ROW"
+  fi
+  rows fold "$ROW" $STAGES DIFFQUANT_GN_FOLD=1
+  rows geglu "$ROW" "$OLD_GEGLU"
+  ;;
+3)
+  rows cship "ddpm-cifar10-32:256:bf16-compile,$CROW"
+  rows cstages "$CROW" $STAGES
+  rows cfold "$CROW" $STAGES DIFFQUANT_GN_FOLD=1
+  rows b1 "ddpm-cifar10-32:1:bf16-compile,ddpm-cifar10-32:1:dq-fp8-gn-qkv-te"
+  rows b1whole "ddpm-cifar10-32:1:dq-fp8-gn-qkv-te" DIFFQUANT_GN_WHOLE_MAX_HW=1024
+  ;;
+*) echo "PART must be 1, 2 or 3"; exit 2 ;;
+esac
+cd $OUT && tar czf all.tgz *.json *.log && find . -maxdepth 1 -type f ! -name all.tgz ! -name env.txt \
+  ! -name nvidia-h200.merged.json -delete
+ls -la $OUT
+say done
