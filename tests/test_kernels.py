@@ -542,6 +542,19 @@ def test_tuning_shape_key_and_candidates():
     assert tuning.candidates(1, True, cout=320, ck=160, path="tma") == []
     with pytest.raises(ValueError, match="path"):
         tuning.candidates(1, False, cout=320, ck=320, path="cudnn")
+    # split-K candidates of tma4d: layers with few output tiles (SD-1.5's 8x8 level at batch 8: 512 pixels), each
+    # split keeping 8 or more K steps; none where the output pixels are unknown, the tiles many, or K short
+    sd8 = tuning.candidates(1, False, cout=1280, ck=1280, path="tma4d", m=512)
+    splits = [c for c in sd8 if "SPLIT_K" in c]
+    assert len(splits) == 15 and {c["SPLIT_K"] for c in splits} == {2, 3, 4}
+    assert all(c["path"] == "tma4d" for c in splits) and tuning.config_label(splits[0]) == "tma4d-k2"
+    assert tuning.config_label(tma[0]) == "tma" and tuning.config_label(c8[0]) == "gather"
+    for kw in (dict(cout=1280, ck=1280, path="tma4d"), dict(cout=320, ck=320, path="tma4d", m=8 * 64 * 64),
+               dict(cout=1280, ck=1280, path="tma", m=512), dict(cout=128, ck=128, path="tma4d", m=512)):
+        assert not any("SPLIT_K" in c for c in tuning.candidates(1, False, **kw)), kw
+    # 3x3 over 256 channels: 18 K steps at BLOCK_K 128, so 2 splits only
+    assert {c["SPLIT_K"] for c in tuning.candidates(1, False, cout=256, ck=256, path="tma4d", m=512)
+            if "SPLIT_K" in c} == {2}
 
 
 def test_tuning_table_lookup_validation_and_device(tmp_path, monkeypatch):
@@ -568,10 +581,13 @@ def test_tuning_table_lookup_validation_and_device(tmp_path, monkeypatch):
     with tuning.no_tables():  # the tuner's baseline: the heuristic only
         assert tuning.active_tables() == [] and tuning.lookup("k1", "GPU-A") is None
     assert tuning.active_tables() == tuning.packaged_tables()
-    tuning.validate_table({**table, "configs": {"k": {**cfg, "path": "tma"}, "k2": {**cfg, "path": "gather"}}})
+    tuning.validate_table({**table, "configs": {"k": {**cfg, "path": "tma"}, "k2": {**cfg, "path": "gather"},
+                                                "k3": {**cfg, "path": "tma4d", "SPLIT_K": 3}}})
     bad = [{"format": "other"}, {**table, "device": 3}, {**table, "configs": {"k": {**cfg, "BLOCK_M": 0}}},
            {**table, "configs": {"k": {"BLOCK_M": 64}}}, {**table, "configs": {"k": {**cfg, "path": "cudnn"}}},
-           {**table, "configs": {"k": {**cfg, "extra": 1}}}]
+           {**table, "configs": {"k": {**cfg, "extra": 1}}}, {**table, "configs": {"k": {**cfg, "SPLIT_K": 2}}},
+           {**table, "configs": {"k": {**cfg, "path": "tma4d", "SPLIT_K": 0}}},
+           {**table, "configs": {"k": {**cfg, "path": "tma4d", "SPLIT_K": "2"}}}]
     for b in bad:
         with pytest.raises(ValueError):
             tuning.validate_table(b)

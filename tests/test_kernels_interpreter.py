@@ -167,6 +167,50 @@ def test_interpreter_tma4d_rows_path_matches_reference():
             assert finite and rel < 1e-5, (bm, case, rel)
 
 
+SPLITK_CASES = TMA4D_CASES + [
+    ("int8", dict(n=2, cin=64, cout=48, h=8, w=8, a_zp=5), 1, 1, True, 0),  # the zero point's fix-up after the sum
+]
+
+
+def test_interpreter_tma4d_split_k_matches_reference():
+    """Split-K ("SPLIT_K" on a tma4d config): 2 and 4 programs a tile over parts of the K loop, partials in a
+    workspace summed by the reduce kernel, whose epilogue does the int8 zero point's padding fix, the residual add,
+    and writes every element (poisoned output) through 32-row blocks that cross tiles; a 1x1 conv of 2 K steps
+    asked for 4 splits gets 2. Both kernels must have run (spies count their launches)."""
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
+    import diffquant.kernels.triton_conv_tma as tt
+
+    assert tt.split_k_steps(90, 4) == (4, 23) and tt.split_k_steps(2, 4) == (2, 1) and tt.split_k_steps(9, 4) == (3, 3)
+    env = dict(os.environ, TRITON_INTERPRET="1", DIFFQUANT_QCONV_TMA="0")
+    for split in (2, 4):
+        cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, path="tma4d", SPLIT_K=split)
+        code = SCRIPT.format(tests=str(ROOT / "tests"), src=str(ROOT / "src"), cases=json.dumps(SPLITK_CASES))
+        code = code.replace("got = tk._call(qconv_triton, c, stride, pad)",
+                            "from diffquant.kernels import tuning\n"
+                            "    import diffquant.kernels.triton_conv_tma as tt\n"
+                            "    real = (tt._qconv_tma4d_splitk_kernel, tt._qconv_splitk_reduce_kernel)\n"
+                            "    class Spy:\n"
+                            "        def __init__(self, k, tag): self.k, self.tag = k, tag\n"
+                            "        def __getitem__(self, grid):\n"
+                            "            launched.append([self.tag, list(grid)])\n"
+                            "            return self.k[grid]\n"
+                            "    tt._qconv_tma4d_splitk_kernel = Spy(real[0], 'split')\n"
+                            "    tt._qconv_splitk_reduce_kernel = Spy(real[1], 'reduce')\n"
+                            f"    with tuning.forced_config({cfg!r}):\n"
+                            "        got = tk._call(qconv_triton, c, stride, pad)\n"
+                            "    tt._qconv_tma4d_splitk_kernel, tt._qconv_splitk_reduce_kernel = real")
+        code = code.replace("res = []\n", "res = []\nlaunched = []\n", 1)
+        code = code.replace('print("RESULT" + json.dumps(res))', 'print("RESULT" + json.dumps(res + [launched]))')
+        res = _run_script(code, env)
+        launched = res[-1]
+        assert [t for t, _ in launched] == ["split", "reduce"] * len(SPLITK_CASES), launched
+        splits = [g[1] for t, g in launched if t == "split"]
+        assert splits[2] == 2 and max(splits) == split, splits  # case 2: the 1x1 conv of 2 K steps
+        for case, (finite, rel) in zip(SPLITK_CASES, res[:-1]):
+            assert finite and rel < 1e-5, (split, case, rel)
+
+
 GEGLU_SCRIPT = r'''
 import json, sys
 sys.path.insert(0, {src!r})
@@ -553,9 +597,9 @@ def test_group_norm_kernels_compile_for_hopper():
 
 def test_attention_and_conv_kernels_compile_for_hopper():
     """The FP8 attention kernel (V handed over keys-contiguous; head dims 40 and 160 padded to 64 and 256; e4m3 or
-    bf16 output), the five conv kernels (gather, TMA over a padded copy, 4-D TMA, its persistent form, and its
-    one-dot-per-row form, whose A tiles stay in shared memory; FP8, and int8 with a zero point and the padding
-    fix-up) and the GEGLU GEMM (and its persistent form) compile for sm_90
+    bf16 output), the conv kernels (gather, TMA over a padded copy, 4-D TMA, its persistent form, its
+    one-dot-per-row form, whose A tiles stay in shared memory, and its split-K pair; FP8, and int8 with a zero point
+    and the padding fix-up) and the GEGLU GEMM (and its persistent form) compile for sm_90
     without a GPU; some with DIFFQUANT_FP8_ACC=precise's promoted FP8 accumulation."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -635,6 +679,15 @@ def test_attention_and_conv_kernels_compile_for_hopper():
                             warps=8, stages=4).asm.get("cubin"))
         built += bool(build(tt._qconv_tma_kernel, dict(common, BLOCK_M=128),
                             lambda n, f=tma_type: f(n, a_box="128, 64"), warps=8, stages=4).asm.get("cubin"))
+        # split-K: the partial tiles into an fp32 (int32) workspace, and the kernel that sums them into the epilogue
+        ws_type = "*fp32" if fp8 else "*i32"
+        split = {k: common[k] for k in ("KW", "A_INT", "BITCAST_FP8", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        built += bool(build(tt._qconv_tma4d_splitk_kernel, dict(split, BI=2, BH=8, BW=8),
+                            lambda n, f=tma_type: ws_type if n == "ws_ptr" else f(n, a_box="2, 8, 8, 64"), warps=8,
+                            stages=4).asm.get("cubin"))
+        built += bool(build(tt._qconv_splitk_reduce_kernel, dict(
+            KH=3, KW=3, PAD_FIX=not fp8, HAS_ASCALE=True, HAS_CORR=not fp8, HAS_BIAS=True, HAS_ADD=True, BI=2, BH=8,
+            BW=8, RM=32, RN=128), lambda n: ws_type if n == "ws_ptr" else conv_type(n)).asm.get("cubin"))
     from diffquant.kernels import triton_geglu as tg
 
     def geglu_type(n, bm=128):
@@ -653,7 +706,7 @@ def test_attention_and_conv_kernels_compile_for_hopper():
     built += bool(build(tg._linear_geglu_persistent_kernel, dict(
         HAS_BIAS=True, QUANT=True, OSCALE_PER_CH=False, BITCAST_FP8=False, EMULATE=False, BLOCK_M=128, BLOCK_N=128,
         BLOCK_K=128, GROUP_M=8, FLATTEN=True, FP8_ACC=64), geglu_type, warps=8, stages=3).asm.get("cubin"))
-    assert built == 16
+    assert built == 20
 
 
 def test_fp8_accumulation_knob_and_its_routing(monkeypatch):

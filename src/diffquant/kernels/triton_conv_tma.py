@@ -197,6 +197,24 @@ def _pad_fix_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wsc
 
 
 @triton.jit
+def _tma4d_mainloop(n0, oh0, ow0, co0, it0, it1, a_desc, b_desc, CK, NCB, pad_h, pad_w, KW: tl.constexpr,
+                    A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr):
+    """Steps ``it0`` to ``it1`` of the tile's (tap, channel block) loop over 4-D TMA boxes: the accumulator."""
+    acc = zero_acc(BLOCK_M, BLOCK_N, A_INT)
+    for it in range(it0, it1):
+        tap, c0, kh, kw = tap_block(it, NCB, KW, BLOCK_K)
+        a = a_desc.load([n0, oh0 + kh - pad_h, ow0 + kw - pad_w, c0])
+        a = tl.reshape(a, (BLOCK_M, BLOCK_K))
+        b = b_desc.load([co0, tap * CK + c0])
+        if BITCAST_FP8:  # the interpreter has no FP8 descriptors: FP8 travels as its bytes
+            a = a.to(tl.float8e4nv, bitcast=True)
+            b = b.to(tl.float8e4nv, bitcast=True)
+        acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype, max_num_imprecise_acc=FP8_ACC)
+    return acc
+
+
+@triton.jit
 def _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr, padc_ptr,
                 N, H, W, Ho, Wo, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h, pad_w,
                 son, soh, sow, soc, san, sah, saw, sac,
@@ -208,17 +226,8 @@ def _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, c
     4-D TMA boxes, then the epilogue."""
     BLOCK_M: tl.constexpr = BI * BH * BW
     n0, oh0, ow0, co0 = _tile_origin(pid_m, pid_n, TILES_H, TILES_W, BI, BH, BW, BLOCK_N)
-    acc = zero_acc(BLOCK_M, BLOCK_N, A_INT)
-    for it in range(0, NITER):
-        tap, c0, kh, kw = tap_block(it, NCB, KW, BLOCK_K)
-        a = a_desc.load([n0, oh0 + kh - pad_h, ow0 + kw - pad_w, c0])
-        a = tl.reshape(a, (BLOCK_M, BLOCK_K))
-        b = b_desc.load([co0, tap * CK + c0])
-        if BITCAST_FP8:  # the interpreter has no FP8 descriptors: FP8 travels as its bytes
-            a = a.to(tl.float8e4nv, bitcast=True)
-            b = b.to(tl.float8e4nv, bitcast=True)
-        acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype, max_num_imprecise_acc=FP8_ACC)
-
+    acc = _tma4d_mainloop(n0, oh0, ow0, co0, 0, NITER, a_desc, b_desc, CK, NCB, pad_h, pad_w, KW, A_INT, BITCAST_FP8,
+                          BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
     r = tl.arange(0, BLOCK_M)
     nb = n0 + r // (BH * BW)
     oh = oh0 + (r // BW) % BH
@@ -277,6 +286,74 @@ def _qconv_tma4d_persistent_kernel(
                     padc_ptr, N, H, W, Ho, Wo, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h, pad_w, son, soh, sow, soc,
                     san, sah, saw, sac, KH, KW, A_INT, BITCAST_FP8, PAD_FIX, HAS_ASCALE, HAS_CORR, HAS_BIAS, HAS_ADD,
                     BI, BH, BW, BLOCK_N, BLOCK_K, FP8_ACC)
+
+
+# ---- 4-D boxes, split-K (config field "SPLIT_K" of path "tma4d") ---------------------------------------------
+# SD-1.5's 8x8 and 16x16 levels at batch 8 have M = 512 and 2,048 output pixels against K = 11,520: 40 to 160 output
+# tiles for 132 SMs, and their convs ran at 374-851 TFLOPS where the 64x64 level's best reach 1,258
+# (benchmarks/results/qconv_tune_rows_tma4dr.json, H200, 2026-11-28). Split-K gives each tile SPLIT_K programs, each
+# over a contiguous part of the (tap, channel block) loop, which store their partial accumulators (fp32, int32 for
+# int8: exact) to a workspace; a second kernel sums them and runs the usual epilogue.
+@triton.jit(do_not_specialize=["N", "H", "W", "NITER", "TILES_H", "TILES_W", "pad_h", "pad_w", "PER", "WS_M", "WS_N"])
+def _qconv_tma4d_splitk_kernel(
+    a_desc, b_desc, ws_ptr,
+    N, H, W, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h, pad_w, PER, WS_M, WS_N,
+    KW: tl.constexpr, A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr,
+    BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, FP8_ACC: tl.constexpr = None,
+):
+    """Program (tile, s): steps [s * PER, (s + 1) * PER) of the tile's loop, stored to ``ws[s]`` ([WS_M, WS_N], the
+    tiles' pixels in tile order x the padded channels)."""
+    BLOCK_M: tl.constexpr = BI * BH * BW
+    tiles_m = tl.cdiv(N, BI) * TILES_H * TILES_W
+    pid_m, pid_n = grouped_tile(tiles_m * BLOCK_M, Cout, BLOCK_M, BLOCK_N, GROUP_M)
+    s = tl.program_id(1)
+    n0, oh0, ow0, co0 = _tile_origin(pid_m, pid_n, TILES_H, TILES_W, BI, BH, BW, BLOCK_N)
+    acc = _tma4d_mainloop(n0, oh0, ow0, co0, s * PER, tl.minimum(NITER, (s + 1) * PER), a_desc, b_desc, CK, NCB,
+                          pad_h, pad_w, KW, A_INT, BITCAST_FP8, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = co0 + tl.arange(0, BLOCK_N)
+    tl.store(ws_ptr + s.to(tl.int64) * WS_M * WS_N + rows[:, None] * WS_N + cols[None, :], acc)
+
+
+@triton.jit(do_not_specialize=["N", "H", "W", "Ho", "Wo", "TILES_H", "TILES_W", "pad_h", "pad_w", "SPLIT", "WS_M",
+                               "WS_N"])
+def _qconv_splitk_reduce_kernel(
+    ws_ptr, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr, padc_ptr,
+    N, H, W, Ho, Wo, Cout, TILES_H, TILES_W, pad_h, pad_w, SPLIT, WS_M, WS_N,
+    son, soh, sow, soc,
+    san, sah, saw, sac,
+    KH: tl.constexpr, KW: tl.constexpr, PAD_FIX: tl.constexpr, HAS_ASCALE: tl.constexpr, HAS_CORR: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    RM: tl.constexpr, RN: tl.constexpr,
+):
+    """The split-K partials of an [RM, RN] block of the workspace summed, then the 4-D kernels' epilogue: workspace
+    row i is pixel i % BLOCK_M of output tile i // BLOCK_M (the split kernel's tile order)."""
+    BLOCK_M: tl.constexpr = BI * BH * BW
+    rows = tl.program_id(0) * RM + tl.arange(0, RM)
+    cols = tl.program_id(1) * RN + tl.arange(0, RN)
+    offs = rows.to(tl.int64)[:, None] * WS_N + cols[None, :]
+    acc = tl.load(ws_ptr + offs)
+    for s in range(1, SPLIT):
+        acc += tl.load(ws_ptr + s * WS_M.to(tl.int64) * WS_N + offs)
+    pid_m = rows // BLOCK_M
+    r = rows % BLOCK_M
+    n0, oh0, ow0, _ = _tile_origin(pid_m, 0, TILES_H, TILES_W, BI, BH, BW, RN)
+    nb = n0 + r // (BH * BW)
+    oh = oh0 + (r // BW) % BH
+    ow = ow0 + r % BW
+    n_ok = cols < Cout
+    m_ok = (nb < N) & (oh < Ho) & (ow < Wo)
+    _pad_fix_store(acc, cols, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
+                   padc_ptr, H, W, pad_h, pad_w, son, soh, sow, soc, san, sah, saw, sac, KH, KW, PAD_FIX, HAS_ASCALE,
+                   HAS_CORR, HAS_BIAS, HAS_ADD)
+
+
+def split_k_steps(niter: int, split: int) -> tuple[int, int]:
+    """(programs per tile, loop steps per program) of a split-K call: at most ``split`` programs, none empty."""
+    split = max(1, min(int(split), niter))
+    per = -(-niter // split)
+    return -(-niter // per), per
 
 
 # ---- 4-D boxes, one dot per output row (path "tma4dr") --------------------------------------------------------
@@ -447,24 +524,47 @@ def qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seq
                  HAS_ADD=add is not None, BI=bi, BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
                  FP8_ACC=fp8_acc(bk, fp8),
                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    split, per = split_k_steps(kh * kw * ncb, cfg.get("SPLIT_K", 1))
+    if split > 1 and not persistent and not rows:
+        tiles_m, tiles_n = triton.cdiv(nbatch, bi) * tiles_h * tiles_w, triton.cdiv(cout, bn)
+        ws_m, ws_n = tiles_m * bm, tiles_n * bn
+        ws = torch.empty((split, ws_m, ws_n), device=x.device,
+                         dtype=torch.int32 if x.dtype == torch.int8 else torch.float32)
+        main = {k: flags[k] for k in ("KW", "A_INT", "BITCAST_FP8", "BI", "BH", "BW", "BLOCK_N", "BLOCK_K", "GROUP_M",
+                                      "FP8_ACC", "num_warps", "num_stages")}
+        _launch_retrying(_qconv_tma4d_splitk_kernel, (tiles, split),
+                         (a_desc, b_desc, ws, nbatch, h, wd, cout, ck, ncb, kh * kw * ncb, tiles_h, tiles_w, ph, pw,
+                          per, ws_m, ws_n), main, bm, bn, bk)
+        rn = min(128, bn)
+        _qconv_splitk_reduce_kernel[(ws_m // 32, ws_n // rn)](
+            ws, *args[2:9], nbatch, h, wd, ho, wo, cout, tiles_h, tiles_w, ph, pw, split, ws_m, ws_n, *strides,
+            KH=kh, KW=kw, PAD_FIX=pad_fix, HAS_ASCALE=flags["HAS_ASCALE"], HAS_CORR=flags["HAS_CORR"],
+            HAS_BIAS=flags["HAS_BIAS"], HAS_ADD=flags["HAS_ADD"], BI=bi, BH=bh, BW=bw, RM=32, RN=rn, num_warps=4)
+        return out
     if persistent:
         progs = max(1, min(tiles, persistent_programs(x.device)))
-        grid, kernel, extra = (progs,), _qconv_tma4d_persistent_kernel, dict(FLATTEN=not _interpreting())
+        grid, kernel, flags = (progs,), _qconv_tma4d_persistent_kernel, dict(flags, FLATTEN=not _interpreting())
         args = (*args, progs)
     else:
-        grid, kernel, extra = (tiles,), _qconv_tma4d_rows_kernel if rows else _qconv_tma4d_kernel, {}
+        grid, kernel = (tiles,), _qconv_tma4d_rows_kernel if rows else _qconv_tma4d_kernel
+    _launch_retrying(kernel, grid, (*args, *strides), flags, bm, bn, bk)
+    return out
+
+
+def _launch_retrying(kernel, grid, args: tuple, flags: dict, bm: int, bn: int, bk: int) -> None:
+    """``kernel[grid](*args, **flags)``, retried with one pipeline stage fewer while shared memory runs out: the
+    persistent kernel's output tile, and the rows kernel's per-row epilogue, share shared memory with the operand
+    stages (a config tuned for the plain kernel can run out there)."""
+    flags = dict(flags)
     while True:
         try:
-            kernel[grid](*args, *strides, **flags, **extra)
-            break
+            kernel[grid](*args, **flags)
+            return
         except triton.runtime.errors.OutOfResources as e:
-            # the persistent kernel's output tile, and the rows kernel's per-row epilogue, share shared memory with
-            # the operand stages (a config tuned for the plain kernel can run out there): one stage fewer
             if flags["num_stages"] <= 1 or "shared memory" not in str(e):
                 raise
             _warn_stages(bm, bn, bk, flags["num_stages"], str(e))
             flags["num_stages"] -= 1
-    return out
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,8 +19,10 @@ A config may also name its kernel: ``"path": "tma"`` (the TMA kernel over a padd
 :mod:`.triton_conv_tma`, for the stride-1 8-bit shapes), ``"tma4d"`` (the TMA kernel with 4-D boxes over the
 unpadded input), ``"tma4dp"`` (the same, persistent: one program per SM walks the tiles), ``"tma4dr"`` (4-D boxes
 of one row each, one dot per output row of a 2- or 4-row tile, so that the A tiles stay in shared memory) or
-``"gather"`` (the default). The tuner times the candidates of every kernel that can run a shape
-and the table records the fastest.
+``"gather"`` (the default). A ``"tma4d"`` config may also carry ``"SPLIT_K"`` (an integer of 2 or more): each output
+tile is then computed by that many programs over parts of the K loop, summed by a second kernel (for layers with too
+few output tiles to fill the GPU). The tuner times the candidates of every kernel that can run a shape and the table
+records the fastest.
 
 This module does not import Triton: the table logic is usable (and tested) on any machine.
 """
@@ -58,6 +60,13 @@ CANDIDATES_TMA: tuple[tuple[int, ...], ...] = (
     (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (256, 128, 64, 8, 3), (64, 256, 128, 8, 3),
 )
 SMEM_LIMIT = 227 * 1024  # Hopper's per-block shared memory (bytes); the kernel compiler has the last word
+# split-K candidates of the "tma4d" kernel: these tiles, each split 2, 3 and 4 ways, where a layer has fewer output
+# tiles than SPLIT_K_BELOW_TILES (twice the H100/H200's 132 SMs) and each split keeps 8 or more K steps
+CANDIDATES_SPLIT_K: tuple[tuple[int, ...], ...] = (
+    (128, 128, 128, 8, 4), (128, 128, 128, 4, 3), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 256, 128, 8, 3),
+)
+SPLITS = (2, 3, 4)
+SPLIT_K_BELOW_TILES = 264
 
 
 def act_kind(dtype: torch.dtype) -> str:
@@ -87,9 +96,11 @@ def smem_bytes(cfg: dict, a_bytes: int, w4: bool) -> int:
     return cfg["num_stages"] * (a + b)
 
 
-def candidates(a_bytes: int, w4: bool, cout: int, ck: int, limit: int = SMEM_LIMIT, path: str = "gather") -> list[dict]:
+def candidates(a_bytes: int, w4: bool, cout: int, ck: int, limit: int = SMEM_LIMIT, path: str = "gather",
+               m: int = 0, taps: int = 9) -> list[dict]:
     """The candidate configs of one kernel (``path``) for one shape: those whose tiles fit the layer and
-    shared memory. TMA candidates carry their ``"path"``."""
+    shared memory. TMA candidates carry their ``"path"``. ``m`` (output pixels) and ``taps`` (kernel taps) given,
+    ``"tma4d"`` also gets split-K candidates where the layer has few output tiles (:data:`CANDIDATES_SPLIT_K`)."""
     if path not in PATHS:
         raise ValueError(f"path={path!r}; allowed: {PATHS}")
     tma = path != "gather"
@@ -113,7 +124,22 @@ def candidates(a_bytes: int, w4: bool, cout: int, ck: int, limit: int = SMEM_LIM
             cfg["path"] = path
         if cfg not in out:
             out.append(cfg)
+    if path == "tma4d" and m > 0:
+        for bm, bn, bk, nw, ns in CANDIDATES_SPLIT_K:
+            steps = taps * math.ceil(ck / bk)
+            if math.ceil(m / bm) * math.ceil(cout / bn) >= SPLIT_K_BELOW_TILES or (bn > 64 and cout <= bn // 2):
+                continue
+            for split in SPLITS:
+                if steps >= 8 * split:
+                    out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, path=path,
+                                    SPLIT_K=split))
     return out
+
+
+def config_label(cfg: dict) -> str:
+    """A config's kernel as the tuner's rows name it: its path, with ``-k<SPLIT_K>`` for split-K."""
+    path = cfg.get("path", "gather")
+    return f"{path}-k{cfg['SPLIT_K']}" if cfg.get("SPLIT_K", 1) > 1 else path
 
 
 def validate_table(table: Any, where: str = "tuned table") -> dict:
@@ -122,12 +148,16 @@ def validate_table(table: Any, where: str = "tuned table") -> dict:
     if not isinstance(table.get("device"), str) or not isinstance(table.get("configs"), dict):
         raise ValueError(f"{where}: needs a 'device' string and a 'configs' object")
     for k, cfg in table["configs"].items():
-        if not isinstance(cfg, dict) or set(cfg) - {"path"} != set(CONFIG_FIELDS) or \
+        if not isinstance(cfg, dict) or set(cfg) - {"path", "SPLIT_K"} != set(CONFIG_FIELDS) or \
                 not all(isinstance(cfg[f], int) and cfg[f] > 0 for f in CONFIG_FIELDS):
             raise ValueError(f"{where}: config of {k!r} must have the positive integers {', '.join(CONFIG_FIELDS)} "
-                             f"(and optionally a 'path'); got {cfg!r}")
+                             f"(and optionally a 'path' and 'SPLIT_K'); got {cfg!r}")
         if cfg.get("path", "gather") not in PATHS:
             raise ValueError(f"{where}: config of {k!r} has path {cfg['path']!r}; allowed: {PATHS}")
+        if "SPLIT_K" in cfg and (cfg.get("path") != "tma4d" or not isinstance(cfg["SPLIT_K"], int)
+                                 or cfg["SPLIT_K"] < 1):
+            raise ValueError(f"{where}: config of {k!r}: SPLIT_K must be a positive integer on a 'tma4d' config; "
+                             f"got {cfg!r}")
     return table
 
 
@@ -321,8 +351,9 @@ def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=No
             best, best_ms, tried, failed, by_path = None, base_ms, 0, 0, {"gather": base_ms}
             timed = []  # every candidate's time: the data to fit a better default for shapes without an entry
             cands = candidates(a_bytes, w4, w.shape[0], ck)
+            m = round(call_flops(args) / (2 * w.shape[0] * w.shape[1] * w.shape[2] * x.shape[1]))  # output pixels
             for path in sorted(paths_for(args, kwargs) if paths_for is not None else ()):
-                cands += candidates(a_bytes, w4, w.shape[0], ck, path=path)
+                cands += candidates(a_bytes, w4, w.shape[0], ck, path=path, m=m, taps=w.shape[1] * w.shape[2])
             for cfg in cands:
                 progress(f"  {key} trying {tuple(cfg.values())}")  # a candidate that hangs shows in the log
                 try:
@@ -337,7 +368,7 @@ def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=No
                     failed += 1
                     progress(f"  {key} {tuple(cfg.values())}: skipped ({str(e).splitlines()[0][:120]})")
                     continue
-                path = cfg.get("path", "gather")
+                path = config_label(cfg)
                 by_path[path] = min(by_path.get(path, ms), ms)
                 timed.append([cfg[f] for f in CONFIG_FIELDS] + [path, round(ms, 5)])
                 if ms < best_ms:
@@ -354,7 +385,7 @@ def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=No
         row = {"key": key, "heuristic_ms": round(base_ms, 5), "best_ms": round(best_ms, 5),
                "best": best, "tried": tried, "failed": failed, "cudnn_bf16_ms": round(cudnn_ms, 5),
                "best_ms_by_path": {p: round(v, 5) for p, v in by_path.items()},
-               "candidates_ms": timed,  # [*CONFIG_FIELDS, path, ms] of every candidate that ran correctly
+               "candidates_ms": timed,  # [*CONFIG_FIELDS, path (-k<split>), ms] of every candidate that ran correctly
                "tflops_best": round(flops / best_ms / 1e9, 1), "tflops_cudnn_bf16": round(flops / cudnn_ms / 1e9, 1)}
         rows.append(row)
         progress(json.dumps(row))
