@@ -106,6 +106,27 @@ def main() -> None:
                                      f"1, 1, 64, {bk}")):
                 rows.append(_conv_row(name, fn, consts, el, a_box, kind, (bm, bn, bk, warps, stages)))
 
+    # split-K (SD-1.5's 8x8 level: tiles of two 8x8 images for the 4-D kernel, padded-copy rows for the 2-D one): the
+    # split kernels have no epilogue (partials to an fp32 workspace)
+    for bm, bn, bk, warps, stages in ((128, 128, 128, 8, 4), (64, 128, 128, 4, 4), (64, 128, 64, 4, 4)):
+        split = dict(KW=3, A_INT=False, BITCAST_FP8=False, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+        full = dict(split, HAS_ASCALE=True, HAS_CORR=False, HAS_BIAS=True, HAS_ADD=True)
+        box4 = dict(BI=bm // 64, BH=8, BW=8)
+        for name, fn, consts, a_box in (
+                ("tma (2-D, padded copy)", tt._qconv_tma_kernel, dict(full, BLOCK_M=bm), f"{bm}, {bk}"),
+                ("tma split-K", tt._qconv_tma_splitk_kernel, dict(split, BLOCK_M=bm), f"{bm}, {bk}"),
+                ("tma4d, 8x8 images", tt._qconv_tma4d_kernel, dict(full, KH=3, PAD_FIX=False, **box4),
+                 f"{bm // 64}, 8, 8, {bk}"),
+                ("tma4d split-K, 8x8 images", tt._qconv_tma4d_splitk_kernel, dict(split, **box4),
+                 f"{bm // 64}, 8, 8, {bk}")):
+            types = _conv_types("fp8e4nv", a_box, f"{bn}, {bk}")
+            k = _build(fn, consts, lambda n, t=types: "*fp32" if n == "ws_ptr" else t(n), warps, stages)
+            row = {"kernel": name, "act": "fp8", "config": [bm, bn, bk, warps, stages],
+                   "a_via_registers": "ttg.local_load" in k.asm["ttgir"]}
+            row.update(_ptxas(k.asm["ptx"]))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
     def gt(n):
         if n in ("a_desc", "w_desc"):
             return "tensordesc<fp8e4nv[128, 128]>"

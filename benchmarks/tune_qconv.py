@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--skip-paths", default="", help="comma list of TMA kernels not to try (tma, tma4d, tma4dp, tma4dr)")
     ap.add_argument("--untuned-only", action="store_true",
                     help="time only the shapes that no active tuned table (shipped or DIFFQUANT_QCONV_TUNED) lists")
+    ap.add_argument("--shapes", default="",
+                    help="comma list: time only the shapes whose key contains one of these (e.g. x8x8:,x16x16:)")
     ap.add_argument("--print-rows", metavar="ROWS_JSON", help="print the summary of a --rows file and exit (no GPU)")
     args = ap.parse_args()
     from diffquant.kernels.tune_models import format_rows, tune_models
@@ -40,7 +42,7 @@ def main() -> None:
     try:
         tune_models(args.tasks, args.out, args.rows, args.budget_s, args.reps, tma=not args.no_tma,
                     skip_paths=[p for p in args.skip_paths.split(",") if p], command=shlex.join(["python", *sys.argv]),
-                    untuned_only=args.untuned_only,
+                    untuned_only=args.untuned_only, shapes=[p for p in args.shapes.split(",") if p],
                     progress=lambda s: print(s, flush=True))
     except (ValueError, RuntimeError) as e:
         raise SystemExit(str(e))

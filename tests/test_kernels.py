@@ -546,15 +546,19 @@ def test_tuning_shape_key_and_candidates():
     # split keeping 8 or more K steps; none where the output pixels are unknown, the tiles many, or K short
     sd8 = tuning.candidates(1, False, cout=1280, ck=1280, path="tma4d", m=512)
     splits = [c for c in sd8 if "SPLIT_K" in c]
-    assert len(splits) == 15 and {c["SPLIT_K"] for c in splits} == {2, 3, 4}
+    assert len(splits) == 18 and {c["SPLIT_K"] for c in splits} == {2, 3, 4}
     assert all(c["path"] == "tma4d" for c in splits) and tuning.config_label(splits[0]) == "tma4d-k2"
     assert tuning.config_label(tma[0]) == "tma" and tuning.config_label(c8[0]) == "gather"
+    assert [c for c in tuning.candidates(1, False, cout=1280, ck=1280, path="tma", m=512) if "SPLIT_K" in c] == \
+        [dict(c, path="tma") for c in splits]
     for kw in (dict(cout=1280, ck=1280, path="tma4d"), dict(cout=320, ck=320, path="tma4d", m=8 * 64 * 64),
-               dict(cout=1280, ck=1280, path="tma", m=512), dict(cout=128, ck=128, path="tma4d", m=512)):
+               dict(cout=1280, ck=1280, path="tma4dp", m=512), dict(cout=1280, ck=1280, path="tma4dr", m=512),
+               dict(cout=128, ck=64, path="tma4d", m=512)):
         assert not any("SPLIT_K" in c for c in tuning.candidates(1, False, **kw)), kw
-    # 3x3 over 256 channels: 18 K steps at BLOCK_K 128, so 2 splits only
-    assert {c["SPLIT_K"] for c in tuning.candidates(1, False, cout=256, ck=256, path="tma4d", m=512)
-            if "SPLIT_K" in c} == {2}
+    # 3x3 over 256 channels: 18 K steps at BLOCK_K 128, so 2 splits only; 36 at BLOCK_K 64, so 2 to 4
+    got = {(c["BLOCK_K"], c["SPLIT_K"]) for c in tuning.candidates(1, False, cout=256, ck=256, path="tma4d", m=512)
+           if "SPLIT_K" in c}
+    assert got == {(128, 2), (64, 2), (64, 3), (64, 4)}
 
 
 def test_tuning_table_lookup_validation_and_device(tmp_path, monkeypatch):
@@ -586,6 +590,7 @@ def test_tuning_table_lookup_validation_and_device(tmp_path, monkeypatch):
     bad = [{"format": "other"}, {**table, "device": 3}, {**table, "configs": {"k": {**cfg, "BLOCK_M": 0}}},
            {**table, "configs": {"k": {"BLOCK_M": 64}}}, {**table, "configs": {"k": {**cfg, "path": "cudnn"}}},
            {**table, "configs": {"k": {**cfg, "extra": 1}}}, {**table, "configs": {"k": {**cfg, "SPLIT_K": 2}}},
+           {**table, "configs": {"k": {**cfg, "path": "tma4dp", "SPLIT_K": 2}}},
            {**table, "configs": {"k": {**cfg, "path": "tma4d", "SPLIT_K": 0}}},
            {**table, "configs": {"k": {**cfg, "path": "tma4d", "SPLIT_K": "2"}}}]
     for b in bad:
@@ -637,6 +642,10 @@ def test_tuning_lookup_nearest_borrows_the_same_layer_at_the_nearest_size():
                  (key(1, 320, 64), (), {})]
         assert [c[0] for c in tuning.untuned_calls(calls, "GPU-A")] == [key(1, 320, 64)] * 2
         assert tuning.untuned_calls(calls, "GPU-B") == calls
+        # --shapes: the calls whose key contains one of the strings
+        assert [c[0] for c in tuning.calls_matching(calls, ["x32x32:", "1x320x64"])] == \
+            [key(1, 320, 64), key(8, 320, 32), key(1, 320, 64)]
+        assert tuning.calls_matching(calls, ["x8x8:"]) == []
     finally:
         tuning.use_table(None)
 
@@ -669,6 +678,20 @@ def test_tuner_bookkeeping_on_cpu_with_a_fake_clock():
     assert row["best"].get("path") == want[5] == "tma4d" and configs[key] == row["best"]
     for path in ("gather", "tma4d"):
         assert row["best_ms_by_path"][path] == min(r[-1] for r in cands if r[5] == path)
+    # the active table's entry (an incumbent) competes even where its kernel is not among the paths tried, and wins
+    # when fastest; one that is slower loses, and one already among the candidates is not timed twice
+    inc = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4, path="tma")
+
+    def fake_tma(fn):
+        cfg = tuning._RECORD["force"]
+        return 0.3 if cfg is not None and cfg.get("path") == "tma" else fake_ms(fn)
+
+    configs, (row,) = tuning.tune_calls([(key, args, {})], qconv_reference, progress=lambda s: None,
+                                        time_fn=fake_tma, paths_for=lambda a, kw: {"tma4d"}, incumbents={key: inc})
+    assert row["best"] == inc == row["incumbent"] and configs[key] == inc and row["best_ms_by_path"]["tma"] == 0.3
+    _, (row2,) = tuning.tune_calls([(key, args, {})], qconv_reference, progress=lambda s: None, time_fn=fake_ms,
+                                   paths_for=lambda a, kw: {"tma4d"}, incumbents={key: dict(inc, path="tma4d")})
+    assert row2["best"]["path"] == "tma4d" and row2["tried"] == row["tried"] - 1
 
 
 @pytest.mark.gpu
@@ -753,6 +776,46 @@ def test_gpu_tma4d_rows_path_matches_reference(case, bm, bn, bk, warps, stages, 
     torch.cuda.synchronize()
     # 80-pixel rows in tiles of 128: one row a tile, the plain 4-D kernel's case; every other case takes the rows kernel
     assert len(launched) == (0 if (w, bm) == (80, 128) else 1) and (tt.rows_split(bm, h, w) is None) == (not launched)
+    want = _call(qconv_ref, c, 1, pad, 1, torch.float64)
+    assert torch.isfinite(got).all()
+    assert float((got.double() - want).norm() / want.norm()) < (1e-5 if kind == "int8" else 5e-3)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("path,split", [("tma4d", 2), ("tma4d", 4), ("tma", 3)])
+@pytest.mark.parametrize("case", [("fp8", 8, 1280, 1280, 8, 8, 3, 1, 0), ("int8", 3, 256, 200, 9, 7, 3, 1, 5),
+                                  ("fp8", 2, 640, 1280, 16, 16, 3, 1, 0)], ids=lambda c: "-".join(map(str, c)))
+def test_gpu_split_k_matches_reference(case, path, split, monkeypatch):
+    """Split-K on the TMA conv kernels (SD-1.5's 8x8 level at batch 8, an odd int8 shape with a zero point and a
+    residual, a 16x16 layer) against the reference op, poisoned output; both the split kernel and the reduce kernel
+    must have run."""
+    from diffquant.kernels import triton_conv_tma as tt
+    from diffquant.kernels import tuning
+
+    kind, n, cin, cout, h, w, k, pad, a_zp = case
+    c = _rand_case(kind, n=n, cin=cin, cout=cout, h=h, w=w, k=k, a_zp=a_zp, device="cuda")
+    if kind == "int8":
+        c["add"] = torch.randn(n, cout, h, w, device="cuda").contiguous(memory_format=torch.channels_last)
+    launched = []
+    for name in (f"_qconv_{path}_splitk_kernel", "_qconv_splitk_reduce_kernel"):
+        real = getattr(tt, name)
+
+        class Spy:
+            def __init__(self, real, name):
+                self.real, self.name = real, name
+
+            def __getitem__(self, grid):
+                launched.append((self.name, grid))
+                return self.real[grid]
+
+        monkeypatch.setattr(tt, name, Spy(real, name))
+    cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4, path=path, SPLIT_K=split)
+    with tuning.forced_config(cfg):
+        got = _poisoned_call(c, 1, pad)
+    torch.cuda.synchronize()
+    assert [nm for nm, _ in launched] == [f"_qconv_{path}_splitk_kernel", "_qconv_splitk_reduce_kernel"]
+    assert launched[0][1][1] == split
     want = _call(qconv_ref, c, 1, pad, 1, torch.float64)
     assert torch.isfinite(got).all()
     assert float((got.double() - want).norm() / want.norm()) < (1e-5 if kind == "int8" else 5e-3)

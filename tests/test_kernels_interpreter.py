@@ -173,33 +173,36 @@ SPLITK_CASES = TMA4D_CASES + [
 
 
 def test_interpreter_tma4d_split_k_matches_reference():
-    """Split-K ("SPLIT_K" on a tma4d config): 2 and 4 programs a tile over parts of the K loop, partials in a
-    workspace summed by the reduce kernel, whose epilogue does the int8 zero point's padding fix, the residual add,
-    and writes every element (poisoned output) through 32-row blocks that cross tiles; a 1x1 conv of 2 K steps
-    asked for 4 splits gets 2. Both kernels must have run (spies count their launches)."""
+    """Split-K ("SPLIT_K" on a tma4d or tma config): 2 to 4 programs a tile over parts of the K loop, partials in a
+    workspace summed by the reduce kernel, whose epilogue does the int8 zero point's padding fix (tma4d; tma pads its
+    copy with the zero point), the residual add, and writes every element (poisoned output) through 32-row blocks
+    that cross tiles (tma4d's tile order, or the padded copy's rows with their pad band); a 1x1 conv of 2 K steps
+    asked for 3 or 4 splits gets 2. Both kernels must have run (spies count their launches)."""
     if str(ROOT / "src") not in sys.path:
         sys.path.insert(0, str(ROOT / "src"))
     import diffquant.kernels.triton_conv_tma as tt
 
     assert tt.split_k_steps(90, 4) == (4, 23) and tt.split_k_steps(2, 4) == (2, 1) and tt.split_k_steps(9, 4) == (3, 3)
     env = dict(os.environ, TRITON_INTERPRET="1", DIFFQUANT_QCONV_TMA="0")
-    for split in (2, 4):
-        cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, path="tma4d", SPLIT_K=split)
+    for path, split in (("tma4d", 2), ("tma4d", 4), ("tma", 3)):
+        cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, path=path, SPLIT_K=split)
         code = SCRIPT.format(tests=str(ROOT / "tests"), src=str(ROOT / "src"), cases=json.dumps(SPLITK_CASES))
         code = code.replace("got = tk._call(qconv_triton, c, stride, pad)",
                             "from diffquant.kernels import tuning\n"
                             "    import diffquant.kernels.triton_conv_tma as tt\n"
-                            "    real = (tt._qconv_tma4d_splitk_kernel, tt._qconv_splitk_reduce_kernel)\n"
+                            f"    name = '_qconv_{path}_splitk_kernel'\n"
+                            "    real = (getattr(tt, name), tt._qconv_splitk_reduce_kernel)\n"
                             "    class Spy:\n"
                             "        def __init__(self, k, tag): self.k, self.tag = k, tag\n"
                             "        def __getitem__(self, grid):\n"
                             "            launched.append([self.tag, list(grid)])\n"
                             "            return self.k[grid]\n"
-                            "    tt._qconv_tma4d_splitk_kernel = Spy(real[0], 'split')\n"
+                            "    setattr(tt, name, Spy(real[0], 'split'))\n"
                             "    tt._qconv_splitk_reduce_kernel = Spy(real[1], 'reduce')\n"
                             f"    with tuning.forced_config({cfg!r}):\n"
                             "        got = tk._call(qconv_triton, c, stride, pad)\n"
-                            "    tt._qconv_tma4d_splitk_kernel, tt._qconv_splitk_reduce_kernel = real")
+                            "    setattr(tt, name, real[0])\n"
+                            "    tt._qconv_splitk_reduce_kernel = real[1]")
         code = code.replace("res = []\n", "res = []\nlaunched = []\n", 1)
         code = code.replace('print("RESULT" + json.dumps(res))', 'print("RESULT" + json.dumps(res + [launched]))')
         res = _run_script(code, env)
@@ -208,7 +211,7 @@ def test_interpreter_tma4d_split_k_matches_reference():
         splits = [g[1] for t, g in launched if t == "split"]
         assert splits[2] == 2 and max(splits) == split, splits  # case 2: the 1x1 conv of 2 K steps
         for case, (finite, rel) in zip(SPLITK_CASES, res[:-1]):
-            assert finite and rel < 1e-5, (split, case, rel)
+            assert finite and rel < 1e-5, (path, split, case, rel)
 
 
 GEGLU_SCRIPT = r'''
@@ -385,8 +388,8 @@ res = []
 for kind, kw in [("fp8", dict(n=2, cin=320, cout=200, h=17, w=13)), ("int8", dict(n=3, cin=128, cout=128, h=9, w=7, a_zp=5))]:
     c = tk._rand_case(kind, **kw)
     want = tk._call(qconv_ref, c, 1, 1).float()
-    for path in ("tma", "tma4d", "tma4dp"):
-        for cfg in tuning.candidates(1, False, kw["cout"], kw["cin"], path=path):
+    for path in ("tma", "tma4d", "tma4dp"):  # with the split-K candidates of the FP8 shape (442 pixels, 27 K steps)
+        for cfg in tuning.candidates(1, False, kw["cout"], kw["cin"], path=path, m=kw["n"] * kw["h"] * kw["w"]):
             with tuning.forced_config(cfg):
                 got = tk._call(qconv_triton, c, 1, 1)
             res.append([kind, list(cfg.values()), float((got - want).abs().max() / want.abs().max())])
@@ -403,12 +406,14 @@ print("RESULT" + json.dumps(res))
 
 def test_interpreter_every_tma_tuner_candidate_is_correct():
     """Each block config the tuner tries for the TMA kernels (tile shapes of 64-256 rows, whole-row boxes of 1-16
-    image rows) on an odd SD-like shape (FP8) and an int8 one with a zero point; the one-dot-per-row kernel's on
-    64-pixel rows."""
+    image rows, split-K in 2 to 4) on an odd SD-like shape (FP8) and an int8 one with a zero point; the
+    one-dot-per-row kernel's on 64-pixel rows."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("DIFFQUANT_QCONV_CONFIG", None)
     res = _run_script(CANDIDATE_SCRIPT.format(tests=str(ROOT / "tests"), src=str(ROOT / "src")), env, timeout=900)
-    assert len(res) >= 41 and sum(cfg[-1] == "tma4dr" for _, cfg, _ in res) == 5
+    assert len(res) >= 67 and sum(cfg[-1] == "tma4dr" for _, cfg, _ in res) == 5
+    # split-K: (5 tiles of BLOCK_K 128 x 2 splits + 1 of BLOCK_K 64 x 3 splits) x (tma, tma4d)
+    assert sum(cfg[-1] in (2, 3, 4) for _, cfg, _ in res) == 26
     for kind, cfg, rel in res:
         assert rel < 1e-5, (kind, cfg, rel)
 
@@ -685,9 +690,14 @@ def test_attention_and_conv_kernels_compile_for_hopper():
         built += bool(build(tt._qconv_tma4d_splitk_kernel, dict(split, BI=2, BH=8, BW=8),
                             lambda n, f=tma_type: ws_type if n == "ws_ptr" else f(n, a_box="2, 8, 8, 64"), warps=8,
                             stages=4).asm.get("cubin"))
-        built += bool(build(tt._qconv_splitk_reduce_kernel, dict(
-            KH=3, KW=3, PAD_FIX=not fp8, HAS_ASCALE=True, HAS_CORR=not fp8, HAS_BIAS=True, HAS_ADD=True, BI=2, BH=8,
-            BW=8, RM=32, RN=128), lambda n: ws_type if n == "ws_ptr" else conv_type(n)).asm.get("cubin"))
+        built += bool(build(tt._qconv_tma_splitk_kernel, dict(split, BLOCK_M=64),
+                            lambda n, f=tma_type: ws_type if n == "ws_ptr" else f(n, a_box="64, 64"), warps=4,
+                            stages=4).asm.get("cubin"))
+        for padded in (False, True):
+            built += bool(build(tt._qconv_splitk_reduce_kernel, dict(
+                KH=3, KW=3, PAD_FIX=not fp8 and not padded, HAS_ASCALE=True, HAS_CORR=not fp8, HAS_BIAS=True,
+                HAS_ADD=True, PADDED=padded, BI=2, BH=8, BW=8, RM=32, RN=128),
+                lambda n: ws_type if n == "ws_ptr" else conv_type(n)).asm.get("cubin"))
     from diffquant.kernels import triton_geglu as tg
 
     def geglu_type(n, bm=128):
@@ -706,7 +716,7 @@ def test_attention_and_conv_kernels_compile_for_hopper():
     built += bool(build(tg._linear_geglu_persistent_kernel, dict(
         HAS_BIAS=True, QUANT=True, OSCALE_PER_CH=False, BITCAST_FP8=False, EMULATE=False, BLOCK_M=128, BLOCK_N=128,
         BLOCK_K=128, GROUP_M=8, FLATTEN=True, FP8_ACC=64), geglu_type, warps=8, stages=3).asm.get("cubin"))
-    assert built == 20
+    assert built == 24
 
 
 def test_fp8_accumulation_knob_and_its_routing(monkeypatch):

@@ -8,7 +8,14 @@
 #           with the norm stages and the folded finalize; ROW with session 10's GEGLU config.
 #   PART=3: CIFAR b256 bf16-compile and CROW as shipped, with the norm stages, with the stages and the fold; then
 #           CIFAR b1 bf16-compile and dq-fp8-gn-qkv-te with and without DIFFQUANT_GN_WHOLE_MAX_HW=1024.
-# Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in part 2.
+#   PART=4 (written after session 12's device time, not yet run): split-K (SPLIT_K on tma / tma4d configs, for layers
+#           with few output tiles): GPU tests; SD b8's 8x8 and 16x16 shapes re-tuned with every kernel and the split-K
+#           candidates (TUNE_S), merged on the device (back as nvidia-h200.merged.json); SD b8 bf16-compile, ROW as
+#           shipped and ROW with the merged table, in one call.
+#   PART=5 (also not yet run): split-K at batch 1, where every layer has few tiles: SMALL (default SD-1.5 b1) re-tuned,
+#           all shapes, split candidates included (TUNE_S), merged on the device; its bf16-compile row, the row as
+#           shipped and with the merged table. E.g. SMALL=ddpm-cifar10-32:1:dq-fp8-gn-qkv-te for the CIFAR DDPM.
+# Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in parts 2, 4 and 5.
 #   run: PART=1 bash scripts/gpu/ab_rows_1gpu.sh   (env: ROW, CROW, TUNE_S (200), TOTAL_S (570), EXTRA (env for
 #        every row, e.g. DIFFQUANT_GN_LOAD_STAGES=3 once it wins))
 set -uo pipefail
@@ -65,7 +72,40 @@ case $PART in
   rows b1 "ddpm-cifar10-32:1:bf16-compile,ddpm-cifar10-32:1:dq-fp8-gn-qkv-te"
   rows b1whole "ddpm-cifar10-32:1:dq-fp8-gn-qkv-te" DIFFQUANT_GN_WHOLE_MAX_HW=1024
   ;;
-*) echo "PART must be 1, 2 or 3"; exit 2 ;;
+4)
+  say "GPU tests: split-K"
+  timeout 150 python3 -m pytest -m gpu tests/test_kernels.py -k "split_k or tma_path_matches" -v --tb=short \
+    -p no:cacheprovider > $OUT/pytest_gpu.log 2>&1; echo "pytest rc=$?" >> $OUT/pytest_gpu.log
+  grep -E "PASSED|FAILED|ERROR|rc=" $OUT/pytest_gpu.log | grep -v PASSED | head -20; grep -c PASSED $OUT/pytest_gpu.log
+  say "tune the 8x8 and 16x16 shapes of $ROW with split-K candidates"
+  timeout $(( ${TUNE_S:-170} + 70 )) python3 benchmarks/tune_qconv.py --tasks "$ROW" --budget-s ${TUNE_S:-170} \
+    --shapes x8x8:,x16x16: --out $OUT/qconv_tuned.json --rows $OUT/qconv_tune_rows.json > $OUT/tune.log 2>&1
+  echo "tune rc=$?" >> $OUT/tune.log
+  grep -v trying $OUT/tune.log | grep -v '^{' | tail -4
+  python3 benchmarks/tune_qconv.py --print-rows $OUT/qconv_tune_rows.json 2>/dev/null | tail -16
+  rows ship "sd15-unet:8:bf16-compile,$ROW"
+  T=src/diffquant/kernels/tuned/nvidia-h200.json
+  if [ -s $OUT/qconv_tuned.json ]; then
+    python3 -m diffquant.cli tune-kernels --merge-from $OUT/qconv_tuned.json --merge-into $T && cp $T $OUT/nvidia-h200.merged.json
+    rows splitk "$ROW"
+  fi
+  ;;
+5)
+  SMALL=${SMALL:-sd15-unet:1:dq-fp8-gn-qkv-te-ff}
+  say "tune $SMALL with split-K candidates"
+  timeout $(( ${TUNE_S:-220} + 70 )) python3 benchmarks/tune_qconv.py --tasks "$SMALL" --budget-s ${TUNE_S:-220} \
+    --out $OUT/qconv_tuned.json --rows $OUT/qconv_tune_rows.json > $OUT/tune.log 2>&1
+  echo "tune rc=$?" >> $OUT/tune.log
+  grep -v trying $OUT/tune.log | grep -v '^{' | tail -4
+  python3 benchmarks/tune_qconv.py --print-rows $OUT/qconv_tune_rows.json 2>/dev/null | tail -12
+  rows ship "${SMALL%:*}:bf16-compile,$SMALL"
+  T=src/diffquant/kernels/tuned/nvidia-h200.json
+  if [ -s $OUT/qconv_tuned.json ]; then
+    python3 -m diffquant.cli tune-kernels --merge-from $OUT/qconv_tuned.json --merge-into $T && cp $T $OUT/nvidia-h200.merged.json
+    rows splitk "$SMALL"
+  fi
+  ;;
+*) echo "PART must be 1 to 5"; exit 2 ;;
 esac
 cd $OUT && tar czf all.tgz *.json *.log && find . -maxdepth 1 -type f ! -name all.tgz ! -name env.txt \
   ! -name nvidia-h200.merged.json -delete

@@ -8,28 +8,21 @@
 #          TUNE_TASKS (model:batch:variant,...; empty: no tuning, every GPU benches), TUNE_S (200), TUNE_ARGS (more
 #          tune_qconv.py options, e.g. --untuned-only or --skip-paths tma),
 #          DIFFQUANT_PROFILE_TOP (kernels listed per row's profile, default here 40)
-#   suggested calls for the next session (written at the end of session 11, 2026-11-28; session 10's list ran, see
-#   BENCHMARKS.md "Kernels, ninth measurement"):
-#   0. bash scripts/gpu/ab_rows.sh (nvidia-h200-x4, carry .whl, about 8 min): GPU tests of the one-dot-per-row conv
-#      kernel (tma4dr, written after session 11's device time: A tiles stay in shared memory, wgmma not serialized
-#      per ptxas), GEGLU and the norms; SD-1.5 b8 -twq and CIFAR b256 as shipped, with DIFFQUANT_QCONV_TMA=4dr (the
-#      table's tma4d tiles, one dot per row), with session 10's GEGLU config, and with DIFFQUANT_GN_LOAD_STAGES=3
-#      (pipelined norm loads); SD b8 re-tuned on GPU 3 with tma4dr candidates, then the norm sweep. Merge
-#      qconv_tuned_3.json (in all.tgz); keep the faster GEGLU config and norm stages as the defaults.
-#   0b. CIFAR b1 re-tuned with time_call(inner=0) (the batch-1 tables were chosen among times flattened by the
-#      launch latency): TUNE0=ddpm-cifar10-32:1:dq-fp8 bash scripts/gpu/tune_split.sh, rows after the merge, with
-#      and without DIFFQUANT_GN_WHOLE_MAX_HW=1024 (one launch a norm instead of three: CIFAR b1's norms took 0.39 ms
-#      against 0.24 for all of bf16-compile's fused elementwise work, session 11 call 3's profile).
-#   1. re-tune the other batch-1 tasks with inner timing and time their rows:
-#        TUNE0=sd15-unet:1:dq-fp8 TUNE1=zoo:cifar10-ddpm:1:dq-fp8 ROWS=sd15-unet:1:bf16-compile,
-#        sd15-unet:1:dq-fp8-gn-qkv-te-ff-twq,ddpm-cifar10-32:1:bf16-compile,ddpm-cifar10-32:1:dq-fp8-gn-qkv-te,
-#        zoo:cifar10-ddpm:1:bf16-compile,zoo:cifar10-ddpm:1:dq-fp8-gn-qkv-te GN_ARGS="--sweep --batch 1"
-#        bash scripts/gpu/small_batch.sh (no --untuned-only: every shape again)
-#   2. the 12 INT8 CIFAR b256 shapes still untuned, spread over GPUs:
-#        TUNE0=ddpm-cifar10-32:256:dq-int8 TUNE1=... TUNE_ARGS=--untuned-only bash scripts/gpu/tune_split.sh
-#      then ROWS=ddpm-cifar10-32:256:bf16-compile,ddpm-cifar10-32:256:dq-int8-gn-qkv-te.
+#   suggested calls for the next session (written at the end of session 12, 2026-11-28; session 11's item 0 ran on one
+#   GPU as scripts/gpu/ab_rows_1gpu.sh PART=1-3, see BENCHMARKS.md "Kernels, tenth measurement"):
+#   0. PART=4 bash scripts/gpu/ab_rows_1gpu.sh (nvidia-h200, carry .whl, about 8 min): the split-K GPU tests (written
+#      after session 12's device time), SD b8's 8x8 and 16x16 shapes re-tuned with every kernel and the split-K
+#      candidates, SD b8 rows as shipped and with the merged table. Keep the merged table (nvidia-h200.merged.json)
+#      if its row is faster.
+#   1. PART=5 bash scripts/gpu/ab_rows_1gpu.sh: SD b1 re-tuned with split-K (every shape has few tiles at batch 1),
+#      rows; then SMALL=ddpm-cifar10-32:1:dq-fp8-gn-qkv-te and SMALL=zoo:cifar10-ddpm:1:dq-fp8-gn-qkv-te.
+#   2. the 12 INT8 CIFAR b256 shapes still untuned (one GPU: TUNE0=ddpm-cifar10-32:256:dq-int8
+#      TUNE_ARGS=--untuned-only bash scripts/gpu/tune_split.sh), then ROWS=ddpm-cifar10-32:256:bf16-compile,
+#      ddpm-cifar10-32:256:dq-int8-gn-qkv-te.
 #   Measured and dropped in session 11: FP8 attention (2x slower than cuDNN), DIFFQUANT_FP8_ACC=precise (2x cost,
-#   +0.07 dB), the persistent GEGLU kernel as a default.
+#   +0.07 dB), the persistent GEGLU kernel as a default. In session 12: tma4dr as a default (no faster in the model),
+#   DIFFQUANT_GN_LOAD_STAGES=3 and DIFFQUANT_GN_FOLD=1 (slower), DIFFQUANT_GN_WHOLE_MAX_HW=1024 at CIFAR b1 (2.7x
+#   slower norms).
 #   Untimed switches: DIFFQUANT_FUSE_UP=0 (A/B of the fused up blocks), DIFFQUANT_BENCH_FREEZE=1.
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh

@@ -16,16 +16,18 @@ from diffquant.commands._common import fail
 @click.option("--budget-s", default=float("inf"), type=float, help="tune no new shape after this many seconds")
 @click.option("--reps", default=10, show_default=True, help="timed calls per candidate (median)")
 @click.option("--no-tma", is_flag=True, help="time the gather kernel's candidates only")
-@click.option("--skip-paths", default="", help="comma list of TMA kernels not to try (tma, tma4d, tma4dp)")
+@click.option("--skip-paths", default="", help="comma list of TMA kernels not to try (tma, tma4d, tma4dp, tma4dr)")
 @click.option("--untuned-only", is_flag=True,
               help="time only the shapes that no active tuned table (shipped or DIFFQUANT_QCONV_TUNED) lists")
+@click.option("--shapes", default="",
+              help="comma list: time only the shapes whose key contains one of these (e.g. x8x8:,x16x16:)")
 @click.option("--show-rows", default=None, help="print the summary of a rows file and exit (no GPU needed)")
 @click.option("--merge-into", default=None,
               help="afterwards, merge the new table into this one (same GPU model; written in place)")
 @click.option("--merge-from", default=None,
               help="with --merge-into: merge this existing table instead of tuning (no GPU needed)")
-def command(tasks, out_path, rows_path, budget_s, reps, no_tma, skip_paths, untuned_only, show_rows, merge_into,
-            merge_from):
+def command(tasks, out_path, rows_path, budget_s, reps, no_tma, skip_paths, untuned_only, shapes, show_rows,
+            merge_into, merge_from):
     """Time the conv kernels' candidate configs on every layer shape of the given models and write the fastest per
     shape; the kernels then use the table on the same GPU model."""
     from diffquant.kernels.tune_models import format_rows, tune_models
@@ -50,7 +52,8 @@ def command(tasks, out_path, rows_path, budget_s, reps, no_tma, skip_paths, untu
         fail(f"--skip-paths {','.join(bad)}: allowed: {', '.join(tma_paths)}")
     try:
         tune_models(tasks, out_path, rows_path, budget_s, reps, tma=not no_tma, skip_paths=skip,
-                    untuned_only=untuned_only, progress=lambda s: click.echo(s, err=True))
+                    untuned_only=untuned_only, shapes=[p for p in shapes.split(",") if p],
+                    progress=lambda s: click.echo(s, err=True))
     except (ValueError, RuntimeError) as e:
         fail(str(e))
     if merge_into:

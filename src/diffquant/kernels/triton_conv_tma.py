@@ -50,9 +50,22 @@ def _qconv_tma_kernel(
     pid_m, pid_n = grouped_tile(MP, Cout, BLOCK_M, BLOCK_N, GROUP_M)
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
+    acc = _tma2d_mainloop(m0, n0, 0, NITER, a_desc, b_desc, WP, CK, NCB, KW, A_INT, BITCAST_FP8, BLOCK_M, BLOCK_N,
+                          BLOCK_K, FP8_ACC)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    nb, oh, ow, m_ok = _padded_pixels(offs_m, MP, HP, WP, Ho, Wo)
+    dequant_store(acc, offs_n, offs_n < Cout, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr,
+                  add_ptr, son, soh, sow, soc, san, sah, saw, sac, HAS_CORR, HAS_ASCALE, HAS_BIAS, HAS_ADD)
 
+
+@triton.jit
+def _tma2d_mainloop(m0, n0, it0, it1, a_desc, b_desc, WP, CK, NCB, KW: tl.constexpr, A_INT: tl.constexpr,
+                    BITCAST_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    FP8_ACC: tl.constexpr):
+    """Steps ``it0`` to ``it1`` of the (tap, channel block) loop over the padded copy's rows: the accumulator."""
     acc = zero_acc(BLOCK_M, BLOCK_N, A_INT)
-    for it in range(0, NITER):
+    for it in range(it0, it1):
         tap, c0, kh, kw = tap_block(it, NCB, KW, BLOCK_K)
         a = a_desc.load([m0 + kh * WP + kw, c0])
         b = b_desc.load([n0, tap * CK + c0])
@@ -60,18 +73,40 @@ def _qconv_tma_kernel(
             a = a.to(tl.float8e4nv, bitcast=True)
             b = b.to(tl.float8e4nv, bitcast=True)
         acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype, max_num_imprecise_acc=FP8_ACC)
+    return acc
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < Cout
+
+@triton.jit
+def _padded_pixels(offs_m, MP, HP, WP, Ho, Wo):
+    """Rows of the padded copy ([N * HP * WP]) as output pixels (image, row, column) and whether each is stored: the
+    rows of the pad band are computed, not stored."""
     img = HP * WP
     nb = offs_m // img
     r = offs_m - nb * img
     oh = r // WP
     ow = r - oh * WP
-    m_ok = (offs_m < MP) & (oh < Ho) & (ow < Wo)  # rows of the pad band are computed, not stored
-    dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
-                  son, soh, sow, soc, san, sah, saw, sac, HAS_CORR, HAS_ASCALE, HAS_BIAS, HAS_ADD)
+    return nb, oh, ow, (offs_m < MP) & (oh < Ho) & (ow < Wo)
+
+
+@triton.jit(do_not_specialize=["MP", "WP", "NITER", "PER", "WS_M", "WS_N"])
+def _qconv_tma_splitk_kernel(
+    a_desc, b_desc, ws_ptr,
+    MP, WP, Cout, CK, NCB, NITER, PER, WS_M, WS_N,
+    KW: tl.constexpr, A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FP8_ACC: tl.constexpr = None,
+):
+    """Split-K over the padded copy (see the 4-D form below): program (tile, s) stores steps [s * PER, (s + 1) * PER)
+    of its tile to ``ws[s]`` ([WS_M, WS_N]: the padded copy's rows x the padded channels)."""
+    pid_m, pid_n = grouped_tile(MP, Cout, BLOCK_M, BLOCK_N, GROUP_M)
+    s = tl.program_id(1)
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    acc = _tma2d_mainloop(m0, n0, s * PER, tl.minimum(NITER, (s + 1) * PER), a_desc, b_desc, WP, CK, NCB, KW, A_INT,
+                          BITCAST_FP8, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
+    rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    tl.store(ws_ptr + s.to(tl.int64) * WS_M * WS_N + rows[:, None] * WS_N + cols[None, :], acc)
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,6 +182,18 @@ def qconv_tma(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seque
     dummy = w_scale
     sa = add.stride() if add is not None else (0, 0, 0, 0)
     grid = (triton.cdiv(rows, bm) * triton.cdiv(cout, bn),)
+    split, per = split_k_steps(kh * kw * ncb, cfg.get("SPLIT_K", 1))
+    if split > 1:
+        ws_m, ws_n = triton.cdiv(rows, bm) * bm, triton.cdiv(cout, bn) * bn
+        ws = torch.empty((split, ws_m, ws_n), device=x.device,
+                         dtype=torch.int32 if x.dtype == torch.int8 else torch.float32)
+        _qconv_tma_splitk_kernel[(grid[0], split)](
+            a_desc, b_desc, ws, rows, wp, cout, ck, ncb, kh * kw * ncb, per, ws_m, ws_n,
+            KW=kw, A_INT=x.dtype == torch.int8, BITCAST_FP8=bitcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+            FP8_ACC=fp8_acc(bk, fp8), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        _reduce_split(ws, out, a_scale, w_scale, corr, bias, add, None, nbatch, h, wd, ho, wo, cout, ph, pw, kh, kw,
+                      split, padded=(rows, hp, wp))
+        return out
     _qconv_tma_kernel[grid](
         a_desc, b_desc, out,
         a_scale if a_scale is not None else dummy, w_scale, corr if corr is not None else dummy,
@@ -317,36 +364,60 @@ def _qconv_tma4d_splitk_kernel(
 
 
 @triton.jit(do_not_specialize=["N", "H", "W", "Ho", "Wo", "TILES_H", "TILES_W", "pad_h", "pad_w", "SPLIT", "WS_M",
-                               "WS_N"])
+                               "WS_N", "MP", "HP", "WP"])
 def _qconv_splitk_reduce_kernel(
     ws_ptr, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr, padc_ptr,
-    N, H, W, Ho, Wo, Cout, TILES_H, TILES_W, pad_h, pad_w, SPLIT, WS_M, WS_N,
+    N, H, W, Ho, Wo, Cout, TILES_H, TILES_W, pad_h, pad_w, SPLIT, WS_M, WS_N, MP, HP, WP,
     son, soh, sow, soc,
     san, sah, saw, sac,
     KH: tl.constexpr, KW: tl.constexpr, PAD_FIX: tl.constexpr, HAS_ASCALE: tl.constexpr, HAS_CORR: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
-    RM: tl.constexpr, RN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, PADDED: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr,
+    BW: tl.constexpr, RM: tl.constexpr, RN: tl.constexpr,
 ):
-    """The split-K partials of an [RM, RN] block of the workspace summed, then the 4-D kernels' epilogue: workspace
-    row i is pixel i % BLOCK_M of output tile i // BLOCK_M (the split kernel's tile order)."""
-    BLOCK_M: tl.constexpr = BI * BH * BW
+    """The split-K partials of an [RM, RN] block of the workspace summed, then the conv epilogue. Workspace row i is
+    pixel i % BLOCK_M of output tile i // BLOCK_M (the 4-D split kernel's tile order), or with ``PADDED`` row i of
+    the padded copy (the 2-D kernel's; MP rows of HP x WP images)."""
     rows = tl.program_id(0) * RM + tl.arange(0, RM)
     cols = tl.program_id(1) * RN + tl.arange(0, RN)
     offs = rows.to(tl.int64)[:, None] * WS_N + cols[None, :]
     acc = tl.load(ws_ptr + offs)
     for s in range(1, SPLIT):
         acc += tl.load(ws_ptr + s * WS_M.to(tl.int64) * WS_N + offs)
-    pid_m = rows // BLOCK_M
-    r = rows % BLOCK_M
-    n0, oh0, ow0, _ = _tile_origin(pid_m, 0, TILES_H, TILES_W, BI, BH, BW, RN)
-    nb = n0 + r // (BH * BW)
-    oh = oh0 + (r // BW) % BH
-    ow = ow0 + r % BW
+    if PADDED:
+        nb, oh, ow, m_ok = _padded_pixels(rows, MP, HP, WP, Ho, Wo)
+    else:
+        BLOCK_M: tl.constexpr = BI * BH * BW
+        pid_m = rows // BLOCK_M
+        r = rows % BLOCK_M
+        n0, oh0, ow0, _ = _tile_origin(pid_m, 0, TILES_H, TILES_W, BI, BH, BW, RN)
+        nb = n0 + r // (BH * BW)
+        oh = oh0 + (r // BW) % BH
+        ow = ow0 + r % BW
+        m_ok = (nb < N) & (oh < Ho) & (ow < Wo)
     n_ok = cols < Cout
-    m_ok = (nb < N) & (oh < Ho) & (ow < Wo)
     _pad_fix_store(acc, cols, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
                    padc_ptr, H, W, pad_h, pad_w, son, soh, sow, soc, san, sah, saw, sac, KH, KW, PAD_FIX, HAS_ASCALE,
                    HAS_CORR, HAS_BIAS, HAS_ADD)
+
+
+def _reduce_split(ws, out, a_scale, w_scale, corr, bias, add, pad_corr, nbatch, h, wd, ho, wo, cout, ph, pw, kh, kw,
+                  split, tiles=None, padded=None) -> None:
+    """Launch :func:`_qconv_splitk_reduce_kernel` on a split kernel's workspace ``ws`` ([split, WS_M, WS_N]): rows in
+    4-D tile order (``tiles``: (BI, BH, BW, TILES_H, TILES_W)) or of the padded copy (``padded``: (MP, HP, WP))."""
+    _, ws_m, ws_n = ws.shape
+    bi, bh, bw, tiles_h, tiles_w = tiles or (1, 1, 1, 1, 1)
+    mp, hp, wp = padded or (0, 1, 1)
+    rn = min(128, ws_n & -ws_n)  # a power of two dividing WS_N (a multiple of BLOCK_N)
+    sa = add.stride() if add is not None else (0, 0, 0, 0)
+    _qconv_splitk_reduce_kernel[(triton.cdiv(ws_m, 32), ws_n // rn)](
+        ws, out, a_scale if a_scale is not None else w_scale, w_scale, corr if corr is not None else w_scale,
+        bias if bias is not None else w_scale, add if add is not None else out,
+        pad_corr if pad_corr is not None else w_scale,
+        nbatch, h, wd, ho, wo, cout, tiles_h, tiles_w, ph, pw, split, ws_m, ws_n, mp, hp, wp,
+        out.stride(0), out.stride(2), out.stride(3), out.stride(1), sa[0], sa[2], sa[3], sa[1],
+        KH=kh, KW=kw, PAD_FIX=pad_corr is not None, HAS_ASCALE=a_scale is not None, HAS_CORR=corr is not None,
+        HAS_BIAS=bias is not None, HAS_ADD=add is not None, PADDED=padded is not None, BI=bi, BH=bh, BW=bw, RM=32,
+        RN=rn, num_warps=4)
 
 
 def split_k_steps(niter: int, split: int) -> tuple[int, int]:
@@ -535,11 +606,8 @@ def qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seq
         _launch_retrying(_qconv_tma4d_splitk_kernel, (tiles, split),
                          (a_desc, b_desc, ws, nbatch, h, wd, cout, ck, ncb, kh * kw * ncb, tiles_h, tiles_w, ph, pw,
                           per, ws_m, ws_n), main, bm, bn, bk)
-        rn = min(128, bn)
-        _qconv_splitk_reduce_kernel[(ws_m // 32, ws_n // rn)](
-            ws, *args[2:9], nbatch, h, wd, ho, wo, cout, tiles_h, tiles_w, ph, pw, split, ws_m, ws_n, *strides,
-            KH=kh, KW=kw, PAD_FIX=pad_fix, HAS_ASCALE=flags["HAS_ASCALE"], HAS_CORR=flags["HAS_CORR"],
-            HAS_BIAS=flags["HAS_BIAS"], HAS_ADD=flags["HAS_ADD"], BI=bi, BH=bh, BW=bw, RM=32, RN=rn, num_warps=4)
+        _reduce_split(ws, out, a_scale, w_scale, corr, bias, add, pad_corr if pad_fix else None, nbatch, h, wd, ho,
+                      wo, cout, ph, pw, kh, kw, split, tiles=(bi, bh, bw, tiles_h, tiles_w))
         return out
     if persistent:
         progs = max(1, min(tiles, persistent_programs(x.device)))

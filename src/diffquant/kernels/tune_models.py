@@ -33,9 +33,10 @@ def parse_tasks(tasks: str) -> list[tuple[str, int, str]]:
 
 def tune_models(tasks: str, out: str, rows_path: Optional[str] = None, budget_s: float = float("inf"), reps: int = 10,
                 tma: bool = True, skip_paths: Sequence[str] = (), command: str = "", untuned_only: bool = False,
-                progress: Callable[[str], None] = print) -> dict:
+                shapes: Sequence[str] = (), progress: Callable[[str], None] = print) -> dict:
     """Tune on every task of ``tasks`` (see :func:`parse_tasks`); returns the table (also written to ``out``).
-    ``untuned_only``: time only the shapes that no active tuned table lists for this GPU."""
+    ``untuned_only``: time only the shapes that no active tuned table lists for this GPU. ``shapes``: time only the
+    shapes whose key contains one of these strings (e.g. ``x8x8:`` for the 8x8 inputs)."""
     specs = parse_tasks(tasks)
     if not torch.cuda.is_available():
         raise RuntimeError("tuning the conv kernels needs a CUDA GPU (they are Triton GPU kernels); none is visible")
@@ -80,14 +81,19 @@ def tune_models(tasks: str, out: str, rows_path: Optional[str] = None, budget_s:
         if untuned_only:  # the shapes some active table already lists keep their entries and are not timed
             calls = tuning.untuned_calls(calls, table["device"])
             progress(f"{spec}: --untuned-only: {len({k for k, _, _ in calls})} shapes without a table entry")
+        if shapes:
+            calls = tuning.calls_matching(calls, shapes)
+            progress(f"{spec}: --shapes {','.join(shapes)}: {len({k for k, _, _ in calls})} shapes")
 
         def on_shape(configs, rows, spec=spec, counts=counts):
             for r in rows:
                 r.update(task=spec, calls=counts.get(r["key"], 0))
             write(configs, all_rows + rows)
 
+        incumbents = {k: tuning.lookup(k, table["device"]) for k, _, _ in calls}  # the active tables' entries
         configs, rows = tuning.tune_calls(calls, qconv_triton, reps=reps, budget_s=budget_s - (time.time() - t0),
-                                          paths_for=paths_for if tma else None, progress=progress, on_shape=on_shape)
+                                          paths_for=paths_for if tma else None, progress=progress, on_shape=on_shape,
+                                          incumbents={k: v for k, v in incumbents.items() if v is not None})
         on_shape(configs, rows)
         table["configs"].update(configs)
         all_rows += rows

@@ -19,7 +19,7 @@ A config may also name its kernel: ``"path": "tma"`` (the TMA kernel over a padd
 :mod:`.triton_conv_tma`, for the stride-1 8-bit shapes), ``"tma4d"`` (the TMA kernel with 4-D boxes over the
 unpadded input), ``"tma4dp"`` (the same, persistent: one program per SM walks the tiles), ``"tma4dr"`` (4-D boxes
 of one row each, one dot per output row of a 2- or 4-row tile, so that the A tiles stay in shared memory) or
-``"gather"`` (the default). A ``"tma4d"`` config may also carry ``"SPLIT_K"`` (an integer of 2 or more): each output
+``"gather"`` (the default). A ``"tma"`` or ``"tma4d"`` config may also carry ``"SPLIT_K"`` (an integer): each output
 tile is then computed by that many programs over parts of the K loop, summed by a second kernel (for layers with too
 few output tiles to fill the GPU). The tuner times the candidates of every kernel that can run a shape and the table
 records the fastest.
@@ -60,12 +60,14 @@ CANDIDATES_TMA: tuple[tuple[int, ...], ...] = (
     (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (256, 128, 64, 8, 3), (64, 256, 128, 8, 3),
 )
 SMEM_LIMIT = 227 * 1024  # Hopper's per-block shared memory (bytes); the kernel compiler has the last word
-# split-K candidates of the "tma4d" kernel: these tiles, each split 2, 3 and 4 ways, where a layer has fewer output
+# split-K candidates of the "tma" and "tma4d" kernels: these tiles, each split 2, 3 and 4 ways, where a layer has fewer output
 # tiles than SPLIT_K_BELOW_TILES (twice the H100/H200's 132 SMs) and each split keeps 8 or more K steps
 CANDIDATES_SPLIT_K: tuple[tuple[int, ...], ...] = (
     (128, 128, 128, 8, 4), (128, 128, 128, 4, 3), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 256, 128, 8, 3),
+    (64, 128, 64, 4, 4),  # BLOCK_K 64: twice the K steps, so layers of 128-256 channels can split (small batches)
 )
 SPLITS = (2, 3, 4)
+SPLIT_K_PATHS = ("tma", "tma4d")
 SPLIT_K_BELOW_TILES = 264
 
 
@@ -100,7 +102,8 @@ def candidates(a_bytes: int, w4: bool, cout: int, ck: int, limit: int = SMEM_LIM
                m: int = 0, taps: int = 9) -> list[dict]:
     """The candidate configs of one kernel (``path``) for one shape: those whose tiles fit the layer and
     shared memory. TMA candidates carry their ``"path"``. ``m`` (output pixels) and ``taps`` (kernel taps) given,
-    ``"tma4d"`` also gets split-K candidates where the layer has few output tiles (:data:`CANDIDATES_SPLIT_K`)."""
+    ``"tma"`` and ``"tma4d"`` also get split-K candidates where the layer has few output tiles
+    (:data:`CANDIDATES_SPLIT_K`)."""
     if path not in PATHS:
         raise ValueError(f"path={path!r}; allowed: {PATHS}")
     tma = path != "gather"
@@ -124,7 +127,7 @@ def candidates(a_bytes: int, w4: bool, cout: int, ck: int, limit: int = SMEM_LIM
             cfg["path"] = path
         if cfg not in out:
             out.append(cfg)
-    if path == "tma4d" and m > 0:
+    if path in SPLIT_K_PATHS and m > 0 and not (a_bytes != 1 or w4):
         for bm, bn, bk, nw, ns in CANDIDATES_SPLIT_K:
             steps = taps * math.ceil(ck / bk)
             if math.ceil(m / bm) * math.ceil(cout / bn) >= SPLIT_K_BELOW_TILES or (bn > 64 and cout <= bn // 2):
@@ -154,10 +157,10 @@ def validate_table(table: Any, where: str = "tuned table") -> dict:
                              f"(and optionally a 'path' and 'SPLIT_K'); got {cfg!r}")
         if cfg.get("path", "gather") not in PATHS:
             raise ValueError(f"{where}: config of {k!r} has path {cfg['path']!r}; allowed: {PATHS}")
-        if "SPLIT_K" in cfg and (cfg.get("path") != "tma4d" or not isinstance(cfg["SPLIT_K"], int)
+        if "SPLIT_K" in cfg and (cfg.get("path") not in SPLIT_K_PATHS or not isinstance(cfg["SPLIT_K"], int)
                                  or cfg["SPLIT_K"] < 1):
-            raise ValueError(f"{where}: config of {k!r}: SPLIT_K must be a positive integer on a 'tma4d' config; "
-                             f"got {cfg!r}")
+            raise ValueError(f"{where}: config of {k!r}: SPLIT_K must be a positive integer on a config of path "
+                             f"{' or '.join(SPLIT_K_PATHS)}; got {cfg!r}")
     return table
 
 
@@ -242,6 +245,11 @@ def untuned_calls(calls: list, device_name: str) -> list:
     return [c for c in calls if lookup(c[0], device_name) is None]
 
 
+def calls_matching(calls: list, shapes: Sequence[str]) -> list:
+    """The recorded calls whose shape key contains one of ``shapes`` (``tune-kernels --shapes``)."""
+    return [c for c in calls if any(sub in c[0] for sub in shapes)]
+
+
 def lookup_nearest(key: str, device_name: str) -> Optional[dict]:
     """For a shape without an entry: the config tuned on ``device_name`` for the same layer (activation kind,
     channels, kernel, stride, padding, dilation, output, residual) at the batch x spatial size nearest to this one's
@@ -315,13 +323,17 @@ def call_flops(args) -> float:
 
 
 def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=None,
-               budget_s: float = float("inf"), paths_for=None, on_shape=None) -> tuple[dict, list[dict]]:
+               budget_s: float = float("inf"), paths_for=None, on_shape=None,
+               incumbents: Optional[dict] = None) -> tuple[dict, list[dict]]:
     """Time every candidate config on each distinct recorded call (GPU), against the heuristic (no tuned
     table applies while tuning): returns the ``configs`` of a tuned table (only shapes where a candidate beat
     the heuristic by more than 3 %) and one diagnostic row per shape (heuristic ms, best ms and config, the best ms
     of each kernel, cuDNN bf16 conv ms of the same shape). ``paths_for(args, kwargs)``: the TMA kernels that can run this
-    call (their candidates compete too); None: gather candidates only. ``on_shape(configs, rows)`` is
-    called after every shape (to save partial results of a run that may be cut short)."""
+    call (their candidates compete too); None: gather candidates only. ``incumbents``: the configs the active tables
+    give the keys now; each competes too, whatever ``paths_for`` allows, so that a run that skips a kernel cannot
+    displace a faster entry of that kernel when merged (session 12's ``--skip-paths tma`` re-tune moved SD-1.5's
+    8x8 convs off the padded-copy kernel and was slower in the model). ``on_shape(configs, rows)`` is called after
+    every shape (to save partial results of a run that may be cut short)."""
     import time
 
     import torch.nn.functional as F
@@ -354,6 +366,9 @@ def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=No
             m = round(call_flops(args) / (2 * w.shape[0] * w.shape[1] * w.shape[2] * x.shape[1]))  # output pixels
             for path in sorted(paths_for(args, kwargs) if paths_for is not None else ()):
                 cands += candidates(a_bytes, w4, w.shape[0], ck, path=path, m=m, taps=w.shape[1] * w.shape[2])
+            incumbent = (incumbents or {}).get(key)
+            if incumbent is not None and incumbent not in cands:
+                cands.append(dict(incumbent))
             for cfg in cands:
                 progress(f"  {key} trying {tuple(cfg.values())}")  # a candidate that hangs shows in the log
                 try:
@@ -383,7 +398,8 @@ def tune_calls(calls: list, qconv_fn, reps: int = 10, progress=print, time_fn=No
             configs[key] = best
         flops = call_flops(args)
         row = {"key": key, "heuristic_ms": round(base_ms, 5), "best_ms": round(best_ms, 5),
-               "best": best, "tried": tried, "failed": failed, "cudnn_bf16_ms": round(cudnn_ms, 5),
+               "best": best, "incumbent": incumbent, "tried": tried, "failed": failed,
+               "cudnn_bf16_ms": round(cudnn_ms, 5),
                "best_ms_by_path": {p: round(v, 5) for p, v in by_path.items()},
                "candidates_ms": timed,  # [*CONFIG_FIELDS, path (-k<split>), ms] of every candidate that ran correctly
                "tflops_best": round(flops / best_ms / 1e9, 1), "tflops_cudnn_bf16": round(flops / cudnn_ms / 1e9, 1)}
