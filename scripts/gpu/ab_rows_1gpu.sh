@@ -40,6 +40,22 @@ rows() {  # rows TAG ONLY [VAR=value ...]: one bench process, skipped when fewer
   echo "bench rc=$?" >> $OUT/bench_$tag.log
   grep -A4 "^model " $OUT/bench_$tag.log | grep -v "^model \|^--" | cut -c1-150
 }
+tune_merge_rows() {  # TASK SECONDS [tune_qconv.py options]: tune (split-K candidates included), the task's rows as
+  # shipped (with its bf16-compile partner), the tuned shapes merged into the shipped table on the device, the row again
+  local task=$1 secs=$2; shift 2
+  say "tune $task $*"
+  timeout $(( secs + 70 )) python3 benchmarks/tune_qconv.py --tasks "$task" --budget-s $secs "$@" \
+    --out $OUT/qconv_tuned.json --rows $OUT/qconv_tune_rows.json > $OUT/tune.log 2>&1
+  echo "tune rc=$?" >> $OUT/tune.log
+  grep -v trying $OUT/tune.log | grep -v '^{' | tail -4
+  python3 benchmarks/tune_qconv.py --print-rows $OUT/qconv_tune_rows.json 2>/dev/null | tail -16
+  rows ship "${task%:*}:bf16-compile,$task"
+  local t=src/diffquant/kernels/tuned/nvidia-h200.json
+  if [ -s $OUT/qconv_tuned.json ]; then
+    python3 -m diffquant.cli tune-kernels --merge-from $OUT/qconv_tuned.json --merge-into $t && cp $t $OUT/nvidia-h200.merged.json
+    rows splitk "$task"
+  fi
+}
 case $PART in
 1)
   say "GPU tests"
@@ -77,33 +93,10 @@ case $PART in
   timeout 150 python3 -m pytest -m gpu tests/test_kernels.py -k "split_k or tma_path_matches" -v --tb=short \
     -p no:cacheprovider > $OUT/pytest_gpu.log 2>&1; echo "pytest rc=$?" >> $OUT/pytest_gpu.log
   grep -E "PASSED|FAILED|ERROR|rc=" $OUT/pytest_gpu.log | grep -v PASSED | head -20; grep -c PASSED $OUT/pytest_gpu.log
-  say "tune the 8x8 and 16x16 shapes of $ROW with split-K candidates"
-  timeout $(( ${TUNE_S:-170} + 70 )) python3 benchmarks/tune_qconv.py --tasks "$ROW" --budget-s ${TUNE_S:-170} \
-    --shapes x8x8:,x16x16: --out $OUT/qconv_tuned.json --rows $OUT/qconv_tune_rows.json > $OUT/tune.log 2>&1
-  echo "tune rc=$?" >> $OUT/tune.log
-  grep -v trying $OUT/tune.log | grep -v '^{' | tail -4
-  python3 benchmarks/tune_qconv.py --print-rows $OUT/qconv_tune_rows.json 2>/dev/null | tail -16
-  rows ship "sd15-unet:8:bf16-compile,$ROW"
-  T=src/diffquant/kernels/tuned/nvidia-h200.json
-  if [ -s $OUT/qconv_tuned.json ]; then
-    python3 -m diffquant.cli tune-kernels --merge-from $OUT/qconv_tuned.json --merge-into $T && cp $T $OUT/nvidia-h200.merged.json
-    rows splitk "$ROW"
-  fi
+  tune_merge_rows "$ROW" ${TUNE_S:-170} --shapes x8x8:,x16x16:
   ;;
 5)
-  SMALL=${SMALL:-sd15-unet:1:dq-fp8-gn-qkv-te-ff}
-  say "tune $SMALL with split-K candidates"
-  timeout $(( ${TUNE_S:-220} + 70 )) python3 benchmarks/tune_qconv.py --tasks "$SMALL" --budget-s ${TUNE_S:-220} \
-    --out $OUT/qconv_tuned.json --rows $OUT/qconv_tune_rows.json > $OUT/tune.log 2>&1
-  echo "tune rc=$?" >> $OUT/tune.log
-  grep -v trying $OUT/tune.log | grep -v '^{' | tail -4
-  python3 benchmarks/tune_qconv.py --print-rows $OUT/qconv_tune_rows.json 2>/dev/null | tail -12
-  rows ship "${SMALL%:*}:bf16-compile,$SMALL"
-  T=src/diffquant/kernels/tuned/nvidia-h200.json
-  if [ -s $OUT/qconv_tuned.json ]; then
-    python3 -m diffquant.cli tune-kernels --merge-from $OUT/qconv_tuned.json --merge-into $T && cp $T $OUT/nvidia-h200.merged.json
-    rows splitk "$SMALL"
-  fi
+  tune_merge_rows "${SMALL:-sd15-unet:1:dq-fp8-gn-qkv-te-ff}" ${TUNE_S:-220}
   ;;
 *) echo "PART must be 1 to 5"; exit 2 ;;
 esac

@@ -50,8 +50,8 @@ def _qconv_tma_kernel(
     pid_m, pid_n = grouped_tile(MP, Cout, BLOCK_M, BLOCK_N, GROUP_M)
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
-    acc = _tma2d_mainloop(m0, n0, 0, NITER, a_desc, b_desc, WP, CK, NCB, KW, A_INT, BITCAST_FP8, BLOCK_M, BLOCK_N,
-                          BLOCK_K, FP8_ACC)
+    acc = _tap_mainloop(a_desc, b_desc, m0, 0, 0, n0, 0, NITER, WP, CK, NCB, 0, 0, KW, A_INT, BITCAST_FP8, False,
+                        BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     nb, oh, ow, m_ok = _padded_pixels(offs_m, MP, HP, WP, Ho, Wo)
@@ -60,15 +60,21 @@ def _qconv_tma_kernel(
 
 
 @triton.jit
-def _tma2d_mainloop(m0, n0, it0, it1, a_desc, b_desc, WP, CK, NCB, KW: tl.constexpr, A_INT: tl.constexpr,
-                    BITCAST_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    FP8_ACC: tl.constexpr):
-    """Steps ``it0`` to ``it1`` of the (tap, channel block) loop over the padded copy's rows: the accumulator."""
+def _tap_mainloop(a_desc, b_desc, m0, oh0, ow0, co0, it0, it1, WP, CK, NCB, pad_h, pad_w, KW: tl.constexpr,
+                  A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr, FOUR_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr):
+    """Steps ``it0`` to ``it1`` of a tile's (tap, channel block) loop: the accumulator. ``FOUR_D``: A is the 4-D box
+    at (image ``m0``, row ``oh0``, column ``ow0``) shifted by the tap, else the padded copy's rows from ``m0`` shifted
+    by the tap (``WP``: the padded width). B: output channels from ``co0``."""
     acc = zero_acc(BLOCK_M, BLOCK_N, A_INT)
     for it in range(it0, it1):
         tap, c0, kh, kw = tap_block(it, NCB, KW, BLOCK_K)
-        a = a_desc.load([m0 + kh * WP + kw, c0])
-        b = b_desc.load([n0, tap * CK + c0])
+        if FOUR_D:
+            a = a_desc.load([m0, oh0 + kh - pad_h, ow0 + kw - pad_w, c0])
+            a = tl.reshape(a, (BLOCK_M, BLOCK_K))
+        else:
+            a = a_desc.load([m0 + kh * WP + kw, c0])
+        b = b_desc.load([co0, tap * CK + c0])
         if BITCAST_FP8:  # the interpreter has no FP8 descriptors: FP8 travels as its bytes
             a = a.to(tl.float8e4nv, bitcast=True)
             b = b.to(tl.float8e4nv, bitcast=True)
@@ -102,8 +108,8 @@ def _qconv_tma_splitk_kernel(
     s = tl.program_id(1)
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
-    acc = _tma2d_mainloop(m0, n0, s * PER, tl.minimum(NITER, (s + 1) * PER), a_desc, b_desc, WP, CK, NCB, KW, A_INT,
-                          BITCAST_FP8, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
+    acc = _tap_mainloop(a_desc, b_desc, m0, 0, 0, n0, s * PER, tl.minimum(NITER, (s + 1) * PER), WP, CK, NCB, 0, 0, KW,
+                        A_INT, BITCAST_FP8, False, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
     rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = n0 + tl.arange(0, BLOCK_N)
     tl.store(ws_ptr + s.to(tl.int64) * WS_M * WS_N + rows[:, None] * WS_N + cols[None, :], acc)
@@ -244,24 +250,6 @@ def _pad_fix_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wsc
 
 
 @triton.jit
-def _tma4d_mainloop(n0, oh0, ow0, co0, it0, it1, a_desc, b_desc, CK, NCB, pad_h, pad_w, KW: tl.constexpr,
-                    A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr):
-    """Steps ``it0`` to ``it1`` of the tile's (tap, channel block) loop over 4-D TMA boxes: the accumulator."""
-    acc = zero_acc(BLOCK_M, BLOCK_N, A_INT)
-    for it in range(it0, it1):
-        tap, c0, kh, kw = tap_block(it, NCB, KW, BLOCK_K)
-        a = a_desc.load([n0, oh0 + kh - pad_h, ow0 + kw - pad_w, c0])
-        a = tl.reshape(a, (BLOCK_M, BLOCK_K))
-        b = b_desc.load([co0, tap * CK + c0])
-        if BITCAST_FP8:  # the interpreter has no FP8 descriptors: FP8 travels as its bytes
-            a = a.to(tl.float8e4nv, bitcast=True)
-            b = b.to(tl.float8e4nv, bitcast=True)
-        acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype, max_num_imprecise_acc=FP8_ACC)
-    return acc
-
-
-@triton.jit
 def _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr, padc_ptr,
                 N, H, W, Ho, Wo, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h, pad_w,
                 son, soh, sow, soc, san, sah, saw, sac,
@@ -273,8 +261,8 @@ def _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, c
     4-D TMA boxes, then the epilogue."""
     BLOCK_M: tl.constexpr = BI * BH * BW
     n0, oh0, ow0, co0 = _tile_origin(pid_m, pid_n, TILES_H, TILES_W, BI, BH, BW, BLOCK_N)
-    acc = _tma4d_mainloop(n0, oh0, ow0, co0, 0, NITER, a_desc, b_desc, CK, NCB, pad_h, pad_w, KW, A_INT, BITCAST_FP8,
-                          BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
+    acc = _tap_mainloop(a_desc, b_desc, n0, oh0, ow0, co0, 0, NITER, 0, CK, NCB, pad_h, pad_w, KW, A_INT, BITCAST_FP8,
+                        True, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
     r = tl.arange(0, BLOCK_M)
     nb = n0 + r // (BH * BW)
     oh = oh0 + (r // BW) % BH
@@ -356,8 +344,8 @@ def _qconv_tma4d_splitk_kernel(
     pid_m, pid_n = grouped_tile(tiles_m * BLOCK_M, Cout, BLOCK_M, BLOCK_N, GROUP_M)
     s = tl.program_id(1)
     n0, oh0, ow0, co0 = _tile_origin(pid_m, pid_n, TILES_H, TILES_W, BI, BH, BW, BLOCK_N)
-    acc = _tma4d_mainloop(n0, oh0, ow0, co0, s * PER, tl.minimum(NITER, (s + 1) * PER), a_desc, b_desc, CK, NCB,
-                          pad_h, pad_w, KW, A_INT, BITCAST_FP8, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
+    acc = _tap_mainloop(a_desc, b_desc, n0, oh0, ow0, co0, s * PER, tl.minimum(NITER, (s + 1) * PER), 0, CK, NCB,
+                        pad_h, pad_w, KW, A_INT, BITCAST_FP8, True, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = co0 + tl.arange(0, BLOCK_N)
     tl.store(ws_ptr + s.to(tl.int64) * WS_M * WS_N + rows[:, None] * WS_N + cols[None, :], acc)
