@@ -323,7 +323,7 @@ def _qconv_tma4d_persistent_kernel(
                     BI, BH, BW, BLOCK_N, BLOCK_K, FP8_ACC)
 
 
-# ---- 4-D boxes, split-K (config field "SPLIT_K" of path "tma4d") ---------------------------------------------
+# ---- split-K (config field "SPLIT_K" of paths "tma4d" and "tma") -----------------------------------------------
 # SD-1.5's 8x8 and 16x16 levels at batch 8 have M = 512 and 2,048 output pixels against K = 11,520: 40 to 160 output
 # tiles for 132 SMs, and their convs ran at 374-851 TFLOPS where the 64x64 level's best reach 1,258
 # (benchmarks/results/qconv_tune_rows_tma4dr.json, H200, 2026-11-28). Split-K gives each tile SPLIT_K programs, each
@@ -584,7 +584,7 @@ def qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seq
                  FP8_ACC=fp8_acc(bk, fp8),
                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     split, per = split_k_steps(kh * kw * ncb, cfg.get("SPLIT_K", 1))
-    if split > 1 and not persistent and not rows:
+    if split > 1 and not persistent and not rows:  # (a tma4d config rerouted to tma4dr by 4dr / precise runs unsplit)
         tiles_m, tiles_n = triton.cdiv(nbatch, bi) * tiles_h * tiles_w, triton.cdiv(cout, bn)
         ws_m, ws_n = tiles_m * bm, tiles_n * bn
         ws = torch.empty((split, ws_m, ws_n), device=x.device,

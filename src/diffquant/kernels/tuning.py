@@ -60,8 +60,8 @@ CANDIDATES_TMA: tuple[tuple[int, ...], ...] = (
     (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (256, 128, 64, 8, 3), (64, 256, 128, 8, 3),
 )
 SMEM_LIMIT = 227 * 1024  # Hopper's per-block shared memory (bytes); the kernel compiler has the last word
-# split-K candidates of the "tma" and "tma4d" kernels: these tiles, each split 2, 3 and 4 ways, where a layer has fewer output
-# tiles than SPLIT_K_BELOW_TILES (twice the H100/H200's 132 SMs) and each split keeps 8 or more K steps
+# split-K candidates of the "tma" and "tma4d" kernels: these tiles, each split 2, 3 and 4 ways, where a layer has fewer
+# output tiles than SPLIT_K_BELOW_TILES (twice the H100/H200's 132 SMs) and each split keeps 8 or more K steps
 CANDIDATES_SPLIT_K: tuple[tuple[int, ...], ...] = (
     (128, 128, 128, 8, 4), (128, 128, 128, 4, 3), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 256, 128, 8, 3),
     (64, 128, 64, 4, 4),  # BLOCK_K 64: twice the K steps, so layers of 128-256 channels can split (small batches)
