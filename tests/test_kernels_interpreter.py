@@ -854,3 +854,46 @@ def test_norm_load_stages_knob(monkeypatch):
         monkeypatch.setenv("DIFFQUANT_GN_LOAD_STAGES", bad)
         with pytest.raises(ValueError, match="1 to 4|integer from 1 to 4"):
             load_stages()
+
+
+def test_split_k_switch_splits_table_configs_of_layers_with_few_tiles(monkeypatch):
+    """DIFFQUANT_QCONV_SPLIT_K=S (an in-model A/B): a table's tma / tma4d config gets SPLIT_K=S where the layer has
+    fewer output tiles than SPLIT_K_BELOW_TILES; gather configs, configs with their own SPLIT_K, layers with many
+    tiles and the tuner's forced configs are left alone; a bad value is refused."""
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    from diffquant.kernels import triton_conv as tc
+    from diffquant.kernels import tuning
+
+    class X:  # what _config reads of the activation: its device and element size
+        device = torch.device("cuda")
+
+        def element_size(self):
+            return 1
+
+    entry = {}
+    monkeypatch.setattr(tc, "_device_name", lambda dev: "GPU-A")
+    monkeypatch.setattr(tuning, "lookup", lambda key, dev: dict(entry["cfg"]) if entry.get("cfg") else None)
+    base = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4)
+    ok = frozenset({"tma", "tma4d", "tma4dp"})
+
+    def cfg_for(cfg, m=512, cout=1280):
+        entry["cfg"] = cfg
+        return tc._config(X(), "k", m, cout, 1280, False, ok)
+
+    monkeypatch.delenv("DIFFQUANT_QCONV_SPLIT_K", raising=False)
+    assert cfg_for(dict(base, path="tma4d")) == dict(base, path="tma4d")
+    monkeypatch.setenv("DIFFQUANT_QCONV_SPLIT_K", "3")
+    assert cfg_for(dict(base, path="tma4d")) == dict(base, path="tma4d", SPLIT_K=3)  # 4 x 10 tiles
+    assert cfg_for(dict(base, path="tma")) == dict(base, path="tma", SPLIT_K=3)
+    assert cfg_for(dict(base, path="tma4d"), m=32768) == dict(base, path="tma4d")  # 256 x 10 tiles
+    assert cfg_for(dict(base, path="tma4dp")) == dict(base, path="tma4dp")
+    assert cfg_for(dict(base, path="tma4d", SPLIT_K=2)) == dict(base, path="tma4d", SPLIT_K=2)
+    assert "SPLIT_K" not in cfg_for(dict(base))  # gather
+    with tuning.forced_config(dict(base, path="tma4d")):
+        assert cfg_for(dict(base, path="tma4d")) == dict(base, path="tma4d")
+    monkeypatch.setenv("DIFFQUANT_QCONV_SPLIT_K", "two")
+    with pytest.raises(ValueError, match="DIFFQUANT_QCONV_SPLIT_K"):
+        cfg_for(dict(base, path="tma4d"))

@@ -10,13 +10,14 @@
 #           CIFAR b1 bf16-compile and dq-fp8-gn-qkv-te with and without DIFFQUANT_GN_WHOLE_MAX_HW=1024.
 #   PART=4 (written after session 12's device time, not yet run): split-K (SPLIT_K on tma / tma4d configs, for layers
 #           with few output tiles): GPU tests; SD b8's 3x3 convs of 8x8 and 16x16 inputs re-tuned with every kernel
-#           and the split-K candidates (TUNE_S), merged on the device (back as nvidia-h200.merged.json); SD b8
-#           bf16-compile, ROW as shipped and ROW with the merged table, in one call.
+#           and the split-K candidates (TUNE_S), merged on the device (back as nvidia-h200.merged.json); ROW as
+#           shipped, with DIFFQUANT_QCONV_SPLIT_K=2 (untuned splits) and with the merged table, in one call.
 #   PART=5 (also not yet run): split-K at batch 1, where every layer has few tiles: SMALL (default SD-1.5 b1) re-tuned,
 #           all shapes, split candidates included (TUNE_S), merged on the device; its bf16-compile row, the row as
-#           shipped and with the merged table. E.g. SMALL=ddpm-cifar10-32:1:dq-fp8-gn-qkv-te for the CIFAR DDPM.
+#           shipped, with DIFFQUANT_QCONV_SPLIT_K=2 and with the merged table. E.g.
+#           SMALL=ddpm-cifar10-32:1:dq-fp8-gn-qkv-te for the CIFAR DDPM.
 # Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in parts 2, 4 and 5.
-#   run: PART=1 bash scripts/gpu/ab_rows_1gpu.sh   (env: ROW, CROW, TUNE_S (200), TOTAL_S (570), EXTRA (env for
+#   run: PART=1 bash scripts/gpu/ab_rows_1gpu.sh   (env: ROW, CROW, SMALL, TUNE_S, AB_ENV, TOTAL_S (570), EXTRA (env for
 #        every row, e.g. DIFFQUANT_GN_LOAD_STAGES=3 once it wins))
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
@@ -40,8 +41,10 @@ rows() {  # rows TAG ONLY [VAR=value ...]: one bench process, skipped when fewer
   echo "bench rc=$?" >> $OUT/bench_$tag.log
   grep -A4 "^model " $OUT/bench_$tag.log | grep -v "^model \|^--" | cut -c1-150
 }
-tune_merge_rows() {  # TASK SECONDS [tune_qconv.py options]: tune (split-K candidates included), the task's rows as
-  # shipped (with its bf16-compile partner), the tuned shapes merged into the shipped table on the device, the row again
+tune_merge_rows() {  # TASK SECONDS [tune_qconv.py options]: tune (split-K candidates included), the task's row as
+  # shipped (WITH_BF16=1: and its bf16-compile partner), with AB_ENV (default DIFFQUANT_QCONV_SPLIT_K=2: every tma /
+  # tma4d entry of a layer with few tiles split in two, untuned), the tuned shapes merged into the shipped table on
+  # the device, the row again
   local task=$1 secs=$2; shift 2
   say "tune $task $*"
   timeout $(( secs + 70 )) python3 benchmarks/tune_qconv.py --tasks "$task" --budget-s $secs "$@" \
@@ -49,7 +52,9 @@ tune_merge_rows() {  # TASK SECONDS [tune_qconv.py options]: tune (split-K candi
   echo "tune rc=$?" >> $OUT/tune.log
   grep -v trying $OUT/tune.log | grep -v '^{' | tail -4
   python3 benchmarks/tune_qconv.py --print-rows $OUT/qconv_tune_rows.json 2>/dev/null | tail -16
-  rows ship "${task%:*}:bf16-compile,$task"
+  if [ "${WITH_BF16:-1}" = 1 ]; then rows ship "${task%:*}:bf16-compile,$task"; else rows ship "$task"; fi
+  local ab=${AB_ENV-DIFFQUANT_QCONV_SPLIT_K=2}
+  [ -n "$ab" ] && rows ab "$task" $ab
   local t=src/diffquant/kernels/tuned/nvidia-h200.json
   if [ -s $OUT/qconv_tuned.json ]; then
     python3 -m diffquant.cli tune-kernels --merge-from $OUT/qconv_tuned.json --merge-into $t && cp $t $OUT/nvidia-h200.merged.json
@@ -95,7 +100,8 @@ case $PART in
   grep -E "PASSED|FAILED|ERROR|rc=" $OUT/pytest_gpu.log | grep -v PASSED | head -20; grep -c PASSED $OUT/pytest_gpu.log
   # the 3x3 convs of 8x8 and 16x16 inputs only (7 shapes): the tuner goes by FLOPs, largest first, and the budget
   # would run out on the 1x1s before the 8x8 convs (0.68 ms of the model, the lowest FLOPs)
-  tune_merge_rows "$ROW" ${TUNE_S:-170} --shapes x8x8:o1280:k3x3,x16x16:o1280:k3x3
+  # (no bf16-compile row: the call would run past 9.5 minutes; session 12's read 18.81 ms)
+  WITH_BF16=0 tune_merge_rows "$ROW" ${TUNE_S:-150} --shapes x8x8:o1280:k3x3,x16x16:o1280:k3x3
   ;;
 5)
   tune_merge_rows "${SMALL:-sd15-unet:1:dq-fp8-gn-qkv-te-ff}" ${TUNE_S:-220}

@@ -194,6 +194,22 @@ _FORCED_PATHS = {"1": "tma", "4d": "tma4d", "4dp": "tma4dp", "4dr": "tma4dr"}
 
 
 def _config(x, key: str, M: int, cout: int, ck: int, w4: bool, ok_paths: frozenset) -> dict:
+    """:func:`_table_config`, then ``DIFFQUANT_QCONV_SPLIT_K=S`` (an A/B switch, not for the tuner's forced configs):
+    every ``tma`` / ``tma4d`` config without its own ``SPLIT_K`` splits in S where the layer has fewer output tiles
+    than :data:`.tuning.SPLIT_K_BELOW_TILES`."""
+    cfg = _table_config(x, key, M, cout, ck, w4, ok_paths)
+    env = os.environ.get("DIFFQUANT_QCONV_SPLIT_K", "")
+    if not env or tuning._RECORD["force"] is not None:
+        return cfg
+    if not env.isdigit() or int(env) < 1:
+        raise ValueError(f"DIFFQUANT_QCONV_SPLIT_K={env!r}: a positive integer (ways to split a tile's K loop)")
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(cout, cfg["BLOCK_N"])
+    if cfg.get("path") in tuning.SPLIT_K_PATHS and "SPLIT_K" not in cfg and tiles < tuning.SPLIT_K_BELOW_TILES:
+        return dict(cfg, SPLIT_K=int(env))
+    return cfg
+
+
+def _table_config(x, key: str, M: int, cout: int, ck: int, w4: bool, ok_paths: frozenset) -> dict:
     """The block config (and kernel path) of one call: forced (tuner) > ``DIFFQUANT_QCONV_TMA=1`` / ``4d`` / ``4dp``
     (that TMA kernel wherever it can run, with the table's config for it or its heuristic; ``4dr``: the table's
     ``tma4d`` entries run their tiles one dot per row, :func:`.triton_conv_tma.rows_split`) > tuned table of this GPU model
