@@ -622,7 +622,7 @@ def per_layer_type(model: nn.Module, model_name: str, batch: int, variant: str, 
 
 
 # kernel classes by name (CUDA kernel names of cuDNN, cuBLAS/CUTLASS, FlashAttention, Inductor, diffquant). diffquant's
-# Triton kernels are matched by prefix, so a new kernel lands in its class (tests/test_bench.py checks every one)
+# Triton kernels are matched by prefix, so a new kernel lands in its class (a test in tests/test_kernels.py checks every one)
 _KERNEL_CLASSES = (
     ("dq_qconv", ("_qconv_",)),
     ("dq_attention", ("_fp8_attn",)),

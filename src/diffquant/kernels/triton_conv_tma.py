@@ -231,6 +231,15 @@ def _tile_origin(pid_m, pid_n, TILES_H, TILES_W, BI: tl.constexpr, BH: tl.conste
 
 
 @triton.jit
+def _tile_pixels(n0, oh0, ow0, r, N, Ho, Wo, BH: tl.constexpr, BW: tl.constexpr):
+    """Row ``r`` of the 4-D tile at (n0, oh0, ow0) as an output pixel (image, row, column), and whether it exists."""
+    nb = n0 + r // (BH * BW)
+    oh = oh0 + (r // BW) % BH
+    ow = ow0 + r % BW
+    return nb, oh, ow, (nb < N) & (oh < Ho) & (ow < Wo)
+
+
+@triton.jit
 def _pad_fix_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
                    padc_ptr, H, W, pad_h, pad_w, son, soh, sow, soc, san, sah, saw, sac, KH: tl.constexpr,
                    KW: tl.constexpr, PAD_FIX: tl.constexpr, HAS_ASCALE: tl.constexpr, HAS_CORR: tl.constexpr,
@@ -263,13 +272,9 @@ def _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, c
     n0, oh0, ow0, co0 = _tile_origin(pid_m, pid_n, TILES_H, TILES_W, BI, BH, BW, BLOCK_N)
     acc = _tap_mainloop(a_desc, b_desc, n0, oh0, ow0, co0, 0, NITER, 0, CK, NCB, pad_h, pad_w, KW, A_INT, BITCAST_FP8,
                         True, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
-    r = tl.arange(0, BLOCK_M)
-    nb = n0 + r // (BH * BW)
-    oh = oh0 + (r // BW) % BH
-    ow = ow0 + r % BW
+    nb, oh, ow, m_ok = _tile_pixels(n0, oh0, ow0, tl.arange(0, BLOCK_M), N, Ho, Wo, BH, BW)
     offs_n = co0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Cout
-    m_ok = (nb < N) & (oh < Ho) & (ow < Wo)
     _pad_fix_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
                    padc_ptr, H, W, pad_h, pad_w, son, soh, sow, soc, san, sah, saw, sac, KH, KW, PAD_FIX, HAS_ASCALE,
                    HAS_CORR, HAS_BIAS, HAS_ADD)
@@ -375,13 +380,8 @@ def _qconv_splitk_reduce_kernel(
         nb, oh, ow, m_ok = _padded_pixels(rows, MP, HP, WP, Ho, Wo)
     else:
         BLOCK_M: tl.constexpr = BI * BH * BW
-        pid_m = rows // BLOCK_M
-        r = rows % BLOCK_M
-        n0, oh0, ow0, _ = _tile_origin(pid_m, 0, TILES_H, TILES_W, BI, BH, BW, RN)
-        nb = n0 + r // (BH * BW)
-        oh = oh0 + (r // BW) % BH
-        ow = ow0 + r % BW
-        m_ok = (nb < N) & (oh < Ho) & (ow < Wo)
+        n0, oh0, ow0, _ = _tile_origin(rows // BLOCK_M, 0, TILES_H, TILES_W, BI, BH, BW, RN)
+        nb, oh, ow, m_ok = _tile_pixels(n0, oh0, ow0, rows % BLOCK_M, N, Ho, Wo, BH, BW)
     n_ok = cols < Cout
     _pad_fix_store(acc, cols, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
                    padc_ptr, H, W, pad_h, pad_w, son, soh, sow, soc, san, sah, saw, sac, KH, KW, PAD_FIX, HAS_ASCALE,
