@@ -821,6 +821,46 @@ def test_gpu_split_k_matches_reference(case, path, split, monkeypatch):
     assert float((got.double() - want).norm() / want.norm()) < (1e-5 if kind == "int8" else 5e-3)
 
 
+ROW_STATS_GPU_CASES = [  # kind, n, cin, cout, h, w, a_zp, BLOCK_M: SD-1.5's 64x64 ResNet conv at batch 2
+    ("fp8", 2, 320, 320, 64, 64, 0, 128),  # (2-row tiles), CIFAR's 32x32 level (4-row tiles), two 8x8 images a tile,
+    ("fp8", 4, 128, 128, 32, 32, 0, 128),  # an odd int8 shape with a zero point (a partial last tile), and rows
+    ("fp8", 3, 256, 256, 8, 8, 0, 128),  # wider than the tile (the statistics pass instead)
+    ("int8", 2, 64, 48, 9, 7, 5, 64),
+    ("fp8", 1, 64, 64, 8, 160, 0, 128),
+]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", ROW_STATS_GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gpu_conv_row_stats_feed_the_norm(case):
+    """diffquant::qconv_stats on the GPU (the 4-D kernel's statistics epilogue, or the statistics pass where rows are
+    wider than a tile): output against the reference op, the row statistics against those of the output it returned;
+    then diffquant::group_norm_act_stats (with a time-embedding addend, e4m3 out) against group_norm_act on the same
+    tensor."""
+    from diffquant.kernels import ops, tuning
+    from diffquant.kernels.reference import row_stats_reference
+
+    kind, n, cin, cout, h, w, a_zp, bm = case
+    c = _rand_case(kind, n=n, cin=cin, cout=cout, h=h, w=w, a_zp=a_zp, device="cuda")
+    cfg = dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, num_warps=8 if bm == 128 else 4, num_stages=4, path="tma4d")
+    with tuning.forced_config(cfg):
+        out, mean, m2 = _call(ops.qconv_stats, c, 1, 1, 1, torch.bfloat16)
+    want = _call(qconv_ref, c, 1, 1, 1, torch.float64)
+    assert float((out.double() - want).norm() / want.norm()) < (1e-2 if kind == "fp8" else 5e-3)
+    wm, wq = row_stats_reference(out)
+    assert torch.isfinite(mean).all() and torch.isfinite(m2).all()
+    torch.testing.assert_close(mean, wm, rtol=1e-4, atol=1e-3 * float(wm.abs().max()))
+    torch.testing.assert_close(m2, wq, rtol=1e-3, atol=1e-3 * float(wq.abs().max()))
+    g = torch.Generator(device="cuda").manual_seed(1)
+    add = torch.randn(n, cout, device="cuda", generator=g)
+    wt, bs = torch.randn(cout, device="cuda", generator=g), torch.randn(cout, device="cuda", generator=g)
+    so = torch.tensor([0.02], device="cuda")
+    got = ops.group_norm_act_stats(out, mean, m2, add, wt, bs, 16, 1e-5, True, so, torch.float8_e4m3fn).float()
+    ref = ops.group_norm_act(out, None, add, wt, bs, 16, 1e-5, True, so, torch.float8_e4m3fn).float()
+    assert float((got != ref).float().mean()) < 0.01
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("path", ["tma", "tma4d", "tma4dp"])
@@ -1693,6 +1733,72 @@ def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):
     done, left = fused_blocks.fuse_group_norms(torch.nn.Sequential(other))
     assert done == [] and "scale_shift" in left["0"]
     assert _kernel_class("_gn_apply_kernel") == "dq_norm"
+
+
+def test_conv_row_stats_hand_norm2_its_statistics(monkeypatch):
+    """DIFFQUANT_GN_CONV_STATS=1: in every fused ResNet block (FP8 and int8; a UNet2DModel and a text-to-image UNet)
+    conv1 runs as diffquant::qconv_stats (a split conv1 of an up block: its last part, which adds the first's output)
+    and norm2 as diffquant::group_norm_act_stats over its row statistics, and the model computes what it computes
+    without the switch. The ops: the norm equals group_norm_act on the same tensor
+    (the time embedding's addend included), uses the statistics it is given, and checks their shapes; the model with
+    the switch compiles as one graph."""
+    from diffquant.kernels import fused_blocks, ops
+    from diffquant.kernels.reference import row_stats_reference
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 16, 5, 7, generator=g).to(torch.bfloat16).contiguous(memory_format=torch.channels_last) + 3
+    add = torch.randn(2, 16, generator=g)
+    wt, bs = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    mean, m2 = row_stats_reference(y)
+    assert mean.shape == (2, 5, 16)
+    for so, dt in ((None, torch.float32), (torch.tensor([0.02]), torch.float8_e4m3fn)):
+        got = ops.group_norm_act_stats(y, mean, m2, add, wt, bs, 4, 1e-5, True, so, dt).float()
+        want = ops.group_norm_act(y, None, add, wt, bs, 4, 1e-5, True, so, dt).float()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    off = ops.group_norm_act_stats(y, mean, m2 * 2, add, wt, bs, 4, 1e-5, True, None, torch.float32)
+    assert (off - ops.group_norm_act(y, None, add, wt, bs, 4, 1e-5, True, None, torch.float32)).abs().max() > 0.1
+    with pytest.raises(ValueError, match="fp32"):
+        ops.group_norm_act_stats(y, mean[:, :4], m2, add, wt, bs, 4, 1e-5, True, None, torch.float32)
+    monkeypatch.setenv("DIFFQUANT_GN_CONV_STATS", "yes")
+    with pytest.raises(ValueError, match="DIFFQUANT_GN_CONV_STATS"):
+        fused_blocks.conv_row_stats_enabled()
+
+    calls = []
+    real_conv, real_norm = ops.qconv_stats, fused_blocks.group_norm_act_stats
+
+    def counted_conv(*a):
+        calls.append("conv")
+        return real_conv(*a)
+
+    def counted_norm(*a):
+        calls.append("norm")
+        return real_norm(*a)
+
+    for backend, unet in (("fp8", None), ("int8", None), ("fp8", tiny_sd_unet())):
+        _, q, inputs = _calibrated(backend, model=unet)
+        cm = convert(q, backend, fuse_norms=True)
+        blocks = [m for m in cm.modules() if type(m).__name__ == "FusedNormResnetBlock2D"]
+        assert any(len(m.conv1.parts) == 2 for m in blocks), backend  # up blocks' conv1 are split
+        with torch.no_grad():
+            monkeypatch.setenv("DIFFQUANT_GN_CONV_STATS", "0")
+            want = call_model(cm, *inputs)
+            monkeypatch.setenv("DIFFQUANT_GN_CONV_STATS", "1")
+            monkeypatch.setattr(ops, "qconv_stats", counted_conv)
+            monkeypatch.setattr(fused_blocks, "group_norm_act_stats", counted_norm)
+            calls.clear()
+            got = call_model(cm, *inputs)
+            monkeypatch.setattr(ops, "qconv_stats", real_conv)
+            monkeypatch.setattr(fused_blocks, "group_norm_act_stats", real_norm)
+        assert calls == ["conv", "norm"] * len(blocks), (backend, calls)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        compiled = call_model(torch.compile(cm), *inputs)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch.testing.assert_close(compiled, got, rtol=1e-4, atol=1e-4)
 
 
 def test_inductor_kernels_joins_profile_and_generated_code(tmp_path):

@@ -580,6 +580,8 @@ def test_group_norm_kernels_compile_for_hopper():
         built += bool(build(tn._gn_whole_kernel, dict(flags, BLOCK_P=64, BLOCK_C=64, BLOCK_G=8)).asm.get("cubin"))
     built += bool(build(tn._gn_stats_kernel, dict(HAS_X2=True, HAS_ADD=True, BLOCK_P=32, BLOCK_C=128)).asm.get("cubin"))
     built += bool(build(tn._gn_finalize_kernel, dict(BLOCK_S=16, BLOCK_G=32, BLOCK_CG=4)).asm.get("cubin"))
+    # over a conv's row statistics, the time embedding's addend shifting the means (diffquant::group_norm_act_stats)
+    built += bool(build(tn._gn_finalize_kernel, dict(BLOCK_S=64, BLOCK_G=8, BLOCK_CG=16, SHIFT=True)).asm.get("cubin"))
     # one group a program: the finalize at small batch, and the one-launch kernel with gpp=1
     built += bool(build(tn._gn_finalize_kernel, dict(BLOCK_S=128, BLOCK_G=1, BLOCK_CG=16)).asm.get("cubin"))
     built += bool(build(tn._gn_whole_kernel, dict(HAS_X2=False, HAS_ADD=True, SILU=True, QUANT=True, INT8=False,
@@ -598,7 +600,7 @@ def test_group_norm_kernels_compile_for_hopper():
     # the finalize folded into apply (SD-1.5's 320-channel norm: 64-channel chunks touch up to 8 groups of 10)
     built += bool(build(tn._gn_apply_kernel, dict(apply_flags, BLOCK_C=64, FOLD=True, FBLOCK_S=16, FBLOCK_G=8,
                                                   FBLOCK_CG=16)).asm.get("cubin"))
-    assert built == 21
+    assert built == 22
 
 
 def test_attention_and_conv_kernels_compile_for_hopper():
@@ -683,6 +685,13 @@ def test_attention_and_conv_kernels_compile_for_hopper():
         built += bool(build(tt._qconv_tma4d_persistent_kernel, dict(common, KH=3, PAD_FIX=not fp8, BI=1, BH=8, BW=16,
                                                                      FLATTEN=True), tma_type,
                             warps=8, stages=4).asm.get("cubin"))
+        # the row-statistics epilogue (diffquant::qconv_stats): 8-row tiles, and two 8x8 images a tile
+        for box in ((1, 8, 16), (2, 8, 8)):
+            stats_type = lambda n, f=tma_type, b=box: "*fp32" if n in ("mean_ptr", "m2_ptr") else f(  # noqa: E731
+                n, a_box=", ".join(map(str, (*b, 64))))
+            built += bool(build(tt._qconv_tma4d_kernel, dict(common, KH=3, PAD_FIX=not fp8, BI=box[0], BH=box[1],
+                                                              BW=box[2], STATS=True), stats_type,
+                                warps=8, stages=4).asm.get("cubin"))
         built += bool(build(tt._qconv_tma_kernel, dict(common, BLOCK_M=128),
                             lambda n, f=tma_type: f(n, a_box="128, 64"), warps=8, stages=4).asm.get("cubin"))
         # split-K: the partial tiles into an fp32 (int32) workspace, and the kernel that sums them into the epilogue
@@ -717,7 +726,7 @@ def test_attention_and_conv_kernels_compile_for_hopper():
     built += bool(build(tg._linear_geglu_persistent_kernel, dict(
         HAS_BIAS=True, QUANT=True, OSCALE_PER_CH=False, BITCAST_FP8=False, EMULATE=False, BLOCK_M=128, BLOCK_N=128,
         BLOCK_K=128, GROUP_M=8, FLATTEN=True, FP8_ACC=64), geglu_type, warps=8, stages=3).asm.get("cubin"))
-    assert built == 24
+    assert built == 28
 
 
 def test_fp8_accumulation_knob_and_its_routing(monkeypatch):
@@ -897,3 +906,81 @@ def test_split_k_switch_splits_table_configs_of_layers_with_few_tiles(monkeypatc
     monkeypatch.setenv("DIFFQUANT_QCONV_SPLIT_K", "two")
     with pytest.raises(ValueError, match="DIFFQUANT_QCONV_SPLIT_K"):
         cfg_for(dict(base, path="tma4d"))
+
+
+STATS_SCRIPT = r'''
+import json, sys
+sys.path.insert(0, {tests!r}); sys.path.insert(0, {src!r})
+import torch
+_empty = torch.empty
+def poisoned_empty(*a, **k):  # every float buffer starts as NaN: a statistic the kernels do not write fails
+    t = _empty(*a, **k)
+    return t.fill_(float("nan")) if t.is_floating_point() and t.dtype != torch.float8_e4m3fn else t
+torch.empty = poisoned_empty
+import diffquant.kernels.reference as ref_mod
+from diffquant.kernels import qconv_ref, tuning
+from diffquant.kernels.reference import row_stats_reference, group_norm_act_stats_reference
+from diffquant.kernels.triton_conv import qconv_triton
+import diffquant.kernels.triton_conv_tma as tt
+from diffquant.kernels.triton_norm import group_norm_act_stats_triton
+import test_kernels as tk
+real = tt._qconv_tma4d_kernel
+class Spy:  # records whether the 4-D kernel ran with its statistics epilogue
+    def __getitem__(self, grid):
+        def launch(*a, **k):
+            epilogue.append(bool(k.get("STATS", False)))
+            return real[grid](*a, **k)
+        return launch
+tt._qconv_tma4d_kernel = Spy()
+res = []
+for kind, kw, with_add, path, bm in json.loads({cases!r}):
+    epilogue = []
+    c = tk._rand_case(kind, **kw)
+    ho, wo = kw["h"], kw["w"]  # 3x3, padding 1
+    if with_add:
+        c["add"] = torch.randn(kw["n"], kw["cout"], ho, wo).contiguous(memory_format=torch.channels_last)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, path=path)
+    with tuning.forced_config(cfg):
+        out, mean, m2 = tk._call(lambda *a, **k: qconv_triton(*a, **k, stats=True), c, 1, 1)
+    want = tk._call(qconv_ref, c, 1, 1).float()
+    wm, wq = row_stats_reference(out)
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+    # the norm that takes them: bf16 output and e4m3 output with a time-embedding addend
+    g = 8
+    wt, bs = torch.randn(kw["cout"]), torch.randn(kw["cout"])
+    add = torch.randn(kw["n"], kw["cout"])
+    n_bf = group_norm_act_stats_triton(out, mean, m2, add, wt, bs, g, 1e-5, True, None, torch.bfloat16)
+    r_bf = group_norm_act_stats_reference(out, wm, wq, add, wt, bs, g, 1e-5, True, None, torch.bfloat16)
+    so = torch.tensor([0.01])
+    n_q = group_norm_act_stats_triton(out, mean, m2, add, wt, bs, g, 1e-5, True, so, torch.float8_e4m3fn)
+    r_q = group_norm_act_stats_reference(out, wm, wq, add, wt, bs, g, 1e-5, True, so, torch.float8_e4m3fn)
+    res.append([rel(out.float(), want), rel(mean, wm), rel(m2, wq), bool(torch.isfinite(mean).all() and
+                torch.isfinite(m2).all()), epilogue, rel(n_bf.float(), r_bf.float()),
+                float((n_q.float() != r_q.float()).float().mean())])
+print("RESULT" + json.dumps(res))
+'''
+
+STATS_CASES = [  # (kind, case, residual add, forced path, BLOCK_M)
+    ("fp8", dict(n=2, cin=48, cout=40, h=9, w=3), True, "tma4d", 32),  # 8-row tiles, a partial second one
+    ("int8", dict(n=3, cin=32, cout=24, h=4, w=4, a_zp=3), False, "tma4d", 32),  # 2 images a tile, padding fix
+    ("fp8", dict(n=1, cin=32, cout=16, h=5, w=40), False, "tma4d", 32),  # rows wider than a tile: stats pass
+    ("fp8", dict(n=2, cin=48, cout=40, h=7, w=6), True, "gather", 32),  # another kernel: stats pass
+]
+
+
+def test_interpreter_conv_row_stats_feed_the_norm():
+    """``stats=True`` (``diffquant::qconv_stats``): the 4-D kernel's epilogue writes each (image, output row,
+    channel)'s mean and sum of squared deviations of the stored output where its tiles hold whole rows (8-row tiles
+    with a partial last one; two images a tile, int8 with the padding fix-up); other configs (rows wider than the
+    tile, the gather kernel) run the statistics kernel with one segment per row. NaN-poisoned buffers catch an
+    unwritten statistic; a spy checks which form ran. Then ``group_norm_act_stats``'s kernels (finalize over the rows'
+    partials plus the time-embedding addend, apply) against the reference, bf16 and e4m3 out."""
+    env = dict(os.environ, TRITON_INTERPRET="1", DIFFQUANT_QCONV_TMA="0")
+    code = STATS_SCRIPT.format(tests=str(ROOT / "tests"), src=str(ROOT / "src"), cases=json.dumps(STATS_CASES))
+    res = _run_script(code, env)
+    for case, (out_rel, mean_rel, m2_rel, finite, epilogue, norm_rel, codes_off) in zip(STATS_CASES, res):
+        assert out_rel < 1e-5 and finite, (case, out_rel)
+        assert mean_rel < 1e-5 and m2_rel < 1e-4, (case, mean_rel, m2_rel)
+        assert epilogue == ([True] if case[3] == "tma4d" and case[1]["w"] <= 8 else
+                            [False] if case[3] == "tma4d" else []), (case, epilogue)
+        assert norm_rel < 1e-2 and codes_off < 0.01, (case, norm_rel, codes_off)

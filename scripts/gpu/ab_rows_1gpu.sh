@@ -16,6 +16,9 @@
 #           all shapes, split candidates included (TUNE_S), merged on the device; its bf16-compile row, the row as
 #           shipped, with DIFFQUANT_QCONV_SPLIT_K=2 and with the merged table. E.g.
 #           SMALL=ddpm-cifar10-32:1:dq-fp8-gn-qkv-te for the CIFAR DDPM.
+#   PART=6 (session 13, after the split-K calls): the conv1 -> norm2 row statistics (DIFFQUANT_GN_CONV_STATS=1;
+#           diffquant::qconv_stats / group_norm_act_stats): their GPU tests; CROW as shipped and with the switch; ROW
+#           with the switch (its as-shipped row: PART=4's, 15.27 ms) where the call's time allows.
 # Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in parts 2, 4 and 5.
 #   run: PART=1 bash scripts/gpu/ab_rows_1gpu.sh   (env: ROW, CROW, SMALL, TUNE_S, AB_ENV, TOTAL_S (570), EXTRA (env for
 #        every row, e.g. DIFFQUANT_GN_LOAD_STAGES=3 once it wins))
@@ -110,7 +113,16 @@ case $PART in
 5)
   tune_merge_rows "${SMALL:-sd15-unet:1:dq-fp8-gn-qkv-te-ff}" ${TUNE_S:-220}
   ;;
-*) echo "PART must be 1 to 5"; exit 2 ;;
+6)
+  say "GPU tests: conv row statistics into the norm"
+  timeout 120 python3 -m pytest -m gpu tests/test_kernels.py -k "conv_row_stats" -v --tb=short \
+    -p no:cacheprovider > $OUT/pytest_gpu.log 2>&1; echo "pytest rc=$?" >> $OUT/pytest_gpu.log
+  grep -E "PASSED|FAILED|ERROR|rc=|Error" $OUT/pytest_gpu.log | head -20
+  rows cship "$CROW"
+  rows cstats "$CROW" DIFFQUANT_GN_CONV_STATS=1
+  rows sstats "$ROW" DIFFQUANT_GN_CONV_STATS=1
+  ;;
+*) echo "PART must be 1 to 6"; exit 2 ;;
 esac
 cd $OUT && tar czf all.tgz *.json *.log && find . -maxdepth 1 -type f ! -name all.tgz ! -name env.txt \
   ! -name nvidia-h200.merged.json -delete

@@ -89,7 +89,8 @@ def dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wsca
                   son, soh, sow, soc, san, sah, saw, sac,
                   HAS_CORR: tl.constexpr, HAS_ASCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr):
     """The epilogue: + per-channel integer correction, x (activation scale x weight scale), + bias, + residual,
-    stored at (image nb, row oh, column ow, channel) through the output strides, where m_ok & n_ok."""
+    stored at (image nb, row oh, column ow, channel) through the output strides, where m_ok & n_ok. Returns the tile
+    as stored (in the output dtype; unused by most callers, and then not computed)."""
     if HAS_CORR:
         corr = tl.load(corr_ptr + offs_n, mask=n_ok, other=0).to(acc.dtype)
         acc = acc + corr[None, :]
@@ -105,4 +106,6 @@ def dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wsca
         add_off = nb64 * san + oh * sah + ow * saw
         out += tl.load(add_ptr + add_off[:, None] + offs_n[None, :] * sac, mask=mask, other=0.0).to(tl.float32)
     o_off = nb64 * son + oh * soh + ow * sow
-    tl.store(out_ptr + o_off[:, None] + offs_n[None, :] * soc, out.to(out_ptr.dtype.element_ty), mask=mask)
+    stored = out.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + o_off[:, None] + offs_n[None, :] * soc, stored, mask=mask)
+    return stored

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from diffquant.kernels.modules import LowBitLayer
-from diffquant.kernels.ops import group_norm_act, group_norm_act_dual
+from diffquant.kernels.ops import group_norm_act, group_norm_act_dual, group_norm_act_stats
 
 
 def _unfusable(block) -> Optional[str]:
@@ -65,15 +65,30 @@ def _dual_out_args(consumer: nn.Module, dtype: torch.dtype) -> tuple:
     return scale, out_dtype, zp, qmin, qmax, offset
 
 
+def conv_row_stats_enabled() -> bool:
+    """``DIFFQUANT_GN_CONV_STATS=1``: a fused ResNet block's conv1 hands norm2 its output's per-row statistics
+    (``diffquant::qconv_stats`` → ``diffquant::group_norm_act_stats``), so norm2 skips its statistics pass over
+    conv1's output. Off by default until timed on the GPU (an A/B switch)."""
+    v = os.environ.get("DIFFQUANT_GN_CONV_STATS", "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"DIFFQUANT_GN_CONV_STATS={v!r}: 0 or 1")
+    return v == "1"
+
+
 def _norm_into(norm: nn.GroupNorm, consumer: nn.Module, x: torch.Tensor, add_nc: Optional[torch.Tensor], silu: bool,
                as_tokens: bool = False, residual: Optional[torch.Tensor] = None,
-               x2: Optional[torch.Tensor] = None) -> torch.Tensor:
+               x2: Optional[torch.Tensor] = None, rows: Optional[tuple] = None) -> torch.Tensor:
     """``consumer(act(norm(cat(x, x2) + add_nc))) + residual`` with the norm, the activation and the consumer's input
     quantization in one op (and the residual in a converted consumer's epilogue); ``as_tokens``: the consumer is a
-    Linear over [N, H*W, C] (a free view of the channels-last output)."""
+    Linear over [N, H*W, C] (a free view of the channels-last output); ``rows``: x's per-row statistics
+    ``(mean, m2)`` from its producing conv (``diffquant::group_norm_act_stats``, no second tensor then)."""
     out_dtype, scale, zp, qmin, qmax, offset = _input_quantization(consumer, x.dtype)
-    h = group_norm_act(x, x2, add_nc, norm.weight, norm.bias, norm.num_groups, float(norm.eps), silu, scale,
-                       out_dtype, zp, qmin, qmax, offset)
+    if rows is not None:
+        h = group_norm_act_stats(x, rows[0], rows[1], add_nc, norm.weight, norm.bias, norm.num_groups,
+                                 float(norm.eps), silu, scale, out_dtype, zp, qmin, qmax, offset)
+    else:
+        h = group_norm_act(x, x2, add_nc, norm.weight, norm.bias, norm.num_groups, float(norm.eps), silu, scale,
+                           out_dtype, zp, qmin, qmax, offset)
     if as_tokens:
         h = h.permute(0, 2, 3, 1).reshape(x.shape[0], x.shape[2] * x.shape[3], h.shape[1])
     return _consume(consumer, h, x.dtype, residual)
@@ -91,8 +106,8 @@ def _consume(consumer: nn.Module, h: torch.Tensor, dtype: torch.dtype,
 
 class _FusedNormMixin:
     def _norm_act(self, norm: nn.GroupNorm, conv: nn.Module, x: torch.Tensor, add_nc: Optional[torch.Tensor],
-                  residual: Optional[torch.Tensor] = None):
-        return _norm_into(norm, conv, x, add_nc, True, residual=residual)
+                  residual: Optional[torch.Tensor] = None, rows: Optional[tuple] = None):
+        return _norm_into(norm, conv, x, add_nc, True, residual=residual, rows=rows)
 
     def forward(self, input_tensor: torch.Tensor, temb: Optional[torch.Tensor], *args,
                 skip: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
@@ -104,12 +119,28 @@ class _FusedNormMixin:
             input_tensor = torch.cat([input_tensor, skip], 1)
         if self.training or args or kwargs:
             return super().forward(input_tensor, temb, *args, **kwargs)
-        h = self._norm_act(self.norm1, self.conv1, input_tensor, None)
+        h, rows = self._conv1(input_tensor)
         t = self._time_proj(temb)
         x = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
         if self.output_scale_factor == 1:  # the shortcut added in conv2's epilogue (dropout: identity in eval)
-            return self._norm_act(self.norm2, self.conv2, h, t, residual=x)
-        return (x + self._norm_act(self.norm2, self.conv2, h, t)) / self.output_scale_factor
+            return self._norm_act(self.norm2, self.conv2, h, t, residual=x, rows=rows)
+        return (x + self._norm_act(self.norm2, self.conv2, h, t, rows=rows)) / self.output_scale_factor
+
+    def _conv1(self, x: torch.Tensor, x2: Optional[torch.Tensor] = None,
+               quantized: Optional[torch.Tensor] = None) -> tuple:
+        """conv1(SiLU(norm1(cat(x, x2)))) (``quantized``: norm1's output, already computed) and, where
+        :func:`conv_row_stats_enabled` and conv1 can (:meth:`LowBitLayer.gives_row_stats`), its output's per-row
+        statistics for norm2; else None for them."""
+        if quantized is None:
+            out_dtype, scale, zp, qmin, qmax, offset = _input_quantization(self.conv1, x.dtype)
+            n1 = self.norm1
+            quantized = group_norm_act(x, x2, None, n1.weight, n1.bias, n1.num_groups, float(n1.eps), True, scale,
+                                       out_dtype, zp, qmin, qmax, offset)
+        if (conv_row_stats_enabled() and isinstance(self.conv1, LowBitLayer)
+                and self.conv1.gives_row_stats(quantized)):
+            h, mean, m2 = self.conv1.forward_stats(quantized, x.dtype)
+            return h, (mean, m2)
+        return _consume(self.conv1, quantized, x.dtype), None
 
     def _forward_pair(self, h_in: torch.Tensor, skip: torch.Tensor, temb: Optional[torch.Tensor]) -> torch.Tensor:
         """``forward(torch.cat([h_in, skip], 1), temb)`` without the concatenation where the shortcut is a split
@@ -121,15 +152,15 @@ class _FusedNormMixin:
         if sc.act in ("fp8", "int"):  # one read of (h, skip): conv1's input and the shortcut's quantized input
             n1 = self.norm1
             raw_dtype, raw_scale, raw_zp, rqmin, rqmax, rqoffset = _input_quantization(sc, h_in.dtype)
-            h, raw = group_norm_act_dual(h_in, skip, n1.weight, n1.bias, n1.num_groups, float(n1.eps), True,
-                                         *_dual_out_args(self.conv1, h_in.dtype), raw_scale, raw_dtype, raw_zp,
-                                         rqmin, rqmax, rqoffset)
-            h = _consume(self.conv1, h, h_in.dtype)
+            hq, raw = group_norm_act_dual(h_in, skip, n1.weight, n1.bias, n1.num_groups, float(n1.eps), True,
+                                          *_dual_out_args(self.conv1, h_in.dtype), raw_scale, raw_dtype, raw_zp,
+                                          rqmin, rqmax, rqoffset)
+            h, rows = self._conv1(h_in, quantized=hq)
             x = sc(raw, out_dtype=h_in.dtype)
         else:
-            h = _norm_into(self.norm1, self.conv1, h_in, None, True, x2=skip)
+            h, rows = self._conv1(h_in, skip)
             x = sc.forward_pieces([h_in, skip])
-        return self._norm_act(self.norm2, self.conv2, h, self._time_proj(temb), residual=x)
+        return self._norm_act(self.norm2, self.conv2, h, self._time_proj(temb), residual=x, rows=rows)
 
     def _time_proj(self, temb: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The time embedding's per-channel addend before norm2: this block's columns of the model's stacked

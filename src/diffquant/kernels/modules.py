@@ -177,6 +177,31 @@ class LowBitLayer(_KeepStorage, nn.Module):
                           p.pad_corr)
         return y
 
+    def gives_row_stats(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward_stats` runs on ``x``: a conv with a static input quantization that runs
+        ``diffquant::qconv`` (not a tensor-wise GEMM), fed its quantized input (a fused norm's output)."""
+        return (self.kind == "conv" and self.act in ("fp8", "int") and self.fp8_gemm not in ("scaled_mm", "scaled_mm_tw")
+                and x.dtype == (torch.float8_e4m3fn if self.act == "fp8" else torch.int8))
+
+    def forward_stats(self, xq: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """:meth:`forward` on the quantized input ``xq`` and the output's per-row statistics for a following group
+        norm: ``(y, mean, m2)``, the last part's conv as ``diffquant::qconv_stats`` (a split layer's last part adds
+        the earlier parts' sum in its epilogue, so its stored output is the layer's). See :meth:`gives_row_stats`."""
+        if not self.gives_row_stats(xq):
+            raise ValueError(f"{self.layer_name}: forward_stats needs a conv with static input quantization fed its "
+                             f"quantized input; got {self.kind}, act {self.act}, gemm {self.fp8_gemm}, input "
+                             f"{xq.dtype}")
+        if not xq.is_contiguous(memory_format=torch.channels_last):
+            xq = xq.contiguous(memory_format=torch.channels_last)
+        y = None
+        for i, p in enumerate(self.parts):
+            args = (xq if len(self.parts) == 1 else xq[:, p.lo:p.hi], p.w, p.w_scale, p.a_scale, p.corr, p.wzp,
+                    self.bias if i == 0 else None, y, p.a_zp, list(self.stride), list(self.padding),
+                    list(self.dilation), p.w4, out_dtype, p.pad_corr)
+            if i == len(self.parts) - 1:
+                return ops.qconv_stats(*args)
+            y = ops.qconv(*args)
+
     def takes_pieces(self, pieces) -> bool:
         """Whether :meth:`forward_pieces` runs this layer on ``pieces`` without concatenating them: a split conv whose
         parts are the pieces' channels, with static (or no) input quantization."""

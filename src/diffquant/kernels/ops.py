@@ -14,8 +14,8 @@ import torch
 
 from diffquant.kernels.reference import (attention_out_like, conv_out_hw, fp8_attention_fp8_reference,
                                        fp8_attention_quantize, group_norm_act_dual_reference,
-                                       group_norm_act_reference, linear_geglu_reference, out_like,
-                                       qconv_reference)
+                                       group_norm_act_reference, group_norm_act_stats_reference,
+                                       linear_geglu_reference, out_like, qconv_reference, row_stats_reference)
 
 _TRITON = None
 
@@ -83,6 +83,47 @@ def _qconv_fake(x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, stride, padd
     cout, kh, kw, _ = w.shape
     ho, wo = conv_out_hw(x.shape[2], x.shape[3], kh, kw, stride, padding, dilation)
     return out_like(x, cout, ho, wo, out_dtype)
+
+
+@torch.library.custom_op("diffquant::qconv_stats", mutates_args=())
+def qconv_stats(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    a_scale: Optional[torch.Tensor],
+    corr: Optional[torch.Tensor],
+    wzp: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    add: Optional[torch.Tensor],
+    a_zp: int,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    w4: bool,
+    out_dtype: torch.dtype,
+    pad_corr: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`qconv` and, beside its output y, y's per-row statistics for a following group norm: the mean and the
+    sum of squared deviations of each (image, output row, channel)'s values as stored, [N, Ho, Cout] fp32 each
+    (:func:`.reference.row_stats_reference`). :func:`group_norm_act_stats` combines them, so the norm does not read
+    y a second time for its statistics. On the GPU the 4-D TMA kernel computes them in its epilogue where its tiles
+    hold whole output rows; every other config runs the conv, then a statistics pass over y."""
+    args = (x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, stride, padding, dilation, w4, out_dtype)
+    if _use_triton(x):
+        from diffquant.kernels.triton_conv import qconv_triton
+
+        return qconv_triton(*args, pad_corr=pad_corr, stats=True)
+    y = qconv_reference(*args)
+    return (y, *row_stats_reference(y))
+
+
+@qconv_stats.register_fake
+def _qconv_stats_fake(x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, stride, padding, dilation, w4, out_dtype,
+                      pad_corr=None):
+    cout, kh, kw, _ = w.shape
+    ho, wo = conv_out_hw(x.shape[2], x.shape[3], kh, kw, stride, padding, dilation)
+    part = x.new_empty((x.shape[0], ho, cout), dtype=torch.float32)
+    return out_like(x, cout, ho, wo, out_dtype), part, torch.empty_like(part)
 
 
 def qconv_ref(*args) -> torch.Tensor:
@@ -187,6 +228,35 @@ def _group_norm_act_fake(x, x2, add_nc, weight, bias, num_groups, eps, silu, out
                          qmin=0, qmax=0, qoffset=0):
     c = x.shape[1] + (x2.shape[1] if x2 is not None else 0)
     return out_like(x, c, x.shape[2], x.shape[3], out_dtype)
+
+
+@torch.library.custom_op("diffquant::group_norm_act_stats", mutates_args=())
+def group_norm_act_stats(x: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, add_nc: Optional[torch.Tensor],
+                         weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, silu: bool,
+                         out_scale: Optional[torch.Tensor], out_dtype: torch.dtype, out_zp: Optional[torch.Tensor] = None,
+                         qmin: int = 0, qmax: int = 0, qoffset: int = 0) -> torch.Tensor:
+    """:func:`group_norm_act` of x (+ add_nc), no second tensor, with the group statistics combined from x's per-row
+    partials ``mean`` and ``m2`` ([N, H, C] fp32: :func:`qconv_stats`'s second and third outputs for x) instead of
+    a pass over x. See :func:`.reference.group_norm_act_stats_reference`; the Triton kernels on CUDA (the norm's
+    finalize and apply steps, no statistics step), the reference elsewhere."""
+    _check_norm_args(x, None, add_nc, weight, bias, num_groups, out_scale, out_dtype, out_zp)
+    want = (x.shape[0], x.shape[2], x.shape[1])
+    if tuple(mean.shape) != want or tuple(m2.shape) != want or mean.dtype != torch.float32 or m2.dtype != mean.dtype:
+        raise ValueError(f"group_norm_act_stats: mean and m2 must be fp32 [N, H, C] = {want}; got "
+                         f"{tuple(mean.shape)} {mean.dtype}, {tuple(m2.shape)} {m2.dtype}")
+    args = (x, mean, m2, add_nc, weight, bias, num_groups, eps, silu, out_scale, out_dtype, out_zp, qmin, qmax,
+            qoffset)
+    if _use_triton(x):
+        from diffquant.kernels.triton_norm import group_norm_act_stats_triton
+
+        return group_norm_act_stats_triton(*args)
+    return group_norm_act_stats_reference(*args)
+
+
+@group_norm_act_stats.register_fake
+def _group_norm_act_stats_fake(x, mean, m2, add_nc, weight, bias, num_groups, eps, silu, out_scale, out_dtype,
+                               out_zp=None, qmin=0, qmax=0, qoffset=0):
+    return out_like(x, x.shape[1], x.shape[2], x.shape[3], out_dtype)
 
 
 @torch.library.custom_op("diffquant::group_norm_act_dual", mutates_args=())

@@ -247,6 +247,51 @@ def group_norm_act_reference(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc
     return _quantize_out(y.float(), out_scale, out_dtype, out_zp, qmin, qmax, qoffset)
 
 
+def row_stats_reference(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, output row and channel of ``y`` [N, C, H, W]: the mean and the sum of squared deviations of the
+    row's W values (as stored: ``y`` in its own dtype, then fp32), each [N, H, C] fp32. What ``diffquant::qconv_stats``
+    returns beside the conv output: the partial statistics a following group norm combines
+    (:func:`group_norm_act_stats_reference`) instead of reading the output once more."""
+    v = y.float().permute(0, 2, 3, 1)  # [N, H, W, C]
+    mean = v.mean(dim=2)
+    return mean.contiguous(), ((v - mean[:, :, None, :]) ** 2).sum(dim=2).contiguous()
+
+
+def combine_row_stats(mean: torch.Tensor, m2: torch.Tensor, width: int, num_groups: int,
+                      add_nc: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chan's combination of per-row partials ([N, H, C] means and sums of squared deviations of ``width`` values
+    each) into each (image, group)'s mean and variance, [N, G] float64; ``add_nc`` [N, C] shifts every channel's
+    mean (a per-(image, channel) addend leaves the deviations unchanged)."""
+    n, h, c = mean.shape
+    m = mean.double() + (add_nc.double()[:, None, :] if add_nc is not None else 0.0)
+    m = m.reshape(n, h, num_groups, c // num_groups)
+    q = m2.double().reshape(n, h, num_groups, c // num_groups)
+    gmean = m.mean(dim=(1, 3))
+    var = (q.sum(dim=(1, 3)) + width * ((m - gmean[:, None, :, None]) ** 2).sum(dim=(1, 3))) / (h * width * c //
+                                                                                                 num_groups)
+    return gmean, var
+
+
+def group_norm_act_stats_reference(x: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
+                                   add_nc: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
+                                   num_groups: int, eps: float, silu: bool, out_scale: Optional[torch.Tensor],
+                                   out_dtype: torch.dtype, out_zp: Optional[torch.Tensor] = None, qmin: int = 0,
+                                   qmax: int = 0, qoffset: int = 0) -> torch.Tensor:
+    """:func:`group_norm_act_reference` of ``x`` (+ ``add_nc``) with the group statistics taken from ``x``'s per-row
+    partials (``mean``, ``m2``: :func:`row_stats_reference` of ``x``, as ``diffquant::qconv_stats`` returns them)
+    instead of from ``x``. The partials are used as given: they are not checked against ``x``."""
+    nb, c, h, w = x.shape
+    gmean, var = combine_row_stats(mean, m2, w, num_groups, add_nc)
+    xc = x.double() + (add_nc.double()[:, :, None, None] if add_nc is not None else 0.0)
+    cpg = c // num_groups
+    mu = gmean.repeat_interleave(cpg, dim=1)[:, :, None, None]
+    rs = (1.0 / torch.sqrt(var + eps)).repeat_interleave(cpg, dim=1)[:, :, None, None]
+    y = (xc - mu) * rs * weight.double()[None, :, None, None] + bias.double()[None, :, None, None]
+    if silu:
+        y = F.silu(y)
+    return _quantize_out(y.float(), out_scale, out_dtype, out_zp, qmin, qmax, qoffset)
+
+
 def _quantize_out(y: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.dtype, zp: Optional[torch.Tensor],
                   qmin: int, qmax: int, qoffset: int) -> torch.Tensor:
     """``y`` quantized for its consumer (e4m3 with ``scale``, int8 codes with inverse ``scale`` and ``zp``; [1] or

@@ -275,6 +275,37 @@ def tma_paths(x, w, wzp, stride, padding, dilation, w4: bool, a_zp: int, pad_cor
     return frozenset(ok)
 
 
+def _run_path(cfg: dict, ho: int, wo: int, x: torch.Tensor) -> str:
+    """The kernel a call with block config ``cfg`` runs (the precise-mode reroute included)."""
+    return precise_path(cfg.get("path", "gather"), cfg["BLOCK_M"], ho, wo, x.dtype == torch.float8_e4m3fn)
+
+
+def _qconv_with_stats(x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, stride, padding, dilation, w4, out_dtype,
+                      pad_corr):
+    """:func:`qconv_triton` with ``stats=True``."""
+    from diffquant.kernels.reference import conv_out_hw
+
+    nbatch, _, h, wd = x.shape
+    cout, kh, kw, ck = w.shape
+    ho, wo = conv_out_hw(h, wd, kh, kw, stride, padding, dilation)
+    ok_paths = tma_paths(x, w, wzp, stride, padding, dilation, w4, a_zp, pad_corr)
+    if "tma4d" in ok_paths and (2 * ck if w4 else ck) == x.shape[1] and nbatch * ho * wo > 0:
+        key = tuning.shape_key(x.shape, x.dtype, w.shape, w4, stride, padding, dilation, out_dtype, add is not None)
+        cfg = _config(x, key, nbatch * ho * wo, cout, ck, w4, ok_paths)
+        path = _run_path(cfg, ho, wo, x)
+        if triton_conv_tma.row_stats_in_epilogue(cfg, path, ho, wo) and tuning._RECORD["calls"] is None:
+            mean = torch.empty((nbatch, ho, cout), dtype=torch.float32, device=x.device)
+            m2 = torch.empty_like(mean)
+            out = triton_conv_tma.qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp, padding, out_dtype,
+                                              pad_corr=pad_corr, config=cfg, stats=(mean, m2))
+            return out, mean, m2
+    from diffquant.kernels.triton_norm import row_stats_triton
+
+    out = qconv_triton(x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, stride, padding, dilation, w4, out_dtype,
+                       pad_corr)
+    return (out, *row_stats_triton(out))
+
+
 def qconv_triton(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -291,7 +322,14 @@ def qconv_triton(
     w4: bool,
     out_dtype: torch.dtype,
     pad_corr: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    stats: bool = False,
+):
+    """``diffquant::qconv`` on the GPU (or under the interpreter); ``stats``: ``diffquant::qconv_stats``, the result
+    is ``(out, mean, m2)`` with the output's per-row statistics, from the 4-D kernel's epilogue where the config
+    allows (:func:`.triton_conv_tma.row_stats_in_epilogue`), else from a statistics pass over the output."""
+    if stats:
+        return _qconv_with_stats(x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, stride, padding, dilation, w4,
+                                 out_dtype, pad_corr)
     from diffquant.kernels.reference import conv_out_hw, out_like
 
     nbatch, c, h, wd = x.shape
@@ -311,7 +349,7 @@ def qconv_triton(
     if tuning._RECORD["calls"] is not None:
         tuning._RECORD["calls"].append((key, (x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, list(stride),
                                               list(padding), list(dilation), w4, out_dtype), {"pad_corr": pad_corr}))
-    path = precise_path(cfg.get("path", "gather"), cfg["BLOCK_M"], ho, wo, x.dtype == torch.float8_e4m3fn)
+    path = _run_path(cfg, ho, wo, x)
     if path != "gather" and path not in ok_paths:
         raise ValueError(f"{key}: the forced {path} config cannot run this call "
                          f"({triton_conv_tma.tma4d_unsupported(x, w, wzp, stride, dilation, w4, a_zp, padding, pad_corr)})")

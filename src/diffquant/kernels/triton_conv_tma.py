@@ -246,7 +246,7 @@ def _pad_fix_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wsc
                    HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr):
     """The 4-D kernels' epilogue for the output pixels (nb, oh, ow): the padded taps read zeros, where the true input
     is an int8 zero point (``PAD_FIX``: its products added back per tap, as in the gather kernel), then
-    :func:`dequant_store`."""
+    :func:`dequant_store` (whose stored tile it returns)."""
     if PAD_FIX:
         for t in tl.static_range(KH * KW):
             ih = oh + t // KW - pad_h
@@ -254,8 +254,30 @@ def _pad_fix_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wsc
             outside = (ih < 0) | (ih >= H) | (iw < 0) | (iw >= W)
             pc = tl.load(padc_ptr + offs_n * (KH * KW) + t, mask=n_ok, other=0)
             acc += tl.where(outside[:, None], pc[None, :], 0)
-    dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
-                  son, soh, sow, soc, san, sah, saw, sac, HAS_CORR, HAS_ASCALE, HAS_BIAS, HAS_ADD)
+    return dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr,
+                         add_ptr, son, soh, sow, soc, san, sah, saw, sac, HAS_CORR, HAS_ASCALE, HAS_BIAS, HAS_ADD)
+
+
+@triton.jit
+def _row_stats_store(y, m_ok, n0, oh0, offs_n, n_ok, N, Ho, Cout, mean_ptr, m2_ptr, R: tl.constexpr,
+                     BW: tl.constexpr, BH: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per output row of a tile of whole rows (R = images x rows of BW pixels each, TILES_W == 1) and channel: the
+    mean and sum of squared deviations of the stored values ``y`` over the row's valid pixels, into [N, Ho, Cout]
+    fp32 (``diffquant::qconv_stats``'s partials for the next group norm). Two passes over the registers, no
+    E[y^2] - E[y]^2 cancellation."""
+    okf = tl.reshape(m_ok.to(tl.float32), (R, BW))
+    v = tl.reshape(tl.where(m_ok[:, None], y.to(tl.float32), 0.0), (R, BW, BLOCK_N))
+    cnt = tl.sum(okf, axis=1)
+    mean = tl.sum(v, axis=1) / tl.maximum(cnt, 1.0)[:, None]
+    d = (v - mean[:, None, :]) * okf[:, :, None]
+    m2 = tl.sum(d * d, axis=1)
+    r = tl.arange(0, R)
+    nb = n0 + r // BH
+    oh = oh0 + r % BH
+    dst = (nb.to(tl.int64) * Ho + oh)[:, None] * Cout + offs_n[None, :]
+    ok = ((nb < N) & (oh < Ho))[:, None] & n_ok[None, :]
+    tl.store(mean_ptr + dst, mean, mask=ok)
+    tl.store(m2_ptr + dst, m2, mask=ok)
 
 
 @triton.jit
@@ -265,9 +287,11 @@ def _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, c
                 KH: tl.constexpr, KW: tl.constexpr, A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr,
                 PAD_FIX: tl.constexpr, HAS_ASCALE: tl.constexpr, HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_ADD: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr):
+                BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr, mean_ptr=None, m2_ptr=None,
+                STATS: tl.constexpr = False):
     """One output tile (``pid_m``: BI images x BH rows x BW columns; ``pid_n``: BLOCK_N channels): the tap loop over
-    4-D TMA boxes, then the epilogue."""
+    4-D TMA boxes, then the epilogue; ``STATS``: and the per-row statistics of the stored tile
+    (:func:`_row_stats_store`; the tiles must hold whole rows)."""
     BLOCK_M: tl.constexpr = BI * BH * BW
     n0, oh0, ow0, co0 = _tile_origin(pid_m, pid_n, TILES_H, TILES_W, BI, BH, BW, BLOCK_N)
     acc = _tap_mainloop(a_desc, b_desc, n0, oh0, ow0, co0, 0, NITER, 0, CK, NCB, pad_h, pad_w, KW, A_INT, BITCAST_FP8,
@@ -275,9 +299,11 @@ def _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, c
     nb, oh, ow, m_ok = _tile_pixels(n0, oh0, ow0, tl.arange(0, BLOCK_M), N, Ho, Wo, BH, BW)
     offs_n = co0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Cout
-    _pad_fix_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
-                   padc_ptr, H, W, pad_h, pad_w, son, soh, sow, soc, san, sah, saw, sac, KH, KW, PAD_FIX, HAS_ASCALE,
-                   HAS_CORR, HAS_BIAS, HAS_ADD)
+    y = _pad_fix_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr,
+                       add_ptr, padc_ptr, H, W, pad_h, pad_w, son, soh, sow, soc, san, sah, saw, sac, KH, KW, PAD_FIX,
+                       HAS_ASCALE, HAS_CORR, HAS_BIAS, HAS_ADD)
+    if STATS:
+        _row_stats_store(y, m_ok, n0, oh0, offs_n, n_ok, N, Ho, Cout, mean_ptr, m2_ptr, BI * BH, BW, BH, BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["N", "H", "W", "Ho", "Wo", "NITER", "TILES_H", "TILES_W", "pad_h", "pad_w"])
@@ -289,7 +315,7 @@ def _qconv_tma4d_kernel(
     KH: tl.constexpr, KW: tl.constexpr, A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr, PAD_FIX: tl.constexpr,
     HAS_ASCALE: tl.constexpr, HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
     BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, FP8_ACC: tl.constexpr = None,
+    GROUP_M: tl.constexpr, FP8_ACC: tl.constexpr = None, mean_ptr=None, m2_ptr=None, STATS: tl.constexpr = False,
 ):
     BLOCK_M: tl.constexpr = BI * BH * BW
     tiles_m = tl.cdiv(N, BI) * TILES_H * TILES_W
@@ -297,7 +323,7 @@ def _qconv_tma4d_kernel(
     _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr, padc_ptr,
                 N, H, W, Ho, Wo, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h, pad_w, son, soh, sow, soc,
                 san, sah, saw, sac, KH, KW, A_INT, BITCAST_FP8, PAD_FIX, HAS_ASCALE, HAS_CORR, HAS_BIAS, HAS_ADD,
-                BI, BH, BW, BLOCK_N, BLOCK_K, FP8_ACC)
+                BI, BH, BW, BLOCK_N, BLOCK_K, FP8_ACC, mean_ptr, m2_ptr, STATS)
 
 
 # The persistent form (path "tma4dp"): one program per SM walks the output tiles, and the tile loop is flattened
@@ -538,12 +564,14 @@ def tile_4d(block_m: int, ho: int, wo: int) -> tuple[int, int, int]:
 
 def qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Sequence[int], out_dtype: torch.dtype,
                 pad_corr=None, config: Optional[dict] = None, persistent: bool = False,
-                rows: bool = False) -> torch.Tensor:
+                rows: bool = False, stats: Optional[tuple] = None) -> torch.Tensor:
     """``diffquant::qconv`` through 4-D TMA boxes (see :func:`tma4d_unsupported`); same arguments and result as
     :func:`.reference.qconv_reference`. Reads channels-last input in place, channel slices included.
     ``persistent``: one program per SM walking the tiles (:func:`_qconv_tma4d_persistent_kernel`). ``rows``: one
     one-row box and one dot per output row of the tile (:func:`_qconv_tma4d_rows_kernel`; :func:`rows_split` says
-    where it applies, elsewhere the plain kernel runs)."""
+    where it applies, elsewhere the plain kernel runs). ``stats``: ``(mean, m2)``, [N, Ho, Cout] fp32 buffers that
+    the plain kernel's epilogue fills with the output's per-row statistics (``diffquant::qconv_stats``); only for a
+    config that :func:`row_stats_in_epilogue` accepts."""
     from diffquant.kernels.reference import out_like
 
     nbatch, c, h, wd = x.shape
@@ -603,8 +631,21 @@ def qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seq
         args = (*args, progs)
     else:
         grid, kernel = (tiles,), _qconv_tma4d_rows_kernel if rows else _qconv_tma4d_kernel
+    if stats is not None:
+        if kernel is not _qconv_tma4d_kernel or tiles_w != 1 or split > 1:
+            raise ValueError(f"qconv_tma4d: this config ({cfg}) cannot compute row statistics in its epilogue")
+        flags = dict(flags, mean_ptr=stats[0], m2_ptr=stats[1], STATS=True)
     _launch_retrying(kernel, grid, (*args, *strides), flags, bm, bn, bk)
     return out
+
+
+def row_stats_in_epilogue(cfg: dict, path: str, ho: int, wo: int) -> bool:
+    """Whether the conv kernel of this call (block config ``cfg``, kernel ``path`` as run) computes the output's
+    per-row statistics in its epilogue: the plain 4-D kernel, unsplit, with tiles of whole output rows."""
+    if path != "tma4d" or cfg.get("SPLIT_K", 1) > 1:
+        return False
+    _, _, bw = tile_4d(cfg["BLOCK_M"], ho, wo)
+    return bw >= wo
 
 
 def _launch_retrying(kernel, grid, args: tuple, flags: dict, bm: int, bn: int, bk: int) -> None:

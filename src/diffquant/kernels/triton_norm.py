@@ -110,21 +110,27 @@ def _gn_stats_kernel(x_ptr, x2_ptr, add_ptr, mean_ptr, m2_ptr, HW, C1, C, S, SEG
 
 @triton.jit
 def _group_stats(mean_ptr, m2_ptr, n, g0, HW, C, S, SEG_P, CPG, G, inv_total, BLOCK_S: tl.constexpr,
-                 BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
+                 BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, add_ptr=None, SHIFT: tl.constexpr = False):
     """Chan's combination of the segments' per-channel partials into the mean and variance of groups g0 ..
-    g0 + BLOCK_G - 1 of image ``n`` (deterministic: no atomics). Columns are (group, channel in group) pairs."""
+    g0 + BLOCK_G - 1 of image ``n`` (deterministic: no atomics). Columns are (group, channel in group) pairs.
+    ``SHIFT``: the partials are of the input without its per-(image, channel) addend ``add_ptr`` [N, C] (a conv
+    epilogue's statistics, taken before the time embedding is added): every channel's means move by it, the
+    deviations do not."""
     j = tl.arange(0, BLOCK_G * BLOCK_CG)
     k = j % BLOCK_CG
     g = g0 + j // BLOCK_CG
     col_ok = (k < CPG) & (g < G)
     offs_c = g * CPG + k
+    shift = 0.0
+    if SHIFT:
+        shift = tl.load(add_ptr + n * C + offs_c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     acc = tl.zeros((BLOCK_S, BLOCK_G * BLOCK_CG), dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         ok = (offs_s < S)[:, None] & col_ok[None, :]
         cnt = tl.minimum(HW - offs_s * SEG_P, SEG_P).to(tl.float32)
         m = tl.load(mean_ptr + (n * S + offs_s).to(tl.int64)[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
-        acc += tl.where(ok, m * cnt[:, None], 0.0)
+        acc += tl.where(ok, (m + shift) * cnt[:, None], 0.0)
     gmean = tl.sum(tl.reshape(tl.sum(acc, axis=0), (BLOCK_G, BLOCK_CG)), axis=1) * inv_total
     gmean_col = tl.reshape(tl.broadcast_to(gmean[:, None], (BLOCK_G, BLOCK_CG)), (BLOCK_G * BLOCK_CG,))
     acc = tl.zeros((BLOCK_S, BLOCK_G * BLOCK_CG), dtype=tl.float32)
@@ -135,19 +141,20 @@ def _group_stats(mean_ptr, m2_ptr, n, g0, HW, C, S, SEG_P, CPG, G, inv_total, BL
         src = (n * S + offs_s).to(tl.int64)[:, None] * C + offs_c[None, :]
         m = tl.load(mean_ptr + src, mask=ok, other=0.0)
         m2 = tl.load(m2_ptr + src, mask=ok, other=0.0)
-        d = m - gmean_col[None, :]
+        d = m + shift - gmean_col[None, :]
         acc += tl.where(ok, m2 + cnt[:, None] * d * d, 0.0)
     return gmean, tl.sum(tl.reshape(tl.sum(acc, axis=0), (BLOCK_G, BLOCK_CG)), axis=1) * inv_total
 
 
 @triton.jit
 def _gn_finalize_kernel(mean_ptr, m2_ptr, gmean_ptr, grstd_ptr, HW, C, S, SEG_P, CPG, G, eps, inv_total,
-                        BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
-    """BLOCK_G groups' mean and 1/std of one image (:func:`_group_stats`)."""
+                        BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, add_ptr=None,
+                        SHIFT: tl.constexpr = False):
+    """BLOCK_G groups' mean and 1/std of one image (:func:`_group_stats`; ``SHIFT``: see there)."""
     n = tl.program_id(0)
     g0 = tl.program_id(1) * BLOCK_G
     gmean, var = _group_stats(mean_ptr, m2_ptr, n, g0, HW, C, S, SEG_P, CPG, G, inv_total, BLOCK_S, BLOCK_G,
-                              BLOCK_CG)
+                              BLOCK_CG, add_ptr, SHIFT)
     offs_g = g0 + tl.arange(0, BLOCK_G)
     tl.store(gmean_ptr + n * G + offs_g, gmean, mask=offs_g < G)
     tl.store(grstd_ptr + n * G + offs_g, 1.0 / tl.sqrt(var + eps), mask=offs_g < G)
@@ -380,10 +387,13 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
                           out_scale: Optional[torch.Tensor], out_dtype: torch.dtype,
                           out_zp: Optional[torch.Tensor] = None, qmin: int = 0, qmax: int = 0,
                           qoffset: int = 0, plan: Optional[dict] = None,
-                          stages: tuple = ("stats", "finalize", "apply"), raw: Optional[tuple] = None):
+                          stages: tuple = ("stats", "finalize", "apply"), raw: Optional[tuple] = None,
+                          rows: Optional[tuple] = None):
     """``plan``: :func:`norm_plan`'s or :func:`whole_plan`'s dict (default: the segmented plan); ``stages``: the
     segmented path's kernels to launch (the benchmark times them one by one); ``raw``: ``(scale, dtype, zp, qmin,
-    qmax, offset)`` of a second consumer of the input itself (no addend then): the result is ``(out, raw codes)``."""
+    qmax, offset)`` of a second consumer of the input itself (no addend then): the result is ``(out, raw codes)``.
+    ``rows``: ``(mean, m2)``, x's per-row partials without the addend ([N, H, C] fp32, ``diffquant::qconv_stats``):
+    no statistics step, the finalize step combines them (one segment per row) and adds the addend to the means."""
     from diffquant.kernels.reference import out_like
 
     nb, c1, h, w = x.shape
@@ -398,6 +408,9 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
     if nb == 0 or hw == 0:
         return out if raw is None else (out, raw_out)
     pl = plan if plan is not None else _default_plan(nb, c, hw, num_groups, x.device, c1 if x2 is not None else None)
+    if rows is not None:
+        if x2 is not None or raw is not None or pl.get("kind") == "whole" or pl.get("fold"):
+            raise ValueError("group_norm_act: row partials take one input tensor and the segmented plan, unfolded")
     x2_arg = x2 if x2 is not None else x
     add_arg = add_nc.contiguous() if add_nc is not None else x
     s_out = out_scale.float().reshape(-1).contiguous() if quant else x
@@ -418,11 +431,12 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
     block_c, block_p, segs, seg_p, warps = pl["block_c"], pl["block_p"], pl["segs"], pl["seg_p"], pl["warps"]
     pure = x2 is not None and c1 % block_c == 0 and c % block_c == 0  # each chunk reads one of x, x2
     grid = (segs, nb, triton.cdiv(c, block_c))
-    part_mean = torch.empty((nb, segs, c), dtype=torch.float32, device=x.device)
-    part_m2 = torch.empty_like(part_mean)
+    part_mean = torch.empty((nb, segs, c), dtype=torch.float32, device=x.device) if rows is None else rows[0]
+    part_m2 = torch.empty_like(part_mean) if rows is None else rows[1]
+    fsegs, fseg_p = (segs, seg_p) if rows is None else (h, w)  # the partials' segments: one per row
     gmean = torch.empty((nb, num_groups), dtype=torch.float32, device=x.device)
     grstd = torch.empty_like(gmean)
-    if "stats" in stages:
+    if "stats" in stages and rows is None:
         _gn_stats_kernel[grid](x, x2_arg, add_arg, part_mean, part_m2, hw, c1, c, segs, seg_p,
                                HAS_X2=x2 is not None, HAS_ADD=add_nc is not None, PURE=pure, BLOCK_P=block_p,
                                BLOCK_C=block_c, LOAD_STAGES=pl.get("stages", 1), num_warps=warps)
@@ -432,9 +446,9 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
     block_g = pl.get("block_g") or finalize_block_g(nb, num_groups, block_cg, _num_sms(x.device))
     if "finalize" in stages and not fold:
         _gn_finalize_kernel[(nb, triton.cdiv(num_groups, block_g))](
-            part_mean, part_m2, gmean, grstd, hw, c, segs, seg_p, cpg, num_groups, float(eps), 1.0 / (hw * cpg),
-            BLOCK_S=max(2, min(triton.next_power_of_2(segs), 4096 // (block_g * block_cg))), BLOCK_G=block_g,
-            BLOCK_CG=block_cg, num_warps=4)
+            part_mean, part_m2, gmean, grstd, hw, c, fsegs, fseg_p, cpg, num_groups, float(eps), 1.0 / (hw * cpg),
+            BLOCK_S=max(2, min(triton.next_power_of_2(fsegs), 4096 // (block_g * block_cg))), BLOCK_G=block_g,
+            BLOCK_CG=block_cg, add_ptr=add_arg, SHIFT=rows is not None and add_nc is not None, num_warps=4)
     if "apply" not in stages:
         return result
     fblock_g = triton.next_power_of_2((block_c - 1) // cpg + 2)  # the groups a chunk of block_c channels touches
@@ -468,3 +482,32 @@ def group_norm_act_dual_triton(x, x2, weight, bias, num_groups, eps, silu, out_s
     """``diffquant::group_norm_act_dual`` on the GPU: :func:`group_norm_act_triton` with its raw second output."""
     return group_norm_act_triton(x, x2, None, weight, bias, num_groups, eps, silu, out_scale, out_dtype, out_zp, qmin,
                                  qmax, qoffset, raw=(raw_scale, raw_dtype, raw_zp, rqmin, rqmax, rqoffset))
+
+
+def group_norm_act_stats_triton(x, mean, m2, add_nc, weight, bias, num_groups, eps, silu, out_scale, out_dtype,
+                                out_zp=None, qmin=0, qmax=0, qoffset=0):
+    """``diffquant::group_norm_act_stats`` on the GPU: the finalize step over x's per-row partials (plus the addend),
+    then the apply step; no statistics pass."""
+    nb, c, h, w = x.shape
+    plan = norm_plan(nb, c, h * w, x.device, fold=False)
+    return group_norm_act_triton(x, None, add_nc, weight, bias, num_groups, eps, silu, out_scale, out_dtype, out_zp,
+                                 qmin, qmax, qoffset, plan=plan, rows=(mean.contiguous(), m2.contiguous()))
+
+
+def row_stats_triton(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (image, row, channel) of ``y`` [N, C, H, W] (channels-last), the mean and the sum of squared deviations
+    of the row's values, [N, H, C] fp32 each (:func:`.reference.row_stats_reference`): the statistics kernel with one
+    segment per row. ``diffquant::qconv_stats`` runs it after conv configs whose epilogue cannot."""
+    nb, c, h, w = y.shape
+    y = _channels_last(y)
+    mean = torch.empty((nb, h, c), dtype=torch.float32, device=y.device)
+    m2 = torch.empty_like(mean)
+    if mean.numel() == 0:
+        return mean, m2
+    pl = norm_plan(nb, c, h * w, y.device)
+    block_c = pl["block_c"]
+    block_p = max(16, min(256, 4096 // block_c, triton.next_power_of_2(w)))
+    _gn_stats_kernel[(h, nb, triton.cdiv(c, block_c))](y, y, y, mean, m2, h * w, c, c, h, w, HAS_X2=False,
+                                                       HAS_ADD=False, PURE=False, BLOCK_P=block_p, BLOCK_C=block_c,
+                                                       num_warps=4)
+    return mean, m2
