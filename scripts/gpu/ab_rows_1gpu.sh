@@ -8,17 +8,18 @@
 #           with the norm stages and the folded finalize; ROW with session 10's GEGLU config.
 #   PART=3: CIFAR b256 bf16-compile and CROW as shipped, with the norm stages, with the stages and the fold; then
 #           CIFAR b1 bf16-compile and dq-fp8-gn-qkv-te with and without DIFFQUANT_GN_WHOLE_MAX_HW=1024.
-#   PART=4 (written after session 12's device time, not yet run): split-K (SPLIT_K on tma / tma4d configs, for layers
+#   PART=4 (written after session 12's device time; ran in session 13): split-K (SPLIT_K on tma / tma4d configs, for layers
 #           with few output tiles): GPU tests; SD b8's 3x3 convs of 8x8 and 16x16 inputs re-tuned with every kernel
 #           and the split-K candidates (TUNE_S), merged on the device (back as nvidia-h200.merged.json); ROW as
 #           shipped, with DIFFQUANT_QCONV_SPLIT_K=2 (untuned splits) and with the merged table, in one call.
-#   PART=5 (also not yet run): split-K at batch 1, where every layer has few tiles: SMALL (default SD-1.5 b1) re-tuned,
+#   PART=5 (ran in session 13 for CIFAR b1; TUNE_ARGS: more tune_qconv.py options): split-K at batch 1, where every layer has few tiles: SMALL (default SD-1.5 b1) re-tuned,
 #           all shapes, split candidates included (TUNE_S), merged on the device; its bf16-compile row, the row as
 #           shipped, with DIFFQUANT_QCONV_SPLIT_K=2 and with the merged table. E.g.
 #           SMALL=ddpm-cifar10-32:1:dq-fp8-gn-qkv-te for the CIFAR DDPM.
 #   PART=6 (session 13, after the split-K calls): the conv1 -> norm2 row statistics (DIFFQUANT_GN_CONV_STATS=1;
 #           diffquant::qconv_stats / group_norm_act_stats): their GPU tests; CROW as shipped and with the switch; ROW
-#           with the switch (its as-shipped row: PART=4's, 15.27 ms) where the call's time allows.
+#           with the switch (its as-shipped row: PART=4's, 15.27 ms) where the call's time allows. Ran in session 13
+#           with TOTAL_S=320 (the budget's end): slower (8.41 against 7.86 ms).
 # Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in parts 2, 4 and 5.
 #   run: PART=1 bash scripts/gpu/ab_rows_1gpu.sh   (env: ROW, CROW, SMALL, TUNE_S, AB_ENV, TOTAL_S (570), EXTRA (env for
 #        every row, e.g. DIFFQUANT_GN_LOAD_STAGES=3 once it wins))
@@ -111,7 +112,8 @@ case $PART in
   WITH_BF16=0 tune_merge_rows "$ROW" ${TUNE_S:-150} --shapes ${SHAPES:-x8x8:o1280:k3x3,x16x16:o1280:k3x3}
   ;;
 5)
-  tune_merge_rows "${SMALL:-sd15-unet:1:dq-fp8-gn-qkv-te-ff}" ${TUNE_S:-220}
+  read -r -a TUNE_EXTRA <<< "${TUNE_ARGS:-}"  # e.g. TUNE_ARGS="--shapes x8x8:,x4x4:,k1x1"
+  tune_merge_rows "${SMALL:-sd15-unet:1:dq-fp8-gn-qkv-te-ff}" ${TUNE_S:-220} "${TUNE_EXTRA[@]}"
   ;;
 6)
   say "GPU tests: conv row statistics into the norm"

@@ -8,21 +8,21 @@
 #          TUNE_TASKS (model:batch:variant,...; empty: no tuning, every GPU benches), TUNE_S (200), TUNE_ARGS (more
 #          tune_qconv.py options, e.g. --untuned-only or --skip-paths tma),
 #          DIFFQUANT_PROFILE_TOP (kernels listed per row's profile, default here 40)
-#   suggested calls for the next session (written at the end of session 12, 2026-11-28; session 11's item 0 ran on one
-#   GPU as scripts/gpu/ab_rows_1gpu.sh PART=1-3, see BENCHMARKS.md "Kernels, tenth measurement"):
-#   0. PART=4 bash scripts/gpu/ab_rows_1gpu.sh (nvidia-h200, carry .whl, about 8 min): the split-K GPU tests (written
-#      after session 12's device time), SD b8's 8x8 and 16x16 shapes re-tuned with every kernel and the split-K
-#      candidates, SD b8 rows as shipped and with the merged table. Keep the merged table (nvidia-h200.merged.json)
-#      if its row is faster.
-#   1. PART=5 bash scripts/gpu/ab_rows_1gpu.sh: SD b1 re-tuned with split-K (every shape has few tiles at batch 1),
-#      rows; then SMALL=ddpm-cifar10-32:1:dq-fp8-gn-qkv-te and SMALL=zoo:cifar10-ddpm:1:dq-fp8-gn-qkv-te.
+#   suggested calls for the next session (written at the end of session 13, 2026-11-29; sessions 12-13 ran on one GPU
+#   as scripts/gpu/ab_rows_1gpu.sh PART=1-6, see BENCHMARKS.md "Kernels, tenth / eleventh measurement"):
+#   0. SD b1 with split-K: PART=5 bash scripts/gpu/ab_rows_1gpu.sh (SMALL defaults to sd15-unet:1:...-ff); then the 17
+#      CIFAR b1 shapes session 13 did not reach: PART=5 SMALL=ddpm-cifar10-32:1:dq-fp8-gn-qkv-te
+#      TUNE_ARGS="--shapes x8x8:,x4x4:,k1x1" (cuDNN bf16 beat every FP8 candidate on the 8 reached).
+#   1. After reworking the row-statistics epilogue (a per-tile reduction, no 3-D reshape): PART=6 (CIFAR b256 with
+#      and without DIFFQUANT_GN_CONV_STATS=1; session 13: 8.41 against 7.86 ms, the epilogue 0.73 ms dearer).
 #   2. the 12 INT8 CIFAR b256 shapes still untuned (one GPU: TUNE0=ddpm-cifar10-32:256:dq-int8
 #      TUNE_ARGS=--untuned-only bash scripts/gpu/tune_split.sh), then ROWS=ddpm-cifar10-32:256:bf16-compile,
 #      ddpm-cifar10-32:256:dq-int8-gn-qkv-te.
 #   Measured and dropped in session 11: FP8 attention (2x slower than cuDNN), DIFFQUANT_FP8_ACC=precise (2x cost,
 #   +0.07 dB), the persistent GEGLU kernel as a default. In session 12: tma4dr as a default (no faster in the model),
 #   DIFFQUANT_GN_LOAD_STAGES=3 and DIFFQUANT_GN_FOLD=1 (slower), DIFFQUANT_GN_WHOLE_MAX_HW=1024 at CIFAR b1 (2.7x
-#   slower norms).
+#   slower norms). In session 13: DIFFQUANT_QCONV_SPLIT_K=2 untuned (slower on SD b8 and CIFAR b1; tuned split-K
+#   ships at SD b8's 8x8 level and two CIFAR b1 shapes), DIFFQUANT_GN_CONV_STATS=1 (slower, see item 1).
 #   Untimed switches: DIFFQUANT_FUSE_UP=0 (A/B of the fused up blocks), DIFFQUANT_BENCH_FREEZE=1.
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
