@@ -13,23 +13,14 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ptxas_report import _build, _ptxas  # noqa: E402
+from ptxas_report import _build, _conv_types, _ptxas  # noqa: E402
 
 from diffquant.kernels import triton_conv_tma as tt  # noqa: E402
 
 
 def _types(a_box: str, b_box: str):
-    def t(n):
-        if n == "a_desc":
-            return f"tensordesc<fp8e4nv[{a_box}]>"
-        if n == "b_desc":
-            return f"tensordesc<fp8e4nv[{b_box}]>"
-        if n in ("out_ptr", "add_ptr"):
-            return "*bf16"
-        if n in ("ascale_ptr", "wscale_ptr", "bias_ptr", "mean_ptr", "m2_ptr"):
-            return "*fp32"
-        return "*i32" if n.endswith("_ptr") else "i32"
-    return t
+    conv = _conv_types("fp8e4nv", a_box, b_box)
+    return lambda n: "*fp32" if n in ("mean_ptr", "m2_ptr") else conv(n)
 
 
 def main() -> None:
