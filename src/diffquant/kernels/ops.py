@@ -85,31 +85,21 @@ def _qconv_fake(x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, stride, padd
     return out_like(x, cout, ho, wo, out_dtype)
 
 
-@torch.library.custom_op("diffquant::qconv_stats", mutates_args=())
-def qconv_stats(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    a_scale: Optional[torch.Tensor],
-    corr: Optional[torch.Tensor],
-    wzp: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    add: Optional[torch.Tensor],
-    a_zp: int,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    w4: bool,
-    out_dtype: torch.dtype,
-    pad_corr: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`qconv` and, beside its output y, y's per-row statistics for a following group norm: the mean and the
-    sum of squared deviations of each (image, output row, channel)'s values as stored, [N, Ho, Cout] fp32 each
-    (:func:`.reference.row_stats_reference`). :func:`group_norm_act_stats` combines them, so the norm does not read
-    y a second time for its statistics. On the GPU the 4-D TMA kernel computes them in its epilogue where its tiles
-    hold whole output rows; every other config runs the conv, then a statistics pass over y."""
-    args = (x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, stride, padding, dilation, w4, out_dtype)
-    if _use_triton(x):
+# diffquant::qconv's arguments, from its schema (one source for both ops)
+_QCONV_ARGS = str(torch.ops.diffquant.qconv.default._schema).split("(", 1)[1].rsplit(") ->", 1)[0]
+
+
+@torch.library.custom_op("diffquant::qconv_stats", mutates_args=(),
+                         schema=f"({_QCONV_ARGS}) -> (Tensor, Tensor, Tensor)")
+def qconv_stats(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`qconv` (same arguments) and, beside its output y, y's per-row statistics for a following group norm:
+    the mean and the sum of squared deviations of each (image, output row, channel)'s values as stored,
+    [N, Ho, Cout] fp32 each (:func:`.reference.row_stats_reference`). :func:`group_norm_act_stats` combines them, so
+    the norm does not read y a second time for its statistics. On the GPU the 4-D TMA kernel computes them in its
+    epilogue where its tiles hold whole output rows; every other config runs the conv, then a statistics pass over
+    y."""
+    args, pad_corr = args[:14], args[14] if len(args) > 14 else None
+    if _use_triton(args[0]):
         from diffquant.kernels.triton_conv import qconv_triton
 
         return qconv_triton(*args, pad_corr=pad_corr, stats=True)
@@ -118,12 +108,10 @@ def qconv_stats(
 
 
 @qconv_stats.register_fake
-def _qconv_stats_fake(x, w, w_scale, a_scale, corr, wzp, bias, add, a_zp, stride, padding, dilation, w4, out_dtype,
-                      pad_corr=None):
-    cout, kh, kw, _ = w.shape
-    ho, wo = conv_out_hw(x.shape[2], x.shape[3], kh, kw, stride, padding, dilation)
-    part = x.new_empty((x.shape[0], ho, cout), dtype=torch.float32)
-    return out_like(x, cout, ho, wo, out_dtype), part, torch.empty_like(part)
+def _qconv_stats_fake(*args):
+    y = _qconv_fake(*args)
+    part = args[0].new_empty((y.shape[0], y.shape[2], y.shape[1]), dtype=torch.float32)
+    return y, part, torch.empty_like(part)
 
 
 def qconv_ref(*args) -> torch.Tensor:
