@@ -1,6 +1,8 @@
 """What the row-statistics epilogue (``STATS=True`` on ``_qconv_tma4d_kernel``, ``diffquant::qconv_stats``) adds to
 the compiled 4-D conv kernel, without a GPU: Triton compiles it for sm_90 and ptxas reads registers and spills
-(:mod:`ptxas_report`'s helpers); the TTGIR's layout conversions are listed by shape. Needs a Triton with its
+(:mod:`ptxas_report`'s helpers); the TTGIR's layout conversions are listed by shape, and the PTX's barriers and
+warp shuffles counted (the epilogue's reductions over the tile's pixels are shuffles within a warp, then shared
+memory and barriers across warps). Needs a Triton with its
 bundled ptxas (the GPU machine's 3.6: ``/tmp/t36`` in the closing notes).
 
     PYTHONPATH=src python benchmarks/stats_epilogue_probe.py [--out benchmarks/results/stats_epilogue_probe.jsonl]
@@ -38,8 +40,10 @@ def main() -> None:
                           STATS=stats)
             k = _build(tt._qconv_tma4d_kernel, consts, types(f"{bi}, {bh}, {bw}, {bk}", f"{bn}, {bk}"), warps, stages)
             conv = re.findall(r"convert_layout %\S+ : tensor<([0-9x]+[a-zA-Z0-9]+),", k.asm["ttgir"])
+            ptx = k.asm["ptx"]
             row = dict(tile=[bi, bh, bw, bn, bk, warps, stages], stats=stats, shared_bytes=k.metadata.shared,
-                       layout_conversions=conv)
+                       layout_conversions=conv, barriers=len(re.findall(r"\bbar\.sync\b|\bbarrier\.sync\b", ptx)),
+                       shuffles=ptx.count("shfl.sync"))
             row.update(_ptxas(k.asm["ptx"]))
             print(json.dumps(row), flush=True)
             rows.append(row)
