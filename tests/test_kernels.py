@@ -559,6 +559,15 @@ def test_tuning_shape_key_and_candidates():
     got = {(c["BLOCK_K"], c["SPLIT_K"]) for c in tuning.candidates(1, False, cout=256, ck=256, path="tma4d", m=512)
            if "SPLIT_K" in c}
     assert got == {(128, 2), (64, 2), (64, 3), (64, 4)}
+    # small unsplit tiles for the same few-tile layers (CIFAR's 32x32 level at batch 1: 8 tiles of 128x128), not for
+    # a layer of many tiles, and not for the kernels without split-K
+    small = [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk, num_warps=4, num_stages=4, path="tma4d") for bk in (128, 64)]
+    b1 = tuning.candidates(1, False, cout=128, ck=128, path="tma4d", m=32 * 32)
+    assert all(c in b1 for c in small) and sum("SPLIT_K" not in c and c["BLOCK_N"] == 64 == c["BLOCK_M"]
+                                               for c in b1) == 2
+    assert not any(c in tuning.candidates(1, False, cout=128, ck=128, path="tma4d", m=256 * 32 * 32) for c in small)
+    assert not any(c["BLOCK_M"] == 64 == c["BLOCK_N"] for c in
+                   tuning.candidates(1, False, cout=128, ck=128, path="tma4dp", m=32 * 32))
 
 
 def test_tuning_table_lookup_validation_and_device(tmp_path, monkeypatch):

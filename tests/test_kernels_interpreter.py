@@ -406,7 +406,8 @@ print("RESULT" + json.dumps(res))
 
 def test_interpreter_every_tma_tuner_candidate_is_correct():
     """Each block config the tuner tries for the TMA kernels (tile shapes of 64-256 rows, whole-row boxes of 1-16
-    image rows, split-K in 2 to 4) on an odd SD-like shape (FP8) and an int8 one with a zero point; the
+    image rows, split-K in 2 to 4, the few-tile layers' 64x64 tiles) on an odd SD-like shape (FP8) and an int8 one
+    with a zero point; the
     one-dot-per-row kernel's on 64-pixel rows."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("DIFFQUANT_QCONV_CONFIG", None)

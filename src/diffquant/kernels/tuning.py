@@ -66,6 +66,10 @@ CANDIDATES_SPLIT_K: tuple[tuple[int, ...], ...] = (
     (128, 128, 128, 8, 4), (128, 128, 128, 4, 3), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 256, 128, 8, 3),
     (64, 128, 64, 4, 4),  # BLOCK_K 64: twice the K steps, so layers of 128-256 channels can split (small batches)
 )
+# small tiles of the "tma" and "tma4d" kernels, unsplit, for the same few-tile layers: at batch 1 a 32x32 CIFAR layer
+# of 128 channels has 8 tiles of 128x128 for 132 SMs, and cuDNN's bf16 conv beat every candidate above on all 8
+# CIFAR b1 shapes timed (H200, 2026-11-29, BENCHMARKS.md "Kernels, eleventh measurement"); 64x64 tiles make 32
+CANDIDATES_FEW_TILES: tuple[tuple[int, ...], ...] = ((64, 64, 128, 4, 4), (64, 64, 64, 4, 4))
 SPLITS = (2, 3, 4)
 SPLIT_K_PATHS = ("tma", "tma4d")
 SPLIT_K_BELOW_TILES = 264
@@ -102,8 +106,8 @@ def candidates(a_bytes: int, w4: bool, cout: int, ck: int, limit: int = SMEM_LIM
                m: int = 0, taps: int = 9) -> list[dict]:
     """The candidate configs of one kernel (``path``) for one shape: those whose tiles fit the layer and
     shared memory. TMA candidates carry their ``"path"``. ``m`` (output pixels) and ``taps`` (kernel taps) given,
-    ``"tma"`` and ``"tma4d"`` also get split-K candidates where the layer has few output tiles
-    (:data:`CANDIDATES_SPLIT_K`)."""
+    ``"tma"`` and ``"tma4d"`` also get small-tile candidates (:data:`CANDIDATES_FEW_TILES`) and split-K ones
+    (:data:`CANDIDATES_SPLIT_K`) where the layer has few output tiles."""
     if path not in PATHS:
         raise ValueError(f"path={path!r}; allowed: {PATHS}")
     tma = path != "gather"
@@ -128,6 +132,11 @@ def candidates(a_bytes: int, w4: bool, cout: int, ck: int, limit: int = SMEM_LIM
         if cfg not in out:
             out.append(cfg)
     if path in SPLIT_K_PATHS and m > 0 and not (a_bytes != 1 or w4):
+        if math.ceil(m / 128) * math.ceil(cout / 128) < SPLIT_K_BELOW_TILES:
+            for bm, bn, bk, nw, ns in CANDIDATES_FEW_TILES:
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, path=path)
+                if cfg not in out and not (bk > 32 and ck <= bk // 2):
+                    out.append(cfg)
         for bm, bn, bk, nw, ns in CANDIDATES_SPLIT_K:
             steps = taps * math.ceil(ck / bk)
             if math.ceil(m / bm) * math.ceil(cout / bn) >= SPLIT_K_BELOW_TILES or (bn > 64 and cout <= bn // 2):
