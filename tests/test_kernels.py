@@ -1020,6 +1020,106 @@ def test_convert_attention_fp8_installs_processor_and_runs():
         convert(q, "fp8", attention="int4")
 
 
+def test_cudnn_fp8_attention_backend_reference_and_checks(monkeypatch):
+    """fp8_attention(backend="cudnn") (DIFFQUANT_FP8_ATTN_BACKEND=cudnn): per-tensor e4m3 Q, K, V with the head dim
+    zero-padded to a multiple of 16 (40 -> 48) into diffquant::cudnn_fp8_sdpa, here its CPU reference; close to float
+    attention, in q's dtype or as e4m3 codes of the next layer's input scale, the padding dropped; the op's checks;
+    the converted model's FP8 attention processor through it; one compiled graph."""
+    import torch.nn.functional as F
+
+    from diffquant.kernels import ops
+    from diffquant.kernels.cudnn_attention import cudnn_fp8_sdpa_reference, padded_head_dim
+
+    assert [padded_head_dim(d) for d in (40, 48, 80, 160, 8)] == [48, 48, 80, 160, 16]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 37, 40, generator=g)
+    k, v = torch.randn(2, 3, 29, 40, generator=g), torch.randn(2, 3, 29, 40, generator=g)
+    exact = F.scaled_dot_product_attention(q, k, v, scale=40 ** -0.5)
+    calls = []
+    real = ops.cudnn_fp8_sdpa
+
+    def spy(*a):
+        calls.append(tuple(a[0].shape))
+        return real(*a)
+
+    monkeypatch.setattr(ops, "cudnn_fp8_sdpa", spy)
+    out = ops.fp8_attention(q, k, v, 40 ** -0.5, backend="cudnn")
+    assert calls == [(2, 3, 37, 48)] and out.shape == q.shape and out.dtype == q.dtype
+    assert float((out - exact).norm() / exact.norm()) < 0.08
+    o_scale = torch.tensor([0.01])
+    o8 = ops.fp8_attention(q, k, v, 40 ** -0.5, out_scale=o_scale, backend="cudnn")
+    assert o8.dtype == torch.float8_e4m3fn and o8.shape == q.shape
+    assert float((o8.float() * 0.01 - exact).norm() / exact.norm()) < 0.1
+    monkeypatch.setenv("DIFFQUANT_FP8_ATTN_BACKEND", "cudnn")
+    calls.clear()
+    ops.fp8_attention(q, k, v, 0.1)
+    assert len(calls) == 1
+    monkeypatch.setenv("DIFFQUANT_FP8_ATTN_BACKEND", "flash")
+    with pytest.raises(ValueError, match="DIFFQUANT_FP8_ATTN_BACKEND"):
+        ops.fp8_attention(q, k, v, 0.1)
+    monkeypatch.setattr(ops, "cudnn_fp8_sdpa", real)
+    # the reference (P rounded to e4m3 after x 448, cuDNN's scale_s) against float attention on the same codes
+    q8, k8, v8 = (t.to(torch.float8_e4m3fn) for t in (q[..., :32], k[..., :32], v[..., :32]))
+    one = torch.ones(1)
+    ref = cudnn_fp8_sdpa_reference(q8, k8, v8, one, one, one, one, 0.2).float()
+    want = F.scaled_dot_product_attention(q8.float(), k8.float(), v8.float(), scale=0.2)
+    assert float((ref - want).norm() / want.norm()) < 0.05
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ops.cudnn_fp8_sdpa(q8[..., :24], k8[..., :24], v8[..., :24], one, one, one, one, 0.2)
+    with pytest.raises(ValueError, match="one value"):
+        ops.cudnn_fp8_sdpa(q8, k8, v8, torch.ones(2), one, one, one, 0.2)
+    # the converted model's FP8 attention processor on this backend (to_out's input quantization fused)
+    from diffquant.kernels.attention_processor import FP8AttnProcessor
+
+    monkeypatch.setenv("DIFFQUANT_FP8_ATTN_BACKEND", "cudnn")
+    _, qm, inputs = _calibrated("fp8")
+    ref_model = convert(copy.deepcopy(qm), "fp8", attention="float")
+    cm = convert(qm, "fp8", attention="fp8")
+    with torch.no_grad():
+        got, want = call_model(cm, *inputs), call_model(ref_model, *inputs)
+    procs = [m.processor for m in cm.modules() if isinstance(getattr(m, "processor", None), FP8AttnProcessor)]
+    assert procs and all(p.fused_out_calls >= 1 for p in procs)
+    assert float((got - want).norm() / want.norm()) < 0.1
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        compiled = call_model(torch.compile(cm), *inputs)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch.testing.assert_close(compiled, got, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("shape", [(2, 8, 4096, 40, 4096), (2, 8, 1024, 80, 77), (2, 8, 256, 160, 256)])
+def test_gpu_cudnn_fp8_attention_matches_reference(shape):
+    """diffquant::cudnn_fp8_sdpa through cuDNN's FP8 kernel (skipped without the cudnn-frontend package) against its
+    reference on SD-1.5's head dims (40 padded to 48, 80, 160; 77 keys), and fp8_attention(backend="cudnn") against
+    float attention."""
+    import torch.nn.functional as F
+
+    from diffquant.kernels import cudnn_attention as ca
+    from diffquant.kernels import ops
+
+    why = ca.unavailable(torch.device("cuda"))
+    if why is not None:
+        pytest.skip(why)
+    b, h, sq, d, sk = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(b, h, sq, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(b, h, sk, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    out = ops.fp8_attention(q, k, v, d ** -0.5, backend="cudnn")
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert out.dtype == torch.bfloat16 and float((out.float() - exact).norm() / exact.norm()) < 0.08
+    dp = ca.padded_head_dim(d)
+    q8, k8, v8 = (F.pad(t, (0, dp - d)).to(torch.float8_e4m3fn) for t in (q, k, v))
+    one = torch.ones(1, device="cuda")
+    got = ops.cudnn_fp8_sdpa(q8, k8, v8, one, one, one, one * 100, d ** -0.5).float()
+    want = ca.cudnn_fp8_sdpa_reference(q8, k8, v8, one, one, one, one * 100, d ** -0.5).float()
+    assert float((got - want).norm() / want.norm()) < 0.03
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("shape", [(2, 8, 4096, 40, 4096), (2, 8, 1024, 80, 77), (1, 8, 64, 160, 64),

@@ -20,6 +20,10 @@
 #           diffquant::qconv_stats / group_norm_act_stats): their GPU tests; CROW as shipped and with the switch; ROW
 #           with the switch (its as-shipped row: PART=4's, 15.27 ms) where the call's time allows. Ran in session 13
 #           with TOTAL_S=320 (the budget's end): slower (8.41 against 7.86 ms).
+#   PART=7 (written in session 13 after the device time; not yet run): SD b8 with FP8 attention through cuDNN's fused
+#           kernel (dq-fp8-fp8attn-gn-qkv-te-ff-twq, DIFFQUANT_FP8_ATTN_BACKEND=cudnn) beside ROW as shipped, after
+#           its GPU tests. Carry .whl/diffusers-0.42.1-py3-none-any.whl and .gpu_carry/cudnn-fe. Run it after
+#           scripts/gpu/cudnn_fp8_attention.sh shows the kernel faster than bf16 SDPA.
 # Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in parts 2, 4 and 5.
 #   run: PART=1 bash scripts/gpu/ab_rows_1gpu.sh   (env: ROW, CROW, SMALL, TUNE_S, AB_ENV, TOTAL_S (570), EXTRA (env for
 #        every row, e.g. DIFFQUANT_GN_LOAD_STAGES=3 once it wins))
@@ -124,7 +128,19 @@ case $PART in
   rows cstats "$CROW" DIFFQUANT_GN_CONV_STATS=1
   rows sstats "$ROW" DIFFQUANT_GN_CONV_STATS=1
   ;;
-*) echo "PART must be 1 to 6"; exit 2 ;;
+7)
+  # carry .whl/diffusers-0.42.1-py3-none-any.whl and .gpu_carry/cudnn-fe (not all of .whl: 64 MiB)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_fe \
+    .gpu_carry/cudnn-fe/*.whl || { echo "no cudnn-frontend wheel in .gpu_carry/cudnn-fe"; exit 2; }
+  export PYTHONPATH=/tmp/site_fe:$PYTHONPATH
+  say "GPU tests: cuDNN FP8 attention"
+  timeout 120 python3 -m pytest -m gpu tests/test_kernels.py -k "cudnn_fp8" -v --tb=short \
+    -p no:cacheprovider > $OUT/pytest_gpu.log 2>&1; echo "pytest rc=$?" >> $OUT/pytest_gpu.log
+  grep -E "PASSED|FAILED|ERROR|SKIPPED|rc=|Error" $OUT/pytest_gpu.log | head -20
+  rows ship "$ROW"
+  rows cudnnattn "${ROW/dq-fp8-gn/dq-fp8-fp8attn-gn}" DIFFQUANT_FP8_ATTN_BACKEND=cudnn
+  ;;
+*) echo "PART must be 1 to 7"; exit 2 ;;
 esac
 cd $OUT && tar czf all.tgz *.json *.log && find . -maxdepth 1 -type f ! -name all.tgz ! -name env.txt \
   ! -name nvidia-h200.merged.json -delete

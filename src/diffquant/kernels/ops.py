@@ -128,14 +128,30 @@ def _check_attention_shapes(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.
 ATTN_BLOCK_N = 64  # keys per online-softmax block: part of the FP8 attention's result (P is rounded per block)
 
 
+FP8_ATTN_BACKENDS = ("triton", "cudnn")
+
+
+def fp8_attention_backend() -> str:
+    """``DIFFQUANT_FP8_ATTN_BACKEND``: ``triton`` (the default: ``diffquant::fp8_attention_fp8``) or ``cudnn``
+    (``diffquant::cudnn_fp8_sdpa``, cuDNN's fused FP8 kernel; not yet timed, :mod:`.cudnn_attention`)."""
+    v = os.environ.get("DIFFQUANT_FP8_ATTN_BACKEND", "triton")
+    if v not in FP8_ATTN_BACKENDS:
+        raise ValueError(f"DIFFQUANT_FP8_ATTN_BACKEND={v!r}; allowed: {', '.join(FP8_ATTN_BACKENDS)}")
+    return v
+
+
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
-                  out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  out_scale: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
     """Attention with both matmuls in FP8 e4m3: Q, K, V scaled per (batch, head) by their absolute maxima and
     quantized (plain tensor ops, which ``torch.compile`` fuses into their producers), then
     ``diffquant::fp8_attention_fp8``. q [B, H, Sq, D], k/v [B, H, Sk, D] -> [B, H, Sq, D] in q's dtype (e4m3 divided
     by ``out_scale`` when given: the next layer's input quantization); equal to
-    :func:`.reference.fp8_attention_reference` up to accumulation order."""
+    :func:`.reference.fp8_attention_reference` up to accumulation order. ``backend`` (default
+    :func:`fp8_attention_backend`) ``"cudnn"``: one scale per tensor, the head dim zero-padded to a multiple of 16,
+    ``diffquant::cudnn_fp8_sdpa`` (:func:`_fp8_attention_cudnn`)."""
     _check_attention_shapes("fp8_attention", q, k, v)
+    if (backend or fp8_attention_backend()) == "cudnn":
+        return _fp8_attention_cudnn(q, k, v, sm_scale, out_scale)
     out_dtype = q.dtype if out_scale is None else torch.float8_e4m3fn
     q8, k8, v8, *scales = fp8_attention_quantize(q, k, v)
     if _use_triton(q8):
@@ -143,6 +159,57 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: f
         # on Hopper an 8-bit MMA takes its B operand K-major only, and P·V's K dimension is the keys
         v8 = v8.transpose(-1, -2).contiguous().transpose(-1, -2)
     return fp8_attention_fp8(q8, k8, v8, *scales, float(sm_scale), out_dtype, out_scale)
+
+
+def _fp8_attention_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
+                         out_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`fp8_attention` through cuDNN: Q, K, V zero-padded to a head dim of a multiple of 16 and quantized with
+    one scale per tensor (its absolute maximum / 448); the output scale makes O's e4m3 codes either the next layer's
+    input (``out_scale``: O / out_scale) or O / descale_v (|O| <= max |V|, so no code saturates), dequantized here."""
+    from diffquant.kernels.cudnn_attention import E4M3_MAX, padded_head_dim
+
+    d = q.shape[-1]
+    dp = padded_head_dim(d)
+    scales, codes = [], []
+    for t in (q, k, v):
+        s = (t.detach().abs().amax().float() / E4M3_MAX).clamp_min(1e-12).reshape(1)
+        t = torch.nn.functional.pad(t, (0, dp - d)) if dp != d else t
+        codes.append((t.float() / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn))
+        scales.append(s)
+    scale_o = 1.0 / (out_scale.float().reshape(1) if out_scale is not None else scales[2])
+    o8 = cudnn_fp8_sdpa(*codes, *scales, scale_o, float(sm_scale))[..., :d]
+    if out_scale is not None:
+        return o8
+    return (o8.float() * scales[2]).to(q.dtype)
+
+
+@torch.library.custom_op("diffquant::cudnn_fp8_sdpa", mutates_args=())
+def cudnn_fp8_sdpa(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
+                   descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor,
+                   sm_scale: float) -> torch.Tensor:
+    """Attention of e4m3 Q, K, V with one fp32 descale each ([1]), head dims a multiple of 16; e4m3 output of
+    O x ``scale_o`` [B, H, Sq, D]. cuDNN's fused FP8 kernel where it can run (:mod:`.cudnn_attention`), its reference
+    elsewhere (:func:`.cudnn_attention.cudnn_fp8_sdpa_reference`)."""
+    from diffquant.kernels import cudnn_attention as ca
+
+    if q8.dtype != torch.float8_e4m3fn or k8.dtype != q8.dtype or v8.dtype != q8.dtype:
+        raise ValueError(f"cudnn_fp8_sdpa needs float8_e4m3fn q8, k8, v8; got {q8.dtype}, {k8.dtype}, {v8.dtype}")
+    _check_attention_shapes("cudnn_fp8_sdpa", q8, k8, v8)
+    if q8.shape[-1] % 16:
+        raise ValueError(f"cudnn_fp8_sdpa needs a head dim that is a multiple of 16 (pad it); got {q8.shape[-1]}")
+    for name, t in (("descale_q", descale_q), ("descale_k", descale_k), ("descale_v", descale_v),
+                    ("scale_o", scale_o)):
+        if t.numel() != 1:
+            raise ValueError(f"cudnn_fp8_sdpa: {name} must hold one value (per-tensor scaling); got {t.numel()}")
+    args = (q8, k8, v8, descale_q, descale_k, descale_v, scale_o, sm_scale)
+    if os.environ.get("DIFFQUANT_KERNELS") != "reference" and ca.unavailable(q8.device) is None:
+        return ca.cudnn_fp8_sdpa_cuda(*args)
+    return ca.cudnn_fp8_sdpa_reference(*args)
+
+
+@cudnn_fp8_sdpa.register_fake
+def _cudnn_fp8_sdpa_fake(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, sm_scale):
+    return torch.empty(q8.shape, dtype=torch.float8_e4m3fn, device=q8.device)
 
 
 @torch.library.custom_op("diffquant::fp8_attention_fp8", mutates_args=())
