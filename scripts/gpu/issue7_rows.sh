@@ -12,8 +12,10 @@
 #   as scripts/gpu/ab_rows_1gpu.sh PART=1-6, see BENCHMARKS.md "Kernels, tenth / eleventh measurement"):
 #   first: bash scripts/gpu/cudnn_fp8_attention.sh (carry .gpu_carry/cudnn-fe only, about 2 min): cuDNN's FP8 fused
 #      attention (cudnn-frontend sdpa_fp8, head dim 40 padded to 48) against bf16 SDPA on SD-1.5 b8's attention
-#      shapes. Attention is the one part of SD b8 that no diffquant kernel beats; if cuDNN's FP8 graph is faster,
-#      an attention processor on it is the next step toward 1.6x.
+#      shapes. Attention is the one part of SD b8 that no diffquant kernel beats. If cuDNN's FP8 graph is faster:
+#      PART=7 bash scripts/gpu/ab_rows_1gpu.sh (carry .whl/diffusers-0.42.1-py3-none-any.whl and
+#      .gpu_carry/cudnn-fe): its GPU tests, then SD b8 with attention="fp8" on it (DIFFQUANT_FP8_ATTN_BACKEND=cudnn)
+#      beside the row as shipped.
 #   0. SD b1 with split-K: PART=5 bash scripts/gpu/ab_rows_1gpu.sh (SMALL defaults to sd15-unet:1:...-ff); then the 17
 #      CIFAR b1 shapes session 13 did not reach: PART=5 SMALL=ddpm-cifar10-32:1:dq-fp8-gn-qkv-te
 #      TUNE_ARGS="--shapes x8x8:,x4x4:,k1x1" (cuDNN bf16 beat every FP8 candidate on the 8 reached).
