@@ -1080,14 +1080,7 @@ def test_cudnn_fp8_attention_backend_reference_and_checks(monkeypatch):
     procs = [m.processor for m in cm.modules() if isinstance(getattr(m, "processor", None), FP8AttnProcessor)]
     assert procs and all(p.fused_out_calls >= 1 for p in procs)
     assert float((got - want).norm() / want.norm()) < 0.1
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    with torch.no_grad():
-        compiled = call_model(torch.compile(cm), *inputs)
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
-    torch.testing.assert_close(compiled, got, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(_one_compiled_graph(cm, inputs), got, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.gpu
@@ -1295,6 +1288,18 @@ def test_lowbit_layer_adds_a_residual_in_the_kernel():
             torch.testing.assert_close(m(inp, residual=r), y + r, rtol=1e-5, atol=1e-5)
             kinds.add((m.kind, len(m.parts)))
     assert {("conv", 1), ("conv", 2), ("linear", 1)} <= kinds
+
+
+def _one_compiled_graph(cm, inputs):
+    """``cm`` compiled and called on ``inputs``: one graph, no graph break; its output."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        out = call_model(torch.compile(cm), *inputs)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    return out
 
 
 def _check_fused_blocks(cm, fused, inputs, tol, seen=None):
@@ -1900,14 +1905,7 @@ def test_conv_row_stats_hand_norm2_its_statistics(monkeypatch):
             monkeypatch.setattr(fused_blocks, "group_norm_act_stats", real_norm)
         assert calls == ["conv", "norm"] * len(blocks), (backend, calls)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    with torch.no_grad():
-        compiled = call_model(torch.compile(cm), *inputs)
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
-    torch.testing.assert_close(compiled, got, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_one_compiled_graph(cm, inputs), got, rtol=1e-4, atol=1e-4)
 
 
 def test_inductor_kernels_joins_profile_and_generated_code(tmp_path):
