@@ -34,10 +34,10 @@ def main() -> None:
     # (BI, BH, BW, BLOCK_N, BLOCK_K, warps, stages): CIFAR's 32x32 level, SD's 64x64 level, a 16x16 level
     for bi, bh, bw, bn, bk, warps, stages in ((1, 4, 32, 128, 128, 8, 3), (1, 2, 64, 256, 128, 8, 3),
                                               (1, 8, 16, 128, 128, 4, 4)):
-        for stats in (False, True):
+        for stats in (False, True, "dot"):  # dot: DIFFQUANT_GN_STATS_EPILOGUE=dot
             consts = dict(KH=3, KW=3, A_INT=False, BITCAST_FP8=False, PAD_FIX=False, HAS_ASCALE=True, HAS_CORR=False,
                           HAS_BIAS=True, HAS_ADD=False, BI=bi, BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                          STATS=stats)
+                          STATS=bool(stats), STATS_DOT=stats == "dot")
             k = _build(tt._qconv_tma4d_kernel, consts, types(f"{bi}, {bh}, {bw}, {bk}", f"{bn}, {bk}"), warps, stages)
             conv = re.findall(r"convert_layout %\S+ : tensor<([0-9x]+[a-zA-Z0-9]+),", k.asm["ttgir"])
             ptx = k.asm["ptx"]

@@ -841,14 +841,17 @@ ROW_STATS_GPU_CASES = [  # kind, n, cin, cout, h, w, a_zp, BLOCK_M: SD-1.5's 64x
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("epilogue", ["shuffle", "dot"])
 @pytest.mark.parametrize("case", ROW_STATS_GPU_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_gpu_conv_row_stats_feed_the_norm(case):
-    """diffquant::qconv_stats on the GPU (the 4-D kernel's statistics epilogue, or the statistics pass where rows are
-    wider than a tile): output against the reference op, the row statistics against those of the output it returned;
-    then diffquant::group_norm_act_stats (with a time-embedding addend, e4m3 out) against group_norm_act on the same
-    tensor."""
+def test_gpu_conv_row_stats_feed_the_norm(case, epilogue, monkeypatch):
+    """diffquant::qconv_stats on the GPU (the 4-D kernel's statistics epilogue, its reductions by warp shuffles or
+    on the tensor cores, or the statistics pass where rows are wider than a tile): output against the reference op,
+    the row statistics against those of the output it returned; then diffquant::group_norm_act_stats (with a
+    time-embedding addend, e4m3 out) against group_norm_act on the same tensor."""
     from diffquant.kernels import ops, tuning
     from diffquant.kernels.reference import row_stats_reference
+
+    monkeypatch.setenv("DIFFQUANT_GN_STATS_EPILOGUE", epilogue)
 
     kind, n, cin, cout, h, w, a_zp, bm = case
     c = _rand_case(kind, n=n, cin=cin, cout=cout, h=h, w=w, a_zp=a_zp, device="cuda")

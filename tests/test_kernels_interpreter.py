@@ -686,12 +686,13 @@ def test_attention_and_conv_kernels_compile_for_hopper():
         built += bool(build(tt._qconv_tma4d_persistent_kernel, dict(common, KH=3, PAD_FIX=not fp8, BI=1, BH=8, BW=16,
                                                                      FLATTEN=True), tma_type,
                             warps=8, stages=4).asm.get("cubin"))
-        # the row-statistics epilogue (diffquant::qconv_stats): 8-row tiles, and two 8x8 images a tile
-        for box in ((1, 8, 16), (2, 8, 8)):
+        # the row-statistics epilogue (diffquant::qconv_stats): 8-row tiles, and two 8x8 images a tile; its
+        # reductions by warp shuffles, and on the tensor cores (TF32 dots)
+        for box, dot in (((1, 8, 16), False), ((2, 8, 8), False), ((1, 8, 16), True)):
             stats_type = lambda n, f=tma_type, b=box: "*fp32" if n in ("mean_ptr", "m2_ptr") else f(  # noqa: E731
                 n, a_box=", ".join(map(str, (*b, 64))))
             built += bool(build(tt._qconv_tma4d_kernel, dict(common, KH=3, PAD_FIX=not fp8, BI=box[0], BH=box[1],
-                                                              BW=box[2], STATS=True), stats_type,
+                                                              BW=box[2], STATS=True, STATS_DOT=dot), stats_type,
                                 warps=8, stages=4).asm.get("cubin"))
         built += bool(build(tt._qconv_tma_kernel, dict(common, BLOCK_M=128),
                             lambda n, f=tma_type: f(n, a_box="128, 64"), warps=8, stages=4).asm.get("cubin"))
@@ -727,7 +728,7 @@ def test_attention_and_conv_kernels_compile_for_hopper():
     built += bool(build(tg._linear_geglu_persistent_kernel, dict(
         HAS_BIAS=True, QUANT=True, OSCALE_PER_CH=False, BITCAST_FP8=False, EMULATE=False, BLOCK_M=128, BLOCK_N=128,
         BLOCK_K=128, GROUP_M=8, FLATTEN=True, FP8_ACC=64), geglu_type, warps=8, stages=3).asm.get("cubin"))
-    assert built == 28
+    assert built == 30
 
 
 def test_fp8_accumulation_knob_and_its_routing(monkeypatch):
@@ -969,14 +970,16 @@ STATS_CASES = [  # (kind, case, residual add, forced path, BLOCK_M)
 ]
 
 
-def test_interpreter_conv_row_stats_feed_the_norm():
+@pytest.mark.parametrize("epilogue", ["shuffle", "dot"])
+def test_interpreter_conv_row_stats_feed_the_norm(epilogue):
     """``stats=True`` (``diffquant::qconv_stats``): the 4-D kernel's epilogue writes each (image, output row,
     channel)'s mean and sum of squared deviations of the stored output where its tiles hold whole rows (8-row tiles
     with a partial last one; two images a tile, int8 with the padding fix-up); other configs (rows wider than the
     tile, the gather kernel) run the statistics kernel with one segment per row. NaN-poisoned buffers catch an
     unwritten statistic; a spy checks which form ran. Then ``group_norm_act_stats``'s kernels (finalize over the rows'
-    partials plus the time-embedding addend, apply) against the reference, bf16 and e4m3 out."""
-    env = dict(os.environ, TRITON_INTERPRET="1", DIFFQUANT_QCONV_TMA="0")
+    partials plus the time-embedding addend, apply) against the reference, bf16 and e4m3 out. Both epilogue forms
+    (``DIFFQUANT_GN_STATS_EPILOGUE``: warp-shuffle reductions, or sums on the tensor cores)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", DIFFQUANT_QCONV_TMA="0", DIFFQUANT_GN_STATS_EPILOGUE=epilogue)
     code = STATS_SCRIPT.format(tests=str(ROOT / "tests"), src=str(ROOT / "src"), cases=json.dumps(STATS_CASES))
     res = _run_script(code, env)
     for case, (out_rel, mean_rel, m2_rel, finite, epilogue, norm_rel, codes_off) in zip(STATS_CASES, res):

@@ -19,7 +19,9 @@
 #   PART=6 (session 13, after the split-K calls): the conv1 -> norm2 row statistics (DIFFQUANT_GN_CONV_STATS=1;
 #           diffquant::qconv_stats / group_norm_act_stats): their GPU tests; CROW as shipped and with the switch; ROW
 #           with the switch (its as-shipped row: PART=4's, 15.27 ms) where the call's time allows. Ran in session 13
-#           with TOTAL_S=320 (the budget's end): slower (8.41 against 7.86 ms).
+#           with TOTAL_S=320 (the budget's end): slower (8.41 against 7.86 ms). Since then also the epilogue with
+#           its sums on the tensor cores (DIFFQUANT_GN_STATS_EPILOGUE=dot; 42 warp shuffles against 202 on CIFAR's
+#           tile, sm_90 compile) on CIFAR b256 and SD b8.
 #   PART=7 (written in session 13 after the device time; not yet run): SD b8 with FP8 attention through cuDNN's fused
 #           kernel (dq-fp8-fp8attn-gn-qkv-te-ff-twq, DIFFQUANT_FP8_ATTN_BACKEND=cudnn) beside ROW as shipped, after
 #           its GPU tests. Carry .whl/diffusers-0.42.1-py3-none-any.whl and .gpu_carry/cudnn-fe. Run it after
@@ -126,7 +128,8 @@ case $PART in
   grep -E "PASSED|FAILED|ERROR|rc=|Error" $OUT/pytest_gpu.log | head -20
   rows cship "$CROW"
   rows cstats "$CROW" DIFFQUANT_GN_CONV_STATS=1
-  rows sstats "$ROW" DIFFQUANT_GN_CONV_STATS=1
+  rows cstatsdot "$CROW" DIFFQUANT_GN_CONV_STATS=1 DIFFQUANT_GN_STATS_EPILOGUE=dot
+  rows sstatsdot "$ROW" DIFFQUANT_GN_CONV_STATS=1 DIFFQUANT_GN_STATS_EPILOGUE=dot
   ;;
 7)
   # carry .whl/diffusers-0.42.1-py3-none-any.whl and .gpu_carry/cudnn-fe (not all of .whl: 64 MiB)

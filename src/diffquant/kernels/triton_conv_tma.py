@@ -25,6 +25,7 @@ interpreter (``TRITON_INTERPRET=1``), which is how its CPU tests check it.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -281,6 +282,33 @@ def _row_stats_store(y, m_ok, n0, oh0, offs_n, n_ok, N, Ho, Cout, mean_ptr, m2_p
 
 
 @triton.jit
+def _row_stats_dot_store(y, m_ok, n0, oh0, offs_n, n_ok, N, Ho, Cout, mean_ptr, m2_ptr, pivot, R: tl.constexpr,
+                         BW: tl.constexpr, BH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """:func:`_row_stats_store`'s partials with the reductions on the tensor cores instead of warp shuffles: a 0/1
+    matrix selecting each row's valid pixels times D = y - ``pivot`` (the channel's bias, near the row's mean) and
+    times D*D, as TF32 dots (fp32's range; 10-bit mantissas, 2^-11 relative rounding of each term; fp16 operands
+    overflowed on int8 convs' outputs), fp32 sums; then mean = pivot + S1 / n and M2 = S2 - S1^2 / n
+    (``DIFFQUANT_GN_STATS_EPILOGUE=dot``)."""
+    RP: tl.constexpr = 16 if R < 16 else R
+    r = tl.arange(0, RP)
+    p = tl.arange(0, BLOCK_M)
+    sel = ((p[None, :] // BW) == r[:, None]) & m_ok[None, :]
+    d = tl.where(m_ok[:, None], y.to(tl.float32) - pivot[None, :], 0.0)
+    s1 = tl.dot(sel.to(tl.float32), d, input_precision="tf32")
+    s2 = tl.dot(sel.to(tl.float32), d * d, input_precision="tf32")
+    cnt = tl.sum(sel.to(tl.float32), axis=1)
+    c = tl.maximum(cnt, 1.0)[:, None]
+    mean = pivot[None, :] + s1 / c
+    m2 = tl.maximum(s2 - s1 * s1 / c, 0.0)
+    nb = n0 + r // BH
+    oh = oh0 + r % BH
+    dst = (nb.to(tl.int64) * Ho + oh)[:, None] * Cout + offs_n[None, :]
+    ok = ((r < R) & (nb < N) & (oh < Ho))[:, None] & n_ok[None, :]
+    tl.store(mean_ptr + dst, mean, mask=ok)
+    tl.store(m2_ptr + dst, m2, mask=ok)
+
+
+@triton.jit
 def _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr, padc_ptr,
                 N, H, W, Ho, Wo, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h, pad_w,
                 son, soh, sow, soc, san, sah, saw, sac,
@@ -288,7 +316,7 @@ def _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, c
                 PAD_FIX: tl.constexpr, HAS_ASCALE: tl.constexpr, HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_ADD: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr, mean_ptr=None, m2_ptr=None,
-                STATS: tl.constexpr = False):
+                STATS: tl.constexpr = False, STATS_DOT: tl.constexpr = False):
     """One output tile (``pid_m``: BI images x BH rows x BW columns; ``pid_n``: BLOCK_N channels): the tap loop over
     4-D TMA boxes, then the epilogue; ``STATS``: and the per-row statistics of the stored tile
     (:func:`_row_stats_store`; the tiles must hold whole rows)."""
@@ -302,7 +330,13 @@ def _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, c
     y = _pad_fix_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr,
                        add_ptr, padc_ptr, H, W, pad_h, pad_w, son, soh, sow, soc, san, sah, saw, sac, KH, KW, PAD_FIX,
                        HAS_ASCALE, HAS_CORR, HAS_BIAS, HAS_ADD)
-    if STATS:
+    if STATS and STATS_DOT:
+        pivot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if HAS_BIAS:
+            pivot = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)
+        _row_stats_dot_store(y, m_ok, n0, oh0, offs_n, n_ok, N, Ho, Cout, mean_ptr, m2_ptr, pivot, BI * BH, BW, BH,
+                             BLOCK_M, BLOCK_N)
+    elif STATS:
         _row_stats_store(y, m_ok, n0, oh0, offs_n, n_ok, N, Ho, Cout, mean_ptr, m2_ptr, BI * BH, BW, BH, BLOCK_N)
 
 
@@ -316,6 +350,7 @@ def _qconv_tma4d_kernel(
     HAS_ASCALE: tl.constexpr, HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
     BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, FP8_ACC: tl.constexpr = None, mean_ptr=None, m2_ptr=None, STATS: tl.constexpr = False,
+    STATS_DOT: tl.constexpr = False,
 ):
     BLOCK_M: tl.constexpr = BI * BH * BW
     tiles_m = tl.cdiv(N, BI) * TILES_H * TILES_W
@@ -323,7 +358,7 @@ def _qconv_tma4d_kernel(
     _tma4d_tile(pid_m, pid_n, a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr, padc_ptr,
                 N, H, W, Ho, Wo, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h, pad_w, son, soh, sow, soc,
                 san, sah, saw, sac, KH, KW, A_INT, BITCAST_FP8, PAD_FIX, HAS_ASCALE, HAS_CORR, HAS_BIAS, HAS_ADD,
-                BI, BH, BW, BLOCK_N, BLOCK_K, FP8_ACC, mean_ptr, m2_ptr, STATS)
+                BI, BH, BW, BLOCK_N, BLOCK_K, FP8_ACC, mean_ptr, m2_ptr, STATS, STATS_DOT)
 
 
 # The persistent form (path "tma4dp"): one program per SM walks the output tiles, and the tile loop is flattened
@@ -634,9 +669,20 @@ def qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seq
     if stats is not None:
         if kernel is not _qconv_tma4d_kernel or tiles_w != 1 or split > 1:
             raise ValueError(f"qconv_tma4d: this config ({cfg}) cannot compute row statistics in its epilogue")
-        flags = dict(flags, mean_ptr=stats[0], m2_ptr=stats[1], STATS=True)
+        flags = dict(flags, mean_ptr=stats[0], m2_ptr=stats[1], STATS=True, STATS_DOT=stats_epilogue() == "dot")
     _launch_retrying(kernel, grid, (*args, *strides), flags, bm, bn, bk)
     return out
+
+
+def stats_epilogue() -> str:
+    """``DIFFQUANT_GN_STATS_EPILOGUE``: how the 4-D kernel's epilogue reduces its rows' statistics: ``shuffle`` (the
+    default: the mean, then the deviations, by warp shuffles; timed in session 13, 0.73 ms dearer than the
+    statistics passes it saved on CIFAR b256) or ``dot`` (both sums on the tensor cores,
+    :func:`_row_stats_dot_store`; not yet timed)."""
+    v = os.environ.get("DIFFQUANT_GN_STATS_EPILOGUE", "shuffle")
+    if v not in ("shuffle", "dot"):
+        raise ValueError(f"DIFFQUANT_GN_STATS_EPILOGUE={v!r}: shuffle or dot")
+    return v
 
 
 def row_stats_in_epilogue(cfg: dict, path: str, ho: int, wo: int) -> bool:
