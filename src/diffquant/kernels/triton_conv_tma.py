@@ -272,11 +272,17 @@ def _row_stats_store(y, m_ok, n0, oh0, offs_n, n_ok, N, Ho, Cout, mean_ptr, m2_p
     mean = tl.sum(v, axis=1) / tl.maximum(cnt, 1.0)[:, None]
     d = (v - mean[:, None, :]) * okf[:, :, None]
     m2 = tl.sum(d * d, axis=1)
-    r = tl.arange(0, R)
+    _store_row_partials(mean, m2, tl.arange(0, R), R, n0, oh0, offs_n, n_ok, N, Ho, Cout, mean_ptr, m2_ptr, BH)
+
+
+@triton.jit
+def _store_row_partials(mean, m2, r, R, n0, oh0, offs_n, n_ok, N, Ho, Cout, mean_ptr, m2_ptr, BH: tl.constexpr):
+    """Tile rows ``r`` (of which the first R are real) as (image n0 + r // BH, output row oh0 + r % BH): their
+    partials into [N, Ho, Cout]."""
     nb = n0 + r // BH
     oh = oh0 + r % BH
     dst = (nb.to(tl.int64) * Ho + oh)[:, None] * Cout + offs_n[None, :]
-    ok = ((nb < N) & (oh < Ho))[:, None] & n_ok[None, :]
+    ok = ((r < R) & (nb < N) & (oh < Ho))[:, None] & n_ok[None, :]
     tl.store(mean_ptr + dst, mean, mask=ok)
     tl.store(m2_ptr + dst, m2, mask=ok)
 
@@ -300,12 +306,7 @@ def _row_stats_dot_store(y, m_ok, n0, oh0, offs_n, n_ok, N, Ho, Cout, mean_ptr, 
     c = tl.maximum(cnt, 1.0)[:, None]
     mean = pivot[None, :] + s1 / c
     m2 = tl.maximum(s2 - s1 * s1 / c, 0.0)
-    nb = n0 + r // BH
-    oh = oh0 + r % BH
-    dst = (nb.to(tl.int64) * Ho + oh)[:, None] * Cout + offs_n[None, :]
-    ok = ((r < R) & (nb < N) & (oh < Ho))[:, None] & n_ok[None, :]
-    tl.store(mean_ptr + dst, mean, mask=ok)
-    tl.store(m2_ptr + dst, m2, mask=ok)
+    _store_row_partials(mean, m2, r, R, n0, oh0, offs_n, n_ok, N, Ho, Cout, mean_ptr, m2_ptr, BH)
 
 
 @triton.jit
