@@ -27,7 +27,12 @@ CONFIGS = [None, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_st
            dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=2),
            # the persistent kernel (the next tile's loads during this tile's epilogue)
            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, persistent=True),
-           dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=2, persistent=True)]
+           dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=2, persistent=True),
+           # session 14: fewer weight bytes per output than 64 x 128 at two programs per SM (128 x 64), and shorter
+           # K steps (more of them to pipeline at K = 320)
+           dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2),
+           dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
+           dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)]
 
 
 def main() -> None:

@@ -1067,6 +1067,18 @@ def test_cudnn_fp8_attention_backend_reference_and_checks(monkeypatch):
     ref = cudnn_fp8_sdpa_reference(q8, k8, v8, one, one, one, one, 0.2).float()
     want = F.scaled_dot_product_attention(q8.float(), k8.float(), v8.float(), scale=0.2)
     assert float((ref - want).norm() / want.norm()) < 0.05
+    # its online softmax (cuDNN's key blocks; the row sum from P before rounding): with every key in one block it is
+    # the one-pass formula exactly; blocks of 8 keys round P against running maxima and stay within e4m3's error
+    s = (q8.float() @ k8.float().transpose(-1, -2)) * 0.2
+    p = torch.exp(s - s.amax(-1, keepdim=True)) * 448
+    one_pass = ((p.to(torch.float8_e4m3fn).float() @ v8.float()) / p.sum(-1, keepdim=True)).to(torch.float8_e4m3fn)
+    whole = cudnn_fp8_sdpa_reference(q8, k8, v8, one, one, one, one, 0.2, block_keys=29)
+    torch.testing.assert_close(whole.float(), one_pass.float(), rtol=0, atol=0)
+    torch.testing.assert_close(ref.float(), whole.float(), rtol=0, atol=0)  # 29 keys: one block of 256
+    blocked = cudnn_fp8_sdpa_reference(q8, k8, v8, one, one, one, one, 0.2, block_keys=8).float()
+    assert 0 < float((blocked - whole.float()).norm() / whole.float().norm()) < 0.04
+    with pytest.raises(ValueError, match="block_keys"):
+        cudnn_fp8_sdpa_reference(q8, k8, v8, one, one, one, one, 0.2, block_keys=0)
     with pytest.raises(ValueError, match="multiple of 16"):
         ops.cudnn_fp8_sdpa(q8[..., :24], k8[..., :24], v8[..., :24], one, one, one, one, 0.2)
     with pytest.raises(ValueError, match="one value"):
@@ -1645,6 +1657,70 @@ def test_attention_input_norm_runs_into_stacked_qkv(monkeypatch):
     assert torch.isfinite(compiled).all()
 
 
+def test_split_gemm_switch_runs_split_shortcuts_as_scaled_mm(monkeypatch):
+    """DIFFQUANT_SPLIT_GEMM=scaled_mm: an FP8 split 1x1 shortcut (an up block's, on (h, skip)) runs one row-wise
+    torch._scaled_mm per part (PyTorch's CPU _scaled_mm stands in for cuBLAS here) instead of one diffquant::qconv
+    per part, and computes what the qconv path computes up to bf16 rounding: on its own, with a residual, and in the
+    whole model (one compiled graph); int8 layers and the default keep qconv; a bad value is refused."""
+    from diffquant.kernels import modules, ops
+
+    monkeypatch.setattr(modules, "scaled_mm_works", lambda dev: True)
+    real_parts, real_qconv = LowBitLayer._scaled_mm_parts, ops.qconv
+    gemm_parts, qconvs = [], []
+
+    def parts_spy(self, pieces, *a):
+        gemm_parts.append(len(pieces))
+        return real_parts(self, pieces, *a)
+
+    def qconv_spy(*a):
+        qconvs.append(tuple(a[1].shape))
+        return real_qconv(*a)
+
+    monkeypatch.setattr(LowBitLayer, "_scaled_mm_parts", parts_spy)
+    monkeypatch.setattr(ops, "qconv", qconv_spy)
+    _, q, inputs = _calibrated("fp8")
+    cm = convert(q, "fp8", fuse_norms=True)
+    split = [m for m in cm.modules() if isinstance(m, LowBitLayer) and len(m.parts) > 1 and m.act == "fp8"
+             and m.kernel_size == (1, 1)]
+    assert split
+    sc = split[0]
+    h = torch.randn(2, sc.parts[0].hi, 4, 4).contiguous(memory_format=torch.channels_last)
+    skip = torch.randn(2, sc.parts[1].hi - sc.parts[1].lo, 4, 4).contiguous(memory_format=torch.channels_last)
+    res = torch.randn(2, sc.out_channels, 4, 4)
+    with torch.no_grad():
+        want, want_r = sc.forward_pieces([h, skip]), sc.forward_pieces([h, skip], res)
+        qconvs.clear()
+        want_model = call_model(cm, *inputs)
+        n_qconv = len(qconvs)
+        assert gemm_parts == []  # the default: qconv per part
+        monkeypatch.setenv("DIFFQUANT_SPLIT_GEMM", "scaled_mm")
+        got, got_r = sc.forward_pieces([h, skip]), sc.forward_pieces([h, skip], res)
+        assert gemm_parts == [2, 2]
+        gemm_parts.clear()
+        qconvs.clear()
+        got_model = call_model(cm, *inputs)
+    assert gemm_parts == [2] * len(split) and len(qconvs) == n_qconv - 2 * len(split)
+    # the layer: bf16 rounding of each part's GEMM output (the CPU qconv path stays in fp32); the model: that
+    # rounding moves later layers' FP8 input codes across rounding edges (e4m3 steps are 6-12 %)
+    for g, w, tol in ((got, want, 1e-2), (got_r, want_r, 1e-2), (got_model, want_model, 0.1)):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert float((g - w).norm() / w.norm()) < tol, float((g - w).norm() / w.norm())
+    assert float((got_r - got - res).abs().max()) < 0.05 * float(res.abs().max())
+    monkeypatch.setattr(LowBitLayer, "_scaled_mm_parts", real_parts)
+    monkeypatch.setattr(ops, "qconv", real_qconv)
+    torch.testing.assert_close(_one_compiled_graph(cm, inputs), got_model, rtol=2e-2, atol=2e-2)
+    monkeypatch.setattr(LowBitLayer, "_scaled_mm_parts", parts_spy)
+    _, q8, inputs8 = _calibrated("int8")
+    cm8 = convert(q8, "int8", fuse_norms=True)
+    gemm_parts.clear()
+    with torch.no_grad():
+        call_model(cm8, *inputs8)
+    assert gemm_parts == []
+    monkeypatch.setenv("DIFFQUANT_SPLIT_GEMM", "cublas")
+    with pytest.raises(ValueError, match="DIFFQUANT_SPLIT_GEMM"):
+        sc.forward_pieces([h, skip])
+
+
 def test_fused_up_blocks_skip_the_concatenation(monkeypatch):
     """convert(fuse_norms=True) on UpBlock2D, AttnUpBlock2D and CrossAttnUpBlock2D (a UNet2DModel and a text-to-image
     UNet; FP8 and int8): the ResNet steps get (h, skip), no [h, skip] channel concatenation is made, and the model
@@ -1782,6 +1858,36 @@ def test_gpu_fuse_ff_and_tensorwise_gemms_hold_the_model():
         if tensorwise:
             assert set_fp8_gemm(cm, "tensorwise") > 0
         _held_to_distance(cm, inputs, want32, base, tensorwise)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_split_gemm_scaled_mm_holds_the_model(monkeypatch):
+    """DIFFQUANT_SPLIT_GEMM=scaled_mm on the GPU (bf16, cuBLAS's row-wise FP8 GEMMs for the up blocks' split
+    shortcuts, the Triton kernels elsewhere): the split layer against its qconv path, and the text-to-image UNet held
+    to the fp32-activation model as closely as without the switch, eager and compiled."""
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    _, q, (x, t, c) = _calibrated("fp8", model=tiny_sd_unet())
+    inputs = (x.cuda().bfloat16(), t.cuda(), {k: v.cuda().bfloat16() for k, v in c.items()})
+    ref = convert(q, "fp8", attention="float", device="cuda", fuse_norms=True)  # fp32 activations
+    cm = convert(q, "fp8", attention="float", device="cuda", fuse_norms=True).to(torch.bfloat16)
+    split = [m for m in cm.modules() if isinstance(m, LowBitLayer) and len(m.parts) > 1 and m.kernel_size == (1, 1)]
+    assert split
+    sc = split[0]
+    h = torch.randn(2, sc.parts[0].hi, 8, 8, device="cuda", dtype=torch.bfloat16)
+    skip = torch.randn(2, sc.parts[1].hi - sc.parts[1].lo, 8, 8, device="cuda", dtype=torch.bfloat16)
+    h, skip = (v.contiguous(memory_format=torch.channels_last) for v in (h, skip))
+    with torch.no_grad():
+        want32 = call_model(ref, x.cuda(), t.cuda(), {k: v.cuda() for k, v in c.items()}).float()
+        base = rel(call_model(cm, *inputs).float(), want32)
+        layer_q = sc.forward_pieces([h, skip]).float()
+        monkeypatch.setenv("DIFFQUANT_SPLIT_GEMM", "scaled_mm")
+        assert sc.split_gemm_scaled_mm(h)
+        layer_g = sc.forward_pieces([h, skip]).float()
+    assert rel(layer_g, layer_q) < 1e-2
+    _held_to_distance(cm, inputs, want32, base, False)
 
 
 def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):

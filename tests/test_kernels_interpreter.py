@@ -712,18 +712,18 @@ def test_attention_and_conv_kernels_compile_for_hopper():
                 lambda n: ws_type if n == "ws_ptr" else conv_type(n)).asm.get("cubin"))
     from diffquant.kernels import triton_geglu as tg
 
-    def geglu_type(n, bm=128):
+    def geglu_type(n, bm=128, bn=128):
         if n == "a_desc":
             return f"tensordesc<fp8e4nv[{bm}, 128]>"
         if n == "w_desc":
-            return "tensordesc<fp8e4nv[128, 128]>"
+            return f"tensordesc<fp8e4nv[{bn}, 128]>"
         if n == "out_ptr":
             return "*u8"
         return "*fp32" if n.endswith("_ptr") else "i32"
 
     built += bool(build(tg._linear_geglu_kernel, dict(HAS_BIAS=True, QUANT=True, OSCALE_PER_CH=False, BITCAST_FP8=False,
-                                                       EMULATE=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128,
-                                                       GROUP_M=8), lambda n: geglu_type(n, 64),
+                                                       EMULATE=False, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128,
+                                                       GROUP_M=8), lambda n: geglu_type(n, 128, 64),
                         warps=4, stages=2).asm.get("cubin"))  # pick_geglu_config's default
     built += bool(build(tg._linear_geglu_persistent_kernel, dict(
         HAS_BIAS=True, QUANT=True, OSCALE_PER_CH=False, BITCAST_FP8=False, EMULATE=False, BLOCK_M=128, BLOCK_N=128,

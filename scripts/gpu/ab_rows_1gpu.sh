@@ -21,11 +21,17 @@
 #           with the switch (its as-shipped row: PART=4's, 15.27 ms) where the call's time allows. Ran in session 13
 #           with TOTAL_S=320 (the budget's end): slower (8.41 against 7.86 ms). Since then also the epilogue with
 #           its sums on the tensor cores (DIFFQUANT_GN_STATS_EPILOGUE=dot; 42 warp shuffles against 202 on CIFAR's
-#           tile, sm_90 compile) on CIFAR b256 and SD b8.
-#   PART=7 (written in session 13 after the device time; not yet run): SD b8 with FP8 attention through cuDNN's fused
+#           tile, sm_90 compile) on CIFAR b256 and SD b8. Ran in session 14 with TOTAL_S=560: the dot epilogue
+#           no slower and no faster than shipped (CIFAR b256 7.955 against 7.936 ms; SD b8 15.27).
+#   PART=7 (written in session 13 after the device time; not run): SD b8 with FP8 attention through cuDNN's fused
 #           kernel (dq-fp8-fp8attn-gn-qkv-te-ff-twq, DIFFQUANT_FP8_ATTN_BACKEND=cudnn) beside ROW as shipped, after
-#           its GPU tests. Carry .whl/diffusers-0.42.1-py3-none-any.whl and .gpu_carry/cudnn-fe. Run it after
-#           scripts/gpu/cudnn_fp8_attention.sh shows the kernel faster than bf16 SDPA.
+#           its GPU tests. Carry .whl/diffusers-0.42.1-py3-none-any.whl and .gpu_carry/cudnn-fe. Meant for after
+#           scripts/gpu/cudnn_fp8_attention.sh showed the kernel faster than bf16 SDPA; session 14 found it no faster
+#           (BENCHMARKS.md "Kernels, twelfth measurement"), so the row was not run (its GPU tests ran inline).
+#   PART=8 (written in session 14 after its device time; not yet run): the up blocks' split 1x1 shortcuts as one cuBLAS
+#           FP8 GEMM per part (DIFFQUANT_SPLIT_GEMM=scaled_mm; the qconv kernel is 2-3x slower than cuDNN's bf16 1x1
+#           conv on these short-K shapes): its GPU tests and the GEGLU GPU tests (new 128x64 default), then ROW and
+#           CROW as shipped and with the switch. Carry .whl/diffusers-0.42.1-py3-none-any.whl.
 # Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in parts 2, 4 and 5.
 #   run: PART=1 bash scripts/gpu/ab_rows_1gpu.sh   (env: ROW, CROW, SMALL, TUNE_S, AB_ENV, TOTAL_S (570), EXTRA (env for
 #        every row, e.g. DIFFQUANT_GN_LOAD_STAGES=3 once it wins))
@@ -143,7 +149,17 @@ case $PART in
   rows ship "$ROW"
   rows cudnnattn "${ROW/dq-fp8-gn/dq-fp8-fp8attn-gn}" DIFFQUANT_FP8_ATTN_BACKEND=cudnn
   ;;
-*) echo "PART must be 1 to 7"; exit 2 ;;
+8)
+  say "GPU tests: split shortcuts as cuBLAS GEMMs, GEGLU"
+  timeout 150 python3 -m pytest -m gpu tests/test_kernels.py -k "split_gemm or linear_geglu" -v --tb=short \
+    -p no:cacheprovider > $OUT/pytest_gpu.log 2>&1; echo "pytest rc=$?" >> $OUT/pytest_gpu.log
+  grep -E "PASSED|FAILED|ERROR|rc=|Error" $OUT/pytest_gpu.log | head -20
+  rows ship "$ROW"
+  rows splitgemm "$ROW" DIFFQUANT_SPLIT_GEMM=scaled_mm
+  rows cship "$CROW"
+  rows csplitgemm "$CROW" DIFFQUANT_SPLIT_GEMM=scaled_mm
+  ;;
+*) echo "PART must be 1 to 8"; exit 2 ;;
 esac
 cd $OUT && tar czf all.tgz *.json *.log && find . -maxdepth 1 -type f ! -name all.tgz ! -name env.txt \
   ! -name nvidia-h200.merged.json -delete

@@ -5,13 +5,23 @@ per-tensor scales), for ``diffquant::cudnn_fp8_sdpa`` and ``fp8_attention(..., b
 Why: attention is 3.55 of SD-1.5 b8's 15.2 busy ms (H200, 2026-11-28/29), in cuDNN's bf16 kernel, and diffquant's
 Triton FP8 kernel is 2x slower than that (BENCHMARKS.md, ninth measurement). cuDNN's own FP8 kernel needs no new
 kernel. It takes head dims that are multiples of 16, so SD-1.5's 40 runs zero-padded to 48 (the Triton kernel pads
-to 64). Written in session 13 after the device time was spent: **not yet run on a GPU** (the graph validates and
-lowers on the CPU; ``benchmarks/bench_cudnn_fp8_attention.py`` times it).
+to 64). Written in session 13 (the graph validates and lowers on the CPU); first run on an H200 in session 14
+(2026-11-29): its GPU tests pass and it is timed, below.
 
 The semantics (:func:`cudnn_fp8_sdpa_reference`, the CPU path and test oracle): S = Q8·K8ᵀ x descale_q descale_k
-x sm_scale; P = exp(S - row max) quantized to e4m3 after x 448 (cuDNN's ``scale_s``); O = P8·V8 / row sum of P8 x
-descale_v; e4m3 of O x ``scale_o``. cuDNN's online softmax rounds P per key block, so its result equals this up to
-that rounding and the accumulation order.
+x sm_scale; an online softmax over blocks of 256 keys: per block, P = exp(S - running row max) x 448 (cuDNN's
+``scale_s``) rounded to e4m3 for the P·V8 product, the row sum taken from P before that rounding, the running sums
+rescaled when the max grows; O = sum / row sum x descale_v; e4m3 of O x ``scale_o``. Measured on an H200 (cuDNN
+9.19, cudnn-frontend 1.32, 2026-11-29, session 14's probe): this model is 1.3-1.5 % (relative L2 of the e4m3
+outputs) from cuDNN at 1,024 and 4,096 keys and 0.8-0.9 % at 64 and 77. A global row max (every key in one block) is
+3.4-3.7 % away at 1,024-4,096 keys, blocks of 64 or 128 keys 2.2-2.9 %, and a row sum of the rounded P 1.8 % at 77
+keys, so neither is what cuDNN computes.
+
+Measured speed (``bash scripts/gpu/cudnn_fp8_attention.sh``, H200, 2026-11-29): **no faster than cuDNN's bf16
+attention** on SD-1.5 b8's shapes: the 64x64 self-attention (4,096 keys, head dim 40 run as 48) 0.617 against
+0.602 ms, 32x32 self 0.0623 against 0.0629, the cross-attentions and smaller levels 0.58-0.95x; per UNet call 4.13
+against 3.81 ms, and 5.97 ms with the quantize and pad around it (compiled). At head dim 40 the softmax's
+exponentials, not the matmuls, bound attention, and FP8 does not make them cheaper. So the backend is opt-in.
 
 Needs the ``nvidia-cudnn-frontend`` package (``import cudnn``) and a GPU of compute capability 9.0 or newer.
 """
@@ -22,6 +32,9 @@ from typing import Optional
 import torch
 
 E4M3_MAX = 448.0
+# keys per online-softmax block in the reference: the block size whose rounding of P matched cuDNN best (module
+# docstring; 64, 128 and 256 tried)
+REFERENCE_BLOCK_KEYS = 256
 _GRAPHS: dict = {}
 _HANDLES: dict = {}
 
@@ -50,11 +63,26 @@ def _to_e4m3(x: torch.Tensor) -> torch.Tensor:
 
 def cudnn_fp8_sdpa_reference(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
                              descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor,
-                             sm_scale: float) -> torch.Tensor:
-    """What ``diffquant::cudnn_fp8_sdpa`` computes (module docstring), in float32; e4m3 [B, H, Sq, D] out."""
+                             sm_scale: float, block_keys: int = REFERENCE_BLOCK_KEYS) -> torch.Tensor:
+    """What ``diffquant::cudnn_fp8_sdpa`` computes (module docstring: an online softmax over ``block_keys`` keys at a
+    time, P rounded to e4m3 for P·V, the row sum from P unrounded), in float32; e4m3 [B, H, Sq, D] out."""
+    if block_keys < 1:
+        raise ValueError(f"block_keys must be positive; got {block_keys}")
     s = (q8.float() @ k8.float().transpose(-1, -2)) * (descale_q.float() * descale_k.float() * sm_scale).reshape(())
-    p8 = _to_e4m3(torch.exp(s - s.amax(dim=-1, keepdim=True)) * E4M3_MAX).float()
-    o = (p8 @ v8.float()) / p8.sum(dim=-1, keepdim=True) * descale_v.float().reshape(())
+    v = v8.float()
+    shape = (*s.shape[:-1], 1)
+    m = torch.full(shape, -float("inf"), device=s.device)
+    row_sum = torch.zeros(shape, device=s.device)
+    acc = torch.zeros((*s.shape[:-1], v.shape[-1]), device=s.device)
+    for j in range(0, s.shape[-1], block_keys):
+        sj = s[..., j:j + block_keys]
+        m_new = torch.maximum(m, sj.amax(dim=-1, keepdim=True))
+        alpha = torch.exp(m - m_new)  # exp(-inf) = 0 on the first block
+        p = torch.exp(sj - m_new) * E4M3_MAX
+        acc = acc * alpha + _to_e4m3(p).float() @ v[..., j:j + block_keys, :]
+        row_sum = row_sum * alpha + p.sum(dim=-1, keepdim=True)
+        m = m_new
+    o = acc / row_sum * descale_v.float().reshape(())
     return _to_e4m3(o * scale_o.float().reshape(())).contiguous()
 
 

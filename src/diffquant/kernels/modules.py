@@ -7,6 +7,7 @@ in :mod:`diffquant.kernels.reference`.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -169,6 +170,8 @@ class LowBitLayer(_KeepStorage, nn.Module):
 
     def _qconv_parts(self, pieces: list, dyn_scale: Optional[torch.Tensor], out_dtype: torch.dtype,
                      residual: Optional[torch.Tensor]) -> torch.Tensor:
+        if dyn_scale is None and self.split_gemm_scaled_mm(pieces[0]):
+            return self._scaled_mm_parts(pieces, out_dtype, residual)
         y = residual  # the first part's kernel adds it; each later part adds the sum so far
         for i, (p, xs) in enumerate(zip(self.parts, pieces)):
             a_scale = p.a_scale if dyn_scale is None else dyn_scale if len(self.parts) == 1 else dyn_scale[i:i + 1]
@@ -176,6 +179,39 @@ class LowBitLayer(_KeepStorage, nn.Module):
                           p.a_zp, list(self.stride), list(self.padding), list(self.dilation), p.w4, out_dtype,
                           p.pad_corr)
         return y
+
+    def split_gemm_scaled_mm(self, x: torch.Tensor) -> bool:
+        """Whether a split layer's parts run as cuBLAS FP8 GEMMs (one ``torch._scaled_mm`` per part, the bf16 results
+        summed) instead of one ``diffquant::qconv`` per part: with ``DIFFQUANT_SPLIT_GEMM=scaled_mm``, for an FP8 1x1
+        / stride-1 / unpadded conv with static input scales whose parts and output widths are multiples of 16 (an up
+        block's shortcut on ``(h, skip)``), where row-wise ``_scaled_mm`` runs. The per-part qconv kernel is at K =
+        320-1,280 two to three times slower than cuDNN's bf16 1x1 conv (``benchmarks/results/qconv_tune_rows_tma.json``),
+        cuBLAS's FP8 GEMMs of the same sizes are not. An A/B switch, written in session 14 after the device time:
+        not yet timed. The sum is one more elementwise pass, which the qconv path folds into its second kernel."""
+        mode = os.environ.get("DIFFQUANT_SPLIT_GEMM", "")
+        if mode not in ("", "qconv", "scaled_mm"):
+            raise ValueError(f"DIFFQUANT_SPLIT_GEMM={mode!r}: 'qconv' (the default) or 'scaled_mm'")
+        return (mode == "scaled_mm" and len(self.parts) > 1 and self.act == "fp8" and self._is_gemm()
+                and self.kind == "conv" and self.out_channels % 16 == 0
+                and all((p.hi - p.lo) % 16 == 0 and not p.w4 for p in self.parts) and scaled_mm_works(x.device))
+
+    def _scaled_mm_parts(self, pieces: list, out_dtype: torch.dtype, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`_qconv_parts` as one row-wise cuBLAS FP8 GEMM per part (see :meth:`split_gemm_scaled_mm`): each
+        part's bf16 output (the bias on the first), summed in fp32 with ``residual``, rounded once to ``out_dtype``."""
+        nb, _, h, w = pieces[0].shape
+        total = None
+        for i, (p, xq) in enumerate(zip(self.parts, pieces)):
+            c = p.hi - p.lo
+            a2 = _row_major(xq.permute(0, 2, 3, 1).reshape(-1, c))
+            s_a = p.a_scale.reshape(1, 1).expand(a2.shape[0], 1).contiguous()
+            bias = self.bias.to(torch.bfloat16) if i == 0 and self.bias is not None else None
+            y = torch._scaled_mm(a2, p.w.view(self.out_channels, c).t(), scale_a=s_a, scale_b=p.w_scale.view(1, -1),
+                                 bias=bias, out_dtype=torch.bfloat16).float()
+            total = y if total is None else total + y
+        y = total.reshape(nb, h, w, self.out_channels).permute(0, 3, 1, 2)
+        if residual is not None:
+            y = y + residual.float()
+        return y.to(out_dtype)
 
     def gives_row_stats(self, x: torch.Tensor) -> bool:
         """Whether :meth:`forward_stats` runs on ``x``: a conv with a static input quantization that runs

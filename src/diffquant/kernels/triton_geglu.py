@@ -101,14 +101,18 @@ def _linear_geglu_persistent_kernel(a_desc, w_desc, out_ptr, ascale_ptr, wscale_
 
 
 def pick_geglu_config(m: int, i: int, k: int) -> dict:
-    """Block shape, from ``benchmarks/bench_geglu.py`` on an H200 (2026-11-28, BENCHMARKS.md "Kernels, ninth
-    measurement"): 64 x 128 output tiles of h (and of g), 128-deep K steps, 4 warps, 2 stages beat the earlier
-    128 x 128 / 8 warps / 3 stages on every SD-1.5 shape (0.163 against 0.190 ms at 64x64, K = 320; 0.100 against
-    0.112 at 32x32). The persistent kernel (``config={"persistent": True}``) won that op benchmark at K = 320
-    (0.156 ms) but took 0.217 ms a call inside the SD-1.5 UNet (profile of the same session), so it is no default."""
+    """Block shape: 128 x 64 output tiles of h (and of g), 128-deep K steps, 4 warps, 2 stages. Measured with
+    ``benchmarks/bench_geglu.py`` on an H200 (2026-11-29, BENCHMARKS.md "Kernels, twelfth measurement"), it beat the
+    earlier 64 x 128 (same warps and stages) on all four SD-1.5 b8 shapes: 0.148 against 0.166 ms at 64x64 (K = 320),
+    0.093 / 0.102 at 32x32, 0.069 / 0.073 at 16x16, 0.028 / 0.030 at 8x8; inside the SD-1.5 b8 UNet the GEGLU kernels
+    took 1.89 against 2.01 ms a call (``DIFFQUANT_GEGLU_CONFIG='{"BLOCK_M": 128, "BLOCK_N": 64}'`` A/B, same call).
+    A tile of 128 tokens reads each weight row half as often per output as 64 tokens do. (Session 11: 64 x 128 had
+    beaten 128 x 128 / 8 warps / 3 stages, 0.163 against 0.190 ms at 64x64.) The persistent kernel
+    (``config={"persistent": True}``) won that op benchmark at K = 320 but took 0.217 ms a call inside the SD-1.5
+    UNet (profile of session 11), so it is no default."""
     bk = 128 if k >= 128 else max(16, triton.next_power_of_2(k))
-    bn = 128 if i >= 128 else max(16, triton.next_power_of_2(i))
-    return {"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 2}
+    bn = 64 if i >= 64 else max(16, triton.next_power_of_2(i))
+    return {"BLOCK_M": 128, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 2}
 
 
 _CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "persistent"}
