@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # cuDNN's FP8 fused attention (cudnn-frontend's sdpa_fp8 graph) against bf16 SDPA on SD-1.5 b8's attention shapes:
-# benchmarks/bench_cudnn_fp8_attention.py, one GPU, about 2 minutes. Written in session 13 (2026-11-29) after the
-# device time was spent: not yet run.
+# benchmarks/bench_cudnn_fp8_attention.py, one GPU, about 1 minute. Written in session 13 (2026-11-29); ran in session
+# 14 (47 s): no faster than bf16 SDPA (BENCHMARKS.md "Kernels, twelfth measurement").
 #   carry: .gpu_carry/cudnn-fe only (the cudnn-frontend wheel for Python 3.12, 11.6 MB; fetched with
 #          python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
 #          --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 -d .gpu_carry/cudnn-fe

@@ -8,22 +8,21 @@
 #          TUNE_TASKS (model:batch:variant,...; empty: no tuning, every GPU benches), TUNE_S (200), TUNE_ARGS (more
 #          tune_qconv.py options, e.g. --untuned-only or --skip-paths tma),
 #          DIFFQUANT_PROFILE_TOP (kernels listed per row's profile, default here 40)
-#   suggested calls for the next session (written at the end of session 13, 2026-11-29; sessions 12-13 ran on one GPU
-#   as scripts/gpu/ab_rows_1gpu.sh PART=1-6, see BENCHMARKS.md "Kernels, tenth / eleventh measurement"):
-#   first: bash scripts/gpu/cudnn_fp8_attention.sh (carry .gpu_carry/cudnn-fe only, about 2 min): cuDNN's FP8 fused
-#      attention (cudnn-frontend sdpa_fp8, head dim 40 padded to 48) against bf16 SDPA on SD-1.5 b8's attention
-#      shapes. Attention is the one part of SD b8 that no diffquant kernel beats. If cuDNN's FP8 graph is faster:
-#      PART=7 bash scripts/gpu/ab_rows_1gpu.sh (carry .whl/diffusers-0.42.1-py3-none-any.whl and
-#      .gpu_carry/cudnn-fe): its GPU tests, then SD b8 with attention="fp8" on it (DIFFQUANT_FP8_ATTN_BACKEND=cudnn)
-#      beside the row as shipped.
-#   0. SD b1 with split-K: PART=5 bash scripts/gpu/ab_rows_1gpu.sh (SMALL defaults to sd15-unet:1:...-ff); then the 17
-#      CIFAR b1 shapes session 13 did not reach: PART=5 SMALL=ddpm-cifar10-32:1:dq-fp8-gn-qkv-te
-#      TUNE_ARGS="--shapes x8x8:,x4x4:,k1x1" (cuDNN bf16 beat every FP8 candidate on the 8 reached).
-#   1. After reworking the row-statistics epilogue (a per-tile reduction, no 3-D reshape): PART=6 (CIFAR b256 with
-#      and without DIFFQUANT_GN_CONV_STATS=1; session 13: 8.41 against 7.86 ms, the epilogue 0.73 ms dearer).
-#   2. the 12 INT8 CIFAR b256 shapes still untuned (one GPU: TUNE0=ddpm-cifar10-32:256:dq-int8
-#      TUNE_ARGS=--untuned-only bash scripts/gpu/tune_split.sh), then ROWS=ddpm-cifar10-32:256:bf16-compile,
-#      ddpm-cifar10-32:256:dq-int8-gn-qkv-te.
+#   suggested calls for the next session (written at the end of session 14, 2026-11-29; sessions 12-14 ran on one GPU
+#   as scripts/gpu/ab_rows_1gpu.sh PART=1-6 and inline commands, see BENCHMARKS.md "Kernels, tenth / eleventh /
+#   twelfth measurement"):
+#   1. PART=8 bash scripts/gpu/ab_rows_1gpu.sh (carry .whl/diffusers-0.42.1-py3-none-any.whl; about 9 min): the split
+#      1x1 shortcuts as cuBLAS GEMMs (DIFFQUANT_SPLIT_GEMM=scaled_mm) with its GPU tests and the GEGLU GPU tests (new
+#      128x64 default, not yet GPU-tested), SD b8 and CIFAR b256 with and without it. If it wins, make it the default.
+#   2. The cuDNN FP8 attention GPU test against the corrected reference (one of three failed against the old one):
+#      python3 -m pip install --no-index --no-deps --target /tmp/site_fe .gpu_carry/cudnn-fe/*.whl, then
+#      PYTHONPATH=/tmp/site_fe:$PWD/src python3 -m pytest -m gpu tests/test_kernels.py -k cudnn_fp8 (carry
+#      .gpu_carry/cudnn-fe; 1 min).
+#   3. CIFAR b1's 17 shapes never tuned: PART=5 SMALL=ddpm-cifar10-32:1:dq-fp8-gn-qkv-te TUNE_ARGS="--shapes
+#      x8x8:,x4x4:,k1x1" (cuDNN bf16 beat every FP8 candidate on the 8 reached); the 12 INT8 CIFAR b256 shapes
+#      still untuned (TUNE0=ddpm-cifar10-32:256:dq-int8 TUNE_ARGS=--untuned-only bash scripts/gpu/tune_split.sh).
+#   Measured and dropped in session 14: cuDNN's FP8 attention (no faster than its bf16 attention at head dim 40/48),
+#   DIFFQUANT_GN_STATS_EPILOGUE=dot as a reason to turn DIFFQUANT_GN_CONV_STATS on (no gain).
 #   Measured and dropped in session 11: FP8 attention (2x slower than cuDNN), DIFFQUANT_FP8_ACC=precise (2x cost,
 #   +0.07 dB), the persistent GEGLU kernel as a default. In session 12: tma4dr as a default (no faster in the model),
 #   DIFFQUANT_GN_LOAD_STAGES=3 and DIFFQUANT_GN_FOLD=1 (slower), DIFFQUANT_GN_WHOLE_MAX_HW=1024 at CIFAR b1 (2.7x
