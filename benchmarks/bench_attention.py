@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 from functools import partial
 
 import torch
@@ -40,7 +38,7 @@ def main() -> None:
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention.py needs a CUDA GPU")
-    from diffquant.kernels.bench import time_call
+    from diffquant.kernels.bench import time_call, write_gpu_result
     from diffquant.kernels.ops import ATTN_BLOCK_N, fp8_attention
     from diffquant.kernels.reference import fp8_attention_quantize
     from diffquant.kernels.triton_attention import fp8_attention_triton, pick_attn_config
@@ -99,10 +97,7 @@ def main() -> None:
     total = {k: round(sum(r[k] * r["calls_per_unet"] for r in rows if k in r), 4)
              for k in ("sdpa_bf16_ms", "kernel_default_ms", "best_kernel_ms", "fp8_op_compiled_ms", "exp_bound_ms")}
     print("per UNet call (ms):", json.dumps(total))
-    res = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
-           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "per_unet_call": total}
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
+    write_gpu_result(a.out, rows, per_unet_call=total)
 
 
 if __name__ == "__main__":

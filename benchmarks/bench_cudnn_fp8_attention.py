@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 
 def main() -> None:
@@ -40,7 +39,7 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_attention import SHAPES
 
-    from diffquant.kernels.bench import time_call
+    from diffquant.kernels.bench import time_call, write_gpu_result
 
     from functools import partial
 
@@ -91,12 +90,8 @@ def main() -> None:
              for k in ("sdpa_cudnn_bf16_ms", "fp8_ms", "fp8_op_compiled_ms")}
     total["shapes_without_fp8"] = [r["shape"] for r in rows if "fp8_ms" not in r]
     print("per UNet call (ms):", json.dumps(total))
-    res = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
-           "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "cudnn": torch.backends.cudnn.version(), "cudnn_frontend": getattr(cudnn, "__version__", None),
-           "rows": rows, "per_unet_call": total}
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
+    write_gpu_result(a.out, rows, cudnn=torch.backends.cudnn.version(),
+                     cudnn_frontend=getattr(cudnn, "__version__", None), per_unet_call=total)
 
 
 if __name__ == "__main__":

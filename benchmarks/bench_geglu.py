@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +40,7 @@ def main() -> None:
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_geglu.py needs a CUDA GPU")
-    from diffquant.kernels.bench import time_call
+    from diffquant.kernels.bench import time_call, write_gpu_result
     from diffquant.kernels.reference import linear_geglu_reference, quantize_act_fp8
     from diffquant.kernels.triton_geglu import linear_geglu_triton, pick_geglu_config
 
@@ -92,10 +90,7 @@ def main() -> None:
             row["speedup_vs_bf16"] = round(row["bf16_compiled_ms"] / row["best_fused_ms"], 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    res = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
-           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
+    write_gpu_result(a.out, rows)
 
 
 if __name__ == "__main__":

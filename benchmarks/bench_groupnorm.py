@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +48,7 @@ def _tensors(n: int, c: int, h: int, w: int) -> tuple:
 def main() -> None:
     from functools import partial
 
-    from diffquant.kernels.bench import time_call
+    from diffquant.kernels.bench import time_call, write_gpu_result
 
     # several calls per timed sample where one is short (batch 1: a norm of a few microseconds is otherwise timed
     # with the graph launch's latency; the sweep of session 10 read 10-16 us for every kernel, a copy included)
@@ -94,12 +92,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row))
     sweep = _sweep(shapes, a.reps, time_call) if a.sweep else []
-    res = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
-           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "sweep": sweep,
-           "sum_inductor_fp8_ms": round(sum(r["inductor_fp8_ms"] for r in rows), 4),
-           "sum_diffquant_fp8_ms": round(sum(r["diffquant_fp8_ms"] for r in rows), 4)}
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
+    res = write_gpu_result(a.out, rows, sweep=sweep, sum_inductor_fp8_ms=round(sum(r["inductor_fp8_ms"] for r in rows), 4),
+                           sum_diffquant_fp8_ms=round(sum(r["diffquant_fp8_ms"] for r in rows), 4))
     print("sum over shapes, fp8 out: inductor", res["sum_inductor_fp8_ms"], "ms, diffquant", res["sum_diffquant_fp8_ms"], "ms")
 
 

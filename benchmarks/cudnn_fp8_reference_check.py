@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 
 SHAPES = [(2, 8, 4096, 40, 4096), (2, 8, 1024, 80, 77), (1, 8, 64, 160, 64), (2, 8, 1024, 80, 1024)]
 E4M3_MAX = 448.0
@@ -62,6 +60,7 @@ def main() -> None:
         raise SystemExit("cudnn_fp8_reference_check.py needs a CUDA GPU")
     from diffquant.kernels import cudnn_attention as ca
     from diffquant.kernels import ops
+    from diffquant.kernels.bench import write_gpu_result
 
     why = ca.unavailable(torch.device("cuda"))
     if why is not None:
@@ -80,10 +79,7 @@ def main() -> None:
             row[name] = round(float((got - want).norm() / want.norm()), 5)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    res = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
-           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
+    write_gpu_result(a.out, rows)
 
 
 if __name__ == "__main__":

@@ -465,6 +465,20 @@ def test_gpu_converted_unet_close_to_fake_quant(backend):
         assert any(m.fp8_gemm == "scaled_mm" for m in cm.modules() if isinstance(m, LowBitLayer))
 
 
+def test_write_gpu_result_records_the_run(tmp_path, monkeypatch):
+    """The GPU benchmark scripts' result file: the command line, date, device, torch version, rows and extras."""
+    from diffquant.kernels.bench import write_gpu_result
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(sys, "argv", ["benchmarks/bench_geglu.py", "--out", "x.json"])
+    out = tmp_path / "r.json"
+    res = write_gpu_result(str(out), [{"shape": "a", "ms": 1.5}], per_unet_call={"ms": 3.0})
+    assert json.loads(out.read_text()) == res
+    assert res["command"] == "python benchmarks/bench_geglu.py --out x.json" and res["device"] == "NVIDIA H200"
+    assert res["rows"] == [{"shape": "a", "ms": 1.5}] and res["per_unet_call"] == {"ms": 3.0}
+    assert res["torch"] == torch.__version__ and time.strftime("%Y-") in res["date"]
+
+
 def test_time_call_refuses_negative_inner():
     from diffquant.kernels.bench import time_call
 

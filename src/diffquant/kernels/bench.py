@@ -68,6 +68,16 @@ def inputs_for(model: nn.Module, batch: int, device, dtype) -> tuple:
                              for k, v in c.items()}
 
 
+def write_gpu_result(path: str, rows: list, **extra) -> dict:
+    """A GPU benchmark script's result file: ``{"command", "date", "device", "torch", "rows", **extra}`` as JSON
+    (indent 1) at ``path``, the command being ``python`` and this process's arguments; returns the dict."""
+    res = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
+           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, **extra}
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
 def time_call(fn: Callable[[], Any], warmup: int = 5, reps: int = 30, graph: bool = True,
               inner: int = 1) -> tuple[float, bool]:
     """Median ms of ``fn()`` over ``reps`` samples (CUDA events), replaying a CUDA graph if it captures. Each sample
