@@ -1832,6 +1832,19 @@ def test_gpu_fuse_qkv_matches_separate_projections():
         _held_to_distance(cm, inputs, want32, base, blocks)
 
 
+def _tiny_sd_bf16_on_gpu():
+    """A calibrated FP8 text-to-image UNet ``q``; its inputs on the GPU in bf16; the plain conversion in bf16; the
+    fp32-activation conversion's output ``want32``; and the plain conversion's distance from it, ``base``."""
+    _, q, (x, t, c) = _calibrated("fp8", model=tiny_sd_unet())
+    inputs = (x.cuda().bfloat16(), t.cuda(), {k: v.cuda().bfloat16() for k, v in c.items()})
+    ref = convert(q, "fp8", attention="float", device="cuda", fuse_norms=True)  # fp32 activations
+    plain = convert(q, "fp8", attention="float", device="cuda", fuse_norms=True).to(torch.bfloat16)
+    with torch.no_grad():
+        want32 = call_model(ref, x.cuda(), t.cuda(), {k: v.cuda() for k, v in c.items()}).float()
+        got = call_model(plain, *inputs).float()
+    return q, inputs, plain, want32, float((got - want32).norm() / want32.norm())
+
+
 def _held_to_distance(model, inputs, want32, base: float, tag) -> None:
     """``model``'s output, eager and compiled, is finite and no further from ``want32`` (the fp32-activation model's)
     than 1.5 x ``base`` (the plain conversion's distance) + 1e-2."""
@@ -1854,16 +1867,7 @@ def test_gpu_fuse_ff_and_tensorwise_gemms_hold_the_model():
     from diffquant.kernels.fused_ff import FusedGEGLUFeedForward
     from diffquant.kernels.modules import set_fp8_gemm
 
-    def rel(a, b):
-        return float((a - b).norm() / b.norm())
-
-    _, q, (x, t, c) = _calibrated("fp8", model=tiny_sd_unet())
-    inputs = (x.cuda().bfloat16(), t.cuda(), {k: v.cuda().bfloat16() for k, v in c.items()})
-    ref = convert(q, "fp8", attention="float", device="cuda", fuse_norms=True)  # fp32 activations
-    plain = convert(q, "fp8", attention="float", device="cuda", fuse_norms=True).to(torch.bfloat16)
-    with torch.no_grad():
-        want32 = call_model(ref, x.cuda(), t.cuda(), {k: v.cuda() for k, v in c.items()}).float()
-        base = rel(call_model(plain, *inputs).float(), want32)
+    q, inputs, _, want32, base = _tiny_sd_bf16_on_gpu()
     for tensorwise in (False, True):
         cm = convert(q, "fp8", attention="float", device="cuda", fuse_norms=True, fuse_ff=True,
                      fuse_temb=True).to(torch.bfloat16)
@@ -1883,10 +1887,7 @@ def test_gpu_split_gemm_scaled_mm_holds_the_model(monkeypatch):
     def rel(a, b):
         return float((a - b).norm() / b.norm())
 
-    _, q, (x, t, c) = _calibrated("fp8", model=tiny_sd_unet())
-    inputs = (x.cuda().bfloat16(), t.cuda(), {k: v.cuda().bfloat16() for k, v in c.items()})
-    ref = convert(q, "fp8", attention="float", device="cuda", fuse_norms=True)  # fp32 activations
-    cm = convert(q, "fp8", attention="float", device="cuda", fuse_norms=True).to(torch.bfloat16)
+    _, inputs, cm, want32, base = _tiny_sd_bf16_on_gpu()
     split = [m for m in cm.modules() if isinstance(m, LowBitLayer) and len(m.parts) > 1 and m.kernel_size == (1, 1)]
     assert split
     sc = split[0]
@@ -1894,8 +1895,6 @@ def test_gpu_split_gemm_scaled_mm_holds_the_model(monkeypatch):
     skip = torch.randn(2, sc.parts[1].hi - sc.parts[1].lo, 8, 8, device="cuda", dtype=torch.bfloat16)
     h, skip = (v.contiguous(memory_format=torch.channels_last) for v in (h, skip))
     with torch.no_grad():
-        want32 = call_model(ref, x.cuda(), t.cuda(), {k: v.cuda() for k, v in c.items()}).float()
-        base = rel(call_model(cm, *inputs).float(), want32)
         layer_q = sc.forward_pieces([h, skip]).float()
         monkeypatch.setenv("DIFFQUANT_SPLIT_GEMM", "scaled_mm")
         assert sc.split_gemm_scaled_mm(h)

@@ -57,6 +57,16 @@ rows() {  # rows TAG ONLY [VAR=value ...]: one bench process, skipped when fewer
   echo "bench rc=$?" >> $OUT/bench_$tag.log
   grep -A4 "^model " $OUT/bench_$tag.log | grep -v "^model \|^--" | cut -c1-150
 }
+gpu_tests() {  # gpu_tests SECONDS "-k expression": the GPU tests of tests/test_kernels.py that match, to
+  # $OUT/pytest_gpu.log; prints the outcome lines (every PASSED one unless QUIET=1, then their count)
+  timeout "$1" python3 -m pytest -m gpu tests/test_kernels.py -k "$2" -v --tb=short -p no:cacheprovider \
+    > $OUT/pytest_gpu.log 2>&1; echo "pytest rc=$?" >> $OUT/pytest_gpu.log
+  if [ "${QUIET:-0}" = 1 ]; then
+    grep -E "FAILED|ERROR|SKIPPED|rc=|Error" $OUT/pytest_gpu.log | head -20; grep -c PASSED $OUT/pytest_gpu.log
+  else
+    grep -E "PASSED|FAILED|ERROR|SKIPPED|rc=|Error" $OUT/pytest_gpu.log | head -30
+  fi
+}
 tune_merge_rows() {  # TASK SECONDS [tune_qconv.py options]: tune (split-K candidates included), the task's row as
   # shipped (WITH_BF16=1: and its bf16-compile partner), with AB_ENV (default DIFFQUANT_QCONV_SPLIT_K=2: every tma /
   # tma4d entry of a layer with few tiles split in two, untuned), the tuned shapes merged into the shipped table on
@@ -80,9 +90,7 @@ tune_merge_rows() {  # TASK SECONDS [tune_qconv.py options]: tune (split-K candi
 case $PART in
 1)
   say "GPU tests"
-  timeout 110 python3 -m pytest -m gpu tests/test_kernels.py -k "tma4d_rows or linear_geglu or group_norm" -v \
-    --tb=short -p no:cacheprovider > $OUT/pytest_gpu.log 2>&1; echo "pytest rc=$?" >> $OUT/pytest_gpu.log
-  grep -E "PASSED|FAILED|ERROR|rc=" $OUT/pytest_gpu.log | head -30
+  gpu_tests 110 "tma4d_rows or linear_geglu or group_norm"
   rows ship "sd15-unet:8:bf16-compile,$ROW"
   rows 4dr "$ROW" DIFFQUANT_QCONV_TMA=4dr
   rows stages "$ROW" $STAGES
@@ -112,9 +120,7 @@ case $PART in
 4)
   if [ "${TESTS:-1}" = 1 ]; then
     say "GPU tests: split-K"
-    timeout 150 python3 -m pytest -m gpu tests/test_kernels.py -k "split_k or tma_path_matches" -v --tb=short \
-      -p no:cacheprovider > $OUT/pytest_gpu.log 2>&1; echo "pytest rc=$?" >> $OUT/pytest_gpu.log
-    grep -E "PASSED|FAILED|ERROR|rc=" $OUT/pytest_gpu.log | grep -v PASSED | head -20; grep -c PASSED $OUT/pytest_gpu.log
+    QUIET=1 gpu_tests 150 "split_k or tma_path_matches"
   fi
   # the 3x3 convs of 8x8 and 16x16 inputs only (7 shapes): the tuner goes by FLOPs, largest first, and the budget
   # would run out on the 1x1s before the 8x8 convs (0.68 ms of the model, the lowest FLOPs)
@@ -129,9 +135,7 @@ case $PART in
   ;;
 6)
   say "GPU tests: conv row statistics into the norm"
-  timeout 120 python3 -m pytest -m gpu tests/test_kernels.py -k "conv_row_stats" -v --tb=short \
-    -p no:cacheprovider > $OUT/pytest_gpu.log 2>&1; echo "pytest rc=$?" >> $OUT/pytest_gpu.log
-  grep -E "PASSED|FAILED|ERROR|rc=|Error" $OUT/pytest_gpu.log | head -20
+  gpu_tests 120 "conv_row_stats"
   rows cship "$CROW"
   rows cstats "$CROW" DIFFQUANT_GN_CONV_STATS=1
   rows cstatsdot "$CROW" DIFFQUANT_GN_CONV_STATS=1 DIFFQUANT_GN_STATS_EPILOGUE=dot
@@ -143,17 +147,13 @@ case $PART in
     .gpu_carry/cudnn-fe/*.whl || { echo "no cudnn-frontend wheel in .gpu_carry/cudnn-fe"; exit 2; }
   export PYTHONPATH=/tmp/site_fe:$PYTHONPATH
   say "GPU tests: cuDNN FP8 attention"
-  timeout 120 python3 -m pytest -m gpu tests/test_kernels.py -k "cudnn_fp8" -v --tb=short \
-    -p no:cacheprovider > $OUT/pytest_gpu.log 2>&1; echo "pytest rc=$?" >> $OUT/pytest_gpu.log
-  grep -E "PASSED|FAILED|ERROR|SKIPPED|rc=|Error" $OUT/pytest_gpu.log | head -20
+  gpu_tests 120 "cudnn_fp8"
   rows ship "$ROW"
   rows cudnnattn "${ROW/dq-fp8-gn/dq-fp8-fp8attn-gn}" DIFFQUANT_FP8_ATTN_BACKEND=cudnn
   ;;
 8)
   say "GPU tests: split shortcuts as cuBLAS GEMMs, GEGLU"
-  timeout 150 python3 -m pytest -m gpu tests/test_kernels.py -k "split_gemm or linear_geglu" -v --tb=short \
-    -p no:cacheprovider > $OUT/pytest_gpu.log 2>&1; echo "pytest rc=$?" >> $OUT/pytest_gpu.log
-  grep -E "PASSED|FAILED|ERROR|rc=|Error" $OUT/pytest_gpu.log | head -20
+  gpu_tests 150 "split_gemm or linear_geglu"
   rows ship "$ROW"
   rows splitgemm "$ROW" DIFFQUANT_SPLIT_GEMM=scaled_mm
   rows cship "$CROW"
