@@ -20,6 +20,7 @@ from diffquant.convert import config_for_backend, convert, weight_bytes
 from diffquant.kernels import qconv, qconv_ref, triton_available
 from diffquant.kernels.modules import LowBitLayer
 from diffquant.kernels.reference import pack_w4, pad_correction, unpack_w4
+from diffquant.kernels.tuning import CANDIDATES_WIDE
 from diffquant.models.adapter import call_model, example_inputs
 from diffquant.models.configs import build_unet
 from diffquant.quantize import calibrate, quantize
@@ -582,6 +583,17 @@ def test_tuning_shape_key_and_candidates():
     assert not any(c in tuning.candidates(1, False, cout=128, ck=128, path="tma4d", m=256 * 32 * 32) for c in small)
     assert not any(c["BLOCK_M"] == 64 == c["BLOCK_N"] for c in
                    tuning.candidates(1, False, cout=128, ck=128, path="tma4dp", m=32 * 32))
+    # wide tiles (BLOCK_N2) of tma4d: SD's 320 / 640 / 1,280 channels, where 320- or 160-channel tiles pad no more
+    # than 128-wide ones; not 256 or 128 channels, not the other kernels; their shared memory counts both B blocks
+    wide = [c for c in tuning.candidates(1, False, cout=320, ck=320, path="tma4d", m=8 * 64 * 64) if "BLOCK_N2" in c]
+    assert len(wide) == len(tuning.CANDIDATES_WIDE) and "SPLIT_K" not in str(wide)
+    assert {tuning.config_label(c) for c in wide} == {"tma4d-w320", "tma4d-w160"}
+    assert all(tuning.smem_bytes(c, 1, False) == c["num_stages"] * c["BLOCK_K"] * (
+        c["BLOCK_M"] + c["BLOCK_N"] + c["BLOCK_N2"]) <= tuning.SMEM_LIMIT for c in wide)
+    for cout in (640, 1280):
+        assert sum("BLOCK_N2" in c for c in tuning.candidates(1, False, cout=cout, ck=640, path="tma4d", m=8192)) == 5
+    for cout, path in ((256, "tma4d"), (128, "tma4d"), (200, "tma4d"), (320, "tma"), (320, "tma4dp"), (320, "tma4dr")):
+        assert not any("BLOCK_N2" in c for c in tuning.candidates(1, False, cout=cout, ck=320, path=path, m=32768))
 
 
 def test_tuning_table_lookup_validation_and_device(tmp_path, monkeypatch):
@@ -609,13 +621,18 @@ def test_tuning_table_lookup_validation_and_device(tmp_path, monkeypatch):
         assert tuning.active_tables() == [] and tuning.lookup("k1", "GPU-A") is None
     assert tuning.active_tables() == tuning.packaged_tables()
     tuning.validate_table({**table, "configs": {"k": {**cfg, "path": "tma"}, "k2": {**cfg, "path": "gather"},
-                                                "k3": {**cfg, "path": "tma4d", "SPLIT_K": 3}}})
+                                                "k3": {**cfg, "path": "tma4d", "SPLIT_K": 3},
+                                                "k4": {**cfg, "path": "tma4d", "BLOCK_N2": 64}}})
     bad = [{"format": "other"}, {**table, "device": 3}, {**table, "configs": {"k": {**cfg, "BLOCK_M": 0}}},
            {**table, "configs": {"k": {"BLOCK_M": 64}}}, {**table, "configs": {"k": {**cfg, "path": "cudnn"}}},
            {**table, "configs": {"k": {**cfg, "extra": 1}}}, {**table, "configs": {"k": {**cfg, "SPLIT_K": 2}}},
            {**table, "configs": {"k": {**cfg, "path": "tma4dp", "SPLIT_K": 2}}},
            {**table, "configs": {"k": {**cfg, "path": "tma4d", "SPLIT_K": 0}}},
-           {**table, "configs": {"k": {**cfg, "path": "tma4d", "SPLIT_K": "2"}}}]
+           {**table, "configs": {"k": {**cfg, "path": "tma4d", "SPLIT_K": "2"}}},
+           {**table, "configs": {"k": {**cfg, "path": "tma", "BLOCK_N2": 64}}},
+           {**table, "configs": {"k": {**cfg, "path": "tma4d", "BLOCK_N2": 48}}},
+           {**table, "configs": {"k": {**cfg, "path": "tma4d", "BLOCK_N2": 8}}},
+           {**table, "configs": {"k": {**cfg, "path": "tma4d", "BLOCK_N2": 64, "SPLIT_K": 2}}}]
     for b in bad:
         with pytest.raises(ValueError):
             tuning.validate_table(b)
@@ -914,6 +931,42 @@ def test_gpu_tma_path_matches_reference(case, path, monkeypatch):
         assert torch.isfinite(got).all()
         # int8: exact up to the fp32 epilogue; fp8: Hopper's FP8 MMA accumulates with fewer bits (the gather test's 5e-3)
         assert float((got.double() - want).norm() / want.norm()) < (1e-5 if kind == "int8" else 5e-3), sliced
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("cfg", CANDIDATES_WIDE, ids=lambda c: "x".join(map(str, c)))
+def test_gpu_tma4d_wide_tiles_match_reference(cfg, monkeypatch):
+    """The 4-D kernel's wide tiles (BLOCK_N + BLOCK_N2 channels a program: tuning.CANDIDATES_WIDE) on the GPU against
+    the reference op, poisoned output: SD-1.5's 320 channels at 64x64 with a residual add (FP8), and an odd int8 case
+    with a zero point whose 200 channels end inside a tile's second block."""
+    import diffquant.kernels.triton_conv_tma as tt
+    from diffquant.kernels import tuning
+
+    bm, bn, bn2, bk, nw, ns = cfg
+    force = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, path="tma4d", BLOCK_N2=bn2)
+    launched = []
+    real = tt._qconv_tma4d_wide_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(tt, "_qconv_tma4d_wide_kernel", Spy())
+    for kind, kw, tol in (("fp8", dict(n=2, cin=320, cout=320, h=64, w=64), 5e-3),
+                          ("int8", dict(n=3, cin=96, cout=200, h=17, w=13, a_zp=5), 1e-5)):
+        c = _rand_case(kind, k=3, device="cuda", **kw)
+        if kind == "fp8":
+            c["add"] = torch.randn(kw["n"], kw["cout"], kw["h"], kw["w"], device="cuda").contiguous(
+                memory_format=torch.channels_last)
+        with tuning.forced_config(force):
+            got = _poisoned_call(c, 1, 1)
+        torch.cuda.synchronize()
+        want = _call(qconv_ref, c, 1, 1, 1, torch.float64)
+        assert torch.isfinite(got).all()
+        assert float((got.double() - want).norm() / want.norm()) < tol, (kind, cfg)
+    assert len(launched) == 2
 
 
 @pytest.mark.gpu

@@ -116,6 +116,51 @@ def test_interpreter_tma4d_path_matches_reference():
         assert finite and rel < 1e-5, (case, rel)
 
 
+def test_interpreter_tma4d_wide_tiles_match_reference():
+    """Wide tiles (``BLOCK_N2``: BLOCK_N + BLOCK_N2 output channels a program, two accumulators from one A tile) on the
+    4-D kernel's cases: channel counts that end inside the first block, inside the second, or past both; the int8 zero
+    point's fix-up, residual adds and channel slices; the wide kernel must be the one launched. Under split-K the same
+    config runs its BLOCK_N tiles."""
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
+    import diffquant.kernels.triton_conv_tma as tt
+
+    env = dict(os.environ, TRITON_INTERPRET="1", DIFFQUANT_QCONV_TMA="0")
+    env.pop("DIFFQUANT_QCONV_CONFIG", None)
+    for cfg in (dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, path="tma4d", BLOCK_N2=16),
+                dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, path="tma4d", BLOCK_N2=16,
+                     SPLIT_K=2)):
+        code = SCRIPT.format(tests=str(ROOT / "tests"), src=str(ROOT / "src"), cases=json.dumps(TMA4D_CASES))
+        code = code.replace("got = tk._call(qconv_triton, c, stride, pad)",
+                            "from diffquant.kernels import tuning\n"
+                            "    import diffquant.kernels.triton_conv_tma as tt\n"
+                            "    real = tt._qconv_tma4d_wide_kernel\n"
+                            "    class Spy:\n"
+                            "        def __getitem__(self, grid):\n"
+                            "            launched.append(list(grid))\n"
+                            "            return real[grid]\n"
+                            "    tt._qconv_tma4d_wide_kernel = Spy()\n"
+                            f"    with tuning.forced_config({cfg!r}):\n"
+                            "        got = tk._call(qconv_triton, c, stride, pad)\n"
+                            "    tt._qconv_tma4d_wide_kernel = real")
+        code = code.replace("res = []\n", "res = []\nlaunched = []\n", 1)
+        code = code.replace('print("RESULT" + json.dumps(res))', 'print("RESULT" + json.dumps(res + [launched]))')
+        res = _run_script(code, env)
+        launched = res[-1]
+        if "SPLIT_K" in cfg:
+            assert launched == []
+        else:  # one launch a case; the grid counts tiles of 48 channels (cout 40 -> 1, 64 -> 2, 16 -> 1)
+            want = []
+            for _, kw, stride, pad, _, sl in TMA4D_CASES:
+                k = kw.get("k", 3)
+                ho, wo = kw["h"] + 2 * pad - k + 1, kw["w"] + 2 * pad - k + 1
+                bi, bh, bw = tt.tile_4d(32, ho, wo)
+                want.append([-(-kw["n"] // bi) * -(-ho // bh) * -(-wo // bw) * -(-kw["cout"] // 48)])
+            assert launched == want, (launched, want)
+        for case, (finite, rel) in zip(TMA4D_CASES, res[:-1]):
+            assert finite and rel < 1e-5, (cfg, case, rel)
+
+
 def test_interpreter_tma4d_persistent_path_matches_reference():
     """The persistent 4-D TMA kernel: three programs in the interpreter, each walking several output tiles (and the
     tiles' channel blocks), on the same cases as the one-tile-per-program kernel."""
@@ -682,6 +727,13 @@ def test_attention_and_conv_kernels_compile_for_hopper():
                   lambda n, f=tma_type: f(n, a_box="1, 1, 64, 64"), warps=8, stages=4)
         built += bool(k.asm.get("cubin"))
         assert "ttg.local_load" not in k.asm["ttgir"]
+        # wide tiles: 256 + 64 output channels a program (two B descriptors, two accumulators), as SD's 320 channels
+        wide_type = lambda n, f=tma_type: ("tensordesc<{}[64, 64]>".format("fp8e4nv" if fp8 else "i8")  # noqa: E731
+                                           if n == "b2_desc" else f(n, a_box="1, 2, 64, 64") if n != "b_desc"
+                                           else "tensordesc<{}[256, 64]>".format("fp8e4nv" if fp8 else "i8"))
+        k = build(tt._qconv_tma4d_wide_kernel, dict(common, KH=3, PAD_FIX=not fp8, BI=1, BH=2, BW=64, BLOCK_N=256,
+                                                     BLOCK_N2=64), wide_type, warps=8, stages=4)
+        built += bool(k.asm.get("cubin"))
         # the persistent form, its tile loop flattened into the tap loop (software-pipelined across tiles)
         built += bool(build(tt._qconv_tma4d_persistent_kernel, dict(common, KH=3, PAD_FIX=not fp8, BI=1, BH=8, BW=16,
                                                                      FLATTEN=True), tma_type,
@@ -728,7 +780,7 @@ def test_attention_and_conv_kernels_compile_for_hopper():
     built += bool(build(tg._linear_geglu_persistent_kernel, dict(
         HAS_BIAS=True, QUANT=True, OSCALE_PER_CH=False, BITCAST_FP8=False, EMULATE=False, BLOCK_M=128, BLOCK_N=128,
         BLOCK_K=128, GROUP_M=8, FLATTEN=True, FP8_ACC=64), geglu_type, warps=8, stages=3).asm.get("cubin"))
-    assert built == 30
+    assert built == 32
 
 
 def test_fp8_accumulation_knob_and_its_routing(monkeypatch):

@@ -32,7 +32,11 @@
 #           FP8 GEMM per part (DIFFQUANT_SPLIT_GEMM=scaled_mm; the qconv kernel is 2-3x slower than cuDNN's bf16 1x1
 #           conv on these short-K shapes): its GPU tests and the GEGLU GPU tests (new 128x64 default), then ROW and
 #           CROW as shipped and with the switch. Carry .whl/diffusers-0.42.1-py3-none-any.whl.
-# Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in parts 2, 4 and 5.
+#   PART=9 (written in session 14 after its device time; not yet run): wide 4-D conv tiles (BLOCK_N2: 320 or 160
+#           output channels a program, tuning.CANDIDATES_WIDE) for SD b8's 320- and 640-channel 3x3 convs: their GPU
+#           tests, those shapes re-tuned with tma4d (wide tiles included), tma4dr and gather competing (TUNE_S, 200),
+#           merged on the device, ROW with the merged table. Carry .whl/diffusers-0.42.1-py3-none-any.whl.
+# Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in parts 2, 4, 5 and 9.
 #   run: PART=1 bash scripts/gpu/ab_rows_1gpu.sh   (env: ROW, CROW, SMALL, TUNE_S, AB_ENV, TOTAL_S (570), EXTRA (env for
 #        every row, e.g. DIFFQUANT_GN_LOAD_STAGES=3 once it wins))
 set -uo pipefail
@@ -159,7 +163,13 @@ case $PART in
   rows cship "$CROW"
   rows csplitgemm "$CROW" DIFFQUANT_SPLIT_GEMM=scaled_mm
   ;;
-*) echo "PART must be 1 to 8"; exit 2 ;;
+9)
+  say "GPU tests: wide 4-D conv tiles"
+  gpu_tests 150 "wide_tiles"
+  WITH_BF16=0 AB_ENV= tune_merge_rows "$ROW" ${TUNE_S:-200} --shapes x64x64:o320:k3x3,x32x32:o640:k3x3 \
+    --skip-paths tma,tma4dp
+  ;;
+*) echo "PART must be 1 to 9"; exit 2 ;;
 esac
 cd $OUT && tar czf all.tgz *.json *.log && find . -maxdepth 1 -type f ! -name all.tgz ! -name env.txt \
   ! -name nvidia-h200.merged.json -delete

@@ -14,6 +14,9 @@
 #   1. PART=8 bash scripts/gpu/ab_rows_1gpu.sh (carry .whl/diffusers-0.42.1-py3-none-any.whl; about 9 min): the split
 #      1x1 shortcuts as cuBLAS GEMMs (DIFFQUANT_SPLIT_GEMM=scaled_mm) with its GPU tests and the GEGLU GPU tests (new
 #      128x64 default, not yet GPU-tested), SD b8 and CIFAR b256 with and without it. If it wins, make it the default.
+#   1b. PART=9 bash scripts/gpu/ab_rows_1gpu.sh (same carry; about 7 min): wide 4-D conv tiles (320 or 160 output
+#      channels a program) for SD b8's 320- and 640-channel 3x3 convs: GPU tests, those shapes re-tuned, merged, the
+#      row. Commit the merged table only if the row is faster.
 #   2. The cuDNN FP8 attention GPU test against the corrected reference (one of three failed against the old one):
 #      python3 -m pip install --no-index --no-deps --target /tmp/site_fe .gpu_carry/cudnn-fe/*.whl, then
 #      PYTHONPATH=/tmp/site_fe:$PWD/src python3 -m pytest -m gpu tests/test_kernels.py -k cudnn_fp8 (carry

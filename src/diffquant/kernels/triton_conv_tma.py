@@ -362,6 +362,66 @@ def _qconv_tma4d_kernel(
                 BI, BH, BW, BLOCK_N, BLOCK_K, FP8_ACC, mean_ptr, m2_ptr, STATS, STATS_DOT)
 
 
+# Wide tiles (a "BLOCK_N2" in the config): each program computes BLOCK_N + BLOCK_N2 output channels, the second block
+# from a second B descriptor into a second accumulator, so that one A tile feeds both dots. Channel counts that are no
+# power of two get tiles without padding: SD-1.5's 320 as 256 + 64 (or 128 + 32 twice), where 128-wide tiles compute
+# 384 and 256-wide 512, and every output pixel's A tile is read once per 320 channels instead of once per 128.
+# Where A and B come from L2 at its bandwidth (SD b8's 64x64 convs: about 5.7 TB/s of tile loads at 0.091 ms a call),
+# fewer A reads are the point. A tuner candidate (tuning.CANDIDATES_WIDE), not a default.
+@triton.jit
+def _tap_mainloop_wide(a_desc, b_desc, b2_desc, m0, oh0, ow0, co0, NITER, CK, NCB, pad_h, pad_w, KW: tl.constexpr,
+                       A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_N2: tl.constexpr, BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr):
+    """:func:`_tap_mainloop` (4-D boxes, the whole K loop) for a wide tile: the accumulators of channels
+    ``co0 .. co0 + BLOCK_N`` and ``co0 + BLOCK_N .. co0 + BLOCK_N + BLOCK_N2`` from the same A tile."""
+    acc = zero_acc(BLOCK_M, BLOCK_N, A_INT)
+    acc2 = zero_acc(BLOCK_M, BLOCK_N2, A_INT)
+    for it in range(0, NITER):
+        tap, c0, kh, kw = tap_block(it, NCB, KW, BLOCK_K)
+        a = tl.reshape(a_desc.load([m0, oh0 + kh - pad_h, ow0 + kw - pad_w, c0]), (BLOCK_M, BLOCK_K))
+        b = b_desc.load([co0, tap * CK + c0])
+        b2 = b2_desc.load([co0 + BLOCK_N, tap * CK + c0])
+        if BITCAST_FP8:  # the interpreter has no FP8 descriptors: FP8 travels as its bytes
+            a = a.to(tl.float8e4nv, bitcast=True)
+            b = b.to(tl.float8e4nv, bitcast=True)
+            b2 = b2.to(tl.float8e4nv, bitcast=True)
+        acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype, max_num_imprecise_acc=FP8_ACC)
+        acc2 = tl.dot(a, b2.T, acc2, out_dtype=acc2.dtype, max_num_imprecise_acc=FP8_ACC)
+    return acc, acc2
+
+
+@triton.jit(do_not_specialize=["N", "H", "W", "Ho", "Wo", "NITER", "TILES_H", "TILES_W", "pad_h", "pad_w"])
+def _qconv_tma4d_wide_kernel(
+    a_desc, b_desc, b2_desc, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr, padc_ptr,
+    N, H, W, Ho, Wo, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h, pad_w,
+    son, soh, sow, soc,
+    san, sah, saw, sac,
+    KH: tl.constexpr, KW: tl.constexpr, A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr, PAD_FIX: tl.constexpr,
+    HAS_ASCALE: tl.constexpr, HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
+    BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FP8_ACC: tl.constexpr = None,
+):
+    """The plain 4-D kernel (:func:`_qconv_tma4d_kernel`) with wide tiles: BLOCK_N + BLOCK_N2 output channels a
+    program, two accumulators, the epilogue once per channel block."""
+    BLOCK_M: tl.constexpr = BI * BH * BW
+    WIDE: tl.constexpr = BLOCK_N + BLOCK_N2
+    tiles_m = tl.cdiv(N, BI) * TILES_H * TILES_W
+    pid_m, pid_n = grouped_tile(tiles_m * BLOCK_M, Cout, BLOCK_M, WIDE, GROUP_M)
+    n0, oh0, ow0, co0 = _tile_origin(pid_m, pid_n, TILES_H, TILES_W, BI, BH, BW, WIDE)
+    acc, acc2 = _tap_mainloop_wide(a_desc, b_desc, b2_desc, n0, oh0, ow0, co0, NITER, CK, NCB, pad_h, pad_w, KW,
+                                   A_INT, BITCAST_FP8, BLOCK_M, BLOCK_N, BLOCK_N2, BLOCK_K, FP8_ACC)
+    nb, oh, ow, m_ok = _tile_pixels(n0, oh0, ow0, tl.arange(0, BLOCK_M), N, Ho, Wo, BH, BW)
+    # the narrow block's epilogue first: the wide accumulator waits in registers through the smaller one's
+    offs_n2 = co0 + BLOCK_N + tl.arange(0, BLOCK_N2)
+    _pad_fix_store(acc2, offs_n2, offs_n2 < Cout, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr,
+                   bias_ptr, add_ptr, padc_ptr, H, W, pad_h, pad_w, son, soh, sow, soc, san, sah, saw, sac, KH, KW,
+                   PAD_FIX, HAS_ASCALE, HAS_CORR, HAS_BIAS, HAS_ADD)
+    offs_n = co0 + tl.arange(0, BLOCK_N)
+    _pad_fix_store(acc, offs_n, offs_n < Cout, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr,
+                   add_ptr, padc_ptr, H, W, pad_h, pad_w, son, soh, sow, soc, san, sah, saw, sac, KH, KW, PAD_FIX,
+                   HAS_ASCALE, HAS_CORR, HAS_BIAS, HAS_ADD)
+
+
 # The persistent form (path "tma4dp"): one program per SM walks the output tiles, and the tile loop is flattened
 # into the tap loop (``tl.range(..., flatten=True)``), so the loads of a tile's first taps are issued while the
 # previous tile's epilogue runs. The CIFAR UNet's 3x3 convs have 9 to 18 K steps per tile (128 to 256 channels), so
@@ -607,7 +667,9 @@ def qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seq
     one-row box and one dot per output row of the tile (:func:`_qconv_tma4d_rows_kernel`; :func:`rows_split` says
     where it applies, elsewhere the plain kernel runs). ``stats``: ``(mean, m2)``, [N, Ho, Cout] fp32 buffers that
     the plain kernel's epilogue fills with the output's per-row statistics (``diffquant::qconv_stats``); only for a
-    config that :func:`row_stats_in_epilogue` accepts."""
+    config that :func:`row_stats_in_epilogue` accepts. A config with ``BLOCK_N2`` runs wide tiles
+    (:func:`_qconv_tma4d_wide_kernel`) on the plain kernel's calls; persistent, rows, split-K and statistics calls
+    run its ``BLOCK_N`` tiles."""
     from diffquant.kernels.reference import out_like
 
     nbatch, c, h, wd = x.shape
@@ -648,6 +710,13 @@ def qconv_tma4d(x, w, w_scale, a_scale, corr, bias, add, a_zp: int, padding: Seq
                  FP8_ACC=fp8_acc(bk, fp8),
                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     split, per = split_k_steps(kh * kw * ncb, cfg.get("SPLIT_K", 1))
+    bn2 = int(cfg.get("BLOCK_N2", 0))
+    if bn2 and not (persistent or rows or split > 1 or stats is not None):  # (those run the config's BLOCK_N tiles)
+        b2_desc = TensorDescriptor(w2, [cout, kh * kw * ck], [kh * kw * ck, 1], [bn2, bk])
+        grid = (triton.cdiv(nbatch, bi) * tiles_h * tiles_w * triton.cdiv(cout, bn + bn2),)
+        _launch_retrying(_qconv_tma4d_wide_kernel, grid, (args[0], args[1], b2_desc, *args[2:], *strides),
+                         dict(flags, BLOCK_N2=bn2), bm, bn + bn2, bk)
+        return out
     if split > 1 and not persistent and not rows:  # (a tma4d config rerouted to tma4dr by 4dr / precise runs unsplit)
         tiles_m, tiles_n = triton.cdiv(nbatch, bi) * tiles_h * tiles_w, triton.cdiv(cout, bn)
         ws_m, ws_n = tiles_m * bm, tiles_n * bn

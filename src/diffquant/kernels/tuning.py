@@ -70,6 +70,16 @@ CANDIDATES_SPLIT_K: tuple[tuple[int, ...], ...] = (
 # of 128 channels has 8 tiles of 128x128 for 132 SMs, and cuDNN's bf16 conv beat every candidate above on all 8
 # CIFAR b1 shapes timed (H200, 2026-11-29, BENCHMARKS.md "Kernels, eleventh measurement"); 64x64 tiles make 32
 CANDIDATES_FEW_TILES: tuple[tuple[int, ...], ...] = ((64, 64, 128, 4, 4), (64, 64, 64, 4, 4))
+# wide tiles of the "tma4d" kernel (BLOCK_M, BLOCK_N, BLOCK_N2, BLOCK_K, num_warps, num_stages): BLOCK_N + BLOCK_N2
+# output channels a program from one A tile (triton_conv_tma._qconv_tma4d_wide_kernel), offered where they pad the
+# channels no more than 128-wide tiles do: SD-1.5's 320 / 640 / 1,280 channels as 320 or 160 a tile. Compiled for
+# sm_90 (Triton 3.6, FP8, residual add; ptxas on the CPU, 2026-11-29): with 64-pixel tiles of one output row the A
+# box reaches the MMA from shared memory and spills 16-52 bytes; 128-pixel tiles of two rows (A reshaped in
+# registers) spill about 1.5 KB and serialize the wgmma pipeline, as the plain kernel's 128 x 256 tiles do (0.9 KB)
+CANDIDATES_WIDE: tuple[tuple[int, ...], ...] = (
+    (64, 256, 64, 128, 8, 3), (64, 256, 64, 64, 8, 4), (64, 128, 32, 128, 4, 4), (128, 256, 64, 64, 8, 4),
+    (128, 128, 32, 128, 4, 3),
+)
 SPLITS = (2, 3, 4)
 SPLIT_K_PATHS = ("tma", "tma4d")
 SPLIT_K_BELOW_TILES = 264
@@ -98,7 +108,8 @@ def shape_key(x_shape: Sequence[int], x_dtype: torch.dtype, w_shape: Sequence[in
 def smem_bytes(cfg: dict, a_bytes: int, w4: bool) -> int:
     """Shared memory of the pipelined A and B tiles (what decides whether a config compiles)."""
     a = cfg["BLOCK_M"] * cfg["BLOCK_K"] * a_bytes * (2 if w4 else 1)  # W4 reads two A tiles per packed K block
-    b = cfg["BLOCK_K"] * cfg["BLOCK_N"] * a_bytes  # 8-bit weights, widened to the activation type for 16/32-bit
+    # 8-bit weights, widened to the activation type for 16/32-bit; a wide tile's two B blocks
+    b = cfg["BLOCK_K"] * (cfg["BLOCK_N"] + cfg.get("BLOCK_N2", 0)) * a_bytes
     return cfg["num_stages"] * (a + b)
 
 
@@ -107,7 +118,8 @@ def candidates(a_bytes: int, w4: bool, cout: int, ck: int, limit: int = SMEM_LIM
     """The candidate configs of one kernel (``path``) for one shape: those whose tiles fit the layer and
     shared memory. TMA candidates carry their ``"path"``. ``m`` (output pixels) and ``taps`` (kernel taps) given,
     ``"tma"`` and ``"tma4d"`` also get small-tile candidates (:data:`CANDIDATES_FEW_TILES`) and split-K ones
-    (:data:`CANDIDATES_SPLIT_K`) where the layer has few output tiles."""
+    (:data:`CANDIDATES_SPLIT_K`) where the layer has few output tiles, and ``"tma4d"`` wide tiles
+    (:data:`CANDIDATES_WIDE`) where they pad the output channels no more than 128-wide tiles."""
     if path not in PATHS:
         raise ValueError(f"path={path!r}; allowed: {PATHS}")
     tma = path != "gather"
@@ -137,6 +149,13 @@ def candidates(a_bytes: int, w4: bool, cout: int, ck: int, limit: int = SMEM_LIM
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, path=path)
                 if cfg not in out and not (bk > 32 and ck <= bk // 2):
                     out.append(cfg)
+        if path == "tma4d":
+            for bm, bn, bn2, bk, nw, ns in CANDIDATES_WIDE:
+                wide = bn + bn2
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns, path=path, BLOCK_N2=bn2)
+                if (math.ceil(cout / wide) * wide <= math.ceil(cout / 128) * 128 and cout > wide // 2
+                        and not (bk > 32 and ck <= bk // 2) and smem_bytes(cfg, a_bytes, w4) <= limit):
+                    out.append(cfg)
         for bm, bn, bk, nw, ns in CANDIDATES_SPLIT_K:
             steps = taps * math.ceil(ck / bk)
             if math.ceil(m / bm) * math.ceil(cout / bn) >= SPLIT_K_BELOW_TILES or (bn > 64 and cout <= bn // 2):
@@ -149,8 +168,11 @@ def candidates(a_bytes: int, w4: bool, cout: int, ck: int, limit: int = SMEM_LIM
 
 
 def config_label(cfg: dict) -> str:
-    """A config's kernel as the tuner's rows name it: its path, with ``-k<SPLIT_K>`` for split-K."""
+    """A config's kernel as the tuner's rows name it: its path, with ``-k<SPLIT_K>`` for split-K and ``-w<channels>``
+    for wide tiles."""
     path = cfg.get("path", "gather")
+    if cfg.get("BLOCK_N2"):
+        return f"{path}-w{cfg['BLOCK_N'] + cfg['BLOCK_N2']}"
     return f"{path}-k{cfg['SPLIT_K']}" if cfg.get("SPLIT_K", 1) > 1 else path
 
 
@@ -160,16 +182,21 @@ def validate_table(table: Any, where: str = "tuned table") -> dict:
     if not isinstance(table.get("device"), str) or not isinstance(table.get("configs"), dict):
         raise ValueError(f"{where}: needs a 'device' string and a 'configs' object")
     for k, cfg in table["configs"].items():
-        if not isinstance(cfg, dict) or set(cfg) - {"path", "SPLIT_K"} != set(CONFIG_FIELDS) or \
+        if not isinstance(cfg, dict) or set(cfg) - {"path", "SPLIT_K", "BLOCK_N2"} != set(CONFIG_FIELDS) or \
                 not all(isinstance(cfg[f], int) and cfg[f] > 0 for f in CONFIG_FIELDS):
             raise ValueError(f"{where}: config of {k!r} must have the positive integers {', '.join(CONFIG_FIELDS)} "
-                             f"(and optionally a 'path' and 'SPLIT_K'); got {cfg!r}")
+                             f"(and optionally a 'path', 'SPLIT_K' and 'BLOCK_N2'); got {cfg!r}")
         if cfg.get("path", "gather") not in PATHS:
             raise ValueError(f"{where}: config of {k!r} has path {cfg['path']!r}; allowed: {PATHS}")
         if "SPLIT_K" in cfg and (cfg.get("path") not in SPLIT_K_PATHS or not isinstance(cfg["SPLIT_K"], int)
                                  or cfg["SPLIT_K"] < 1):
             raise ValueError(f"{where}: config of {k!r}: SPLIT_K must be a positive integer on a config of path "
                              f"{' or '.join(SPLIT_K_PATHS)}; got {cfg!r}")
+        if "BLOCK_N2" in cfg and (cfg.get("path") != "tma4d" or not isinstance(cfg["BLOCK_N2"], int)
+                                  or cfg["BLOCK_N2"] < 16 or cfg["BLOCK_N2"] & (cfg["BLOCK_N2"] - 1)
+                                  or cfg.get("SPLIT_K", 1) > 1):
+            raise ValueError(f"{where}: config of {k!r}: BLOCK_N2 (wide tiles) must be a power of two of 16 or more "
+                             f"on an unsplit config of path tma4d; got {cfg!r}")
     return table
 
 
