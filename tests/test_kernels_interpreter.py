@@ -93,6 +93,28 @@ def _run(cases, path: str = "gather"):
     return _run_script(code, env)
 
 
+def _spied_script(cases, cfg: dict, kernels: dict) -> str:
+    """:data:`SCRIPT` on ``cases`` with ``cfg`` forced and the kernels of ``triton_conv_tma`` named in ``kernels``
+    ({attribute: tag}) spied; its result list ends with their launches, [tag, grid] each, in order."""
+    spied = "\n".join([
+        "from diffquant.kernels import tuning",
+        "    import diffquant.kernels.triton_conv_tma as tt",
+        "    class Spy:",
+        "        def __init__(self, k, tag): self.k, self.tag = k, tag",
+        "        def __getitem__(self, grid):",
+        "            launched.append([self.tag, list(grid)])",
+        "            return self.k[grid]",
+        f"    real = {{n: getattr(tt, n) for n in {list(kernels)!r}}}",
+        f"    for n, tag in {kernels!r}.items(): setattr(tt, n, Spy(real[n], tag))",
+        f"    with tuning.forced_config({cfg!r}):",
+        "        got = tk._call(qconv_triton, c, stride, pad)",
+        "    for n, k in real.items(): setattr(tt, n, k)"])
+    code = SCRIPT.format(tests=str(ROOT / "tests"), src=str(ROOT / "src"), cases=json.dumps(cases))
+    code = code.replace("got = tk._call(qconv_triton, c, stride, pad)", spied)
+    code = code.replace("res = []\n", "res = []\nlaunched = []\n", 1)
+    return code.replace('print("RESULT" + json.dumps(res))', 'print("RESULT" + json.dumps(res + [launched]))')
+
+
 def test_interpreter_gather_kernel_matches_reference():
     for case, (finite, rel) in zip(GATHER_CASES, _run(GATHER_CASES)):
         assert finite and rel < 1e-5, (case, rel)
@@ -130,23 +152,8 @@ def test_interpreter_tma4d_wide_tiles_match_reference():
     for cfg in (dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, path="tma4d", BLOCK_N2=16),
                 dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, path="tma4d", BLOCK_N2=16,
                      SPLIT_K=2)):
-        code = SCRIPT.format(tests=str(ROOT / "tests"), src=str(ROOT / "src"), cases=json.dumps(TMA4D_CASES))
-        code = code.replace("got = tk._call(qconv_triton, c, stride, pad)",
-                            "from diffquant.kernels import tuning\n"
-                            "    import diffquant.kernels.triton_conv_tma as tt\n"
-                            "    real = tt._qconv_tma4d_wide_kernel\n"
-                            "    class Spy:\n"
-                            "        def __getitem__(self, grid):\n"
-                            "            launched.append(list(grid))\n"
-                            "            return real[grid]\n"
-                            "    tt._qconv_tma4d_wide_kernel = Spy()\n"
-                            f"    with tuning.forced_config({cfg!r}):\n"
-                            "        got = tk._call(qconv_triton, c, stride, pad)\n"
-                            "    tt._qconv_tma4d_wide_kernel = real")
-        code = code.replace("res = []\n", "res = []\nlaunched = []\n", 1)
-        code = code.replace('print("RESULT" + json.dumps(res))', 'print("RESULT" + json.dumps(res + [launched]))')
-        res = _run_script(code, env)
-        launched = res[-1]
+        res = _run_script(_spied_script(TMA4D_CASES, cfg, {"_qconv_tma4d_wide_kernel": "wide"}), env)
+        launched = [grid for _, grid in res[-1]]
         if "SPLIT_K" in cfg:
             assert launched == []
         else:  # one launch a case; the grid counts tiles of 48 channels (cout 40 -> 1, 64 -> 2, 16 -> 1)
@@ -190,22 +197,8 @@ def test_interpreter_tma4d_rows_path_matches_reference():
     env = dict(os.environ, TRITON_INTERPRET="1", DIFFQUANT_QCONV_TMA="0")
     for bm in (128, 256):
         cfg = dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, path="tma4dr")
-        code = SCRIPT.format(tests=str(ROOT / "tests"), src=str(ROOT / "src"), cases=json.dumps(TMA4DR_CASES))
-        code = code.replace("got = tk._call(qconv_triton, c, stride, pad)",
-                            "from diffquant.kernels import tuning\n"
-                            "    import diffquant.kernels.triton_conv_tma as tt\n"
-                            "    real_k = tt._qconv_tma4d_rows_kernel\n"
-                            "    class Spy:\n"
-                            "        def __getitem__(self, grid):\n"
-                            "            launched.append(grid)\n"
-                            "            return real_k[grid]\n"
-                            "    tt._qconv_tma4d_rows_kernel = Spy()\n"
-                            f"    with tuning.forced_config({cfg!r}):\n"
-                            "        got = tk._call(qconv_triton, c, stride, pad)\n"
-                            "    tt._qconv_tma4d_rows_kernel = real_k")
-        code = code.replace("res = []\n", "res = []\nlaunched = []\n", 1)
-        code = code.replace('print("RESULT" + json.dumps(res))', 'print("RESULT" + json.dumps(res + [len(launched)]))')
-        res = _run_script(code, env)
+        res = _run_script(_spied_script(TMA4DR_CASES, cfg, {"_qconv_tma4d_rows_kernel": "rows"}), env)
+        res[-1] = len(res[-1])
         # every case takes the rows kernel, except the 128-wide rows at BLOCK_M 128 (one row a tile: plain kernel)
         assert res[-1] == (5 if bm == 256 else 4), (bm, res[-1])
         for case, (finite, rel) in zip(TMA4DR_CASES, res[:-1]):
@@ -231,26 +224,8 @@ def test_interpreter_tma4d_split_k_matches_reference():
     env = dict(os.environ, TRITON_INTERPRET="1", DIFFQUANT_QCONV_TMA="0")
     for path, split in (("tma4d", 2), ("tma4d", 4), ("tma", 3)):
         cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, path=path, SPLIT_K=split)
-        code = SCRIPT.format(tests=str(ROOT / "tests"), src=str(ROOT / "src"), cases=json.dumps(SPLITK_CASES))
-        code = code.replace("got = tk._call(qconv_triton, c, stride, pad)",
-                            "from diffquant.kernels import tuning\n"
-                            "    import diffquant.kernels.triton_conv_tma as tt\n"
-                            f"    name = '_qconv_{path}_splitk_kernel'\n"
-                            "    real = (getattr(tt, name), tt._qconv_splitk_reduce_kernel)\n"
-                            "    class Spy:\n"
-                            "        def __init__(self, k, tag): self.k, self.tag = k, tag\n"
-                            "        def __getitem__(self, grid):\n"
-                            "            launched.append([self.tag, list(grid)])\n"
-                            "            return self.k[grid]\n"
-                            "    setattr(tt, name, Spy(real[0], 'split'))\n"
-                            "    tt._qconv_splitk_reduce_kernel = Spy(real[1], 'reduce')\n"
-                            f"    with tuning.forced_config({cfg!r}):\n"
-                            "        got = tk._call(qconv_triton, c, stride, pad)\n"
-                            "    setattr(tt, name, real[0])\n"
-                            "    tt._qconv_splitk_reduce_kernel = real[1]")
-        code = code.replace("res = []\n", "res = []\nlaunched = []\n", 1)
-        code = code.replace('print("RESULT" + json.dumps(res))', 'print("RESULT" + json.dumps(res + [launched]))')
-        res = _run_script(code, env)
+        res = _run_script(_spied_script(SPLITK_CASES, cfg, {f"_qconv_{path}_splitk_kernel": "split",
+                                                            "_qconv_splitk_reduce_kernel": "reduce"}), env)
         launched = res[-1]
         assert [t for t, _ in launched] == ["split", "reduce"] * len(SPLITK_CASES), launched
         splits = [g[1] for t, g in launched if t == "split"]
