@@ -366,8 +366,9 @@ def _qconv_tma4d_kernel(
 # from a second B descriptor into a second accumulator, so that one A tile feeds both dots. Channel counts that are no
 # power of two get tiles without padding: SD-1.5's 320 as 256 + 64 (or 128 + 32 twice), where 128-wide tiles compute
 # 384 and 256-wide 512, and every output pixel's A tile is read once per 320 channels instead of once per 128.
-# Where A and B come from L2 at its bandwidth (SD b8's 64x64 convs: about 5.7 TB/s of tile loads at 0.091 ms a call),
-# fewer A reads are the point. A tuner candidate (tuning.CANDIDATES_WIDE), not a default.
+# Where A and B come from L2 near its bandwidth (SD b8's 64x64 convs: about 5.7 TB/s of tile loads at the measured
+# 0.091 ms a call, an estimate from the tile arithmetic, not a profile), fewer A reads are the point. A tuner
+# candidate (tuning.CANDIDATES_WIDE), not a default; not yet timed.
 @triton.jit
 def _tap_mainloop_wide(a_desc, b_desc, b2_desc, m0, oh0, ow0, co0, NITER, CK, NCB, pad_h, pad_w, KW: tl.constexpr,
                        A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
