@@ -186,8 +186,9 @@ class LowBitLayer(_KeepStorage, nn.Module):
         / stride-1 / unpadded conv with static input scales whose parts and output widths are multiples of 16 (an up
         block's shortcut on ``(h, skip)``), where row-wise ``_scaled_mm`` runs. The per-part qconv kernel is at K =
         320-1,280 two to three times slower than cuDNN's bf16 1x1 conv (``benchmarks/results/qconv_tune_rows_tma.json``),
-        cuBLAS's FP8 GEMMs of the same sizes are not. An A/B switch, written in session 14 after the device time:
-        not yet timed. The sum is one more elementwise pass, which the qconv path folds into its second kernel."""
+        cuBLAS's FP8 GEMMs of the same sizes are not. An A/B switch: slower on SD-1.5 b8 (15.25 against 15.06 ms; H200,
+        2026-11-29, BENCHMARKS.md "Kernels, thirteenth measurement"): the GEMMs and the sum (one more elementwise
+        pass, which the qconv path folds into its second kernel) cost more than the qconv parts."""
         mode = os.environ.get("DIFFQUANT_SPLIT_GEMM", "")
         if mode not in ("", "qconv", "scaled_mm"):
             raise ValueError(f"DIFFQUANT_SPLIT_GEMM={mode!r}: 'qconv' (the default) or 'scaled_mm'")

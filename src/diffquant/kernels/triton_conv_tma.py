@@ -368,7 +368,8 @@ def _qconv_tma4d_kernel(
 # 384 and 256-wide 512, and every output pixel's A tile is read once per 320 channels instead of once per 128.
 # Where A and B come from L2 near its bandwidth (SD b8's 64x64 convs: about 5.7 TB/s of tile loads at the measured
 # 0.091 ms a call, an estimate from the tile arithmetic, not a profile), fewer A reads are the point. A tuner
-# candidate (tuning.CANDIDATES_WIDE), not a default; not yet timed.
+# candidate (tuning.CANDIDATES_WIDE), not a default: tuned into SD-1.5 b8's 320-, 640- and 1,280-channel 3x3 convs, they
+# took its row from 15.06 to 14.36 ms (H200, 2026-11-29, BENCHMARKS.md "Kernels, thirteenth measurement").
 @triton.jit
 def _tap_mainloop_wide(a_desc, b_desc, b2_desc, m0, oh0, ow0, co0, NITER, CK, NCB, pad_h, pad_w, KW: tl.constexpr,
                        A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
