@@ -1788,6 +1788,121 @@ def test_split_gemm_switch_runs_split_shortcuts_as_scaled_mm(monkeypatch):
         sc.forward_pieces([h, skip])
 
 
+def _sc_case(n=2, c=24, cout=40, h=5, w=6, parts=(32, 16), k=3, seed=0, device="cpu"):
+    """Random FP8 operands of ``diffquant::qconv_sc``: conv2's input and weight, and the shortcut's sources (channel
+    slices of one channels-last tensor, as an up block's quantized (h, skip)) with their 1x1 weights and scales."""
+    g = torch.Generator().manual_seed(seed)
+    cl = torch.channels_last
+    x = (torch.randn(n, c, h, w, generator=g) * 4).to(torch.float8_e4m3fn).contiguous(memory_format=cl)
+    raw = (torch.randn(n, sum(parts), h, w, generator=g) * 4).to(torch.float8_e4m3fn).contiguous(memory_format=cl)
+    raw = raw.to(device)  # (sliced on the device: the sources stay views of one tensor)
+    lo, sx = 0, []
+    for p in parts:
+        sx.append(raw[:, lo:lo + p])
+        lo += p
+    case = dict(x=x, w=torch.randn(cout, k, k, c, generator=g).to(torch.float8_e4m3fn),
+                w_scale=torch.rand(cout, generator=g) * 0.01 + 1e-3, a_scale=torch.rand(1, generator=g) + 0.1,
+                bias=torch.randn(cout, generator=g), sc_x=sx,
+                sc_w=[torch.randn(cout, 1, 1, p, generator=g).to(torch.float8_e4m3fn) for p in parts],
+                sc_w_scale=[torch.rand(cout, generator=g) * 0.03 + 1e-4 for _ in parts],
+                sc_a_scale=[torch.rand(1, generator=g) * 2 + 0.05 for _ in parts], sc_bias=torch.randn(cout, generator=g),
+                padding=[(k - 1) // 2] * 2)
+    return {k_: ([t if k_ == "sc_x" else t.to(device) for t in v] if isinstance(v, list) and k_ != "padding"
+                 else v.to(device) if isinstance(v, torch.Tensor) else v) for k_, v in case.items()}
+
+
+def _sc_call(fn, c, out_dtype=torch.float32):
+    return fn(c["x"], c["w"], c["w_scale"], c["a_scale"], c["bias"], c["sc_x"], c["sc_w"], c["sc_w_scale"],
+              c["sc_a_scale"], c["sc_bias"], c["padding"], out_dtype)
+
+
+def test_qconv_sc_op_is_conv2_plus_its_shortcut():
+    """diffquant::qconv_sc on the CPU (its float64 reference): conv2 of x plus the 1x1 shortcut of each source, each
+    dequantized by its own scales, plus both biases, from scratch with F.conv2d; the same as the composed qconv calls
+    (the unfused block's path) up to their intermediate rounding; one- and two-source calls, a 1x1 conv2, no biases;
+    mismatched lists refused; traced by torch.compile as one graph (its fake kernel)."""
+    from diffquant.kernels import ops
+
+    def definition(c):
+        y = F.conv2d(c["x"].double(), c["w"].double().permute(0, 3, 1, 2), padding=c["padding"])
+        y = y * (c["w_scale"].double() * c["a_scale"].double()).view(1, -1, 1, 1)
+        for xs, ws, wss, sas in zip(c["sc_x"], c["sc_w"], c["sc_w_scale"], c["sc_a_scale"]):
+            y = y + F.conv2d(xs.double(), ws.double().permute(0, 3, 1, 2)) * (wss.double() * sas.double()).view(
+                1, -1, 1, 1)
+        for b in (c["bias"], c["sc_bias"]):
+            if b is not None:
+                y = y + b.double().view(1, -1, 1, 1)
+        return y
+
+    for kw in (dict(), dict(parts=(24,)), dict(k=1, parts=(16, 48), h=3, w=3), dict(n=1, c=8, cout=16, seed=3)):
+        c = _sc_case(**kw)
+        if kw.get("seed"):
+            c["bias"] = c["sc_bias"] = None
+        want = definition(c)
+        got = _sc_call(ops.qconv_sc, c)
+        assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(_sc_call(ops.qconv_sc_composed, c).double(), want, rtol=1e-5, atol=1e-4)
+        assert _sc_call(ops.qconv_sc, c, torch.bfloat16).dtype == torch.bfloat16
+    c = _sc_case()
+    with pytest.raises(ValueError, match="shortcut sources"):
+        ops.qconv_sc(c["x"], c["w"], c["w_scale"], c["a_scale"], c["bias"], c["sc_x"], c["sc_w"][:1],
+                     c["sc_w_scale"], c["sc_a_scale"], c["sc_bias"], c["padding"], torch.float32)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    got = torch.compile(lambda: _sc_call(ops.qconv_sc, c), fullgraph=True)()
+    torch.testing.assert_close(got, _sc_call(ops.qconv_sc, c))
+
+
+def test_shortcut_fusion_switch_runs_conv2_and_its_shortcut_as_one_op(monkeypatch):
+    """DIFFQUANT_SC_FUSE=1: every fused ResNet block whose conv2 and 1x1 shortcut are FP8 with static input scales
+    (the down blocks' one-part shortcuts on the block input, the up blocks' split shortcuts on (h, skip)) runs them as
+    one diffquant::qconv_sc, and the model computes what it computes without the switch (a UNet2DModel and a
+    text-to-image UNet, eager, and as one compiled graph); without it, no call; int8 keeps its path; a bad value is
+    refused."""
+    from diffquant.kernels import ops
+
+    real = ops.qconv_sc
+    calls = []
+
+    def spy(*a):
+        calls.append(len(a[5]))
+        return real(*a)
+
+    monkeypatch.setattr(ops, "qconv_sc", spy)
+    for unet in (None, tiny_sd_unet()):
+        _, q, inputs = _calibrated("fp8", model=unet)
+        cm = convert(q, "fp8", fuse_norms=True)
+        shortcuts = [m for m in cm.modules() if getattr(m, "conv_shortcut", None) is not None]
+        n_split = sum(len(m.conv_shortcut.parts) == 2 for m in shortcuts)
+        assert shortcuts and n_split
+        with torch.no_grad():
+            calls.clear()
+            want = call_model(cm, *inputs)
+            assert calls == []
+            monkeypatch.setenv("DIFFQUANT_SC_FUSE", "1")
+            got = call_model(cm, *inputs)
+        assert sorted(calls) == sorted(len(m.conv_shortcut.parts) for m in shortcuts), calls
+        # one rounding instead of two (the shortcut's output was rounded to fp32 before conv2 added it)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        monkeypatch.setattr(ops, "qconv_sc", real)
+        torch.testing.assert_close(_one_compiled_graph(cm, inputs), got, rtol=1e-3, atol=1e-3)
+        monkeypatch.setattr(ops, "qconv_sc", spy)
+        monkeypatch.delenv("DIFFQUANT_SC_FUSE")
+    _, q8, inputs8 = _calibrated("int8")
+    cm8 = convert(q8, "int8", fuse_norms=True)
+    monkeypatch.setenv("DIFFQUANT_SC_FUSE", "1")
+    calls.clear()
+    with torch.no_grad():
+        call_model(cm8, *inputs8)
+    assert calls == []
+    monkeypatch.setenv("DIFFQUANT_SC_FUSE", "yes")
+    with pytest.raises(ValueError, match="DIFFQUANT_SC_FUSE"):
+        with torch.no_grad():
+            call_model(cm, *inputs)
+
 def test_fused_up_blocks_skip_the_concatenation(monkeypatch):
     """convert(fuse_norms=True) on UpBlock2D, AttnUpBlock2D and CrossAttnUpBlock2D (a UNet2DModel and a text-to-image
     UNet; FP8 and int8): the ResNet steps get (h, skip), no [h, skip] channel concatenation is made, and the model
@@ -1955,6 +2070,30 @@ def test_gpu_split_gemm_scaled_mm_holds_the_model(monkeypatch):
     assert rel(layer_g, layer_q) < 1e-2
     _held_to_distance(cm, inputs, want32, base, False)
 
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_qconv_sc_matches_reference_and_holds_the_model(monkeypatch):
+    """diffquant::qconv_sc on the GPU: the shortcut kernel (SD-like 320-channel halves, one source, channel tails,
+    several images a tile) against the float64 reference with poisoned outputs; sources whose rows TMA cannot read
+    take the composed qconv calls; and DIFFQUANT_SC_FUSE=1 holds the text-to-image UNet to the fp32-activation
+    model as closely as without it, eager and compiled."""
+    import diffquant.kernels.reference as ref_mod
+    from diffquant.kernels import ops
+
+    real_out_like = ref_mod.out_like
+    monkeypatch.setattr(ref_mod, "out_like", lambda *a, **k: real_out_like(*a, **k).fill_(float("nan")))
+    for kw in (dict(n=2, c=320, cout=320, h=16, w=16, parts=(320, 320)), dict(n=1, c=64, cout=40, h=7, w=9,
+                                                                             parts=(48, 32)),
+               dict(n=3, c=32, cout=64, h=8, w=8, parts=(64,)), dict(n=1, c=16, cout=8, h=3, w=5, parts=(16, 8))):
+        c = _sc_case(**kw, device="cuda")
+        got = _sc_call(ops.qconv_sc, c, torch.bfloat16).float()
+        want = _sc_call(ref_mod.qconv_sc_reference, c, torch.bfloat16).float()
+        assert torch.isfinite(got).all() and float((got - want).norm() / want.norm()) < 1e-2, kw
+    monkeypatch.setattr(ref_mod, "out_like", real_out_like)
+    _, inputs, cm, want32, base = _tiny_sd_bf16_on_gpu()
+    monkeypatch.setenv("DIFFQUANT_SC_FUSE", "1")
+    _held_to_distance(cm, inputs, want32, base, "sc")
 
 def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):
     """convert(fuse_norms=True): every plain ResNet block runs norm + SiLU (+ time embedding) through

@@ -168,6 +168,60 @@ def test_interpreter_tma4d_wide_tiles_match_reference():
             assert finite and rel < 1e-5, (cfg, case, rel)
 
 
+SC_SCRIPT = r'''
+import json, sys
+sys.path.insert(0, {tests!r}); sys.path.insert(0, {src!r})
+import torch
+import diffquant.kernels.reference as ref_mod
+_out_like = ref_mod.out_like
+ref_mod.out_like = lambda *a, **k: _out_like(*a, **k).fill_(float("nan"))
+from diffquant.kernels import tuning
+from diffquant.kernels.reference import qconv_sc_reference
+from diffquant.kernels.triton_conv import qconv_sc_triton
+import diffquant.kernels.triton_conv_tma as tt
+import test_kernels as tk
+launched, res = [], []
+real = tt._qconv_tma4d_sc_kernel
+class Spy:
+    def __getitem__(self, grid):
+        launched.append(list(grid))
+        return real[grid]
+tt._qconv_tma4d_sc_kernel = Spy()
+for kw, forced in json.loads({cases!r}):
+    c = tk._sc_case(**kw)
+    if forced:
+        with tuning.forced_config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, path="tma4d")):
+            got = tk._sc_call(qconv_sc_triton, c)
+    else:
+        got = tk._sc_call(qconv_sc_triton, c)
+    want = tk._sc_call(qconv_sc_reference, c)
+    res.append([bool(torch.isfinite(got).all()), float((got - want).norm() / want.norm())])
+print("RESULT" + json.dumps(res + [launched]))
+'''
+
+SC_CASES = [  # (_sc_case arguments, tile config forced)
+    (dict(c=48, parts=(48, 32)), True),  # two sources; channel tails in conv2's and the first source's K loops
+    (dict(n=1, c=16, cout=16, h=4, w=8, parts=(32,)), True),  # one source (a down block's shortcut)
+    (dict(n=3, c=48, cout=24, h=3, w=3, parts=(16, 48)), True),  # several images a tile
+    (dict(n=1, c=32, cout=48, h=4, w=4, k=1, parts=(16,)), True),  # a 1x1 conv2
+    (dict(n=1, c=16, cout=8, h=3, w=5, parts=(16, 8)), False),  # 24-byte rows: not for TMA, the composed qconv calls
+]
+
+
+def test_interpreter_conv_with_its_shortcut_matches_reference():
+    """diffquant::qconv_sc's kernel (conv2's taps, then each shortcut source's K loop in the same accumulator,
+    rescaled between sources by the ratio of their scales): one and two sources, channel tails, tiles of several
+    images, a 1x1 conv2, against the float64 reference with poisoned outputs; its launch grids; a source whose rows
+    TMA cannot read runs the composed qconv calls instead (no launch)."""
+    code = SC_SCRIPT.format(tests=str(ROOT / "tests"), src=str(ROOT / "src"), cases=json.dumps(SC_CASES))
+    env = dict(os.environ, TRITON_INTERPRET="1", DIFFQUANT_QCONV_TMA="0")
+    res = _run_script(code, env)
+    for case, (finite, rel) in zip(SC_CASES, res[:-1]):
+        assert finite and rel < 1e-5, (case, rel)
+    # tiles (32 pixels, 32 channels): 2 images x 2 row blocks x 2 channel blocks; 1; 3 images of 3x3, two a tile
+    # (2x4x4 boxes): 2; one 4x4 image a tile (half empty) x 2 channel blocks
+    assert res[-1] == [[8], [1], [2], [2]], res[-1]
+
 def test_interpreter_tma4d_persistent_path_matches_reference():
     """The persistent 4-D TMA kernel: three programs in the interpreter, each walking several output tiles (and the
     tiles' channel blocks), on the same cases as the one-tile-per-program kernel."""
@@ -627,8 +681,8 @@ def test_group_norm_kernels_compile_for_hopper():
 def test_attention_and_conv_kernels_compile_for_hopper():
     """The FP8 attention kernel (V handed over keys-contiguous; head dims 40 and 160 padded to 64 and 256; e4m3 or
     bf16 output), the conv kernels (gather, TMA over a padded copy, 4-D TMA, its persistent form, its
-    one-dot-per-row form, whose A tiles stay in shared memory, and its split-K pair; FP8, and int8 with a zero point
-    and the padding fix-up) and the GEGLU GEMM (and its persistent form) compile for sm_90
+    one-dot-per-row form, whose A tiles stay in shared memory, its split-K pair, and conv2 with its shortcut in one
+    accumulator; FP8, and int8 with a zero point and the padding fix-up) and the GEGLU GEMM (and its persistent form) compile for sm_90
     without a GPU; some with DIFFQUANT_FP8_ACC=precise's promoted FP8 accumulation."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -709,6 +763,17 @@ def test_attention_and_conv_kernels_compile_for_hopper():
         k = build(tt._qconv_tma4d_wide_kernel, dict(common, KH=3, PAD_FIX=not fp8, BI=1, BH=2, BW=64, BLOCK_N=256,
                                                      BLOCK_N2=64), wide_type, warps=8, stages=4)
         built += bool(k.asm.get("cubin"))
+        if fp8:  # conv2 with its two-part 1x1 shortcut in one accumulator (diffquant::qconv_sc; FP8 only)
+            sc_type = lambda n, f=tma_type: ("tensordesc<fp8e4nv[1, 2, 64, 64]>" if n in ("a_desc", "a1_desc",  # noqa: E731
+                                                                                      "a2_desc")
+                                              else "tensordesc<fp8e4nv[128, 64]>" if n in ("b_desc", "b1_desc",
+                                                                                         "b2_desc")
+                                              else "*fp32" if n.startswith(("as", "ws", "scbias")) else f(n))
+            k = build(tt._qconv_tma4d_sc_kernel, dict(KW=3, BITCAST_FP8=False, HAS_BIAS=True, HAS_SC_BIAS=True, NSC=2,
+                                                      BI=1, BH=2,
+                                                      BW=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), sc_type, warps=4,
+                      stages=3)
+            built += bool(k.asm.get("cubin"))
         # the persistent form, its tile loop flattened into the tap loop (software-pipelined across tiles)
         built += bool(build(tt._qconv_tma4d_persistent_kernel, dict(common, KH=3, PAD_FIX=not fp8, BI=1, BH=8, BW=16,
                                                                      FLATTEN=True), tma_type,
@@ -755,7 +820,7 @@ def test_attention_and_conv_kernels_compile_for_hopper():
     built += bool(build(tg._linear_geglu_persistent_kernel, dict(
         HAS_BIAS=True, QUANT=True, OSCALE_PER_CH=False, BITCAST_FP8=False, EMULATE=False, BLOCK_M=128, BLOCK_N=128,
         BLOCK_K=128, GROUP_M=8, FLATTEN=True, FP8_ACC=64), geglu_type, warps=8, stages=3).asm.get("cubin"))
-    assert built == 32
+    assert built == 33
 
 
 def test_fp8_accumulation_knob_and_its_routing(monkeypatch):

@@ -87,10 +87,12 @@ def tap_block(it, NCB, KW: tl.constexpr, BLOCK_K: tl.constexpr):
 @triton.jit
 def dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr, add_ptr,
                   son, soh, sow, soc, san, sah, saw, sac,
-                  HAS_CORR: tl.constexpr, HAS_ASCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr):
-    """The epilogue: + per-channel integer correction, x (activation scale x weight scale), + bias, + residual,
-    stored at (image nb, row oh, column ow, channel) through the output strides, where m_ok & n_ok. Returns the tile
-    as stored (in the output dtype; unused by most callers, and then not computed)."""
+                  HAS_CORR: tl.constexpr, HAS_ASCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
+                  bias2_ptr=None, HAS_BIAS2: tl.constexpr = False):
+    """The epilogue: + per-channel integer correction, x (activation scale x weight scale), + bias (+ a second
+    bias: a fused shortcut's), + residual, stored at (image nb, row oh, column ow, channel) through the output
+    strides, where m_ok & n_ok. Returns the tile as stored (in the output dtype; unused by most callers, and then
+    not computed)."""
     if HAS_CORR:
         corr = tl.load(corr_ptr + offs_n, mask=n_ok, other=0).to(acc.dtype)
         acc = acc + corr[None, :]
@@ -100,6 +102,8 @@ def dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wsca
     out = acc.to(tl.float32) * ws[None, :]
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS2:
+        out += tl.load(bias2_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     nb64 = nb.to(tl.int64)
     if HAS_ADD:

@@ -77,13 +77,30 @@ def conv_row_stats_enabled() -> bool:
     return v == "1"
 
 
+def shortcut_fusion_enabled() -> bool:
+    """``DIFFQUANT_SC_FUSE=1``: a fused ResNet block whose conv2 and 1x1 shortcut are FP8 convs with static input
+    scales runs both as one ``diffquant::qconv_sc`` (conv2's taps, then the shortcut's one or two sources, in one
+    accumulator; :meth:`.LowBitLayer.forward_shortcut`) instead of the shortcut's kernels and conv2 adding their
+    output. Off by default until timed in the model."""
+    v = os.environ.get("DIFFQUANT_SC_FUSE", "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"DIFFQUANT_SC_FUSE={v!r}: 0 or 1")
+    return v == "1"
+
+
+def _fp8_static(layer: nn.Module) -> bool:
+    return isinstance(layer, LowBitLayer) and layer.act == "fp8"
+
 def _norm_into(norm: nn.GroupNorm, consumer: nn.Module, x: torch.Tensor, add_nc: Optional[torch.Tensor], silu: bool,
                as_tokens: bool = False, residual: Optional[torch.Tensor] = None,
-               x2: Optional[torch.Tensor] = None, rows: Optional[tuple] = None) -> torch.Tensor:
+               x2: Optional[torch.Tensor] = None, rows: Optional[tuple] = None,
+               shortcut: Optional[tuple] = None) -> torch.Tensor:
     """``consumer(act(norm(cat(x, x2) + add_nc))) + residual`` with the norm, the activation and the consumer's input
     quantization in one op (and the residual in a converted consumer's epilogue); ``as_tokens``: the consumer is a
     Linear over [N, H*W, C] (a free view of the channels-last output); ``rows``: x's per-row statistics
-    ``(mean, m2)`` from its producing conv (``diffquant::group_norm_act_stats``, no second tensor then)."""
+    ``(mean, m2)`` from its producing conv (``diffquant::group_norm_act_stats``, no second tensor then);
+    ``shortcut``: ``(layer, quantized pieces)`` whose output is the residual, computed with the converted consumer
+    (:meth:`.LowBitLayer.forward_shortcut`)."""
     out_dtype, scale, zp, qmin, qmax, offset = _input_quantization(consumer, x.dtype)
     if rows is not None:
         h = group_norm_act_stats(x, rows[0], rows[1], add_nc, norm.weight, norm.bias, norm.num_groups,
@@ -93,6 +110,8 @@ def _norm_into(norm: nn.GroupNorm, consumer: nn.Module, x: torch.Tensor, add_nc:
                            out_dtype, zp, qmin, qmax, offset)
     if as_tokens:
         h = h.permute(0, 2, 3, 1).reshape(x.shape[0], x.shape[2] * x.shape[3], h.shape[1])
+    if shortcut is not None:
+        return consumer.forward_shortcut(h, shortcut[0], shortcut[1], x.dtype)
     return _consume(consumer, h, x.dtype, residual)
 
 
@@ -108,8 +127,19 @@ def _consume(consumer: nn.Module, h: torch.Tensor, dtype: torch.dtype,
 
 class _FusedNormMixin:
     def _norm_act(self, norm: nn.GroupNorm, conv: nn.Module, x: torch.Tensor, add_nc: Optional[torch.Tensor],
-                  residual: Optional[torch.Tensor] = None, rows: Optional[tuple] = None):
-        return _norm_into(norm, conv, x, add_nc, True, residual=residual, rows=rows)
+                  residual: Optional[torch.Tensor] = None, rows: Optional[tuple] = None,
+                  shortcut: Optional[tuple] = None):
+        return _norm_into(norm, conv, x, add_nc, True, residual=residual, rows=rows, shortcut=shortcut)
+
+    def _fuse_shortcut(self) -> bool:
+        """Whether conv2 computes the shortcut too (:func:`shortcut_fusion_enabled`, both FP8 with static input
+        scales, ``output_scale_factor`` 1)."""
+        return (shortcut_fusion_enabled() and self.output_scale_factor == 1 and _fp8_static(self.conv2)
+                and _fp8_static(self.conv_shortcut) and self.conv_shortcut._is_gemm())
+
+    @staticmethod
+    def _pieces(sc: LowBitLayer, xq: torch.Tensor) -> list:
+        return [xq] if len(sc.parts) == 1 else [xq[:, p.lo:p.hi] for p in sc.parts]
 
     def forward(self, input_tensor: torch.Tensor, temb: Optional[torch.Tensor], *args,
                 skip: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
@@ -123,6 +153,10 @@ class _FusedNormMixin:
             return super().forward(input_tensor, temb, *args, **kwargs)
         h, rows = self._conv1(input_tensor)
         t = self._time_proj(temb)
+        if self._fuse_shortcut():
+            sc = self.conv_shortcut
+            pieces = self._pieces(sc, sc._quantize_input(input_tensor)[0])
+            return self._norm_act(self.norm2, self.conv2, h, t, rows=rows, shortcut=(sc, pieces))
         x = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
         if self.output_scale_factor == 1:  # the shortcut added in conv2's epilogue (dropout: identity in eval)
             return self._norm_act(self.norm2, self.conv2, h, t, residual=x, rows=rows)
@@ -158,6 +192,9 @@ class _FusedNormMixin:
                                           *_dual_out_args(self.conv1, h_in.dtype), raw_scale, raw_dtype, raw_zp,
                                           rqmin, rqmax, rqoffset)
             h, rows = self._conv1(h_in, quantized=hq)
+            if self._fuse_shortcut():
+                return self._norm_act(self.norm2, self.conv2, h, self._time_proj(temb), rows=rows,
+                                      shortcut=(sc, self._pieces(sc, raw)))
             x = sc(raw, out_dtype=h_in.dtype)
         else:
             h, rows = self._conv1(h_in, skip)

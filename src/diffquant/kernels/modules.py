@@ -214,6 +214,39 @@ class LowBitLayer(_KeepStorage, nn.Module):
             y = y + residual.float()
         return y.to(out_dtype)
 
+    def fuses_shortcut(self, xq: torch.Tensor, shortcut: nn.Module, pieces: Sequence[torch.Tensor]) -> bool:
+        """Whether :meth:`forward_shortcut` runs ``self(xq) + shortcut(cat(pieces))`` as one ``diffquant::qconv_sc``:
+        this layer a single-part FP8 conv with a static input scale that keeps the size (stride 1, dilation 1,
+        padding (k - 1) / 2), fed its quantized input; ``shortcut`` a 1x1 FP8 conv with static input scales, of one
+        or two parts, and ``pieces`` its quantized parts; FP8 weights throughout."""
+        if not (self.kind == "conv" and self.act == "fp8" and len(self.parts) == 1 and not self.parts[0].w4
+                and xq.dtype == torch.float8_e4m3fn and self.stride == (1, 1) and self.dilation == (1, 1)
+                and all(2 * p == k - 1 for p, k in zip(self.padding, self.kernel_size))):
+            return False
+        if not (isinstance(shortcut, LowBitLayer) and shortcut.kind == "conv" and shortcut.act == "fp8"
+                and shortcut._is_gemm() and shortcut.out_channels == self.out_channels
+                and 1 <= len(shortcut.parts) <= 2 and len(pieces) == len(shortcut.parts)):
+            return False
+        return all(not p.w4 and x.dtype == torch.float8_e4m3fn and x.dim() == 4 and x.shape[1] == p.hi - p.lo
+                   and x.shape[0] == xq.shape[0] and x.shape[2:] == xq.shape[2:]
+                   for p, x in zip(shortcut.parts, pieces))
+
+    def forward_shortcut(self, xq: torch.Tensor, shortcut: "LowBitLayer", pieces: Sequence[torch.Tensor],
+                         out_dtype: torch.dtype) -> torch.Tensor:
+        """``self(xq) + shortcut(cat(pieces))`` (a ResNet block's conv2 and its shortcut; ``xq`` and ``pieces``
+        quantized) as one ``diffquant::qconv_sc``: one accumulator, one rounding. Where :meth:`fuses_shortcut`
+        refuses, the shortcut's output is conv2's residual, as in the unfused block."""
+        pieces = list(pieces)
+        if not self.fuses_shortcut(xq, shortcut, pieces):
+            y = (shortcut(pieces[0], out_dtype=out_dtype) if len(pieces) == 1
+                 else shortcut._qconv_parts(pieces, None, out_dtype, None))
+            return self(xq, out_dtype=out_dtype, residual=y)
+        p = self.parts[0]
+        sp = list(shortcut.parts)
+        return ops.qconv_sc(xq, p.w, p.w_scale, p.a_scale, self.bias, pieces, [q.w for q in sp],
+                            [q.w_scale for q in sp], [q.a_scale for q in sp], shortcut.bias, list(self.padding),
+                            out_dtype)
+
     def gives_row_stats(self, x: torch.Tensor) -> bool:
         """Whether :meth:`forward_stats` runs on ``x``: a conv with a static input quantization that runs
         ``diffquant::qconv`` (not a tensor-wise GEMM), fed its quantized input (a fused norm's output)."""

@@ -15,7 +15,8 @@ import torch
 from diffquant.kernels.reference import (attention_out_like, conv_out_hw, fp8_attention_fp8_reference,
                                        fp8_attention_quantize, group_norm_act_dual_reference,
                                        group_norm_act_reference, group_norm_act_stats_reference,
-                                       linear_geglu_reference, out_like, qconv_reference, row_stats_reference)
+                                       linear_geglu_reference, out_like, qconv_reference, qconv_sc_reference,
+                                       row_stats_reference)
 
 _TRITON = None
 
@@ -113,6 +114,41 @@ def _qconv_stats_fake(*args):
     part = args[0].new_empty((y.shape[0], y.shape[2], y.shape[1]), dtype=torch.float32)
     return y, part, torch.empty_like(part)
 
+
+
+@torch.library.custom_op("diffquant::qconv_sc", mutates_args=())
+def qconv_sc(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
+             bias: Optional[torch.Tensor], sc_x: list[torch.Tensor], sc_w: list[torch.Tensor],
+             sc_w_scale: list[torch.Tensor], sc_a_scale: list[torch.Tensor], sc_bias: Optional[torch.Tensor],
+             padding: list[int], out_dtype: torch.dtype) -> torch.Tensor:
+    """A ResNet block's conv2 with its 1x1 shortcut (one or two FP8 sources, an up block's ``(h, skip)``) in one
+    accumulator: ``conv(x, w) + sum_j conv1x1(sc_x[j], sc_w[j])``, each dequantized by its scales, plus both
+    biases, rounded once (:func:`.reference.qconv_sc_reference`). FP8, stride 1, output the input's size. On the
+    GPU one Triton kernel (:func:`.triton_conv.qconv_sc_triton`) where it can run, else the shortcut's
+    ``diffquant::qconv`` calls and conv2's with their sum as its residual, which is what the unfused block runs."""
+    if _use_triton(x):
+        from diffquant.kernels.triton_conv import qconv_sc_triton
+
+        return qconv_sc_triton(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_scale, sc_bias, padding,
+                               out_dtype)
+    return qconv_sc_reference(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_scale, sc_bias, padding,
+                              out_dtype)
+
+
+@qconv_sc.register_fake
+def _qconv_sc_fake(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_scale, sc_bias, padding, out_dtype):
+    return out_like(x, w.shape[0], x.shape[2], x.shape[3], out_dtype)
+
+
+def qconv_sc_composed(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_scale, sc_bias, padding,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """``diffquant::qconv_sc`` as separate ``diffquant::qconv`` calls: each shortcut source adds the sum so far in
+    its epilogue, conv2 adds the shortcut's output (rounded to ``out_dtype`` in between, as the unfused block)."""
+    one = [1, 1]
+    y = None
+    for j, (xs, ws, wss, sas) in enumerate(zip(sc_x, sc_w, sc_w_scale, sc_a_scale)):
+        y = qconv(xs, ws, wss, sas, None, None, sc_bias if j == 0 else None, y, 0, one, [0, 0], one, False, out_dtype)
+    return qconv(x, w, w_scale, a_scale, None, None, bias, y, 0, one, list(padding), one, False, out_dtype)
 
 def qconv_ref(*args) -> torch.Tensor:
     """The reference implementation of ``diffquant::qconv`` (same arguments), whatever the device."""

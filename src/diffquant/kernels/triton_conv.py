@@ -394,3 +394,58 @@ def qconv_triton(
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
+
+
+def sc_key(x_shape, w_shape, padding, out_dtype, sc_channels: Sequence[int]) -> str:
+    """The tuned-table key of a ``diffquant::qconv_sc`` call: conv2's key with its residual, then ``:sc`` and the
+    shortcut sources' channels (``fp8:8x320x64x64:o320:k3x3:s1x1:p1x1:d1x1:bfloat16:add:sc640+320``)."""
+    base = tuning.shape_key(x_shape, torch.float8_e4m3fn, w_shape, False, (1, 1), padding, (1, 1), out_dtype, True)
+    return f"{base}:sc{'+'.join(str(int(c)) for c in sc_channels)}"
+
+
+def sc_config(x: torch.Tensor, w: torch.Tensor, padding, out_dtype, sc_x) -> dict:
+    """The block config of a ``diffquant::qconv_sc`` call: its own table entry (:func:`sc_key`), else the table's
+    entry for conv2 with a residual (the call it replaces) where that is a ``tma4d`` config, else the 4-D
+    heuristic. Only the tile sizes, warps and stages are used: the kernel has no wide tiles or split-K."""
+    forced = tuning._RECORD["force"]
+    cout, kh, kw, ck = w.shape
+    cfg = forced
+    if cfg is None and x.device.type == "cuda":
+        name = _device_name(x.device)
+        cfg = tuning.lookup(sc_key(x.shape, w.shape, padding, out_dtype, [t.shape[1] for t in sc_x]), name)
+        if cfg is None:
+            base = tuning.lookup(tuning.shape_key(x.shape, x.dtype, w.shape, False, (1, 1), padding, (1, 1), out_dtype,
+                                                  True), name)
+            cfg = base if base is not None and base.get("path") == "tma4d" else None
+    if cfg is None:
+        cfg = triton_conv_tma.pick_tma_config(x.shape[0] * x.shape[2] * x.shape[3], cout,
+                                              ck * kh * kw + sum(t.shape[1] for t in sc_x))
+    return {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
+
+
+def qconv_sc_triton(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_scale, sc_bias, padding, out_dtype):
+    """``diffquant::qconv_sc`` on the GPU (or under the interpreter): the shortcut kernel
+    (:func:`.triton_conv_tma.qconv_tma4d_sc`) where :func:`.triton_conv_tma.qconv_sc_unsupported` allows, else the
+    composed ``diffquant::qconv`` calls (:func:`.ops.qconv_sc_composed`). Under ``DIFFQUANT_FP8_ACC=precise``, tiles
+    of several rows cannot promote their accumulation (see :func:`precise_path`): composed calls then."""
+    from diffquant.kernels.ops import qconv_sc_composed
+
+    args = (x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_scale, sc_bias, padding, out_dtype)
+    cl = torch.channels_last
+    x = x if x.is_contiguous(memory_format=cl) else x.contiguous(memory_format=cl)
+    sc_x = [t if t.stride(1) == 1 else t.contiguous(memory_format=cl) for t in sc_x]
+    why = triton_conv_tma.qconv_sc_unsupported(x, w, padding, sc_x, sc_w)
+    cfg = sc_config(x, w, padding, out_dtype, sc_x) if why is None else None
+    if cfg is not None and fp8_precise():
+        bi, bh, _ = triton_conv_tma.tile_4d(cfg["BLOCK_M"], x.shape[2], x.shape[3])
+        why = "DIFFQUANT_FP8_ACC=precise with multi-row tiles" if bi * bh > 1 else None
+    if why is not None:
+        _log_sc_composed(why)
+        return qconv_sc_composed(*args)
+    return triton_conv_tma.qconv_tma4d_sc(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_scale, sc_bias,
+                                          padding, out_dtype, cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_sc_composed(why: str) -> None:
+    log.info("diffquant::qconv_sc runs as separate qconv calls: %s", why)

@@ -67,7 +67,16 @@ def _tap_mainloop(a_desc, b_desc, m0, oh0, ow0, co0, it0, it1, WP, CK, NCB, pad_
     """Steps ``it0`` to ``it1`` of a tile's (tap, channel block) loop: the accumulator. ``FOUR_D``: A is the 4-D box
     at (image ``m0``, row ``oh0``, column ``ow0``) shifted by the tap, else the padded copy's rows from ``m0`` shifted
     by the tap (``WP``: the padded width). B: output channels from ``co0``."""
-    acc = zero_acc(BLOCK_M, BLOCK_N, A_INT)
+    return _tap_loop_into(zero_acc(BLOCK_M, BLOCK_N, A_INT), a_desc, b_desc, m0, oh0, ow0, co0, it0, it1, WP, CK, NCB,
+                          pad_h, pad_w, KW, BITCAST_FP8, FOUR_D, BLOCK_M, BLOCK_K, FP8_ACC)
+
+
+@triton.jit
+def _tap_loop_into(acc, a_desc, b_desc, m0, oh0, ow0, co0, it0, it1, WP, CK, NCB, pad_h, pad_w, KW: tl.constexpr,
+                   BITCAST_FP8: tl.constexpr, FOUR_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   FP8_ACC: tl.constexpr):
+    """:func:`_tap_mainloop`'s loop, accumulating into ``acc`` (the shortcut kernel continues one accumulator over
+    several sources)."""
     for it in range(it0, it1):
         tap, c0, kh, kw = tap_block(it, NCB, KW, BLOCK_K)
         if FOUR_D:
@@ -422,6 +431,121 @@ def _qconv_tma4d_wide_kernel(
     _pad_fix_store(acc, offs_n, offs_n < Cout, m_ok, nb, oh, ow, out_ptr, ascale_ptr, wscale_ptr, corr_ptr, bias_ptr,
                    add_ptr, padc_ptr, H, W, pad_h, pad_w, son, soh, sow, soc, san, sah, saw, sac, KH, KW, PAD_FIX,
                    HAS_ASCALE, HAS_CORR, HAS_BIAS, HAS_ADD)
+
+
+# A conv with its ResNet block's 1x1 shortcut in the same accumulator (path of ``diffquant::qconv_sc``): conv2's taps
+# over its own input, then one K loop per shortcut source (an up block's (h, skip) halves: two), each reading its own
+# 4-D boxes at the same output pixels. The scales differ per source (activation scale x per-channel weight scale
+# c_j[n]), so before source j the accumulator is multiplied by c_{j-1}[n] / c_j[n] and the epilogue by the last c:
+# sum_j c_j S_j, exact up to fp32 rounding (the scales are positive, 1e-12 or more, as the converter makes them).
+# The kernel reads the scales and both biases itself: no per-call host arithmetic, so no extra launches in a graph.
+# The shortcut's own kernels (the gather kernel at 2-3x cuDNN's time on these short-K shapes), its output's write and
+# its read back in conv2's epilogue all go.
+@triton.jit(do_not_specialize=["N", "H", "W", "NITER", "TILES_H", "TILES_W", "pad_h", "pad_w", "CK1", "NCB1", "CK2",
+                               "NCB2"])
+def _qconv_tma4d_sc_kernel(
+    a_desc, b_desc, a1_desc, b1_desc, a2_desc, b2_desc, out_ptr, as0_ptr, ws0_ptr, as1_ptr, ws1_ptr, as2_ptr, ws2_ptr,
+    bias_ptr, scbias_ptr,
+    N, H, W, Cout, CK, NCB, NITER, CK1, NCB1, CK2, NCB2, TILES_H, TILES_W, pad_h, pad_w,
+    son, soh, sow, soc,
+    KW: tl.constexpr, BITCAST_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SC_BIAS: tl.constexpr,
+    NSC: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FP8_ACC: tl.constexpr = None,
+):
+    BLOCK_M: tl.constexpr = BI * BH * BW
+    tiles_m = tl.cdiv(N, BI) * TILES_H * TILES_W
+    pid_m, pid_n = grouped_tile(tiles_m * BLOCK_M, Cout, BLOCK_M, BLOCK_N, GROUP_M)
+    n0, oh0, ow0, co0 = _tile_origin(pid_m, pid_n, TILES_H, TILES_W, BI, BH, BW, BLOCK_N)
+    offs_n = co0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Cout
+    acc = _tap_mainloop(a_desc, b_desc, n0, oh0, ow0, co0, 0, NITER, 0, CK, NCB, pad_h, pad_w, KW, False, BITCAST_FP8,
+                        True, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
+    c0 = tl.load(ws0_ptr + offs_n, mask=n_ok, other=1.0) * tl.load(as0_ptr)
+    c1 = tl.load(ws1_ptr + offs_n, mask=n_ok, other=1.0) * tl.load(as1_ptr)
+    acc = acc * (c0 / c1)[None, :]
+    acc = _tap_loop_into(acc, a1_desc, b1_desc, n0, oh0, ow0, co0, 0, NCB1, 0, CK1, NCB1, 0, 0, 1, BITCAST_FP8, True,
+                         BLOCK_M, BLOCK_K, FP8_ACC)
+    if NSC == 2:
+        c2 = tl.load(ws2_ptr + offs_n, mask=n_ok, other=1.0) * tl.load(as2_ptr)
+        acc = acc * (c1 / c2)[None, :]
+        acc = _tap_loop_into(acc, a2_desc, b2_desc, n0, oh0, ow0, co0, 0, NCB2, 0, CK2, NCB2, 0, 0, 1, BITCAST_FP8,
+                             True, BLOCK_M, BLOCK_K, FP8_ACC)
+    nb, oh, ow, m_ok = _tile_pixels(n0, oh0, ow0, tl.arange(0, BLOCK_M), N, H, W, BH, BW)
+    dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, as2_ptr if NSC == 2 else as1_ptr,
+                  ws2_ptr if NSC == 2 else ws1_ptr, ws0_ptr, bias_ptr, out_ptr, son, soh, sow, soc, son, soh, sow, soc,
+                  False, True, HAS_BIAS, False, scbias_ptr, HAS_SC_BIAS)
+
+
+def qconv_sc_unsupported(x: torch.Tensor, w: torch.Tensor, padding: Sequence[int], sc_x: Sequence[torch.Tensor],
+                         sc_w: Sequence[torch.Tensor]) -> Optional[str]:
+    """Why :func:`qconv_tma4d_sc` cannot run this call (None: it can)."""
+    if not 1 <= len(sc_x) <= 2 or len(sc_w) != len(sc_x):
+        return f"{len(sc_x)} shortcut sources with {len(sc_w)} weights (1 or 2 of each)"
+    if x.dtype != torch.float8_e4m3fn or w.dtype != torch.float8_e4m3fn:
+        return f"needs FP8 input and weight; got {x.dtype} / {w.dtype}"
+    cout, kh, kw, ck = w.shape
+    if ck != x.shape[1] or 2 * int(padding[0]) != kh - 1 or 2 * int(padding[1]) != kw - 1:
+        return f"conv2 must keep the size (k {kh}x{kw}, padding {tuple(padding)}, {ck} weight channels)"
+    for xs, ws in zip(sc_x, sc_w):
+        if xs.dtype != torch.float8_e4m3fn or ws.dtype != torch.float8_e4m3fn:
+            return f"shortcut sources and weights must be FP8; got {xs.dtype} / {ws.dtype}"
+        if xs.shape[0] != x.shape[0] or xs.shape[2:] != x.shape[2:]:
+            return f"shortcut source {tuple(xs.shape)} against conv input {tuple(x.shape)}"
+        if tuple(ws.shape) != (cout, 1, 1, xs.shape[1]):
+            return f"shortcut weight {tuple(ws.shape)} for a {xs.shape[1]}-channel source and {cout} outputs"
+    if x.device.type == "cuda" and _capability_major(x.device) < 9:
+        return "TMA needs compute capability 9.0+"
+    if x.device.type != "cuda" and not _interpreting():
+        return "needs a GPU (or Triton's interpreter)"
+    for t in (x, *sc_x):
+        why = tma4d_extra_unsupported(t, 0, (0, 0), None)
+        if why is not None:
+            return why
+    return None
+
+
+def qconv_tma4d_sc(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_scale, sc_bias, padding: Sequence[int],
+                   out_dtype: torch.dtype, config: dict) -> torch.Tensor:
+    """``diffquant::qconv_sc`` through :func:`_qconv_tma4d_sc_kernel` (see :func:`qconv_sc_unsupported`); ``config``:
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages."""
+    from diffquant.kernels.reference import out_like
+
+    why = qconv_sc_unsupported(x, w, padding, sc_x, sc_w)
+    if why is not None:
+        raise ValueError(f"qconv_tma4d_sc: {why}")
+    nbatch, c, h, wd = x.shape
+    cout, kh, kw, ck = w.shape
+    out = out_like(x, cout, h, wd, out_dtype)
+    if nbatch * h * wd == 0:
+        return out
+    bitcast = _interpreting()
+    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    bi, bh, bw = tile_4d(bm, h, wd)
+    box = [bi, bh, bw, bk]
+
+    def descs(t, wt, k):
+        tv = t.view(torch.uint8) if bitcast else t
+        wv = (wt.view(torch.uint8) if bitcast else wt).reshape(cout, k)
+        return (TensorDescriptor(tv, [nbatch, h, wd, t.shape[1]], [t.stride(0), t.stride(2), t.stride(3), 1], box),
+                TensorDescriptor(wv, [cout, k], [k, 1], [bn, bk]))
+
+    a_desc, b_desc = descs(x, w, kh * kw * ck)
+    src = [descs(xs, ws, xs.shape[1]) + (xs.shape[1], wss, sas)
+           for xs, ws, wss, sas in zip(sc_x, sc_w, sc_w_scale, sc_a_scale)]
+    second = src[1] if len(src) == 2 else src[0]  # (unused when NSC == 1)
+    tiles_h, tiles_w = triton.cdiv(h, bh), triton.cdiv(wd, bw)
+    grid = (triton.cdiv(nbatch, bi) * tiles_h * tiles_w * triton.cdiv(cout, bn),)
+    ncb = triton.cdiv(ck, bk)
+    args = (a_desc, b_desc, src[0][0], src[0][1], second[0], second[1], out, a_scale, w_scale, src[0][4], src[0][3],
+            second[4], second[3], bias if bias is not None else w_scale, sc_bias if sc_bias is not None else w_scale,
+            nbatch, h, wd, cout, ck, ncb, kh * kw * ncb, src[0][2], triton.cdiv(src[0][2], bk), second[2],
+            triton.cdiv(second[2], bk), tiles_h, tiles_w, int(padding[0]), int(padding[1]),
+            out.stride(0), out.stride(2), out.stride(3), out.stride(1))
+    flags = dict(KW=kw, BITCAST_FP8=bitcast, HAS_BIAS=bias is not None, HAS_SC_BIAS=sc_bias is not None,
+                 NSC=len(src), BI=bi, BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FP8_ACC=fp8_acc(bk, True),
+                 num_warps=config["num_warps"], num_stages=config["num_stages"])
+    _launch_retrying(_qconv_tma4d_sc_kernel, grid, args, flags, bm, bn, bk)
+    return out
 
 
 # The persistent form (path "tma4dp"): one program per SM walks the output tiles, and the tile loop is flattened
