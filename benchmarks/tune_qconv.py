@@ -5,6 +5,7 @@ Same as ``diffquant tune-kernels`` (the driver is :mod:`diffquant.kernels.tune_m
     python benchmarks/tune_qconv.py --tasks sd15-unet:8:dq-fp8,ddpm-cifar10-32:256:dq-fp8 --out qconv_tuned.json
     DIFFQUANT_QCONV_TUNED=qconv_tuned.json python benchmarks/bench_kernels.py ...
 
+``--shortcut`` tunes ``diffquant::qconv_sc`` (a ResNet block's conv2 with its 1x1 shortcut) instead.
 ``--rows`` gets one diagnostic row per shape: heuristic vs best ms, the best ms of each kernel (the TMA kernels'
 candidates compete where they can run the shape; ``--no-tma``: they do not), and cuDNN's bf16 conv of the same shape.
 """
@@ -29,6 +30,9 @@ def main() -> None:
                     help="time only the shapes that no active tuned table (shipped or DIFFQUANT_QCONV_TUNED) lists")
     ap.add_argument("--shapes", default="",
                     help="comma list: time only the shapes whose key contains one of these (e.g. x8x8:,x16x16:)")
+    ap.add_argument("--shortcut", action="store_true",
+                    help="tune diffquant::qconv_sc instead (each ResNet block's conv2 with its 1x1 shortcut, "
+                         "DIFFQUANT_SC_FUSE=1); --budget-s, --reps, --out and --rows apply, the other options not")
     ap.add_argument("--print-rows", metavar="ROWS_JSON", help="print the summary of a --rows file and exit (no GPU)")
     args = ap.parse_args()
     from diffquant.kernels.tune_models import format_rows, tune_models
@@ -40,6 +44,12 @@ def main() -> None:
             print(f"no tune rows in {args.print_rows}: {e}")
         return
     try:
+        if args.shortcut:
+            from diffquant.kernels.tune_models import tune_shortcut_convs
+
+            tune_shortcut_convs(args.tasks, args.out, args.rows, args.budget_s, args.reps,
+                                command=shlex.join(["python", *sys.argv]), progress=lambda s: print(s, flush=True))
+            return
         tune_models(args.tasks, args.out, args.rows, args.budget_s, args.reps, tma=not args.no_tma,
                     skip_paths=[p for p in args.skip_paths.split(",") if p], command=shlex.join(["python", *sys.argv]),
                     untuned_only=args.untuned_only, shapes=[p for p in args.shapes.split(",") if p],

@@ -646,14 +646,17 @@ def test_tuning_table_lookup_validation_and_device(tmp_path, monkeypatch):
 def test_tuning_record_and_force_contexts_nest():
     from diffquant.kernels import tuning
 
-    assert tuning._RECORD == {"calls": None, "force": None}
+    idle = {"calls": None, "force": None, "sc_calls": None}
+    assert tuning._RECORD == idle
     with tuning.record_calls() as outer:
         with tuning.record_calls() as inner:
             assert tuning._RECORD["calls"] is inner
         assert tuning._RECORD["calls"] is outer
         with tuning.forced_config({"BLOCK_M": 64}):
             assert tuning._RECORD["force"] == {"BLOCK_M": 64}
-    assert tuning._RECORD == {"calls": None, "force": None}
+        with tuning.record_sc_calls() as sc:
+            assert tuning._RECORD["sc_calls"] is sc and tuning._RECORD["calls"] is outer
+    assert tuning._RECORD == idle
 
 
 def test_tuning_lookup_nearest_borrows_the_same_layer_at_the_nearest_size():
@@ -1811,9 +1814,13 @@ def _sc_case(n=2, c=24, cout=40, h=5, w=6, parts=(32, 16), k=3, seed=0, device="
                  else v.to(device) if isinstance(v, torch.Tensor) else v) for k_, v in case.items()}
 
 
+def _sc_args(c, out_dtype=torch.float32) -> list:
+    return [c["x"], c["w"], c["w_scale"], c["a_scale"], c["bias"], c["sc_x"], c["sc_w"], c["sc_w_scale"],
+            c["sc_a_scale"], c["sc_bias"], c["padding"], out_dtype]
+
+
 def _sc_call(fn, c, out_dtype=torch.float32):
-    return fn(c["x"], c["w"], c["w_scale"], c["a_scale"], c["bias"], c["sc_x"], c["sc_w"], c["sc_w_scale"],
-              c["sc_a_scale"], c["sc_bias"], c["padding"], out_dtype)
+    return fn(*_sc_args(c, out_dtype))
 
 
 def test_qconv_sc_op_is_conv2_plus_its_shortcut():
@@ -1855,6 +1862,50 @@ def test_qconv_sc_op_is_conv2_plus_its_shortcut():
     got = torch.compile(lambda: _sc_call(ops.qconv_sc, c), fullgraph=True)()
     torch.testing.assert_close(got, _sc_call(ops.qconv_sc, c))
 
+
+def test_shortcut_tuner_picks_the_fastest_correct_candidate():
+    """tune_sc_calls (the shortcut kernel's tuner, GPU-free here: the CPU reference op stands in for the kernel and
+    a fake clock times each forced config): distinct shapes once each, largest first; the fastest candidate whose
+    output matches the composed calls is written as a tma4d entry; a wrong candidate is skipped; a win under 3 % over
+    the default is not written; past the budget, shapes are skipped."""
+    from diffquant.kernels import ops, tuning
+    from diffquant.kernels.tune_models import sc_candidates, tune_sc_calls
+
+    small, big = _sc_case(n=1, c=16, cout=16, h=4, w=4, parts=(16, 16)), _sc_case(n=2, c=32, cout=64, h=8, w=8,
+                                                                                   parts=(32, 32))
+    args = [tuple(_sc_args(c)) for c in (small, big)]
+    calls = [("small", args[0]), ("big", args[1]), ("small", args[0])]
+    default = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+    cands = sc_candidates(64, 32 * 9 + 64, 128)
+    assert cands and all(set(c) == set(default) for c in cands)
+    fast = next(c for c in cands if c != default)
+    wrong = next(c for c in cands if c not in (default, fast))
+
+    def sc_fn(*a):
+        y = ops.qconv_sc(*a)
+        return y * 2 if tuning._RECORD["force"] == wrong else y
+
+    def clock(fn):
+        fn()
+        f = tuning._RECORD["force"]
+        return 0.5 if f == wrong else 0.8 if f == fast else 1.0 if f is not None else 1.2  # composed: 1.2
+
+    order = []
+    configs, rows = tune_sc_calls(calls, sc_fn, ops.qconv_sc_composed, clock, lambda a: order.append(a) or default,
+                                  progress=lambda s: None, counts={"small": 2, "big": 1})
+    assert [r["key"] for r in rows] == ["big", "small"] and order == [args[1], args[0]]
+    assert configs == {"big": dict(fast, path="tma4d"), "small": dict(fast, path="tma4d")}
+    r = rows[0]
+    assert (r["composed_ms"], r["default_ms"], r["best_ms"], r["best"], r["calls"]) == (1.2, 1.0, 0.8, fast, 1)
+    assert r["failed"] == 1 and r["tried"] == len(sc_candidates(64, 32 * 9 + 64, 128)) - 1
+    # a 2 % win is not written; past the budget every shape is skipped
+    configs, _ = tune_sc_calls(calls, ops.qconv_sc, ops.qconv_sc_composed,
+                               lambda fn: 0.98 if tuning._RECORD["force"] == fast else 1.0, lambda a: default,
+                               progress=lambda s: None)
+    assert configs == {}
+    _, rows = tune_sc_calls(calls, ops.qconv_sc, ops.qconv_sc_composed, clock, lambda a: default, budget_s=-1,
+                            progress=lambda s: None)
+    assert [r.get("skipped") for r in rows] == ["budget", "budget"]
 
 def test_shortcut_fusion_switch_runs_conv2_and_its_shortcut_as_one_op(monkeypatch):
     """DIFFQUANT_SC_FUSE=1: every fused ResNet block whose conv2 and 1x1 shortcut are FP8 with static input scales

@@ -28,15 +28,20 @@
 #           its GPU tests. Carry .whl/diffusers-0.42.1-py3-none-any.whl and .gpu_carry/cudnn-fe. Meant for after
 #           scripts/gpu/cudnn_fp8_attention.sh showed the kernel faster than bf16 SDPA; session 14 found it no faster
 #           (BENCHMARKS.md "Kernels, twelfth measurement"), so the row was not run (its GPU tests ran inline).
-#   PART=8 (written in session 14 after its device time; not yet run): the up blocks' split 1x1 shortcuts as one cuBLAS
+#   PART=8 (written in session 14 after its device time; run in session 15: slower): the up blocks' split 1x1 shortcuts as one cuBLAS
 #           FP8 GEMM per part (DIFFQUANT_SPLIT_GEMM=scaled_mm; the qconv kernel is 2-3x slower than cuDNN's bf16 1x1
 #           conv on these short-K shapes): its GPU tests and the GEGLU GPU tests (new 128x64 default), then ROW and
 #           CROW as shipped and with the switch. Carry .whl/diffusers-0.42.1-py3-none-any.whl.
-#   PART=9 (written in session 14 after its device time; not yet run): wide 4-D conv tiles (BLOCK_N2: 320 or 160
+#   PART=9 (written in session 14 after its device time; run in session 15: SD b8 15.06 -> 14.63 ms): wide 4-D conv tiles (BLOCK_N2: 320 or 160
 #           output channels a program, tuning.CANDIDATES_WIDE) for SD b8's 320- and 640-channel 3x3 convs: their GPU
 #           tests, those shapes re-tuned with tma4d (wide tiles included), tma4dr and gather competing (TUNE_S, 200),
 #           merged on the device, ROW with the merged table. Carry .whl/diffusers-0.42.1-py3-none-any.whl.
-# Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in parts 2, 4, 5 and 9.
+#   PART=10 (written in session 15 after its device time; not yet run): conv2 with its 1x1 shortcut in one kernel
+#           (diffquant::qconv_sc, DIFFQUANT_SC_FUSE=1): its GPU tests, then ROW and CROW as shipped and with the switch.
+#           Carry .whl/diffusers-0.42.1-py3-none-any.whl.
+#   PART=11 (written in session 15; not yet run): the shortcut kernel tuned on ROW's ResNet blocks
+#           (tune_qconv.py --shortcut, TUNE_S, 150), merged on the device, ROW with the switch. Same carry.
+# Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in parts 2, 4, 5, 9 and 11.
 #   run: PART=1 bash scripts/gpu/ab_rows_1gpu.sh   (env: ROW, CROW, SMALL, TUNE_S, AB_ENV, TOTAL_S (570), EXTRA (env for
 #        every row, e.g. DIFFQUANT_GN_LOAD_STAGES=3 once it wins))
 set -uo pipefail
@@ -169,7 +174,28 @@ case $PART in
   WITH_BF16=0 AB_ENV= tune_merge_rows "$ROW" ${TUNE_S:-200} --shapes x64x64:o320:k3x3,x32x32:o640:k3x3 \
     --skip-paths tma,tma4dp
   ;;
-*) echo "PART must be 1 to 9"; exit 2 ;;
+10)
+  say "GPU tests: conv2 with its shortcut (diffquant::qconv_sc)"
+  gpu_tests 150 "qconv_sc"
+  rows ship "$ROW"
+  rows scfuse "$ROW" DIFFQUANT_SC_FUSE=1
+  rows cship "$CROW"
+  rows cscfuse "$CROW" DIFFQUANT_SC_FUSE=1
+  ;;
+11)
+  say "tune the shortcut kernel: $ROW"
+  timeout $(( ${TUNE_S:-150} + 90 )) python3 benchmarks/tune_qconv.py --shortcut --tasks "$ROW" --budget-s ${TUNE_S:-150} \
+    --out $OUT/qconv_sc_tuned.json --rows $OUT/qconv_sc_tune_rows.json > $OUT/tune_sc.log 2>&1
+  echo "tune rc=$?" >> $OUT/tune_sc.log
+  grep -v trying $OUT/tune_sc.log | tail -30
+  t=src/diffquant/kernels/tuned/nvidia-h200.json
+  if [ -s $OUT/qconv_sc_tuned.json ]; then
+    python3 -m diffquant.cli tune-kernels --merge-from $OUT/qconv_sc_tuned.json --merge-into $t && \
+      cp $t $OUT/nvidia-h200.merged.json
+    rows sctuned "$ROW" DIFFQUANT_SC_FUSE=1
+  fi
+  ;;
+*) echo "PART must be 1 to 11"; exit 2 ;;
 esac
 cd $OUT && tar czf all.tgz *.json *.log && find . -maxdepth 1 -type f ! -name all.tgz ! -name env.txt \
   ! -name nvidia-h200.merged.json -delete

@@ -8,22 +8,22 @@
 #          TUNE_TASKS (model:batch:variant,...; empty: no tuning, every GPU benches), TUNE_S (200), TUNE_ARGS (more
 #          tune_qconv.py options, e.g. --untuned-only or --skip-paths tma),
 #          DIFFQUANT_PROFILE_TOP (kernels listed per row's profile, default here 40)
-#   suggested calls for the next session (written at the end of session 14, 2026-11-29; sessions 12-14 ran on one GPU
-#   as scripts/gpu/ab_rows_1gpu.sh PART=1-6 and inline commands, see BENCHMARKS.md "Kernels, tenth / eleventh /
-#   twelfth measurement"):
-#   1. PART=8 bash scripts/gpu/ab_rows_1gpu.sh (carry .whl/diffusers-0.42.1-py3-none-any.whl; about 9 min): the split
-#      1x1 shortcuts as cuBLAS GEMMs (DIFFQUANT_SPLIT_GEMM=scaled_mm) with its GPU tests and the GEGLU GPU tests (new
-#      128x64 default, not yet GPU-tested), SD b8 and CIFAR b256 with and without it. If it wins, make it the default.
-#   1b. PART=9 bash scripts/gpu/ab_rows_1gpu.sh (same carry; about 7 min): wide 4-D conv tiles (320 or 160 output
-#      channels a program) for SD b8's 320- and 640-channel 3x3 convs: GPU tests, those shapes re-tuned, merged, the
-#      row. Commit the merged table only if the row is faster.
-#   2. The cuDNN FP8 attention GPU test against the corrected reference (one of three failed against the old one):
-#      python3 -m pip install --no-index --no-deps --target /tmp/site_fe .gpu_carry/cudnn-fe/*.whl, then
-#      PYTHONPATH=/tmp/site_fe:$PWD/src python3 -m pytest -m gpu tests/test_kernels.py -k cudnn_fp8 (carry
-#      .gpu_carry/cudnn-fe; 1 min).
+#   suggested calls for the next session (written at the end of session 15, 2026-11-29; sessions 12-15 ran on one GPU
+#   as scripts/gpu/ab_rows_1gpu.sh PART=1-9 and inline commands, see BENCHMARKS.md "Kernels, tenth" to "thirteenth
+#   measurement"):
+#   1. PART=10 bash scripts/gpu/ab_rows_1gpu.sh (carry .whl/diffusers-0.42.1-py3-none-any.whl; about 8 min): conv2
+#      with its 1x1 shortcut in one kernel (diffquant::qconv_sc, DIFFQUANT_SC_FUSE=1): its GPU tests, SD b8 and CIFAR
+#      b256 with and without it. Then PART=11 (same carry; about 6 min): the shortcut kernel tuned on SD b8's ResNet
+#      blocks, merged, the row. If the switch wins, make it the default (and re-run CIFAR b256 with it).
+#   2. SD b1 with session 15's wide-tile entries (benchmarks/results/qconv_tuned_sd_b1_wide_pending.json): merge
+#      (python -m diffquant.cli tune-kernels --merge-from that file --merge-into src/diffquant/kernels/tuned/nvidia-
+#      h200.json) on the device and run the SD b1 row with --row-timeout-s 200 (its first compile took over 95 s);
+#      commit the merge only if faster than 5.48 ms.
 #   3. CIFAR b1's 17 shapes never tuned: PART=5 SMALL=ddpm-cifar10-32:1:dq-fp8-gn-qkv-te TUNE_ARGS="--shapes
 #      x8x8:,x4x4:,k1x1" (cuDNN bf16 beat every FP8 candidate on the 8 reached); the 12 INT8 CIFAR b256 shapes
 #      still untuned (TUNE0=ddpm-cifar10-32:256:dq-int8 TUNE_ARGS=--untuned-only bash scripts/gpu/tune_split.sh).
+#   Measured and dropped in session 15: DIFFQUANT_SPLIT_GEMM=scaled_mm (SD b8 15.25 against 15.06 ms). Measured and
+#   kept: the wide 4-D tiles tuned into SD b8's 3x3 convs (15.06 -> 14.36 ms).
 #   Measured and dropped in session 14: cuDNN's FP8 attention (no faster than its bf16 attention at head dim 40/48),
 #   DIFFQUANT_GN_STATS_EPILOGUE=dot as a reason to turn DIFFQUANT_GN_CONV_STATS on (no gain).
 #   Measured and dropped in session 11: FP8 attention (2x slower than cuDNN), DIFFQUANT_FP8_ACC=precise (2x cost,

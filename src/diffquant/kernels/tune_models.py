@@ -116,3 +116,145 @@ def format_rows(path: str) -> list[str]:
             f'{r.get("best_ms_by_path")} cudnn {r["cudnn_bf16_ms"]:.4f} '
             f'{r["tflops_best"]:6.0f}/{r["tflops_cudnn_bf16"]:6.0f} TF {tuple((r["best"] or {}).values())}'
             for r in rows if "best_ms" in r]
+
+
+def sc_candidates(cout: int, ck: int, pixels: int) -> list[dict]:
+    """Block configs for the shortcut kernel (``diffquant::qconv_sc``): the 4-D kernel's candidates without wide
+    tiles or split-K, which it does not have."""
+    from diffquant.kernels import tuning
+
+    keep = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    out: list = []
+    for cfg in tuning.candidates(1, False, cout, ck, path="tma4d", m=pixels, taps=9):
+        if "BLOCK_N2" in cfg or "SPLIT_K" in cfg:
+            continue
+        cfg = {k: cfg[k] for k in keep}
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def tune_sc_calls(calls: list, sc_fn, composed_fn, time_fn, default_fn, budget_s: float = float("inf"),
+                  progress: Callable[[str], None] = print, counts: Optional[dict] = None) -> tuple[dict, list]:
+    """Time the shortcut kernel's candidates (:func:`sc_candidates`, each forced) on each distinct recorded
+    ``diffquant::qconv_sc`` call ``(key, args)``, largest first, against its default config (``default_fn(args)``,
+    what :func:`.triton_conv.sc_config` picks) and the composed qconv calls it replaces (``composed_fn``). Returns
+    the table configs (``"path": "tma4d"``; only where a candidate beat the default by more than 3 %) and one row
+    per shape. A candidate whose output is more than 1 % from the composed calls' is skipped."""
+    from diffquant.kernels import tuning
+
+    distinct: dict = {}
+    for key, args in calls:
+        distinct.setdefault(key, args)
+
+    def flops(args):
+        x, w, sc_x = args[0], args[1], args[5]
+        px = x.shape[0] * x.shape[2] * x.shape[3]
+        return 2.0 * px * w.shape[0] * (w.shape[1] * w.shape[2] * w.shape[3] + sum(t.shape[1] for t in sc_x))
+
+    configs: dict = {}
+    rows: list = []
+    t0 = time.time()
+    for key, args in sorted(distinct.items(), key=lambda kv: -flops(kv[1])):
+        if time.time() - t0 > budget_s:
+            rows.append({"key": key, "skipped": "budget"})
+            continue
+        x, w, sc_x = args[0], args[1], args[5]
+        with torch.no_grad():
+            ref = composed_fn(*args).float()
+            composed_ms = time_fn(lambda: composed_fn(*args))
+            default = default_fn(args)
+            with tuning.forced_config(default):
+                default_ms = time_fn(lambda: sc_fn(*args))
+            best, best_ms, timed, failed = None, default_ms, [], 0
+            pixels = x.shape[0] * x.shape[2] * x.shape[3]
+            ck = w.shape[1] * w.shape[2] * w.shape[3] + sum(t.shape[1] for t in sc_x)
+            for cfg in sc_candidates(w.shape[0], ck, pixels):
+                progress(f"  {key} trying {tuple(cfg.values())}")
+                try:
+                    with tuning.forced_config(cfg):
+                        err = float((sc_fn(*args).float() - ref).norm() / ref.norm().clamp_min(1e-12))
+                        if not err < 1e-2:
+                            raise RuntimeError(f"output {err:.3g} from the composed calls'")
+                        ms = time_fn(lambda: sc_fn(*args))
+                except Exception as e:  # out of resources, wrong result
+                    failed += 1
+                    progress(f"  {key} {tuple(cfg.values())}: skipped ({str(e).splitlines()[0][:120]})")
+                    continue
+                timed.append([*cfg.values(), round(ms, 5)])
+                if ms < best_ms:
+                    best, best_ms = cfg, ms
+        if best is not None and best_ms < 0.97 * default_ms:
+            configs[key] = dict(best, path="tma4d")
+        rows.append(dict(key=key, calls=(counts or {}).get(key, 0), composed_ms=round(composed_ms, 5),
+                         default_ms=round(default_ms, 5), default=default, best_ms=round(best_ms, 5),
+                         best=best or default, tried=len(timed), failed=failed, candidates_ms=timed))
+        progress(f"{key}: composed {composed_ms:.4f} ms, default {default_ms:.4f}, best {best_ms:.4f} "
+                 f"{tuple((best or default).values())}")
+    return configs, rows
+
+
+def tune_shortcut_convs(tasks: str, out: str, rows_path: Optional[str] = None, budget_s: float = float("inf"),
+                        reps: int = 10, command: str = "", progress: Callable[[str], None] = print) -> dict:
+    """Tune ``diffquant::qconv_sc`` (conv2 with its shortcut, ``DIFFQUANT_SC_FUSE=1``) on the ResNet blocks of each
+    task (GPU): records one eager forward pass with the switch on, then :func:`tune_sc_calls`. Writes a table
+    (``diffquant tune-kernels --merge-from`` merges it) and the rows; returns the table."""
+    import os
+
+    specs = parse_tasks(tasks)
+    if not torch.cuda.is_available():
+        raise RuntimeError("tuning the shortcut kernel needs a CUDA GPU; none is visible")
+    import triton
+
+    from diffquant.kernels import ops, tuning
+    from diffquant.kernels.bench import build_model, inputs_for, make_variant, time_call
+    from diffquant.kernels.triton_conv import qconv_sc_triton, sc_config
+    from diffquant.models.adapter import call_model
+
+    prev = os.environ.get("DIFFQUANT_SC_FUSE")
+    os.environ["DIFFQUANT_SC_FUSE"] = "1"
+    t0 = time.time()
+    dev = torch.device("cuda")
+    table = {"format": tuning.FORMAT, "device": torch.cuda.get_device_name(), "triton": triton.__version__,
+             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+             "command": command or f"tune_shortcut_convs({tasks!r})", "configs": {}}
+    all_rows: list = []
+    try:
+        for model_name, batch, variant in specs:
+            spec = f"{model_name}:{batch}:{variant}"
+            base = build_model(model_name).to(dev)
+            m = make_variant(base, variant, inputs_for(base, 1, dev, torch.float32))
+            x, t, c = inputs_for(base, batch, dev, torch.bfloat16)
+            with torch.no_grad(), tuning.record_sc_calls() as calls:
+                call_model(m, x, t, c)
+            torch.cuda.synchronize()
+            counts: dict = {}
+            for k, _ in calls:
+                counts[k] = counts.get(k, 0) + 1
+            progress(f"{spec}: {len(calls)} qconv_sc calls, {len(counts)} distinct shapes")
+            configs, rows = tune_sc_calls(
+                calls, qconv_sc_triton, ops.qconv_sc_composed,
+                lambda fn: time_call(fn, warmup=2, reps=reps, inner=0)[0],
+                lambda a: sc_config(a[0], a[1], a[10], a[11], a[5]), budget_s=budget_s - (time.time() - t0),
+                progress=progress, counts=counts)
+            for r in rows:
+                r["task"] = spec
+            table["configs"].update(configs)
+            all_rows += rows
+            del m, base, calls
+            torch.cuda.empty_cache()
+    finally:
+        if prev is None:
+            os.environ.pop("DIFFQUANT_SC_FUSE", None)
+        else:
+            os.environ["DIFFQUANT_SC_FUSE"] = prev
+    with open(out, "w") as f:
+        json.dump(table, f, indent=1)
+    if rows_path:
+        with open(rows_path, "w") as f:
+            json.dump(all_rows, f, indent=1)
+    done = [r for r in all_rows if "best_ms" in r]
+    sums = [sum(r[k] * r["calls"] for r in done) for k in ("composed_ms", "default_ms", "best_ms")]
+    progress("sum over the calls: composed %.3f ms, default %.3f, tuned %.3f; %d tuned shapes -> %s (%.0f s)"
+             % (*sums, len(table["configs"]), out, time.time() - t0))
+    return table

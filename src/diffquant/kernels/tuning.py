@@ -322,7 +322,7 @@ def no_tables():
 
 
 # ---- recording the calls of a model (the tuner's input) --------------------------------------------
-_RECORD: dict[str, Any] = {"calls": None, "force": None}
+_RECORD: dict[str, Any] = {"calls": None, "force": None, "sc_calls": None}
 
 
 @contextmanager
@@ -335,6 +335,19 @@ def record_calls():
         yield calls
     finally:
         _RECORD["calls"] = prev
+
+
+@contextmanager
+def record_sc_calls():
+    """Inside: every Triton ``diffquant::qconv_sc`` call appends ``(key, args)`` to the yielded list (eager mode;
+    the shortcut tuner's input, :func:`.tune_models.tune_shortcut_convs`)."""
+    calls: list = []
+    prev = _RECORD["sc_calls"]
+    _RECORD["sc_calls"] = calls
+    try:
+        yield calls
+    finally:
+        _RECORD["sc_calls"] = prev
 
 
 @contextmanager
