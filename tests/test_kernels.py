@@ -1877,7 +1877,7 @@ def test_shortcut_tuner_picks_the_fastest_correct_candidate():
     calls = [("small", args[0]), ("big", args[1]), ("small", args[0])]
     default = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
     cands = sc_candidates(64, 32 * 9 + 64, 128)
-    assert cands and all(set(c) == set(default) for c in cands)
+    assert cands and all(set(c) - {"BLOCK_N2"} == set(default) for c in cands)
     fast = next(c for c in cands if c != default)
     wrong = next(c for c in cands if c not in (default, fast))
 

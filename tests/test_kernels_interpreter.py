@@ -181,16 +181,19 @@ from diffquant.kernels.triton_conv import qconv_sc_triton
 import diffquant.kernels.triton_conv_tma as tt
 import test_kernels as tk
 launched, res = [], []
-real = tt._qconv_tma4d_sc_kernel
 class Spy:
+    def __init__(self, k, tag):
+        self.k, self.tag = k, tag
     def __getitem__(self, grid):
-        launched.append(list(grid))
-        return real[grid]
-tt._qconv_tma4d_sc_kernel = Spy()
+        launched.append([self.tag, list(grid)])
+        return self.k[grid]
+tt._qconv_tma4d_sc_kernel = Spy(tt._qconv_tma4d_sc_kernel, "sc")
+tt._qconv_tma4d_sc_wide_kernel = Spy(tt._qconv_tma4d_sc_wide_kernel, "wide")
+cfg = json.loads({cfg!r})
 for kw, forced in json.loads({cases!r}):
     c = tk._sc_case(**kw)
     if forced:
-        with tuning.forced_config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, path="tma4d")):
+        with tuning.forced_config(cfg):
             got = tk._sc_call(qconv_sc_triton, c)
     else:
         got = tk._sc_call(qconv_sc_triton, c)
@@ -209,18 +212,23 @@ SC_CASES = [  # (_sc_case arguments, tile config forced)
 
 
 def test_interpreter_conv_with_its_shortcut_matches_reference():
-    """diffquant::qconv_sc's kernel (conv2's taps, then each shortcut source's K loop in the same accumulator,
-    rescaled between sources by the ratio of their scales): one and two sources, channel tails, tiles of several
-    images, a 1x1 conv2, against the float64 reference with poisoned outputs; its launch grids; a source whose rows
-    TMA cannot read runs the composed qconv calls instead (no launch)."""
-    code = SC_SCRIPT.format(tests=str(ROOT / "tests"), src=str(ROOT / "src"), cases=json.dumps(SC_CASES))
+    """diffquant::qconv_sc's kernels (conv2's taps, then each shortcut source's K loop in the same accumulator,
+    rescaled between sources by the ratio of their scales; and the same with wide tiles, two accumulators): one and
+    two sources, channel tails, tiles of several images, a 1x1 conv2, channel counts ending in either block of a
+    wide tile, against the float64 reference with poisoned outputs; the launch grids; a source whose rows TMA cannot
+    read runs the composed qconv calls instead (no launch)."""
     env = dict(os.environ, TRITON_INTERPRET="1", DIFFQUANT_QCONV_TMA="0")
-    res = _run_script(code, env)
-    for case, (finite, rel) in zip(SC_CASES, res[:-1]):
-        assert finite and rel < 1e-5, (case, rel)
-    # tiles (32 pixels, 32 channels): 2 images x 2 row blocks x 2 channel blocks; 1; 3 images of 3x3, two a tile
-    # (2x4x4 boxes): 2; one 4x4 image a tile (half empty) x 2 channel blocks
-    assert res[-1] == [[8], [1], [2], [2]], res[-1]
+    base = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2, path="tma4d")
+    for cfg, tag, wide in ((base, "sc", 32), (dict(base, BLOCK_N2=16), "wide", 48)):
+        code = SC_SCRIPT.format(tests=str(ROOT / "tests"), src=str(ROOT / "src"), cases=json.dumps(SC_CASES),
+                                cfg=json.dumps(cfg))
+        res = _run_script(code, env)
+        for case, (finite, rel) in zip(SC_CASES, res[:-1]):
+            assert finite and rel < 1e-5, (cfg, case, rel)
+        # tiles (32 pixels): 2 images x 2 row blocks; 1; 3 images of 3x3, two a tile (2x4x4 boxes): 2; one 4x4 image
+        # a tile (half empty); each x the channel blocks of 32 (or 32 + 16) channels: cout 40, 16, 24, 48
+        want = [[tag, [m * -(-cout // wide)]] for m, cout in ((4, 40), (1, 16), (2, 24), (1, 48))]
+        assert res[-1] == want, (res[-1], want)
 
 def test_interpreter_tma4d_persistent_path_matches_reference():
     """The persistent 4-D TMA kernel: three programs in the interpreter, each walking several output tiles (and the
@@ -774,6 +782,13 @@ def test_attention_and_conv_kernels_compile_for_hopper():
                                                       BW=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), sc_type, warps=4,
                       stages=3)
             built += bool(k.asm.get("cubin"))
+            # and with wide tiles (128 + 32 output channels a program: SD's 320 as two programs)
+            wide_sc = lambda n, f=sc_type: ("tensordesc<fp8e4nv[32, 64]>" if n in ("bw_desc", "b1w_desc",  # noqa: E731
+                                                                                  "b2w_desc") else f(n))
+            k = build(tt._qconv_tma4d_sc_wide_kernel, dict(KW=3, BITCAST_FP8=False, HAS_BIAS=True, HAS_SC_BIAS=True,
+                                                           NSC=2, BI=1, BH=2, BW=64, BLOCK_N=128, BLOCK_N2=32,
+                                                           BLOCK_K=64, GROUP_M=8), wide_sc, warps=4, stages=3)
+            built += bool(k.asm.get("cubin"))
         # the persistent form, its tile loop flattened into the tap loop (software-pipelined across tiles)
         built += bool(build(tt._qconv_tma4d_persistent_kernel, dict(common, KH=3, PAD_FIX=not fp8, BI=1, BH=8, BW=16,
                                                                      FLATTEN=True), tma_type,
@@ -820,7 +835,7 @@ def test_attention_and_conv_kernels_compile_for_hopper():
     built += bool(build(tg._linear_geglu_persistent_kernel, dict(
         HAS_BIAS=True, QUANT=True, OSCALE_PER_CH=False, BITCAST_FP8=False, EMULATE=False, BLOCK_M=128, BLOCK_N=128,
         BLOCK_K=128, GROUP_M=8, FLATTEN=True, FP8_ACC=64), geglu_type, warps=8, stages=3).asm.get("cubin"))
-    assert built == 33
+    assert built == 34
 
 
 def test_fp8_accumulation_knob_and_its_routing(monkeypatch):

@@ -406,7 +406,7 @@ def sc_key(x_shape, w_shape, padding, out_dtype, sc_channels: Sequence[int]) -> 
 def sc_config(x: torch.Tensor, w: torch.Tensor, padding, out_dtype, sc_x) -> dict:
     """The block config of a ``diffquant::qconv_sc`` call: its own table entry (:func:`sc_key`), else the table's
     entry for conv2 with a residual (the call it replaces) where that is a ``tma4d`` config, else the 4-D
-    heuristic. Only the tile sizes, warps and stages are used: the kernel has no wide tiles or split-K."""
+    heuristic. The tile sizes, warps, stages and wide tiles (``BLOCK_N2``) are used; the kernel has no split-K."""
     forced = tuning._RECORD["force"]
     cout, kh, kw, ck = w.shape
     cfg = forced
@@ -420,7 +420,7 @@ def sc_config(x: torch.Tensor, w: torch.Tensor, padding, out_dtype, sc_x) -> dic
     if cfg is None:
         cfg = triton_conv_tma.pick_tma_config(x.shape[0] * x.shape[2] * x.shape[3], cout,
                                               ck * kh * kw + sum(t.shape[1] for t in sc_x))
-    return {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
+    return {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "BLOCK_N2") if k in cfg}
 
 
 def qconv_sc_triton(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_scale, sc_bias, padding, out_dtype):

@@ -385,8 +385,16 @@ def _tap_mainloop_wide(a_desc, b_desc, b2_desc, m0, oh0, ow0, co0, NITER, CK, NC
                        BLOCK_N2: tl.constexpr, BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr):
     """:func:`_tap_mainloop` (4-D boxes, the whole K loop) for a wide tile: the accumulators of channels
     ``co0 .. co0 + BLOCK_N`` and ``co0 + BLOCK_N .. co0 + BLOCK_N + BLOCK_N2`` from the same A tile."""
-    acc = zero_acc(BLOCK_M, BLOCK_N, A_INT)
-    acc2 = zero_acc(BLOCK_M, BLOCK_N2, A_INT)
+    return _tap_loop_wide_into(zero_acc(BLOCK_M, BLOCK_N, A_INT), zero_acc(BLOCK_M, BLOCK_N2, A_INT), a_desc, b_desc,
+                               b2_desc, m0, oh0, ow0, co0, NITER, CK, NCB, pad_h, pad_w, KW, BITCAST_FP8, BLOCK_M,
+                               BLOCK_N, BLOCK_K, FP8_ACC)
+
+
+@triton.jit
+def _tap_loop_wide_into(acc, acc2, a_desc, b_desc, b2_desc, m0, oh0, ow0, co0, NITER, CK, NCB, pad_h, pad_w,
+                        KW: tl.constexpr, BITCAST_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr):
+    """:func:`_tap_mainloop_wide`'s loop, accumulating into ``acc`` and ``acc2``."""
     for it in range(0, NITER):
         tap, c0, kh, kw = tap_block(it, NCB, KW, BLOCK_K)
         a = tl.reshape(a_desc.load([m0, oh0 + kh - pad_h, ow0 + kw - pad_w, c0]), (BLOCK_M, BLOCK_K))
@@ -460,20 +468,67 @@ def _qconv_tma4d_sc_kernel(
     n_ok = offs_n < Cout
     acc = _tap_mainloop(a_desc, b_desc, n0, oh0, ow0, co0, 0, NITER, 0, CK, NCB, pad_h, pad_w, KW, False, BITCAST_FP8,
                         True, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
-    c0 = tl.load(ws0_ptr + offs_n, mask=n_ok, other=1.0) * tl.load(as0_ptr)
-    c1 = tl.load(ws1_ptr + offs_n, mask=n_ok, other=1.0) * tl.load(as1_ptr)
-    acc = acc * (c0 / c1)[None, :]
+    acc = acc * _sc_ratio(ws0_ptr, as0_ptr, ws1_ptr, as1_ptr, offs_n, n_ok)[None, :]
     acc = _tap_loop_into(acc, a1_desc, b1_desc, n0, oh0, ow0, co0, 0, NCB1, 0, CK1, NCB1, 0, 0, 1, BITCAST_FP8, True,
                          BLOCK_M, BLOCK_K, FP8_ACC)
     if NSC == 2:
-        c2 = tl.load(ws2_ptr + offs_n, mask=n_ok, other=1.0) * tl.load(as2_ptr)
-        acc = acc * (c1 / c2)[None, :]
+        acc = acc * _sc_ratio(ws1_ptr, as1_ptr, ws2_ptr, as2_ptr, offs_n, n_ok)[None, :]
         acc = _tap_loop_into(acc, a2_desc, b2_desc, n0, oh0, ow0, co0, 0, NCB2, 0, CK2, NCB2, 0, 0, 1, BITCAST_FP8,
                              True, BLOCK_M, BLOCK_K, FP8_ACC)
     nb, oh, ow, m_ok = _tile_pixels(n0, oh0, ow0, tl.arange(0, BLOCK_M), N, H, W, BH, BW)
     dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, as2_ptr if NSC == 2 else as1_ptr,
                   ws2_ptr if NSC == 2 else ws1_ptr, ws0_ptr, bias_ptr, out_ptr, son, soh, sow, soc, son, soh, sow, soc,
                   False, True, HAS_BIAS, False, scbias_ptr, HAS_SC_BIAS)
+
+
+@triton.jit
+def _sc_ratio(wsa_ptr, asa_ptr, wsb_ptr, asb_ptr, offs_n, n_ok):
+    """c_a[n] / c_b[n], c = weight scale x activation scale: the factor that carries an accumulator from source a's
+    scale to source b's."""
+    ca = tl.load(wsa_ptr + offs_n, mask=n_ok, other=1.0) * tl.load(asa_ptr)
+    return ca / (tl.load(wsb_ptr + offs_n, mask=n_ok, other=1.0) * tl.load(asb_ptr))
+
+
+@triton.jit(do_not_specialize=["N", "H", "W", "NITER", "TILES_H", "TILES_W", "pad_h", "pad_w", "CK1", "NCB1", "CK2",
+                               "NCB2"])
+def _qconv_tma4d_sc_wide_kernel(
+    a_desc, b_desc, bw_desc, a1_desc, b1_desc, b1w_desc, a2_desc, b2_desc, b2w_desc, out_ptr, as0_ptr, ws0_ptr,
+    as1_ptr, ws1_ptr, as2_ptr, ws2_ptr, bias_ptr, scbias_ptr,
+    N, H, W, Cout, CK, NCB, NITER, CK1, NCB1, CK2, NCB2, TILES_H, TILES_W, pad_h, pad_w,
+    son, soh, sow, soc,
+    KW: tl.constexpr, BITCAST_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SC_BIAS: tl.constexpr,
+    NSC: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_N2: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FP8_ACC: tl.constexpr = None,
+):
+    """:func:`_qconv_tma4d_sc_kernel` with wide tiles (``BLOCK_N2``, as :func:`_qconv_tma4d_wide_kernel`): BLOCK_N +
+    BLOCK_N2 output channels a program, two accumulators carried through every source (``b*w_desc``: the second
+    channel block's weight boxes)."""
+    BLOCK_M: tl.constexpr = BI * BH * BW
+    WIDE: tl.constexpr = BLOCK_N + BLOCK_N2
+    tiles_m = tl.cdiv(N, BI) * TILES_H * TILES_W
+    pid_m, pid_n = grouped_tile(tiles_m * BLOCK_M, Cout, BLOCK_M, WIDE, GROUP_M)
+    n0, oh0, ow0, co0 = _tile_origin(pid_m, pid_n, TILES_H, TILES_W, BI, BH, BW, WIDE)
+    offs_n = co0 + tl.arange(0, BLOCK_N)
+    offs_n2 = co0 + BLOCK_N + tl.arange(0, BLOCK_N2)
+    n_ok, n2_ok = offs_n < Cout, offs_n2 < Cout
+    acc, acc2 = _tap_mainloop_wide(a_desc, b_desc, bw_desc, n0, oh0, ow0, co0, NITER, CK, NCB, pad_h, pad_w, KW,
+                                   False, BITCAST_FP8, BLOCK_M, BLOCK_N, BLOCK_N2, BLOCK_K, FP8_ACC)
+    acc = acc * _sc_ratio(ws0_ptr, as0_ptr, ws1_ptr, as1_ptr, offs_n, n_ok)[None, :]
+    acc2 = acc2 * _sc_ratio(ws0_ptr, as0_ptr, ws1_ptr, as1_ptr, offs_n2, n2_ok)[None, :]
+    acc, acc2 = _tap_loop_wide_into(acc, acc2, a1_desc, b1_desc, b1w_desc, n0, oh0, ow0, co0, NCB1, CK1, NCB1, 0, 0, 1,
+                                    BITCAST_FP8, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
+    if NSC == 2:
+        acc = acc * _sc_ratio(ws1_ptr, as1_ptr, ws2_ptr, as2_ptr, offs_n, n_ok)[None, :]
+        acc2 = acc2 * _sc_ratio(ws1_ptr, as1_ptr, ws2_ptr, as2_ptr, offs_n2, n2_ok)[None, :]
+        acc, acc2 = _tap_loop_wide_into(acc, acc2, a2_desc, b2_desc, b2w_desc, n0, oh0, ow0, co0, NCB2, CK2, NCB2, 0,
+                                        0, 1, BITCAST_FP8, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
+    nb, oh, ow, m_ok = _tile_pixels(n0, oh0, ow0, tl.arange(0, BLOCK_M), N, H, W, BH, BW)
+    as_last = as2_ptr if NSC == 2 else as1_ptr
+    ws_last = ws2_ptr if NSC == 2 else ws1_ptr
+    dequant_store(acc2, offs_n2, n2_ok, m_ok, nb, oh, ow, out_ptr, as_last, ws_last, ws0_ptr, bias_ptr, out_ptr, son,
+                  soh, sow, soc, son, soh, sow, soc, False, True, HAS_BIAS, False, scbias_ptr, HAS_SC_BIAS)
+    dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, as_last, ws_last, ws0_ptr, bias_ptr, out_ptr, son, soh,
+                  sow, soc, son, soh, sow, soc, False, True, HAS_BIAS, False, scbias_ptr, HAS_SC_BIAS)
 
 
 def qconv_sc_unsupported(x: torch.Tensor, w: torch.Tensor, padding: Sequence[int], sc_x: Sequence[torch.Tensor],
@@ -507,7 +562,8 @@ def qconv_sc_unsupported(x: torch.Tensor, w: torch.Tensor, padding: Sequence[int
 def qconv_tma4d_sc(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_scale, sc_bias, padding: Sequence[int],
                    out_dtype: torch.dtype, config: dict) -> torch.Tensor:
     """``diffquant::qconv_sc`` through :func:`_qconv_tma4d_sc_kernel` (see :func:`qconv_sc_unsupported`); ``config``:
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages."""
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, and optionally BLOCK_N2 (wide tiles:
+    :func:`_qconv_tma4d_sc_wide_kernel`)."""
     from diffquant.kernels.reference import out_like
 
     why = qconv_sc_unsupported(x, w, padding, sc_x, sc_w)
@@ -520,31 +576,37 @@ def qconv_tma4d_sc(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_sc
         return out
     bitcast = _interpreting()
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    bn2 = int(config.get("BLOCK_N2", 0))
     bi, bh, bw = tile_4d(bm, h, wd)
     box = [bi, bh, bw, bk]
 
-    def descs(t, wt, k):
+    def descs(t, wt, k):  # A boxes, B boxes of the first channel block (and of the second, for wide tiles)
         tv = t.view(torch.uint8) if bitcast else t
         wv = (wt.view(torch.uint8) if bitcast else wt).reshape(cout, k)
-        return (TensorDescriptor(tv, [nbatch, h, wd, t.shape[1]], [t.stride(0), t.stride(2), t.stride(3), 1], box),
-                TensorDescriptor(wv, [cout, k], [k, 1], [bn, bk]))
+        b = [TensorDescriptor(wv, [cout, k], [k, 1], [bn, bk])]
+        if bn2:
+            b.append(TensorDescriptor(wv, [cout, k], [k, 1], [bn2, bk]))
+        return [TensorDescriptor(tv, [nbatch, h, wd, t.shape[1]], [t.stride(0), t.stride(2), t.stride(3), 1], box), *b]
 
-    a_desc, b_desc = descs(x, w, kh * kw * ck)
-    src = [descs(xs, ws, xs.shape[1]) + (xs.shape[1], wss, sas)
-           for xs, ws, wss, sas in zip(sc_x, sc_w, sc_w_scale, sc_a_scale)]
-    second = src[1] if len(src) == 2 else src[0]  # (unused when NSC == 1)
+    main = descs(x, w, kh * kw * ck)
+    src = [descs(xs, ws, xs.shape[1]) for xs, ws in zip(sc_x, sc_w)]
+    second = 1 if len(src) == 2 else 0  # (unused when NSC == 1)
+    scales = [(sc_a_scale[i], sc_w_scale[i]) for i in (0, second)]
     tiles_h, tiles_w = triton.cdiv(h, bh), triton.cdiv(wd, bw)
-    grid = (triton.cdiv(nbatch, bi) * tiles_h * tiles_w * triton.cdiv(cout, bn),)
+    grid = (triton.cdiv(nbatch, bi) * tiles_h * tiles_w * triton.cdiv(cout, bn + bn2),)
     ncb = triton.cdiv(ck, bk)
-    args = (a_desc, b_desc, src[0][0], src[0][1], second[0], second[1], out, a_scale, w_scale, src[0][4], src[0][3],
-            second[4], second[3], bias if bias is not None else w_scale, sc_bias if sc_bias is not None else w_scale,
-            nbatch, h, wd, cout, ck, ncb, kh * kw * ncb, src[0][2], triton.cdiv(src[0][2], bk), second[2],
-            triton.cdiv(second[2], bk), tiles_h, tiles_w, int(padding[0]), int(padding[1]),
-            out.stride(0), out.stride(2), out.stride(3), out.stride(1))
+    ck1, ck2 = sc_x[0].shape[1], sc_x[second].shape[1]
+    args = (*main, *src[0], *src[second], out, a_scale, w_scale, *scales[0], *scales[1],
+            bias if bias is not None else w_scale, sc_bias if sc_bias is not None else w_scale,
+            nbatch, h, wd, cout, ck, ncb, kh * kw * ncb, ck1, triton.cdiv(ck1, bk), ck2, triton.cdiv(ck2, bk), tiles_h,
+            tiles_w, int(padding[0]), int(padding[1]), out.stride(0), out.stride(2), out.stride(3), out.stride(1))
     flags = dict(KW=kw, BITCAST_FP8=bitcast, HAS_BIAS=bias is not None, HAS_SC_BIAS=sc_bias is not None,
                  NSC=len(src), BI=bi, BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FP8_ACC=fp8_acc(bk, True),
                  num_warps=config["num_warps"], num_stages=config["num_stages"])
-    _launch_retrying(_qconv_tma4d_sc_kernel, grid, args, flags, bm, bn, bk)
+    kernel = _qconv_tma4d_sc_kernel
+    if bn2:
+        kernel, flags = _qconv_tma4d_sc_wide_kernel, dict(flags, BLOCK_N2=bn2)
+    _launch_retrying(kernel, grid, args, flags, bm, bn + bn2, bk)
     return out
 
 

@@ -119,16 +119,16 @@ def format_rows(path: str) -> list[str]:
 
 
 def sc_candidates(cout: int, ck: int, pixels: int) -> list[dict]:
-    """Block configs for the shortcut kernel (``diffquant::qconv_sc``): the 4-D kernel's candidates without wide
-    tiles or split-K, which it does not have."""
+    """Block configs for the shortcut kernel (``diffquant::qconv_sc``): the 4-D kernel's candidates, wide tiles
+    included, without split-K, which it does not have."""
     from diffquant.kernels import tuning
 
-    keep = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    keep = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "BLOCK_N2")
     out: list = []
     for cfg in tuning.candidates(1, False, cout, ck, path="tma4d", m=pixels, taps=9):
-        if "BLOCK_N2" in cfg or "SPLIT_K" in cfg:
+        if "SPLIT_K" in cfg:
             continue
-        cfg = {k: cfg[k] for k in keep}
+        cfg = {k: cfg[k] for k in keep if k in cfg}
         if cfg not in out:
             out.append(cfg)
     return out
