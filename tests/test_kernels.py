@@ -1791,7 +1791,7 @@ def test_split_gemm_switch_runs_split_shortcuts_as_scaled_mm(monkeypatch):
         sc.forward_pieces([h, skip])
 
 
-def _sc_case(n=2, c=24, cout=40, h=5, w=6, parts=(32, 16), k=3, seed=0, device="cpu"):
+def _sc_case(n=2, c=24, cout=40, h=5, w=6, parts=(32, 16), k=3, seed=0, device="cpu", sc_k=1):
     """Random FP8 operands of ``diffquant::qconv_sc``: conv2's input and weight, and the shortcut's sources (channel
     slices of one channels-last tensor, as an up block's quantized (h, skip)) with their 1x1 weights and scales."""
     g = torch.Generator().manual_seed(seed)
@@ -1806,7 +1806,7 @@ def _sc_case(n=2, c=24, cout=40, h=5, w=6, parts=(32, 16), k=3, seed=0, device="
     case = dict(x=x, w=torch.randn(cout, k, k, c, generator=g).to(torch.float8_e4m3fn),
                 w_scale=torch.rand(cout, generator=g) * 0.01 + 1e-3, a_scale=torch.rand(1, generator=g) + 0.1,
                 bias=torch.randn(cout, generator=g), sc_x=sx,
-                sc_w=[torch.randn(cout, 1, 1, p, generator=g).to(torch.float8_e4m3fn) for p in parts],
+                sc_w=[torch.randn(cout, sc_k, sc_k, p, generator=g).to(torch.float8_e4m3fn) for p in parts],
                 sc_w_scale=[torch.rand(cout, generator=g) * 0.03 + 1e-4 for _ in parts],
                 sc_a_scale=[torch.rand(1, generator=g) * 2 + 0.05 for _ in parts], sc_bias=torch.randn(cout, generator=g),
                 padding=[(k - 1) // 2] * 2)
@@ -1827,21 +1827,23 @@ def test_qconv_sc_op_is_conv2_plus_its_shortcut():
     """diffquant::qconv_sc on the CPU (its float64 reference): conv2 of x plus the 1x1 shortcut of each source, each
     dequantized by its own scales, plus both biases, from scratch with F.conv2d; the same as the composed qconv calls
     (the unfused block's path) up to their intermediate rounding; one- and two-source calls, a 1x1 conv2, no biases;
-    mismatched lists refused; traced by torch.compile as one graph (its fake kernel)."""
+    3x3 sources (a split conv's second part); mismatched lists refused; traced by torch.compile as one graph (its
+    fake kernel)."""
     from diffquant.kernels import ops
 
     def definition(c):
         y = F.conv2d(c["x"].double(), c["w"].double().permute(0, 3, 1, 2), padding=c["padding"])
         y = y * (c["w_scale"].double() * c["a_scale"].double()).view(1, -1, 1, 1)
         for xs, ws, wss, sas in zip(c["sc_x"], c["sc_w"], c["sc_w_scale"], c["sc_a_scale"]):
-            y = y + F.conv2d(xs.double(), ws.double().permute(0, 3, 1, 2)) * (wss.double() * sas.double()).view(
-                1, -1, 1, 1)
+            y = y + F.conv2d(xs.double(), ws.double().permute(0, 3, 1, 2), padding=(ws.shape[1] - 1) // 2) * (
+                wss.double() * sas.double()).view(1, -1, 1, 1)
         for b in (c["bias"], c["sc_bias"]):
             if b is not None:
                 y = y + b.double().view(1, -1, 1, 1)
         return y
 
-    for kw in (dict(), dict(parts=(24,)), dict(k=1, parts=(16, 48), h=3, w=3), dict(n=1, c=8, cout=16, seed=3)):
+    for kw in (dict(), dict(parts=(24,)), dict(k=1, parts=(16, 48), h=3, w=3), dict(n=1, c=8, cout=16, seed=3),
+               dict(parts=(16,), sc_k=3), dict(parts=(16, 8), sc_k=3, seed=5)):
         c = _sc_case(**kw)
         if kw.get("seed"):
             c["bias"] = c["sc_bias"] = None
@@ -1951,6 +1953,52 @@ def test_shortcut_fusion_switch_runs_conv2_and_its_shortcut_as_one_op(monkeypatc
     assert calls == []
     monkeypatch.setenv("DIFFQUANT_SC_FUSE", "yes")
     with pytest.raises(ValueError, match="DIFFQUANT_SC_FUSE"):
+        with torch.no_grad():
+            call_model(cm, *inputs)
+
+def test_split_fusion_switch_runs_both_parts_of_a_split_conv_as_one_op(monkeypatch):
+    """DIFFQUANT_SPLIT_FUSE=1: every split FP8 conv with static input scales that keeps the size (an up block's
+    conv1, 3x3, and its shortcut, 1x1, on (h, skip)) runs its two parts as one diffquant::qconv_sc (the second part
+    a source of the first's conv); the model computes what it computes without the switch, and with
+    DIFFQUANT_SC_FUSE=1 too (the shortcuts then go into conv2); one compiled graph; a bad value is refused."""
+    from diffquant.kernels import ops
+
+    real = ops.qconv_sc
+    calls = []
+
+    def spy(*a):
+        calls.append((a[1].shape[1], a[6][0].shape[1]))  # (conv kernel, source kernel)
+        return real(*a)
+
+    monkeypatch.setattr(ops, "qconv_sc", spy)
+    for unet in (None, tiny_sd_unet()):
+        _, q, inputs = _calibrated("fp8", model=unet)
+        cm = convert(q, "fp8", fuse_norms=True)
+        split = [m for m in cm.modules() if isinstance(m, LowBitLayer) and len(m.parts) == 2 and m.act == "fp8"]
+        k3 = sum(m.kernel_size == (3, 3) for m in split)
+        k1 = sum(m.kernel_size == (1, 1) for m in split)
+        assert k3 and k1 and k3 + k1 == len(split)
+        blocks = [m for m in cm.modules() if getattr(m, "conv_shortcut", None) is not None]
+        with torch.no_grad():
+            want = call_model(cm, *inputs)
+            monkeypatch.setenv("DIFFQUANT_SPLIT_FUSE", "1")
+            calls.clear()
+            got = call_model(cm, *inputs)
+            assert sorted(calls) == sorted([(1, 1)] * k1 + [(3, 3)] * k3), calls
+            monkeypatch.setenv("DIFFQUANT_SC_FUSE", "1")
+            calls.clear()
+            both = call_model(cm, *inputs)
+        # conv1 splits fused, and one conv2-with-shortcut call a block (3x3 conv, 1x1 sources)
+        assert sorted(calls) == sorted([(3, 3)] * k3 + [(3, 1)] * len(blocks)), calls
+        for out in (got, both):
+            torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+        monkeypatch.setattr(ops, "qconv_sc", real)
+        torch.testing.assert_close(_one_compiled_graph(cm, inputs), both, rtol=1e-3, atol=1e-3)
+        monkeypatch.setattr(ops, "qconv_sc", spy)
+        monkeypatch.delenv("DIFFQUANT_SPLIT_FUSE")
+        monkeypatch.delenv("DIFFQUANT_SC_FUSE")
+    monkeypatch.setenv("DIFFQUANT_SPLIT_FUSE", "on")
+    with pytest.raises(ValueError, match="DIFFQUANT_SPLIT_FUSE"):
         with torch.no_grad():
             call_model(cm, *inputs)
 
@@ -2126,9 +2174,9 @@ def test_gpu_split_gemm_scaled_mm_holds_the_model(monkeypatch):
 @gpu
 def test_gpu_qconv_sc_matches_reference_and_holds_the_model(monkeypatch):
     """diffquant::qconv_sc on the GPU: the shortcut kernel (SD-like 320-channel halves, one source, channel tails,
-    several images a tile) against the float64 reference with poisoned outputs; sources whose rows TMA cannot read
-    take the composed qconv calls; and DIFFQUANT_SC_FUSE=1 holds the text-to-image UNet to the fp32-activation
-    model as closely as without it, eager and compiled."""
+    several images a tile, a 3x3 source) against the float64 reference with poisoned outputs; sources whose rows TMA
+    cannot read take the composed qconv calls; and DIFFQUANT_SC_FUSE=1 (then with DIFFQUANT_SPLIT_FUSE=1 too) holds
+    the text-to-image UNet to the fp32-activation model as closely as without it, eager and compiled."""
     import diffquant.kernels.reference as ref_mod
     from diffquant.kernels import ops
 
@@ -2136,7 +2184,8 @@ def test_gpu_qconv_sc_matches_reference_and_holds_the_model(monkeypatch):
     monkeypatch.setattr(ref_mod, "out_like", lambda *a, **k: real_out_like(*a, **k).fill_(float("nan")))
     for kw in (dict(n=2, c=320, cout=320, h=16, w=16, parts=(320, 320)), dict(n=1, c=64, cout=40, h=7, w=9,
                                                                              parts=(48, 32)),
-               dict(n=3, c=32, cout=64, h=8, w=8, parts=(64,)), dict(n=1, c=16, cout=8, h=3, w=5, parts=(16, 8))):
+               dict(n=3, c=32, cout=64, h=8, w=8, parts=(64,)), dict(n=1, c=16, cout=8, h=3, w=5, parts=(16, 8)),
+               dict(n=2, c=320, cout=320, h=16, w=16, parts=(320,), sc_k=3)):
         c = _sc_case(**kw, device="cuda")
         got = _sc_call(ops.qconv_sc, c, torch.bfloat16).float()
         want = _sc_call(ref_mod.qconv_sc_reference, c, torch.bfloat16).float()
@@ -2145,6 +2194,8 @@ def test_gpu_qconv_sc_matches_reference_and_holds_the_model(monkeypatch):
     _, inputs, cm, want32, base = _tiny_sd_bf16_on_gpu()
     monkeypatch.setenv("DIFFQUANT_SC_FUSE", "1")
     _held_to_distance(cm, inputs, want32, base, "sc")
+    monkeypatch.setenv("DIFFQUANT_SPLIT_FUSE", "1")
+    _held_to_distance(cm, inputs, want32, base, "sc+split")
 
 def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):
     """convert(fuse_norms=True): every plain ResNet block runs norm + SiLU (+ time embedding) through

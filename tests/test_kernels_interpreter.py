@@ -208,6 +208,8 @@ SC_CASES = [  # (_sc_case arguments, tile config forced)
     (dict(n=3, c=48, cout=24, h=3, w=3, parts=(16, 48)), True),  # several images a tile
     (dict(n=1, c=32, cout=48, h=4, w=4, k=1, parts=(16,)), True),  # a 1x1 conv2
     (dict(n=1, c=16, cout=8, h=3, w=5, parts=(16, 8)), False),  # 24-byte rows: not for TMA, the composed qconv calls
+    (dict(n=2, c=32, cout=40, h=5, w=6, parts=(48,), sc_k=3), True),  # a split 3x3 conv: a 3x3 source, padded taps
+    (dict(n=1, c=16, cout=24, h=4, w=4, parts=(16, 32), sc_k=3), True),  # two 3x3 sources
 ]
 
 
@@ -227,7 +229,7 @@ def test_interpreter_conv_with_its_shortcut_matches_reference():
             assert finite and rel < 1e-5, (cfg, case, rel)
         # tiles (32 pixels): 2 images x 2 row blocks; 1; 3 images of 3x3, two a tile (2x4x4 boxes): 2; one 4x4 image
         # a tile (half empty); each x the channel blocks of 32 (or 32 + 16) channels: cout 40, 16, 24, 48
-        want = [[tag, [m * -(-cout // wide)]] for m, cout in ((4, 40), (1, 16), (2, 24), (1, 48))]
+        want = [[tag, [m * -(-cout // wide)]] for m, cout in ((4, 40), (1, 16), (2, 24), (1, 48), (4, 40), (1, 24))]
         assert res[-1] == want, (res[-1], want)
 
 def test_interpreter_tma4d_persistent_path_matches_reference():
@@ -777,17 +779,24 @@ def test_attention_and_conv_kernels_compile_for_hopper():
                                               else "tensordesc<fp8e4nv[128, 64]>" if n in ("b_desc", "b1_desc",
                                                                                          "b2_desc")
                                               else "*fp32" if n.startswith(("as", "ws", "scbias")) else f(n))
-            k = build(tt._qconv_tma4d_sc_kernel, dict(KW=3, BITCAST_FP8=False, HAS_BIAS=True, HAS_SC_BIAS=True, NSC=2,
-                                                      BI=1, BH=2,
+            k = build(tt._qconv_tma4d_sc_kernel, dict(KW=3, KSC=1, BITCAST_FP8=False, HAS_BIAS=True, HAS_SC_BIAS=True,
+                                                      NSC=2, BI=1, BH=2,
                                                       BW=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), sc_type, warps=4,
                       stages=3)
             built += bool(k.asm.get("cubin"))
             # and with wide tiles (128 + 32 output channels a program: SD's 320 as two programs)
             wide_sc = lambda n, f=sc_type: ("tensordesc<fp8e4nv[32, 64]>" if n in ("bw_desc", "b1w_desc",  # noqa: E731
                                                                                   "b2w_desc") else f(n))
-            k = build(tt._qconv_tma4d_sc_wide_kernel, dict(KW=3, BITCAST_FP8=False, HAS_BIAS=True, HAS_SC_BIAS=True,
-                                                           NSC=2, BI=1, BH=2, BW=64, BLOCK_N=128, BLOCK_N2=32,
-                                                           BLOCK_K=64, GROUP_M=8), wide_sc, warps=4, stages=3)
+            k = build(tt._qconv_tma4d_sc_wide_kernel, dict(KW=3, KSC=1, BITCAST_FP8=False, HAS_BIAS=True,
+                                                           HAS_SC_BIAS=True, NSC=2, BI=1, BH=2, BW=64, BLOCK_N=128,
+                                                           BLOCK_N2=32, BLOCK_K=64, GROUP_M=8), wide_sc, warps=4,
+                      stages=3)
+            built += bool(k.asm.get("cubin"))
+            # a split 3x3 conv (an up block's conv1 on (h, skip)): its second part as one 3x3 source, wide tiles
+            k = build(tt._qconv_tma4d_sc_wide_kernel, dict(KW=3, KSC=3, BITCAST_FP8=False, HAS_BIAS=True,
+                                                           HAS_SC_BIAS=False, NSC=1, BI=1, BH=2, BW=64, BLOCK_N=128,
+                                                           BLOCK_N2=32, BLOCK_K=64, GROUP_M=8), wide_sc, warps=4,
+                      stages=3)
             built += bool(k.asm.get("cubin"))
         # the persistent form, its tile loop flattened into the tap loop (software-pipelined across tiles)
         built += bool(build(tt._qconv_tma4d_persistent_kernel, dict(common, KH=3, PAD_FIX=not fp8, BI=1, BH=8, BW=16,
@@ -835,7 +844,7 @@ def test_attention_and_conv_kernels_compile_for_hopper():
     built += bool(build(tg._linear_geglu_persistent_kernel, dict(
         HAS_BIAS=True, QUANT=True, OSCALE_PER_CH=False, BITCAST_FP8=False, EMULATE=False, BLOCK_M=128, BLOCK_N=128,
         BLOCK_K=128, GROUP_M=8, FLATTEN=True, FP8_ACC=64), geglu_type, warps=8, stages=3).asm.get("cubin"))
-    assert built == 34
+    assert built == 35
 
 
 def test_fp8_accumulation_knob_and_its_routing(monkeypatch):

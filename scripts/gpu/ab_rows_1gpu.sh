@@ -37,10 +37,11 @@
 #           tests, those shapes re-tuned with tma4d (wide tiles included), tma4dr and gather competing (TUNE_S, 200),
 #           merged on the device, ROW with the merged table. Carry .whl/diffusers-0.42.1-py3-none-any.whl.
 #   PART=10 (written in session 15 after its device time; not yet run): conv2 with its 1x1 shortcut in one kernel
-#           (diffquant::qconv_sc, DIFFQUANT_SC_FUSE=1): its GPU tests, then ROW and CROW as shipped and with the switch.
-#           Carry .whl/diffusers-0.42.1-py3-none-any.whl.
-#   PART=11 (written in session 15; not yet run): the shortcut kernel tuned on ROW's ResNet blocks
-#           (tune_qconv.py --shortcut, TUNE_S, 150), merged on the device, ROW with the switch. Same carry.
+#           (diffquant::qconv_sc, DIFFQUANT_SC_FUSE=1) and the split convs' two parts in one kernel
+#           (DIFFQUANT_SPLIT_FUSE=1): their GPU tests, then ROW as shipped, with the first switch and with both; CROW
+#           as shipped and with both. Carry .whl/diffusers-0.42.1-py3-none-any.whl.
+#   PART=11 (written in session 15; not yet run): the shortcut kernel tuned on ROW's ResNet blocks with both switches
+#           (tune_qconv.py --shortcut, TUNE_S, 150), merged on the device, ROW with both switches. Same carry.
 # Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in parts 2, 4, 5, 9 and 11.
 #   run: PART=1 bash scripts/gpu/ab_rows_1gpu.sh   (env: ROW, CROW, SMALL, TUNE_S, AB_ENV, TOTAL_S (570), EXTRA (env for
 #        every row, e.g. DIFFQUANT_GN_LOAD_STAGES=3 once it wins))
@@ -179,8 +180,9 @@ case $PART in
   gpu_tests 150 "qconv_sc"
   rows ship "$ROW"
   rows scfuse "$ROW" DIFFQUANT_SC_FUSE=1
+  rows scsplit "$ROW" DIFFQUANT_SC_FUSE=1 DIFFQUANT_SPLIT_FUSE=1
   rows cship "$CROW"
-  rows cscfuse "$CROW" DIFFQUANT_SC_FUSE=1
+  rows cscsplit "$CROW" DIFFQUANT_SC_FUSE=1 DIFFQUANT_SPLIT_FUSE=1
   ;;
 11)
   say "tune the shortcut kernel: $ROW"
@@ -192,7 +194,7 @@ case $PART in
   if [ -s $OUT/qconv_sc_tuned.json ]; then
     python3 -m diffquant.cli tune-kernels --merge-from $OUT/qconv_sc_tuned.json --merge-into $t && \
       cp $t $OUT/nvidia-h200.merged.json
-    rows sctuned "$ROW" DIFFQUANT_SC_FUSE=1
+    rows sctuned "$ROW" DIFFQUANT_SC_FUSE=1 DIFFQUANT_SPLIT_FUSE=1
   fi
   ;;
 *) echo "PART must be 1 to 11"; exit 2 ;;

@@ -172,6 +172,10 @@ class LowBitLayer(_KeepStorage, nn.Module):
                      residual: Optional[torch.Tensor]) -> torch.Tensor:
         if dyn_scale is None and self.split_gemm_scaled_mm(pieces[0]):
             return self._scaled_mm_parts(pieces, out_dtype, residual)
+        if residual is None and dyn_scale is None and self.fuses_parts(pieces):
+            p0, p1 = self.parts
+            return ops.qconv_sc(pieces[0], p0.w, p0.w_scale, p0.a_scale, self.bias, [pieces[1]], [p1.w],
+                                [p1.w_scale], [p1.a_scale], None, list(self.padding), out_dtype)
         y = residual  # the first part's kernel adds it; each later part adds the sum so far
         for i, (p, xs) in enumerate(zip(self.parts, pieces)):
             a_scale = p.a_scale if dyn_scale is None else dyn_scale if len(self.parts) == 1 else dyn_scale[i:i + 1]
@@ -213,6 +217,21 @@ class LowBitLayer(_KeepStorage, nn.Module):
         if residual is not None:
             y = y + residual.float()
         return y.to(out_dtype)
+
+    def fuses_parts(self, pieces: Sequence[torch.Tensor]) -> bool:
+        """Whether this split layer's two parts run as one ``diffquant::qconv_sc`` (the first part as its conv, the
+        second as its one source: one kernel, one accumulator, no intermediate output): with
+        ``DIFFQUANT_SPLIT_FUSE=1``, an FP8 conv with static input scales that keeps the size (stride 1, dilation 1,
+        square kernel, padding (k - 1) / 2), fed its two quantized pieces (an up block's conv1 or shortcut on
+        ``(h, skip)``)."""
+        mode = os.environ.get("DIFFQUANT_SPLIT_FUSE", "0")
+        if mode not in ("0", "1"):
+            raise ValueError(f"DIFFQUANT_SPLIT_FUSE={mode!r}: 0 or 1")
+        k = self.kernel_size
+        return (mode == "1" and self.kind == "conv" and self.act == "fp8" and len(self.parts) == 2 == len(pieces)
+                and k[0] == k[1] and self.stride == (1, 1) and self.dilation == (1, 1)
+                and all(2 * p == k[0] - 1 for p in self.padding) and not any(p.w4 for p in self.parts)
+                and all(x.dtype == torch.float8_e4m3fn for x in pieces))
 
     def fuses_shortcut(self, xq: torch.Tensor, shortcut: nn.Module, pieces: Sequence[torch.Tensor]) -> bool:
         """Whether :meth:`forward_shortcut` runs ``self(xq) + shortcut(cat(pieces))`` as one ``diffquant::qconv_sc``:

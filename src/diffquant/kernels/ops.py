@@ -122,9 +122,10 @@ def qconv_sc(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: t
              sc_w_scale: list[torch.Tensor], sc_a_scale: list[torch.Tensor], sc_bias: Optional[torch.Tensor],
              padding: list[int], out_dtype: torch.dtype) -> torch.Tensor:
     """A ResNet block's conv2 with its 1x1 shortcut (one or two FP8 sources, an up block's ``(h, skip)``) in one
-    accumulator: ``conv(x, w) + sum_j conv1x1(sc_x[j], sc_w[j])``, each dequantized by its scales, plus both
-    biases, rounded once (:func:`.reference.qconv_sc_reference`). FP8, stride 1, output the input's size. On the
-    GPU one Triton kernel (:func:`.triton_conv.qconv_sc_triton`) where it can run, else the shortcut's
+    accumulator: ``conv(x, w) + sum_j conv(sc_x[j], sc_w[j])``, each dequantized by its scales, plus both
+    biases, rounded once (:func:`.reference.qconv_sc_reference`). FP8, stride 1, output the input's size. The
+    sources' weights are 1x1, or k x k like ``w`` (a split conv: its first part as ``x``, the second as a source).
+    On the GPU one Triton kernel (:func:`.triton_conv.qconv_sc_triton`) where it can run, else the sources'
     ``diffquant::qconv`` calls and conv2's with their sum as its residual, which is what the unfused block runs."""
     if _use_triton(x):
         from diffquant.kernels.triton_conv import qconv_sc_triton
@@ -147,7 +148,8 @@ def qconv_sc_composed(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a
     one = [1, 1]
     y = None
     for j, (xs, ws, wss, sas) in enumerate(zip(sc_x, sc_w, sc_w_scale, sc_a_scale)):
-        y = qconv(xs, ws, wss, sas, None, None, sc_bias if j == 0 else None, y, 0, one, [0, 0], one, False, out_dtype)
+        p = (ws.shape[1] - 1) // 2
+        y = qconv(xs, ws, wss, sas, None, None, sc_bias if j == 0 else None, y, 0, one, [p, p], one, False, out_dtype)
     return qconv(x, w, w_scale, a_scale, None, None, bias, y, 0, one, list(padding), one, False, out_dtype)
 
 def qconv_ref(*args) -> torch.Tensor:

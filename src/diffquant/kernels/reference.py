@@ -130,9 +130,10 @@ def qconv_reference(
 
 def qconv_sc_reference(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_scale, sc_bias, padding,
                        out_dtype: torch.dtype) -> torch.Tensor:
-    """``diffquant::qconv_sc``'s definition, in float64: the conv of ``x`` (stride 1, ``padding``) plus, per shortcut
-    source j, the 1x1 conv of ``sc_x[j]`` with ``sc_w[j]`` ([Cout, 1, 1, C_j]), each dequantized by its activation
-    scale and per-channel weight scales, plus both biases, rounded once to ``out_dtype``."""
+    """``diffquant::qconv_sc``'s definition, in float64: the conv of ``x`` (stride 1, ``padding``) plus, per source
+    j, the conv of ``sc_x[j]`` with ``sc_w[j]`` ([Cout, k, k, C_j]: 1x1, or k x k padded to keep the size), each
+    dequantized by its activation scale and per-channel weight scales, plus both biases, rounded once to
+    ``out_dtype``."""
     if len(sc_x) != len(sc_w) or len(sc_x) != len(sc_w_scale) or len(sc_x) != len(sc_a_scale) or not sc_x:
         raise ValueError(f"qconv_sc: {len(sc_x)} shortcut sources, {len(sc_w)} weights, {len(sc_w_scale)} weight "
                          f"scales, {len(sc_a_scale)} activation scales (one or more of each, as many)")
@@ -140,7 +141,8 @@ def qconv_sc_reference(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_
     y = qconv_reference(x, w, w_scale, a_scale, None, None, bias, None, 0, one, list(padding), one, False,
                         torch.float64)
     for j, (xs, ws, wss, sas) in enumerate(zip(sc_x, sc_w, sc_w_scale, sc_a_scale)):
-        y = y + qconv_reference(xs, ws, wss, sas, None, None, sc_bias if j == 0 else None, None, 0, one, [0, 0], one,
+        p = (ws.shape[1] - 1) // 2
+        y = y + qconv_reference(xs, ws, wss, sas, None, None, sc_bias if j == 0 else None, None, 0, one, [p, p], one,
                                 False, torch.float64)
     res = out_like(x, y.shape[1], y.shape[2], y.shape[3], out_dtype)
     res.copy_(y)

@@ -443,7 +443,8 @@ def _qconv_tma4d_wide_kernel(
 
 # A conv with its ResNet block's 1x1 shortcut in the same accumulator (path of ``diffquant::qconv_sc``): conv2's taps
 # over its own input, then one K loop per shortcut source (an up block's (h, skip) halves: two), each reading its own
-# 4-D boxes at the same output pixels. The scales differ per source (activation scale x per-channel weight scale
+# 4-D boxes at the same output pixels. The sources' kernel (KSC) is 1x1, or conv2's own k x k: a split conv (an up
+# block's conv1 on (h, skip)) is its first part as "conv2" and its second part as one k x k source. The scales differ per source (activation scale x per-channel weight scale
 # c_j[n]), so before source j the accumulator is multiplied by c_{j-1}[n] / c_j[n] and the epilogue by the last c:
 # sum_j c_j S_j, exact up to fp32 rounding (the scales are positive, 1e-12 or more, as the converter makes them).
 # The kernel reads the scales and both biases itself: no per-call host arithmetic, so no extra launches in a graph.
@@ -456,11 +457,12 @@ def _qconv_tma4d_sc_kernel(
     bias_ptr, scbias_ptr,
     N, H, W, Cout, CK, NCB, NITER, CK1, NCB1, CK2, NCB2, TILES_H, TILES_W, pad_h, pad_w,
     son, soh, sow, soc,
-    KW: tl.constexpr, BITCAST_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SC_BIAS: tl.constexpr,
+    KW: tl.constexpr, KSC: tl.constexpr, BITCAST_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SC_BIAS: tl.constexpr,
     NSC: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FP8_ACC: tl.constexpr = None,
 ):
     BLOCK_M: tl.constexpr = BI * BH * BW
+    PSC: tl.constexpr = (KSC - 1) // 2
     tiles_m = tl.cdiv(N, BI) * TILES_H * TILES_W
     pid_m, pid_n = grouped_tile(tiles_m * BLOCK_M, Cout, BLOCK_M, BLOCK_N, GROUP_M)
     n0, oh0, ow0, co0 = _tile_origin(pid_m, pid_n, TILES_H, TILES_W, BI, BH, BW, BLOCK_N)
@@ -469,12 +471,12 @@ def _qconv_tma4d_sc_kernel(
     acc = _tap_mainloop(a_desc, b_desc, n0, oh0, ow0, co0, 0, NITER, 0, CK, NCB, pad_h, pad_w, KW, False, BITCAST_FP8,
                         True, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
     acc = acc * _sc_ratio(ws0_ptr, as0_ptr, ws1_ptr, as1_ptr, offs_n, n_ok)[None, :]
-    acc = _tap_loop_into(acc, a1_desc, b1_desc, n0, oh0, ow0, co0, 0, NCB1, 0, CK1, NCB1, 0, 0, 1, BITCAST_FP8, True,
-                         BLOCK_M, BLOCK_K, FP8_ACC)
+    acc = _tap_loop_into(acc, a1_desc, b1_desc, n0, oh0, ow0, co0, 0, KSC * KSC * NCB1, 0, CK1, NCB1, PSC, PSC, KSC,
+                         BITCAST_FP8, True, BLOCK_M, BLOCK_K, FP8_ACC)
     if NSC == 2:
         acc = acc * _sc_ratio(ws1_ptr, as1_ptr, ws2_ptr, as2_ptr, offs_n, n_ok)[None, :]
-        acc = _tap_loop_into(acc, a2_desc, b2_desc, n0, oh0, ow0, co0, 0, NCB2, 0, CK2, NCB2, 0, 0, 1, BITCAST_FP8,
-                             True, BLOCK_M, BLOCK_K, FP8_ACC)
+        acc = _tap_loop_into(acc, a2_desc, b2_desc, n0, oh0, ow0, co0, 0, KSC * KSC * NCB2, 0, CK2, NCB2, PSC, PSC,
+                             KSC, BITCAST_FP8, True, BLOCK_M, BLOCK_K, FP8_ACC)
     nb, oh, ow, m_ok = _tile_pixels(n0, oh0, ow0, tl.arange(0, BLOCK_M), N, H, W, BH, BW)
     dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, as2_ptr if NSC == 2 else as1_ptr,
                   ws2_ptr if NSC == 2 else ws1_ptr, ws0_ptr, bias_ptr, out_ptr, son, soh, sow, soc, son, soh, sow, soc,
@@ -496,7 +498,7 @@ def _qconv_tma4d_sc_wide_kernel(
     as1_ptr, ws1_ptr, as2_ptr, ws2_ptr, bias_ptr, scbias_ptr,
     N, H, W, Cout, CK, NCB, NITER, CK1, NCB1, CK2, NCB2, TILES_H, TILES_W, pad_h, pad_w,
     son, soh, sow, soc,
-    KW: tl.constexpr, BITCAST_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SC_BIAS: tl.constexpr,
+    KW: tl.constexpr, KSC: tl.constexpr, BITCAST_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SC_BIAS: tl.constexpr,
     NSC: tl.constexpr, BI: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_N2: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FP8_ACC: tl.constexpr = None,
 ):
@@ -505,6 +507,7 @@ def _qconv_tma4d_sc_wide_kernel(
     channel block's weight boxes)."""
     BLOCK_M: tl.constexpr = BI * BH * BW
     WIDE: tl.constexpr = BLOCK_N + BLOCK_N2
+    PSC: tl.constexpr = (KSC - 1) // 2
     tiles_m = tl.cdiv(N, BI) * TILES_H * TILES_W
     pid_m, pid_n = grouped_tile(tiles_m * BLOCK_M, Cout, BLOCK_M, WIDE, GROUP_M)
     n0, oh0, ow0, co0 = _tile_origin(pid_m, pid_n, TILES_H, TILES_W, BI, BH, BW, WIDE)
@@ -515,13 +518,13 @@ def _qconv_tma4d_sc_wide_kernel(
                                    False, BITCAST_FP8, BLOCK_M, BLOCK_N, BLOCK_N2, BLOCK_K, FP8_ACC)
     acc = acc * _sc_ratio(ws0_ptr, as0_ptr, ws1_ptr, as1_ptr, offs_n, n_ok)[None, :]
     acc2 = acc2 * _sc_ratio(ws0_ptr, as0_ptr, ws1_ptr, as1_ptr, offs_n2, n2_ok)[None, :]
-    acc, acc2 = _tap_loop_wide_into(acc, acc2, a1_desc, b1_desc, b1w_desc, n0, oh0, ow0, co0, NCB1, CK1, NCB1, 0, 0, 1,
-                                    BITCAST_FP8, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
+    acc, acc2 = _tap_loop_wide_into(acc, acc2, a1_desc, b1_desc, b1w_desc, n0, oh0, ow0, co0, KSC * KSC * NCB1, CK1,
+                                    NCB1, PSC, PSC, KSC, BITCAST_FP8, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
     if NSC == 2:
         acc = acc * _sc_ratio(ws1_ptr, as1_ptr, ws2_ptr, as2_ptr, offs_n, n_ok)[None, :]
         acc2 = acc2 * _sc_ratio(ws1_ptr, as1_ptr, ws2_ptr, as2_ptr, offs_n2, n2_ok)[None, :]
-        acc, acc2 = _tap_loop_wide_into(acc, acc2, a2_desc, b2_desc, b2w_desc, n0, oh0, ow0, co0, NCB2, CK2, NCB2, 0,
-                                        0, 1, BITCAST_FP8, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
+        acc, acc2 = _tap_loop_wide_into(acc, acc2, a2_desc, b2_desc, b2w_desc, n0, oh0, ow0, co0, KSC * KSC * NCB2,
+                                        CK2, NCB2, PSC, PSC, KSC, BITCAST_FP8, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
     nb, oh, ow, m_ok = _tile_pixels(n0, oh0, ow0, tl.arange(0, BLOCK_M), N, H, W, BH, BW)
     as_last = as2_ptr if NSC == 2 else as1_ptr
     ws_last = ws2_ptr if NSC == 2 else ws1_ptr
@@ -546,8 +549,11 @@ def qconv_sc_unsupported(x: torch.Tensor, w: torch.Tensor, padding: Sequence[int
             return f"shortcut sources and weights must be FP8; got {xs.dtype} / {ws.dtype}"
         if xs.shape[0] != x.shape[0] or xs.shape[2:] != x.shape[2:]:
             return f"shortcut source {tuple(xs.shape)} against conv input {tuple(x.shape)}"
-        if tuple(ws.shape) != (cout, 1, 1, xs.shape[1]):
-            return f"shortcut weight {tuple(ws.shape)} for a {xs.shape[1]}-channel source and {cout} outputs"
+        k = ws.shape[1]
+        if (tuple(ws.shape) != (cout, k, k, xs.shape[1]) or k not in (1, kh) or (k > 1 and kh != kw)
+                or k != sc_w[0].shape[1]):
+            return (f"source weight {tuple(ws.shape)} for a {xs.shape[1]}-channel source and {cout} outputs (1x1, or "
+                    f"conv2's {kh}x{kw}, the same for every source)")
     if x.device.type == "cuda" and _capability_major(x.device) < 9:
         return "TMA needs compute capability 9.0+"
     if x.device.type != "cuda" and not _interpreting():
@@ -589,18 +595,19 @@ def qconv_tma4d_sc(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_sc
         return [TensorDescriptor(tv, [nbatch, h, wd, t.shape[1]], [t.stride(0), t.stride(2), t.stride(3), 1], box), *b]
 
     main = descs(x, w, kh * kw * ck)
-    src = [descs(xs, ws, xs.shape[1]) for xs, ws in zip(sc_x, sc_w)]
+    src = [descs(xs, ws, ws.shape[1] * ws.shape[2] * xs.shape[1]) for xs, ws in zip(sc_x, sc_w)]
     second = 1 if len(src) == 2 else 0  # (unused when NSC == 1)
     scales = [(sc_a_scale[i], sc_w_scale[i]) for i in (0, second)]
     tiles_h, tiles_w = triton.cdiv(h, bh), triton.cdiv(wd, bw)
     grid = (triton.cdiv(nbatch, bi) * tiles_h * tiles_w * triton.cdiv(cout, bn + bn2),)
     ncb = triton.cdiv(ck, bk)
     ck1, ck2 = sc_x[0].shape[1], sc_x[second].shape[1]
+    ksc = sc_w[0].shape[1]
     args = (*main, *src[0], *src[second], out, a_scale, w_scale, *scales[0], *scales[1],
             bias if bias is not None else w_scale, sc_bias if sc_bias is not None else w_scale,
             nbatch, h, wd, cout, ck, ncb, kh * kw * ncb, ck1, triton.cdiv(ck1, bk), ck2, triton.cdiv(ck2, bk), tiles_h,
             tiles_w, int(padding[0]), int(padding[1]), out.stride(0), out.stride(2), out.stride(3), out.stride(1))
-    flags = dict(KW=kw, BITCAST_FP8=bitcast, HAS_BIAS=bias is not None, HAS_SC_BIAS=sc_bias is not None,
+    flags = dict(KW=kw, KSC=ksc, BITCAST_FP8=bitcast, HAS_BIAS=bias is not None, HAS_SC_BIAS=sc_bias is not None,
                  NSC=len(src), BI=bi, BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FP8_ACC=fp8_acc(bk, True),
                  num_warps=config["num_warps"], num_stages=config["num_stages"])
     kernel = _qconv_tma4d_sc_kernel

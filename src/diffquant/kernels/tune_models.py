@@ -196,8 +196,9 @@ def tune_sc_calls(calls: list, sc_fn, composed_fn, time_fn, default_fn, budget_s
 
 def tune_shortcut_convs(tasks: str, out: str, rows_path: Optional[str] = None, budget_s: float = float("inf"),
                         reps: int = 10, command: str = "", progress: Callable[[str], None] = print) -> dict:
-    """Tune ``diffquant::qconv_sc`` (conv2 with its shortcut, ``DIFFQUANT_SC_FUSE=1``) on the ResNet blocks of each
-    task (GPU): records one eager forward pass with the switch on, then :func:`tune_sc_calls`. Writes a table
+    """Tune ``diffquant::qconv_sc`` (conv2 with its shortcut, ``DIFFQUANT_SC_FUSE=1``, and the split convs' two
+    parts, ``DIFFQUANT_SPLIT_FUSE=1``) on the ResNet blocks of each task (GPU): records one eager forward pass with
+    both switches on, then :func:`tune_sc_calls`. Writes a table
     (``diffquant tune-kernels --merge-from`` merges it) and the rows; returns the table."""
     import os
 
@@ -211,8 +212,9 @@ def tune_shortcut_convs(tasks: str, out: str, rows_path: Optional[str] = None, b
     from diffquant.kernels.triton_conv import qconv_sc_triton, sc_config
     from diffquant.models.adapter import call_model
 
-    prev = os.environ.get("DIFFQUANT_SC_FUSE")
-    os.environ["DIFFQUANT_SC_FUSE"] = "1"
+    switches = ("DIFFQUANT_SC_FUSE", "DIFFQUANT_SPLIT_FUSE")
+    prev = {k: os.environ.get(k) for k in switches}
+    os.environ.update({k: "1" for k in switches})
     t0 = time.time()
     dev = torch.device("cuda")
     table = {"format": tuning.FORMAT, "device": torch.cuda.get_device_name(), "triton": triton.__version__,
@@ -244,10 +246,11 @@ def tune_shortcut_convs(tasks: str, out: str, rows_path: Optional[str] = None, b
             del m, base, calls
             torch.cuda.empty_cache()
     finally:
-        if prev is None:
-            os.environ.pop("DIFFQUANT_SC_FUSE", None)
-        else:
-            os.environ["DIFFQUANT_SC_FUSE"] = prev
+        for k, v in prev.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     with open(out, "w") as f:
         json.dump(table, f, indent=1)
     if rows_path:
