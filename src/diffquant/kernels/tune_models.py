@@ -31,6 +31,36 @@ def parse_tasks(tasks: str) -> list[tuple[str, int, str]]:
     return out
 
 
+def _table_header(command: str) -> dict:
+    """A tuned table of this GPU, without configs yet."""
+    import triton
+
+    from diffquant.kernels import tuning
+
+    return {"format": tuning.FORMAT, "device": torch.cuda.get_device_name(), "triton": triton.__version__,
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": command, "configs": {}}
+
+
+def _record_task(model_name: str, batch: int, variant: str, dev: torch.device, recorder) -> tuple[list, dict]:
+    """One eager forward pass of the task's model variant inside ``recorder()`` (a recording context of
+    :mod:`.tuning`): the recorded calls and the number of calls per key."""
+    from diffquant.kernels.bench import build_model, inputs_for, make_variant
+    from diffquant.models.adapter import call_model
+
+    base = build_model(model_name).to(dev)
+    m = make_variant(base, variant, inputs_for(base, 1, dev, torch.float32))
+    x, t, c = inputs_for(base, batch, dev, torch.bfloat16)
+    with torch.no_grad(), recorder() as calls:
+        call_model(m, x, t, c)
+    torch.cuda.synchronize()
+    counts: dict = {}  # time share of the shapes in the model: calls per key
+    for call in calls:
+        counts[call[0]] = counts.get(call[0], 0) + 1
+    del m, base
+    torch.cuda.empty_cache()
+    return calls, counts
+
+
 def tune_models(tasks: str, out: str, rows_path: Optional[str] = None, budget_s: float = float("inf"), reps: int = 10,
                 tma: bool = True, skip_paths: Sequence[str] = (), command: str = "", untuned_only: bool = False,
                 shapes: Sequence[str] = (), progress: Callable[[str], None] = print) -> dict:
@@ -40,18 +70,12 @@ def tune_models(tasks: str, out: str, rows_path: Optional[str] = None, budget_s:
     specs = parse_tasks(tasks)
     if not torch.cuda.is_available():
         raise RuntimeError("tuning the conv kernels needs a CUDA GPU (they are Triton GPU kernels); none is visible")
-    import triton
-
     from diffquant.kernels import tuning
-    from diffquant.kernels.bench import build_model, inputs_for, make_variant
     from diffquant.kernels.triton_conv import qconv_triton, tma_paths
-    from diffquant.models.adapter import call_model
 
     t0 = time.time()
     dev = torch.device("cuda")
-    table = {"format": tuning.FORMAT, "device": torch.cuda.get_device_name(), "triton": triton.__version__,
-             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-             "command": command or f"diffquant tune-kernels --tasks {tasks}", "configs": {}}
+    table = _table_header(command or f"diffquant tune-kernels --tasks {tasks}")
     all_rows: list = []
     skip = set(skip_paths)
 
@@ -68,16 +92,8 @@ def tune_models(tasks: str, out: str, rows_path: Optional[str] = None, budget_s:
 
     for model_name, batch, variant in specs:
         spec = f"{model_name}:{batch}:{variant}"
-        base = build_model(model_name).to(dev)
-        m = make_variant(base, variant, inputs_for(base, 1, dev, torch.float32))
-        x, t, c = inputs_for(base, batch, dev, torch.bfloat16)
-        with torch.no_grad(), tuning.record_calls() as calls:
-            call_model(m, x, t, c)
-        torch.cuda.synchronize()
-        progress(f"{spec}: {len(calls)} qconv calls, {len({k for k, _, _ in calls})} distinct shapes")
-        counts: dict = {}  # time share of the shapes in the model: calls per key
-        for k, _, _ in calls:
-            counts[k] = counts.get(k, 0) + 1
+        calls, counts = _record_task(model_name, batch, variant, dev, tuning.record_calls)
+        progress(f"{spec}: {len(calls)} qconv calls, {len(counts)} distinct shapes")
         if untuned_only:  # the shapes some active table already lists keep their entries and are not timed
             calls = tuning.untuned_calls(calls, table["device"])
             progress(f"{spec}: --untuned-only: {len({k for k, _, _ in calls})} shapes without a table entry")
@@ -100,7 +116,7 @@ def tune_models(tasks: str, out: str, rows_path: Optional[str] = None, budget_s:
         done = [r for r in rows if "best_ms" in r]
         h, b, cd = (sum(r[f] * r["calls"] for r in done) for f in ("heuristic_ms", "best_ms", "cudnn_bf16_ms"))
         progress(f"{spec}: sum over the model's calls: heuristic {h:.3f} ms, tuned {b:.3f} ms, cuDNN bf16 {cd:.3f} ms")
-        del m, base, calls
+        del calls
         torch.cuda.empty_cache()
     write({}, all_rows)
     progress(f"{len(table['configs'])} tuned shapes -> {out} ({time.time() - t0:.0f} s)")
@@ -205,34 +221,21 @@ def tune_shortcut_convs(tasks: str, out: str, rows_path: Optional[str] = None, b
     specs = parse_tasks(tasks)
     if not torch.cuda.is_available():
         raise RuntimeError("tuning the shortcut kernel needs a CUDA GPU; none is visible")
-    import triton
-
     from diffquant.kernels import ops, tuning
-    from diffquant.kernels.bench import build_model, inputs_for, make_variant, time_call
+    from diffquant.kernels.bench import time_call
     from diffquant.kernels.triton_conv import qconv_sc_triton, sc_config
-    from diffquant.models.adapter import call_model
 
     switches = ("DIFFQUANT_SC_FUSE", "DIFFQUANT_SPLIT_FUSE")
     prev = {k: os.environ.get(k) for k in switches}
     os.environ.update({k: "1" for k in switches})
     t0 = time.time()
     dev = torch.device("cuda")
-    table = {"format": tuning.FORMAT, "device": torch.cuda.get_device_name(), "triton": triton.__version__,
-             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-             "command": command or f"tune_shortcut_convs({tasks!r})", "configs": {}}
+    table = _table_header(command or f"tune_shortcut_convs({tasks!r})")
     all_rows: list = []
     try:
         for model_name, batch, variant in specs:
             spec = f"{model_name}:{batch}:{variant}"
-            base = build_model(model_name).to(dev)
-            m = make_variant(base, variant, inputs_for(base, 1, dev, torch.float32))
-            x, t, c = inputs_for(base, batch, dev, torch.bfloat16)
-            with torch.no_grad(), tuning.record_sc_calls() as calls:
-                call_model(m, x, t, c)
-            torch.cuda.synchronize()
-            counts: dict = {}
-            for k, _ in calls:
-                counts[k] = counts.get(k, 0) + 1
+            calls, counts = _record_task(model_name, batch, variant, dev, tuning.record_sc_calls)
             progress(f"{spec}: {len(calls)} qconv_sc calls, {len(counts)} distinct shapes")
             configs, rows = tune_sc_calls(
                 calls, qconv_sc_triton, ops.qconv_sc_composed,
@@ -243,7 +246,7 @@ def tune_shortcut_convs(tasks: str, out: str, rows_path: Optional[str] = None, b
                 r["task"] = spec
             table["configs"].update(configs)
             all_rows += rows
-            del m, base, calls
+            del calls
             torch.cuda.empty_cache()
     finally:
         for k, v in prev.items():

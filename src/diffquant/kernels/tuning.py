@@ -326,28 +326,25 @@ _RECORD: dict[str, Any] = {"calls": None, "force": None, "sc_calls": None}
 
 
 @contextmanager
-def record_calls():
-    """Inside: every Triton qconv call appends ``(key, args, kwargs)`` to the yielded list (eager mode)."""
+def _recording(slot: str):
     calls: list = []
-    prev = _RECORD["calls"]
-    _RECORD["calls"] = calls
+    prev = _RECORD[slot]
+    _RECORD[slot] = calls
     try:
         yield calls
     finally:
-        _RECORD["calls"] = prev
+        _RECORD[slot] = prev
 
 
-@contextmanager
+def record_calls():
+    """Inside: every Triton qconv call appends ``(key, args, kwargs)`` to the yielded list (eager mode)."""
+    return _recording("calls")
+
+
 def record_sc_calls():
     """Inside: every Triton ``diffquant::qconv_sc`` call appends ``(key, args)`` to the yielded list (eager mode;
     the shortcut tuner's input, :func:`.tune_models.tune_shortcut_convs`)."""
-    calls: list = []
-    prev = _RECORD["sc_calls"]
-    _RECORD["sc_calls"] = calls
-    try:
-        yield calls
-    finally:
-        _RECORD["sc_calls"] = prev
+    return _recording("sc_calls")
 
 
 @contextmanager
