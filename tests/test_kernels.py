@@ -1865,13 +1865,13 @@ def test_qconv_sc_op_is_conv2_plus_its_shortcut():
     torch.testing.assert_close(got, _sc_call(ops.qconv_sc, c))
 
 
-def test_shortcut_tuner_picks_the_fastest_correct_candidate():
+def test_shortcut_tuner_picks_the_fastest_correct_candidate(tmp_path):
     """tune_sc_calls (the shortcut kernel's tuner, GPU-free here: the CPU reference op stands in for the kernel and
     a fake clock times each forced config): distinct shapes once each, largest first; the fastest candidate whose
     output matches the composed calls is written as a tma4d entry; a wrong candidate is skipped; a win under 3 % over
     the default is not written; past the budget, shapes are skipped."""
     from diffquant.kernels import ops, tuning
-    from diffquant.kernels.tune_models import sc_candidates, tune_sc_calls
+    from diffquant.kernels.tune_models import format_rows, sc_candidates, tune_sc_calls
 
     small, big = _sc_case(n=1, c=16, cout=16, h=4, w=4, parts=(16, 16)), _sc_case(n=2, c=32, cout=64, h=8, w=8,
                                                                                    parts=(32, 32))
@@ -1905,9 +1905,14 @@ def test_shortcut_tuner_picks_the_fastest_correct_candidate():
                                lambda fn: 0.98 if tuning._RECORD["force"] == fast else 1.0, lambda a: default,
                                progress=lambda s: None)
     assert configs == {}
-    _, rows = tune_sc_calls(calls, ops.qconv_sc, ops.qconv_sc_composed, clock, lambda a: default, budget_s=-1,
-                            progress=lambda s: None)
-    assert [r.get("skipped") for r in rows] == ["budget", "budget"]
+    _, skipped = tune_sc_calls(calls, ops.qconv_sc, ops.qconv_sc_composed, clock, lambda a: default, budget_s=-1,
+                               progress=lambda s: None)
+    assert [r.get("skipped") for r in skipped] == ["budget", "budget"]
+    # tune_qconv.py --print-rows reads these rows too (and the conv tuner's)
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows + skipped))
+    lines = format_rows(str(path))
+    assert len(lines) == 2 and "composed 1.2000 default 1.0000 best 0.8000" in lines[0]
 
 def test_shortcut_fusion_switch_runs_conv2_and_its_shortcut_as_one_op(monkeypatch):
     """DIFFQUANT_SC_FUSE=1: every fused ResNet block whose conv2 and 1x1 shortcut are FP8 with static input scales

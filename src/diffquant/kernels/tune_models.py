@@ -124,11 +124,15 @@ def tune_models(tasks: str, out: str, rows_path: Optional[str] = None, budget_s:
 
 
 def format_rows(path: str) -> list[str]:
-    """One line per tuned shape of a rows file: heuristic vs best ms, best ms per kernel, cuDNN bf16, TFLOP/s."""
+    """One line per tuned shape of a rows file: heuristic vs best ms, best ms per kernel, cuDNN bf16, TFLOP/s; for
+    the shortcut tuner's rows (:func:`tune_sc_calls`), the composed calls vs the default vs the best config."""
     with open(path) as f:
         rows = json.load(f)
     rows = rows["rows"] if isinstance(rows, dict) else rows
-    return [f'{r["key"][:52]:52s} x{r.get("calls", 0):<2d} heur {r["heuristic_ms"]:.4f} best {r["best_ms"]:.4f} '
+    return [f'{r["key"][:60]:60s} x{r.get("calls", 0):<2d} composed {r["composed_ms"]:.4f} default '
+            f'{r["default_ms"]:.4f} best {r["best_ms"]:.4f} {tuple((r["best"] or {}).values())}'
+            if "composed_ms" in r else
+            f'{r["key"][:52]:52s} x{r.get("calls", 0):<2d} heur {r["heuristic_ms"]:.4f} best {r["best_ms"]:.4f} '
             f'{r.get("best_ms_by_path")} cudnn {r["cudnn_bf16_ms"]:.4f} '
             f'{r["tflops_best"]:6.0f}/{r["tflops_cudnn_bf16"]:6.0f} TF {tuple((r["best"] or {}).values())}'
             for r in rows if "best_ms" in r]
