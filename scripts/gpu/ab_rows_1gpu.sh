@@ -38,10 +38,12 @@
 #           merged on the device, ROW with the merged table. Carry .whl/diffusers-0.42.1-py3-none-any.whl.
 #   PART=10 (written in session 15 after its device time; not yet run): conv2 with its 1x1 shortcut in one kernel
 #           (diffquant::qconv_sc, DIFFQUANT_SC_FUSE=1) and the split convs' two parts in one kernel
-#           (DIFFQUANT_SPLIT_FUSE=1): their GPU tests, then ROW as shipped, with the first switch and with both; CROW
-#           as shipped and with both. Carry .whl/diffusers-0.42.1-py3-none-any.whl.
+#           (DIFFQUANT_SPLIT_FUSE=1): their GPU tests, then ROW as shipped, with both switches, and with the first
+#           only (last: skipped if the call runs out; session 15's call 1 spent 115 s on tests and 167 s on the
+#           first, cold-compile SD row). Carry .whl/diffusers-0.42.1-py3-none-any.whl.
 #   PART=11 (written in session 15; not yet run): the shortcut kernel tuned on ROW's ResNet blocks with both switches
 #           (tune_qconv.py --shortcut, TUNE_S, 150), merged on the device, ROW with both switches. Same carry.
+#   PART=12 (written in session 15; not yet run): CROW as shipped and with both switches (about 4 min).
 # Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in parts 2, 4, 5, 9 and 11.
 #   run: PART=1 bash scripts/gpu/ab_rows_1gpu.sh   (env: ROW, CROW, SMALL, TUNE_S, AB_ENV, TOTAL_S (570), EXTRA (env for
 #        every row, e.g. DIFFQUANT_GN_LOAD_STAGES=3 once it wins))
@@ -179,8 +181,10 @@ case $PART in
   say "GPU tests: conv2 with its shortcut (diffquant::qconv_sc)"
   gpu_tests 150 "qconv_sc"
   rows ship "$ROW"
-  rows scfuse "$ROW" DIFFQUANT_SC_FUSE=1
   rows scsplit "$ROW" DIFFQUANT_SC_FUSE=1 DIFFQUANT_SPLIT_FUSE=1
+  rows scfuse "$ROW" DIFFQUANT_SC_FUSE=1
+  ;;
+12)
   rows cship "$CROW"
   rows cscsplit "$CROW" DIFFQUANT_SC_FUSE=1 DIFFQUANT_SPLIT_FUSE=1
   ;;
@@ -197,7 +201,7 @@ case $PART in
     rows sctuned "$ROW" DIFFQUANT_SC_FUSE=1 DIFFQUANT_SPLIT_FUSE=1
   fi
   ;;
-*) echo "PART must be 1 to 11"; exit 2 ;;
+*) echo "PART must be 1 to 12"; exit 2 ;;
 esac
 cd $OUT && tar czf all.tgz *.json *.log && find . -maxdepth 1 -type f ! -name all.tgz ! -name env.txt \
   ! -name nvidia-h200.merged.json -delete

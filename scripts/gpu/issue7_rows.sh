@@ -12,9 +12,10 @@
 #   as scripts/gpu/ab_rows_1gpu.sh PART=1-9 and inline commands, see BENCHMARKS.md "Kernels, tenth" to "thirteenth
 #   measurement"):
 #   1. PART=10 bash scripts/gpu/ab_rows_1gpu.sh (carry .whl/diffusers-0.42.1-py3-none-any.whl; about 8 min): conv2
-#      with its 1x1 shortcut in one kernel (diffquant::qconv_sc, DIFFQUANT_SC_FUSE=1): its GPU tests, SD b8 and CIFAR
-#      b256 with and without it. Then PART=11 (same carry; about 6 min): the shortcut kernel tuned on SD b8's ResNet
-#      blocks, merged, the row. If the switch wins, make it the default (and re-run CIFAR b256 with it).
+#      with its 1x1 shortcut in one kernel (diffquant::qconv_sc, DIFFQUANT_SC_FUSE=1) and split convs in one kernel
+#      (DIFFQUANT_SPLIT_FUSE=1): the GPU tests, SD b8 as shipped, with both switches, with the first. Then PART=11
+#      (same carry; about 6 min): the kernel tuned on SD b8's ResNet blocks, merged, the row; PART=12 (about 4 min):
+#      CIFAR b256 as shipped and with both switches. If the switches win, make them the default.
 #   2. SD b1 with session 15's wide-tile entries (benchmarks/results/qconv_tuned_sd_b1_wide_pending.json): merge
 #      (python -m diffquant.cli tune-kernels --merge-from that file --merge-into src/diffquant/kernels/tuned/nvidia-
 #      h200.json) on the device and run the SD b1 row with --row-timeout-s 200 (its first compile took over 95 s);
