@@ -44,6 +44,9 @@
 #   PART=11 (written in session 15; not yet run): the shortcut kernel tuned on ROW's ResNet blocks with both switches
 #           (tune_qconv.py --shortcut, TUNE_S, 150), merged on the device, ROW with both switches. Same carry.
 #   PART=12 (written in session 15; not yet run): CROW as shipped and with both switches (about 4 min).
+#   PART=13 (written in session 15; not yet run): SD-1.5 b1 as shipped, with session 15's pending wide-tile entries
+#           merged (benchmarks/results/qconv_tuned_sd_b1_wide_pending.json; the merged table comes back), and with
+#           both fusion switches too. Commit the merge only if faster. Same carry; about 7 min.
 # Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in parts 2, 4, 5, 9 and 11.
 #   run: PART=1 bash scripts/gpu/ab_rows_1gpu.sh   (env: ROW, CROW, SMALL, TUNE_S, AB_ENV, TOTAL_S (570), EXTRA (env for
 #        every row, e.g. DIFFQUANT_GN_LOAD_STAGES=3 once it wins))
@@ -201,7 +204,15 @@ case $PART in
     rows sctuned "$ROW" DIFFQUANT_SC_FUSE=1 DIFFQUANT_SPLIT_FUSE=1
   fi
   ;;
-*) echo "PART must be 1 to 12"; exit 2 ;;
+13)
+  T=src/diffquant/kernels/tuned/nvidia-h200.json
+  rows b1ship "sd15-unet:1:dq-fp8-gn-qkv-te-ff"
+  python3 -m diffquant.cli tune-kernels --merge-from benchmarks/results/qconv_tuned_sd_b1_wide_pending.json \
+    --merge-into $T && cp $T $OUT/nvidia-h200.merged.json
+  rows b1wide "sd15-unet:1:dq-fp8-gn-qkv-te-ff"
+  rows b1fuse "sd15-unet:1:dq-fp8-gn-qkv-te-ff" DIFFQUANT_SC_FUSE=1 DIFFQUANT_SPLIT_FUSE=1
+  ;;
+*) echo "PART must be 1 to 13"; exit 2 ;;
 esac
 cd $OUT && tar czf all.tgz *.json *.log && find . -maxdepth 1 -type f ! -name all.tgz ! -name env.txt \
   ! -name nvidia-h200.merged.json -delete

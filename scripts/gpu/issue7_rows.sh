@@ -16,11 +16,10 @@
 #      (DIFFQUANT_SPLIT_FUSE=1): the GPU tests, SD b8 as shipped, with both switches, with the first. Then PART=11
 #      (same carry; about 6 min): the kernel tuned on SD b8's ResNet blocks, merged, the row; PART=12 (about 4 min):
 #      CIFAR b256 as shipped and with both switches. If the switches win, make them the default.
-#   2. SD b1 with session 15's wide-tile entries (benchmarks/results/qconv_tuned_sd_b1_wide_pending.json): merge
-#      (python -m diffquant.cli tune-kernels --merge-from that file --merge-into src/diffquant/kernels/tuned/nvidia-
-#      h200.json) on the device and run the SD b1 row with --row-timeout-s 200 (its first compile took over 95 s);
-#      commit the merge only if faster than 5.48 ms. Then SD b1 with DIFFQUANT_SC_FUSE=1 DIFFQUANT_SPLIT_FUSE=1 (fewer
-#      launches matter most at batch 1).
+#   2. PART=13 (same carry; about 7 min): SD b1 as shipped, with session 15's wide-tile entries merged
+#      (benchmarks/results/qconv_tuned_sd_b1_wide_pending.json; its row's first compile took over 95 s in session 15),
+#      and with both fusion switches too (fewer launches matter most at batch 1). Commit the merged table only if
+#      faster.
 #   3. CIFAR b1's 17 shapes never tuned: PART=5 SMALL=ddpm-cifar10-32:1:dq-fp8-gn-qkv-te TUNE_ARGS="--shapes
 #      x8x8:,x4x4:,k1x1" (cuDNN bf16 beat every FP8 candidate on the 8 reached); the 12 INT8 CIFAR b256 shapes
 #      still untuned (TUNE0=ddpm-cifar10-32:256:dq-int8 TUNE_ARGS=--untuned-only bash scripts/gpu/tune_split.sh).
