@@ -1914,6 +1914,35 @@ def test_shortcut_tuner_picks_the_fastest_correct_candidate(tmp_path):
     lines = format_rows(str(path))
     assert len(lines) == 2 and "composed 1.2000 default 1.0000 best 0.8000" in lines[0]
 
+def test_shortcut_kernel_config_comes_from_its_entry_or_the_conv_it_replaces(monkeypatch):
+    """sc_config (Triton needed to import it; no GPU: a stand-in input on a "cuda" device): the call's own
+    ``:sc<channels>`` entry; else conv2's ``:add`` tma4d entry (wide tiles kept); else the plain conv's tma4d entry
+    (a split conv's first part), a non-tma4d ``:add`` entry skipped; only tile keys come back."""
+    import types
+
+    pytest.importorskip("triton")
+    from diffquant.kernels import triton_conv as tc
+    from diffquant.kernels import tuning
+
+    monkeypatch.setattr(tc, "_device_name", lambda d: "GPU-A")
+    x = types.SimpleNamespace(shape=(8, 320, 64, 64), dtype=torch.float8_e4m3fn,
+                              device=types.SimpleNamespace(type="cuda"))
+    w, sx, bf = torch.empty(320, 3, 3, 320), [torch.empty(8, 640, 64, 64)], torch.bfloat16
+    base = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3)
+    add_key, plain_key = (tuning.shape_key(x.shape, x.dtype, w.shape, False, (1, 1), [1, 1], (1, 1), bf, a)
+                          for a in (True, False))
+    cases = [({add_key: dict(base, path="tma4d", BLOCK_N2=32)}, dict(base, BLOCK_N2=32)),
+             ({add_key: dict(base, path="tma"), plain_key: dict(base, path="tma4d", BLOCK_M=64)},
+              dict(base, BLOCK_M=64)),
+             ({tc.sc_key(x.shape, w.shape, [1, 1], bf, [640]): dict(base, path="tma4d", BLOCK_K=64),
+               add_key: dict(base, path="tma4d", BLOCK_N2=32)}, dict(base, BLOCK_K=64))]
+    try:
+        for configs, want in cases:
+            tuning.use_table({"format": tuning.FORMAT, "device": "GPU-A", "configs": configs})
+            assert tc.sc_config(x, w, [1, 1], bf, sx) == want
+    finally:
+        tuning.use_table(None)
+
 def test_shortcut_fusion_switch_runs_conv2_and_its_shortcut_as_one_op(monkeypatch):
     """DIFFQUANT_SC_FUSE=1: every fused ResNet block whose conv2 and 1x1 shortcut are FP8 with static input scales
     (the down blocks' one-part shortcuts on the block input, the up blocks' split shortcuts on (h, skip)) runs them as

@@ -405,20 +405,20 @@ def sc_key(x_shape, w_shape, padding, out_dtype, sc_channels: Sequence[int]) -> 
 
 def sc_config(x: torch.Tensor, w: torch.Tensor, padding, out_dtype, sc_x) -> dict:
     """The block config of a ``diffquant::qconv_sc`` call: its own table entry (:func:`sc_key`), else the table's
-    entry for conv2 with a residual (the call it replaces), or for the same conv without one, where that is a
-    ``tma4d`` config, else the 4-D heuristic. The tile sizes, warps, stages and wide tiles (``BLOCK_N2``) are used; the kernel has no split-K."""
-    forced = tuning._RECORD["force"]
+    ``tma4d`` entry for conv2 with a residual (the call it replaces) or for the same conv without one (a split conv's
+    first part), else the 4-D heuristic. The tile sizes, warps, stages and wide tiles (``BLOCK_N2``) are used; the
+    kernel has no split-K."""
     cout, kh, kw, ck = w.shape
-    cfg = forced
+    cfg = tuning._RECORD["force"]
     if cfg is None and x.device.type == "cuda":
         name = _device_name(x.device)
         cfg = tuning.lookup(sc_key(x.shape, w.shape, padding, out_dtype, [t.shape[1] for t in sc_x]), name)
-        for add in (True, False):  # conv2 with its residual (the call it replaces), or the plain conv (a split conv's
-            if cfg is not None:  # first part)
-                break
+        for add in (True, False) if cfg is None else ():
             base = tuning.lookup(tuning.shape_key(x.shape, x.dtype, w.shape, False, (1, 1), padding, (1, 1), out_dtype,
                                                   add), name)
-            cfg = base if base is not None and base.get("path") == "tma4d" else None
+            if base is not None and base.get("path") == "tma4d":
+                cfg = base
+                break
     if cfg is None:
         cfg = triton_conv_tma.pick_tma_config(x.shape[0] * x.shape[2] * x.shape[3], cout,
                                               ck * kh * kw + sum(t.shape[1] for t in sc_x))

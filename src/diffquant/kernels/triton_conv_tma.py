@@ -567,14 +567,11 @@ def qconv_sc_unsupported(x: torch.Tensor, w: torch.Tensor, padding: Sequence[int
 
 def qconv_tma4d_sc(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_scale, sc_bias, padding: Sequence[int],
                    out_dtype: torch.dtype, config: dict) -> torch.Tensor:
-    """``diffquant::qconv_sc`` through :func:`_qconv_tma4d_sc_kernel` (see :func:`qconv_sc_unsupported`); ``config``:
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, and optionally BLOCK_N2 (wide tiles:
-    :func:`_qconv_tma4d_sc_wide_kernel`)."""
+    """``diffquant::qconv_sc`` through :func:`_qconv_tma4d_sc_kernel`, for a call that :func:`qconv_sc_unsupported`
+    accepts (the caller, :func:`.triton_conv.qconv_sc_triton`, has checked); ``config``: BLOCK_M, BLOCK_N, BLOCK_K,
+    num_warps, num_stages, and optionally BLOCK_N2 (wide tiles: :func:`_qconv_tma4d_sc_wide_kernel`)."""
     from diffquant.kernels.reference import out_like
 
-    why = qconv_sc_unsupported(x, w, padding, sc_x, sc_w)
-    if why is not None:
-        raise ValueError(f"qconv_tma4d_sc: {why}")
     nbatch, c, h, wd = x.shape
     cout, kh, kw, ck = w.shape
     out = out_like(x, cout, h, wd, out_dtype)
