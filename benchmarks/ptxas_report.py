@@ -127,6 +127,29 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
 
+    # conv2 with its two-part 1x1 shortcut in one accumulator (diffquant::qconv_sc), SD-1.5's 64x64 level (two rows of
+    # 64 a tile), plain and with wide tiles (128 + 32 or 256 + 64 output channels), beside the plain 4-D kernel with
+    # a residual above
+    for bn, bn2, bk, warps, stages in ((128, 0, 128, 4, 3), (128, 32, 128, 4, 3), (256, 64, 64, 8, 4)):
+        def sct(n, bn=bn, bn2=bn2, bk=bk):
+            if n in ("a_desc", "a1_desc", "a2_desc"):
+                return f"tensordesc<fp8e4nv[1, 2, 64, {bk}]>"
+            if n in ("b_desc", "b1_desc", "b2_desc"):
+                return f"tensordesc<fp8e4nv[{bn}, {bk}]>"
+            if n in ("bw_desc", "b1w_desc", "b2w_desc"):
+                return f"tensordesc<fp8e4nv[{bn2}, {bk}]>"
+            return "*bf16" if n == "out_ptr" else "*fp32" if n.endswith("_ptr") else "i32"
+
+        consts = dict(KW=3, KSC=1, BITCAST_FP8=False, HAS_BIAS=True, HAS_SC_BIAS=True, NSC=2, BI=1, BH=2, BW=64,
+                      BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+        fn = tt._qconv_tma4d_sc_wide_kernel if bn2 else tt._qconv_tma4d_sc_kernel
+        k = _build(fn, dict(consts, BLOCK_N2=bn2) if bn2 else consts, sct, warps, stages)
+        row = {"kernel": "qconv_sc (conv2 + two-part 1x1 shortcut), 64-wide rows" + (f", wide +{bn2}" if bn2 else ""),
+               "act": "fp8", "config": [128, bn, bk, warps, stages], "a_via_registers": "ttg.local_load" in k.asm["ttgir"]}
+        row.update(_ptxas(k.asm["ptx"]))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
     def gt(n):
         if n in ("a_desc", "w_desc"):
             return "tensordesc<fp8e4nv[128, 128]>"
