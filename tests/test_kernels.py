@@ -1735,6 +1735,8 @@ def test_split_gemm_switch_runs_split_shortcuts_as_scaled_mm(monkeypatch):
     from diffquant.kernels import modules, ops
 
     monkeypatch.setattr(modules, "scaled_mm_works", lambda dev: True)
+    monkeypatch.setenv("DIFFQUANT_SC_FUSE", "0")  # (on, conv2 would take the split shortcuts)
+    monkeypatch.setenv("DIFFQUANT_SPLIT_FUSE", "0")
     real_parts, real_qconv = LowBitLayer._scaled_mm_parts, ops.qconv
     gemm_parts, qconvs = [], []
 
@@ -1791,12 +1793,15 @@ def test_split_gemm_switch_runs_split_shortcuts_as_scaled_mm(monkeypatch):
         sc.forward_pieces([h, skip])
 
 
-def _sc_case(n=2, c=24, cout=40, h=5, w=6, parts=(32, 16), k=3, seed=0, device="cpu", sc_k=1):
+def _sc_case(n=2, c=24, cout=40, h=5, w=6, parts=(32, 16), k=3, seed=0, device="cpu", sc_k=1, x_extra=0):
     """Random FP8 operands of ``diffquant::qconv_sc``: conv2's input and weight, and the shortcut's sources (channel
-    slices of one channels-last tensor, as an up block's quantized (h, skip)) with their 1x1 weights and scales."""
+    slices of one channels-last tensor, as an up block's quantized (h, skip)) with their 1x1 weights and scales.
+    ``x_extra``: conv2's input is the first ``c`` channels of a ``c + x_extra``-channel tensor (a split conv's first
+    part, sliced on the device)."""
     g = torch.Generator().manual_seed(seed)
     cl = torch.channels_last
-    x = (torch.randn(n, c, h, w, generator=g) * 4).to(torch.float8_e4m3fn).contiguous(memory_format=cl)
+    x = (torch.randn(n, c + x_extra, h, w, generator=g) * 4).to(torch.float8_e4m3fn).contiguous(memory_format=cl)
+    x = x.to(device)[:, :c]
     raw = (torch.randn(n, sum(parts), h, w, generator=g) * 4).to(torch.float8_e4m3fn).contiguous(memory_format=cl)
     raw = raw.to(device)  # (sliced on the device: the sources stay views of one tensor)
     lo, sx = 0, []
@@ -1811,7 +1816,8 @@ def _sc_case(n=2, c=24, cout=40, h=5, w=6, parts=(32, 16), k=3, seed=0, device="
                 sc_a_scale=[torch.rand(1, generator=g) * 2 + 0.05 for _ in parts], sc_bias=torch.randn(cout, generator=g),
                 padding=[(k - 1) // 2] * 2)
     return {k_: ([t if k_ == "sc_x" else t.to(device) for t in v] if isinstance(v, list) and k_ != "padding"
-                 else v.to(device) if isinstance(v, torch.Tensor) else v) for k_, v in case.items()}
+                 else v if k_ == "x" else v.to(device) if isinstance(v, torch.Tensor) else v)
+            for k_, v in case.items()}
 
 
 def _sc_args(c, out_dtype=torch.float32) -> list:
@@ -1869,7 +1875,8 @@ def test_shortcut_tuner_picks_the_fastest_correct_candidate(tmp_path):
     """tune_sc_calls (the shortcut kernel's tuner, GPU-free here: the CPU reference op stands in for the kernel and
     a fake clock times each forced config): distinct shapes once each, largest first; the fastest candidate whose
     output matches the composed calls is written as a tma4d entry; a wrong candidate is skipped; a win under 3 % over
-    the default is not written; past the budget, shapes are skipped."""
+    the default writes the default; composed calls faster than every config write a "composed" entry; past the
+    budget, shapes are skipped."""
     from diffquant.kernels import ops, tuning
     from diffquant.kernels.tune_models import format_rows, sc_candidates, tune_sc_calls
 
@@ -1900,11 +1907,19 @@ def test_shortcut_tuner_picks_the_fastest_correct_candidate(tmp_path):
     r = rows[0]
     assert (r["composed_ms"], r["default_ms"], r["best_ms"], r["best"], r["calls"]) == (1.2, 1.0, 0.8, fast, 1)
     assert r["failed"] == 1 and r["tried"] == len(sc_candidates(64, 32 * 9 + 64, 128)) - 1
-    # a 2 % win is not written; past the budget every shape is skipped
+    # a 2 % win writes the default; composed calls faster than every config write "composed"; past the budget every
+    # shape is skipped
     configs, _ = tune_sc_calls(calls, ops.qconv_sc, ops.qconv_sc_composed,
                                lambda fn: 0.98 if tuning._RECORD["force"] == fast else 1.0, lambda a: default,
                                progress=lambda s: None)
-    assert configs == {}
+    assert configs == {"big": dict(default, path="tma4d"), "small": dict(default, path="tma4d")}
+    configs, _ = tune_sc_calls(calls, ops.qconv_sc, ops.qconv_sc_composed,
+                               lambda fn: 0.7 if tuning._RECORD["force"] is None else 0.8 if tuning._RECORD["force"] == fast
+                               else 1.0, lambda a: default, progress=lambda s: None)
+    assert configs == {"big": tuning.SC_COMPOSED, "small": tuning.SC_COMPOSED}
+    tuning.validate_table({"format": tuning.FORMAT, "device": "GPU-A", "configs": {"x:sc320": tuning.SC_COMPOSED}})
+    with pytest.raises(ValueError, match="must have"):  # only a shortcut shape may be "composed"
+        tuning.validate_table({"format": tuning.FORMAT, "device": "GPU-A", "configs": {"x:add": tuning.SC_COMPOSED}})
     _, skipped = tune_sc_calls(calls, ops.qconv_sc, ops.qconv_sc_composed, clock, lambda a: default, budget_s=-1,
                                progress=lambda s: None)
     assert [r.get("skipped") for r in skipped] == ["budget", "budget"]
@@ -1940,15 +1955,72 @@ def test_shortcut_kernel_config_comes_from_its_entry_or_the_conv_it_replaces(mon
         for configs, want in cases:
             tuning.use_table({"format": tuning.FORMAT, "device": "GPU-A", "configs": configs})
             assert tc.sc_config(x, w, [1, 1], bf, sx) == want
+        # a "composed" entry of its own: the conv's entry gives the tiles (for a forced or timed kernel run)
+        tuning.use_table({"format": tuning.FORMAT, "device": "GPU-A", "configs": {
+            tc.sc_key(x.shape, w.shape, [1, 1], bf, [640]): tuning.SC_COMPOSED, add_key: dict(base, path="tma4d")}})
+        assert tc.sc_config(x, w, [1, 1], bf, sx) == base
     finally:
         tuning.use_table(None)
 
+
+def test_shortcut_kernel_runs_where_its_tiles_fill_the_gpu_or_its_entry_says(monkeypatch):
+    """sc_composed_reason (no GPU: stand-in inputs on a "cuda" device with 132 SMs): the call's own tma4d entry or a
+    forced config run the kernel; its own "composed" entry, a borrowed conv entry that splits K, or fewer output tiles
+    than SMs send it to the composed qconv calls; a CPU (interpreter) call always runs the kernel. Its inputs are read
+    in place where TMA can."""
+    import types
+
+    pytest.importorskip("triton")
+    from diffquant.kernels import triton_conv as tc
+    from diffquant.kernels import tuning
+
+    monkeypatch.setattr(tc, "_device_name", lambda d: "GPU-A")
+    monkeypatch.setattr(tc, "_num_sms", lambda d: 132)
+
+    def stand_in(n, c, h, device="cuda"):
+        return types.SimpleNamespace(shape=(n, c, h, h), dtype=torch.float8_e4m3fn,
+                                     device=types.SimpleNamespace(type=device))
+
+    bf, base = torch.bfloat16, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3)
+    w = torch.empty(320, 3, 3, 320)
+
+    def reason(x, configs, sc=(640,)):
+        tuning.use_table({"format": tuning.FORMAT, "device": "GPU-A", "configs": configs})
+        return tc.sc_composed_reason(x, w, [1, 1], bf, [torch.empty(x.shape[0], c, 1, 1) for c in sc])
+
+    big, small = stand_in(8, 320, 64), stand_in(1, 320, 64)  # 256 x 3 tiles of 128 x 128; 32 x 3
+    add = {n: tuning.shape_key(x.shape, x.dtype, w.shape, False, (1, 1), [1, 1], (1, 1), bf, True)
+           for n, x in (("big", big), ("small", small))}
+    own = {n: tc.sc_key(x.shape, w.shape, [1, 1], bf, [640]) for n, x in (("big", big), ("small", small))}
+    try:
+        assert reason(big, {}) is None
+        assert reason(small, {}) == "96 output tiles for 132 SMs"
+        # wide tiles borrowed from conv2: 64-pixel tiles of 128 + 32 channels -> 64 x 2
+        assert reason(small, {add["small"]: dict(base, BLOCK_M=64, BLOCK_N2=32, path="tma4d")}) \
+            == "128 output tiles for 132 SMs"
+        assert "split K in 3" in reason(big, {add["big"]: dict(base, path="tma4d", SPLIT_K=3)})
+        assert reason(small, {own["small"]: dict(base, path="tma4d")}) is None
+        assert "composed qconv calls are faster" in reason(big, {own["big"]: tuning.SC_COMPOSED})
+        with tuning.forced_config(base):
+            assert reason(small, {own["small"]: tuning.SC_COMPOSED}) is None
+        assert reason(stand_in(1, 320, 64, "cpu"), {}) is None
+    finally:
+        tuning.use_table(None)
+    # the kernel reads a channel slice in place (a split conv's first part); a start or strides off 16 bytes, or
+    # channels not innermost, are copied to channels-last
+    t = torch.zeros(2, 64, 4, 4).to(torch.float8_e4m3fn).contiguous(memory_format=torch.channels_last)
+    y = t[:, 16:48]
+    assert tc._in_place_or_copy(y) is y
+    for bad in (t[:, 8:40], t.contiguous()):
+        c = tc._in_place_or_copy(bad)
+        assert c.data_ptr() != bad.data_ptr() and c.is_contiguous(memory_format=torch.channels_last)
+
 def test_shortcut_fusion_switch_runs_conv2_and_its_shortcut_as_one_op(monkeypatch):
-    """DIFFQUANT_SC_FUSE=1: every fused ResNet block whose conv2 and 1x1 shortcut are FP8 with static input scales
-    (the down blocks' one-part shortcuts on the block input, the up blocks' split shortcuts on (h, skip)) runs them as
-    one diffquant::qconv_sc, and the model computes what it computes without the switch (a UNet2DModel and a
-    text-to-image UNet, eager, and as one compiled graph); without it, no call; int8 keeps its path; a bad value is
-    refused."""
+    """DIFFQUANT_SC_FUSE (on by default): every fused ResNet block whose conv2 and 1x1 shortcut are FP8 with static
+    input scales (the down blocks' one-part shortcuts on the block input, the up blocks' split shortcuts on (h, skip))
+    runs them as one diffquant::qconv_sc, and the model computes what it computes with DIFFQUANT_SC_FUSE=0 (a
+    UNet2DModel and a text-to-image UNet, eager, and as one compiled graph); with 0, no call; int8 keeps its path; a
+    bad value is refused. (DIFFQUANT_SPLIT_FUSE=0 here: its calls are the next test's.)"""
     from diffquant.kernels import ops
 
     real = ops.qconv_sc
@@ -1959,6 +2031,7 @@ def test_shortcut_fusion_switch_runs_conv2_and_its_shortcut_as_one_op(monkeypatc
         return real(*a)
 
     monkeypatch.setattr(ops, "qconv_sc", spy)
+    monkeypatch.setenv("DIFFQUANT_SPLIT_FUSE", "0")
     for unet in (None, tiny_sd_unet()):
         _, q, inputs = _calibrated("fp8", model=unet)
         cm = convert(q, "fp8", fuse_norms=True)
@@ -1967,9 +2040,10 @@ def test_shortcut_fusion_switch_runs_conv2_and_its_shortcut_as_one_op(monkeypatc
         assert shortcuts and n_split
         with torch.no_grad():
             calls.clear()
+            monkeypatch.setenv("DIFFQUANT_SC_FUSE", "0")
             want = call_model(cm, *inputs)
             assert calls == []
-            monkeypatch.setenv("DIFFQUANT_SC_FUSE", "1")
+            monkeypatch.delenv("DIFFQUANT_SC_FUSE")
             got = call_model(cm, *inputs)
         assert sorted(calls) == sorted(len(m.conv_shortcut.parts) for m in shortcuts), calls
         # one rounding instead of two (the shortcut's output was rounded to fp32 before conv2 added it)
@@ -1977,10 +2051,8 @@ def test_shortcut_fusion_switch_runs_conv2_and_its_shortcut_as_one_op(monkeypatc
         monkeypatch.setattr(ops, "qconv_sc", real)
         torch.testing.assert_close(_one_compiled_graph(cm, inputs), got, rtol=1e-3, atol=1e-3)
         monkeypatch.setattr(ops, "qconv_sc", spy)
-        monkeypatch.delenv("DIFFQUANT_SC_FUSE")
     _, q8, inputs8 = _calibrated("int8")
     cm8 = convert(q8, "int8", fuse_norms=True)
-    monkeypatch.setenv("DIFFQUANT_SC_FUSE", "1")
     calls.clear()
     with torch.no_grad():
         call_model(cm8, *inputs8)
@@ -1991,10 +2063,10 @@ def test_shortcut_fusion_switch_runs_conv2_and_its_shortcut_as_one_op(monkeypatc
             call_model(cm, *inputs)
 
 def test_split_fusion_switch_runs_both_parts_of_a_split_conv_as_one_op(monkeypatch):
-    """DIFFQUANT_SPLIT_FUSE=1: every split FP8 conv with static input scales that keeps the size (an up block's
-    conv1, 3x3, and its shortcut, 1x1, on (h, skip)) runs its two parts as one diffquant::qconv_sc (the second part
-    a source of the first's conv); the model computes what it computes without the switch, and with
-    DIFFQUANT_SC_FUSE=1 too (the shortcuts then go into conv2); one compiled graph; a bad value is refused."""
+    """DIFFQUANT_SPLIT_FUSE (on by default): every split FP8 conv with static input scales that keeps the size (an up
+    block's conv1, 3x3, and its shortcut, 1x1, on (h, skip)) runs its two parts as one diffquant::qconv_sc (the
+    second part a source of the first's conv); the model computes what it computes with both switches 0, and with
+    DIFFQUANT_SC_FUSE on too (the shortcuts then go into conv2); one compiled graph; a bad value is refused."""
     from diffquant.kernels import ops
 
     real = ops.qconv_sc
@@ -2014,12 +2086,15 @@ def test_split_fusion_switch_runs_both_parts_of_a_split_conv_as_one_op(monkeypat
         assert k3 and k1 and k3 + k1 == len(split)
         blocks = [m for m in cm.modules() if getattr(m, "conv_shortcut", None) is not None]
         with torch.no_grad():
-            want = call_model(cm, *inputs)
-            monkeypatch.setenv("DIFFQUANT_SPLIT_FUSE", "1")
+            monkeypatch.setenv("DIFFQUANT_SPLIT_FUSE", "0")
+            monkeypatch.setenv("DIFFQUANT_SC_FUSE", "0")
             calls.clear()
+            want = call_model(cm, *inputs)
+            assert calls == []
+            monkeypatch.delenv("DIFFQUANT_SPLIT_FUSE")
             got = call_model(cm, *inputs)
             assert sorted(calls) == sorted([(1, 1)] * k1 + [(3, 3)] * k3), calls
-            monkeypatch.setenv("DIFFQUANT_SC_FUSE", "1")
+            monkeypatch.delenv("DIFFQUANT_SC_FUSE")
             calls.clear()
             both = call_model(cm, *inputs)
         # conv1 splits fused, and one conv2-with-shortcut call a block (3x3 conv, 1x1 sources)
@@ -2029,8 +2104,6 @@ def test_split_fusion_switch_runs_both_parts_of_a_split_conv_as_one_op(monkeypat
         monkeypatch.setattr(ops, "qconv_sc", real)
         torch.testing.assert_close(_one_compiled_graph(cm, inputs), both, rtol=1e-3, atol=1e-3)
         monkeypatch.setattr(ops, "qconv_sc", spy)
-        monkeypatch.delenv("DIFFQUANT_SPLIT_FUSE")
-        monkeypatch.delenv("DIFFQUANT_SC_FUSE")
     monkeypatch.setenv("DIFFQUANT_SPLIT_FUSE", "on")
     with pytest.raises(ValueError, match="DIFFQUANT_SPLIT_FUSE"):
         with torch.no_grad():
@@ -2208,28 +2281,55 @@ def test_gpu_split_gemm_scaled_mm_holds_the_model(monkeypatch):
 @gpu
 def test_gpu_qconv_sc_matches_reference_and_holds_the_model(monkeypatch):
     """diffquant::qconv_sc on the GPU: the shortcut kernel (SD-like 320-channel halves, one source, channel tails,
-    several images a tile, a 3x3 source) against the float64 reference with poisoned outputs; sources whose rows TMA
-    cannot read take the composed qconv calls; and DIFFQUANT_SC_FUSE=1 (then with DIFFQUANT_SPLIT_FUSE=1 too) holds
-    the text-to-image UNet to the fp32-activation model as closely as without it, eager and compiled."""
+    several images a tile, a 3x3 source, a split conv's first part read in place as a channel slice) against the
+    float64 reference with poisoned outputs; sources whose rows TMA cannot read take the composed qconv calls, as does
+    a grid of fewer tiles than SMs (untuned); and DIFFQUANT_SC_FUSE (then DIFFQUANT_SPLIT_FUSE too) holds the
+    text-to-image UNet to the fp32-activation model as closely as both at 0, eager and compiled (the kernel forced on
+    its small grids; compiled calls launch it too)."""
     import diffquant.kernels.reference as ref_mod
-    from diffquant.kernels import ops
+    from diffquant.kernels import ops, tuning
 
-    real_out_like = ref_mod.out_like
+    from diffquant.kernels import triton_conv as tc
+    from diffquant.kernels import triton_conv_tma as tt
+
+    real_out_like, real_reason, real_kernel = ref_mod.out_like, tc.sc_composed_reason, tt.qconv_tma4d_sc
+    launches = []
+    monkeypatch.setattr(tt, "qconv_tma4d_sc", lambda *a: launches.append(a[0].shape) or real_kernel(*a))
     monkeypatch.setattr(ref_mod, "out_like", lambda *a, **k: real_out_like(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(tc, "sc_composed_reason", lambda *a: None)  # the kernel on these small grids too
     for kw in (dict(n=2, c=320, cout=320, h=16, w=16, parts=(320, 320)), dict(n=1, c=64, cout=40, h=7, w=9,
                                                                              parts=(48, 32)),
                dict(n=3, c=32, cout=64, h=8, w=8, parts=(64,)), dict(n=1, c=16, cout=8, h=3, w=5, parts=(16, 8)),
-               dict(n=2, c=320, cout=320, h=16, w=16, parts=(320,), sc_k=3)):
+               dict(n=2, c=320, cout=320, h=16, w=16, parts=(320,), sc_k=3),
+               dict(n=2, c=320, cout=320, h=16, w=16, parts=(320,), sc_k=3, x_extra=320)):  # a split conv's parts
         c = _sc_case(**kw, device="cuda")
+        launches.clear()
         got = _sc_call(ops.qconv_sc, c, torch.bfloat16).float()
         want = _sc_call(ref_mod.qconv_sc_reference, c, torch.bfloat16).float()
         assert torch.isfinite(got).all() and float((got - want).norm() / want.norm()) < 1e-2, kw
+        assert len(launches) == (0 if kw["c"] == 16 else 1), kw  # 24-byte source rows: the composed calls
     monkeypatch.setattr(ref_mod, "out_like", real_out_like)
+    monkeypatch.setattr(tc, "sc_composed_reason", real_reason)
+    # the untimed rule: one image of 64 x 64 (96 tiles of 128 x 128 for 132 SMs) takes the composed calls, eight
+    # images the kernel; the same numbers either way
+    for n, want_launches in ((1, 0), (8, 1)):
+        c = _sc_case(n=n, c=320, cout=320, h=64, w=64, parts=(640,), device="cuda")
+        launches.clear()
+        with tuning.no_tables():
+            got = _sc_call(ops.qconv_sc, c, torch.bfloat16).float()
+        want = _sc_call(ref_mod.qconv_sc_reference, c, torch.bfloat16).float()
+        assert len(launches) == want_launches and float((got - want).norm() / want.norm()) < 1e-2, n
+    monkeypatch.setenv("DIFFQUANT_SC_FUSE", "0")
+    monkeypatch.setenv("DIFFQUANT_SPLIT_FUSE", "0")
     _, inputs, cm, want32, base = _tiny_sd_bf16_on_gpu()
-    monkeypatch.setenv("DIFFQUANT_SC_FUSE", "1")
+    monkeypatch.setattr(tc, "sc_composed_reason", lambda *a: None)  # (the tiny UNet's grids are all small)
+    monkeypatch.delenv("DIFFQUANT_SC_FUSE")
+    launches.clear()
     _held_to_distance(cm, inputs, want32, base, "sc")
-    monkeypatch.setenv("DIFFQUANT_SPLIT_FUSE", "1")
+    monkeypatch.delenv("DIFFQUANT_SPLIT_FUSE")
+    n_sc = len(launches)
     _held_to_distance(cm, inputs, want32, base, "sc+split")
+    assert n_sc and len(launches) > 2 * n_sc
 
 def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):
     """convert(fuse_norms=True): every plain ResNet block runs norm + SiLU (+ time embedding) through

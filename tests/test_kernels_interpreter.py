@@ -210,6 +210,7 @@ SC_CASES = [  # (_sc_case arguments, tile config forced)
     (dict(n=1, c=16, cout=8, h=3, w=5, parts=(16, 8)), False),  # 24-byte rows: not for TMA, the composed qconv calls
     (dict(n=2, c=32, cout=40, h=5, w=6, parts=(48,), sc_k=3), True),  # a split 3x3 conv: a 3x3 source, padded taps
     (dict(n=1, c=16, cout=24, h=4, w=4, parts=(16, 32), sc_k=3), True),  # two 3x3 sources
+    (dict(n=1, c=32, cout=24, h=4, w=4, parts=(16,), sc_k=3, x_extra=16), True),  # the input a channel slice, in place
 ]
 
 
@@ -229,7 +230,8 @@ def test_interpreter_conv_with_its_shortcut_matches_reference():
             assert finite and rel < 1e-5, (cfg, case, rel)
         # tiles (32 pixels): 2 images x 2 row blocks; 1; 3 images of 3x3, two a tile (2x4x4 boxes): 2; one 4x4 image
         # a tile (half empty); each x the channel blocks of 32 (or 32 + 16) channels: cout 40, 16, 24, 48
-        want = [[tag, [m * -(-cout // wide)]] for m, cout in ((4, 40), (1, 16), (2, 24), (1, 48), (4, 40), (1, 24))]
+        want = [[tag, [m * -(-cout // wide)]] for m, cout in ((4, 40), (1, 16), (2, 24), (1, 48), (4, 40), (1, 24),
+                                                                   (1, 24))]
         assert res[-1] == want, (res[-1], want)
 
 def test_interpreter_tma4d_persistent_path_matches_reference():

@@ -47,6 +47,10 @@
 #   PART=13 (written in session 15; not yet run): SD-1.5 b1 as shipped, with session 15's pending wide-tile entries
 #           merged (benchmarks/results/qconv_tuned_sd_b1_wide_pending.json; the merged table comes back), and with
 #           both fusion switches too. Commit the merge only if faster. Same carry; about 7 min.
+#   PART=14 (session 16): both fusions on by default (DIFFQUANT_SC_FUSE, DIFFQUANT_SPLIT_FUSE), the op sending grids
+#           smaller than one wave to the composed calls (sc_composed_reason), split convs' first parts read in place;
+#           the shortcut tuner's one SD b8 entry and SD b1's wide-tile entries merged: ROW, SD-1.5 b1, CROW, the
+#           qconv_sc GPU tests, ROW's bf16-compile partner (last: skipped if the call runs out).
 # Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in parts 2, 4, 5, 9 and 11.
 #   run: PART=1 bash scripts/gpu/ab_rows_1gpu.sh   (env: ROW, CROW, SMALL, TUNE_S, AB_ENV, TOTAL_S (570), EXTRA (env for
 #        every row, e.g. DIFFQUANT_GN_LOAD_STAGES=3 once it wins))
@@ -212,7 +216,15 @@ case $PART in
   rows b1wide "sd15-unet:1:dq-fp8-gn-qkv-te-ff"
   rows b1fuse "sd15-unet:1:dq-fp8-gn-qkv-te-ff" DIFFQUANT_SC_FUSE=1 DIFFQUANT_SPLIT_FUSE=1
   ;;
-*) echo "PART must be 1 to 13"; exit 2 ;;
+14)
+  rows def "$ROW"
+  rows b1def "sd15-unet:1:dq-fp8-gn-qkv-te-ff"
+  rows cdef "$CROW"
+  say "GPU tests: conv2 with its shortcut (diffquant::qconv_sc), its routing"
+  gpu_tests 170 "qconv_sc"
+  rows bf16 "${ROW%:*}:bf16-compile"
+  ;;
+*) echo "PART must be 1 to 14"; exit 2 ;;
 esac
 cd $OUT && tar czf all.tgz *.json *.log && find . -maxdepth 1 -type f ! -name all.tgz ! -name env.txt \
   ! -name nvidia-h200.merged.json -delete

@@ -78,11 +78,14 @@ def conv_row_stats_enabled() -> bool:
 
 
 def shortcut_fusion_enabled() -> bool:
-    """``DIFFQUANT_SC_FUSE=1``: a fused ResNet block whose conv2 and 1x1 shortcut are FP8 convs with static input
-    scales runs both as one ``diffquant::qconv_sc`` (conv2's taps, then the shortcut's one or two sources, in one
-    accumulator; :meth:`.LowBitLayer.forward_shortcut`) instead of the shortcut's kernels and conv2 adding their
-    output. Off by default until timed in the model."""
-    v = os.environ.get("DIFFQUANT_SC_FUSE", "0")
+    """``DIFFQUANT_SC_FUSE`` (``1``, the default; ``0`` turns it off): a fused ResNet block whose conv2 and 1x1
+    shortcut are FP8 convs with static input scales runs both as one ``diffquant::qconv_sc`` (conv2's taps, then the
+    shortcut's one or two sources, in one accumulator; :meth:`.LowBitLayer.forward_shortcut`) instead of the
+    shortcut's kernels and conv2 adding their output. The op itself sends the calls whose kernel grid would not fill
+    the GPU back to the separate qconv calls (:func:`.triton_conv.sc_composed_reason`). With
+    ``DIFFQUANT_SPLIT_FUSE``, SD-1.5 at batch 8 ran 14.12 ms against 14.46 without, the CIFAR DDPM at batch 256 7.68
+    against 7.93 (H200, 2026-11-29, BENCHMARKS.md "Kernels, fourteenth measurement")."""
+    v = os.environ.get("DIFFQUANT_SC_FUSE", "1")
     if v not in ("0", "1"):
         raise ValueError(f"DIFFQUANT_SC_FUSE={v!r}: 0 or 1")
     return v == "1"

@@ -220,11 +220,12 @@ class LowBitLayer(_KeepStorage, nn.Module):
 
     def fuses_parts(self, pieces: Sequence[torch.Tensor]) -> bool:
         """Whether this split layer's two parts run as one ``diffquant::qconv_sc`` (the first part as its conv, the
-        second as its one source: one kernel, one accumulator, no intermediate output): with
-        ``DIFFQUANT_SPLIT_FUSE=1``, an FP8 conv with static input scales that keeps the size (stride 1, dilation 1,
-        square kernel, padding (k - 1) / 2), fed its two quantized pieces (an up block's conv1 or shortcut on
-        ``(h, skip)``)."""
-        mode = os.environ.get("DIFFQUANT_SPLIT_FUSE", "0")
+        second as its one source: one kernel, one accumulator, no intermediate output): unless
+        ``DIFFQUANT_SPLIT_FUSE=0`` (``1`` is the default), an FP8 conv with static input scales that keeps the size
+        (stride 1, dilation 1, square kernel, padding (k - 1) / 2), fed its two quantized pieces (an up block's conv1
+        or shortcut on ``(h, skip)``). The op sends calls whose kernel grid would not fill the GPU to the separate
+        qconv calls (:func:`.triton_conv.sc_composed_reason`)."""
+        mode = os.environ.get("DIFFQUANT_SPLIT_FUSE", "1")
         if mode not in ("0", "1"):
             raise ValueError(f"DIFFQUANT_SPLIT_FUSE={mode!r}: 0 or 1")
         k = self.kernel_size

@@ -403,40 +403,100 @@ def sc_key(x_shape, w_shape, padding, out_dtype, sc_channels: Sequence[int]) -> 
     return f"{base}:sc{'+'.join(str(int(c)) for c in sc_channels)}"
 
 
+def _sc_entry(x: torch.Tensor, w: torch.Tensor, padding, out_dtype, sc_x) -> tuple[Optional[dict], str]:
+    """The table entry a ``diffquant::qconv_sc`` call goes by, and where it came from: ``"forced"`` (the tuner's
+    forced config), ``"own"`` (the call's :func:`sc_key` entry: ``"path": "tma4d"`` tiles, or ``"path":
+    "composed"``), ``"conv"`` (the ``tma4d`` entry of conv2 with a residual, the call it replaces, or of the same conv
+    without one, a split conv's first part), or ``(None, "heuristic")``."""
+    if tuning._RECORD["force"] is not None:
+        return tuning._RECORD["force"], "forced"
+    if x.device.type != "cuda":
+        return None, "heuristic"
+    own = tuning.lookup(sc_key(x.shape, w.shape, padding, out_dtype, [t.shape[1] for t in sc_x]),
+                        _device_name(x.device))
+    return (own, "own") if own is not None else _sc_conv_entry(x, w, padding, out_dtype)
+
+
 def sc_config(x: torch.Tensor, w: torch.Tensor, padding, out_dtype, sc_x) -> dict:
-    """The block config of a ``diffquant::qconv_sc`` call: its own table entry (:func:`sc_key`), else the table's
-    ``tma4d`` entry for conv2 with a residual (the call it replaces) or for the same conv without one (a split conv's
-    first part), else the 4-D heuristic. The tile sizes, warps, stages and wide tiles (``BLOCK_N2``) are used; the
-    kernel has no split-K."""
+    """The block config of a ``diffquant::qconv_sc`` call's kernel: its own ``tma4d`` table entry
+    (:func:`sc_key`), else the table's ``tma4d`` entry for conv2 with a residual (the call it replaces) or for the
+    same conv without one (a split conv's first part), else the 4-D heuristic. The tile sizes, warps, stages and
+    wide tiles (``BLOCK_N2``) are used; the kernel has no split-K. Whether the kernel runs at all:
+    :func:`sc_composed_reason`."""
     cout, kh, kw, ck = w.shape
-    cfg = tuning._RECORD["force"]
-    if cfg is None and x.device.type == "cuda":
-        name = _device_name(x.device)
-        cfg = tuning.lookup(sc_key(x.shape, w.shape, padding, out_dtype, [t.shape[1] for t in sc_x]), name)
-        for add in (True, False) if cfg is None else ():
-            base = tuning.lookup(tuning.shape_key(x.shape, x.dtype, w.shape, False, (1, 1), padding, (1, 1), out_dtype,
-                                                  add), name)
-            if base is not None and base.get("path") == "tma4d":
-                cfg = base
-                break
+    cfg, source = _sc_entry(x, w, padding, out_dtype, sc_x)
+    if source == "own" and cfg.get("path") == "composed":
+        cfg, source = _sc_conv_entry(x, w, padding, out_dtype)
     if cfg is None:
         cfg = triton_conv_tma.pick_tma_config(x.shape[0] * x.shape[2] * x.shape[3], cout,
                                               ck * kh * kw + sum(t.shape[1] for t in sc_x))
     return {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "BLOCK_N2") if k in cfg}
 
 
+def _sc_conv_entry(x, w, padding, out_dtype) -> tuple[Optional[dict], str]:
+    name = _device_name(x.device)
+    for add in (True, False):
+        base = tuning.lookup(tuning.shape_key(x.shape, x.dtype, w.shape, False, (1, 1), padding, (1, 1), out_dtype,
+                                              add), name)
+        if base is not None and base.get("path") == "tma4d":
+            return base, "conv"
+    return None, "heuristic"
+
+
+def sc_composed_reason(x: torch.Tensor, w: torch.Tensor, padding, out_dtype, sc_x) -> Optional[str]:
+    """Why a ``diffquant::qconv_sc`` call that the kernel could run takes the composed ``diffquant::qconv`` calls
+    instead (None: the kernel runs it). A forced config (the tuner) or the call's own ``tma4d`` entry: the kernel.
+    Its own ``"path": "composed"`` entry: the composed calls (the tuner timed them faster). Otherwise, on a GPU, the
+    composed calls where the kernel's grid would not fill one wave (fewer output tiles than SMs), or where the entry
+    it borrows from conv2 splits K (tuned so for too few tiles): the composed calls keep their own tuned configs,
+    split-K included, which the kernel has not. SD-1.5 at batch 1, whose every such call is of that kind, ran 5.69 ms
+    with the kernel against 5.22 without (H200, 2026-11-29, BENCHMARKS.md "Kernels, fourteenth measurement")."""
+    cfg, source = _sc_entry(x, w, padding, out_dtype, sc_x)
+    if source == "forced" or (source == "own" and cfg.get("path") != "composed"):
+        return None
+    if source == "own":
+        return "its tuned entry: the composed qconv calls are faster"
+    if x.device.type != "cuda":
+        return None
+    if cfg is not None and cfg.get("SPLIT_K", 1) > 1:
+        return f"the conv it replaces is tuned to split K in {cfg['SPLIT_K']}"
+    tile = sc_config(x, w, padding, out_dtype, sc_x)
+    bi, bh, bw = triton_conv_tma.tile_4d(tile["BLOCK_M"], x.shape[2], x.shape[3])
+    tiles = (triton.cdiv(x.shape[0], bi) * triton.cdiv(x.shape[2], bh) * triton.cdiv(x.shape[3], bw)
+             * triton.cdiv(w.shape[0], tile["BLOCK_N"] + tile.get("BLOCK_N2", 0)))
+    sms = _num_sms(x.device)
+    if tiles < sms:
+        return f"{tiles} output tiles for {sms} SMs"
+    return None
+
+
+def _in_place_or_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the 4-D TMA kernels read it: in place where they can (channels-last, channel slices included, with
+    16-byte aligned strides and start), else a channels-last copy."""
+    if triton_conv_tma.tma4d_extra_unsupported(t, 0, (0, 0), None) is None:
+        return t
+    return t.contiguous(memory_format=torch.channels_last)
+
+
 def qconv_sc_triton(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_scale, sc_bias, padding, out_dtype):
     """``diffquant::qconv_sc`` on the GPU (or under the interpreter): the shortcut kernel
-    (:func:`.triton_conv_tma.qconv_tma4d_sc`) where :func:`.triton_conv_tma.qconv_sc_unsupported` allows, else the
-    composed ``diffquant::qconv`` calls (:func:`.ops.qconv_sc_composed`). Under ``DIFFQUANT_FP8_ACC=precise``, tiles
-    of several rows cannot promote their accumulation (see :func:`precise_path`): composed calls then."""
+    (:func:`.triton_conv_tma.qconv_tma4d_sc`) where :func:`.triton_conv_tma.qconv_sc_unsupported` allows and
+    :func:`sc_composed_reason` does not object, else the composed ``diffquant::qconv`` calls
+    (:func:`.ops.qconv_sc_composed`). The inputs are read in place (an up block's conv1 fed a channel slice of its
+    quantized ``(h, skip)`` included); only those whose strides TMA cannot read are copied. Under
+    ``DIFFQUANT_FP8_ACC=precise``, tiles of several rows cannot promote their accumulation (see
+    :func:`precise_path`): composed calls then."""
     from diffquant.kernels.ops import qconv_sc_composed
 
     args = (x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_scale, sc_bias, padding, out_dtype)
-    cl = torch.channels_last
-    x = x if x.is_contiguous(memory_format=cl) else x.contiguous(memory_format=cl)
-    sc_x = [t if t.stride(1) == 1 else t.contiguous(memory_format=cl) for t in sc_x]
+    x = _in_place_or_copy(x)
+    sc_x = [_in_place_or_copy(t) for t in sc_x]
     why = triton_conv_tma.qconv_sc_unsupported(x, w, padding, sc_x, sc_w)
+    if why is None and tuning._RECORD["sc_calls"] is not None:  # (the shortcut tuner's input: calls it can run)
+        tuning._RECORD["sc_calls"].append((sc_key(x.shape, w.shape, padding, out_dtype, [t.shape[1] for t in sc_x]),
+                                           args))
+    if why is None:
+        why = sc_composed_reason(x, w, padding, out_dtype, sc_x)
     cfg = sc_config(x, w, padding, out_dtype, sc_x) if why is None else None
     if cfg is not None and fp8_precise():
         bi, bh, _ = triton_conv_tma.tile_4d(cfg["BLOCK_M"], x.shape[2], x.shape[3])
@@ -444,9 +504,6 @@ def qconv_sc_triton(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_s
     if why is not None:
         _log_sc_composed(why)
         return qconv_sc_composed(*args)
-    if tuning._RECORD["sc_calls"] is not None:  # (the shortcut tuner's input: calls the kernel runs)
-        tuning._RECORD["sc_calls"].append((sc_key(x.shape, w.shape, padding, out_dtype, [t.shape[1] for t in sc_x]),
-                                           args))
     return triton_conv_tma.qconv_tma4d_sc(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_scale, sc_bias,
                                           padding, out_dtype, cfg)
 

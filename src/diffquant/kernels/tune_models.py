@@ -159,8 +159,9 @@ def tune_sc_calls(calls: list, sc_fn, composed_fn, time_fn, default_fn, budget_s
     """Time the shortcut kernel's candidates (:func:`sc_candidates`, each forced) on each distinct recorded
     ``diffquant::qconv_sc`` call ``(key, args)``, largest first, against its default config (``default_fn(args)``,
     what :func:`.triton_conv.sc_config` picks) and the composed qconv calls it replaces (``composed_fn``). Returns
-    the table configs (``"path": "tma4d"``; only where a candidate beat the default by more than 3 %) and one row
-    per shape. A candidate whose output is more than 1 % from the composed calls' is skipped."""
+    the table configs, one per timed shape: the kernel's fastest config (``"path": "tma4d"``; a candidate only where it
+    beats the default by more than 3 %), or ``{"path": "composed"}`` where the composed calls were faster; and one row per shape. A candidate whose output is more
+    than 1 % from the composed calls' is skipped."""
     from diffquant.kernels import tuning
 
     distinct: dict = {}
@@ -204,8 +205,11 @@ def tune_sc_calls(calls: list, sc_fn, composed_fn, time_fn, default_fn, budget_s
                 timed.append([*cfg.values(), round(ms, 5)])
                 if ms < best_ms:
                     best, best_ms = cfg, ms
-        if best is not None and best_ms < 0.97 * default_ms:
-            configs[key] = dict(best, path="tma4d")
+        # the kernel's config: a candidate only where it beats the default by more than 3 %
+        fused, fused_ms = (best, best_ms) if best is not None and best_ms < 0.97 * default_ms else (default, default_ms)
+        # every timed shape gets an entry, the kernel or the composed calls, whichever was faster: without one, the
+        # call would follow sc_composed_reason's untimed rule (whether its tiles fill one wave)
+        configs[key] = dict(tuning.SC_COMPOSED) if composed_ms < fused_ms else dict(fused, path="tma4d")
         rows.append(dict(key=key, calls=(counts or {}).get(key, 0), composed_ms=round(composed_ms, 5),
                          default_ms=round(default_ms, 5), default=default, best_ms=round(best_ms, 5),
                          best=best or default, tried=len(timed), failed=failed, candidates_ms=timed))
@@ -249,6 +253,7 @@ def tune_shortcut_convs(tasks: str, out: str, rows_path: Optional[str] = None, b
             for r in rows:
                 r["task"] = spec
             table["configs"].update(configs)
+            table.setdefault("tuned_keys", []).extend(configs)
             all_rows += rows
             del calls
             torch.cuda.empty_cache()

@@ -22,7 +22,8 @@ of one row each, one dot per output row of a 2- or 4-row tile, so that the A til
 ``"gather"`` (the default). A ``"tma"`` or ``"tma4d"`` config may also carry ``"SPLIT_K"`` (an integer): each output
 tile is then computed by that many programs over parts of the K loop, summed by a second kernel (for layers with too
 few output tiles to fill the GPU). The tuner times the candidates of every kernel that can run a shape and the table
-records the fastest.
+records the fastest. A ``diffquant::qconv_sc`` shape (conv2 with its shortcut; key ending in ``:sc<channels>``) may
+instead be listed as ``{"path": "composed"}``: its separate qconv calls were faster than the shortcut kernel.
 
 This module does not import Triton: the table logic is usable (and tested) on any machine.
 """
@@ -40,6 +41,9 @@ import torch
 FORMAT = "diffquant-qconv-tuned/1"
 CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 PATHS = ("gather", "tma", "tma4d", "tma4dp", "tma4dr")  # the optional "path" field of a config: which conv kernel runs the shape
+# the entry of a ``diffquant::qconv_sc`` shape (key ending in ``:sc<channels>``) whose composed qconv calls the tuner
+# timed faster than the shortcut kernel
+SC_COMPOSED = {"path": "composed"}
 
 # 8-bit activations: the candidates tried per shape (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 CANDIDATES_8BIT: tuple[tuple[int, ...], ...] = (
@@ -182,6 +186,8 @@ def validate_table(table: Any, where: str = "tuned table") -> dict:
     if not isinstance(table.get("device"), str) or not isinstance(table.get("configs"), dict):
         raise ValueError(f"{where}: needs a 'device' string and a 'configs' object")
     for k, cfg in table["configs"].items():
+        if cfg == SC_COMPOSED and ":sc" in k:
+            continue
         if not isinstance(cfg, dict) or set(cfg) - {"path", "SPLIT_K", "BLOCK_N2"} != set(CONFIG_FIELDS) or \
                 not all(isinstance(cfg[f], int) and cfg[f] > 0 for f in CONFIG_FIELDS):
             raise ValueError(f"{where}: config of {k!r} must have the positive integers {', '.join(CONFIG_FIELDS)} "
