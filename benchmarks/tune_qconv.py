@@ -32,7 +32,8 @@ def main() -> None:
                     help="comma list: time only the shapes whose key contains one of these (e.g. x8x8:,x16x16:)")
     ap.add_argument("--shortcut", action="store_true",
                     help="tune diffquant::qconv_sc instead (each ResNet block's conv2 with its 1x1 shortcut, "
-                         "DIFFQUANT_SC_FUSE=1); --budget-s, --reps, --out and --rows apply, the other options not")
+                         "and a split conv's two parts); --budget-s, --reps, --out, --rows, --untuned-only and "
+                         "--shapes apply, the other options not")
     ap.add_argument("--print-rows", metavar="ROWS_JSON", help="print the summary of a --rows file and exit (no GPU)")
     args = ap.parse_args()
     from diffquant.kernels.tune_models import format_rows, tune_models
@@ -48,7 +49,8 @@ def main() -> None:
             from diffquant.kernels.tune_models import tune_shortcut_convs
 
             tune_shortcut_convs(args.tasks, args.out, args.rows, args.budget_s, args.reps,
-                                command=shlex.join(["python", *sys.argv]), progress=lambda s: print(s, flush=True))
+                                command=shlex.join(["python", *sys.argv]), progress=lambda s: print(s, flush=True),
+                                untuned_only=args.untuned_only, shapes=[p for p in args.shapes.split(",") if p])
             return
         tune_models(args.tasks, args.out, args.rows, args.budget_s, args.reps, tma=not args.no_tma,
                     skip_paths=[p for p in args.skip_paths.split(",") if p], command=shlex.join(["python", *sys.argv]),

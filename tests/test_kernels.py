@@ -1833,8 +1833,8 @@ def test_qconv_sc_op_is_conv2_plus_its_shortcut():
     """diffquant::qconv_sc on the CPU (its float64 reference): conv2 of x plus the 1x1 shortcut of each source, each
     dequantized by its own scales, plus both biases, from scratch with F.conv2d; the same as the composed qconv calls
     (the unfused block's path) up to their intermediate rounding; one- and two-source calls, a 1x1 conv2, no biases;
-    3x3 sources (a split conv's second part); mismatched lists refused; traced by torch.compile as one graph (its
-    fake kernel)."""
+    3x3 sources (a split conv's second part); the composed calls in the unfused layers' order; mismatched lists
+    refused; traced by torch.compile as one graph (its fake kernel)."""
     from diffquant.kernels import ops
 
     def definition(c):
@@ -1859,6 +1859,18 @@ def test_qconv_sc_op_is_conv2_plus_its_shortcut():
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
         torch.testing.assert_close(_sc_call(ops.qconv_sc_composed, c).double(), want, rtol=1e-5, atol=1e-4)
         assert _sc_call(ops.qconv_sc, c, torch.bfloat16).dtype == torch.bfloat16
+    # the composed calls run in the order of the unfused layers (so each finds its tuned entry): a shortcut's 1x1
+    # sources before conv2, which adds them; a split conv's first part (the conv) before its later part
+    order, real = [], ops.qconv
+    ops.qconv = lambda *a: order.append((a[1].shape[1], a[7] is not None)) or real(*a)
+    try:
+        for kw, want in ((dict(), [(1, False), (1, True), (3, True)]), (dict(parts=(16,), sc_k=3),
+                                                                          [(3, False), (3, True)])):
+            order.clear()
+            _sc_call(ops.qconv_sc_composed, _sc_case(**kw))
+            assert order == want, (kw, order)
+    finally:
+        ops.qconv = real
     c = _sc_case()
     with pytest.raises(ValueError, match="shortcut sources"):
         ops.qconv_sc(c["x"], c["w"], c["w_scale"], c["a_scale"], c["bias"], c["sc_x"], c["sc_w"][:1],

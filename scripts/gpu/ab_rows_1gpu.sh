@@ -36,21 +36,25 @@
 #           output channels a program, tuning.CANDIDATES_WIDE) for SD b8's 320- and 640-channel 3x3 convs: their GPU
 #           tests, those shapes re-tuned with tma4d (wide tiles included), tma4dr and gather competing (TUNE_S, 200),
 #           merged on the device, ROW with the merged table. Carry .whl/diffusers-0.42.1-py3-none-any.whl.
-#   PART=10 (written in session 15 after its device time; not yet run): conv2 with its 1x1 shortcut in one kernel
+#   PART=10 (written in session 15 after its device time; ran in session 16: SD b8 14.46 -> 14.19 / 14.16 ms): conv2 with its 1x1 shortcut in one kernel
 #           (diffquant::qconv_sc, DIFFQUANT_SC_FUSE=1) and the split convs' two parts in one kernel
 #           (DIFFQUANT_SPLIT_FUSE=1): their GPU tests, then ROW as shipped, with both switches, and with the first
 #           only (last: skipped if the call runs out; session 15's call 1 spent 115 s on tests and 167 s on the
 #           first, cold-compile SD row). Carry .whl/diffusers-0.42.1-py3-none-any.whl.
-#   PART=11 (written in session 15; not yet run): the shortcut kernel tuned on ROW's ResNet blocks with both switches
+#   PART=11 (written in session 15; ran in session 16: 14.12 ms, one entry): the shortcut kernel tuned on ROW's ResNet blocks with both switches
 #           (tune_qconv.py --shortcut, TUNE_S, 150), merged on the device, ROW with both switches. Same carry.
-#   PART=12 (written in session 15; not yet run): CROW as shipped and with both switches (about 4 min).
-#   PART=13 (written in session 15; not yet run): SD-1.5 b1 as shipped, with session 15's pending wide-tile entries
+#   PART=12 (written in session 15; ran in session 16: 7.93 -> 7.68 ms): CROW as shipped and with both switches (about 4 min).
+#   PART=13 (written in session 15; ran in session 16: 5.46 -> 5.215 ms with the entries, 5.69 with the switches): SD-1.5 b1 as shipped, with session 15's pending wide-tile entries
 #           merged (benchmarks/results/qconv_tuned_sd_b1_wide_pending.json; the merged table comes back), and with
 #           both fusion switches too. Commit the merge only if faster. Same carry; about 7 min.
 #   PART=14 (session 16): both fusions on by default (DIFFQUANT_SC_FUSE, DIFFQUANT_SPLIT_FUSE), the op sending grids
 #           smaller than one wave to the composed calls (sc_composed_reason), split convs' first parts read in place;
 #           the shortcut tuner's one SD b8 entry and SD b1's wide-tile entries merged: ROW, SD-1.5 b1, CROW, the
-#           qconv_sc GPU tests, ROW's bf16-compile partner (last: skipped if the call runs out).
+#           qconv_sc GPU tests, ROW's bf16-compile partner (last: skipped if the call runs out). Ran in session 16
+#           with TOTAL_S=545: SD b8 13.85, SD b1 5.28, CIFAR b256 7.25 ms, the test passed, the bf16 row skipped.
+#   PART=15 (written in session 16 after its device time; not yet run): same-run bases and the composed calls'
+#           order fix (ops.qconv_sc_composed): ROW with its bf16-compile partner, SD-1.5 b1 (should match the
+#           unfused 5.215 ms), CROW with its bf16-compile partner (about 8 min cold).
 # Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in parts 2, 4, 5, 9 and 11.
 #   run: PART=1 bash scripts/gpu/ab_rows_1gpu.sh   (env: ROW, CROW, SMALL, TUNE_S, AB_ENV, TOTAL_S (570), EXTRA (env for
 #        every row, e.g. DIFFQUANT_GN_LOAD_STAGES=3 once it wins))
@@ -224,7 +228,12 @@ case $PART in
   gpu_tests 170 "qconv_sc"
   rows bf16 "${ROW%:*}:bf16-compile"
   ;;
-*) echo "PART must be 1 to 14"; exit 2 ;;
+15)
+  rows sd8 "${ROW%:*}:bf16-compile,$ROW"
+  rows sd1 "sd15-unet:1:dq-fp8-gn-qkv-te-ff"
+  rows c256 "${CROW%:*}:bf16-compile,$CROW"
+  ;;
+*) echo "PART must be 1 to 15"; exit 2 ;;
 esac
 cd $OUT && tar czf all.tgz *.json *.log && find . -maxdepth 1 -type f ! -name all.tgz ! -name env.txt \
   ! -name nvidia-h200.merged.json -delete

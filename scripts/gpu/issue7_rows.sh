@@ -8,21 +8,22 @@
 #          TUNE_TASKS (model:batch:variant,...; empty: no tuning, every GPU benches), TUNE_S (200), TUNE_ARGS (more
 #          tune_qconv.py options, e.g. --untuned-only or --skip-paths tma),
 #          DIFFQUANT_PROFILE_TOP (kernels listed per row's profile, default here 40)
-#   suggested calls for the next session (written at the end of session 15, 2026-11-29; sessions 12-15 ran on one GPU
-#   as scripts/gpu/ab_rows_1gpu.sh PART=1-9 and inline commands, see BENCHMARKS.md "Kernels, tenth" to "thirteenth
+#   suggested calls for the next session (written at the end of session 16, 2026-11-29; sessions 12-16 ran on one GPU
+#   as scripts/gpu/ab_rows_1gpu.sh PART=1-14 and inline commands, see BENCHMARKS.md "Kernels, tenth" to "fourteenth
 #   measurement"):
-#   1. PART=10 bash scripts/gpu/ab_rows_1gpu.sh (carry .whl/diffusers-0.42.1-py3-none-any.whl; about 8 min): conv2
-#      with its 1x1 shortcut in one kernel (diffquant::qconv_sc, DIFFQUANT_SC_FUSE=1) and split convs in one kernel
-#      (DIFFQUANT_SPLIT_FUSE=1): the GPU tests, SD b8 as shipped, with both switches, with the first. Then PART=11
-#      (same carry; about 6 min): the kernel tuned on SD b8's ResNet blocks, merged, the row; PART=12 (about 4 min):
-#      CIFAR b256 as shipped and with both switches. If the switches win, make them the default.
-#   2. PART=13 (same carry; about 7 min): SD b1 as shipped, with session 15's wide-tile entries merged
-#      (benchmarks/results/qconv_tuned_sd_b1_wide_pending.json; its row's first compile took over 95 s in session 15),
-#      and with both fusion switches too (fewer launches matter most at batch 1). Commit the merged table only if
-#      faster.
+#   1. PART=15 bash scripts/gpu/ab_rows_1gpu.sh (carry .whl/diffusers-0.42.1-py3-none-any.whl; about 8 min): the
+#      same-run bf16-compile bases session 16 lacked (SD b8, CIFAR b256) beside their FP8 rows with both shortcut
+#      fusions on (the default since session 16), and SD b1 with the composed calls' order fix (should match the
+#      unfused 5.215 ms).
+#   2. The shortcut kernel tuned on the shapes session 16's 150 s did not reach (6 of SD b8's 16; --untuned-only
+#      skips the one with an entry, not the 9 timed without one) and on CIFAR b256: python3 benchmarks/tune_qconv.py
+#      --shortcut --tasks ddpm-cifar10-32:256:dq-fp8-gn-qkv-te --budget-s 200 --out T.json, merged with diffquant
+#      tune-kernels --merge-from T.json --merge-into src/diffquant/kernels/tuned/nvidia-h200.json; then the row.
 #   3. CIFAR b1's 17 shapes never tuned: PART=5 SMALL=ddpm-cifar10-32:1:dq-fp8-gn-qkv-te TUNE_ARGS="--shapes
 #      x8x8:,x4x4:,k1x1" (cuDNN bf16 beat every FP8 candidate on the 8 reached); the 12 INT8 CIFAR b256 shapes
 #      still untuned (TUNE0=ddpm-cifar10-32:256:dq-int8 TUNE_ARGS=--untuned-only bash scripts/gpu/tune_split.sh).
+#   Measured and kept in session 16: conv2 with its shortcut in one kernel and the split convs' parts in one kernel
+#   (SD b8 14.46 -> 13.85, CIFAR b256 7.93 -> 7.25 ms), on by default, grids under one wave sent to the composed calls.
 #   Measured and dropped in session 15: DIFFQUANT_SPLIT_GEMM=scaled_mm (SD b8 15.25 against 15.06 ms). Measured and
 #   kept: the wide 4-D tiles tuned into SD b8's 3x3 convs (15.06 -> 14.36 ms).
 #   Measured and dropped in session 14: cuDNN's FP8 attention (no faster than its bf16 attention at head dim 40/48),

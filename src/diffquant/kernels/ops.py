@@ -143,14 +143,23 @@ def _qconv_sc_fake(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_sc
 
 def qconv_sc_composed(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_scale, sc_bias, padding,
                       out_dtype: torch.dtype) -> torch.Tensor:
-    """``diffquant::qconv_sc`` as separate ``diffquant::qconv`` calls: each shortcut source adds the sum so far in
-    its epilogue, conv2 adds the shortcut's output (rounded to ``out_dtype`` in between, as the unfused block)."""
+    """``diffquant::qconv_sc`` as separate ``diffquant::qconv`` calls, in the order of the unfused layers they
+    replace, so that each call finds its tuned table entry: 1x1 sources of a larger conv (a ResNet block's
+    shortcut) first, each adding the sum so far in its epilogue, then the conv adding the shortcut's output; sources
+    of the conv's own kernel size (a split conv's later parts) after the conv, each adding the sum so far. Rounded to
+    ``out_dtype`` in between, as the unfused layers are."""
     one = [1, 1]
+    k = w.shape[1]
+    shortcut_first = all(ws.shape[1] == 1 for ws in sc_w) and k > 1
     y = None
+    if not shortcut_first:
+        y = qconv(x, w, w_scale, a_scale, None, None, bias, None, 0, one, list(padding), one, False, out_dtype)
     for j, (xs, ws, wss, sas) in enumerate(zip(sc_x, sc_w, sc_w_scale, sc_a_scale)):
         p = (ws.shape[1] - 1) // 2
         y = qconv(xs, ws, wss, sas, None, None, sc_bias if j == 0 else None, y, 0, one, [p, p], one, False, out_dtype)
-    return qconv(x, w, w_scale, a_scale, None, None, bias, y, 0, one, list(padding), one, False, out_dtype)
+    if shortcut_first:
+        y = qconv(x, w, w_scale, a_scale, None, None, bias, y, 0, one, list(padding), one, False, out_dtype)
+    return y
 
 def qconv_ref(*args) -> torch.Tensor:
     """The reference implementation of ``diffquant::qconv`` (same arguments), whatever the device."""

@@ -219,10 +219,12 @@ def tune_sc_calls(calls: list, sc_fn, composed_fn, time_fn, default_fn, budget_s
 
 
 def tune_shortcut_convs(tasks: str, out: str, rows_path: Optional[str] = None, budget_s: float = float("inf"),
-                        reps: int = 10, command: str = "", progress: Callable[[str], None] = print) -> dict:
+                        reps: int = 10, command: str = "", progress: Callable[[str], None] = print,
+                        untuned_only: bool = False, shapes: Sequence[str] = ()) -> dict:
     """Tune ``diffquant::qconv_sc`` (conv2 with its shortcut, ``DIFFQUANT_SC_FUSE=1``, and the split convs' two
     parts, ``DIFFQUANT_SPLIT_FUSE=1``) on the ResNet blocks of each task (GPU): records one eager forward pass with
-    both switches on, then :func:`tune_sc_calls`. Writes a table
+    both switches on, then :func:`tune_sc_calls`; ``untuned_only``: only the shapes no active table lists;
+    ``shapes``: only those whose key contains one of these strings. Writes a table
     (``diffquant tune-kernels --merge-from`` merges it) and the rows; returns the table."""
     import os
 
@@ -245,6 +247,12 @@ def tune_shortcut_convs(tasks: str, out: str, rows_path: Optional[str] = None, b
             spec = f"{model_name}:{batch}:{variant}"
             calls, counts = _record_task(model_name, batch, variant, dev, tuning.record_sc_calls)
             progress(f"{spec}: {len(calls)} qconv_sc calls, {len(counts)} distinct shapes")
+            if untuned_only:
+                calls = tuning.untuned_calls(calls, table["device"])
+                progress(f"{spec}: --untuned-only: {len({c[0] for c in calls})} shapes without a table entry")
+            if shapes:
+                calls = tuning.calls_matching(calls, shapes)
+                progress(f"{spec}: --shapes {','.join(shapes)}: {len({c[0] for c in calls})} shapes")
             configs, rows = tune_sc_calls(
                 calls, qconv_sc_triton, ops.qconv_sc_composed,
                 lambda fn: time_call(fn, warmup=2, reps=reps, inner=0)[0],
