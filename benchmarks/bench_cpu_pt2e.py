@@ -11,6 +11,9 @@ with freezing (int8 weights prepacked, quantize/dequantize fused into oneDNN int
 Timed against fp32 eager and fp32 compiled (freezing too), median of ``--runs`` forward passes per batch size.
 Quality: relative L2 error of the predicted noise against fp32 on 32 rows of the calibration set, next to diffquant's
 own fake-quant model of the same scheme (``config_for_backend('int8')``), and PSNR of DDIM samples vs fp32.
+``--reduce-range``: 7-bit activations (``auto``, the default: where the CPU lacks VNNI, see
+:func:`diffquant.kernels.cpu_pt2e.cpu_has_vnni`); ``--also-full-range`` adds the error of a compiled full-range model
+(what a CPU without VNNI computes without the reduced range).
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -49,11 +54,15 @@ def main() -> None:
     ap.add_argument("--calib-num", type=int, default=16, help="calibration trajectories (x 10 time steps)")
     ap.add_argument("--psnr-samples", type=int, default=8)
     ap.add_argument("--psnr-steps", type=int, default=10)
+    ap.add_argument("--reduce-range", choices=("auto", "on", "off"), default="auto",
+                    help="7-bit activations: auto (where the CPU lacks VNNI), on, off")
+    ap.add_argument("--also-full-range", action="store_true",
+                    help="also build a compiled model with full-range activations and report its error")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     import torch._inductor.config as icfg
 
-    from diffquant.kernels.cpu_pt2e import _Eps, quantize_pt2e_x86, torchao_available
+    from diffquant.kernels.cpu_pt2e import _Eps, cpu_has_vnni, quantize_pt2e_x86, torchao_available
 
     if not torchao_available():
         raise SystemExit("this benchmark needs torchao (pip install torchao)")
@@ -75,10 +84,12 @@ def main() -> None:
     hold = cal.subset(min(32, n_cal // 4), seed=1)
     xs_h, ts_h = hold.xs.float(), hold.ts.float()
 
+    rr = {"auto": None, "on": True, "off": False}[a.reduce_range]
     t0 = time.perf_counter()
-    q_c = quantize_pt2e_x86(fp, cal, compile=True)  # export, prepare, calibrate, convert, compile (freezing)
+    q_c = quantize_pt2e_x86(fp, cal, compile=True, reduce_range=rr)  # export, prepare, calibrate, convert, compile
     q_s = time.perf_counter() - t0
-    converted = quantize_pt2e_x86(fp, cal, compile=False)  # the same graph without Inductor (reference numerics)
+    converted = quantize_pt2e_x86(fp, cal, compile=False, reduce_range=q_c.reduce_range)  # without Inductor
+    full = quantize_pt2e_x86(fp, cal, compile=True, reduce_range=False) if a.also_full_range else None
 
     # diffquant's fake-quant model of the same scheme, calibrated on the same data
     dq = quantize(fp, config_for_backend("int8"))
@@ -97,6 +108,9 @@ def main() -> None:
         err = {"pt2e_int8_compiled": _rel(q_c(xs_h, ts_h), ref), "pt2e_int8_uncompiled": _rel(converted(xs_h, ts_h), ref),
                "diffquant_fake_int8": _rel(_Eps(dq, False)(xs_h, ts_h), ref)}
         err["pt2e_vs_diffquant_fake"] = _rel(q_c(xs_h, ts_h), _Eps(dq, False)(xs_h, ts_h))
+        err["pt2e_compiled_vs_uncompiled"] = _rel(q_c(xs_h, ts_h), converted(xs_h, ts_h))
+        if full is not None:
+            err["pt2e_int8_compiled_full_range"] = _rel(full(xs_h, ts_h), ref)
 
     def fp_compiled(*args):
         with icfg.patch(freezing=True):
@@ -123,8 +137,10 @@ def main() -> None:
         imgs_fp = draw(fp)
         psnr = {"pt2e_int8": paired_fidelity(imgs_fp, draw(q_c))["psnr"]["mean"],
                 "diffquant_fake_int8": paired_fidelity(imgs_fp, draw(dq))["psnr"]["mean"]}
-    res = {"command": "python benchmarks/bench_cpu_pt2e.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None),
+    res = {"command": shlex.join(["python", *sys.argv]),
            "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_vnni": cpu_has_vnni(),
+           "reduce_range": q_c.reduce_range,
            "torch": torch.__version__, "torchao": __import__("torchao").__version__, "threads": a.threads,
            "model": "zoo:cifar10-ddpm", "calib_rows": n_cal, "compile_s": {"fp32": round(fp_compile_s, 1), "pt2e_int8_export_calibrate_convert_compile": round(q_s, 1)},
            "rel_error_of_eps_vs_fp32": err, "psnr_vs_fp32": psnr,

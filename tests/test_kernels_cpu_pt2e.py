@@ -4,7 +4,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffquant.calibration import capture_calibration_set
-from diffquant.kernels.cpu_pt2e import EXPORT_BATCH, quantize_pt2e_x86, torchao_available
+from diffquant.kernels.cpu_pt2e import EXPORT_BATCH, cpu_has_vnni, quantize_pt2e_x86, torchao_available
 from diffquant.models.configs import DDPM_SCHEDULER, build_unet
 from diffquant.sampling import SamplerSpec, sample
 from _unets import tiny_unet_config
@@ -37,7 +37,9 @@ def test_pt2e_int8_close_to_fp32_any_batch(setup):
         ref = model(x, t).sample
         out = q(x, t)
     assert out.shape == ref.shape
-    assert _rel(out, ref) < 0.1  # 8-bit weights and activations
+    # 8-bit weights and activations (7-bit activations where the CPU lacks VNNI: 13.5 % on this random-weight UNet,
+    # 4.5 % on zoo:cifar10-ddpm; AVX2 AMD EPYC, 2026-11-29)
+    assert _rel(out, ref) < (0.2 if q.reduce_range else 0.1)
     assert _rel(out, ref) > 0  # it is quantized
     with torch.no_grad():  # batch 1 is padded to the exported minimum; rows do not depend on the batch
         one = q(x[:1], t[:1])
@@ -47,13 +49,38 @@ def test_pt2e_int8_close_to_fp32_any_batch(setup):
 
 
 def test_pt2e_compiled_matches_converted(setup):
+    """The compiled model (oneDNN's fused int8 kernels) computes what the converted graph (reference quantize /
+    dequantize numerics) does, on this CPU: with full-range activations where it has VNNI, with 7-bit ones where it
+    has not (there, full-range u8 x s8 products overflow oneDNN's 16-bit pair sums: 21.8 % from the reference on
+    a 2-core AMD EPYC with AVX2, 2026-11-29)."""
     model, _, calib = setup
     eager = quantize_pt2e_x86(model, calib, compile=False)
     comp = quantize_pt2e_x86(model, calib, compile=True)
+    assert eager.reduce_range == comp.reduce_range == (not cpu_has_vnni())
     x, t, _ = calib.batch(torch.arange(4))
     with torch.no_grad():
+        ref = model(x.float(), t.float()).sample
         a, b = eager(x.float(), t.float()), comp(x.float(), t.float())
-    assert _rel(b, a) < 0.02  # fused int8 kernels vs the reference quantize/dequantize graph
+    # fused int8 kernels vs the reference graph: different rounding order, twice as coarse with 7-bit activations
+    assert _rel(b, a) < (0.045 if comp.reduce_range else 0.02)
+    assert _rel(b, ref) < 1.25 * _rel(a, ref) + 0.005  # no error of its own (saturation) on top of quantization
+
+
+def test_pt2e_reduced_range_follows_the_cpu(setup, monkeypatch):
+    """reduce_range=None: 7-bit activations exactly where the CPU lacks VNNI (the quantizer's config asked with
+    reduce_range accordingly); an explicit value wins."""
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+
+    model, _, calib = setup
+    asked = []
+    real = xiq.get_default_x86_inductor_quantization_config
+    monkeypatch.setattr(xiq, "get_default_x86_inductor_quantization_config",
+                        lambda **kw: asked.append(kw["reduce_range"]) or real(**kw))
+    got = []
+    for vnni, rr in ((True, None), (False, None), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda v=vnni: v)
+        got.append(quantize_pt2e_x86(model, calib, compile=False, reduce_range=rr).reduce_range)
+    assert got == asked == [False, True, False]
 
 
 def test_pt2e_refusals(setup):

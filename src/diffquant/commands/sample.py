@@ -177,7 +177,8 @@ def _cpu_int8(loaded, dev, calib_num: int):
     net = quantize_pt2e_x86(loaded.model, calib)
     return net, {"calib_rows": len(calib), "calib_capture_seconds": round(t1 - t0, 2),
                  "export_calibrate_convert_compile_seconds": round(time.perf_counter() - t1, 2),
-                 "flow": "torch.export + torchao X86InductorQuantizer (pt2e) + Inductor freezing"}
+                 "flow": "torch.export + torchao X86InductorQuantizer (pt2e) + Inductor freezing",
+                 "reduce_range": net.reduce_range}
 
 
 def _sharded(model, sampler, steps, spacing, eta, num, seed, batch_size, device, out_path, grid, shard_size, out_dir,

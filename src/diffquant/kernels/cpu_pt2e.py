@@ -27,6 +27,14 @@ EXPORT_BATCH = (2, 63)
 WARMUP_BATCHES = (3, 16)
 
 
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has VNNI (``torch.cpu._is_vnni_supported``): int8 dot products that add u8 x s8 products
+    in 32 bits. Without it, oneDNN's int8 kernels sum pairs of products in saturating 16-bit integers (AVX2's
+    ``vpmaddubsw``), and full-range uint8 activations overflow them."""
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
 def torchao_available() -> bool:
     try:
         import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
@@ -53,12 +61,13 @@ class Pt2eInt8Denoiser(nn.Module):
     ``model(x, t, class_labels=None)`` returns the output tensor. Batches outside the exported range are
     padded (batch 1) or split (more than 63), so any batch size works."""
 
-    def __init__(self, program: Any, config: Any, conditional: bool, compiled: bool):
+    def __init__(self, program: Any, config: Any, conditional: bool, compiled: bool, reduce_range: bool = False):
         super().__init__()
         self.program = program
         self.config = config
         self.conditional = conditional
         self.compiled = compiled
+        self.reduce_range = reduce_range  # 7-bit activations (see quantize_pt2e_x86)
         self._device_probe = nn.Parameter(torch.zeros(1), requires_grad=False)  # samplers read the device
 
     def _run(self, x, t, c):
@@ -90,10 +99,15 @@ class Pt2eInt8Denoiser(nn.Module):
         return self._run(x, t, class_labels)
 
 
-def quantize_pt2e_x86(model: nn.Module, calib, *, batch_size: int = 32, compile: bool = True) -> Pt2eInt8Denoiser:
+def quantize_pt2e_x86(model: nn.Module, calib, *, batch_size: int = 32, compile: bool = True,
+                      reduce_range: Optional[bool] = None) -> Pt2eInt8Denoiser:
     """Int8 ``model`` for x86 CPUs through torchao's pt2e flow, calibrated on the CalibrationSet ``calib``
     (see the module docstring). ``compile``: Inductor with freezing (the fast path); False leaves the
-    converted graph eager (reference numerics, slow)."""
+    converted graph eager (reference numerics, slow). ``reduce_range``: activations quantized to 0..127 instead of
+    0..255, as torchao advises for CPUs without VNNI; None (the default): on exactly when :func:`cpu_has_vnni` says
+    the CPU lacks it. On a 2-core AMD EPYC with AVX2 and no VNNI (2026-11-29), the compiled full-range model was
+    21.8 % (relative L2) from the uncompiled one, whose reference numerics do not saturate; see BENCHMARKS.md "CPU
+    int8 through PyTorch's pt2e flow"."""
     try:
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
@@ -107,6 +121,8 @@ def quantize_pt2e_x86(model: nn.Module, calib, *, batch_size: int = 32, compile:
     if conditional and "class_labels" not in calib.cond:
         raise ValueError("a class-conditional model needs class_labels in the calibration set")
     batch_size = max(EXPORT_BATCH[0], min(batch_size, EXPORT_BATCH[1]))
+    if reduce_range is None:
+        reduce_range = not cpu_has_vnni()
     eps = _Eps(model.eval(), conditional)
 
     def args_of(idx):
@@ -119,7 +135,7 @@ def quantize_pt2e_x86(model: nn.Module, calib, *, batch_size: int = 32, compile:
     shapes = tuple({0: dim} for _ in ex)
     exported = torch.export.export(eps, ex, dynamic_shapes=shapes)
     quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
     prepared = prepare_pt2e(exported.module(), quantizer)
     n = len(calib)
     with torch.no_grad():
@@ -141,8 +157,9 @@ def quantize_pt2e_x86(model: nn.Module, calib, *, batch_size: int = 32, compile:
                     for a in args:
                         torch._dynamo.mark_dynamic(a, 0)
                     program(*args)
-    log.info("pt2e int8 (X86InductorQuantizer): %d calibration rows, compiled=%s", n, compile)
-    return Pt2eInt8Denoiser(program, model.config, conditional, compile)
+    log.info("pt2e int8 (X86InductorQuantizer): %d calibration rows, compiled=%s, reduce_range=%s", n, compile,
+             reduce_range)
+    return Pt2eInt8Denoiser(program, model.config, conditional, compile, reduce_range)
 
 
-__all__ = ["EXPORT_BATCH", "Pt2eInt8Denoiser", "quantize_pt2e_x86", "torchao_available"]
+__all__ = ["EXPORT_BATCH", "Pt2eInt8Denoiser", "cpu_has_vnni", "quantize_pt2e_x86", "torchao_available"]
