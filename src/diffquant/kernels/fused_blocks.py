@@ -83,8 +83,8 @@ def shortcut_fusion_enabled() -> bool:
     shortcut's one or two sources, in one accumulator; :meth:`.LowBitLayer.forward_shortcut`) instead of the
     shortcut's kernels and conv2 adding their output. The op itself sends the calls whose kernel grid would not fill
     the GPU back to the separate qconv calls (:func:`.triton_conv.sc_composed_reason`). With
-    ``DIFFQUANT_SPLIT_FUSE``, SD-1.5 at batch 8 ran 14.12 ms against 14.46 without, the CIFAR DDPM at batch 256 7.68
-    against 7.93 (H200, 2026-11-29, BENCHMARKS.md "Kernels, fourteenth measurement")."""
+    ``DIFFQUANT_SPLIT_FUSE``, both on: SD-1.5 at batch 8 ran 13.85 ms against 14.46 without, the CIFAR DDPM at batch
+    256 7.25 against 7.93 (H200, 2026-11-29, BENCHMARKS.md "Kernels, fourteenth measurement")."""
     v = os.environ.get("DIFFQUANT_SC_FUSE", "1")
     if v not in ("0", "1"):
         raise ValueError(f"DIFFQUANT_SC_FUSE={v!r}: 0 or 1")
