@@ -2304,11 +2304,11 @@ def test_gpu_qconv_sc_matches_reference_and_holds_the_model(monkeypatch):
     from diffquant.kernels import triton_conv as tc
     from diffquant.kernels import triton_conv_tma as tt
 
-    real_out_like, real_reason, real_kernel = ref_mod.out_like, tc.sc_composed_reason, tt.qconv_tma4d_sc
+    real_out_like, real_grid, real_kernel = ref_mod.out_like, tc._sc_grid_reason, tt.qconv_tma4d_sc
     launches = []
     monkeypatch.setattr(tt, "qconv_tma4d_sc", lambda *a: launches.append(a[0].shape) or real_kernel(*a))
     monkeypatch.setattr(ref_mod, "out_like", lambda *a, **k: real_out_like(*a, **k).fill_(float("nan")))
-    monkeypatch.setattr(tc, "sc_composed_reason", lambda *a: None)  # the kernel on these small grids too
+    monkeypatch.setattr(tc, "_sc_grid_reason", lambda *a: None)  # the kernel on these small grids too
     for kw in (dict(n=2, c=320, cout=320, h=16, w=16, parts=(320, 320)), dict(n=1, c=64, cout=40, h=7, w=9,
                                                                              parts=(48, 32)),
                dict(n=3, c=32, cout=64, h=8, w=8, parts=(64,)), dict(n=1, c=16, cout=8, h=3, w=5, parts=(16, 8)),
@@ -2321,7 +2321,7 @@ def test_gpu_qconv_sc_matches_reference_and_holds_the_model(monkeypatch):
         assert torch.isfinite(got).all() and float((got - want).norm() / want.norm()) < 1e-2, kw
         assert len(launches) == (0 if kw["c"] == 16 else 1), kw  # 24-byte source rows: the composed calls
     monkeypatch.setattr(ref_mod, "out_like", real_out_like)
-    monkeypatch.setattr(tc, "sc_composed_reason", real_reason)
+    monkeypatch.setattr(tc, "_sc_grid_reason", real_grid)
     # the untimed rule: one image of 64 x 64 (96 tiles of 128 x 128 for 132 SMs) takes the composed calls, eight
     # images the kernel; the same numbers either way
     for n, want_launches in ((1, 0), (8, 1)):
@@ -2334,7 +2334,7 @@ def test_gpu_qconv_sc_matches_reference_and_holds_the_model(monkeypatch):
     monkeypatch.setenv("DIFFQUANT_SC_FUSE", "0")
     monkeypatch.setenv("DIFFQUANT_SPLIT_FUSE", "0")
     _, inputs, cm, want32, base = _tiny_sd_bf16_on_gpu()
-    monkeypatch.setattr(tc, "sc_composed_reason", lambda *a: None)  # (the tiny UNet's grids are all small)
+    monkeypatch.setattr(tc, "_sc_grid_reason", lambda *a: None)  # (the tiny UNet's grids are all small)
     monkeypatch.delenv("DIFFQUANT_SC_FUSE")
     launches.clear()
     _held_to_distance(cm, inputs, want32, base, "sc")

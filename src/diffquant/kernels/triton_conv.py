@@ -417,20 +417,48 @@ def _sc_entry(x: torch.Tensor, w: torch.Tensor, padding, out_dtype, sc_x) -> tup
     return (own, "own") if own is not None else _sc_conv_entry(x, w, padding, out_dtype)
 
 
-def sc_config(x: torch.Tensor, w: torch.Tensor, padding, out_dtype, sc_x) -> dict:
-    """The block config of a ``diffquant::qconv_sc`` call's kernel: its own ``tma4d`` table entry
-    (:func:`sc_key`), else the table's ``tma4d`` entry for conv2 with a residual (the call it replaces) or for the
-    same conv without one (a split conv's first part), else the 4-D heuristic. The tile sizes, warps, stages and
-    wide tiles (``BLOCK_N2``) are used; the kernel has no split-K. Whether the kernel runs at all:
-    :func:`sc_composed_reason`."""
+def sc_plan(x: torch.Tensor, w: torch.Tensor, padding, out_dtype, sc_x,
+            route: bool = True) -> tuple[dict, Optional[str]]:
+    """How a ``diffquant::qconv_sc`` call runs, from one table lookup: ``(tiles, why)``. ``tiles``: the kernel's block
+    config (its own ``tma4d`` entry, :func:`sc_key`; else the ``tma4d`` entry of conv2 with a residual, the call it
+    replaces, or of the same conv without one, a split conv's first part; else the 4-D heuristic; the tile sizes,
+    warps, stages and wide tiles, ``BLOCK_N2``, as the kernel has no split-K). ``why``: None where the kernel runs
+    the call, else why the composed ``diffquant::qconv`` calls do. A forced config (the tuner) or the call's own
+    ``tma4d`` entry: the kernel. Its own ``"path": "composed"`` entry: the composed calls (the tuner timed them
+    faster). Otherwise, on a GPU, the composed calls where the entry it borrows from conv2 splits K (tuned so for too
+    few tiles) or where the kernel's grid would not fill one wave (:func:`_sc_grid_reason`): the composed calls keep
+    their own tuned configs, split-K included. SD-1.5 at batch 1, whose every such call is of that kind, ran 5.69 ms
+    with the kernel against 5.22 without (H200, 2026-11-29, BENCHMARKS.md "Kernels, fourteenth measurement").
+    ``route=False``: the tiles only (``why`` None)."""
     cout, kh, kw, ck = w.shape
     cfg, source = _sc_entry(x, w, padding, out_dtype, sc_x)
+    why = None
     if source == "own" and cfg.get("path") == "composed":
+        why = "its tuned entry: the composed qconv calls are faster"
         cfg, source = _sc_conv_entry(x, w, padding, out_dtype)
     if cfg is None:
         cfg = triton_conv_tma.pick_tma_config(x.shape[0] * x.shape[2] * x.shape[3], cout,
                                               ck * kh * kw + sum(t.shape[1] for t in sc_x))
-    return {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "BLOCK_N2") if k in cfg}
+    tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "BLOCK_N2") if k in cfg}
+    if not route:
+        return tiles, None
+    if why is None and source in ("conv", "heuristic") and x.device.type == "cuda":
+        if cfg.get("SPLIT_K", 1) > 1:
+            why = f"the conv it replaces is tuned to split K in {cfg['SPLIT_K']}"
+        else:
+            why = _sc_grid_reason(x, w, tiles)
+    return tiles, why
+
+
+def sc_config(x: torch.Tensor, w: torch.Tensor, padding, out_dtype, sc_x) -> dict:
+    """The block config of a ``diffquant::qconv_sc`` call's kernel (:func:`sc_plan`)."""
+    return sc_plan(x, w, padding, out_dtype, sc_x, route=False)[0]
+
+
+def sc_composed_reason(x: torch.Tensor, w: torch.Tensor, padding, out_dtype, sc_x) -> Optional[str]:
+    """Why a ``diffquant::qconv_sc`` call that the kernel could run takes the composed ``diffquant::qconv`` calls
+    instead, or None (:func:`sc_plan`)."""
+    return sc_plan(x, w, padding, out_dtype, sc_x)[1]
 
 
 def _sc_conv_entry(x, w, padding, out_dtype) -> tuple[Optional[dict], str]:
@@ -443,31 +471,13 @@ def _sc_conv_entry(x, w, padding, out_dtype) -> tuple[Optional[dict], str]:
     return None, "heuristic"
 
 
-def sc_composed_reason(x: torch.Tensor, w: torch.Tensor, padding, out_dtype, sc_x) -> Optional[str]:
-    """Why a ``diffquant::qconv_sc`` call that the kernel could run takes the composed ``diffquant::qconv`` calls
-    instead (None: the kernel runs it). A forced config (the tuner) or the call's own ``tma4d`` entry: the kernel.
-    Its own ``"path": "composed"`` entry: the composed calls (the tuner timed them faster). Otherwise, on a GPU, the
-    composed calls where the kernel's grid would not fill one wave (fewer output tiles than SMs), or where the entry
-    it borrows from conv2 splits K (tuned so for too few tiles): the composed calls keep their own tuned configs,
-    split-K included, which the kernel has not. SD-1.5 at batch 1, whose every such call is of that kind, ran 5.69 ms
-    with the kernel against 5.22 without (H200, 2026-11-29, BENCHMARKS.md "Kernels, fourteenth measurement")."""
-    cfg, source = _sc_entry(x, w, padding, out_dtype, sc_x)
-    if source == "forced" or (source == "own" and cfg.get("path") != "composed"):
-        return None
-    if source == "own":
-        return "its tuned entry: the composed qconv calls are faster"
-    if x.device.type != "cuda":
-        return None
-    if cfg is not None and cfg.get("SPLIT_K", 1) > 1:
-        return f"the conv it replaces is tuned to split K in {cfg['SPLIT_K']}"
-    tile = sc_config(x, w, padding, out_dtype, sc_x)
-    bi, bh, bw = triton_conv_tma.tile_4d(tile["BLOCK_M"], x.shape[2], x.shape[3])
-    tiles = (triton.cdiv(x.shape[0], bi) * triton.cdiv(x.shape[2], bh) * triton.cdiv(x.shape[3], bw)
-             * triton.cdiv(w.shape[0], tile["BLOCK_N"] + tile.get("BLOCK_N2", 0)))
+def _sc_grid_reason(x: torch.Tensor, w: torch.Tensor, tiles: dict) -> Optional[str]:
+    """Fewer output tiles than the GPU has SMs (the kernel's grid would not fill one wave), or None."""
+    bi, bh, bw = triton_conv_tma.tile_4d(tiles["BLOCK_M"], x.shape[2], x.shape[3])
+    n = (triton.cdiv(x.shape[0], bi) * triton.cdiv(x.shape[2], bh) * triton.cdiv(x.shape[3], bw)
+         * triton.cdiv(w.shape[0], tiles["BLOCK_N"] + tiles.get("BLOCK_N2", 0)))
     sms = _num_sms(x.device)
-    if tiles < sms:
-        return f"{tiles} output tiles for {sms} SMs"
-    return None
+    return f"{n} output tiles for {sms} SMs" if n < sms else None
 
 
 def _in_place_or_copy(t: torch.Tensor) -> torch.Tensor:
@@ -481,7 +491,7 @@ def _in_place_or_copy(t: torch.Tensor) -> torch.Tensor:
 def qconv_sc_triton(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_scale, sc_bias, padding, out_dtype):
     """``diffquant::qconv_sc`` on the GPU (or under the interpreter): the shortcut kernel
     (:func:`.triton_conv_tma.qconv_tma4d_sc`) where :func:`.triton_conv_tma.qconv_sc_unsupported` allows and
-    :func:`sc_composed_reason` does not object, else the composed ``diffquant::qconv`` calls
+    :func:`sc_plan` does not object, else the composed ``diffquant::qconv`` calls
     (:func:`.ops.qconv_sc_composed`). The inputs are read in place (an up block's conv1 fed a channel slice of its
     quantized ``(h, skip)`` included); only those whose strides TMA cannot read are copied. Under
     ``DIFFQUANT_FP8_ACC=precise``, tiles of several rows cannot promote their accumulation (see
@@ -495,10 +505,10 @@ def qconv_sc_triton(x, w, w_scale, a_scale, bias, sc_x, sc_w, sc_w_scale, sc_a_s
     if why is None and tuning._RECORD["sc_calls"] is not None:  # (the shortcut tuner's input: calls it can run)
         tuning._RECORD["sc_calls"].append((sc_key(x.shape, w.shape, padding, out_dtype, [t.shape[1] for t in sc_x]),
                                            args))
+    cfg = None
     if why is None:
-        why = sc_composed_reason(x, w, padding, out_dtype, sc_x)
-    cfg = sc_config(x, w, padding, out_dtype, sc_x) if why is None else None
-    if cfg is not None and fp8_precise():
+        cfg, why = sc_plan(x, w, padding, out_dtype, sc_x)
+    if why is None and fp8_precise():
         bi, bh, _ = triton_conv_tma.tile_4d(cfg["BLOCK_M"], x.shape[2], x.shape[3])
         why = "DIFFQUANT_FP8_ACC=precise with multi-row tiles" if bi * bh > 1 else None
     if why is not None:
