@@ -1,7 +1,8 @@
 """diffquant::linear_geglu alone on the GPU: the SD-1.5 UNet's feed-forward projections (batch 8, 64x64 latents),
 the fused op against what the FP8 model runs without it (torch._scaled_mm to a bf16 [tokens, 2I] projection, then
 Inductor's GEGLU + e4m3 quantization) and against bf16 (F.linear + GEGLU, compiled). Per shape: ms of each, and
-the fused op under a few block configs (the default first; two programs per SM; the persistent kernel).
+the fused op under a few block configs (the default first, then overrides of it: the per-element stores of session
+16's default, deeper pipelines, wider tiles, the persistent kernel).
 
     python benchmarks/bench_geglu.py [--out benchmarks/results/geglu.json] [--reps 50]
 """
@@ -16,21 +17,15 @@ import torch.nn.functional as F
 # (label, tokens M, width K, I): GEGLU.proj is K -> 2I; SD-1.5 at batch 8 and 64x64 latents, one row per UNet level
 SHAPES = [("64x64 c320", 8 * 4096, 320, 1280), ("32x32 c640", 8 * 1024, 640, 2560),
           ("16x16 c1280", 8 * 256, 1280, 5120), ("8x8 c1280", 8 * 64, 1280, 5120)]
-CONFIGS = [None, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4),
-           dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
-           dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4),
-           dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=5),
-           # two programs per SM (255 registers x 128 threads, 82 KB of shared memory each, ptxas for sm_90): one
-           # program's epilogue overlaps the other's loads and MMAs
-           dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=2),
+# overrides of the default config (keys left out keep pick_geglu_config's values; "tma_out" unset: the TMA store)
+CONFIGS = [None,
+           # session 16's default: per-element stores
+           dict(tma_out=False),
+           dict(num_stages=3), dict(BLOCK_N=128, num_warps=8, num_stages=3),
+           dict(BLOCK_M=64, BLOCK_N=128), dict(BLOCK_K=64, num_stages=4),
            # the persistent kernel (the next tile's loads during this tile's epilogue)
-           dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, persistent=True),
-           dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=2, persistent=True),
-           # session 14: fewer weight bytes per output than 64 x 128 at two programs per SM (128 x 64), and shorter
-           # K steps (more of them to pipeline at K = 320)
-           dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2),
-           dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
-           dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)]
+           dict(persistent=True), dict(BLOCK_N=128, num_warps=8, num_stages=3, persistent=True),
+           dict(BLOCK_N=128, num_warps=8, num_stages=3, tma_out=False)]
 
 
 def main() -> None:
@@ -74,7 +69,7 @@ def main() -> None:
             want = linear_geglu_reference(xq, wq, ws, sa, b, so, torch.float8_e4m3fn).float()
             for cfg in CONFIGS:
                 name = "fused_default" if cfg is None else "fused_" + "_".join(
-                    "p" if v is True else str(v) for v in cfg.values())
+                    f"{key}={v}" for key, v in cfg.items())
                 try:
                     got = linear_geglu_triton(xq, wq, ws, sa, b, so, torch.float8_e4m3fn, config=cfg).float()
                     row[name + "_codes_differ"] = round(float((got != want).float().mean()), 5)

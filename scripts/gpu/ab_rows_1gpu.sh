@@ -55,6 +55,9 @@
 #   PART=15 (written in session 16 after its device time; not yet run): same-run bases and the composed calls'
 #           order fix (ops.qconv_sc_composed): ROW with its bf16-compile partner, SD-1.5 b1 (should match the
 #           unfused 5.215 ms), CROW with its bf16-compile partner (about 8 min cold).
+#   PART=16 (session 17): the GEGLU kernel's output as one TMA store a tile (default now; "tma_out": false gives
+#           session 16's per-element stores): the GEGLU and qconv_sc GPU tests, bench_geglu.py (op A/B), ROW with
+#           its bf16-compile partner (same-run basis), ROW with the per-element stores. Same carry.
 # Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in parts 2, 4, 5, 9 and 11.
 #   run: PART=1 bash scripts/gpu/ab_rows_1gpu.sh   (env: ROW, CROW, SMALL, TUNE_S, AB_ENV, TOTAL_S (570), EXTRA (env for
 #        every row, e.g. DIFFQUANT_GN_LOAD_STAGES=3 once it wins))
@@ -233,7 +236,17 @@ case $PART in
   rows sd1 "sd15-unet:1:dq-fp8-gn-qkv-te-ff"
   rows c256 "${CROW%:*}:bf16-compile,$CROW"
   ;;
-*) echo "PART must be 1 to 15"; exit 2 ;;
+16)
+  say "GPU tests"
+  gpu_tests 170 "linear_geglu or qconv_sc"
+  say "bench_geglu"
+  timeout 150 python3 benchmarks/bench_geglu.py --out $OUT/geglu.json > $OUT/bench_geglu.log 2>&1
+  echo "bench_geglu rc=$?" >> $OUT/bench_geglu.log; tail -1 $OUT/bench_geglu.log
+  python3 -c "import json,sys; [print(r['shape'], {k[6:-3]: v for k, v in r.items() if k.startswith('fused_') and k.endswith('_ms')}, 'bf16', r['bf16_compiled_ms'], 'unfused', r['fp8_unfused_compiled_ms']) for r in json.load(open(sys.argv[1]))['rows']]" $OUT/geglu.json
+  rows sd8 "${ROW%:*}:bf16-compile,$ROW"
+  rows sd8old "$ROW" 'DIFFQUANT_GEGLU_CONFIG={"tma_out": false}'
+  ;;
+*) echo "PART must be 1 to 16"; exit 2 ;;
 esac
 cd $OUT && tar czf all.tgz *.json *.log && find . -maxdepth 1 -type f ! -name all.tgz ! -name env.txt \
   ! -name nvidia-h200.merged.json -delete

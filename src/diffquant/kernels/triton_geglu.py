@@ -30,11 +30,14 @@ from diffquant.kernels.triton_attention import _e4m3
 
 
 @triton.jit
-def _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M, I, K, som,
-                soi, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, OSCALE_PER_CH: tl.constexpr,
+def _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, out_desc, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M, I,
+                K, som, soi, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, OSCALE_PER_CH: tl.constexpr,
                 BITCAST_FP8: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr):
-    """One output tile: the h and g accumulators over K, then the epilogue."""
+                BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr, TMA_OUT: tl.constexpr):
+    """One output tile: the h and g accumulators over K, then the epilogue. ``TMA_OUT``: the tile leaves through
+    ``out_desc`` (one TMA store, rows and columns outside [M, I] clipped by the descriptor) instead of one masked
+    store per element with 64-bit addresses (sm_90 SASS of the 128 x 64 config: 64 byte stores and about 14 integer
+    instructions per output element a thread, of about 50 in the epilogue)."""
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
     acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -59,17 +62,19 @@ def _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, b
         h += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
         g += tl.load(bias_ptr + I + offs_n, mask=n_ok, other=0.0)[None, :]
     y = h * (0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)))
-    mask = (offs_m < M)[:, None] & n_ok[None, :]
-    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * som + offs_n[None, :] * soi
     if QUANT:
         if OSCALE_PER_CH:
             so = tl.load(oscale_ptr + offs_n, mask=n_ok, other=1.0)[None, :]
         else:
             so = tl.load(oscale_ptr)
-        y8 = _e4m3(tl.clamp(y / so, -448.0, 448.0), EMULATE)
-        tl.store(ptrs, y8.to(tl.uint8, bitcast=True), mask=mask)
+        st = _e4m3(tl.clamp(y / so, -448.0, 448.0), EMULATE).to(tl.uint8, bitcast=True)
     else:
-        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        st = y.to(out_ptr.dtype.element_ty)
+    if TMA_OUT:
+        out_desc.store([m0, n0], st)
+    else:
+        mask = (offs_m < M)[:, None] & n_ok[None, :]
+        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * som + offs_n[None, :] * soi, st, mask=mask)
 
 
 @triton.jit
@@ -77,10 +82,11 @@ def _linear_geglu_kernel(a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, bias_p
                          som, soi, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, OSCALE_PER_CH: tl.constexpr,
                          BITCAST_FP8: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         FP8_ACC: tl.constexpr = None):
+                         FP8_ACC: tl.constexpr = None, out_desc=None, TMA_OUT: tl.constexpr = False):
     pid_m, pid_n = grouped_tile(M, I, BLOCK_M, BLOCK_N, GROUP_M)
-    _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M, I, K, som,
-                soi, HAS_BIAS, QUANT, OSCALE_PER_CH, BITCAST_FP8, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
+    _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, out_desc, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M, I,
+                K, som, soi, HAS_BIAS, QUANT, OSCALE_PER_CH, BITCAST_FP8, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC,
+                TMA_OUT)
 
 
 @triton.jit
@@ -88,16 +94,17 @@ def _linear_geglu_persistent_kernel(a_desc, w_desc, out_ptr, ascale_ptr, wscale_
                                     som, soi, NUM_PROGS, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr,
                                     OSCALE_PER_CH: tl.constexpr, BITCAST_FP8: tl.constexpr, EMULATE: tl.constexpr,
                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, FP8_ACC: tl.constexpr = None):
+                                    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, FP8_ACC: tl.constexpr = None,
+                                    out_desc=None, TMA_OUT: tl.constexpr = False):
     """One program per SM walking the tiles; the tile loop is flattened into the K loop, so the next tile's first
     loads are issued during this tile's epilogue. For short K (SD-1.5's 64x64 level: K = 320, three K steps), where
     the non-persistent kernel waits for its loads and then for its epilogue on every tile."""
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(I, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=FLATTEN):
         pid_m, pid_n = grouped_tile_of(tile, M, I, BLOCK_M, BLOCK_N, GROUP_M)
-        _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M, I, K,
-                    som, soi, HAS_BIAS, QUANT, OSCALE_PER_CH, BITCAST_FP8, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K,
-                    FP8_ACC)
+        _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, out_desc, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M,
+                    I, K, som, soi, HAS_BIAS, QUANT, OSCALE_PER_CH, BITCAST_FP8, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K,
+                    FP8_ACC, TMA_OUT)
 
 
 def pick_geglu_config(m: int, i: int, k: int) -> dict:
@@ -115,7 +122,7 @@ def pick_geglu_config(m: int, i: int, k: int) -> dict:
     return {"BLOCK_M": 128, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 2}
 
 
-_CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "persistent"}
+_CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "persistent", "tma_out"}
 
 
 @functools.lru_cache(maxsize=8)
@@ -151,8 +158,9 @@ def linear_geglu_triton(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
                         bias: Optional[torch.Tensor], out_scale: Optional[torch.Tensor], out_dtype: torch.dtype,
                         config: Optional[dict] = None) -> torch.Tensor:
     """``diffquant::linear_geglu`` on the GPU (or the interpreter); arguments as there. ``config``: a block config
-    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages; ``persistent``: True for the persistent kernel) instead of
-    :func:`geglu_config`'s."""
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages; ``persistent``: True for the persistent kernel; ``tma_out``:
+    False for per-element stores instead of one TMA store a tile) over :func:`geglu_config`'s. The output leaves
+    by TMA where its rows are a multiple of 16 bytes (``tma_out`` unset or True), else by masked stores."""
     if TensorDescriptor is None:
         raise RuntimeError("linear_geglu's kernel needs a Triton with tensor descriptors (triton.tools.tensor_descriptor)")
     m, k = xq.shape
@@ -168,7 +176,7 @@ def linear_geglu_triton(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
     wv = w.contiguous()
     if bitcast:
         xv, wv = xv.view(torch.uint8), wv.view(torch.uint8)
-    cfg = dict(config or geglu_config(m, i, k))
+    cfg = dict(geglu_config(m, i, k), **(config or {}))  # keys a config leaves out: the default's
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     a_desc = TensorDescriptor(xv, [m, k], [k, 1], [bm, bk])
     w_desc = TensorDescriptor(wv, [2 * i, k], [k, 1], [bn, bk])
@@ -179,9 +187,11 @@ def linear_geglu_triton(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
     out_arg = out.view(torch.uint8) if quant else out
     tiles = triton.cdiv(m, bm) * triton.cdiv(i, bn)
     args = (a_desc, w_desc, out_arg, sa, ws, b, so, m, i, k, out.stride(0), out.stride(1))
+    tma_out = bool(cfg.get("tma_out", True)) and (i * out.element_size()) % 16 == 0
     flags = dict(HAS_BIAS=bias is not None, QUANT=quant, OSCALE_PER_CH=quant and so.numel() > 1, BITCAST_FP8=bitcast,
                  EMULATE=bitcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FP8_ACC=fp8_acc(bk),
-                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], TMA_OUT=tma_out,
+                 out_desc=TensorDescriptor(out_arg, [m, i], [i, 1], [bm, bn]) if tma_out else None)
     if cfg.get("persistent"):
         from diffquant.kernels.triton_conv_tma import persistent_programs
 
