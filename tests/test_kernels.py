@@ -1607,7 +1607,7 @@ def test_fuse_ff_runs_geglu_in_one_op():
 def test_gpu_linear_geglu_matches_reference(m, k, i):
     """diffquant::linear_geglu's Triton kernel on the GPU against the float64 reference: SD-1.5 widths with a row
     tail, a short sequence, odd small sizes; poisoned output; e4m3 output (codes may cross a rounding edge: Hopper's
-    FP8 MMA accumulates differently), also from the persistent kernel and with per-element stores, and bf16 output."""
+    FP8 MMA accumulates differently), also from the persistent kernel, with per-element stores and with libdevice's erf, and bf16 output."""
     from diffquant.kernels import ops
     from diffquant.kernels import triton_geglu as tg
     from diffquant.kernels.reference import linear_geglu_reference
@@ -1633,12 +1633,14 @@ def test_gpu_linear_geglu_matches_reference(m, k, i):
                                                    num_stages=3, persistent=True)).float()
         # per-element stores instead of the TMA store (the default where a row is a multiple of 16 bytes)
         got8s = tg.linear_geglu_triton(xq, wq, ws, a_s, b, so, torch.float8_e4m3fn, config={"tma_out": False}).float()
+        # libdevice's erff instead of the polynomial
+        got8e = tg.linear_geglu_triton(xq, wq, ws, a_s, b, so, torch.float8_e4m3fn, config={"gelu": "erf"}).float()
     finally:
         tg.new_out = orig
     want8 = linear_geglu_reference(xq, wq, ws, a_s, b, so, torch.float8_e4m3fn).float()
     wantb = linear_geglu_reference(xq, wq, ws, a_s, b, None, torch.float32)
-    assert all(bool(torch.isfinite(t).all()) for t in (got8, gotb, got8p, got8s))
-    for got in (got8, got8p, got8s):
+    assert all(bool(torch.isfinite(t).all()) for t in (got8, gotb, got8p, got8s, got8e))
+    for got in (got8, got8p, got8s, got8e):
         assert float((got != want8).float().mean()) < 2e-2
         assert float((got - want8).norm() / want8.norm()) < 2e-2
     assert float((gotb - wantb).norm() / wantb.norm()) < 1e-2

@@ -325,7 +325,9 @@ for m, k, i, bias, oq, cfg in [(37, 48, 40, True, "fp8", small), (70, 32, 24, Fa
                                (70, 32, 24, False, "bf16", dict(small, BLOCK_M=32, persistent=True)),
                                # rows of 48 bytes: TMA stores (clipped at the M and I edges), or per-element stores
                                (37, 48, 48, True, "fp8", dict(small, persistent=True)),
-                               (37, 48, 48, True, "fp8", dict(small, tma_out=False))]:
+                               (37, 48, 48, True, "fp8", dict(small, tma_out=False)),
+                               # libdevice's erf instead of the polynomial (the default for e4m3 and bf16 outputs)
+                               (33, 64, 48, True, "fp8_ch", dict(small, gelu="erf"))]:
     x = torch.randn(m, k, generator=g)
     a_s = x.abs().amax().reshape(1) / 448
     xq = (x / a_s).to(torch.float8_e4m3fn)
@@ -348,10 +350,11 @@ print("RESULT" + json.dumps(res))
 def test_interpreter_linear_geglu_kernel_matches_reference():
     """diffquant::linear_geglu's kernel (two accumulators over the same A tiles, GEGLU and e4m3 quantization in the
     epilogue) and its persistent form: row, column and K tails, with and without bias, one or per-channel output
-    scales, bf16 output, the output stored by TMA or per element; poisoned output buffers."""
+    scales, bf16 output, the output stored by TMA or per element, GELU's erf by polynomial or libdevice; poisoned
+    output buffers."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = _run_script(GEGLU_SCRIPT.format(src=str(ROOT / "src")), env)
-    assert len(res) == 7
+    assert len(res) == 8
     for finite, err, kind in res:
         assert finite and err < {"codes": 5e-3, "bf16": 1e-2}[kind], (kind, err)
 

@@ -58,6 +58,10 @@
 #   PART=16 (session 17): the GEGLU kernel's output as one TMA store a tile (default now; "tma_out": false gives
 #           session 16's per-element stores): the GEGLU and qconv_sc GPU tests, bench_geglu.py (op A/B), ROW with
 #           its bf16-compile partner (same-run basis), ROW with the per-element stores. Same carry.
+#   PART=17 (session 17): GEGLU's erf by polynomial (default for e4m3/16-bit outputs; "gelu": "erf" for libdevice),
+#           the norm kernels' 32-bit offsets within an image and multiply by 1/scale: their GPU tests,
+#           bench_geglu.py, ROW as it is now, ROW with bench_geglu's best config over the four shapes (weighted by
+#           calls per UNet, 5/5/5/1) where that is not the default, CROW with its bf16-compile partner. Same carry.
 # Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in parts 2, 4, 5, 9 and 11.
 #   run: PART=1 bash scripts/gpu/ab_rows_1gpu.sh   (env: ROW, CROW, SMALL, TUNE_S, AB_ENV, TOTAL_S (570), EXTRA (env for
 #        every row, e.g. DIFFQUANT_GN_LOAD_STAGES=3 once it wins))
@@ -246,7 +250,20 @@ case $PART in
   rows sd8 "${ROW%:*}:bf16-compile,$ROW"
   rows sd8old "$ROW" 'DIFFQUANT_GEGLU_CONFIG={"tma_out": false}'
   ;;
-*) echo "PART must be 1 to 16"; exit 2 ;;
+17)
+  say "GPU tests"
+  gpu_tests 170 "linear_geglu or group_norm or fused_resnet_norms or row_stats"
+  say "bench_geglu"
+  timeout 150 python3 benchmarks/bench_geglu.py --out $OUT/geglu.json > $OUT/bench_geglu.log 2>&1
+  echo "bench_geglu rc=$?" >> $OUT/bench_geglu.log; tail -1 $OUT/bench_geglu.log
+  python3 -c "import json,sys; [print(r['shape'], {k[6:-3]: v for k, v in r.items() if k.startswith('fused_') and k.endswith('_ms')}, 'bf16', r['bf16_compiled_ms'], 'unfused', r['fp8_unfused_compiled_ms']) for r in json.load(open(sys.argv[1]))['rows']]" $OUT/geglu.json
+  BEST=$(python3 benchmarks/bench_geglu.py --best-of $OUT/geglu.json 2>/dev/null)
+  say "best GEGLU override: ${BEST:-none (the default)}"
+  rows sd8 "$ROW"
+  [ -n "$BEST" ] && rows sd8best "$ROW" "DIFFQUANT_GEGLU_CONFIG=$BEST"
+  rows c256 "${CROW%:*}:bf16-compile,$CROW"
+  ;;
+*) echo "PART must be 1 to 17"; exit 2 ;;
 esac
 cd $OUT && tar czf all.tgz *.json *.log && find . -maxdepth 1 -type f ! -name all.tgz ! -name env.txt \
   ! -name nvidia-h200.merged.json -delete

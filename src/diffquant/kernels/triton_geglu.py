@@ -10,8 +10,9 @@ kernels alone took 0.85 ms (BENCHMARKS.md, "Kernels, seventh measurement"). Here
 of the weight) and writes only the e4m3 result: [tokens, I] bytes.
 
 Loads are TMA (tensor descriptors, the K stride must be a multiple of 16 bytes); the epilogue dequantizes with the
-activation scale and per-row weight scales, adds the bias, takes the exact (erf) GELU of the gate in fp32, and
-rounds once to e4m3. The result is :func:`.reference.linear_geglu_reference` up to accumulation order. Importing this
+activation scale and per-row weight scales, adds the bias, takes the exact (erf) GELU of the gate in fp32 (erf from
+a polynomial within 5.4e-7 for e4m3 and 16-bit outputs, :func:`_gelu`), and rounds once to e4m3 and leaves by one TMA
+store a tile. The result is :func:`.reference.linear_geglu_reference` up to accumulation order. Importing this
 module needs Triton; it runs under the CPU interpreter (``TRITON_INTERPRET=1``), which is how its tests check it.
 """
 from __future__ import annotations
@@ -30,10 +31,32 @@ from diffquant.kernels.triton_attention import _e4m3
 
 
 @triton.jit
+def _gelu(g, POLY: tl.constexpr):
+    """Exact (erf) GELU of ``g`` in fp32. ``POLY``: erf by Abramowitz & Stegun 7.1.26 (a degree-5 polynomial in
+    t = 1 / (1 + p|x|) times exp(-x²); t from one approximate reciprocal square root, squared), for outputs in e4m3
+    or 16 bits: in fp32 on [-12, 12] it is within 5.4e-7 of erf and the GELU within 2.6e-7 (absolute) of float64's,
+    against 8e-8 for a correctly rounded fp32 erf (numpy, 2026-11-29), far below an e4m3 or bf16 output step. Else
+    libdevice's erff: about 32 of the epilogue's 50 instructions per output element on sm_90 (predicated moves of
+    two coefficient sets, on the ALU pipe, which Nsight Compute showed the busiest in the 64x64-level GEGLU kernel:
+    47 %, H200, 2026-11-29); the polynomial takes the kernel from 3,240 to 2,360 SASS instructions (128 x 64
+    config)."""
+    if POLY:
+        z = tl.abs(g) * 0.7071067811865476
+        r = tl.math.rsqrt(1.0 + 0.3275911 * z)
+        t = r * r
+        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+        e = 1.0 - poly * tl.exp2(-1.4426950408889634 * z * z)
+        erf = tl.where(g < 0, -e, e)
+    else:
+        erf = tl.math.erf(g * 0.7071067811865476)
+    return 0.5 * g * (1.0 + erf)
+
+
+@triton.jit
 def _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, out_desc, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M, I,
                 K, som, soi, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, OSCALE_PER_CH: tl.constexpr,
                 BITCAST_FP8: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr, TMA_OUT: tl.constexpr):
+                BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr, TMA_OUT: tl.constexpr, POLY: tl.constexpr):
     """One output tile: the h and g accumulators over K, then the epilogue. ``TMA_OUT``: the tile leaves through
     ``out_desc`` (one TMA store, rows and columns outside [M, I] clipped by the descriptor) instead of one masked
     store per element with 64-bit addresses (sm_90 SASS of the 128 x 64 config: 64 byte stores and about 14 integer
@@ -61,7 +84,7 @@ def _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, out_desc, ascale_ptr, wsc
     if HAS_BIAS:
         h += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
         g += tl.load(bias_ptr + I + offs_n, mask=n_ok, other=0.0)[None, :]
-    y = h * (0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)))
+    y = h * _gelu(g, POLY)
     if QUANT:
         if OSCALE_PER_CH:
             so = tl.load(oscale_ptr + offs_n, mask=n_ok, other=1.0)[None, :]
@@ -82,11 +105,12 @@ def _linear_geglu_kernel(a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, bias_p
                          som, soi, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, OSCALE_PER_CH: tl.constexpr,
                          BITCAST_FP8: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         FP8_ACC: tl.constexpr = None, out_desc=None, TMA_OUT: tl.constexpr = False):
+                         FP8_ACC: tl.constexpr = None, out_desc=None, TMA_OUT: tl.constexpr = False,
+                         POLY: tl.constexpr = False):
     pid_m, pid_n = grouped_tile(M, I, BLOCK_M, BLOCK_N, GROUP_M)
     _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, out_desc, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M, I,
                 K, som, soi, HAS_BIAS, QUANT, OSCALE_PER_CH, BITCAST_FP8, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC,
-                TMA_OUT)
+                TMA_OUT, POLY)
 
 
 @triton.jit
@@ -95,7 +119,7 @@ def _linear_geglu_persistent_kernel(a_desc, w_desc, out_ptr, ascale_ptr, wscale_
                                     OSCALE_PER_CH: tl.constexpr, BITCAST_FP8: tl.constexpr, EMULATE: tl.constexpr,
                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                     GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, FP8_ACC: tl.constexpr = None,
-                                    out_desc=None, TMA_OUT: tl.constexpr = False):
+                                    out_desc=None, TMA_OUT: tl.constexpr = False, POLY: tl.constexpr = False):
     """One program per SM walking the tiles; the tile loop is flattened into the K loop, so the next tile's first
     loads are issued during this tile's epilogue. For short K (SD-1.5's 64x64 level: K = 320, three K steps), where
     the non-persistent kernel waits for its loads and then for its epilogue on every tile."""
@@ -104,7 +128,7 @@ def _linear_geglu_persistent_kernel(a_desc, w_desc, out_ptr, ascale_ptr, wscale_
         pid_m, pid_n = grouped_tile_of(tile, M, I, BLOCK_M, BLOCK_N, GROUP_M)
         _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, out_desc, ascale_ptr, wscale_ptr, bias_ptr, oscale_ptr, M,
                     I, K, som, soi, HAS_BIAS, QUANT, OSCALE_PER_CH, BITCAST_FP8, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K,
-                    FP8_ACC, TMA_OUT)
+                    FP8_ACC, TMA_OUT, POLY)
 
 
 def pick_geglu_config(m: int, i: int, k: int) -> dict:
@@ -122,7 +146,8 @@ def pick_geglu_config(m: int, i: int, k: int) -> dict:
     return {"BLOCK_M": 128, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 2}
 
 
-_CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "persistent", "tma_out"}
+_CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "persistent", "tma_out", "gelu"}
+GELU_MODES = ("poly", "erf")
 
 
 @functools.lru_cache(maxsize=8)
@@ -159,7 +184,8 @@ def linear_geglu_triton(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
                         config: Optional[dict] = None) -> torch.Tensor:
     """``diffquant::linear_geglu`` on the GPU (or the interpreter); arguments as there. ``config``: a block config
     (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages; ``persistent``: True for the persistent kernel; ``tma_out``:
-    False for per-element stores instead of one TMA store a tile) over :func:`geglu_config`'s. The output leaves
+    False for per-element stores instead of one TMA store a tile; ``gelu``: "erf" for libdevice's erff, "poly" for the
+    polynomial of :func:`_gelu`, the default for e4m3 and 16-bit outputs) over :func:`geglu_config`'s. The output leaves
     by TMA where its rows are a multiple of 16 bytes (``tma_out`` unset or True), else by masked stores."""
     if TensorDescriptor is None:
         raise RuntimeError("linear_geglu's kernel needs a Triton with tensor descriptors (triton.tools.tensor_descriptor)")
@@ -188,9 +214,12 @@ def linear_geglu_triton(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
     tiles = triton.cdiv(m, bm) * triton.cdiv(i, bn)
     args = (a_desc, w_desc, out_arg, sa, ws, b, so, m, i, k, out.stride(0), out.stride(1))
     tma_out = bool(cfg.get("tma_out", True)) and (i * out.element_size()) % 16 == 0
+    gelu = cfg.get("gelu", "poly" if out.element_size() <= 2 else "erf")
+    if gelu not in GELU_MODES:
+        raise ValueError(f"linear_geglu: gelu must be one of {GELU_MODES}; got {gelu!r}")
     flags = dict(HAS_BIAS=bias is not None, QUANT=quant, OSCALE_PER_CH=quant and so.numel() > 1, BITCAST_FP8=bitcast,
                  EMULATE=bitcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, FP8_ACC=fp8_acc(bk),
-                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], TMA_OUT=tma_out,
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], TMA_OUT=tma_out, POLY=gelu == "poly",
                  out_desc=TensorDescriptor(out_arg, [m, i], [i, 1], [bm, bn]) if tma_out else None)
     if cfg.get("persistent"):
         from diffquant.kernels.triton_conv_tma import persistent_programs

@@ -46,21 +46,21 @@ def _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, c0, P_END, HW, C1, C, 
     p_ok = offs_p < P_END
     c_ok = offs_c < C
     n64 = n.to(tl.int64)
-    rows = offs_p.to(tl.int64)[:, None]
+    rows = offs_p[:, None]  # 32-bit offsets within one image (the host checks HW * C < 2**31), 64-bit image bases
     if HAS_X2 and PURE:
         if c0 < C1:
-            x = tl.load(x_ptr + n64 * HW * C1 + rows * C1 + offs_c[None, :], mask=p_ok[:, None] & c_ok[None, :],
+            x = tl.load((x_ptr + n64 * HW * C1) + (rows * C1 + offs_c[None, :]), mask=p_ok[:, None] & c_ok[None, :],
                         other=0.0).to(tl.float32)
         else:
             C2 = C - C1
-            x = tl.load(x2_ptr + n64 * HW * C2 + rows * C2 + (offs_c - C1)[None, :],
+            x = tl.load((x2_ptr + n64 * HW * C2) + (rows * C2 + (offs_c - C1)[None, :]),
                         mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
     else:
-        x = tl.load(x_ptr + n64 * HW * C1 + rows * C1 + offs_c[None, :],
+        x = tl.load((x_ptr + n64 * HW * C1) + (rows * C1 + offs_c[None, :]),
                     mask=p_ok[:, None] & (offs_c < C1)[None, :], other=0.0).to(tl.float32)
         if HAS_X2:
             c2 = tl.maximum(offs_c - C1, 0)
-            x += tl.load(x2_ptr + n64 * HW * (C - C1) + rows * (C - C1) + c2[None, :],
+            x += tl.load((x2_ptr + n64 * HW * (C - C1)) + (rows * (C - C1) + c2[None, :]),
                          mask=p_ok[:, None] & ((offs_c >= C1) & c_ok)[None, :], other=0.0).to(tl.float32)
     if HAS_ADD:
         x += tl.load(add_ptr + n * C + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
@@ -162,12 +162,16 @@ def _gn_finalize_kernel(mean_ptr, m2_ptr, gmean_ptr, grstd_ptr, HW, C, S, SEG_P,
 
 @triton.jit
 def _qparams(so_ptr, zp_ptr, offs_c, c_ok, INT8: tl.constexpr, PER_CH: tl.constexpr):
-    """A consumer's static input quantization: its scale (e4m3: the scale; int8: the inverse scale) and zero point,
-    per channel (a split layer) or one value; shaped to broadcast over [pixels, channels]."""
+    """A consumer's static input quantization: the factor that takes a value to its grid (e4m3: 1 / the scale,
+    taken here once a program, so that the pixel loop multiplies instead of dividing; int8: the inverse scale as
+    passed) and the zero point, per channel (a split layer) or one value; shaped to broadcast over [pixels,
+    channels]."""
     if PER_CH:
         so = tl.load(so_ptr + offs_c, mask=c_ok, other=1.0)[None, :]
     else:
         so = tl.load(so_ptr)
+    if not INT8:
+        so = 1.0 / so
     zp = 0.0
     if INT8:
         if PER_CH:
@@ -186,8 +190,8 @@ def _store_q(ptrs, y, ok, so, zp, QMIN, QMAX, QOFF, QUANT: tl.constexpr, INT8: t
             r = (v + 12582912.0) - 12582912.0  # 1.5 * 2**23: to the nearest integer, ties to even (|v| < 2**22)
             q = tl.minimum(tl.maximum(r + zp, QMIN), QMAX) - QOFF
             tl.store(ptrs, q.to(tl.int8), mask=ok)
-        else:  # e4m3 bytes of y / scale
-            y8 = _e4m3(tl.clamp(y / so, -448.0, 448.0), EMULATE)
+        else:  # e4m3 bytes of y / scale (``so``: 1 / scale, from _qparams)
+            y8 = _e4m3(tl.clamp(y * so, -448.0, 448.0), EMULATE)
             tl.store(ptrs, y8.to(tl.uint8, bitcast=True), mask=ok)
     else:
         tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
@@ -214,14 +218,16 @@ def _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n
     for p in tl.range(p0, p_end, BLOCK_P, num_stages=LOAD_STAGES):
         offs_p = p + tl.arange(0, BLOCK_P)
         x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, c0, p_end, HW, C1, C, HAS_X2, HAS_ADD, PURE)
-        off = n.to(tl.int64) * HW * C + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
+        off = offs_p[:, None] * C + offs_c[None, :]  # within the image (32-bit, as in _load_rows)
         ok = (offs_p < p_end)[:, None] & c_ok[None, :]
         if RAW:
-            _store_q(raw_ptr + off, x, ok, rso, rzp, RQMIN, RQMAX, RQOFF, True, RAW_INT8, EMULATE, raw_ptr)
+            _store_q((raw_ptr + n.to(tl.int64) * HW * C) + off, x, ok, rso, rzp, RQMIN, RQMAX, RQOFF, True, RAW_INT8,
+                     EMULATE, raw_ptr)
         y = (x - mu[None, :]) * a + beta
         if SILU:
             y = y / (1.0 + tl.exp(-y))
-        _store_q(out_ptr + off, y, ok, so, zp, QMIN, QMAX, QOFF, QUANT, INT8, EMULATE, out_ptr)
+        _store_q((out_ptr + n.to(tl.int64) * HW * C) + off, y, ok, so, zp, QMIN, QMAX, QOFF, QUANT, INT8, EMULATE,
+                 out_ptr)
 
 
 @triton.jit
@@ -407,6 +413,9 @@ def group_norm_act_triton(x: torch.Tensor, x2: Optional[torch.Tensor], add_nc: O
     raw_out = None if raw is None else out_like(x, c, h, w, raw[1])
     if nb == 0 or hw == 0:
         return out if raw is None else (out, raw_out)
+    if hw * c >= 2**31:
+        raise ValueError(f"group_norm_act: an image of {hw * c} elements ({c} channels x {h} x {w}); the kernels "
+                         "index within an image in 32 bits (under 2**31 elements)")
     pl = plan if plan is not None else _default_plan(nb, c, hw, num_groups, x.device, c1 if x2 is not None else None)
     if rows is not None:
         if x2 is not None or raw is not None or pl.get("kind") == "whole" or pl.get("fold"):
