@@ -62,6 +62,9 @@
 #           the norm kernels' 32-bit offsets within an image and multiply by 1/scale: their GPU tests,
 #           bench_geglu.py, ROW as it is now, ROW with bench_geglu's best config over the four shapes (weighted by
 #           calls per UNet, 5/5/5/1) where that is not the default, CROW with its bf16-compile partner. Same carry.
+#   PART=18 (session 17, last call): the norm statistics from shifted sums (no Welford), SiLU and GEGLU's special
+#           functions as single MUFU instructions (fast_ex2 / fast_rcp / fast_rsqrt), GEGLU's Phi folded: the
+#           norm and GEGLU GPU tests, then ROW and CROW each with its bf16-compile partner (same-run bases).
 # Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in parts 2, 4, 5, 9 and 11.
 #   run: PART=1 bash scripts/gpu/ab_rows_1gpu.sh   (env: ROW, CROW, SMALL, TUNE_S, AB_ENV, TOTAL_S (570), EXTRA (env for
 #        every row, e.g. DIFFQUANT_GN_LOAD_STAGES=3 once it wins))
@@ -263,7 +266,13 @@ case $PART in
   [ -n "$BEST" ] && rows sd8best "$ROW" "DIFFQUANT_GEGLU_CONFIG=$BEST"
   rows c256 "${CROW%:*}:bf16-compile,$CROW"
   ;;
-*) echo "PART must be 1 to 17"; exit 2 ;;
+18)
+  say "GPU tests"
+  QUIET=1 gpu_tests 150 "linear_geglu or group_norm or fused_resnet_norms or row_stats"
+  rows sd8 "${ROW%:*}:bf16-compile,$ROW"
+  rows c256 "${CROW%:*}:bf16-compile,$CROW"
+  ;;
+*) echo "PART must be 1 to 18"; exit 2 ;;
 esac
 cd $OUT && tar czf all.tgz *.json *.log && find . -maxdepth 1 -type f ! -name all.tgz ! -name env.txt \
   ! -name nvidia-h200.merged.json -delete

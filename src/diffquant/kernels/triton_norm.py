@@ -7,8 +7,9 @@ elementwise time at batch 256 (H200, 2026-11-28). Here every read is a contiguou
 each program covers one segment of an image's pixels for one chunk of channels (grid: segments x images x chunks,
 about four programs per SM):
 
-1. ``_gn_stats_kernel``: per channel, the segment's mean and sum of squared deviations, by a running Welford update
-   per (row lane, channel) and Chan's combination of the lanes at the end (no E[x²] - E[x]² cancellation);
+1. ``_gn_stats_kernel``: per channel, the segment's mean and sum of squared deviations, from sums of the deviations
+   from a per-channel shift (the mean of the segment's first block; no E[x²] - E[x]² cancellation) per (row lane,
+   channel), the lanes summed at the end;
 2. ``_gn_finalize_kernel``, one program per image and block of groups: Chan's combination of the segments'
    partials into each group's mean and 1/std (deterministic: no atomics);
 3. ``_gn_apply_kernel``: normalise, affine, SiLU, and write e4m3 values of y / out_scale (or int8 codes, or y in the
@@ -31,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from diffquant.kernels._triton_common import interpreting
+from diffquant.kernels._triton_common import fast_ex2, fast_rcp, interpreting
 from diffquant.kernels.triton_attention import _e4m3
 from diffquant.kernels.triton_conv import _num_sms
 
@@ -39,7 +40,9 @@ from diffquant.kernels.triton_conv import _num_sms
 @triton.jit
 def _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, c0, P_END, HW, C1, C, HAS_X2: tl.constexpr,
                HAS_ADD: tl.constexpr, PURE: tl.constexpr):
-    """The [pixels, channels] tile of cat(x, x2) (+ add[n]) in fp32; 0 outside the tensor or past ``P_END``.
+    """The [pixels, channels] tile of cat(x, x2) (+ add[n]) in fp32; outside the tensor or past ``P_END`` 0, or
+    add[n] where there is one (the callers mask: a select per element here was one instruction of the statistics
+    loop's nine).
     ``PURE``: the chunk starting at channel ``c0`` lies wholly in x or wholly in x2 (the plan's chunk divides C1),
     so one plain load of one tensor; else two masked loads per element (both issued: 2x slower in the SD and CIFAR
     UNets' up blocks, H200, 2026-11-28)."""
@@ -64,31 +67,35 @@ def _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, c0, P_END, HW, C1, C, 
                          mask=p_ok[:, None] & ((offs_c >= C1) & c_ok)[None, :], other=0.0).to(tl.float32)
     if HAS_ADD:
         x += tl.load(add_ptr + n * C + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(p_ok[:, None] & c_ok[None, :], x, 0.0)
+    return x
 
 
 @triton.jit
 def _channel_stats(x_ptr, x2_ptr, add_ptr, n, offs_c, c0, p0, p_end, HW, C1, C, HAS_X2: tl.constexpr,
                    HAS_ADD: tl.constexpr, PURE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                    LOAD_STAGES: tl.constexpr):
-    """Per channel of ``offs_c``, the mean and sum of squared deviations of image ``n``'s pixels [p0, p_end): a
-    running Welford update per (row lane, channel), no reduction inside the loop; Chan's combination of the lanes.
+    """Per channel of ``offs_c``, the mean and sum of squared deviations of image ``n``'s pixels [p0, p_end): shifted
+    sums per (row lane, channel), no reduction inside the loop, the lanes summed at the end.
     ``LOAD_STAGES`` > 1: the loop's loads are software-pipelined (asynchronous copies, that many tiles in flight)."""
-    mean = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    cnt = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for p in tl.range(p0, p_end, BLOCK_P, num_stages=LOAD_STAGES):
+    # sums of deviations from a per-channel shift k, the mean of the segment's first block (peeled off the loop):
+    # with k near the mean, S2 - S1**2 / n does not cancel (an input offset of 100 is in the tests); per element a
+    # subtraction, a select, an add and an FMA, where a Welford update took about nine instructions (sm_90 SASS of
+    # the statistics loop, 2026-11-29)
+    first = p0 + tl.arange(0, BLOCK_P)
+    f_ok = (first < p_end)[:, None]
+    x0 = _load_rows(x_ptr, x2_ptr, add_ptr, n, first, offs_c, c0, p_end, HW, C1, C, HAS_X2, HAS_ADD, PURE)
+    k = tl.sum(tl.where(f_ok, x0, 0.0), axis=0) / tl.maximum(tl.minimum(p_end - p0, BLOCK_P), 1).to(tl.float32)
+    s1 = tl.where(f_ok, x0 - k[None, :], 0.0)
+    s2 = s1 * s1
+    for p in tl.range(p0 + BLOCK_P, p_end, BLOCK_P, num_stages=LOAD_STAGES):
         offs_p = p + tl.arange(0, BLOCK_P)
-        okf = (offs_p < p_end).to(tl.float32)
         x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, c0, p_end, HW, C1, C, HAS_X2, HAS_ADD, PURE)
-        cnt += okf
-        d = x - mean
-        mean += d * (okf / tl.maximum(cnt, 1.0))[:, None]
-        m2 += d * (x - mean) * okf[:, None]
-    tot = tl.sum(cnt, axis=0)
-    mc = tl.sum(mean * cnt[:, None], axis=0) / tot
-    dd = mean - mc[None, :]
-    return mc, tl.sum(m2 + cnt[:, None] * dd * dd, axis=0)
+        d = tl.where((offs_p < p_end)[:, None], x - k[None, :], 0.0)
+        s1 += d
+        s2 += d * d
+    cnt = tl.maximum(p_end - p0, 1).to(tl.float32)
+    t1 = tl.sum(s1, axis=0)
+    return k + t1 / cnt, tl.maximum(tl.sum(s2, axis=0) - t1 * t1 / cnt, 0.0)
 
 
 @triton.jit
@@ -224,8 +231,8 @@ def _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n
             _store_q((raw_ptr + n.to(tl.int64) * HW * C) + off, x, ok, rso, rzp, RQMIN, RQMAX, RQOFF, True, RAW_INT8,
                      EMULATE, raw_ptr)
         y = (x - mu[None, :]) * a + beta
-        if SILU:
-            y = y / (1.0 + tl.exp(-y))
+        if SILU:  # y * sigmoid(y): two MUFU instructions and three others (a division and tl.exp took about 11)
+            y = y * fast_rcp(1.0 + fast_ex2(y * -1.4426950408889634, EMULATE), EMULATE)
         _store_q((out_ptr + n.to(tl.int64) * HW * C) + off, y, ok, so, zp, QMIN, QMAX, QOFF, QUANT, INT8, EMULATE,
                  out_ptr)
 
