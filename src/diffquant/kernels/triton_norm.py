@@ -7,9 +7,8 @@ elementwise time at batch 256 (H200, 2026-11-28). Here every read is a contiguou
 each program covers one segment of an image's pixels for one chunk of channels (grid: segments x images x chunks,
 about four programs per SM):
 
-1. ``_gn_stats_kernel``: per channel, the segment's mean and sum of squared deviations, from sums of the deviations
-   from a per-channel shift (the mean of the segment's first block; no E[x²] - E[x]² cancellation) per (row lane,
-   channel), the lanes summed at the end;
+1. ``_gn_stats_kernel``: per channel, the segment's mean and sum of squared deviations, by a running Welford update
+   per (row lane, channel) and Chan's combination of the lanes at the end (no E[x²] - E[x]² cancellation);
 2. ``_gn_finalize_kernel``, one program per image and block of groups: Chan's combination of the segments'
    partials into each group's mean and 1/std (deterministic: no atomics);
 3. ``_gn_apply_kernel``: normalise, affine, SiLU, and write e4m3 values of y / out_scale (or int8 codes, or y in the
@@ -41,8 +40,8 @@ from diffquant.kernels.triton_conv import _num_sms
 def _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, c0, P_END, HW, C1, C, HAS_X2: tl.constexpr,
                HAS_ADD: tl.constexpr, PURE: tl.constexpr):
     """The [pixels, channels] tile of cat(x, x2) (+ add[n]) in fp32; outside the tensor or past ``P_END`` 0, or
-    add[n] where there is one (the callers mask: a select per element here was one instruction of the statistics
-    loop's nine).
+    add[n] where there is one (the callers mask: the statistics by their row weights, the apply step by its
+    stores).
     ``PURE``: the chunk starting at channel ``c0`` lies wholly in x or wholly in x2 (the plan's chunk divides C1),
     so one plain load of one tensor; else two masked loads per element (both issued: 2x slower in the SD and CIFAR
     UNets' up blocks, H200, 2026-11-28)."""
@@ -74,28 +73,24 @@ def _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, c0, P_END, HW, C1, C, 
 def _channel_stats(x_ptr, x2_ptr, add_ptr, n, offs_c, c0, p0, p_end, HW, C1, C, HAS_X2: tl.constexpr,
                    HAS_ADD: tl.constexpr, PURE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                    LOAD_STAGES: tl.constexpr):
-    """Per channel of ``offs_c``, the mean and sum of squared deviations of image ``n``'s pixels [p0, p_end): shifted
-    sums per (row lane, channel), no reduction inside the loop, the lanes summed at the end.
+    """Per channel of ``offs_c``, the mean and sum of squared deviations of image ``n``'s pixels [p0, p_end): a
+    running Welford update per (row lane, channel), no reduction inside the loop; Chan's combination of the lanes.
     ``LOAD_STAGES`` > 1: the loop's loads are software-pipelined (asynchronous copies, that many tiles in flight)."""
-    # sums of deviations from a per-channel shift k, the mean of the segment's first block (peeled off the loop):
-    # with k near the mean, S2 - S1**2 / n does not cancel (an input offset of 100 is in the tests); per element a
-    # subtraction, a select, an add and an FMA, where a Welford update took about nine instructions (sm_90 SASS of
-    # the statistics loop, 2026-11-29)
-    first = p0 + tl.arange(0, BLOCK_P)
-    f_ok = (first < p_end)[:, None]
-    x0 = _load_rows(x_ptr, x2_ptr, add_ptr, n, first, offs_c, c0, p_end, HW, C1, C, HAS_X2, HAS_ADD, PURE)
-    k = tl.sum(tl.where(f_ok, x0, 0.0), axis=0) / tl.maximum(tl.minimum(p_end - p0, BLOCK_P), 1).to(tl.float32)
-    s1 = tl.where(f_ok, x0 - k[None, :], 0.0)
-    s2 = s1 * s1
-    for p in tl.range(p0 + BLOCK_P, p_end, BLOCK_P, num_stages=LOAD_STAGES):
+    mean = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    cnt = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for p in tl.range(p0, p_end, BLOCK_P, num_stages=LOAD_STAGES):
         offs_p = p + tl.arange(0, BLOCK_P)
+        okf = (offs_p < p_end).to(tl.float32)
         x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, c0, p_end, HW, C1, C, HAS_X2, HAS_ADD, PURE)
-        d = tl.where((offs_p < p_end)[:, None], x - k[None, :], 0.0)
-        s1 += d
-        s2 += d * d
-    cnt = tl.maximum(p_end - p0, 1).to(tl.float32)
-    t1 = tl.sum(s1, axis=0)
-    return k + t1 / cnt, tl.maximum(tl.sum(s2, axis=0) - t1 * t1 / cnt, 0.0)
+        cnt += okf
+        d = x - mean
+        mean += d * (okf / tl.maximum(cnt, 1.0))[:, None]
+        m2 += d * (x - mean) * okf[:, None]
+    tot = tl.sum(cnt, axis=0)
+    mc = tl.sum(mean * cnt[:, None], axis=0) / tot
+    dd = mean - mc[None, :]
+    return mc, tl.sum(m2 + cnt[:, None] * dd * dd, axis=0)
 
 
 @triton.jit

@@ -1,0 +1,145 @@
+"""SASS instruction counts of the GEGLU and group-norm kernels for Hopper, without a GPU: each kernel is compiled by
+Triton for sm_90 (integer arguments and pointers marked 16-divisible, as Triton specializes them at a real launch),
+assembled by Triton's bundled ptxas and disassembled by its nvdisasm. Per kernel: all instructions, those of the
+pixel loop (norm kernels: from the loop's label to its back-branch), and the most frequent opcodes. The epilogues of
+these kernels are limited by instruction issue on the H200 (Nsight Compute, ``benchmarks/results/ncu_probe.txt``), so
+the counts are what the session-17 changes were steered by.
+
+    python benchmarks/sass_counts.py [--out benchmarks/results/sass_counts.json]
+
+Needs Triton (any machine); the counts depend on the Triton version (recorded). Triton 3.9 emits PTX that only its
+``ptxas-blackwell`` reads; the script takes whichever of the two accepts the PTX.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+
+_OP = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[0-9T]\s+)?([A-Z0-9_]+)")
+
+
+def _build(fn, consts: dict, types, warps: int, stages: int, divisible=()):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    sig = {n: "constexpr" if n in consts else types(n) for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if n not in consts and (n.endswith("_ptr") or n in divisible)}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def _sass(ptx: str) -> str:
+    import triton
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as d:
+        with open(f"{d}/k.ptx", "w") as f:
+            f.write(ptx)
+        err = ""
+        for exe in ("ptxas", "ptxas-blackwell"):
+            path = os.path.join(bindir, exe)
+            if not os.path.exists(path):
+                continue
+            r = subprocess.run([path, "-arch=sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.cubin"], capture_output=True,
+                               text=True)
+            if r.returncode == 0:
+                return subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", f"{d}/k.cubin"], capture_output=True,
+                                      text=True, check=True).stdout
+            err = r.stderr.strip()[-300:]
+    raise RuntimeError(f"no bundled ptxas assembled the PTX: {err}")
+
+
+def _count(lines) -> collections.Counter:
+    ops = collections.Counter()
+    for line in lines:
+        m = _OP.match(line)
+        if m:
+            ops[m.group(1)] += 1
+    return ops
+
+
+def _row(name: str, kernel, sass: str, loop: bool) -> dict:
+    lines = sass.splitlines()
+    ops = _count(lines)
+    row = {"kernel": name, "triton_kernel": kernel, "instructions": sum(ops.values()),
+           "top": ops.most_common(12)}
+    if loop:  # the pixel loop: the first back-branch and the label it jumps to
+        for i, line in enumerate(lines):
+            m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+            if m:
+                start = next((j for j, ln in enumerate(lines) if ln.startswith(m.group(1) + ":")), None)
+                if start is not None and start < i:
+                    lops = _count(lines[start:i + 1])
+                    row["loop_instructions"] = sum(lops.values())
+                    row["loop_top"] = lops.most_common(10)
+                    break
+    print(json.dumps({k: v for k, v in row.items() if not k.endswith("top")}), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results/sass_counts.json")
+    a = ap.parse_args()
+    import triton
+
+    from diffquant.kernels import triton_geglu as tg
+    from diffquant.kernels import triton_norm as tn
+
+    rows = []
+    bm, bn, bk = 128, 64, 128
+
+    def gt(n):
+        if n == "a_desc":
+            return f"tensordesc<fp8e4nv[{bm}, {bk}]>"
+        if n == "w_desc":
+            return f"tensordesc<fp8e4nv[{bn}, {bk}]>"
+        if n == "out_desc":
+            return f"tensordesc<u8[{bm}, {bn}]>"
+        return "*u8" if n == "out_ptr" else "*fp32" if n.endswith("_ptr") else "i32"
+
+    base = dict(HAS_BIAS=True, QUANT=True, OSCALE_PER_CH=False, BITCAST_FP8=False, EMULATE=False, BLOCK_M=bm,
+                BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+    for name, over in (("linear_geglu, per-element stores, libdevice erf", dict(TMA_OUT=False, POLY=False)),
+                       ("linear_geglu, TMA store, libdevice erf", dict(TMA_OUT=True, POLY=False)),
+                       ("linear_geglu, TMA store, polynomial erf (default)", dict(TMA_OUT=True, POLY=True))):
+        k = _build(tg._linear_geglu_kernel, dict(base, **over), gt, 4, 2)
+        rows.append(_row(f"{name} ({bm}x{bn}x{bk}, 4 warps, 2 stages)", "_linear_geglu_kernel", _sass(k.asm["ptx"]),
+                         False))
+
+    def nt(n):
+        if n in ("x_ptr", "x2_ptr", "add_ptr", "raw_ptr", "rso_ptr", "rzp_ptr", "zp_ptr", "w_ptr", "b_ptr"):
+            return "*bf16"
+        if n == "out_ptr":
+            return "*u8"
+        if n.endswith("_ptr"):
+            return "*fp32"
+        return "fp32" if n in ("eps", "inv_total") else "i32"
+
+    norm = dict(HAS_X2=False, HAS_ADD=True, SILU=True, QUANT=True, INT8=False, SCALE_PER_CH=False, RAW=False,
+                RAW_INT8=False, RAW_PER_CH=False, EMULATE=False, PURE=False, BLOCK_P=64, BLOCK_C=64, LOAD_STAGES=1,
+                FOLD=False)
+    for fn in (tn._gn_stats_kernel, tn._gn_apply_kernel):
+        k = _build(fn, norm, nt, 4, 1, divisible=("HW", "C1", "C", "SEG_P"))
+        rows.append(_row(f"{fn.__name__} (64 pixels x 64 channels a step, time-embedding add, SiLU, e4m3 out, "
+                         "4 warps)", fn.__name__, _sass(k.asm["ptx"]), True))
+    res = {"command": "python benchmarks/sass_counts.py", "date": time.strftime("%Y-%m-%d"), "triton": triton.__version__,
+           "target": "sm_90a", "rows": rows}
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()
