@@ -100,6 +100,12 @@ gpu_tests() {  # gpu_tests SECONDS "-k expression": the GPU tests of tests/test_
     grep -E "PASSED|FAILED|ERROR|SKIPPED|rc=|Error" $OUT/pytest_gpu.log | head -30
   fi
 }
+bench_geglu() {  # benchmarks/bench_geglu.py to $OUT/geglu.json; prints each shape's ms per config
+  say "bench_geglu"
+  timeout 150 python3 benchmarks/bench_geglu.py --out $OUT/geglu.json > $OUT/bench_geglu.log 2>&1
+  echo "bench_geglu rc=$?" >> $OUT/bench_geglu.log; tail -1 $OUT/bench_geglu.log
+  python3 -c "import json,sys; [print(r['shape'], {k[6:-3]: v for k, v in r.items() if k.startswith('fused_') and k.endswith('_ms')}, 'bf16', r['bf16_compiled_ms'], 'unfused', r['fp8_unfused_compiled_ms']) for r in json.load(open(sys.argv[1]))['rows']]" $OUT/geglu.json
+}
 tune_merge_rows() {  # TASK SECONDS [tune_qconv.py options]: tune (split-K candidates included), the task's row as
   # shipped (WITH_BF16=1: and its bf16-compile partner), with AB_ENV (default DIFFQUANT_QCONV_SPLIT_K=2: every tma /
   # tma4d entry of a layer with few tiles split in two, untuned), the tuned shapes merged into the shipped table on
@@ -246,20 +252,14 @@ case $PART in
 16)
   say "GPU tests"
   gpu_tests 170 "linear_geglu or qconv_sc"
-  say "bench_geglu"
-  timeout 150 python3 benchmarks/bench_geglu.py --out $OUT/geglu.json > $OUT/bench_geglu.log 2>&1
-  echo "bench_geglu rc=$?" >> $OUT/bench_geglu.log; tail -1 $OUT/bench_geglu.log
-  python3 -c "import json,sys; [print(r['shape'], {k[6:-3]: v for k, v in r.items() if k.startswith('fused_') and k.endswith('_ms')}, 'bf16', r['bf16_compiled_ms'], 'unfused', r['fp8_unfused_compiled_ms']) for r in json.load(open(sys.argv[1]))['rows']]" $OUT/geglu.json
+  bench_geglu
   rows sd8 "${ROW%:*}:bf16-compile,$ROW"
   rows sd8old "$ROW" 'DIFFQUANT_GEGLU_CONFIG={"tma_out": false}'
   ;;
 17)
   say "GPU tests"
   gpu_tests 170 "linear_geglu or group_norm or fused_resnet_norms or row_stats"
-  say "bench_geglu"
-  timeout 150 python3 benchmarks/bench_geglu.py --out $OUT/geglu.json > $OUT/bench_geglu.log 2>&1
-  echo "bench_geglu rc=$?" >> $OUT/bench_geglu.log; tail -1 $OUT/bench_geglu.log
-  python3 -c "import json,sys; [print(r['shape'], {k[6:-3]: v for k, v in r.items() if k.startswith('fused_') and k.endswith('_ms')}, 'bf16', r['bf16_compiled_ms'], 'unfused', r['fp8_unfused_compiled_ms']) for r in json.load(open(sys.argv[1]))['rows']]" $OUT/geglu.json
+  bench_geglu
   BEST=$(python3 benchmarks/bench_geglu.py --best-of $OUT/geglu.json 2>/dev/null)
   say "best GEGLU override: ${BEST:-none (the default)}"
   rows sd8 "$ROW"

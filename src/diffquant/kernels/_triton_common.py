@@ -45,41 +45,32 @@ def fp8_acc(k: int, fp8: bool = True):
 
 
 @triton.jit
+def _mufu(x, ASM: tl.constexpr):
+    """One special-function (MUFU) instruction an element: the PTX ``ASM``, fp32 in and out."""
+    return tl.inline_asm_elementwise(ASM, "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def fast_ex2(x, EMULATE: tl.constexpr):
     """2**x in fp32 by one ``ex2.approx.ftz.f32`` (one MUFU.EX2, relative error under 2**-22; subnormal results
     flushed to 0). ``tl.exp2`` adds a range check and two multiplies to keep subnormal results, about three
     instructions an element in an epilogue that is issue-bound. ``EMULATE`` (Triton's CPU interpreter, which runs
     no inline PTX): ``tl.exp2``."""
-    if EMULATE:
-        r = tl.exp2(x)
-    else:
-        r = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                      pack=1)
-    return r
+    return tl.exp2(x) if EMULATE else _mufu(x, "ex2.approx.ftz.f32 $0, $1;")
 
 
 @triton.jit
 def fast_rcp(x, EMULATE: tl.constexpr):
     """1 / x in fp32 by one ``rcp.approx.ftz.f32`` (one MUFU.RCP, within 1 ulp; 1 / inf = 0), for the same reason
     as :func:`fast_ex2` (a division is a reciprocal plus range fix-ups). ``EMULATE``: a division."""
-    if EMULATE:
-        r = 1.0 / x
-    else:
-        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                      pack=1)
-    return r
+    return 1.0 / x if EMULATE else _mufu(x, "rcp.approx.ftz.f32 $0, $1;")
 
 
 @triton.jit
 def fast_rsqrt(x, EMULATE: tl.constexpr):
     """1 / sqrt(x) in fp32 by one ``rsqrt.approx.ftz.f32`` (one MUFU.RSQ, relative error under 2**-22).
     ``EMULATE``: ``tl.math.rsqrt``."""
-    if EMULATE:
-        r = tl.math.rsqrt(x)
-    else:
-        r = tl.inline_asm_elementwise("rsqrt.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                      pack=1)
-    return r
+    return tl.math.rsqrt(x) if EMULATE else _mufu(x, "rsqrt.approx.ftz.f32 $0, $1;")
 
 
 @triton.jit
