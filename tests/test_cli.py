@@ -1,5 +1,6 @@
 """The diffquant CLI end to end on the tiny bundled model (quantize -> sample -> compare, demo)."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -188,10 +189,15 @@ def test_benchmark_scripts_answer_help_without_running():
     needs_triton = {"ptxas_report.py"}  # compiles kernels for sm_90 at import: Triton is its point
     scripts = sorted(p for p in (root / "benchmarks").glob("*.py") if p.name not in needs_triton)
     assert len(scripts) >= 15
-    for script in scripts:
-        r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=300,
-                           cwd=root)
-        assert r.returncode == 0 and "usage:" in r.stdout, (script.name, r.stdout[-300:], r.stderr[-600:])
+    from concurrent.futures import ThreadPoolExecutor
+
+    def helps(script):  # each start imports torch: as many at once as there are cores
+        return script, subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                                      timeout=300, cwd=root)
+
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        for script, r in pool.map(helps, scripts):
+            assert r.returncode == 0 and "usage:" in r.stdout, (script.name, r.stdout[-300:], r.stderr[-600:])
     after = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()}
     assert after == before
 
