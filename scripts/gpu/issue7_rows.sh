@@ -8,20 +8,24 @@
 #          TUNE_TASKS (model:batch:variant,...; empty: no tuning, every GPU benches), TUNE_S (200), TUNE_ARGS (more
 #          tune_qconv.py options, e.g. --untuned-only or --skip-paths tma),
 #          DIFFQUANT_PROFILE_TOP (kernels listed per row's profile, default here 40)
-#   suggested calls for the next session (written at the end of session 16, 2026-11-29; sessions 12-16 ran on one GPU
-#   as scripts/gpu/ab_rows_1gpu.sh PART=1-14 and inline commands, see BENCHMARKS.md "Kernels, tenth" to "fourteenth
+#   suggested calls for the next session (written at the end of session 17, 2026-11-29; sessions 12-17 ran on one GPU
+#   as scripts/gpu/ab_rows_1gpu.sh PART=1-18 and inline commands, see BENCHMARKS.md "Kernels, tenth" to "fifteenth
 #   measurement"):
-#   1. PART=15 bash scripts/gpu/ab_rows_1gpu.sh (carry .whl/diffusers-0.42.1-py3-none-any.whl; about 8 min): the
-#      same-run bf16-compile bases session 16 lacked (SD b8, CIFAR b256) beside their FP8 rows with both shortcut
-#      fusions on (the default since session 16), and SD b1 with the composed calls' order fix (should match the
-#      unfused 5.215 ms).
-#   2. The shortcut kernel tuned on the shapes session 16's 150 s did not reach (6 of SD b8's 16; --untuned-only
-#      skips the one with an entry, not the 9 timed without one) and on CIFAR b256: python3 benchmarks/tune_qconv.py
-#      --shortcut --tasks ddpm-cifar10-32:256:dq-fp8-gn-qkv-te --budget-s 200 --out T.json, merged with diffquant
-#      tune-kernels --merge-from T.json --merge-into src/diffquant/kernels/tuned/nvidia-h200.json; then the row.
-#   3. CIFAR b1's 17 shapes never tuned: PART=5 SMALL=ddpm-cifar10-32:1:dq-fp8-gn-qkv-te TUNE_ARGS="--shapes
-#      x8x8:,x4x4:,k1x1" (cuDNN bf16 beat every FP8 candidate on the 8 reached); the 12 INT8 CIFAR b256 shapes
-#      still untuned (TUNE0=ddpm-cifar10-32:256:dq-int8 TUNE_ARGS=--untuned-only bash scripts/gpu/tune_split.sh).
+#   1. PART=18 bash scripts/gpu/ab_rows_1gpu.sh (carry .whl/diffusers-0.42.1-py3-none-any.whl; about 8 min): the
+#      shipped tree, never timed end to end (session 17's last rows ran with the shifted-sum norm statistics, since
+#      reverted): SD b8 and CIFAR b256 with their bf16-compile partners, after the norm and GEGLU GPU tests.
+#   2. Nsight Compute on the conv kernels (scripts/gpu/ncu_probe.sh's pattern; _qconv_tma4d_sc_wide_kernel and
+#      _qconv_tma4d_wide_kernel, 2.3 of SD b8's 3.45 conv ms): if their epilogues are issue-bound like GEGLU's was,
+#      the same treatment (dequant_store's 64-bit per-element addresses; a TMA store), checked with
+#      benchmarks/sass_counts.py before device time is spent.
+#   3. Session 16's left-overs: the shortcut kernel tuned on SD b8's untimed shapes and CIFAR b256
+#      (python3 benchmarks/tune_qconv.py --shortcut --tasks ... --budget-s 200 --out T.json, merged with diffquant
+#      tune-kernels --merge-from T.json --merge-into src/diffquant/kernels/tuned/nvidia-h200.json); SD b1 with the
+#      composed calls' order fix (PART=15's sd1 row); CIFAR b1's and INT8 CIFAR b256's untuned shapes.
+#   Measured and kept in session 17: GEGLU's erf by polynomial with single-MUFU special functions and a TMA-stored
+#   output (the GEGLU kernels 1.595 -> 1.375 ms in SD b8), the norm apply step's 32-bit offsets, 1/scale and
+#   single-MUFU SiLU (0.751 -> 0.524 ms): SD b8 13.89 -> 13.44 ms (1.327 -> 1.374x, same runs), CIFAR b256 6.864 ms
+#   (1.596x). Measured and dropped: shifted-sum norm statistics (0.520 -> 0.593 ms).
 #   Measured and kept in session 16: conv2 with its shortcut in one kernel and the split convs' parts in one kernel
 #   (SD b8 14.46 -> 13.85, CIFAR b256 7.93 -> 7.25 ms), on by default, grids under one wave sent to the composed calls.
 #   Measured and dropped in session 15: DIFFQUANT_SPLIT_GEMM=scaled_mm (SD b8 15.25 against 15.06 ms). Measured and
