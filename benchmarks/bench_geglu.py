@@ -38,7 +38,9 @@ def best_override(rows: list) -> dict:
     the default by more than 2 %; else {}. Only configs timed on every shape count."""
     def total(name):
         ms = [r.get(name + "_ms") for r in rows]
-        return None if any(v is None for v in ms) else sum(v * CALLS_PER_UNET.get(r["shape"], 1) for v, r in zip(ms, rows))
+        if any(v is None for v in ms):
+            return None
+        return sum(v * CALLS_PER_UNET.get(r["shape"], 1) for v, r in zip(ms, rows))
     base = total("fused_default")
     best, best_t = {}, base
     for cfg in CONFIGS[1:]:

@@ -133,8 +133,8 @@ def main() -> None:
         k = _build(fn, norm, nt, 4, 1, divisible=("HW", "C1", "C", "SEG_P"))
         rows.append(_row(f"{fn.__name__} (64 pixels x 64 channels a step, time-embedding add, SiLU, e4m3 out, "
                          "4 warps)", fn.__name__, _sass(k.asm["ptx"]), True))
-    res = {"command": "python benchmarks/sass_counts.py", "date": time.strftime("%Y-%m-%d"), "triton": triton.__version__,
-           "target": "sm_90a", "rows": rows}
+    res = {"command": "python benchmarks/sass_counts.py", "date": time.strftime("%Y-%m-%d"),
+           "triton": triton.__version__, "target": "sm_90a", "rows": rows}
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)

@@ -1607,7 +1607,8 @@ def test_fuse_ff_runs_geglu_in_one_op():
 def test_gpu_linear_geglu_matches_reference(m, k, i):
     """diffquant::linear_geglu's Triton kernel on the GPU against the float64 reference: SD-1.5 widths with a row
     tail, a short sequence, odd small sizes; poisoned output; e4m3 output (codes may cross a rounding edge: Hopper's
-    FP8 MMA accumulates differently), also from the persistent kernel, with per-element stores and with libdevice's erf, and bf16 output."""
+    FP8 MMA accumulates differently), also from the persistent kernel, with per-element stores and with libdevice's
+    erf, and bf16 output."""
     from diffquant.kernels import ops
     from diffquant.kernels import triton_geglu as tg
     from diffquant.kernels.reference import linear_geglu_reference

@@ -10,9 +10,9 @@ kernels alone took 0.85 ms (BENCHMARKS.md, "Kernels, seventh measurement"). Here
 of the weight) and writes only the e4m3 result: [tokens, I] bytes.
 
 Loads are TMA (tensor descriptors, the K stride must be a multiple of 16 bytes); the epilogue dequantizes with the
-activation scale and per-row weight scales, adds the bias, takes the exact (erf) GELU of the gate in fp32 (erf from
-a polynomial within 5.4e-7 for e4m3 and 16-bit outputs, :func:`_gelu`), and rounds once to e4m3 and leaves by one TMA
-store a tile. The result is :func:`.reference.linear_geglu_reference` up to accumulation order. Importing this
+activation scale and per-row weight scales, adds the bias, takes the exact (erf) GELU of the gate in fp32 (erf
+from a polynomial, GELU within 4.2e-7, for e4m3 and 16-bit outputs: :func:`_gelu`), rounds once to e4m3, and
+leaves by one TMA store a tile. The result is :func:`.reference.linear_geglu_reference` up to accumulation order. Importing this
 module needs Triton; it runs under the CPU interpreter (``TRITON_INTERPRET=1``), which is how its tests check it.
 """
 from __future__ import annotations
@@ -35,13 +35,13 @@ from diffquant.kernels.triton_attention import _e4m3
 def _gelu(g, POLY: tl.constexpr, EMULATE: tl.constexpr):
     """Exact (erf) GELU of ``g`` in fp32. ``POLY``: erf by Abramowitz & Stegun 7.1.26 (a degree-5 polynomial in
     t = 1 / (1 + p|x|) times exp(-x²); t from one approximate reciprocal square root, squared; both special
-    functions one MUFU instruction each, flushing subnormals: :func:`.fast_rsqrt`, :func:`.fast_ex2`), for outputs in e4m3
-    or 16 bits: in fp32 on [-12, 12] it is within 5.4e-7 of erf and the GELU within 2.6e-7 (absolute) of float64's,
-    against 8e-8 for a correctly rounded fp32 erf (numpy, 2026-11-29), far below an e4m3 or bf16 output step. Else
-    libdevice's erff: about 32 of the epilogue's 50 instructions per output element on sm_90 (predicated moves of
-    two coefficient sets, on the ALU pipe, which Nsight Compute showed the busiest in the 64x64-level GEGLU kernel:
-    47 %, H200, 2026-11-29); the polynomial takes the kernel from 3,240 to 2,360 SASS instructions (128 x 64
-    config)."""
+    functions one MUFU instruction each, flushing subnormals: :func:`.fast_rsqrt`, :func:`.fast_ex2`), for outputs
+    in e4m3 or 16 bits: in fp32 on [-12, 12] the GELU is within 4.2e-7 (absolute) of float64's, against 8e-8 for a
+    correctly rounded fp32 erf (numpy, 2026-11-29), far below an e4m3 or bf16 output step. Else libdevice's erff:
+    about 32 of the epilogue's 50 instructions per output element on sm_90 (predicated moves of two coefficient
+    sets, on the ALU pipe, which Nsight Compute showed the busiest in the 64x64-level GEGLU kernel: 47 %, H200,
+    2026-11-29); the polynomial takes the kernel from 3,240 to 2,208 SASS instructions (128 x 64 config,
+    ``benchmarks/sass_counts.py``)."""
     if POLY:  # Phi(g) = 1 - erfc(|g| / sqrt 2) / 2 for g >= 0, erfc(|g| / sqrt 2) / 2 below; constants folded
         t = fast_rsqrt(1.0 + 0.23164189985974283 * tl.abs(g), EMULATE)  # p / sqrt 2
         t = t * t

@@ -217,19 +217,18 @@ def _apply_rows(x_ptr, x2_ptr, add_ptr, w_ptr, b_ptr, so_ptr, zp_ptr, out_ptr, n
         so, zp = _qparams(so_ptr, zp_ptr, offs_c, c_ok, INT8, SCALE_PER_CH)
     if RAW:
         rso, rzp = _qparams(rso_ptr, rzp_ptr, offs_c, c_ok, RAW_INT8, RAW_PER_CH)
+    img = n.to(tl.int64) * HW * C  # the image's first element in the outputs (64-bit; offsets within it 32-bit)
     for p in tl.range(p0, p_end, BLOCK_P, num_stages=LOAD_STAGES):
         offs_p = p + tl.arange(0, BLOCK_P)
         x = _load_rows(x_ptr, x2_ptr, add_ptr, n, offs_p, offs_c, c0, p_end, HW, C1, C, HAS_X2, HAS_ADD, PURE)
-        off = offs_p[:, None] * C + offs_c[None, :]  # within the image (32-bit, as in _load_rows)
+        off = offs_p[:, None] * C + offs_c[None, :]
         ok = (offs_p < p_end)[:, None] & c_ok[None, :]
         if RAW:
-            _store_q((raw_ptr + n.to(tl.int64) * HW * C) + off, x, ok, rso, rzp, RQMIN, RQMAX, RQOFF, True, RAW_INT8,
-                     EMULATE, raw_ptr)
+            _store_q((raw_ptr + img) + off, x, ok, rso, rzp, RQMIN, RQMAX, RQOFF, True, RAW_INT8, EMULATE, raw_ptr)
         y = (x - mu[None, :]) * a + beta
         if SILU:  # y * sigmoid(y): two MUFU instructions and three others (a division and tl.exp took about 11)
             y = y * fast_rcp(1.0 + fast_ex2(y * -1.4426950408889634, EMULATE), EMULATE)
-        _store_q((out_ptr + n.to(tl.int64) * HW * C) + off, y, ok, so, zp, QMIN, QMAX, QOFF, QUANT, INT8, EMULATE,
-                 out_ptr)
+        _store_q((out_ptr + img) + off, y, ok, so, zp, QMIN, QMAX, QOFF, QUANT, INT8, EMULATE, out_ptr)
 
 
 @triton.jit
