@@ -103,7 +103,8 @@ def main() -> None:
             b4 = bias.reshape(1, k, 1, 1).contiguous()
             feed = {t["x"]: x8, t["w"]: w8, t["y"]: out, t["scale"]: scale, t["bias"]: b4}
 
-            def run_cudnn():
+            def run_cudnn():  # on the current stream: the side stream of time_call's warm-up, or its capture
+                cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
                 g.execute(feed, wsp, handle=handle)
                 return out
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The Gluon FP8 conv (diffquant/kernels/gluon_conv.py) against the Triton conv on SD-1.5 b8's 3x3 convs
+# (benchmarks/bench_gluon_conv.py), then, where time is left, cuDNN's FP8 conv timed again
+# (benchmarks/bench_cudnn_fp8_conv.py, without Nsight Compute).
+#   carry: .gpu_carry/cudnn-fe (for the cuDNN part; see scripts/gpu/cudnn_fp8_conv.sh)
+#   run:   bash scripts/gpu/gluon_conv.sh   -> $OUT/gluon_conv.json, .log (and cudnn_fp8_conv.json, .log)
+#          (env: GLUON_S, the Gluon bench's budget (300); SHAPES, its --shapes; CUDNN=0 skips the cuDNN part)
+set -uo pipefail
+source scripts/gpu/_zoo_common.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
+say "gluon bench"
+timeout $(( ${GLUON_S:-300} + 90 )) python3 benchmarks/bench_gluon_conv.py --budget-s ${GLUON_S:-300} \
+  ${SHAPES:+--shapes $SHAPES} --out $OUT/gluon_conv.json > $OUT/gluon_conv.log 2>&1
+echo "gluon rc=$?"
+grep -v -i warn $OUT/gluon_conv.log | python3 -c '
+import json, sys
+for line in sys.stdin:
+    if not line.startswith("{"):
+        print(line.rstrip()[:300]); continue
+    r = json.loads(line)
+    g = {k[6:]: (v.get("ms") if "ms" in v else v.get("error", "")[:60]) for k, v in r.items() if k.startswith("gluon_") and isinstance(v, dict)}
+    print(r["cin"], r["cout"], r["hw"], "x%d" % r["calls_per_unet"], "triton", r["triton_ms"], "best", r.get("gluon_best"), r.get("gluon_best_ms"), "speedup", r.get("speedup_vs_triton"), g)
+'
+if [ "${CUDNN:-1}" = 1 ] && ls .gpu_carry/cudnn-fe/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_fe .gpu_carry/cudnn-fe/*.whl
+  say "cudnn bench"
+  PYTHONPATH=/tmp/site_fe:$PWD/src timeout 150 python3 benchmarks/bench_cudnn_fp8_conv.py --reps 20 \
+    --out $OUT/cudnn_fp8_conv.json > $OUT/cudnn_fp8_conv.log 2>&1
+  echo "cudnn rc=$?"; grep "per UNet" $OUT/cudnn_fp8_conv.log
+fi
+say done
