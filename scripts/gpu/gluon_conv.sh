@@ -30,4 +30,19 @@ if [ "${CUDNN:-1}" = 1 ] && ls .gpu_carry/cudnn-fe/*.whl > /dev/null 2>&1; then
     --out $OUT/cudnn_fp8_conv.json > $OUT/cudnn_fp8_conv.log 2>&1
   echo "cudnn rc=$?"; grep "per UNet" $OUT/cudnn_fp8_conv.log
 fi
+
+# NCU_CONFIGS (e.g. 128x128_w4_s3): Nsight Compute on the Triton kernel and these Gluon configs, SHAPES' first shape
+if [ -n "${NCU_CONFIGS:-}" ]; then
+  NCUX=$(which ncu 2>/dev/null || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+  timeout 200 $NCUX --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis --section SchedulerStats \
+    --section MemoryWorkloadAnalysis --section SourceCounters -f -o /tmp/ncu_gluon \
+    python3 benchmarks/bench_gluon_conv.py --shapes ${SHAPES%%,*} --ncu $NCU_CONFIGS > $OUT/ncu_gluon_run.txt 2>&1
+  echo "ncu rc=$?"; tail -2 $OUT/ncu_gluon_run.txt
+  $NCUX --import /tmp/ncu_gluon.ncu-rep --page details > $OUT/ncu_gluon.txt 2>&1
+  grep -E "^  [_a-zA-Z].*\(|Duration|Compute \(SM\) Throughput|Registers Per|Issue Slots Busy|Achieved Occupancy|Block Limit|Dynamic Shared|highest-utilized|Est. Speedup|stalled|L2 Hit|Memory Throughput" $OUT/ncu_gluon.txt | cut -c1-170 | head -80
+  for k in _gconv_kernel; do
+    $NCUX --import /tmp/ncu_gluon.ncu-rep -k $k --launch-count 1 --page source --print-source sass --csv > $OUT/ncu_sass_gconv.csv 2>&1
+  done
+fi
 say done
