@@ -20,14 +20,19 @@ SHAPES = ((8, 320, 320, 64, 7), (8, 640, 320, 64, 2), (8, 960, 320, 64, 1), (8, 
           (8, 320, 640, 32, 1), (8, 640, 640, 32, 6), (8, 960, 640, 32, 1), (8, 1280, 640, 32, 1),
           (8, 1920, 640, 32, 1), (8, 1280, 1280, 32, 1), (8, 640, 1280, 16, 1), (8, 1280, 1280, 16, 7),
           (8, 1920, 1280, 16, 1), (8, 2560, 1280, 16, 2), (8, 1280, 1280, 8, 11), (8, 2560, 1280, 8, 3))
-CONFIGS = ({"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "STAGES": 3},
-           {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "STAGES": 4},
+CONFIGS = ({"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "STAGES": 4},
            {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "STAGES": 4},
-           {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "STAGES": 4},
-           {"BLOCK_M": 256, "BLOCK_N": 128, "num_warps": 8, "STAGES": 3},
            {"BLOCK_M": 256, "BLOCK_N": 128, "num_warps": 8, "STAGES": 4},
-           {"BLOCK_M": 256, "BLOCK_N": 64, "num_warps": 8, "STAGES": 4},
-           {"BLOCK_M": 128, "BLOCK_N": 256, "num_warps": 8, "STAGES": 3})
+           {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "ws": True},
+           {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 6, "ws": True},
+           {"BLOCK_M": 64, "BLOCK_N": 256, "STAGES": 4, "ws": True},
+           {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 8, "ws": True})
+
+
+def config_name(cfg: dict) -> str:
+    """128x128_w4_s4 (num_warps 4, 4 stages), or 128x128_ws_s4 for the warp-specialized kernel."""
+    return "{}x{}_{}_s{}".format(cfg["BLOCK_M"], cfg["BLOCK_N"], "ws" if cfg.get("ws") else f"w{cfg['num_warps']}",
+                                 cfg["STAGES"])
 
 
 def main() -> None:
@@ -69,7 +74,7 @@ def main() -> None:
         want = tri().float()
         if a.ncu:
             fns = [tri] + [lambda cfg=cfg: gconv(x8, w8, ws, sa, bias, one, cfg) for cfg in CONFIGS
-                           if "{BLOCK_M}x{BLOCK_N}_w{num_warps}_s{STAGES}".format(**cfg) in a.ncu.split(",")]
+                           if config_name(cfg) in a.ncu.split(",")]
             for fn in fns:  # compiled outside the range
                 fn()
             torch.cuda.synchronize()
@@ -85,7 +90,7 @@ def main() -> None:
         row["triton_tflops"] = round(flop / ms / 1e9, 1)
         best = None
         for cfg in CONFIGS:
-            name = "{BLOCK_M}x{BLOCK_N}_w{num_warps}_s{STAGES}".format(**cfg)
+            name = config_name(cfg)
             try:
                 got = gconv(x8, w8, ws, sa, bias, one, cfg).float()
                 torch.cuda.synchronize()

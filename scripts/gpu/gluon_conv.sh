@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
 say "gluon bench"
-timeout $(( ${GLUON_S:-300} + 90 )) python3 benchmarks/bench_gluon_conv.py --budget-s ${GLUON_S:-300} \
+timeout $(( ${GLUON_S:-300} + 60 )) python3 benchmarks/bench_gluon_conv.py --budget-s ${GLUON_S:-300} \
   ${SHAPES:+--shapes $SHAPES} --out $OUT/gluon_conv.json > $OUT/gluon_conv.log 2>&1
 echo "gluon rc=$?"
 grep -v -i warn $OUT/gluon_conv.log | python3 -c '

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 
@@ -109,11 +110,129 @@ def _gconv_kernel(a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr,
     gl.store(out_ptr + o_off[:, None] + offs_n[None, :], y.to(gl.bfloat16), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@gluon.jit
+def _tile_origin(t, N, Cout, TILES_H, TILES_W, BI: gl.constexpr, BH: gl.constexpr, BW: gl.constexpr,
+                 BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+    """Tile ``t``'s (first image, first output row, first output column, first output channel), GROUP_M row tiles
+    sharing a column of weight tiles (L2 reuse)."""
+    tiles_m = gl.cdiv(N, BI) * TILES_H * TILES_W
+    tiles_n = gl.cdiv(Cout, BLOCK_N)
+    in_group = GROUP_M * tiles_n
+    first_m = (t // in_group) * GROUP_M
+    group_m = gl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (t % in_group) % group_m
+    pid_n = (t % in_group) // group_m
+    tw = pid_m % TILES_W
+    th = (pid_m // TILES_W) % TILES_H
+    return (pid_m // (TILES_W * TILES_H)) * BI, th * BH, tw * BW, pid_n * BLOCK_N
+
+
+@gluon.jit
+def _epilogue(acc, acc_layout: gl.constexpr, n0, oh0, ow0, co0, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, N, H, W,
+              Cout, son, soh, sow, HAS_BIAS: gl.constexpr, BH: gl.constexpr, BW: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """x activation scale x per-channel weight scale, + bias, bf16, masked stores from the accumulator's layout."""
+    offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+    offs_n = co0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
+    n_ok = offs_n < Cout
+    y = acc * (gl.load(wscale_ptr + offs_n, mask=n_ok, other=0.0) * gl.load(ascale_ptr))[None, :]
+    if HAS_BIAS:
+        y = y + gl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    nb = n0 + offs_m // (BH * BW)
+    oh = oh0 + (offs_m // BW) % BH
+    ow = ow0 + offs_m % BW
+    m_ok = (nb < N) & (oh < H) & (ow < W)
+    o_off = nb.to(gl.int64) * son + oh * soh + ow * sow
+    gl.store(out_ptr + o_off[:, None] + offs_n[None, :], y.to(gl.bfloat16), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# The warp-specialized form (config "ws"): one program per SM walks the tiles; a producer warp runs the TMA loads
+# ahead through a ring of STAGES buffers (ready / empty mbarriers), independent of the MMAs; two consumer warp
+# groups take the tiles in turn, so one's epilogue overlaps the other's K loop. Each consumer keeps one wgmma in
+# flight and releases a stage once the wgmma that read it has retired.
+@gluon.jit
+def _ws_producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, N, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h,
+                 pad_w, KW: gl.constexpr, BI: gl.constexpr, BH: gl.constexpr, BW: gl.constexpr,
+                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+    num_tiles = gl.cdiv(N, BI) * TILES_H * TILES_W * gl.cdiv(Cout, BLOCK_N)
+    step = 0
+    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        n0, oh0, ow0, co0 = _tile_origin(t, N, Cout, TILES_H, TILES_W, BI, BH, BW, BLOCK_N, GROUP_M)
+        for it in range(NITER):
+            s = step % STAGES
+            mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+            _issue(a_desc, b_desc, a_bufs.index(s), b_bufs.index(s), ready.index(s), it, n0, oh0, ow0, co0, CK, NCB,
+                   pad_h, pad_w, KW, BLOCK_K)
+            step += 1
+
+
+@gluon.jit
+def _ws_consumer(WG: gl.constexpr, a_bufs, b_bufs, ready, empty, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, N, H, W,
+                 Cout, NITER, TILES_H, TILES_W, son, soh, sow, HAS_BIAS: gl.constexpr, BI: gl.constexpr,
+                 BH: gl.constexpr, BW: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                 STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+    BLOCK_M: gl.constexpr = BI * BH * BW
+    a2d: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BLOCK_N, 32])
+    num_tiles = gl.cdiv(N, BI) * TILES_H * TILES_W * gl.cdiv(Cout, BLOCK_N)
+    local = 0
+    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        if local % 2 == WG:
+            n0, oh0, ow0, co0 = _tile_origin(t, N, Cout, TILES_H, TILES_W, BI, BH, BW, BLOCK_N, GROUP_M)
+            acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
+            prev = 0
+            for it in range(NITER):
+                step = local * NITER + it
+                s = step % STAGES
+                mbarrier.wait(ready.index(s), (step // STAGES) & 1)
+                a = a_bufs.index(s)._reinterpret(gl.float8e4nv, [BLOCK_M, BLOCK_K], a2d)
+                b = b_bufs.index(s).permute((1, 0))
+                acc = warpgroup_mma(a, b, acc, is_async=True)
+                acc, a, b = warpgroup_mma_wait(1, deps=[acc, a, b])
+                if it > 0:  # the wgmma of the step before has retired: its stage goes back to the producer
+                    mbarrier.arrive(empty.index(prev), count=1)
+                prev = s
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            mbarrier.arrive(empty.index(prev), count=1)
+            _epilogue(acc, acc_layout, n0, oh0, ow0, co0, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, N, H, W, Cout,
+                      son, soh, sow, HAS_BIAS, BH, BW, BLOCK_M, BLOCK_N)
+        local += 1
+
+
+@gluon.jit
+def _gconv_ws_kernel(a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr,
+                     N, H, W, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h, pad_w, son, soh, sow,
+                     KW: gl.constexpr, HAS_BIAS: gl.constexpr, BI: gl.constexpr, BH: gl.constexpr, BW: gl.constexpr,
+                     BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                     CONSUMER_REGS: gl.constexpr):
+    a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BI, BH, BW, BLOCK_K], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for q in gl.static_range(STAGES):
+        mbarrier.init(ready.index(q), count=1)
+        mbarrier.init(empty.index(q), count=1)
+    fence_async_shared()
+    gl.warp_specialize([(_ws_consumer, (0, a_bufs, b_bufs, ready, empty, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, N,
+                                        H, W, Cout, NITER, TILES_H, TILES_W, son, soh, sow, HAS_BIAS, BI, BH, BW,
+                                        BLOCK_N, BLOCK_K, STAGES, GROUP_M)),
+                        (_ws_consumer, (1, a_bufs, b_bufs, ready, empty, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, N,
+                                        H, W, Cout, NITER, TILES_H, TILES_W, son, soh, sow, HAS_BIAS, BI, BH, BW,
+                                        BLOCK_N, BLOCK_K, STAGES, GROUP_M)),
+                        (_ws_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, N, Cout, CK, NCB, NITER,
+                                        TILES_H, TILES_W, pad_h, pad_w, KW, BI, BH, BW, BLOCK_N, BLOCK_K, STAGES,
+                                        GROUP_M))],
+                       [4, 1], [CONSUMER_REGS, 40])
+
+
 def gconv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor, bias, padding,
           config: dict) -> torch.Tensor:
     """bf16 conv(x, w) x a_scale x w_scale[channel] + bias: x e4m3 [N, C, H, W] channels-last, w e4m3
     [Cout, kh, kw, C] (diffquant's layout), stride 1, output the input's size. ``config``: BLOCK_M (64, 128 or 256
-    pixels: whole rows where they fit), BLOCK_N, STAGES, num_warps (4 a warpgroup of 64 rows); BLOCK_K is 128."""
+    pixels: whole rows where they fit), BLOCK_N, STAGES, num_warps (4 a warpgroup of 64 rows); BLOCK_K is 128.
+    ``"ws": True``: the warp-specialized persistent kernel (two consumer warp groups of 4 warps, ``CONSUMER_REGS``
+    registers each, 216 by default; BLOCK_M x BLOCK_N fp32 a consumer must fit them)."""
     from diffquant.kernels.triton_conv_tma import tile_4d
 
     nb, c, h, wd = x.shape
@@ -131,9 +250,14 @@ def gconv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torc
     ncb = -(-ck // bk)
     tiles_h, tiles_w = -(-h // bh), -(-wd // bw)
     grid = (-(-nb // bi) * tiles_h * tiles_w * -(-cout // bn),)
-    _gconv_kernel[grid](a_desc, b_desc, out, a_scale, w_scale, bias if bias is not None else w_scale,
-                        nb, h, wd, cout, ck, ncb, kh * kw * ncb, tiles_h, tiles_w, int(padding[0]), int(padding[1]),
-                        out.stride(0), out.stride(2), out.stride(3), KW=kw, HAS_BIAS=bias is not None, BI=bi, BH=bh,
-                        BW=bw, BLOCK_N=bn, BLOCK_K=bk, STAGES=config.get("STAGES", 4), GROUP_M=8,
-                        num_warps=config.get("num_warps", 4))
+    args = (a_desc, b_desc, out, a_scale, w_scale, bias if bias is not None else w_scale, nb, h, wd, cout, ck, ncb,
+            kh * kw * ncb, tiles_h, tiles_w, int(padding[0]), int(padding[1]), out.stride(0), out.stride(2),
+            out.stride(3))
+    flags = dict(KW=kw, HAS_BIAS=bias is not None, BI=bi, BH=bh, BW=bw, BLOCK_N=bn, BLOCK_K=bk,
+                 STAGES=config.get("STAGES", 4), GROUP_M=8)
+    if config.get("ws"):
+        progs = min(grid[0], torch.cuda.get_device_properties(x.device).multi_processor_count)
+        _gconv_ws_kernel[(progs,)](*args, **flags, CONSUMER_REGS=config.get("CONSUMER_REGS", 216), num_warps=4)
+    else:
+        _gconv_kernel[grid](*args, **flags, num_warps=config.get("num_warps", 4))
     return out
