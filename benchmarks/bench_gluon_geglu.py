@@ -17,7 +17,7 @@ import sys
 # (label, tokens M, width K, I, GEGLUs per UNet call): GEGLU.proj is K -> 2I; SD-1.5 at batch 8, 64x64 latents
 SHAPES = [("64x64 c320", 8 * 4096, 320, 1280, 5), ("32x32 c640", 8 * 1024, 640, 2560, 5),
           ("16x16 c1280", 8 * 256, 1280, 5120, 5), ("8x8 c1280", 8 * 64, 1280, 5120, 1)]
-CONFIGS = ({}, {"STAGES": 3}, {"STAGES": 6}, {"BLOCK_M": 64, "STAGES": 6})
+CONFIGS = ({}, {"STAGES": 3}, {"BLOCK_M": 64, "STAGES": 4})  # STAGES: buffers for each of the two consumers
 
 
 def main() -> None:

@@ -147,23 +147,27 @@ def _epilogue(acc, acc_layout: gl.constexpr, n0, oh0, ow0, co0, out_ptr, ascale_
 
 
 # The warp-specialized form (config "ws"): one program per SM walks the tiles; a producer warp runs the TMA loads
-# ahead through a ring of STAGES buffers (ready / empty mbarriers), independent of the MMAs; two consumer warp
-# groups take the tiles in turn, so one's epilogue overlaps the other's K loop. Each consumer keeps one wgmma in
-# flight and releases a stage once the wgmma that read it has retired.
+# ahead, independent of the MMAs; two consumer warp groups take the tiles in turn, so one's epilogue overlaps the
+# other's K loop. Each consumer has a ring of its own (STAGES buffers, ready / empty mbarriers): with one ring
+# shared, a consumer a whole tile ahead of the other could find a stage's ready barrier one phase behind and take
+# the parity of an old phase for the one it waits on (session 18: wrong GEGLU outputs with 3 stages, launch
+# failures). Each consumer keeps one wgmma in flight and releases a stage once the wgmma that read it has retired.
 @gluon.jit
 def _ws_producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, N, Cout, CK, NCB, NITER, TILES_H, TILES_W, pad_h,
                  pad_w, KW: gl.constexpr, BI: gl.constexpr, BH: gl.constexpr, BW: gl.constexpr,
                  BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
     num_tiles = gl.cdiv(N, BI) * TILES_H * TILES_W * gl.cdiv(Cout, BLOCK_N)
-    step = 0
+    local = 0
     for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
         n0, oh0, ow0, co0 = _tile_origin(t, N, Cout, TILES_H, TILES_W, BI, BH, BW, BLOCK_N, GROUP_M)
+        ring = local % 2  # the consumer of this tile: its own ring of STAGES buffers
         for it in range(NITER):
-            s = step % STAGES
+            step = (local // 2) * NITER + it
+            s = ring * STAGES + step % STAGES
             mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
             _issue(a_desc, b_desc, a_bufs.index(s), b_bufs.index(s), ready.index(s), it, n0, oh0, ow0, co0, CK, NCB,
                    pad_h, pad_w, KW, BLOCK_K)
-            step += 1
+        local += 1
 
 
 @gluon.jit
@@ -183,8 +187,8 @@ def _ws_consumer(WG: gl.constexpr, a_bufs, b_bufs, ready, empty, out_ptr, ascale
             acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
             prev = 0
             for it in range(NITER):
-                step = local * NITER + it
-                s = step % STAGES
+                step = (local // 2) * NITER + it
+                s = WG * STAGES + step % STAGES
                 mbarrier.wait(ready.index(s), (step // STAGES) & 1)
                 a = a_bufs.index(s)._reinterpret(gl.float8e4nv, [BLOCK_M, BLOCK_K], a2d)
                 b = b_bufs.index(s).permute((1, 0))
@@ -206,11 +210,11 @@ def _gconv_ws_kernel(a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr,
                      KW: gl.constexpr, HAS_BIAS: gl.constexpr, BI: gl.constexpr, BH: gl.constexpr, BW: gl.constexpr,
                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr):
-    a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BI, BH, BW, BLOCK_K], a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for q in gl.static_range(STAGES):
+    a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2 * STAGES, BI, BH, BW, BLOCK_K], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2 * STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
+    for q in gl.static_range(2 * STAGES):
         mbarrier.init(ready.index(q), count=1)
         mbarrier.init(empty.index(q), count=1)
     fence_async_shared()
@@ -232,7 +236,7 @@ def gconv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torc
     [Cout, kh, kw, C] (diffquant's layout), stride 1, output the input's size. ``config``: BLOCK_M (64, 128 or 256
     pixels: whole rows where they fit), BLOCK_N, STAGES, num_warps (4 a warpgroup of 64 rows); BLOCK_K is 128.
     ``"ws": True``: the warp-specialized persistent kernel (two consumer warp groups of 4 warps, ``CONSUMER_REGS``
-    registers each, 216 by default; BLOCK_M x BLOCK_N fp32 a consumer must fit them)."""
+    registers each, 216 by default; BLOCK_M x BLOCK_N fp32 a consumer must fit them; STAGES buffers a consumer)."""
     from diffquant.kernels.triton_conv_tma import tile_4d
 
     nb, c, h, wd = x.shape

@@ -7,8 +7,10 @@ level: 141 us, issue slots 55 % busy, against 82 us for cuBLAS's bare FP8 GEMM o
 K loop, and a program's epilogue and K loop never overlap. Here one program per SM walks the output tiles with
 three partitions (``gl.warp_specialize``):
 
-- a producer warp issues the TMA loads of every tile's K steps into a ring of STAGES buffers (``ready`` / ``empty``
-  mbarriers);
+- a producer warp issues the TMA loads of every tile's K steps, into the ring of STAGES buffers (``ready`` /
+  ``empty`` mbarriers) of the consumer that takes the tile (one ring each: with one shared ring, a consumer a tile
+  ahead of the other could find a ready barrier a phase behind and take an old phase's parity for its own; session
+  18 saw wrong outputs and launch failures that way);
 - two consumer warp groups take the tiles in turn (even / odd) ("ping-pong"): while one runs its epilogue (dequantize,
   bias, GELU of the gate by the polynomial of :func:`.triton_geglu._gelu`, product, e4m3 rounding, stores), the other
   runs its wgmmas.
@@ -61,18 +63,20 @@ def _producer(a_desc, w_desc, a_bufs, h_bufs, g_bufs, ready, empty, M, I, K, BLO
     num_tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(I, BLOCK_N)
     ksteps = gl.cdiv(K, BLOCK_K)
     nbytes: gl.constexpr = (BLOCK_M + 2 * BLOCK_N) * BLOCK_K
-    step = 0
+    local = 0
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
         m0, n0 = _tile_mn(tile, M, I, BLOCK_M, BLOCK_N, GROUP_M)
+        ring = local % 2  # the consumer of this tile: its own ring of STAGES buffers
         for kk in range(ksteps):
-            s = step % STAGES
+            step = (local // 2) * ksteps + kk
+            s = ring * STAGES + step % STAGES
             mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
             mbarrier.expect(ready.index(s), nbytes)
             k = kk * BLOCK_K
             tma.async_copy_global_to_shared(a_desc, [m0, k], ready.index(s), a_bufs.index(s))
             tma.async_copy_global_to_shared(w_desc, [n0, k], ready.index(s), h_bufs.index(s))
             tma.async_copy_global_to_shared(w_desc, [I + n0, k], ready.index(s), g_bufs.index(s))
-            step += 1
+        local += 1
 
 
 @gluon.jit
@@ -92,8 +96,8 @@ def _consumer(WG: gl.constexpr, a_bufs, h_bufs, g_bufs, ready, empty, out_ptr, a
             acc_h = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
             acc_g = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
             for kk in range(ksteps):
-                step = local * ksteps + kk
-                s = step % STAGES
+                step = (local // 2) * ksteps + kk
+                s = WG * STAGES + step % STAGES
                 mbarrier.wait(ready.index(s), (step // STAGES) & 1)
                 a = a_bufs.index(s)
                 bh = h_bufs.index(s).permute((1, 0))
@@ -126,12 +130,12 @@ def _gg_kernel(a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, oscale
                HAS_BIAS: gl.constexpr, OSCALE_PER_CH: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                PRODUCER_REGS: gl.constexpr):
-    a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
-    h_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
-    g_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for q in gl.static_range(STAGES):
+    a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2 * STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    h_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2 * STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+    g_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2 * STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
+    for q in gl.static_range(2 * STAGES):
         mbarrier.init(ready.index(q), count=1)
         mbarrier.init(empty.index(q), count=1)
     fence_async_shared()
@@ -150,8 +154,8 @@ def linear_geglu_gluon(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                        bias, out_scale: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """e4m3 ``h * gelu(g) / out_scale`` of ``xq @ w.T`` (dequantized, + bias), h and g the two halves of the
     projection (``diffquant::linear_geglu``'s e4m3 case). ``config``: BLOCK_M (128), BLOCK_N (64), BLOCK_K (128),
-    STAGES (4), programs (default: the SM count), CONSUMER_REGS (216), PRODUCER_REGS (40)."""
-    cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "STAGES": 4, "CONSUMER_REGS": 216, "PRODUCER_REGS": 40,
+    STAGES (2, a consumer), programs (default: the SM count), CONSUMER_REGS (216), PRODUCER_REGS (40)."""
+    cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "STAGES": 2, "CONSUMER_REGS": 216, "PRODUCER_REGS": 40,
            **(config or {})}
     m, k = xq.shape
     i = w.shape[0] // 2
