@@ -6,7 +6,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src
 CS=$(which compute-sanitizer 2>/dev/null || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 echo "compute-sanitizer: ${CS:-none}"
-for job in ${JOBS:-"conv --stages 2" "conv --stages 3" "geglu --stages 2" "geglu --stages 3"}; do
+IFS=, read -ra JOB_LIST <<< "${JOBS:-conv --stages 2,conv --stages 3,geglu --stages 2,geglu --stages 3}"
+for job in "${JOB_LIST[@]}"; do
   echo "== $job (plain)"; timeout 40 python3 scripts/gpu/gluon_ws_debug.py $job 2>&1 | grep -v -i warn | tail -3
   if [ -n "$CS" ] && [ "${NOCS:-0}" != 1 ]; then
     echo "== $job (compute-sanitizer)"
