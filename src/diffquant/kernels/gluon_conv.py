@@ -230,6 +230,11 @@ def _gconv_ws_kernel(a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr,
                        [4, 1], [CONSUMER_REGS, 40])
 
 
+def new_out(nb: int, cout: int, h: int, wd: int, device) -> torch.Tensor:
+    """The bf16 channels-last output (a function of its own, so that the tests can poison it)."""
+    return torch.empty(nb, cout, h, wd, device=device, dtype=torch.bfloat16, memory_format=torch.channels_last)
+
+
 def gconv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor, bias, padding,
           config: dict) -> torch.Tensor:
     """bf16 conv(x, w) x a_scale x w_scale[channel] + bias: x e4m3 [N, C, H, W] channels-last, w e4m3
@@ -245,7 +250,7 @@ def gconv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torc
         raise ValueError("gconv: same-size convs with 16-multiple channels only")
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], 128
     bi, bh, bw = tile_4d(bm, h, wd)
-    out = torch.empty(nb, cout, h, wd, device=x.device, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    out = new_out(nb, cout, h, wd, x.device)
     lay4 = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=4)
     lay2 = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
     a_desc = TensorDescriptor(x, [nb, h, wd, c], [x.stride(0), x.stride(2), x.stride(3), 1], [bi, bh, bw, bk], lay4)

@@ -150,6 +150,11 @@ def _gg_kernel(a_desc, w_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, oscale
                        [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+def new_out(m: int, i: int, device) -> torch.Tensor:
+    """The e4m3 output (a function of its own, so that the tests can poison it)."""
+    return torch.empty((m, i), dtype=torch.float8_e4m3fn, device=device)
+
+
 def linear_geglu_gluon(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
                        bias, out_scale: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """e4m3 ``h * gelu(g) / out_scale`` of ``xq @ w.T`` (dequantized, + bias), h and g the two halves of the
@@ -161,7 +166,7 @@ def linear_geglu_gluon(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     i = w.shape[0] // 2
     if k % 16 or m * i >= 2 ** 31:
         raise ValueError("linear_geglu_gluon: input width a multiple of 16 and fewer than 2**31 outputs")
-    out = torch.empty((m, i), dtype=torch.float8_e4m3fn, device=xq.device)
+    out = new_out(m, i, xq.device)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     lay = gl.NVMMASharedLayout(swizzle_byte_width=128 if bk >= 128 else bk, element_bitwidth=8, rank=2)
     a_desc = TensorDescriptor(xq, [m, k], [k, 1], [bm, bk], lay)
