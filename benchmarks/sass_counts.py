@@ -1,9 +1,10 @@
-"""SASS instruction counts of the GEGLU and group-norm kernels for Hopper, without a GPU: each kernel is compiled by
+"""SASS instruction counts of the GEGLU, group-norm and 4-D TMA conv kernels for Hopper, without a GPU: each kernel is compiled by
 Triton for sm_90 (integer arguments and pointers marked 16-divisible, as Triton specializes them at a real launch),
 assembled by Triton's bundled ptxas and disassembled by its nvdisasm. Per kernel: all instructions, those of the
 pixel loop (norm kernels: from the loop's label to its back-branch), and the most frequent opcodes. The epilogues of
 these kernels are limited by instruction issue on the H200 (Nsight Compute, ``benchmarks/results/ncu_probe.txt``), so
-the counts are what the session-17 changes were steered by.
+the counts are what the session-17 changes were steered by. The conv rows (session 18) count the wgmmas that take
+A from registers against those that read it from shared memory, for A boxes of two output rows and of one.
 
     python benchmarks/sass_counts.py [--out benchmarks/results/sass_counts.json]
 
@@ -133,6 +134,33 @@ def main() -> None:
         k = _build(fn, norm, nt, 4, 1, divisible=("HW", "C1", "C", "SEG_P"))
         rows.append(_row(f"{fn.__name__} (64 pixels x 64 channels a step, time-embedding add, SiLU, e4m3 out, "
                          "4 warps)", fn.__name__, _sass(k.asm["ptx"]), True))
+    # the 4-D TMA conv kernel (wide tiles, 128 + 32 output channels, 4 warps, 3 stages): A boxes of one output row
+    # against boxes of two. Triton cannot reshape a shared-memory operand, so a multi-row box goes through registers:
+    # every wgmma then takes A from registers and is waited on at once (WARPGROUP.DEPBAR.LE gsb0, 0x0)
+    from diffquant.kernels import triton_conv_tma as tt
+
+    for bi, bh, bw in ((1, 2, 64), (1, 1, 128)):
+        def ct(n, bi=bi, bh=bh, bw=bw):
+            if n == "a_desc":
+                return f"tensordesc<fp8e4nv[{bi}, {bh}, {bw}, 128]>"
+            if n == "b2_desc":
+                return "tensordesc<fp8e4nv[32, 128]>"
+            if n == "b_desc":
+                return "tensordesc<fp8e4nv[128, 128]>"
+            return "*bf16" if n in ("out_ptr", "add_ptr") else "*fp32" if n.endswith("_ptr") else "i32"
+
+        consts = dict(KH=3, KW=3, A_INT=False, BITCAST_FP8=False, PAD_FIX=False, HAS_ASCALE=True, HAS_CORR=False,
+                      HAS_BIAS=True, HAS_ADD=False, soc=1, sac=1, BI=bi, BH=bh, BW=bw, BLOCK_N=128, BLOCK_N2=32,
+                      BLOCK_K=128, GROUP_M=8, FP8_ACC=None)
+        k = _build(tt._qconv_tma4d_wide_kernel, consts, ct, 4, 3, divisible=("Cout", "CK", "son", "soh", "sow"))
+        sass = _sass(k.asm["ptx"])
+        row = _row(f"_qconv_tma4d_wide_kernel (A boxes of {bi} x {bh} x {bw} pixels x 128 channels, 128 + 32 output "
+                   "channels, 4 warps, 3 stages)", "_qconv_tma4d_wide_kernel", sass, True)
+        row["qgmma_register_a"] = len(re.findall(r"QGMMA\.\S+ R\d+, R\d+", sass))
+        row["qgmma_shared_a"] = len(re.findall(r"QGMMA\.\S+ R\d+, gdesc", sass))
+        row["wgmma_wait_all"] = sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x0")
+        print(json.dumps({k_: row[k_] for k_ in ("qgmma_register_a", "qgmma_shared_a", "wgmma_wait_all")}), flush=True)
+        rows.append(row)
     res = {"command": "python benchmarks/sass_counts.py", "date": time.strftime("%Y-%m-%d"),
            "triton": triton.__version__, "target": "sm_90a", "rows": rows}
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
