@@ -1,6 +1,9 @@
 """An FP8 3x3 (k x k, stride 1) conv as implicit GEMM in Gluon (Triton's lower-level dialect), with the A tile read
-by the tensor cores straight from shared memory. Experimental: an op-level candidate, not yet a path of
-``diffquant::qconv``.
+by the tensor cores straight from shared memory. Experimental: an op-level candidate, not a path of
+``diffquant::qconv``. Measured on SD-1.5 b8's 3x3 convs (H200, 2026-11-29, BENCHMARKS.md "Kernels, sixteenth
+measurement", ``bash scripts/gpu/gluon_conv.sh``): 0.86-1.11x of the tuned Triton kernels, outputs equal to the bit;
+over six shapes weighted by calls a UNet, the best of both would save 3 %. So reading A from shared memory is not
+what limits those kernels, and this stays off the model's path.
 
 Why: the Triton kernels of the 4-D TMA paths (:mod:`.triton_conv_tma`) load an A box of several output rows or
 images ([BI, BH, BW, BLOCK_K]) and ``tl.reshape`` it to [BLOCK_M, BLOCK_K]. Triton (3.6 and 3.9) cannot reshape a
@@ -47,22 +50,7 @@ def _gconv_kernel(a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr,
                   BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
                   num_warps: gl.constexpr):
     BLOCK_M: gl.constexpr = BI * BH * BW
-    # tile order: GROUP_M row tiles share a column of weight tiles (L2 reuse)
-    pid = gl.program_id(0)
-    tiles_m = gl.cdiv(N, BI) * TILES_H * TILES_W
-    tiles_n = gl.cdiv(Cout, BLOCK_N)
-    in_group = GROUP_M * tiles_n
-    first_m = (pid // in_group) * GROUP_M
-    group_m = gl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_m
-    pid_n = (pid % in_group) // group_m
-    tw = pid_m % TILES_W
-    th = (pid_m // TILES_W) % TILES_H
-    n0 = (pid_m // (TILES_W * TILES_H)) * BI
-    oh0 = th * BH
-    ow0 = tw * BW
-    co0 = pid_n * BLOCK_N
-
+    n0, oh0, ow0, co0 = _tile_origin(gl.program_id(0), N, Cout, TILES_H, TILES_W, BI, BH, BW, BLOCK_N, GROUP_M)
     a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BI, BH, BW, BLOCK_K], a_desc.layout)
     b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -92,22 +80,8 @@ def _gconv_kernel(a_desc, b_desc, out_ptr, ascale_ptr, wscale_ptr, bias_ptr,
     for q in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(q))
 
-    # epilogue straight from the accumulator's layout (each thread holds pairs of adjacent channels: 4-byte stores;
-    # no shared-memory round trip, so the pipeline buffers are all the shared memory a program takes)
-    y = acc
-    offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
-    offs_n = co0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
-    n_ok = offs_n < Cout
-    ws = gl.load(wscale_ptr + offs_n, mask=n_ok, other=0.0) * gl.load(ascale_ptr)
-    y = y * ws[None, :]
-    if HAS_BIAS:
-        y = y + gl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-    nb = n0 + offs_m // (BH * BW)
-    oh = oh0 + (offs_m // BW) % BH
-    ow = ow0 + offs_m % BW
-    m_ok = (nb < N) & (oh < H) & (ow < W)
-    o_off = nb.to(gl.int64) * son + oh * soh + ow * sow
-    gl.store(out_ptr + o_off[:, None] + offs_n[None, :], y.to(gl.bfloat16), mask=m_ok[:, None] & n_ok[None, :])
+    _epilogue(acc, acc_layout, n0, oh0, ow0, co0, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, N, H, W, Cout, son, soh,
+              sow, HAS_BIAS, BH, BW, BLOCK_M, BLOCK_N)
 
 
 @gluon.jit
@@ -131,7 +105,9 @@ def _tile_origin(t, N, Cout, TILES_H, TILES_W, BI: gl.constexpr, BH: gl.constexp
 def _epilogue(acc, acc_layout: gl.constexpr, n0, oh0, ow0, co0, out_ptr, ascale_ptr, wscale_ptr, bias_ptr, N, H, W,
               Cout, son, soh, sow, HAS_BIAS: gl.constexpr, BH: gl.constexpr, BW: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """x activation scale x per-channel weight scale, + bias, bf16, masked stores from the accumulator's layout."""
+    """x activation scale x per-channel weight scale, + bias, bf16, masked stores straight from the accumulator's
+    layout (each thread holds pairs of adjacent channels: 4-byte stores; no shared-memory round trip, so the pipeline
+    buffers are all the shared memory a program takes)."""
     offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
     offs_n = co0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
     n_ok = offs_n < Cout

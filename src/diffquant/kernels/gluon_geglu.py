@@ -1,5 +1,9 @@
 """``diffquant::linear_geglu`` as a persistent, warp-specialized Gluon kernel for Hopper (experimental; an op-level
-candidate beside :mod:`.triton_geglu`, not yet a path of the op).
+candidate beside :mod:`.triton_geglu`, not a path of the op). Measured on SD-1.5 b8's four feed-forward shapes (H200,
+2026-11-29, BENCHMARKS.md "Kernels, sixteenth measurement", ``bash scripts/gpu/gluon_geglu.sh``): 0.86-1.05x of the
+Triton kernel, its e4m3 outputs equal code for code; 1.327 against 1.329 ms a UNet for the best of both. The Triton
+kernel already runs two programs a SM whose K loops and epilogues overlap, so the epilogue's instruction count, not
+the lack of overlap, is what limits it.
 
 Why: the Triton GEGLU kernel is limited by instruction issue in its epilogue (Nsight Compute on SD-1.5 b8's 64x64
 level: 141 us, issue slots 55 % busy, against 82 us for cuBLAS's bare FP8 GEMM of the same shape; H200,
