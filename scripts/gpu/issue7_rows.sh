@@ -8,20 +8,30 @@
 #          TUNE_TASKS (model:batch:variant,...; empty: no tuning, every GPU benches), TUNE_S (200), TUNE_ARGS (more
 #          tune_qconv.py options, e.g. --untuned-only or --skip-paths tma),
 #          DIFFQUANT_PROFILE_TOP (kernels listed per row's profile, default here 40)
-#   suggested calls for the next session (written at the end of session 17, 2026-11-29; sessions 12-17 ran on one GPU
-#   as scripts/gpu/ab_rows_1gpu.sh PART=1-18 and inline commands, see BENCHMARKS.md "Kernels, tenth" to "fifteenth
-#   measurement"):
-#   1. PART=18 bash scripts/gpu/ab_rows_1gpu.sh (carry .whl/diffusers-0.42.1-py3-none-any.whl; about 8 min): the
-#      shipped tree, never timed end to end (session 17's last rows ran with the shifted-sum norm statistics, since
-#      reverted): SD b8 and CIFAR b256 with their bf16-compile partners, after the norm and GEGLU GPU tests.
-#   2. Nsight Compute on the conv kernels (scripts/gpu/ncu_probe.sh's pattern; _qconv_tma4d_sc_wide_kernel and
-#      _qconv_tma4d_wide_kernel, 2.3 of SD b8's 3.45 conv ms): if their epilogues are issue-bound like GEGLU's was,
-#      the same treatment (dequant_store's 64-bit per-element addresses; a TMA store), checked with
-#      benchmarks/sass_counts.py before device time is spent.
-#   3. Session 16's left-overs: the shortcut kernel tuned on SD b8's untimed shapes and CIFAR b256
-#      (python3 benchmarks/tune_qconv.py --shortcut --tasks ... --budget-s 200 --out T.json, merged with diffquant
-#      tune-kernels --merge-from T.json --merge-into src/diffquant/kernels/tuned/nvidia-h200.json); SD b1 with the
-#      composed calls' order fix (PART=15's sd1 row); CIFAR b1's and INT8 CIFAR b256's untuned shapes.
+#   suggested calls for the next session (written at the end of session 18, 2026-11-29; sessions 12-18 ran on one GPU
+#   as scripts/gpu/ab_rows_1gpu.sh PART=1-18, the op scripts below and inline commands, see BENCHMARKS.md "Kernels,
+#   tenth" to "sixteenth measurement"):
+#   1. Where the Triton conv kernels stall, per instruction: scripts/gpu/ncu_model_probe.sh (written in session 18, not
+#      run; carry .whl/diffusers-0.42.1-py3-none-any.whl; SOURCE_KERNELS' first launches as SASS with stall samples).
+#      Session 18's ncu (benchmarks/results/ncu_conv.txt): 44 % of stall cycles at CTA barriers, tensor pipe 43 %,
+#      L2 at 31 %: which barriers (the TMA issue's, the register-A copy's) decides what to change.
+#   2. The Inductor LayerNorm(+residual)+quantize kernels (1.37 ms of SD b8, several near 1.3 TB/s):
+#      ROWS=sd15-unet:8:dq-fp8-gn-qkv-te-ff-twq bash scripts/gpu/inductor_code.sh, then
+#      python benchmarks/inductor_kernels.py row_0.json code_0.log.gz --grep layer_norm; a diffquant kernel if they
+#      are far from bandwidth.
+#   3. The Gluon conv (src/diffquant/kernels/gluon_conv.py, at par with Triton) with Triton's wide tile (two
+#      accumulators, 256 + 64 channels) for the 320-channel convs, where Triton's 128 x 320 tile wins; op bench
+#      CUDNN=0 bash scripts/gpu/gluon_conv.sh (about 1 min), tests pytest -m gpu tests/test_kernels.py -k gluon.
+#   4. Session 16's left-overs: the shortcut kernel tuned on SD b8's six untimed shapes
+#      (python3 benchmarks/tune_qconv.py --shortcut --untuned-only --tasks sd15-unet:8:dq-fp8-gn-qkv-te-ff-twq
+#      --budget-s 200 --out T.json, merged with diffquant tune-kernels --merge-from T.json --merge-into
+#      src/diffquant/kernels/tuned/nvidia-h200.json), SD b1 with the composed calls' order fix, CIFAR b1's and INT8
+#      CIFAR b256's untuned shapes.
+#   Measured in session 18 (no model kernel changed): the shipped tree, SD b8 13.34 ms (1.395x, bf16 18.60 in the same
+#   run), CIFAR b256 6.776 ms (1.627x); cuDNN's FP8 conv slower than diffquant's and than cuDNN's bf16 conv
+#   (benchmarks/bench_cudnn_fp8_conv.py); Gluon conv (A from shared memory; plain and warp-specialized) and
+#   warp-specialized Gluon GEGLU at 0.86-1.11x of the Triton kernels (benchmarks/bench_gluon_conv.py,
+#   bench_gluon_geglu.py).
 #   Measured and kept in session 17: GEGLU's erf by polynomial with single-MUFU special functions and a TMA-stored
 #   output (the GEGLU kernels 1.595 -> 1.375 ms in SD b8), the norm apply step's 32-bit offsets, 1/scale and
 #   single-MUFU SiLU (0.751 -> 0.524 ms): SD b8 13.89 -> 13.44 ms (1.327 -> 1.374x, same runs), CIFAR b256 6.864 ms
