@@ -634,10 +634,10 @@ def per_layer_type(model: nn.Module, model_name: str, batch: int, variant: str, 
 # kernel classes by name (CUDA kernel names of cuDNN, cuBLAS/CUTLASS, FlashAttention, Inductor, diffquant). diffquant's
 # Triton kernels are matched by prefix, so a new kernel lands in its class (a test in tests/test_kernels.py checks every one)
 _KERNEL_CLASSES = (
-    ("dq_qconv", ("_qconv_",)),
+    ("dq_qconv", ("_qconv_", "_gconv_")),  # _gconv_: the experimental Gluon conv (gluon_conv.py)
     ("dq_attention", ("_fp8_attn",)),
     ("dq_norm", ("_gn_",)),
-    ("dq_geglu", ("_linear_geglu",)),
+    ("dq_geglu", ("_linear_geglu", "_gg_kernel")),  # _gg_kernel: the experimental Gluon GEGLU (gluon_geglu.py)
     ("inductor_fused", ("triton_",)),
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("conv_cudnn", ("conv", "fprop", "implicit_convolve", "dgrad", "xmma_fprop")),
