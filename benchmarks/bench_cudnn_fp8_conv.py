@@ -4,9 +4,10 @@ dequantization scale and the bias as pointwise epilogue ops, bf16 out) against d
 (stride 1, padding 1, channels-last). Per shape: ms (median of CUDA-event samples, CUDA graphs where they capture),
 TFLOP/s, the cuDNN engine chosen, and the relative L2 difference of the FP8 outputs from each other.
 
-Why: SD-1.5 b8's converted convs reach about 970 TFLOP/s in all (3.45 ms for 3.35 TFLOP, H200, 2026-11-29), half
-the FP8 peak, and they are the largest part of the UNet outside attention. If cuDNN's FP8 conv is faster it can
-serve the plain convs.
+Why: SD-1.5 b8's converted convs (3.46 ms of its 13.25 busy ms, H200, 2026-11-29) keep the tensor cores under half
+busy (Nsight Compute, ``benchmarks/results/ncu_conv.txt``), and they are the largest part of the UNet outside
+attention. If cuDNN's FP8 conv were faster it could serve the plain convs. It is not (BENCHMARKS.md, "Kernels,
+sixteenth measurement": slower than diffquant's kernels and than cuDNN's own bf16 conv).
 
     python benchmarks/bench_cudnn_fp8_conv.py [--out benchmarks/results/cudnn_fp8_conv.json] [--ncu]
 
