@@ -89,3 +89,11 @@ pack_out() {
   tar cf - "$@" | split -b 15m -d - $OUT/zoo.tar.part-
   ls -la $OUT
 }
+
+# setup_cudnn_fe: the carried cudnn-frontend wheel (.gpu_carry/cudnn-fe/, see scripts/gpu/cudnn_fp8_attention.sh) into
+# /tmp/site_fe, put first on PYTHONPATH; exits 2 without it. Call it unpiped (the export).
+setup_cudnn_fe() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_fe \
+    .gpu_carry/cudnn-fe/*.whl || { echo "no cudnn-frontend wheel in .gpu_carry/cudnn-fe"; exit 2; }
+  export PYTHONPATH=/tmp/site_fe${PYTHONPATH:+:$PYTHONPATH}
+}

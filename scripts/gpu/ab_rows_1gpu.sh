@@ -182,9 +182,7 @@ case $PART in
   ;;
 7)
   # carry .whl/diffusers-0.42.1-py3-none-any.whl and .gpu_carry/cudnn-fe (not all of .whl: 64 MiB)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_fe \
-    .gpu_carry/cudnn-fe/*.whl || { echo "no cudnn-frontend wheel in .gpu_carry/cudnn-fe"; exit 2; }
-  export PYTHONPATH=/tmp/site_fe:$PYTHONPATH
+  setup_cudnn_fe
   say "GPU tests: cuDNN FP8 attention"
   gpu_tests 120 "cudnn_fp8"
   rows ship "$ROW"

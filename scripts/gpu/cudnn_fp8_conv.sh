@@ -8,9 +8,8 @@
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_fe \
-  .gpu_carry/cudnn-fe/*.whl || { echo "no cudnn-frontend wheel in .gpu_carry/cudnn-fe"; exit 2; }
-export PYTHONPATH=/tmp/site_fe:$PWD/src
+export PYTHONPATH=$PWD/src
+setup_cudnn_fe
 python3 -c 'import cudnn, torch, triton; print("cudnn-frontend", getattr(cudnn, "__version__", "?"), "cuDNN", torch.backends.cudnn.version(), "triton", triton.__version__)'
 say "bench"
 timeout ${BENCH_S:-300} python3 benchmarks/bench_cudnn_fp8_conv.py --out $OUT/cudnn_fp8_conv.json \

@@ -24,9 +24,9 @@ for line in sys.stdin:
     print(r["cin"], r["cout"], r["hw"], "x%d" % r["calls_per_unet"], "triton", r["triton_ms"], "best", r.get("gluon_best"), r.get("gluon_best_ms"), "speedup", r.get("speedup_vs_triton"), g)
 '
 if [ "${CUDNN:-1}" = 1 ] && ls .gpu_carry/cudnn-fe/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_fe .gpu_carry/cudnn-fe/*.whl
+  setup_cudnn_fe
   say "cudnn bench"
-  PYTHONPATH=/tmp/site_fe:$PWD/src timeout 150 python3 benchmarks/bench_cudnn_fp8_conv.py --reps 20 \
+  timeout 150 python3 benchmarks/bench_cudnn_fp8_conv.py --reps 20 \
     --out $OUT/cudnn_fp8_conv.json > $OUT/cudnn_fp8_conv.log 2>&1
   echo "cudnn rc=$?"; grep "per UNet" $OUT/cudnn_fp8_conv.log
 fi
