@@ -14,12 +14,10 @@ import json
 import sys
 import time
 
-# (batch, in channels, out channels, height = width, calls per UNet): SD-1.5's 3x3 stride-1 convs at batch 8 (the
-# same list as bench_cudnn_fp8_conv.py)
-SHAPES = ((8, 320, 320, 64, 7), (8, 640, 320, 64, 2), (8, 960, 320, 64, 1), (8, 640, 640, 64, 1),
-          (8, 320, 640, 32, 1), (8, 640, 640, 32, 6), (8, 960, 640, 32, 1), (8, 1280, 640, 32, 1),
-          (8, 1920, 640, 32, 1), (8, 1280, 1280, 32, 1), (8, 640, 1280, 16, 1), (8, 1280, 1280, 16, 7),
-          (8, 1920, 1280, 16, 1), (8, 2560, 1280, 16, 2), (8, 1280, 1280, 8, 11), (8, 2560, 1280, 8, 3))
+# SD-1.5 b8's 3x3 stride-1 convs, (batch, in channels, out channels, height = width, calls per UNet); this script's
+# folder is on sys.path when it runs
+from bench_cudnn_fp8_conv import SHAPES
+
 CONFIGS = ({"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "STAGES": 4},
            {"BLOCK_M": 256, "BLOCK_N": 128, "num_warps": 8, "STAGES": 4},
            # the warp-specialized kernel: STAGES buffers for each of its two consumers

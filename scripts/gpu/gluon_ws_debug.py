@@ -1,5 +1,6 @@
 """One small call of each warp-specialized Gluon kernel (conv, GEGLU), for compute-sanitizer
-(``scripts/gpu/gluon_ws_debug.sh``): they fail with "unspecified launch failure" on the H200 (session 18)."""
+(``scripts/gpu/gluon_ws_debug.sh``), against the same call without warp specialization. With one buffer ring shared
+by both consumers they gave wrong outputs and launch failures (session 18, calls 7-9); one ring each fixed that."""
 from __future__ import annotations
 
 import argparse
