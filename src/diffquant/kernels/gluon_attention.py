@@ -1,0 +1,261 @@
+"""bf16 / fp16 flash attention for Hopper in Gluon (Triton's lower-level dialect): the kernel behind
+``diffquant::flash_attention`` on sm_90 (no mask, not causal).
+
+Why a kernel of our own: at SD-1.5's head widths (40, 80, 160) attention is bounded by the softmax's exponentials,
+not by its matmuls (BENCHMARKS.md, "What bounds SD-1.5 b8"), and cuDNN's bf16 kernel, the fastest SDPA backend
+here, runs the 64x64 self-attention at 2.2x the exponential bound (609 against 275 us a call, H200, 2026-11-28).
+The exponentials (the SFU) and the matmuls (the tensor cores) are different units; this kernel keeps both busy at
+once, as FlashAttention-3 does:
+
+- warp specialization (``gl.warp_specialize``): a producer warp TMA-loads Q once and the K / V blocks into a ring
+  of STAGES buffers (``k_ready`` / ``v_ready`` / ``empty`` mbarriers; both consumers read every block, so
+  ``empty`` counts two arrivals);
+- two consumer warp groups, 64 query rows each, run independently, so one's softmax overlaps the other's wgmmas;
+- within a consumer, the wgmma of block j's scores is issued before the P.V wgmma of block j-1, and the softmax of
+  block j runs while that P.V is on the tensor cores (one wgmma group left in flight).
+
+Layout: Q, K, V are read as 2-D [tokens, columns] views of the projections' outputs (a head is a column range, so
+a stacked QKV projection's output is read in place), in boxes of a power-of-two width DP >= D (the neighbouring
+head's columns, or TMA's zero fill past the last head, fill the rest). Q's extra columns are zeroed in registers
+(the scores are exact); the output's extra columns are not stored. Keys past the end of a sequence (a partial last
+block, as the 77-token text context) are masked to -inf; queries past it are computed and not stored.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError as e:  # Triton without Gluon, or no Triton (the CPU install): the op takes its reference
+    _MISSING: Optional[str] = f"Gluon is not importable ({e})"
+else:
+    _MISSING = None
+
+LOG2E = 1.4426950408889634
+# Head widths up to 128 (a box of 256 columns would not fit shared memory; SD-1.5's 160-wide heads, at 256 tokens,
+# take 18 us a call in cuDNN)
+MAX_HEAD_DIM = 128
+DEFAULTS = {"BLOCK_N": 128, "STAGES": None, "CONSUMER_REGS": 232, "PRODUCER_REGS": 40}
+RING_BYTES = 200 * 1024  # Q's two tiles and the K / V ring (the rest of the 227 KB: barriers, layout scratch)
+
+
+def unavailable(device: torch.device) -> Optional[str]:
+    """None when the kernel can run on ``device``, else why it cannot."""
+    if _MISSING is not None:
+        return _MISSING
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"needs a CUDA device, got {device}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return f"needs Hopper (sm_90: wgmma, TMA), got sm_{major}{minor}"
+    return None
+
+
+def padded_head_dim(d: int) -> int:
+    """The box width the kernel reads a head in: the next power of two, at least 16."""
+    return max(16, 1 << (int(d) - 1).bit_length())
+
+
+if _MISSING is None:
+    @gluon.jit
+    def _ex2(x):
+        return gl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=gl.float32,
+                                         is_pure=True, pack=1)
+
+    @gluon.jit
+    def _fa_producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, Sq, Sk, H,
+                     D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        b = gl.program_id(1) // H
+        col = (gl.program_id(1) % H) * D
+        q_row = b * Sq + gl.program_id(0) * (2 * BLOCK_M)
+        for w in gl.static_range(2):
+            mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [q_row + w * BLOCK_M, col], q_ready.index(w), q_bufs.index(w))
+        k_row = b * Sk
+        for j in range(gl.cdiv(Sk, BLOCK_N)):
+            st = j % STAGES
+            mbarrier.wait(empty.index(st), ((j // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+            mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, col], k_ready.index(st), k_bufs.index(st))
+            mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [k_row + j * BLOCK_N, col], v_ready.index(st), v_bufs.index(st))
+
+    @gluon.jit
+    def _softmax(s, m_i, l_i, k0, Sk, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr, EVEN_K: gl.constexpr,
+                 dtype: gl.constexpr):
+        """One block's online softmax in the log2 domain (keys past the end masked to -inf): P in the operands'
+        dtype, the new running max and sum, and the factor the output so far is to be rescaled by."""
+        if not EVEN_K:
+            kidx = k0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where((kidx < Sk)[None, :], s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        p = _ex2(s * qk_scale - m_new[:, None])
+        alpha = _ex2(m_i - m_new)
+        return p.to(dtype), m_new, l_i * alpha + gl.sum(p, axis=1), alpha
+
+    @gluon.jit
+    def _qk(q, k_bufs, k_ready, j, zero_s, STAGES: gl.constexpr):
+        """Issue block j's scores (async) once its K is in."""
+        st = j % STAGES
+        mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
+        return warpgroup_mma(q, k_bufs.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _pv(p, v_bufs, v_ready, j, o, p_dot: gl.constexpr, STAGES: gl.constexpr):
+        """Issue o += P_j V_j (async) once V_j is in; returns the accumulator token and P's operand (kept alive)."""
+        st = j % STAGES
+        mbarrier.wait(v_ready.index(st), (j // STAGES) & 1)
+        p_op = gl.convert_layout(p, p_dot)
+        return warpgroup_mma(p_op, v_bufs.index(st), o, is_async=True), p_op
+
+    @gluon.jit
+    def _fa_consumer(WG: gl.constexpr, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, o_ptr, Sq, Sk,
+                     H, qk_scale, D: gl.constexpr, DP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     STAGES: gl.constexpr, EVEN_K: gl.constexpr):
+        dtype: gl.constexpr = q_bufs.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, DP, 16])
+        q_dot: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+        p_dot: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        q_blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (DP // 8), DP // 8], [4, 1], [1, 0])
+        mbarrier.wait(q_ready.index(WG), 0)
+        q = q_bufs.index(WG).load(q_blk)
+        if DP != D:  # the neighbouring head's columns: zero, so that the scores are this head's only
+            cols = gl.arange(0, DP, layout=gl.SliceLayout(0, q_blk))
+            q = gl.where((cols < D)[None, :], q, gl.zeros_like(q))
+        q = gl.convert_layout(q, q_dot)
+
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+        o = gl.zeros([BLOCK_M, DP], gl.float32, o_layout)
+        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        n_blocks = gl.cdiv(Sk, BLOCK_N)
+
+        s = warpgroup_mma_wait(0, deps=[_qk(q, k_bufs, k_ready, 0, zero_s, STAGES)])
+        p, m_i, l_i, alpha = _softmax(s, m_i, l_i, 0, Sk, qk_scale, s_layout, BLOCK_N, EVEN_K, dtype)
+        for j in range(1, n_blocks):
+            s = _qk(q, k_bufs, k_ready, j, zero_s, STAGES)
+            o, p_op = _pv(p, v_bufs, v_ready, j - 1, o, p_dot, STAGES)
+            s = warpgroup_mma_wait(1, deps=[s])  # the scores; block j-1's P.V stays in flight
+            p, m_i, l_i, alpha = _softmax(s, m_i, l_i, j * BLOCK_N, Sk, qk_scale, s_layout, BLOCK_N, EVEN_K,
+                                          dtype)
+            o, p_op = warpgroup_mma_wait(0, deps=[o, p_op])
+            mbarrier.arrive(empty.index((j - 1) % STAGES), count=1)
+            o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        o, p_op = _pv(p, v_bufs, v_ready, n_blocks - 1, o, p_dot, STAGES)
+        o, p_op = warpgroup_mma_wait(0, deps=[o, p_op])
+        mbarrier.arrive(empty.index((n_blocks - 1) % STAGES), count=1)
+
+        o = o * gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))[:, None]
+        b = gl.program_id(1) // H
+        h = gl.program_id(1) % H
+        rows = gl.program_id(0) * (2 * BLOCK_M) + WG * BLOCK_M + gl.arange(0, BLOCK_M,
+                                                                             layout=gl.SliceLayout(1, o_layout))
+        cols = gl.arange(0, DP, layout=gl.SliceLayout(0, o_layout))
+        off = ((b * Sq + rows).to(gl.int64) * H + h) * D
+        gl.store(o_ptr + off[:, None] + cols[None, :], o.to(dtype), mask=(rows < Sq)[:, None] & (cols < D)[None, :])
+
+    @gluon.jit
+    def _fa_kernel(q_desc, k_desc, v_desc, o_ptr, Sq, Sk, H, qk_scale, D: gl.constexpr, DP: gl.constexpr,
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, EVEN_K: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        dtype: gl.constexpr = q_desc.dtype
+        q_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M, DP], q_desc.layout)
+        k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, DP], k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, DP], v_desc.layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for w in gl.static_range(2):
+            mbarrier.init(q_ready.index(w), count=1)
+        for st in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(st), count=1)
+            mbarrier.init(v_ready.index(st), count=1)
+            mbarrier.init(empty.index(st), count=2)  # both consumers read every block
+        fence_async_shared()
+        gl.warp_specialize([(_fa_consumer, (0, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, o_ptr, Sq,
+                                            Sk, H, qk_scale, D, DP, BLOCK_M, BLOCK_N, STAGES, EVEN_K)),
+                            (_fa_consumer, (1, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, o_ptr, Sq,
+                                            Sk, H, qk_scale, D, DP, BLOCK_M, BLOCK_N, STAGES, EVEN_K)),
+                            (_fa_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready,
+                                            v_ready, empty, Sq, Sk, H, D, BLOCK_M, BLOCK_N, STAGES))],
+                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def new_out(b: int, sq: int, h: int, d: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The output buffer, [B, Sq, H, D] (a function of its own, so that the tests can poison it)."""
+    return torch.empty((b, sq, h, d), dtype=dtype, device=device)
+
+
+def _token_major(x: torch.Tensor) -> bool:
+    b, h, s, d = x.shape
+    return (x.stride(3) == 1 and (h == 1 or x.stride(1) == d) and (b == 1 or x.stride(0) == s * x.stride(2))
+            and (x.stride(2) * x.element_size()) % 16 == 0 and x.stride(2) >= h * d and x.data_ptr() % 16 == 0)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, S, D] token-major view -> the [B*S, H*D] 2-D view the descriptors read."""
+    b, h, s, d = x.shape
+    return x.as_strided((b * s, h * d), (x.stride(2), 1))
+
+
+def flash_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                          config: Optional[dict] = None) -> torch.Tensor:
+    """softmax(q kᵀ scale) v for q [B, H, Sq, D], k / v [B, H, Sk, D], bf16 or fp16 alike, on sm_90, each a
+    token-major view (``x.view(B, S, H, D).transpose(1, 2)`` of a projection's output, a column slice of a stacked
+    projection included: stride(3) 1, stride(1) D, stride(0) S * stride(2), stride(2) and the data pointer 16-byte
+    aligned). Returns the [B, H, Sq, D] transpose view of a new [B, Sq, H, D] tensor. ``config``: BLOCK_N (128),
+    STAGES (default: as many as fit, at most 4), CONSUMER_REGS (232), PRODUCER_REGS (40)."""
+    why = unavailable(q.device)
+    if why:
+        raise RuntimeError(f"flash_attention_gluon: {why}")
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"flash_attention_gluon: q, k, v bf16 or fp16 alike; got {q.dtype}, {k.dtype}, {v.dtype}")
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    if k.shape != (b, h, sk, d) or v.shape != k.shape or d > MAX_HEAD_DIM or d < 1:
+        raise ValueError(f"flash_attention_gluon: q [B,H,Sq,D], k and v [B,H,Sk,D], D <= {MAX_HEAD_DIM}; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not _token_major(x):
+            raise ValueError(f"flash_attention_gluon: {name} is not a token-major view (strides {x.stride()}); "
+                             f"pass x.transpose(1, 2).contiguous().transpose(1, 2)")
+    cfg = {**DEFAULTS, **(config or {})}
+    dp = padded_head_dim(d)
+    bm, bn = 64, cfg["BLOCK_N"]
+    stages = cfg["STAGES"] or max(2, min(4, (RING_BYTES - 2 * bm * dp * 2) // (2 * bn * dp * 2)))
+    out = new_out(b, sq, h, d, q.dtype, q.device)
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    descs = []
+    for x, blk in ((q, [bm, dp]), (k, [bn, dp]), (v, [bn, dp])):
+        r = _rows(x)
+        descs.append(TensorDescriptor(r, list(r.shape), [r.stride(0), 1], blk,
+                                      gl.NVMMASharedLayout.get_default_for(blk, gdt)))
+    grid = (-(-sq // (2 * bm)), b * h)
+    _fa_kernel[grid](*descs, out, sq, sk, h, float(scale) * LOG2E, D=d, DP=dp, BLOCK_M=bm, BLOCK_N=bn,
+                     STAGES=stages, EVEN_K=sk % bn == 0, CONSUMER_REGS=cfg["CONSUMER_REGS"],
+                     PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=4)
+    return out.transpose(1, 2)
+
+
+def flops(b: int, h: int, sq: int, sk: int, d: int) -> int:
+    """Nominal FLOPs of one call (two matmuls at head width d)."""
+    return 4 * b * h * sq * sk * d
+
+
+def exp_bound_us(b: int, h: int, sq: int, sk: int, sfu_per_s: float = 3.9e12) -> float:
+    """Microseconds the exponentials alone take at the SFU rate (the FlashAttention-3 paper's H100 SXM5 figure)."""
+    return b * h * sq * sk / sfu_per_s * 1e6
+
+
+__all__ = ["flash_attention_gluon", "unavailable", "padded_head_dim", "new_out", "DEFAULTS", "MAX_HEAD_DIM"]
