@@ -240,9 +240,13 @@ def test_bench_variant_names_parse():
         rebuilt = backend + "".join(sfx for sfx in reversed(_SUFFIXES) if sfx in on)
         assert rebuilt == v[3:], (v, backend, on)
     assert split_variant("fp8-gn-qkv-te-ff-twq")[1] == {"-gn", "-qkv", "-te", "-ff", "-twq"}
-    for bad in ("fp8-tw-gn", "fp9-gn", "fp8-gnx"):
+    assert split_variant("fp8-gn-qkv-te-ff-twq-fa") == ("fp8", {"-gn", "-qkv", "-te", "-ff", "-twq", "-fa"})
+    assert "dq-fp8-gn-qkv-te-ff-twq-fa" in VARIANTS
+    for bad in ("fp8-tw-gn", "fp9-gn", "fp8-gnx", "fp8-fa-gn"):
         with pytest.raises(ValueError, match="not a backend"):
             split_variant(bad)
+    with pytest.raises(ValueError, match="both choose the attention"):
+        split_variant("fp8-fp8attn-gn-fa")
 
 
 def test_custom_op_opcheck():
@@ -1229,6 +1233,252 @@ def test_gpu_fp8_attention_kernel_matches_reference(shape, monkeypatch):
     assert float((got8.float() * o_scale - want).norm() / want.norm()) < 4e-2
 
 
+# ---- flash attention (diffquant::flash_attention) ----------------------------------------------------------
+def _heads(t, heads):
+    """[B, S, H*D] (a projection's output, or a column slice of a stacked one) -> its [B, H, S, D] view."""
+    return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+
+def test_flash_attention_reference_matches_sdpa_and_op_checks(monkeypatch):
+    """diffquant::flash_attention on the CPU (its reference): SDPA's result at the given scale (fp32, and bf16 rounded
+    once; odd sizes, cross-attention shapes, head dims 40/80/160; contiguous inputs and views of stacked projections),
+    always stored as [B, Sq, H, D]; the reference's query chunks change nothing; clear errors; the op's schema and fake
+    pass opcheck."""
+    from diffquant.kernels import flash_attention, reference
+    from diffquant.kernels.reference import flash_attention_reference
+
+    g = torch.Generator().manual_seed(0)
+    for b, h, sq, sk, d in ((2, 3, 77, 77, 40), (1, 2, 100, 256, 80), (2, 2, 77, 256, 160), (1, 1, 100, 77, 40)):
+        scale = 0.7 * d ** -0.5  # not SDPA's default: the op must use the scale it is given
+        for dtype in (torch.float32, torch.bfloat16):
+            q = torch.randn(b, h, sq, d, generator=g).to(dtype)
+            k, v = (torch.randn(b, h, sk, d, generator=g).to(dtype) for _ in range(2))
+            want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
+            got = flash_attention(q, k, v, scale)
+            assert got.dtype == dtype and got.shape == (b, h, sq, d)
+            assert got.stride() == (sq * h * d, d, h * d, 1), got.stride()  # a [B, Sq, H, D] buffer
+            if dtype == torch.float32:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            else:  # fp32 math, rounded once to bf16
+                torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-5)
+            # the same inputs as views of stacked projections ([B, S, 3HD] / [B, S, 2HD] buffers): the same result
+            qkv = torch.cat([q.transpose(1, 2).reshape(b, sq, h * d)] * 3, dim=-1)
+            kv = torch.cat([t.transpose(1, 2).reshape(b, sk, h * d) for t in (k, v)], dim=-1)
+            qs, (ks, vs) = _heads(qkv.chunk(3, dim=-1)[1], h), (_heads(t, h) for t in kv.chunk(2, dim=-1))
+            assert qs.stride(2) == 3 * h * d and ks.stride(2) == 2 * h * d
+            torch.testing.assert_close(flash_attention(qs, ks, vs, scale), got, rtol=0, atol=0)
+    # fp64 stays fp64
+    q64, k64, v64 = (torch.randn(1, 2, 9, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(flash_attention(q64, k64, v64, 0.3),
+                               F.scaled_dot_product_attention(q64, k64, v64, scale=0.3), rtol=1e-12, atol=1e-12)
+    # the reference in query chunks (bounded memory on long sequences): the same numbers
+    monkeypatch.setattr(reference, "FLASH_REFERENCE_CHUNK", 1000)
+    torch.testing.assert_close(flash_attention_reference(q, k, v, scale), got, rtol=0, atol=1e-6)
+    monkeypatch.undo()
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    for bad in ((q, k[:, :2], v[:, :2]), (q, k[..., :4], v[..., :4]), (q, k, v[:, :, :4]), (q[0], k[0], v[0])):
+        with pytest.raises(ValueError, match="flash_attention needs q"):
+            flash_attention(*bad, 1.0)
+    for bad in ((q, k.bfloat16(), v), (q.double(), k.double(), v), (q.long(), k.long(), v.long()),
+                tuple(t.to(torch.float8_e4m3fn) for t in (q, k, v))):
+        with pytest.raises(ValueError, match="one floating dtype"):
+            flash_attention(*bad, 1.0)
+    torch.library.opcheck(torch.ops.diffquant.flash_attention.default, (q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.3))
+
+
+def test_flash_attention_op_hands_the_kernel_token_major_inputs(monkeypatch):
+    """Where the Gluon kernel runs (bf16 / fp16, head dim <= its MAX_HEAD_DIM, flash_kernel_unavailable None: faked
+    here, with a stand-in for the gluon_attention module), the op hands it Q, K, V in the layout it reads: views of
+    stacked projections as they are (no copy), anything else copied into a new [B, S, H, D] buffer (contiguous
+    [B, H, S, D], a row stride not a multiple of 8, a start not 16-byte aligned, one token: strides .contiguous() would
+    keep); fp32, a wider head and H x D not a multiple of 8 run the reference. flash_kernel_unavailable: the module's answer
+    on CUDA devices, cached; a module that does not import; CPU tensors; DIFFQUANT_KERNELS=reference."""
+    import types
+
+    from diffquant.kernels import ops
+    from diffquant.kernels.reference import flash_attention_reference
+
+    seen = []
+
+    def fake_kernel(q, k, v, scale):
+        seen.append((q, k, v))
+        return flash_attention_reference(q, k, v, scale)
+
+    fake = types.ModuleType("diffquant.kernels.gluon_attention")
+    fake.flash_attention_gluon = fake_kernel
+    fake.MAX_HEAD_DIM = 128
+    fake.unavailable = lambda device: None if device.index == 0 else f"no kernel on {device}"
+    monkeypatch.setitem(sys.modules, "diffquant.kernels.gluon_attention", fake)
+    monkeypatch.setattr(ops, "_FLASH_WHY", {})
+    assert ops.flash_kernel_unavailable(torch.device("cuda", 0)) is None
+    assert ops.flash_kernel_unavailable(torch.device("cuda", 1)) == "no kernel on cuda:1"
+    assert ops.flash_kernel_unavailable(torch.device("cpu")) == "not a CUDA tensor"
+    monkeypatch.setitem(sys.modules, "diffquant.kernels.gluon_attention", None)  # import fails
+    assert ops.flash_kernel_unavailable(torch.device("cuda", 0)) is None  # cached
+    monkeypatch.setattr(ops, "_FLASH_WHY", {})
+    assert "cannot be imported" in ops.flash_kernel_unavailable(torch.device("cuda", 0))
+    monkeypatch.setenv("DIFFQUANT_KERNELS", "reference")
+    assert ops.flash_kernel_unavailable(torch.device("cuda", 0)) == "DIFFQUANT_KERNELS=reference"
+    monkeypatch.delenv("DIFFQUANT_KERNELS")
+    monkeypatch.setitem(sys.modules, "diffquant.kernels.gluon_attention", fake)
+    monkeypatch.setattr(ops, "flash_kernel_unavailable", lambda device: None)  # these CPU tensors count as CUDA
+
+    g = torch.Generator().manual_seed(0)
+    b, h, s, d = 2, 4, 9, 40
+
+    def run(q, k, v, copied):  # copied: whether each of q, k, v reaches the kernel as a copy; None: the reference
+        n = len(seen)
+        out = ops.flash_attention(q, k, v, 0.2)
+        want = flash_attention_reference(q.float(), k.float(), v.float(), 0.2)
+        torch.testing.assert_close(out.float(), want, rtol=2 ** -7, atol=1e-5)
+        nh, sq, hd = q.shape[1], q.shape[2], q.shape[3]
+        assert out.dtype == q.dtype and out.stride() == (sq * nh * hd, hd, nh * hd, 1)
+        if copied is None:  # the reference
+            assert len(seen) == n
+            return
+        assert len(seen) == n + 1
+        for t, got, cp in zip((q, k, v), seen[-1], copied):
+            assert ops.flash_token_major(got) and torch.equal(got, t)
+            assert (got.data_ptr() != t.data_ptr()) == cp
+            if cp:
+                assert got.stride() == (t.shape[2] * nh * hd, hd, nh * hd, 1)
+
+    qkv = torch.randn(b, s, 3 * h * d, generator=g, dtype=torch.bfloat16)
+    stacked = [_heads(t, h) for t in qkv.chunk(3, dim=-1)]
+    assert all(ops.flash_token_major(t) for t in stacked)
+    run(*stacked, copied=(False,) * 3)
+    run(*(t.half() for t in stacked), copied=(False,) * 3)  # fp16; .half() keeps a dense view's strides: [B, S, H, D]
+    run(*(t.contiguous() for t in stacked), copied=(True,) * 3)
+    wide = torch.randn(b, s, h * d + 4, generator=g, dtype=torch.bfloat16)[..., : h * d]  # row stride 164
+    assert not ops.flash_token_major(_heads(wide, h))
+    run(_heads(wide, h), *stacked[1:], copied=(True, False, False))
+    flat = torch.randn(b * s * h * d + 1, generator=g, dtype=torch.bfloat16)[1:]  # starts 2 bytes off
+    assert flat.data_ptr() % 16 and not ops.flash_token_major(_heads(flat.view(b, s, h * d), h))
+    run(_heads(flat.view(b, s, h * d), h), *stacked[1:], copied=(True, False, False))
+    one = torch.randn(b, h, 1, d, generator=g, dtype=torch.bfloat16)  # one query token, contiguous [B, H, 1, D]
+    assert not ops.flash_token_major(one.transpose(1, 2).contiguous().transpose(1, 2))  # size-1 strides kept
+    run(one, *stacked[1:], copied=(True, False, False))
+    run(*(t.float() for t in stacked), copied=None)  # fp32: the reference
+    run(*(_heads(t, 2) for t in qkv.chunk(3, dim=-1)), copied=(False,) * 3)  # 2 heads of 80
+    wide_heads = [_heads(t, 1) for t in qkv.chunk(3, dim=-1)]  # 1 head of 160 > MAX_HEAD_DIM
+    assert all(ops.flash_token_major(t) for t in wide_heads)
+    run(*wide_heads, copied=None)
+    odd = torch.randn(1, 3, 5, 4, generator=g, dtype=torch.bfloat16)  # H x D = 12: no layout of 16-byte rows
+    n = len(seen)
+    ops.flash_attention(odd, odd, odd, 0.5)
+    assert len(seen) == n
+
+
+def test_flash_attn_processor_matches_sdpa_and_masks_take_sdpa():
+    """FlashAttnProcessor on a diffusers Attention block (cross-attention, with and without Q/K norms) computes what
+    AttnProcessor2_0 computes; a call with an attention mask goes to SDPA and is counted in float_calls."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from diffquant.kernels.attention_processor import FlashAttnProcessor
+
+    torch.manual_seed(0)
+    h, ctx = torch.randn(2, 10, 32), torch.randn(2, 7, 16)
+    mask = torch.zeros(2, 1, 7)
+    mask[1, :, 4:] = -10000.0
+    for qk_norm in (None, "layer_norm"):
+        attn = Attention(query_dim=32, cross_attention_dim=16, heads=4, dim_head=8, qk_norm=qk_norm).eval()
+        with torch.no_grad():
+            attn.set_processor(AttnProcessor2_0())
+            want, want_masked = attn(h, ctx), attn(h, ctx, attention_mask=mask)
+            p = FlashAttnProcessor()
+            attn.set_processor(p)
+            got = attn(h, ctx)
+            assert (p.flash_calls, p.float_calls, p.path) == (1, 0, "flash")
+            got_masked = attn(h, ctx, attention_mask=mask)
+            assert (p.flash_calls, p.float_calls, p.path) == (1, 1, "float_masked")
+        assert not torch.allclose(want_masked, want, atol=1e-3)  # the mask matters
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_masked, want_masked, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_attention_flash_matches_float_and_compiles(monkeypatch):
+    """convert(attention="flash"): every attention block on FlashAttnProcessor, its Q/K/V handed to
+    diffquant::flash_attention as views of the projections (stacked ones with fuse_qkv=True, which keeps the
+    processor); the text-to-image UNet computes what attention="float" computes (fp32; bf16 no further from fp32
+    than SDPA in bf16), with and without fuse_qkv; a transformer block of it compiles as one graph that does not
+    recompile (the counters count eager calls only). A UNet2DModel with fuse_norms too keeps the flash processor (its
+    attention norm is not fused)."""
+    from diffusers.models.attention_processor import Attention
+
+    from diffquant.kernels import ops
+    from diffquant.kernels.attention_processor import FlashAttnProcessor
+
+    # weights-only quantization: attention's rounding reaches the output, not absorbed by an activation quantizer
+    _, q, inputs = _calibrated("w4a16", model=tiny_sd_unet())
+    plain = convert(q, "w4a16", attention="float")
+    cm = convert(q, "w4a16", attention="flash")
+    cmq = convert(q, "w4a16", attention="flash", fuse_qkv=True)
+    assert "diffquant::flash_attention" in cm._diffquant_convert_report.attention
+    blocks = [m for m in cmq.modules() if isinstance(m, Attention)]
+    assert {m.is_cross_attention for m in blocks} == {True, False}
+    assert all(type(m.processor) is FlashAttnProcessor for m in blocks)
+    assert all(type(m.processor) is FlashAttnProcessor for m in cm.modules() if isinstance(m, Attention))
+    assert all(m.to_k is None and (m.to_kv if m.is_cross_attention else m.to_qkv) is not None for m in blocks)
+    real = ops.flash_attention_reference
+    seen = []
+
+    def spy(q_, k_, v_, scale):
+        seen.append((all(ops.flash_token_major(t) for t in (q_, k_, v_)), k_.stride(2) // k_.shape[3] // k_.shape[1]))
+        return real(q_, k_, v_, scale)
+
+    monkeypatch.setattr(ops, "flash_attention_reference", spy)
+    with torch.no_grad():
+        want = call_model(plain, *inputs)
+        got = call_model(cm, *inputs)
+        assert len(seen) == len(blocks)
+        got_q = call_model(cmq, *inputs)
+    assert len(seen) == 2 * len(blocks) and all(tm for tm, _ in seen)
+    # K's rows: to_k's own output (1 x H*D), to_kv's (2 x), to_qkv's (3 x)
+    assert {r for _, r in seen[: len(blocks)]} == {1} and {r for _, r in seen[len(blocks):]} == {2, 3}
+    assert all((m.processor.flash_calls, m.processor.float_calls) == (1, 0) for m in blocks)
+    tol = 1e-5 * float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=tol)
+    torch.testing.assert_close(got_q, want, rtol=1e-5, atol=tol)
+    x, t, c = inputs
+    bf_inputs = (x.bfloat16(), t, {k: v.bfloat16() for k, v in c.items()})
+    with torch.no_grad():
+        err = {name: float((call_model(copy.deepcopy(m).to(torch.bfloat16), *bf_inputs).float() - want).norm()
+                           / want.norm()) for name, m in (("flash", cmq), ("sdpa", plain))}
+    assert err["flash"] < 2e-2 and err["flash"] < 1.5 * err["sdpa"], err  # measured 0.0099 and 0.0108
+    monkeypatch.setattr(ops, "flash_attention_reference", real)
+    # compiled: a transformer block (self-attention on to_qkv, cross-attention on to_kv; the whole UNet takes ~70 s to
+    # compile on 2 cores, the block ~12 s), on the inputs it sees in the model
+    from torch._dynamo.utils import counters
+
+    block = cmq.down_blocks[0].attentions[0]
+    seen_in = {}
+    hook = block.register_forward_pre_hook(lambda m, a, kw: seen_in.update(a=a, kw=kw), with_kwargs=True)
+    with torch.no_grad():
+        call_model(cmq, *inputs)
+        hook.remove()
+        eager = block(*seen_in["a"], **seen_in["kw"])[0]
+        torch._dynamo.reset()
+        counters.clear()
+        fn = torch.compile(block)
+        compiled = fn(*seen_in["a"], **seen_in["kw"])[0]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            again = fn(*seen_in["a"], **seen_in["kw"])[0]
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert {m.processor.flash_calls for m in block.modules() if isinstance(m, Attention)} == {3}  # eager calls only
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5 * float(eager.abs().max()))
+    torch.testing.assert_close(again, compiled, rtol=0, atol=0)
+    # UNet2DModel, fuse_norms + fuse_qkv: the blocks keep the flash processor (FusedNormQKVAttnProcessor is SDPA's)
+    _, q2, inputs2 = _calibrated("fp8")
+    cm2 = convert(q2, "fp8", attention="flash", fuse_norms=True, fuse_qkv=True)
+    blocks2 = [m for m in cm2.modules() if isinstance(m, Attention)]
+    assert blocks2 and all(type(m.processor) is FlashAttnProcessor and m.to_qkv is not None for m in blocks2)
+    assert "input group norm" not in cm2._diffquant_convert_report.projections
+    ref2 = convert(q2, "fp8", attention="float", fuse_norms=True, fuse_qkv=True)
+    with torch.no_grad():
+        got2, want2 = call_model(cm2, *inputs2), call_model(ref2, *inputs2)
+    assert float((got2 - want2).norm() / want2.norm()) < 1e-3
+
+
 def test_convert_keeps_thin_layers_simulated():
     """min_channels: layers with fewer input or output channels (conv_in, conv_out) keep their fake-quant module,
     reported as such; the model computes what the fully converted one does (reference ops on the CPU: the same
@@ -1702,6 +1952,92 @@ def test_gpu_gluon_kernels_match_reference(monkeypatch):
             assert torch.isfinite(got).all(), (m, k, i, cfg)
             assert float((got != want8).float().mean()) < 2e-2, (m, k, i, cfg)
             assert float((got - want8).norm() / want8.norm()) < 2e-2, (m, k, i, cfg)
+
+
+FLASH_GPU_SHAPES = [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (1, 8, 1024, 1024, 80), (2, 8, 256, 256, 160),
+                    (1, 2, 100, 77, 64), (3, 5, 130, 200, 40)]  # B, H, Sq, Sk, D: SD-1.5's and odd ones
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gluon_available(), reason="needs Triton's Gluon and a Hopper GPU")
+@pytest.mark.parametrize("shape", FLASH_GPU_SHAPES, ids=lambda s: "-".join(map(str, s)))
+def test_gpu_flash_attention_matches_reference(shape, monkeypatch):
+    """The Gluon flash attention (gluon_attention.py) against the fp32 reference, its output buffer poisoned with NaN:
+    Q, K, V as views of stacked projections ([B, S, 3HD] for self-attention; [B, Sq, HD] and [B, Sk, 2HD] for
+    cross-attention), handed to the kernel as they are, and as contiguous [B, H, S, D] tensors, which
+    diffquant::flash_attention copies to that layout first; bf16, and fp16 on one shape; the output stored as
+    [B, Sq, H, D]. Heads wider than the kernel's MAX_HEAD_DIM (160 > 128) take the op's reference: no kernel call, the
+    same checks. One shape also through the op under torch.compile (one graph), equal to the eager call."""
+    from torch._dynamo.utils import counters
+
+    from diffquant.kernels import gluon_attention, ops
+    from diffquant.kernels.reference import flash_attention_reference
+
+    assert ops.flash_kernel_unavailable(torch.device("cuda")) is None  # Gluon on a Hopper GPU: the kernel must run
+    assert gluon_attention.unavailable(torch.device("cpu")) is not None
+    real_new_out, real_kernel = gluon_attention.new_out, gluon_attention.flash_attention_gluon
+    outs = []
+
+    def poisoned(*a, **kw):  # NaN in every element: an element the kernel does not write fails
+        outs.append(real_new_out(*a, **kw).fill_(float("nan")))
+        return outs[-1]
+
+    monkeypatch.setattr(gluon_attention, "new_out", poisoned)
+    calls = []
+
+    def spy(q, k, v, scale):  # what the op hands the kernel
+        calls.append(tuple(t.data_ptr() for t in (q, k, v)))
+        return real_kernel(q, k, v, scale)
+
+    monkeypatch.setattr(gluon_attention, "flash_attention_gluon", spy)
+    b, h, sq, sk, d = shape
+    hd, scale = h * d, d ** -0.5
+    kernel = d <= gluon_attention.MAX_HEAD_DIM
+    g = torch.Generator(device="cuda").manual_seed(0)
+    heads = lambda t: t.view(t.shape[0], t.shape[1], h, d).transpose(1, 2)  # noqa: E731
+    for dtype, tol in ((torch.bfloat16, 2e-2),) + (((torch.float16, 1e-2),) if shape == (1, 8, 1024, 1024, 80) else ()):
+        if sq == sk:
+            qkv = torch.randn(b, sq, 3 * hd, device="cuda", generator=g, dtype=dtype)
+            q, k, v = (heads(t) for t in qkv.chunk(3, dim=-1))
+        else:
+            q = heads(torch.randn(b, sq, hd, device="cuda", generator=g, dtype=dtype))
+            k, v = (heads(t) for t in torch.randn(b, sk, 2 * hd, device="cuda", generator=g, dtype=dtype).chunk(2, -1))
+        assert all(ops.flash_token_major(t) for t in (q, k, v))
+        want = flash_attention_reference(q.float(), k.float(), v.float(), scale)
+        plain = tuple(t.contiguous() for t in (q, k, v))
+        runs = [("op", lambda: ops.flash_attention(q, k, v, scale)),
+                ("op-contiguous", lambda: ops.flash_attention(*plain, scale))]
+        if kernel:
+            runs.insert(0, ("kernel", lambda: real_kernel(q, k, v, scale)))
+        n_calls = len(calls)
+        for name, run in runs:
+            n_outs = len(outs)
+            got = run()
+            assert got.dtype == dtype and got.shape == (b, h, sq, d), (name, dtype)
+            if kernel:  # the output is the poisoned buffer
+                assert len(outs) == n_outs + 1 and got.data_ptr() == outs[-1].data_ptr(), (name, dtype)
+            else:
+                assert len(outs) == n_outs, (name, dtype)
+            assert got.stride() == (sq * hd, d, hd, 1), (name, dtype, got.stride())  # a [B, Sq, H, D] buffer
+            assert not got.isnan().any(), (name, dtype)
+            err = float((got.float() - want).abs().max())
+            assert err <= tol, (name, dtype, err)
+        if not kernel:
+            assert len(calls) == n_calls, dtype
+            continue
+        # the op ran the kernel both times: on the stacked views themselves, on copies of the contiguous tensors
+        assert len(calls) == n_calls + 2 and calls[-2] == tuple(t.data_ptr() for t in (q, k, v)), dtype
+        assert all(p != t.data_ptr() for p, t in zip(calls[-1], plain)), dtype
+    if shape != (3, 5, 130, 200, 40):
+        return
+    fn = torch.compile(lambda q_, k_, v_: torch.ops.diffquant.flash_attention(q_, k_, v_, scale))
+    torch._dynamo.reset()
+    counters.clear()
+    n = len(calls)
+    compiled = fn(q, k, v)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"] and len(calls) == n + 1
+    assert compiled.stride() == (sq * hd, d, hd, 1)
+    torch.testing.assert_close(compiled, ops.flash_attention(q, k, v, scale), rtol=0, atol=0)
 
 
 def test_fuse_temb_stacks_the_time_projections():
@@ -2621,6 +2957,8 @@ def test_bench_kernel_classes():
     assert _kernel_class("_qconv_kernel") == "dq_qconv"
     assert _kernel_class("_qconv_tma_kernel") == "dq_qconv" and _kernel_class("_qconv_tma4d_kernel") == "dq_qconv"
     assert _kernel_class("_fp8_attn_kernel") == "dq_attention"
+    assert _kernel_class("_fa_kernel") == "dq_attention"  # the Gluon flash attention (gluon_attention.py)
+    assert _kernel_class("flash_fwd_kernel") == "attention" and _kernel_class("fmha_cutlassF_bf16") == "attention"
     assert _kernel_class("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "conv_cudnn"
     assert _kernel_class("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
     assert _kernel_class("nvjet_sm90_qqtst_128x128_128x6_1x1_h_bz_coopA_algo2_ovscale_bias_TNT") == "gemm"

@@ -28,7 +28,10 @@ dequantized weight and no activation quantization, ``"error"`` raises. The atten
 left to ``attention``: ``"simulate"`` keeps the quantized attention processor, ``"float"`` installs
 diffusers' SDPA processor (Q·Kᵀ and softmax·V in the model's float dtype), ``"fp8"`` installs
 :class:`diffquant.kernels.attention_processor.FP8AttnProcessor` in every attention block (both matmuls in
-FP8 e4m3, dynamic per-head scales; experimental, not yet timed on a GPU). Either way the report
+FP8 e4m3, dynamic per-head scales; experimental, not yet timed on a GPU), ``"flash"`` installs
+:class:`diffquant.kernels.attention_processor.FlashAttnProcessor` in every attention block (flash attention in the
+model's dtype through ``diffquant::flash_attention``: diffquant's Gluon kernel for bf16 / fp16 on Hopper, its fp32
+reference elsewhere; masked calls through SDPA). Either way the report
 (``model._diffquant_convert_report``) lists what was converted and what was not, and why.
 """
 from __future__ import annotations
@@ -48,6 +51,7 @@ from diffquant.quant.affine import FP8_E4M3_MAX, group_view, qrange
 
 log = logging.getLogger(__name__)
 UNSUPPORTED = ("simulate", "float", "error")
+ATTENTION = ("simulate", "float", "fp8", "flash")
 
 
 @dataclass
@@ -252,9 +256,11 @@ def convert(
     CrossAttnUpBlock2D) no longer concatenate ``[h, skip]``: the norm reads both and a split shortcut conv takes its
     two pieces (:mod:`diffquant.kernels.fused_blocks`). ``fuse_qkv``: each attention block's Q/K/V projections
     (K/V in cross-attention) become one stacked low-bit GEMM on a once-quantized input, run by diffusers'
-    ``FusedAttnProcessor2_0`` (with ``attention="fp8"``: by the FP8 processor)
-    (:mod:`diffquant.kernels.fused_attention`); with ``fuse_norms`` too, an attention
-    block's input group norm (UNet2DModel's) runs as ``diffquant::group_norm_act`` writing ``to_qkv``'s input.
+    ``FusedAttnProcessor2_0`` (with ``attention="fp8"`` / ``"flash"``: by the FP8 / flash processor, which reads the
+    stacked layer) (:mod:`diffquant.kernels.fused_attention`); with ``fuse_norms`` too, an attention
+    block's input group norm (UNet2DModel's) runs as ``diffquant::group_norm_act`` writing ``to_qkv``'s input: with
+    ``attention="float"`` only, whose blocks then run ``FusedNormQKVAttnProcessor`` (SDPA); with ``"fp8"`` or
+    ``"flash"`` those blocks keep their processor (the FP8 / flash op) and their group norm runs in PyTorch.
     ``fuse_ff``: each GEGLU feed-forward whose two Linears have static FP8 input scales runs its projection, GELU gate
     and the second Linear's input quantization as one op, ``diffquant::linear_geglu``
     (:mod:`diffquant.kernels.fused_ff`). ``fuse_temb`` (with ``fuse_norms``): the ResNet blocks' time projections
@@ -263,8 +269,8 @@ def convert(
         raise ValueError(f"backend={backend!r} is not supported; allowed: {', '.join(BACKENDS)}")
     if unsupported not in UNSUPPORTED:
         raise ValueError(f"unsupported={unsupported!r}; allowed: {', '.join(UNSUPPORTED)}")
-    if attention not in ("simulate", "float", "fp8"):
-        raise ValueError(f"attention={attention!r}; allowed: 'simulate', 'float', 'fp8'")
+    if attention not in ATTENTION:
+        raise ValueError(f"attention={attention!r}; allowed: {', '.join(map(repr, ATTENTION))}")
     if fp8_dynamic not in (False, True, "tensor", "token"):
         raise ValueError(f"fp8_dynamic={fp8_dynamic!r}; allowed: False, True / 'tensor', 'token'")
     if fp8_dynamic and backend != "fp8":
@@ -352,16 +358,22 @@ def convert(
 def _convert_attention(model: nn.Module, attention: str) -> str:
     from diffquant.nn.attention import QuantAttnProcessor
 
-    if attention == "fp8":  # every diffusers attention block, quantized in the config or not
+    if attention in ("fp8", "flash"):  # every diffusers attention block, quantized in the config or not
         from diffusers.models.attention_processor import Attention
 
-        from diffquant.kernels.attention_processor import FP8AttnProcessor
+        from diffquant.kernels.attention_processor import ATTENTION_PROCESSORS
 
-        fp8_blocks = [m for m in model.modules() if isinstance(m, Attention)]
-        for m in fp8_blocks:
-            m.set_processor(FP8AttnProcessor())
-        return (f"{len(fp8_blocks)} attention blocks run Q·Kᵀ / softmax·V in FP8 e4m3 (diffquant::fp8_attention, "
-                f"attention='fp8')") if fp8_blocks else ""
+        op_blocks = [m for m in model.modules() if isinstance(m, Attention)]
+        for m in op_blocks:
+            m.set_processor(ATTENTION_PROCESSORS[attention]())
+        if not op_blocks:
+            return ""
+        if attention == "fp8":
+            return (f"{len(op_blocks)} attention blocks run Q·Kᵀ / softmax·V in FP8 e4m3 "
+                    f"(diffquant::fp8_attention, attention='fp8')")
+        return (f"{len(op_blocks)} attention blocks run Q·Kᵀ / softmax·V as flash attention in the model's dtype "
+                f"(diffquant::flash_attention: the Gluon kernel for bf16/fp16 on Hopper, the reference elsewhere; "
+                f"attention='flash')")
     blocks = [m for m in model.modules() if isinstance(getattr(m, "processor", None), QuantAttnProcessor)]
     if not blocks:
         return ""

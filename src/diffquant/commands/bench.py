@@ -18,7 +18,9 @@ def _csv(s: str) -> list[str]:
 @click.option("--variants", default="bf16-eager,bf16-compile,dq-fp8,dq-fp8-gn,dq-int8,dq-w4a8,dq-w4a16,torchao-int8dyn,"
               "torchao-fp8", show_default=True,
               help="comma list; dq-fp8 and dq-int8 take the suffixes -gn (fused norms) and -gn-qkv (also stacked "
-                   "Q/K/V); bf16-compile-gn: bf16 with diffquant's norm kernels")
+                   "Q/K/V), and the other suffixes of the variants listed in diffquant.kernels.bench.VARIANTS, e.g. "
+                   "-fa (attention through diffquant's bf16 flash-attention kernel: dq-fp8-gn-qkv-te-ff-twq-fa); "
+                   "bf16-compile-gn: bf16 with diffquant's norm kernels")
 @click.option("--no-compile", is_flag=True, help="time every variant eagerly (CUDA graphs still used)")
 @click.option("--reps", default=30, show_default=True, help="timed calls per row (median reported)")
 @click.option("--budget-s", default=1e9, type=float, help="start no new row after this many seconds")

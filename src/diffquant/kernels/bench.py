@@ -5,7 +5,8 @@ captured in a CUDA graph and the graph replayed when capture works (both sides a
 says whether it did). Every variant runs the same model in bf16 with channels-last activations;
 the diffquant variants are quantized with :func:`diffquant.convert.config_for_backend`, calibrated
 on one batch of the bench inputs (min-max) and converted with ``attention='float'`` (SDPA, as in
-the bf16 baseline).
+the bf16 baseline) unless the name's suffixes say otherwise (:data:`_SUFFIXES`: ``-fp8attn`` FP8 attention, ``-fa``
+diffquant's bf16 flash-attention kernel, ``diffquant::flash_attention``).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ VARIANTS = ("bf16-eager", "bf16-compile", "torchao-int8dyn", "torchao-fp8", "dq-
             "dq-fp8-fp8attn", "dq-fp8-dyntoken", "dq-fp8-gn", "dq-int8-gn", "bf16-compile-gn", "dq-fp8-gn-qkv",
             "dq-int8-gn-qkv", "dq-fp8-gn-qkv-ff", "dq-fp8-gn-qkv-tw", "dq-fp8-gn-qkv-ff-tw", "dq-fp8-gn-qkv-te",
             "dq-int8-gn-qkv-te", "dq-fp8-gn-qkv-te-ff", "dq-fp8-gn-qkv-te-ff-tw",
-            "dq-fp8-fp8attn-gn-qkv-te-ff-tw", "dq-fp8-gn-qkv-te-ff-twq")
+            "dq-fp8-fp8attn-gn-qkv-te-ff-tw", "dq-fp8-gn-qkv-te-ff-twq", "dq-fp8-gn-qkv-te-ff-twq-fa")
 
 
 def build_model(name: str) -> nn.Module:
@@ -129,8 +130,9 @@ def time_call(fn: Callable[[], Any], warmup: int = 5, reps: int = 30, graph: boo
     return statistics.median(times), used_graph
 
 
-# the dq-* variants' suffixes, in the order they may follow one another (dq-fp8-gn-qkv-te-ff-tw):
+# the dq-* variants' suffixes, last first: the order they are peeled off the name (dq-fp8-gn-qkv-te-ff-twq-fa)
 _SUFFIXES = (
+    "-fa",  # attention through diffquant::flash_attention (convert's attention="flash": the Gluon kernel in bf16)
     "-twq",  # the same, except attention's Q/K/V projections (row-wise: attention reads their output directly)
     "-tw",  # cuBLAS FP8 GEMMs with tensor-wise scales (set_fp8_gemm)
     "-ff",  # GEGLU feed-forwards as diffquant::linear_geglu (fuse_ff)
@@ -155,6 +157,8 @@ def split_variant(name: str) -> tuple[str, set]:
     if backend not in BACKENDS:
         raise ValueError(f"variant dq-{name}: {backend!r} is not a backend ({', '.join(BACKENDS)}) followed by "
                          f"suffixes in the order {''.join(reversed(_SUFFIXES))}")
+    if {"-fp8attn", "-fa"} <= on:
+        raise ValueError(f"variant dq-{name}: -fp8attn and -fa both choose the attention; take one")
     return backend, on
 
 
@@ -167,7 +171,8 @@ def _quantized(model: nn.Module, backend: str, calib_inputs: tuple) -> nn.Module
     q = quantize(model, config_for_backend(backend))
     with torch.no_grad(), calibrate(q):
         call_model(q, *calib_inputs)
-    cm = convert(q, backend, attention="fp8" if "-fp8attn" in on else "float", unsupported="float", inplace=True,
+    attention = "fp8" if "-fp8attn" in on else "flash" if "-fa" in on else "float"
+    cm = convert(q, backend, attention=attention, unsupported="float", inplace=True,
                  fp8_dynamic="token" if "-dyntoken" in on else False, min_channels=BENCH_MIN_CHANNELS,
                  fuse_norms="-gn" in on, fuse_qkv="-qkv" in on, fuse_ff="-ff" in on, fuse_temb="-te" in on)
     if "-tw" in on or "-twq" in on:
@@ -635,7 +640,7 @@ def per_layer_type(model: nn.Module, model_name: str, batch: int, variant: str, 
 # Triton kernels are matched by prefix, so a new kernel lands in its class (a test in tests/test_kernels.py checks every one)
 _KERNEL_CLASSES = (
     ("dq_qconv", ("_qconv_", "_gconv_")),  # _gconv_: the experimental Gluon conv (gluon_conv.py)
-    ("dq_attention", ("_fp8_attn",)),
+    ("dq_attention", ("_fp8_attn", "_fa_")),  # _fa_: the Gluon bf16 flash attention (gluon_attention.py)
     ("dq_norm", ("_gn_",)),
     ("dq_geglu", ("_linear_geglu", "_gg_kernel")),  # _gg_kernel: the experimental Gluon GEGLU (gluon_geglu.py)
     ("inductor_fused", ("triton_",)),

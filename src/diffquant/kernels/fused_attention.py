@@ -7,10 +7,10 @@ input is quantized once and read by one GEMM with N = 3C (or 2C) instead of thre
 runs diffusers' own ``FusedAttnProcessor2_0`` (the processor behind diffusers' ``fuse_qkv_projections``), and the
 separate layers are removed (their weights live on in the stacked layer, so the model's bytes do not grow).
 
-Only blocks on diffusers' ``AttnProcessor2_0`` (float attention) or on diffquant's ``FP8AttnProcessor``
-(``attention="fp8"``, which keeps its processor and reads the stacked layer) whose layers are converted
-``LowBitLayer`` Linears with identical input quantization are merged; every other block is left alone, with the
-reason.
+Only blocks on diffusers' ``AttnProcessor2_0`` (float attention) or on diffquant's ``FP8AttnProcessor`` /
+``FlashAttnProcessor`` (``attention="fp8"`` / ``"flash"``, which keep their processor and read the stacked layer)
+whose layers are converted ``LowBitLayer`` Linears with identical input quantization are merged; every other block
+is left alone, with the reason.
 """
 from __future__ import annotations
 
@@ -79,20 +79,21 @@ def stack_linears(layers: list, name: str) -> LowBitLayer:
 def fuse_qkv(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     """Stack the Q/K/V projections of every self-attention block (K/V of every cross-attention block) of ``model``
     that runs diffusers' ``AttnProcessor2_0`` into ``to_qkv`` (``to_kv``), in place, and switch the block to
-    ``FusedAttnProcessor2_0``; a block on diffquant's ``FP8AttnProcessor`` keeps it (it reads the stacked layer):
+    ``FusedAttnProcessor2_0``; a block on diffquant's ``FP8AttnProcessor`` or ``FlashAttnProcessor`` keeps it (it
+    reads the stacked layer):
     ``(merged block names, {block name: why it was left alone})``."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 
-    from diffquant.kernels.attention_processor import FP8AttnProcessor
+    from diffquant.kernels.attention_processor import ATTENTION_PROCESSORS
 
     merged, left = [], {}
     for name, attn in model.named_modules():
         if not isinstance(attn, Attention):
             continue
-        fp8 = type(attn.processor) is FP8AttnProcessor
-        if type(attn.processor) is not AttnProcessor2_0 and not fp8:
-            left[name] = (f"processor {type(attn.processor).__name__} (needs AttnProcessor2_0 or FP8AttnProcessor: "
-                          f"attention='float' or 'fp8')")
+        ours = type(attn.processor) in ATTENTION_PROCESSORS.values()  # diffquant's: it reads the stacked layer
+        if type(attn.processor) is not AttnProcessor2_0 and not ours:
+            left[name] = (f"processor {type(attn.processor).__name__} (needs AttnProcessor2_0, FP8AttnProcessor or "
+                          f"FlashAttnProcessor: attention='float', 'fp8' or 'flash')")
             continue
         keys = ("to_k", "to_v") if attn.is_cross_attention else ("to_q", "to_k", "to_v")
         layers = [getattr(attn, k, None) for k in keys]
@@ -105,7 +106,7 @@ def fuse_qkv(model: nn.Module) -> tuple[list[str], dict[str, str]]:
         for k in keys:  # the stacked layer holds their weights
             setattr(attn, k, None)
         attn.fused_projections = True
-        if not fp8:
+        if not ours:
             attn.set_processor(FusedAttnProcessor2_0())
         merged.append(name)
     return merged, left

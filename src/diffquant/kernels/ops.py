@@ -12,11 +12,11 @@ from typing import Optional
 
 import torch
 
-from diffquant.kernels.reference import (attention_out_like, conv_out_hw, fp8_attention_fp8_reference,
-                                       fp8_attention_quantize, group_norm_act_dual_reference,
-                                       group_norm_act_reference, group_norm_act_stats_reference,
-                                       linear_geglu_reference, out_like, qconv_reference, qconv_sc_reference,
-                                       row_stats_reference)
+from diffquant.kernels.reference import (attention_out_like, conv_out_hw, flash_attention_reference,
+                                       fp8_attention_fp8_reference, fp8_attention_quantize,
+                                       group_norm_act_dual_reference, group_norm_act_reference,
+                                       group_norm_act_stats_reference, linear_geglu_reference, out_like,
+                                       qconv_reference, qconv_sc_reference, row_stats_reference)
 
 _TRITON = None
 
@@ -285,6 +285,81 @@ def fp8_attention_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, s_q:
 @fp8_attention_fp8.register_fake
 def _fp8_attention_fp8_fake(q8, k8, v8, s_q, s_k, s_v, sm_scale, out_dtype, out_scale=None):
     return attention_out_like(q8, out_dtype)
+
+
+FLASH_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  # diffquant::flash_attention's inputs
+FLASH_KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # ... those the Gluon kernel takes
+_FLASH_WHY: dict = {}  # (device type, index) -> why the Gluon kernel cannot run there (None: it can)
+
+
+def flash_kernel_unavailable(device: torch.device) -> Optional[str]:
+    """Why ``diffquant::flash_attention`` cannot run its Gluon kernel (:mod:`.gluon_attention`) on ``device`` (None:
+    it can): not CUDA, ``DIFFQUANT_KERNELS=reference``, the module not importable (no Triton, no Gluon), or its own
+    ``unavailable`` (not sm_90). Cached per device."""
+    if os.environ.get("DIFFQUANT_KERNELS", "") == "reference":
+        return "DIFFQUANT_KERNELS=reference"
+    if device.type != "cuda":
+        return "not a CUDA tensor"
+    key = (device.type, device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _FLASH_WHY:
+        try:
+            from diffquant.kernels.gluon_attention import unavailable
+        except ImportError as e:  # no Triton, or a Triton without Gluon
+            _FLASH_WHY[key] = f"the Gluon attention kernel cannot be imported ({e})"
+        else:
+            _FLASH_WHY[key] = unavailable(torch.device(*key))
+    return _FLASH_WHY[key]
+
+
+def flash_token_major(x: torch.Tensor) -> bool:
+    """Whether ``x`` [B, H, S, D] is laid out as the Gluon attention kernel reads it: a [B, H, S, D] view of a
+    [B, S, row] buffer (``x.view(B, S, H, D).transpose(1, 2)`` of a projection's output, or a column slice of a stacked
+    Q/K/V projection's), the row stride a multiple of 8 elements (16 bytes) and at least H x D, the data 16-byte
+    aligned."""
+    _, heads, seq, d = x.shape
+    st = x.stride()
+    return (st[3] == 1 and st[1] == d and st[0] == seq * st[2] and st[2] % 8 == 0 and st[2] >= heads * d
+            and x.data_ptr() % 16 == 0)
+
+
+def _token_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` if :func:`flash_token_major`, else a copy of it in a new [B, S, H, D] buffer, seen as [B, H, S, D]. (Not
+    ``x.transpose(1, 2).contiguous()``: that keeps the strides of size-1 dims, e.g. of a one-token x.)"""
+    if flash_token_major(x):
+        return x
+    bsz, heads, seq, d = x.shape
+    out = x.new_empty((bsz, seq, heads, d))
+    out.copy_(x.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+@torch.library.custom_op("diffquant::flash_attention", mutates_args=())
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(Q·Kᵀ x ``scale``)·V, no mask, non-causal: q [B, H, Sq, D], k/v [B, H, Sk, D] of one floating dtype
+    (bf16, fp16, fp32, fp64) -> [B, H, Sq, D] in that dtype, always stored as [B, Sq, H, D] (the transpose(1, 2) view
+    of a contiguous buffer: the heads merge back by a free reshape). bf16 / fp16 CUDA tensors with a head dim up to
+    the kernel's ``MAX_HEAD_DIM`` run the Gluon flash-attention kernel (:mod:`.gluon_attention`) where it can run
+    (:func:`flash_kernel_unavailable`: Hopper, Triton with Gluon), each input first copied to the layout it reads
+    (:func:`flash_token_major`) unless already in it (the processor's Q, K, V views of the projections are); everything
+    else runs :func:`.reference.flash_attention_reference` (fp32 math)."""
+    _check_attention_shapes("flash_attention", q, k, v)
+    if q.dtype not in FLASH_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"flash_attention needs q, k, v of one floating dtype ({', '.join(map(str, FLASH_DTYPES))}); "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype in FLASH_KERNEL_DTYPES and q.numel() and k.numel() and flash_kernel_unavailable(q.device) is None:
+        from diffquant.kernels.gluon_attention import MAX_HEAD_DIM, flash_attention_gluon
+
+        if q.shape[-1] <= MAX_HEAD_DIM:
+            q, k, v = (_token_major(t) for t in (q, k, v))
+            if flash_token_major(q) and flash_token_major(k) and flash_token_major(v):  # H x D a multiple of 8
+                return flash_attention_gluon(q, k, v, float(scale))
+    return flash_attention_reference(q, k, v, scale)
+
+
+@flash_attention.register_fake
+def _flash_attention_fake(q, k, v, scale):
+    bsz, heads, sq, d = q.shape
+    return q.new_empty(bsz, sq, heads, d).transpose(1, 2)
 
 
 def _check_norm_args(x, x2, add_nc, weight, bias, num_groups, out_scale, out_dtype, out_zp) -> None:

@@ -244,6 +244,29 @@ def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     return fp8_attention_fp8_reference(*fp8_attention_quantize(q, k, v, scales), sm_scale, q.dtype, block_n)
 
 
+# ---- bf16 / fp16 flash attention (diffquant::flash_attention) ------------------------------------------------
+
+# score elements (query rows x keys x batch x heads) the reference holds at once: 2^26 (256 MB in fp32)
+FLASH_REFERENCE_CHUNK = 1 << 26
+
+
+def flash_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(Q·Kᵀ x ``scale``)·V with no mask, computed in fp32 (fp64 for fp64 inputs), rounded once to q's dtype;
+    q [B, H, Sq, D], k/v [B, H, Sk, D], any strides. The result [B, H, Sq, D] is stored as [B, Sq, H, D]
+    (:func:`attention_out_like`: the heads merge back by a free reshape), the layout the Gluon kernel writes. What
+    ``diffquant::flash_attention`` computes (its test oracle, and its path where the kernel does not run); the query
+    rows are taken in chunks so that the scores never hold more than :data:`FLASH_REFERENCE_CHUNK` elements."""
+    ct = torch.promote_types(q.dtype, torch.float32)
+    bsz, heads, sq, _ = q.shape
+    out = attention_out_like(q, q.dtype)
+    kt, vf = k.to(ct).transpose(-1, -2), v.to(ct)
+    rows = max(1, FLASH_REFERENCE_CHUNK // max(1, bsz * heads * k.shape[2]))
+    for i in range(0, sq, rows):
+        s = (q[:, :, i:i + rows].to(ct) @ kt) * scale
+        out[:, :, i:i + rows] = torch.softmax(s, dim=-1) @ vf
+    return out
+
+
 # ---- group norm + SiLU + quantization (diffquant::group_norm_act) ------------------------------------------
 
 
