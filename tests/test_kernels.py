@@ -1966,7 +1966,7 @@ def test_gpu_flash_attention_matches_reference(shape, monkeypatch):
     Q, K, V as views of stacked projections ([B, S, 3HD] for self-attention; [B, Sq, HD] and [B, Sk, 2HD] for
     cross-attention), handed to the kernel as they are, and as contiguous [B, H, S, D] tensors, which
     diffquant::flash_attention copies to that layout first; bf16, and fp16 on one shape; the output stored as
-    [B, Sq, H, D]. Heads wider than the kernel's MAX_HEAD_DIM (160 > 128) take the op's reference: no kernel call, the
+    [B, Sq, H, D]. Heads wider than the kernel's MAX_HEAD_DIM (160 > 128) take PyTorch's SDPA: no kernel call, the
     same checks. One shape also through the op under torch.compile (one graph), equal to the eager call."""
     from torch._dynamo.utils import counters
 

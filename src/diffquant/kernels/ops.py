@@ -341,7 +341,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     the kernel's ``MAX_HEAD_DIM`` run the Gluon flash-attention kernel (:mod:`.gluon_attention`) where it can run
     (:func:`flash_kernel_unavailable`: Hopper, Triton with Gluon), each input first copied to the layout it reads
     (:func:`flash_token_major`) unless already in it (the processor's Q, K, V views of the projections are); everything
-    else runs :func:`.reference.flash_attention_reference` (fp32 math)."""
+    else on a CUDA device in bf16 / fp16 runs PyTorch's ``scaled_dot_product_attention`` (no Hopper or Gluon, heads
+    wider than the kernel's), and otherwise :func:`.reference.flash_attention_reference` (fp32 math)."""
     _check_attention_shapes("flash_attention", q, k, v)
     if q.dtype not in FLASH_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"flash_attention needs q, k, v of one floating dtype ({', '.join(map(str, FLASH_DTYPES))}); "
@@ -353,6 +354,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
             q, k, v = (_token_major(t) for t in (q, k, v))
             if flash_token_major(q) and flash_token_major(k) and flash_token_major(v):  # H x D a multiple of 8
                 return flash_attention_gluon(q, k, v, float(scale))
+    if q.is_cuda and q.dtype in FLASH_KERNEL_DTYPES:  # no kernel for this case: PyTorch's SDPA (cuDNN, flash)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=float(scale))
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
     return flash_attention_reference(q, k, v, scale)
 
 
