@@ -58,10 +58,10 @@ export DIFFQUANT_PROFILE_TOP=${DIFFQUANT_PROFILE_TOP:-40}
 kernel_job_env
 [ -n "${ROWS:-}" ] || { echo "ROWS is empty: nothing to bench"; exit 2; }
 N=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-BENCH_GPUS=$(python3 -c "print(','.join(map(str, range($N))))")
+BENCH_GPUS=$(python3 -c "print(','.join(map(str, range($N))) + ',')")  # a list: "0," is GPU 0 ("0" would be a count)
 if [ -n "${TUNE_TASKS:-}" ]; then
   [ "$N" -ge 2 ] || { echo "tuning next to the bench needs 2 or more GPUs; $N here"; exit 2; }
-  TUNE_GPU=$(( N - 1 )); BENCH_GPUS=$(python3 -c "print(','.join(map(str, range($N - 1))))")
+  TUNE_GPU=$(( N - 1 )); BENCH_GPUS=$(python3 -c "print(','.join(map(str, range($N - 1))) + ',')")
   say "GPU $TUNE_GPU: tune $TUNE_TASKS"
   ( CUDA_VISIBLE_DEVICES=$TUNE_GPU timeout $(( ${TUNE_S:-200} + 60 )) python3 benchmarks/tune_qconv.py --tasks "$TUNE_TASKS" ${TUNE_ARGS:-} \
       --budget-s ${TUNE_S:-200} --out $OUT/qconv_tuned.json --rows $OUT/qconv_tune_rows.json > $OUT/tune.log 2>&1
