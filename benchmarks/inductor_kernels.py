@@ -13,12 +13,16 @@ import gzip
 import json
 import re
 
+_LOG_PREFIX = re.compile(r"^[A-Z]\d{4} [^\n]*?\[__output_code\] ?", re.M)
 _KERNEL_DEF = re.compile(r"^(triton_[A-Za-z0-9_]+)\s*=\s*async_compile\.triton\(\s*'([^']+)'", re.M)
 
 
 def kernel_sources(log_text: str) -> dict[str, str]:
     """Kernel name -> its Triton source, from Inductor's output code (``TORCH_LOGS=output_code``): each kernel is
     defined as ``name = async_compile.triton('name', '''source''', ...)``."""
+    # with TORCH_LOGS=output_code each line carries the logger's prefix ("V1129 14:04:45.26 817 torch/_inductor/
+    # graph.py:2552] [8/0_1] [__output_code] "): strip it
+    log_text = _LOG_PREFIX.sub("", log_text)
     out: dict[str, str] = {}
     for m in _KERNEL_DEF.finditer(log_text):
         start = log_text.find("'''", m.end())

@@ -2889,6 +2889,9 @@ def test_inductor_kernels_joins_profile_and_generated_code(tmp_path):
            f"    tl.store(out_ptr0 + x0, tl.clamp(a / b, -448.0, 448.0).to(tl.float8e4nv))\n{q3}, device_str='cuda')\n")
     src = ik.kernel_sources(log)
     assert set(src) == {"triton_red_fused_native_group_norm_3", "triton_poi_fused_clamp_div_qconv_7"}
+    # the same log as TORCH_LOGS=output_code writes it to stderr: each line behind the logger's prefix
+    prefix = "V1129 14:04:45.260000 817 torch/_inductor/graph.py:2552] [8/0_1] [__output_code] "
+    assert ik.kernel_sources("".join(prefix + line for line in log.splitlines(keepends=True))) == src
     row = {"kernel_breakdown": [{"variant": "dq-fp8", "top_kernels": [
         ["triton_poi_fused_clamp_div_qconv_7", 0.2, 5], ["triton_red_fused_native_group_norm_3", 0.5, 2],
         ["_qconv_tma4d_kernel", 3.0, 40], ["triton_poi_missing_9", 0.1, 1]]}]}
