@@ -8,25 +8,29 @@
 #          TUNE_TASKS (model:batch:variant,...; empty: no tuning, every GPU benches), TUNE_S (200), TUNE_ARGS (more
 #          tune_qconv.py options, e.g. --untuned-only or --skip-paths tma),
 #          DIFFQUANT_PROFILE_TOP (kernels listed per row's profile, default here 40)
-#   suggested calls for the next session (written at the end of session 18, 2026-11-29; sessions 12-18 ran on one GPU
-#   as scripts/gpu/ab_rows_1gpu.sh PART=1-18, the op scripts below and inline commands, see BENCHMARKS.md "Kernels,
-#   tenth" to "sixteenth measurement"):
-#   1. Where the Triton conv kernels stall, per instruction: scripts/gpu/ncu_model_probe.sh (written in session 18, not
-#      run; carry .whl/diffusers-0.42.1-py3-none-any.whl; SOURCE_KERNELS' first launches as SASS with stall samples).
-#      Session 18's ncu (benchmarks/results/ncu_conv.txt): 44 % of stall cycles at CTA barriers, tensor pipe 43 %,
-#      L2 at 31 %: which barriers (the TMA issue's, the register-A copy's) decides what to change.
-#   2. The Inductor LayerNorm(+residual)+quantize kernels (1.37 ms of SD b8, several near 1.3 TB/s):
-#      ROWS=sd15-unet:8:dq-fp8-gn-qkv-te-ff-twq bash scripts/gpu/inductor_code.sh, then
-#      python benchmarks/inductor_kernels.py row_0.json code_0.log.gz --grep layer_norm; a diffquant kernel if they
-#      are far from bandwidth.
-#   3. The Gluon conv (src/diffquant/kernels/gluon_conv.py, at par with Triton) with Triton's wide tile (two
-#      accumulators, 256 + 64 channels) for the 320-channel convs, where Triton's 128 x 320 tile wins; op bench
-#      CUDNN=0 bash scripts/gpu/gluon_conv.sh (about 1 min), tests pytest -m gpu tests/test_kernels.py -k gluon.
-#   4. Session 16's left-overs: the shortcut kernel tuned on SD b8's six untimed shapes
-#      (python3 benchmarks/tune_qconv.py --shortcut --untuned-only --tasks sd15-unet:8:dq-fp8-gn-qkv-te-ff-twq
-#      --budget-s 200 --out T.json, merged with diffquant tune-kernels --merge-from T.json --merge-into
-#      src/diffquant/kernels/tuned/nvidia-h200.json), SD b1 with the composed calls' order fix, CIFAR b1's and INT8
-#      CIFAR b256's untuned shapes.
+#   suggested calls for the next session (written at the end of session 19, 2026-11-29; sessions 12-19 ran on one GPU
+#   as scripts/gpu/ab_rows_1gpu.sh PART=1-18, this script, the op scripts below and inline commands, see BENCHMARKS.md
+#   "Kernels, tenth" to "seventeenth measurement"):
+#   1. Inductor's LayerNorm + residual + quantize kernels (0.963 ms of SD b8 in 48 calls; the largest 40.5 us for about
+#      73 MB, a 512-wide persistent reduction over 320 channels; benchmarks/results/inductor_sd8_twq_kernels.txt):
+#      a diffquant op for BasicTransformerBlock's norms (the GEMM's dequantization, the residual add, LayerNorm and the
+#      next GEMM's e4m3 input in one pass), wired like fused_blocks' ResNet norms. Re-probe with
+#      ROWS=sd15-unet:8:dq-fp8-gn-qkv-te-ff-twq TOTAL_S=300 bash scripts/gpu/inductor_code.sh, then
+#      python benchmarks/inductor_kernels.py row_0.json code_0.log.gz --grep layer_norm.
+#   2. The Gluon flash attention (src/diffquant/kernels/gluon_attention.py, 0.93x of cuDNN at SD b8's 64x64
+#      self-attention): a third consumer warp group (64-key blocks, to fit the registers), part of the exponentials by
+#      polynomial on the FMA pipe (16 % busy), and the e4m3 Q/K variant's illegal instruction (session 19, call 8).
+#      Op bench: CONFIGS="BLOCK_N=128;BLOCK_N=64" bash scripts/gpu/flash_attention.sh (about 40 s; TESTS_K=flash for
+#      its GPU tests; NCU=1 BENCH=0 SHAPES="64x64 self" for Nsight Compute); model row: the -fa suffix.
+#   3. Where the Triton conv kernels stall, per instruction: scripts/gpu/ncu_model_probe.sh (written in session 18, not
+#      run; carry .whl/diffusers-0.42.1-py3-none-any.whl).
+#   4. The Gluon conv with Triton's wide tile (two accumulators, 256 + 64 channels) for the 320-channel convs
+#      (CUDNN=0 bash scripts/gpu/gluon_conv.sh), and session 16's left-overs (the shortcut tuner on SD b8's six untimed
+#      shapes: python3 benchmarks/tune_qconv.py --shortcut --untuned-only --tasks sd15-unet:8:dq-fp8-gn-qkv-te-ff-twq
+#      --budget-s 200 --out T.json; SD b1; CIFAR b1's and INT8 CIFAR b256's untuned shapes).
+#   Measured in session 19: the shipped tree again, SD b8 13.35 ms (1.392x, bf16 18.58 in the same run); the Gluon
+#   flash attention (-fa) 13.81 ms (1.345x) in the same run; ping-pong, turns at the exponentials, tree reductions,
+#   Q from shared memory: dropped (BENCHMARKS.md "Kernels, seventeenth measurement").
 #   Measured in session 18 (no model kernel changed): the shipped tree, SD b8 13.34 ms (1.395x, bf16 18.60 in the same
 #   run), CIFAR b256 6.776 ms (1.627x); cuDNN's FP8 conv slower than diffquant's and than cuDNN's bf16 conv
 #   (benchmarks/bench_cudnn_fp8_conv.py); Gluon conv (A from shared memory; plain and warp-specialized) and

@@ -1,5 +1,13 @@
 """bf16 / fp16 flash attention for Hopper in Gluon (Triton's lower-level dialect): the kernel behind
-``diffquant::flash_attention`` on sm_90 (no mask, not causal).
+``diffquant::flash_attention`` on sm_90 (no mask, not causal; ``convert(..., attention="flash")``). Experimental:
+it is correct (outputs within cuDNN's error of fp32 attention, GPU tests passed) but slower than cuDNN's bf16 SDPA,
+which the default ``attention="float"`` runs. Measured on SD-1.5 b8's shapes (H200, 2026-11-29, BENCHMARKS.md
+"Kernels, seventeenth measurement", ``bash scripts/gpu/flash_attention.sh``): 64x64 self-attention 0.627 against
+0.584 ms (0.93x), 32x32 0.72-0.86x, cross-attention on 77 keys 0.6-0.7x; in the model (-fa) SD b8 13.81 against
+13.35 ms. Nsight Compute on the 64x64 shape: the SFU and the tensor cores each about 47 % busy, as if one waited for
+the other (cuDNN: 53 % and 51 %). Tried and dropped (slower or no faster): handing the consumers turns at the wgmmas
+or at the exponentials, tree-shaped row reductions, 64-key blocks, Q read from shared memory, e4m3 Q and K (an
+illegal instruction; not debugged).
 
 Why a kernel of our own: at SD-1.5's head widths (40, 80, 160) attention is bounded by the softmax's exponentials,
 not by its matmuls (BENCHMARKS.md, "What bounds SD-1.5 b8"), and cuDNN's bf16 kernel, the fastest SDPA backend
