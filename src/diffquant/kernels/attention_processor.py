@@ -70,6 +70,16 @@ class _OpAttnProcessor:
     def _merge_heads(attn, hidden_states, ctx, head_dim, dtype) -> torch.Tensor:
         return hidden_states.transpose(1, 2).reshape(ctx["batch_size"], -1, attn.heads * head_dim).to(dtype)
 
+    def _attend(self, op, path: str, counter: str, attn, query, key, value, attention_mask, ctx, head_dim):
+        """``op(q, k, v, scale)`` (taking ``path``, counted in ``counter``), or SDPA for a masked call; then the heads
+        merged and diffusers' output steps."""
+        if attention_mask is None:
+            self._taken(path, counter)
+            hidden_states = op(query, key, value, float(attn.scale))
+        else:
+            hidden_states = self._masked(attn, query, key, value, attention_mask)
+        return attention_output(attn, self._merge_heads(attn, hidden_states, ctx, head_dim, query.dtype), ctx)
+
 
 class FP8AttnProcessor(_OpAttnProcessor):
     def __init__(self, fuse_out: bool = True) -> None:
@@ -92,12 +102,7 @@ class FP8AttnProcessor(_OpAttnProcessor):
             h8 = fp8_attention(query, key, value, float(attn.scale), out_scale=out_layer.parts[0].a_scale)
             h8 = h8.transpose(1, 2).reshape(ctx["batch_size"], -1, attn.heads * head_dim)
             return attention_output(attn, out_layer(h8, out_dtype=query.dtype), ctx, projected=True)
-        if attention_mask is None:
-            self._taken("fp8", "fp8_calls")
-            hidden_states = fp8_attention(query, key, value, float(attn.scale))
-        else:
-            hidden_states = self._masked(attn, query, key, value, attention_mask)
-        return attention_output(attn, self._merge_heads(attn, hidden_states, ctx, head_dim, query.dtype), ctx)
+        return self._attend(fp8_attention, "fp8", "fp8_calls", attn, query, key, value, attention_mask, ctx, head_dim)
 
 
 class FlashAttnProcessor(_OpAttnProcessor):
@@ -113,12 +118,8 @@ class FlashAttnProcessor(_OpAttnProcessor):
                  *args, **kwargs) -> torch.Tensor:
         query, key, value, attention_mask, ctx, head_dim = self._heads(attn, hidden_states, encoder_hidden_states,
                                                                        attention_mask, temb)
-        if attention_mask is None:
-            self._taken("flash", "flash_calls")
-            hidden_states = flash_attention(query, key, value, float(attn.scale))
-        else:
-            hidden_states = self._masked(attn, query, key, value, attention_mask)
-        return attention_output(attn, self._merge_heads(attn, hidden_states, ctx, head_dim, query.dtype), ctx)
+        return self._attend(flash_attention, "flash", "flash_calls", attn, query, key, value, attention_mask, ctx,
+                            head_dim)
 
 
 ATTENTION_PROCESSORS = {"fp8": FP8AttnProcessor, "flash": FlashAttnProcessor}  # convert's attention= -> processor
