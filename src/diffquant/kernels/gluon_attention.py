@@ -7,7 +7,8 @@ which the default ``attention="float"`` runs. Measured on SD-1.5 b8's shapes (H2
 13.35 ms. Nsight Compute on the 64x64 shape: the SFU and the tensor cores each about 47 % busy, as if one waited for
 the other (cuDNN: 53 % and 51 %). Tried and dropped (slower or no faster): handing the consumers turns at the wgmmas
 or at the exponentials, tree-shaped row reductions, 64-key blocks, Q read from shared memory, e4m3 Q and K (an
-illegal instruction; not debugged).
+illegal instruction; not debugged). A third consumer warp group (``CONSUMERS=3``, 64-key blocks) gained 2 % at the
+64x64 level, within the runs' spread.
 
 Why a kernel of our own: at SD-1.5's head widths (40, 80, 160) attention is bounded by the softmax's exponentials,
 not by its matmuls (BENCHMARKS.md, "What bounds SD-1.5 b8"), and cuDNN's bf16 kernel, the fastest SDPA backend
@@ -49,7 +50,7 @@ LOG2E = 1.4426950408889634
 # Head widths up to 128 (a box of 256 columns would not fit shared memory; SD-1.5's 160-wide heads, at 256 tokens,
 # take 18 us a call in cuDNN)
 MAX_HEAD_DIM = 128
-DEFAULTS = {"BLOCK_N": 128, "STAGES": None, "CONSUMER_REGS": 232, "PRODUCER_REGS": 40}
+DEFAULTS = {"BLOCK_N": 128, "STAGES": None, "CONSUMERS": 2, "CONSUMER_REGS": None, "PRODUCER_REGS": 40}
 RING_BYTES = 200 * 1024  # Q's two tiles and the K / V ring (the rest of the 227 KB: barriers, layout scratch)
 
 
@@ -79,11 +80,12 @@ if _MISSING is None:
 
     @gluon.jit
     def _fa_producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, Sq, Sk, H,
-                     D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                     D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                     CONSUMERS: gl.constexpr):
         b = gl.program_id(1) // H
         col = (gl.program_id(1) % H) * D
-        q_row = b * Sq + gl.program_id(0) * (2 * BLOCK_M)
-        for w in gl.static_range(2):
+        q_row = b * Sq + gl.program_id(0) * (CONSUMERS * BLOCK_M)
+        for w in gl.static_range(CONSUMERS):
             mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [q_row + w * BLOCK_M, col], q_ready.index(w), q_bufs.index(w))
         k_row = b * Sk
@@ -126,7 +128,7 @@ if _MISSING is None:
     @gluon.jit
     def _fa_consumer(WG: gl.constexpr, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, o_ptr, Sq, Sk,
                      H, qk_scale, D: gl.constexpr, DP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                     STAGES: gl.constexpr, EVEN_K: gl.constexpr):
+                     STAGES: gl.constexpr, EVEN_K: gl.constexpr, CONSUMERS: gl.constexpr):
         dtype: gl.constexpr = q_bufs.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -166,7 +168,7 @@ if _MISSING is None:
         o = o * gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))[:, None]
         b = gl.program_id(1) // H
         h = gl.program_id(1) % H
-        rows = gl.program_id(0) * (2 * BLOCK_M) + WG * BLOCK_M + gl.arange(0, BLOCK_M,
+        rows = gl.program_id(0) * (CONSUMERS * BLOCK_M) + WG * BLOCK_M + gl.arange(0, BLOCK_M,
                                                                              layout=gl.SliceLayout(1, o_layout))
         cols = gl.arange(0, DP, layout=gl.SliceLayout(0, o_layout))
         off = ((b * Sq + rows).to(gl.int64) * H + h) * D
@@ -175,29 +177,38 @@ if _MISSING is None:
     @gluon.jit
     def _fa_kernel(q_desc, k_desc, v_desc, o_ptr, Sq, Sk, H, qk_scale, D: gl.constexpr, DP: gl.constexpr,
                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, EVEN_K: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                   CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
-        q_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M, DP], q_desc.layout)
+        q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, DP], q_desc.layout)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, DP], k_desc.layout)
         v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, DP], v_desc.layout)
-        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for w in gl.static_range(2):
+        for w in gl.static_range(CONSUMERS):
             mbarrier.init(q_ready.index(w), count=1)
         for st in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(st), count=1)
             mbarrier.init(v_ready.index(st), count=1)
-            mbarrier.init(empty.index(st), count=2)  # both consumers read every block
+            mbarrier.init(empty.index(st), count=CONSUMERS)  # every consumer reads every block
         fence_async_shared()
-        gl.warp_specialize([(_fa_consumer, (0, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, o_ptr, Sq,
-                                            Sk, H, qk_scale, D, DP, BLOCK_M, BLOCK_N, STAGES, EVEN_K)),
-                            (_fa_consumer, (1, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, o_ptr, Sq,
-                                            Sk, H, qk_scale, D, DP, BLOCK_M, BLOCK_N, STAGES, EVEN_K)),
-                            (_fa_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready,
-                                            v_ready, empty, Sq, Sk, H, D, BLOCK_M, BLOCK_N, STAGES))],
-                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        if CONSUMERS == 3:
+            gl.warp_specialize([(_fa_consumer, (0, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, o_ptr,
+                                                Sq, Sk, H, qk_scale, D, DP, BLOCK_M, BLOCK_N, STAGES, EVEN_K, CONSUMERS)),
+                                (_fa_consumer, (1, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, o_ptr,
+                                                Sq, Sk, H, qk_scale, D, DP, BLOCK_M, BLOCK_N, STAGES, EVEN_K, CONSUMERS)),
+                                (_fa_consumer, (2, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, o_ptr,
+                                                Sq, Sk, H, qk_scale, D, DP, BLOCK_M, BLOCK_N, STAGES, EVEN_K, CONSUMERS)),
+                                (_fa_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready,
+                                                v_ready, empty, Sq, Sk, H, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS))], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([(_fa_consumer, (0, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, o_ptr,
+                                                Sq, Sk, H, qk_scale, D, DP, BLOCK_M, BLOCK_N, STAGES, EVEN_K, CONSUMERS)),
+                                (_fa_consumer, (1, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, empty, o_ptr,
+                                                Sq, Sk, H, qk_scale, D, DP, BLOCK_M, BLOCK_N, STAGES, EVEN_K, CONSUMERS)),
+                                (_fa_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready,
+                                                v_ready, empty, Sq, Sk, H, D, BLOCK_M, BLOCK_N, STAGES, CONSUMERS))], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def new_out(b: int, sq: int, h: int, d: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -223,7 +234,9 @@ def flash_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     token-major view (``x.view(B, S, H, D).transpose(1, 2)`` of a projection's output, a column slice of a stacked
     projection included: stride(3) 1, stride(1) D, stride(0) S * stride(2), stride(2) and the data pointer 16-byte
     aligned). Returns the [B, H, Sq, D] transpose view of a new [B, Sq, H, D] tensor. ``config``: BLOCK_N (128),
-    STAGES (default: as many as fit, at most 4), CONSUMER_REGS (232), PRODUCER_REGS (40)."""
+    STAGES (default: as many as fit, at most 4), CONSUMERS (2; 3 with 64-key blocks fits the registers at head widths up
+    to 64: 609 against 622 us at SD b8's 64x64 self-attention, 104 against 86 at 32x32, session 19 call 14),
+    CONSUMER_REGS (232 with 2 consumers, 160 with 3), PRODUCER_REGS (40)."""
     why = unavailable(q.device)
     if why:
         raise RuntimeError(f"flash_attention_gluon: {why}")
@@ -241,7 +254,10 @@ def flash_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     cfg = {**DEFAULTS, **(config or {})}
     dp = padded_head_dim(d)
     bm, bn = 64, cfg["BLOCK_N"]
-    stages = cfg["STAGES"] or max(2, min(4, (RING_BYTES - 2 * bm * dp * 2) // (2 * bn * dp * 2)))
+    nc = cfg["CONSUMERS"]
+    if nc not in (2, 3):
+        raise ValueError(f"flash_attention_gluon: CONSUMERS 2 or 3, got {nc}")
+    stages = cfg["STAGES"] or max(2, min(4, (RING_BYTES - nc * bm * dp * 2) // (2 * bn * dp * 2)))
     out = new_out(b, sq, h, d, q.dtype, q.device)
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     descs = []
@@ -249,9 +265,10 @@ def flash_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
         r = _rows(x)
         descs.append(TensorDescriptor(r, list(r.shape), [r.stride(0), 1], blk,
                                       gl.NVMMASharedLayout.get_default_for(blk, gdt)))
-    grid = (-(-sq // (2 * bm)), b * h)
+    grid = (-(-sq // (nc * bm)), b * h)
     _fa_kernel[grid](*descs, out, sq, sk, h, float(scale) * LOG2E, D=d, DP=dp, BLOCK_M=bm, BLOCK_N=bn,
-                     STAGES=stages, EVEN_K=sk % bn == 0, CONSUMER_REGS=cfg["CONSUMER_REGS"],
+                     STAGES=stages, EVEN_K=sk % bn == 0, CONSUMERS=nc,
+                     CONSUMER_REGS=cfg["CONSUMER_REGS"] or (232 if nc == 2 else 160),
                      PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=4)
     return out.transpose(1, 2)
 
