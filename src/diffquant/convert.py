@@ -28,10 +28,12 @@ dequantized weight and no activation quantization, ``"error"`` raises. The atten
 left to ``attention``: ``"simulate"`` keeps the quantized attention processor, ``"float"`` installs
 diffusers' SDPA processor (Q·Kᵀ and softmax·V in the model's float dtype), ``"fp8"`` installs
 :class:`diffquant.kernels.attention_processor.FP8AttnProcessor` in every attention block (both matmuls in
-FP8 e4m3, dynamic per-head scales; experimental, not yet timed on a GPU), ``"flash"`` installs
+FP8 e4m3, dynamic per-head scales; experimental: 2x slower than cuDNN's bf16 attention on an H200, BENCHMARKS.md
+"Kernels, ninth measurement"), ``"flash"`` installs
 :class:`diffquant.kernels.attention_processor.FlashAttnProcessor` in every attention block (flash attention in the
-model's dtype through ``diffquant::flash_attention``: diffquant's Gluon kernel for bf16 / fp16 on Hopper, its fp32
-reference elsewhere; masked calls through SDPA). Either way the report
+model's dtype through ``diffquant::flash_attention``: diffquant's Gluon kernel for bf16 / fp16 on Hopper with heads up
+to 128 wide, PyTorch's SDPA on other CUDA cases, the fp32 reference elsewhere; masked calls through SDPA;
+experimental: 0.93x of cuDNN's bf16 attention on an H200, BENCHMARKS.md "Kernels, seventeenth measurement"). Either way the report
 (``model._diffquant_convert_report``) lists what was converted and what was not, and why.
 """
 from __future__ import annotations
@@ -372,7 +374,8 @@ def _convert_attention(model: nn.Module, attention: str) -> str:
             return (f"{len(op_blocks)} attention blocks run Q·Kᵀ / softmax·V in FP8 e4m3 "
                     f"(diffquant::fp8_attention, attention='fp8')")
         return (f"{len(op_blocks)} attention blocks run Q·Kᵀ / softmax·V as flash attention in the model's dtype "
-                f"(diffquant::flash_attention: the Gluon kernel for bf16/fp16 on Hopper, the reference elsewhere; "
+                f"(diffquant::flash_attention: the Gluon kernel for bf16/fp16 on Hopper, SDPA on other GPUs, the reference "
+                f"elsewhere; "
                 f"attention='flash')")
     blocks = [m for m in model.modules() if isinstance(getattr(m, "processor", None), QuantAttnProcessor)]
     if not blocks:

@@ -8,8 +8,8 @@ rescaling) and replace ``scaled_dot_product_attention`` by an op:
   output already quantized with that scale (one pass fewer; counted in ``fused_out_calls``; set ``fuse_out=False`` to
   keep the separate quantization).
 * :class:`FlashAttnProcessor` (``convert(..., attention="flash")``): ``diffquant::flash_attention``, flash attention
-  in the model's dtype (the Gluon kernel for bf16 / fp16 on Hopper, the fp32 reference elsewhere). Q, K and V reach it
-  as [B, H, S, D] views of the projections' outputs (column slices of ``to_qkv`` / ``to_kv``'s when stacked), the
+  in the model's dtype (the Gluon kernel for bf16 / fp16 on Hopper, SDPA on other GPUs, the fp32 reference on the
+  CPU). Q, K and V reach it as [B, H, S, D] views of the projections' outputs (column slices of ``to_qkv`` / ``to_kv``'s when stacked), the
   layout the kernel reads without a copy, and its output merges the heads back by a free reshape.
 
 Both read stacked projections (``fuse_qkv``) through :func:`diffquant.nn.attention.attention_inputs`. A call with an
