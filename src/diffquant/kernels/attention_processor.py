@@ -9,8 +9,9 @@ rescaling) and replace ``scaled_dot_product_attention`` by an op:
   keep the separate quantization).
 * :class:`FlashAttnProcessor` (``convert(..., attention="flash")``): ``diffquant::flash_attention``, flash attention
   in the model's dtype (the Gluon kernel for bf16 / fp16 on Hopper, SDPA on other GPUs, the fp32 reference on the
-  CPU). Q, K and V reach it as [B, H, S, D] views of the projections' outputs (column slices of ``to_qkv`` / ``to_kv``'s when stacked), the
-  layout the kernel reads without a copy, and its output merges the heads back by a free reshape.
+  CPU). Q, K and V reach it as [B, H, S, D] views of the projections' outputs (column slices of ``to_qkv`` /
+  ``to_kv``'s when stacked), the layout the kernel reads without a copy, and its output merges the heads back by a
+  free reshape.
 
 Both read stacked projections (``fuse_qkv``) through :func:`diffquant.nn.attention.attention_inputs`. A call with an
 attention mask goes to SDPA in the input dtype instead (the kernels have no mask) and is counted in ``float_calls``,
