@@ -1,6 +1,8 @@
 """Join a bench row's kernel profile with Inductor's generated code (what ``scripts/gpu/inductor_code.sh`` brings back):
 for each listed Triton kernel, its GPU ms and calls per model call, and what its source does (loads, stores and their
-dtypes, reductions, whether it quantizes). Runs anywhere (no GPU).
+dtypes, reductions, whether it quantizes), with an estimate of the bytes a launch moves (``est_MB``, from the source's
+sizes and accesses, see :func:`traffic_bytes`) and the bandwidth that implies (``est_TB_s``: a calculation from the
+estimate and the measured time). Runs anywhere (no GPU).
 
     python benchmarks/inductor_kernels.py ROW_JSON CODE_LOG[.gz] [--top 40] [--grep group_norm]
 
@@ -45,6 +47,39 @@ def summarize(src: str) -> dict:
     }
 
 
+_ELT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8, "fp8e4nv": 1, "fp8e5": 1, "i8": 1, "u8": 1, "i1": 1,
+              "i16": 2, "i32": 4, "i64": 8}
+_ACCESS = re.compile(r"tl\.(load|store)\((\w+) \+ \(([^)]*)\)(.*)")
+
+
+def traffic_bytes(src: str):
+    """An estimate of the bytes a generated kernel moves per launch, from its source: each ``tl.load`` / ``tl.store``
+    whose index depends on the row variables (x*) counts every element (xnumel, times r0_numel when it also depends
+    on the reduction variables); an index over the reduction variables only counts once (a per-channel vector), and
+    a row-dependent load Inductor marks ``evict_last`` (a small tensor broadcast over rows) not at all. None when the sizes or pointer dtypes are not in the source (dynamic shapes)."""
+    xm = re.search(r"^\s*xnumel = (\d+)", src, re.M)
+    if not xm:
+        return None
+    xn = int(xm.group(1))
+    rm = re.search(r"^\s*r0_numel = (\d+)", src, re.M)
+    rn = int(rm.group(1)) if rm else 1
+    dtypes = dict(re.findall(r"'(\w+)': '\*(\w+)'", src))
+    total = 0
+    for kind, ptr, index, rest in _ACCESS.findall(src):
+        if ptr not in dtypes or dtypes[ptr] not in _ELT_BYTES:
+            return None
+        uses_x = re.search(r"\bx", index) is not None
+        uses_r = re.search(r"\br", index) is not None
+        if not uses_x:  # a vector over the reduction axis (or a scalar), read by every row
+            n = rn if uses_r else 1
+        elif kind == "load" and "evict_last" in rest:  # a small tensor broadcast over rows (x0 % C): in cache
+            n = 0
+        else:
+            n = xn * (rn if uses_r else 1)
+        total += n * _ELT_BYTES[dtypes[ptr]]
+    return total
+
+
 def table(row_json: dict, sources: dict[str, str], top: int = 40, grep: str = "") -> list[dict]:
     """The profile's Triton kernels (``kernel_breakdown[*].top_kernels``) joined with their sources' summary."""
     rows = []
@@ -53,8 +88,13 @@ def table(row_json: dict, sources: dict[str, str], top: int = 40, grep: str = ""
             if not name.startswith("triton_") or (grep and grep not in name):
                 continue
             src = sources.get(name)
-            rows.append({"variant": kb.get("variant"), "kernel": name, "ms": ms, "calls": calls,
-                         **(summarize(src) if src is not None else {"source": "not in the log"})})
+            row = {"variant": kb.get("variant"), "kernel": name, "ms": ms, "calls": calls,
+                   **(summarize(src) if src is not None else {"source": "not in the log"})}
+            nbytes = traffic_bytes(src) if src is not None else None
+            if nbytes is not None and ms > 0:
+                row["est_MB"] = round(nbytes / 1e6, 2)
+                row["est_TB_s"] = round(nbytes * calls / (ms * 1e-3) / 1e12, 2)
+            rows.append(row)
     rows.sort(key=lambda r: -r["ms"])
     return rows[:top]
 
@@ -75,8 +115,8 @@ def main() -> None:
     from diffquant.commands._common import format_table
 
     print(f"{len(sources)} kernels in the log")
-    print(format_table(rows, ["kernel", "ms", "calls", "loads", "stores", "stores_fp8", "reduction", "welford",
-                              "quantizes"]))
+    print(format_table(rows, ["kernel", "ms", "calls", "est_MB", "est_TB_s", "loads", "stores", "stores_fp8",
+                              "reduction", "welford", "quantizes"]))
 
 
 if __name__ == "__main__":

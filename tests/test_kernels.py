@@ -2902,6 +2902,17 @@ def test_inductor_kernels_joins_profile_and_generated_code(tmp_path):
     assert gn["welford"] and gn["reduction"] and gn["loads"] == 1 and not gn["quantizes"]
     assert q["quantizes"] and q["stores_fp8"] >= 1 and q["loads"] == 2 and not q["reduction"]
     assert missing["source"] == "not in the log" and _kernel_class("triton_poi_missing_9") == "inductor_fused"
+    # bytes a launch moves: full-size accesses count every element, per-channel (evict_last) loads once
+    meta = "triton_meta={'signature': {'in_ptr0': '*bf16', 'in_ptr1': '*fp32', 'out_ptr0': '*fp8e4nv', 'xnumel': 'i32'}}\n"
+    body = ("    a = tl.load(in_ptr0 + (r0_1 + 320*x0), r0_mask, other=0.0)\n"
+            "    w = tl.load(in_ptr1 + (r0_1), r0_mask, eviction_policy='evict_last', other=0.0)\n"
+            "    tl.store(out_ptr0 + (r0_1 + 320*x0), y, r0_mask)\n")
+    assert ik.traffic_bytes(meta + "    xnumel = 1000\n    r0_numel = 320\n" + body) == 1000 * 320 * 3 + 320 * 4
+    pointwise = ("    xnumel = 4096\n    x0 = xindex\n    a = tl.load(in_ptr0 + (x0), None)\n"
+                 "    s = tl.load(in_ptr1 + (x0 % 320), None, eviction_policy='evict_last')\n"
+                 "    tl.store(out_ptr0 + (x0), a, None)\n")
+    assert ik.traffic_bytes(meta + pointwise) == 4096 * 3
+    assert ik.traffic_bytes(body) is None  # no sizes (dynamic shapes): no estimate
 
 
 def test_bench_torchao_int8_skips_the_linears_torch_int_mm_cannot_run():
