@@ -35,6 +35,8 @@ from typing import Optional
 
 import torch
 
+from diffquant.kernels.ops import flash_token_major  # the layout check the op applies before calling
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -216,12 +218,6 @@ def new_out(b: int, sq: int, h: int, d: int, dtype: torch.dtype, device) -> torc
     return torch.empty((b, sq, h, d), dtype=dtype, device=device)
 
 
-def _token_major(x: torch.Tensor) -> bool:
-    b, h, s, d = x.shape
-    return (x.stride(3) == 1 and (h == 1 or x.stride(1) == d) and (b == 1 or x.stride(0) == s * x.stride(2))
-            and (x.stride(2) * x.element_size()) % 16 == 0 and x.stride(2) >= h * d and x.data_ptr() % 16 == 0)
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """[B, H, S, D] token-major view -> the [B*S, H*D] 2-D view the descriptors read."""
     b, h, s, d = x.shape
@@ -248,7 +244,7 @@ def flash_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
         raise ValueError(f"flash_attention_gluon: q [B,H,Sq,D], k and v [B,H,Sk,D], D <= {MAX_HEAD_DIM}; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if not _token_major(x):
+        if not flash_token_major(x):
             raise ValueError(f"flash_attention_gluon: {name} is not a token-major view (strides {x.stride()}); "
                              f"pass x.transpose(1, 2).contiguous().transpose(1, 2)")
     cfg = {**DEFAULTS, **(config or {})}
@@ -271,16 +267,6 @@ def flash_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
                      CONSUMER_REGS=cfg["CONSUMER_REGS"] or (232 if nc == 2 else 160),
                      PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=4)
     return out.transpose(1, 2)
-
-
-def flops(b: int, h: int, sq: int, sk: int, d: int) -> int:
-    """Nominal FLOPs of one call (two matmuls at head width d)."""
-    return 4 * b * h * sq * sk * d
-
-
-def exp_bound_us(b: int, h: int, sq: int, sk: int, sfu_per_s: float = 3.9e12) -> float:
-    """Microseconds the exponentials alone take at the SFU rate (the FlashAttention-3 paper's H100 SXM5 figure)."""
-    return b * h * sq * sk / sfu_per_s * 1e6
 
 
 __all__ = ["flash_attention_gluon", "unavailable", "padded_head_dim", "new_out", "DEFAULTS", "MAX_HEAD_DIM"]
