@@ -1852,6 +1852,101 @@ def test_fuse_ff_runs_geglu_in_one_op():
                           test_utils=("test_faketensor", "test_aot_dispatch_static"))  # schema test: no e4m3 mul on CPU
 
 
+def test_add_layer_norm_reference_is_the_unfused_steps_and_op_checks():
+    """diffquant::add_layer_norm's reference equals the converted model's unfused steps in bf16 (the tensor-wise
+    projection's dequantization rounded to bf16, the residual add, nn.LayerNorm, the next Linear's e4m3 quantization)
+    bit for bit; without a residual, scale or bias ``h`` is empty; bad arguments are refused with the reason; the op
+    passes opcheck."""
+    from diffquant.kernels import ops
+    from diffquant.kernels.reference import add_layer_norm_reference, quantize_act_fp8
+
+    g = torch.Generator().manual_seed(0)
+    y = (torch.randn(3, 7, 48, generator=g) * 4).bfloat16()
+    r = (torch.randn(3, 7, 48, generator=g) * 8).bfloat16()
+    ys, yb = torch.rand(48, generator=g) * 0.02 + 0.01, torch.randn(48, generator=g) * 0.1
+    norm = torch.nn.LayerNorm(48).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(48, generator=g) + 0.5)
+        norm.bias.copy_(torch.randn(48, generator=g) * 0.1)
+    s = torch.tensor([0.02])
+    h_want = (y.float() * ys + yb).to(torch.bfloat16) + r
+    with torch.no_grad():
+        q_want = quantize_act_fp8(norm(h_want), s)
+        h, q = ops.add_layer_norm(y, ys, yb, r, norm.weight, norm.bias, norm.eps, s, torch.float8_e4m3fn)
+        assert torch.equal(h, h_want) and torch.equal(q.view(torch.uint8), q_want.view(torch.uint8))
+        h, n = ops.add_layer_norm(y, None, None, None, norm.weight, norm.bias, norm.eps, None, torch.bfloat16)
+        assert h.numel() == 0 and torch.equal(n, norm(y))
+        h, n = add_layer_norm_reference(y, None, None, r, None, None, 1e-6, None, torch.float32)
+        assert torch.equal(h, y + r)
+        torch.testing.assert_close(n, F.layer_norm((y + r).float(), (48,), eps=1e-6).bfloat16().float())
+    for kw, match in ((dict(residual=r[:, :3]), "residual"), (dict(y_scale=ys[:5]), "y_scale has 5"),
+                      (dict(out_scale=None), "out_scale"), (dict(out_scale=torch.ones(3)), "out_scale"),
+                      (dict(out_dtype=torch.int8), "out_dtype"), (dict(y=y.int()), "float input")):
+        args = dict(y=y, y_scale=None, y_bias=None, residual=None, weight=None, bias=None, eps=1e-5, out_scale=s,
+                    out_dtype=torch.float8_e4m3fn)
+        args.update(kw)
+        with pytest.raises(ValueError, match=match):
+            ops.add_layer_norm(**args)
+    torch.library.opcheck(torch.ops.diffquant.add_layer_norm.default,
+                          (y, ys, yb, r, norm.weight.detach(), norm.bias.detach(), 1e-5, s, torch.float8_e4m3fn),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    torch.library.opcheck(torch.ops.diffquant.add_layer_norm.default,
+                          (y, None, None, None, None, None, 1e-5, None, torch.bfloat16),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_fuse_ln_runs_layer_norms_in_one_op(monkeypatch):
+    """convert(fuse_ln=True) on a text-to-image UNet (FP8, with fuse_qkv and fuse_ff): every BasicTransformerBlock runs
+    its three LayerNorms as diffquant::add_layer_norm, whose e4m3 output reaches to_qkv, to_q and the GEGLU op as it
+    is; the model computes what the unfused conversion computes (fp32 on the CPU: the same numbers), compiles as one
+    graph, and training mode or a mask runs diffusers' forward. Blocks without stacked Q/K/V, or of an INT8 model, are
+    left alone with the reason; the convert report says what was done."""
+    from diffquant.kernels import fused_transformer as ft
+    from diffquant.kernels import ops
+
+    _, q, inputs = _calibrated("fp8", model=tiny_sd_unet())
+    kw = dict(attention="float", fuse_norms=True, fuse_qkv=True, fuse_ff=True)
+    plain = convert(q, "fp8", **kw)
+    cm = convert(q, "fp8", **kw, fuse_ln=True)
+    cls = ft.fused_block_class()
+    blocks = [m for m in cm.modules() if type(m) is cls]
+    n_blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in plain.modules())
+    assert n_blocks >= 2 and len(blocks) == n_blocks
+    assert f"{n_blocks} transformer blocks run their LayerNorms" in cm._diffquant_convert_report.layer_norms
+    calls, real = [], ops.add_layer_norm
+    monkeypatch.setattr(ft, "add_layer_norm", lambda *a: calls.append(a[0].dtype) or real(*a))
+    seen = []  # what the consumers receive
+    hooks = [m.register_forward_pre_hook(lambda mod, a, k: seen.append(a[0].dtype), with_kwargs=True)
+             for m in (blocks[0].attn1.to_qkv, blocks[0].attn2.to_q, blocks[0].ff)]
+    with torch.no_grad():
+        want = call_model(plain, *inputs)
+        got = call_model(cm, *inputs)
+    for h in hooks:
+        h.remove()
+    assert len(calls) == 3 * n_blocks and seen == [torch.float8_e4m3fn] * 3
+    assert torch.equal(got, want)
+    monkeypatch.setattr(ft, "add_layer_norm", real)
+    _compiles_to(cm, inputs, got)
+    # diffusers' forward: training mode, and a call with a mask
+    block, plain_block = blocks[0], plain.get_submodule(next(n for n, m in cm.named_modules() if m is blocks[0]))
+    x = torch.randn(2, 6, block.norm1.normalized_shape[0])
+    ctx = torch.randn(2, 3, block.attn2.to_kv.in_channels)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, encoder_hidden_states=ctx), plain_block(x, encoder_hidden_states=ctx))
+        mask = torch.zeros(2, 6)
+        torch.testing.assert_close(block(x, attention_mask=mask, encoder_hidden_states=ctx),
+                                   plain_block(x, attention_mask=mask, encoder_hidden_states=ctx))
+        block.train()
+        torch.testing.assert_close(block(x, encoder_hidden_states=ctx), plain_block(x, encoder_hidden_states=ctx))
+        block.eval()
+    # left alone, with the reason
+    _, left = ft.fuse_layer_norms(convert(q, "fp8", attention="float"))
+    assert len(left) == n_blocks and all("to_qkv (fuse_qkv)" in why for why in left.values())
+    _, q8, _ = _calibrated("int8", model=tiny_sd_unet())
+    _, left = ft.fuse_layer_norms(convert(q8, "int8", attention="float", fuse_qkv=True))
+    assert len(left) == n_blocks and all("static FP8 input scale" in why for why in left.values())
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("m,k,i", [(4099, 320, 1280), (77, 640, 2560), (1000, 48, 40)])
@@ -2740,6 +2835,80 @@ def test_gpu_qconv_sc_matches_reference_and_holds_the_model(monkeypatch):
     n_sc = len(launches)
     _held_to_distance(cm, inputs, want32, base, "sc+split")
     assert n_sc and len(launches) > 2 * n_sc
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("t,c", [(32768, 320), (8195, 640), (515, 1280), (77, 96), (9, 112), (3, 40)])
+def test_gpu_add_layer_norm_matches_reference(t, c, monkeypatch):
+    """diffquant::add_layer_norm's Triton kernel on the GPU against the reference (run on the same GPU tensors), its
+    outputs poisoned: SD-1.5 b8's widths with row tails, widths of one padded chunk (96 = 64 + 32 is two; 112 is
+    padded), bf16 and fp16, with and without the projection's scale / bias and the residual, e4m3 output with one and
+    per-channel scales, bf16 output. The new residual equals the reference's bit for bit; at most 0.1 % of the
+    outputs differ (statistics summed in another order), each by at most one step."""
+    from diffquant.kernels import ops
+    from diffquant.kernels import triton_layernorm as tl_mod
+    from diffquant.kernels.reference import add_layer_norm_reference
+
+    real_new_out, launches = tl_mod.new_out, []
+
+    def poisoned(shape, dtype, device):
+        out = real_new_out(shape, dtype, device)
+        return out.view(torch.uint8).fill_(0x7F).view(dtype) if dtype == torch.float8_e4m3fn else out.fill_(float("nan"))
+
+    monkeypatch.setattr(tl_mod, "new_out", poisoned)
+    real_kernel = tl_mod.add_layer_norm_triton
+    monkeypatch.setattr(tl_mod, "add_layer_norm_triton", lambda *a, **k: launches.append(1) or real_kernel(*a, **k))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for dt in (torch.bfloat16, torch.float16):
+        y = (torch.randn(t, c, device="cuda", generator=g) * 4).to(dt)
+        r = (torch.randn(t, c, device="cuda", generator=g) * 8).to(dt)
+        ys = torch.rand(c, device="cuda", generator=g) * 0.02 + 0.01
+        yb = torch.randn(c, device="cuda", generator=g) * 0.1
+        w, b = (torch.rand(c, device="cuda", generator=g) + 0.5).to(dt), (torch.randn(c, device="cuda", generator=g) * 0.1).to(dt)
+        for args in ((ys, yb, r), (None, None, r), (None, None, None)):
+            for o_scale, o_dt in ((torch.tensor([0.02], device="cuda"), torch.float8_e4m3fn),
+                                  (torch.rand(c, device="cuda", generator=g) * 0.02 + 0.01, torch.float8_e4m3fn),
+                                  (None, dt)):
+                h0, o0 = add_layer_norm_reference(y, *args, w, b, 1e-5, o_scale, o_dt)
+                h1, o1 = ops.add_layer_norm(y, *args, w, b, 1e-5, o_scale, o_dt)
+                assert h0.shape == h1.shape and torch.equal(h0, h1), (dt, [a is None for a in args])
+                o0, o1 = o0.float(), o1.float()
+                assert torch.isfinite(o1).all()
+                differ = o0 != o1
+                step = o0.abs().clamp_min(2 ** -6) * (2 ** -3 if o_dt == torch.float8_e4m3fn else 2 ** -7)
+                assert float(differ.float().mean()) <= 1e-3 and bool(((o0 - o1).abs() <= step * 1.01).all()), \
+                    (dt, [a is None for a in args], o_dt, float(differ.float().mean()))
+    assert len(launches) == 18
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_fuse_ln_holds_the_model(monkeypatch):
+    """convert(fuse_ln=True) with fuse_qkv, fuse_ff and the tensor-wise output projections (set_fp8_gemm, Q/K/V
+    excluded: the shipped SD-1.5 configuration) on the GPU in bf16: the kernel runs three times a block, and the
+    text-to-image UNet equals the unfused conversion in eager mode (the op rounds where the model rounds) up to
+    1e-2 relative, and stays as close to the fp32-activation model as the plain conversion, eager and compiled."""
+    from diffquant.kernels import triton_layernorm as tl_mod
+    from diffquant.kernels.modules import set_fp8_gemm
+
+    q, inputs, _, want32, base = _tiny_sd_bf16_on_gpu()
+    kw = dict(attention="float", device="cuda", fuse_norms=True, fuse_qkv=True, fuse_ff=True, fuse_temb=True)
+    plain = convert(q, "fp8", **kw).to(torch.bfloat16)
+    cm = convert(q, "fp8", **kw, fuse_ln=True).to(torch.bfloat16)
+    excl = ("to_qkv", "to_kv", "to_q", "to_k", "to_v")
+    assert set_fp8_gemm(plain, "tensorwise", exclude=excl) == set_fp8_gemm(cm, "tensorwise", exclude=excl) > 0
+    n_blocks = sum(type(m).__name__ == "FusedLNBasicTransformerBlock" for m in cm.modules())
+    assert n_blocks >= 2
+    launches, real = [], tl_mod.add_layer_norm_triton
+    monkeypatch.setattr(tl_mod, "add_layer_norm_triton", lambda *a, **k: launches.append(a[1] is not None) or real(*a, **k))
+    with torch.no_grad():
+        want = call_model(plain, *inputs).float()
+        got = call_model(cm, *inputs).float()
+    assert len(launches) == 3 * n_blocks and sum(launches) == 2 * n_blocks  # norm2 / norm3 take the raw GEMM output
+    assert float((got - want).norm() / want.norm()) < 1e-2
+    monkeypatch.setattr(tl_mod, "add_layer_norm_triton", real)
+    _held_to_distance(cm, inputs, want32, base, "fuse_ln")
+
 
 def test_fused_resnet_norms_compute_what_diffusers_does(monkeypatch):
     """convert(fuse_norms=True): every plain ResNet block runs norm + SiLU (+ time embedding) through

@@ -65,6 +65,7 @@ class ConvertReport:
     norms: str = ""
     projections: str = ""
     feed_forward: str = ""
+    layer_norms: str = ""
 
     def summary(self) -> str:
         lines = [f"convert(backend={self.backend!r}): {len(self.converted)} layers converted, {len(self.kept)} kept"]
@@ -78,12 +79,14 @@ class ConvertReport:
             lines.append(f"  projections: {self.projections}")
         if self.feed_forward:
             lines.append(f"  feed-forward: {self.feed_forward}")
+        if self.layer_norms:
+            lines.append(f"  layer norms: {self.layer_norms}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "converted": dict(self.converted), "kept": dict(self.kept),
                 "attention": self.attention, "norms": self.norms, "projections": self.projections,
-                "feed_forward": self.feed_forward}
+                "feed_forward": self.feed_forward, "layer_norms": self.layer_norms}
 
 
 class UnsupportedLayer(ValueError):
@@ -241,6 +244,7 @@ def convert(
     fuse_qkv: bool = False,
     fuse_ff: bool = False,
     fuse_temb: bool = False,
+    fuse_ln: bool = False,
     inplace: bool = False,
     device=None,
 ) -> nn.Module:
@@ -266,7 +270,10 @@ def convert(
     ``fuse_ff``: each GEGLU feed-forward whose two Linears have static FP8 input scales runs its projection, GELU gate
     and the second Linear's input quantization as one op, ``diffquant::linear_geglu``
     (:mod:`diffquant.kernels.fused_ff`). ``fuse_temb`` (with ``fuse_norms``): the ResNet blocks' time projections
-    become one stacked GEMM after the time embedding (:func:`diffquant.kernels.fused_blocks.stack_time_projections`)."""
+    become one stacked GEMM after the time embedding (:func:`diffquant.kernels.fused_blocks.stack_time_projections`).
+    ``fuse_ln`` (with ``fuse_qkv``): each Stable-Diffusion-style ``BasicTransformerBlock`` runs its three LayerNorms,
+    with the residual adds and the output projections' dequantization before them, as ``diffquant::add_layer_norm``,
+    which writes the next Linear's e4m3 input (:mod:`diffquant.kernels.fused_transformer`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; allowed: {', '.join(BACKENDS)}")
     if unsupported not in UNSUPPORTED:
@@ -351,6 +358,12 @@ def convert(
         ffs, left = fuse_feed_forward(model)
         report.feed_forward = (f"{len(ffs)} GEGLU feed-forward blocks run as diffquant::linear_geglu (fuse_ff=True)"
                                + "".join(f"; {n} left alone: {why}" for n, why in left.items()))
+    if fuse_ln:
+        from diffquant.kernels.fused_transformer import fuse_layer_norms
+
+        blocks, left = fuse_layer_norms(model)
+        report.layer_norms = (f"{len(blocks)} transformer blocks run their LayerNorms as diffquant::add_layer_norm "
+                              f"(fuse_ln=True)" + "".join(f"; {n} left alone: {why}" for n, why in left.items()))
     model._diffquant_convert_report = report  # type: ignore[attr-defined]
     model._diffquant_backend = backend  # type: ignore[attr-defined]
     log.info(report.summary())

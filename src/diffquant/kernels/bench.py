@@ -39,7 +39,8 @@ VARIANTS = ("bf16-eager", "bf16-compile", "torchao-int8dyn", "torchao-fp8", "dq-
             "dq-fp8-fp8attn", "dq-fp8-dyntoken", "dq-fp8-gn", "dq-int8-gn", "bf16-compile-gn", "dq-fp8-gn-qkv",
             "dq-int8-gn-qkv", "dq-fp8-gn-qkv-ff", "dq-fp8-gn-qkv-tw", "dq-fp8-gn-qkv-ff-tw", "dq-fp8-gn-qkv-te",
             "dq-int8-gn-qkv-te", "dq-fp8-gn-qkv-te-ff", "dq-fp8-gn-qkv-te-ff-tw",
-            "dq-fp8-fp8attn-gn-qkv-te-ff-tw", "dq-fp8-gn-qkv-te-ff-twq", "dq-fp8-gn-qkv-te-ff-twq-fa")
+            "dq-fp8-fp8attn-gn-qkv-te-ff-tw", "dq-fp8-gn-qkv-te-ff-twq", "dq-fp8-gn-qkv-te-ff-twq-fa",
+            "dq-fp8-gn-qkv-te-ff-twq-ln")
 
 
 def build_model(name: str) -> nn.Module:
@@ -132,6 +133,7 @@ def time_call(fn: Callable[[], Any], warmup: int = 5, reps: int = 30, graph: boo
 
 # the dq-* variants' suffixes, last first: the order they are peeled off the name (dq-fp8-gn-qkv-te-ff-twq-fa)
 _SUFFIXES = (
+    "-ln",  # the transformer blocks' LayerNorms as diffquant::add_layer_norm (convert's fuse_ln)
     "-fa",  # attention through diffquant::flash_attention (convert's attention="flash": the Gluon kernel in bf16)
     "-twq",  # the same, except attention's Q/K/V projections (row-wise: attention reads their output directly)
     "-tw",  # cuBLAS FP8 GEMMs with tensor-wise scales (set_fp8_gemm)
@@ -174,7 +176,8 @@ def _quantized(model: nn.Module, backend: str, calib_inputs: tuple) -> nn.Module
     attention = "fp8" if "-fp8attn" in on else "flash" if "-fa" in on else "float"
     cm = convert(q, backend, attention=attention, unsupported="float", inplace=True,
                  fp8_dynamic="token" if "-dyntoken" in on else False, min_channels=BENCH_MIN_CHANNELS,
-                 fuse_norms="-gn" in on, fuse_qkv="-qkv" in on, fuse_ff="-ff" in on, fuse_temb="-te" in on)
+                 fuse_norms="-gn" in on, fuse_qkv="-qkv" in on, fuse_ff="-ff" in on, fuse_temb="-te" in on,
+                 fuse_ln="-ln" in on)
     if "-tw" in on or "-twq" in on:
         from diffquant.kernels.modules import set_fp8_gemm
 

@@ -58,19 +58,30 @@ class FusedGEGLUFeedForward(nn.Module):
         self.net = ff.net
         self.train(ff.training)
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args, out_dtype: Optional[torch.dtype] = None,
+                **kwargs) -> torch.Tensor:
+        """``hidden_states`` in float, or already quantized for ``GEGLU.proj`` (e4m3 of ``/ proj.act_scale``, from
+        ``diffquant::add_layer_norm``); then ``out_dtype`` is needed."""
+        prequantized = hidden_states.dtype == torch.float8_e4m3fn
+        if prequantized and out_dtype is None:
+            raise ValueError("FusedGEGLUFeedForward: a quantized input needs the output dtype (out_dtype=...)")
         if self.training:
+            if prequantized:
+                raise ValueError("FusedGEGLUFeedForward: a quantized input in training mode")
             for module in self.net:
                 hidden_states = module(hidden_states)
             return hidden_states
         proj, out = self.net[0].proj, self.net[2]
         p = proj.parts[0]
         lead, k = hidden_states.shape[:-1], hidden_states.shape[-1]
-        xq = quantize_act_fp8(hidden_states.reshape(-1, k), p.a_scale.reshape(1, 1))  # = proj.act_scale everywhere
+        if prequantized:
+            xq = hidden_states.reshape(-1, k)
+        else:
+            xq = quantize_act_fp8(hidden_states.reshape(-1, k), p.a_scale.reshape(1, 1))  # = proj.act_scale everywhere
         i = proj.out_channels // 2
         y = linear_geglu(xq, p.w.view(2 * i, k), p.w_scale, p.a_scale, proj.bias, out.act_scale.reshape(-1),
                          torch.float8_e4m3fn)
-        y = out(y.reshape(*lead, i), out_dtype=hidden_states.dtype)
+        y = out(y.reshape(*lead, i), out_dtype=out_dtype or hidden_states.dtype)
         for module in list(self.net)[3:]:  # a final dropout
             y = module(y)
         return y

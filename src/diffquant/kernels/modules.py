@@ -332,9 +332,7 @@ class LowBitLayer(_KeepStorage, nn.Module):
         if self.fp8_gemm == "scaled_mm_tw" and self.act != "fp8_token":
             # one scale per operand (cuBLAS's tensor-wise FP8 kernels); the weight's per-channel scales and the bias
             # applied to the bf16 result in fp32 (under torch.compile, fused into the output's next elementwise kernel)
-            s_t = (dyn_scale if dyn_scale is not None else p.a_scale).reshape(()).float()
-            # scaled_mm_tw is set only by set_fp8_gemm, which registers the unit scale _tw_one
-            y = torch._scaled_mm(a2, w2.t(), scale_a=s_t, scale_b=self._tw_one, out_dtype=torch.bfloat16)
+            y = self._scaled_mm_tw_raw(a2, dyn_scale)
             y = y.float() * p.w_scale.view(1, -1)
             if self.bias is not None:
                 y = y + self.bias
@@ -346,6 +344,32 @@ class LowBitLayer(_KeepStorage, nn.Module):
         if self.bias is not None and not fuse_bias:
             y = y + self.bias.to(out_dtype)
         return y.reshape(nb, h, w, self.out_channels).permute(0, 3, 1, 2)
+
+    def _scaled_mm_tw_raw(self, a2: torch.Tensor, dyn_scale: Optional[torch.Tensor]) -> torch.Tensor:
+        """The tensor-wise FP8 GEMM's bf16 output, [M, N], before the weight's per-channel scales and the bias."""
+        p = self.parts[0]
+        s_t = (dyn_scale if dyn_scale is not None else p.a_scale).reshape(()).float()
+        # scaled_mm_tw is set only by set_fp8_gemm, which registers the unit scale _tw_one
+        return torch._scaled_mm(a2, p.w.view(self.out_channels, a2.shape[1]).t(), scale_a=s_t, scale_b=self._tw_one,
+                                out_dtype=torch.bfloat16)
+
+    def forward_raw(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> tuple:
+        """``(y, y_scale, y_bias)`` with ``y * y_scale + y_bias`` (per output channel, rounded to ``y``'s dtype) equal to
+        ``self(x, out_dtype)``: for a one-part Linear on cuBLAS's tensor-wise FP8 GEMM (``set_fp8_gemm``) with a bf16
+        output, the GEMM's raw output and the dequantization left to its consumer (``diffquant::add_layer_norm`` applies it
+        in its own pass); for any other layer ``(self(x, out_dtype), None, None)``."""
+        prequantized = x.dtype == torch.float8_e4m3fn and self.act == "fp8"
+        dtype = out_dtype or x.dtype
+        if not (self.kind == "linear" and len(self.parts) == 1 and self.fp8_gemm == "scaled_mm_tw"
+                and self.act in ("fp8", "fp8_dynamic") and dtype == torch.bfloat16):
+            return self(x, out_dtype=out_dtype), None, None
+        if prequantized and out_dtype is None:
+            raise ValueError(f"{self.layer_name}: a quantized input needs the output dtype (out_dtype=...)")
+        lead = x.shape[:-1]
+        x4 = x.reshape(-1, x.shape[-1])[:, :, None, None]
+        xq, dyn_scale = (x4, None) if prequantized else self._quantize_input(x4)
+        y = self._scaled_mm_tw_raw(_row_major(xq.reshape(xq.shape[0], xq.shape[1])), dyn_scale)
+        return y.reshape(*lead, self.out_channels), self.parts[0].w_scale, self.bias
 
 
 def set_fp8_gemm(model: nn.Module, mode: str, exclude: Sequence[str] = ()) -> int:

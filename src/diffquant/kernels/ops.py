@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from diffquant.kernels.reference import (attention_out_like, conv_out_hw, flash_attention_reference,
-                                       fp8_attention_fp8_reference, fp8_attention_quantize,
+from diffquant.kernels.reference import (add_layer_norm_reference, attention_out_like, conv_out_hw,
+                                       flash_attention_reference, fp8_attention_fp8_reference, fp8_attention_quantize,
                                        group_norm_act_dual_reference, group_norm_act_reference,
                                        group_norm_act_stats_reference, linear_geglu_reference, out_like,
                                        qconv_reference, qconv_sc_reference, row_stats_reference)
@@ -507,3 +507,46 @@ def linear_geglu(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_sca
 @linear_geglu.register_fake
 def _linear_geglu_fake(xq, w, w_scale, a_scale, bias, out_scale, out_dtype):
     return xq.new_empty((xq.shape[0], w.shape[0] // 2), dtype=out_dtype)
+
+
+def _check_add_layer_norm(y, y_scale, y_bias, residual, weight, bias, out_scale, out_dtype) -> None:
+    if y.dim() < 2 or y.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"add_layer_norm needs a float input of 2 or more dimensions; got {y.dtype} {tuple(y.shape)}")
+    c = y.shape[-1]
+    if residual is not None and (residual.shape != y.shape or residual.dtype != y.dtype):
+        raise ValueError(f"add_layer_norm: residual {residual.dtype} {tuple(residual.shape)} is not shaped like the "
+                         f"input ({y.dtype} {tuple(y.shape)})")
+    for name, t in (("y_scale", y_scale), ("y_bias", y_bias), ("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != c:
+            raise ValueError(f"add_layer_norm: {name} has {t.numel()} values for {c} channels")
+    if out_dtype == torch.float8_e4m3fn:
+        if out_scale is None or out_scale.numel() not in (1, c):
+            raise ValueError(f"add_layer_norm: an e4m3 output needs out_scale of 1 or {c} values")
+    elif out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"add_layer_norm: out_dtype {out_dtype} (float8_e4m3fn, or a float dtype)")
+
+
+@torch.library.custom_op("diffquant::add_layer_norm", mutates_args=())
+def add_layer_norm(y: torch.Tensor, y_scale: Optional[torch.Tensor], y_bias: Optional[torch.Tensor],
+                   residual: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   eps: float, out_scale: Optional[torch.Tensor],
+                   out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A transformer block's residual add and LayerNorm over the last dimension, with the next Linear's input
+    quantization, in one pass: ``y`` (a projection's output; with ``y_scale`` / ``y_bias`` [C], its per-channel
+    dequantization still to apply, as a tensor-wise FP8 GEMM leaves it) plus ``residual`` is ``h``; the output is
+    ``LayerNorm(h)`` (``weight``, ``bias``, ``eps``) as e4m3 of ``/ out_scale`` ([1] or [C]) when ``out_dtype`` is
+    float8_e4m3fn, else in ``out_dtype``. Returns ``(h, out)``, ``h`` empty when it equals ``y`` (nothing added).
+    See :func:`.reference.add_layer_norm_reference`; the Triton kernel on CUDA, the reference elsewhere."""
+    _check_add_layer_norm(y, y_scale, y_bias, residual, weight, bias, out_scale, out_dtype)
+    if _use_triton(y):
+        from diffquant.kernels.triton_layernorm import add_layer_norm_triton
+
+        return add_layer_norm_triton(y, y_scale, y_bias, residual, weight, bias, eps, out_scale, out_dtype)
+    return add_layer_norm_reference(y, y_scale, y_bias, residual, weight, bias, eps, out_scale, out_dtype)
+
+
+@add_layer_norm.register_fake
+def _add_layer_norm_fake(y, y_scale, y_bias, residual, weight, bias, eps, out_scale, out_dtype):
+    changed = residual is not None or y_scale is not None or y_bias is not None
+    return (torch.empty_like(y, memory_format=torch.contiguous_format) if changed else y.new_empty(0),
+            y.new_empty(y.shape, dtype=out_dtype))

@@ -383,3 +383,36 @@ def linear_geglu_reference(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Ten
             raise ValueError("linear_geglu: an e4m3 output needs out_scale")
         return quantize_act_fp8(o, out_scale.float().reshape(1, -1))
     return o.to(out_dtype)
+
+
+def add_layer_norm_reference(y: torch.Tensor, y_scale: Optional[torch.Tensor], y_bias: Optional[torch.Tensor],
+                             residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                             bias: Optional[torch.Tensor], eps: float, out_scale: Optional[torch.Tensor],
+                             out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A transformer block's ``h = proj_out + residual`` and ``LayerNorm(h)`` quantized for the next GEMM, with the
+    unfused model's rounding steps: ``z = (y * y_scale + y_bias)`` rounded to ``y``'s dtype (the projection's
+    dequantized output; skipped when neither is given), ``h = z + residual`` rounded to it, ``n = LayerNorm(h)``
+    (fp32 statistics, ``F.layer_norm``) rounded to it, and the output ``clamp(n / out_scale)`` as e4m3 when
+    ``out_dtype`` is float8_e4m3fn (``out_scale``: [1] or [C]), else ``n`` in ``out_dtype``. Returns ``(h, out)``;
+    ``h`` is an empty tensor when it would equal ``y`` (no scale, bias or residual)."""
+    z = y
+    if y_scale is not None or y_bias is not None:
+        zf = y.float()
+        if y_scale is not None:
+            zf = zf * y_scale.float()
+        if y_bias is not None:
+            zf = zf + y_bias.float()
+        z = zf.to(y.dtype)
+    if residual is not None:
+        z = (z.float() + residual.float()).to(y.dtype)
+    c = y.shape[-1]
+    n = torch.nn.functional.layer_norm(z.float(), (c,), None if weight is None else weight.float(),
+                                       None if bias is None else bias.float(), eps).to(y.dtype)
+    if out_dtype == torch.float8_e4m3fn:
+        if out_scale is None:
+            raise ValueError("add_layer_norm: an e4m3 output needs out_scale")
+        out = quantize_act_fp8(n, out_scale.float().reshape(-1))
+    else:
+        out = n.to(out_dtype)
+    h = z if z is not y else y.new_empty(0)
+    return h, out

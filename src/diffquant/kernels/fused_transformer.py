@@ -1,0 +1,190 @@
+"""Transformer blocks of converted models whose LayerNorms run as ``diffquant::add_layer_norm``
+(``convert(..., fuse_ln=True)``).
+
+A diffusers ``BasicTransformerBlock`` (``norm_type="layer_norm"``, Stable Diffusion's) runs
+``h = h + attn1(norm1(h))``, ``h = h + attn2(norm2(h), context)``, ``h = h + ff(norm3(h))``. In a converted model each
+norm is followed by a Linear that quantizes its input to e4m3, and the two residual adds before ``norm2`` / ``norm3``
+follow an output projection (``to_out[0]``) whose tensor-wise FP8 GEMM (``set_fp8_gemm``) leaves its per-channel
+scales and bias to the next elementwise step. :class:`FusedLNBasicTransformerBlock` runs each norm as one
+``diffquant::add_layer_norm``: the projection's dequantization, the residual add, the norm and the consumer's e4m3
+input in one pass that writes the new residual and the quantized input (:meth:`.LowBitLayer.forward_raw` hands it the
+raw GEMM output). The consumers (``to_qkv``, ``to_q``, the GEGLU feed-forward) take that input as it comes.
+
+The attention between them is what the block's processor computes: PyTorch's SDPA (diffusers'
+``AttnProcessor2_0`` / ``FusedAttnProcessor2_0``, i.e. ``attention="float"``) or ``diffquant::flash_attention``
+(``FlashAttnProcessor``, ``attention="flash"``). Same numbers as the unfused converted model in eager mode (the op
+rounds where the model rounds; Inductor's own fusion of these steps skips the intermediate bf16 roundings, so
+compiled unfused and fused models differ by rounding). A block in training mode, or called with a mask, GLIGEN
+inputs or other cross-attention kwargs, runs diffusers' forward. Anything else is left alone, with the reason.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffquant.kernels.fused_ff import FusedGEGLUFeedForward
+from diffquant.kernels.modules import LowBitLayer
+from diffquant.kernels.ops import add_layer_norm, flash_attention
+
+
+def _fp8_linear(m: nn.Module) -> bool:
+    """A converted one-part Linear with a static FP8 input scale (it takes e4m3 input)."""
+    return isinstance(m, LowBitLayer) and m.kind == "linear" and len(m.parts) == 1 and m.act == "fp8"
+
+
+def _processor_kind(attn) -> Optional[str]:
+    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
+
+    from diffquant.kernels.attention_processor import FlashAttnProcessor
+
+    kinds = {AttnProcessor2_0: "sdpa", FusedAttnProcessor2_0: "sdpa", FlashAttnProcessor: "flash"}
+    return kinds.get(type(attn.processor))
+
+
+def _attn_unfusable(attn, cross: bool) -> Optional[str]:
+    if _processor_kind(attn) is None:
+        return f"processor {type(attn.processor).__name__} (needs AttnProcessor2_0, FusedAttnProcessor2_0 or " \
+               f"FlashAttnProcessor)"
+    for key in ("spatial_norm", "group_norm", "norm_q", "norm_k"):
+        if getattr(attn, key, None) is not None:
+            return f"has {key}"
+    if attn.residual_connection or attn.rescale_output_factor != 1.0 or getattr(attn, "norm_cross", None):
+        return "residual connection, output rescaling or a cross norm"
+    first = attn.to_q if cross else getattr(attn, "to_qkv", None)
+    if not _fp8_linear(first):
+        return ("to_q" if cross else "to_qkv (fuse_qkv)") + " is not a converted Linear with a static FP8 input scale"
+    if cross and getattr(attn, "to_kv", None) is None and (attn.to_k is None or attn.to_v is None):
+        return "no K/V projections"
+    if not isinstance(attn.to_out[0], nn.Module) or len(attn.to_out) != 2:
+        return "to_out is not (projection, dropout)"
+    return None
+
+
+def _norm_unfusable(norm: nn.Module, name: str) -> Optional[str]:
+    if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
+        return f"{name} is {type(norm).__name__} (needs an nn.LayerNorm over the last dimension)"
+    return None
+
+
+def unfusable(block: nn.Module) -> Optional[str]:
+    """Why ``block`` (a diffusers BasicTransformerBlock) keeps diffusers' forward (None: it can be fused)."""
+    if block.norm_type != "layer_norm":
+        return f"norm_type={block.norm_type!r} (needs 'layer_norm')"
+    if block.pos_embed is not None or block.only_cross_attention or block._chunk_size is not None:
+        return "positional embedding, only-cross-attention or a chunked feed-forward"
+    if block.attn2 is None:
+        return "no cross-attention block (attn2)"
+    for norm, name in ((block.norm1, "norm1"), (block.norm2, "norm2"), (block.norm3, "norm3")):
+        why = _norm_unfusable(norm, name)
+        if why:
+            return why
+    for attn, name, cross in ((block.attn1, "attn1", False), (block.attn2, "attn2", True)):
+        if attn.is_cross_attention != cross:
+            return f"{name} is {'not ' if cross else ''}a cross-attention block"
+        why = _attn_unfusable(attn, cross)
+        if why:
+            return f"{name}: {why}"
+    return None
+
+
+def _out_args(consumer: nn.Module, dtype: torch.dtype) -> tuple:
+    """``(out_scale, out_dtype)`` of the norm whose output ``consumer`` takes: its e4m3 input where it is a converted
+    Linear or a fused GEGLU feed-forward (``fuse_ff``) quantizing to e4m3 with a static scale, else the activations in
+    ``dtype`` (any other feed-forward quantizes them itself)."""
+    if isinstance(consumer, FusedGEGLUFeedForward):
+        consumer = consumer.net[0].proj
+    elif not isinstance(consumer, LowBitLayer):
+        return None, dtype
+    if _fp8_linear(consumer):
+        return consumer.act_scale.reshape(-1), torch.float8_e4m3fn
+    return None, dtype
+
+
+def _call(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return layer(x, out_dtype=dtype) if x.dtype == torch.float8_e4m3fn else layer(x)
+
+
+class _FusedLNMixin:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                encoder_hidden_states: Optional[torch.Tensor] = None,
+                encoder_attention_mask: Optional[torch.Tensor] = None, timestep=None, cross_attention_kwargs=None,
+                class_labels=None, added_cond_kwargs=None) -> torch.Tensor:
+        if (self.training or attention_mask is not None or encoder_attention_mask is not None
+                or cross_attention_kwargs or hidden_states.dim() != 3):
+            return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                   timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
+        dtype = hidden_states.dtype
+        n1, n2, n3 = self.norm1, self.norm2, self.norm3
+        s, odt = _out_args(self.attn1.to_qkv, dtype)
+        _, x = add_layer_norm(hidden_states, None, None, None, n1.weight, n1.bias, float(n1.eps), s, odt)
+        y, ys, yb = self._attention(self.attn1, x, None, dtype)
+        s, odt = _out_args(self.attn2.to_q, dtype)
+        h, x = add_layer_norm(y, ys, yb, hidden_states, n2.weight, n2.bias, float(n2.eps), s, odt)
+        y, ys, yb = self._attention(self.attn2, x, encoder_hidden_states, dtype)
+        s, odt = _out_args(self.ff, dtype)
+        h, x = add_layer_norm(y, ys, yb, h, n3.weight, n3.bias, float(n3.eps), s, odt)
+        ff = self.ff(x, out_dtype=dtype) if x.dtype == torch.float8_e4m3fn else self.ff(x)
+        return ff + h
+
+    @staticmethod
+    def _attention(attn, x: torch.Tensor, context: Optional[torch.Tensor], dtype: torch.dtype) -> tuple:
+        """The attention block on ``x`` (its first projection's input, e4m3 or float) up to the output projection's
+        raw output: ``(y, y_scale, y_bias)`` (:meth:`.LowBitLayer.forward_raw`)."""
+        b = x.shape[0]
+        if context is None:
+            query, key, value = _call(attn.to_qkv, x, dtype).chunk(3, dim=-1)
+        else:
+            query = _call(attn.to_q, x, dtype)
+            if getattr(attn, "to_kv", None) is not None:
+                key, value = attn.to_kv(context).chunk(2, dim=-1)
+            else:
+                key, value = attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(b, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if _processor_kind(attn) == "flash":
+            o = flash_attention(query, key, value, float(attn.scale))
+        else:
+            o = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=attn.scale)
+        o = o.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[0]
+        if isinstance(out, LowBitLayer):
+            y, ys, yb = out.forward_raw(o, dtype)
+        else:
+            y, ys, yb = out(o), None, None
+        return attn.to_out[1](y), ys, yb
+
+
+_CLASSES: dict = {}
+
+
+def fused_block_class():
+    """The fused subclass of diffusers' ``BasicTransformerBlock`` (made on first use: diffusers is imported lazily)."""
+    if "block" not in _CLASSES:
+        from diffusers.models.attention import BasicTransformerBlock
+
+        _CLASSES["block"] = type("FusedLNBasicTransformerBlock", (_FusedLNMixin, BasicTransformerBlock), {
+            "__doc__": "A BasicTransformerBlock whose LayerNorms (with the residual adds and the output projections' "
+                       "dequantization before them) run as diffquant::add_layer_norm."})
+    return _CLASSES["block"]
+
+
+def fuse_layer_norms(model: nn.Module) -> tuple[list[str], dict[str, str]]:
+    """Swap, in place, every diffusers ``BasicTransformerBlock`` of ``model`` that :func:`unfusable` accepts for
+    :func:`fused_block_class` (the parameters and the state dict are unchanged): ``(fused names, {name: why it was
+    left alone})``."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    cls = fused_block_class()
+    fused, left = [], {}
+    for name, m in model.named_modules():
+        if type(m) is BasicTransformerBlock:
+            why = unfusable(m)
+            if why is None:
+                m.__class__ = cls
+                fused.append(name)
+            else:
+                left[name] = why
+    return fused, left
