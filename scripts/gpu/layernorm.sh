@@ -2,14 +2,14 @@
 # diffquant::add_layer_norm's Triton kernel against Inductor's kernel for the same unfused steps, on SD-1.5 b8's
 # transformer-block norms (benchmarks/bench_layernorm.py; it fails if h or more than 0.1 % of the e4m3 codes differ),
 # then, if TESTS_K is set, the GPU tests it selects.
+#   carry: .whl (the diffusers wheel, for the tests)
 #   run: bash scripts/gpu/layernorm.sh   -> $OUT/layernorm.json, layernorm.log, pytest_gpu.log
 #   env: BENCH (1; 0 skips the bench), PLANS (the bench's --plans), TESTS_K (pytest -k of tests/test_kernels.py),
 #        TEST_S (200)
 set -uo pipefail
 source scripts/gpu/_zoo_common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD/src
-python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
+setup_env
 if [ "${BENCH:-1}" = 1 ]; then
   say "layernorm bench"
   timeout ${LN_S:-240} python3 benchmarks/bench_layernorm.py ${PLANS:+--plans "$PLANS"} --out $OUT/layernorm.json \
