@@ -44,6 +44,17 @@ def _round16(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _mul_rn(a, b, EMULATE: tl.constexpr):
+    """``a * b`` rounded on its own (``mul.rn.f32``, which ptxas does not contract into an FMA with the add that
+    follows), as the eager model multiplies the GEMM output by the weight scales in one kernel and adds the bias in
+    another; with a contracted FMA some bf16 values of h came out one step off the eager model's (H200, 2026-11-29)."""
+    if EMULATE:
+        return a * b
+    return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
 def _ln_load(y_ptr, ys_ptr, yb_ptr, r_ptr, rows64, r_ok, cols, sy, sr, C, HAS_YS: tl.constexpr, HAS_YB: tl.constexpr,
              HAS_R: tl.constexpr, MASK_C: tl.constexpr, EMULATE: tl.constexpr):
     """One column chunk of the rows: the projection's output dequantized (rounded to its dtype) plus the residual
@@ -53,7 +64,7 @@ def _ln_load(y_ptr, ys_ptr, yb_ptr, r_ptr, rows64, r_ok, cols, sy, sr, C, HAS_YS
     y = tl.load(y_ptr + rows64[:, None] * sy + cols[None, :], mask=ok, other=0.0)
     z = y.to(tl.float32)
     if HAS_YS:
-        z = z * tl.load(ys_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        z = _mul_rn(z, tl.load(ys_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :], EMULATE)
     if HAS_YB:
         z = z + tl.load(yb_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_YS or HAS_YB:
