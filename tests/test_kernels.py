@@ -2104,6 +2104,9 @@ def test_gpu_flash_attention_matches_reference(shape, monkeypatch):
                 ("op-contiguous", lambda: ops.flash_attention(*plain, scale))]
         if kernel:
             runs.insert(0, ("kernel", lambda: real_kernel(q, k, v, scale)))
+            if gluon_attention.head_boxes(d, True)[1]:  # a head the kernel can read in two column boxes: both ways
+                runs += [("kernel-" + str(sp), lambda sp=sp: real_kernel(q, k, v, scale, config={"SPLIT": sp}))
+                         for sp in (0, 1)]
         n_calls = len(calls)
         for name, run in runs:
             n_outs = len(outs)
