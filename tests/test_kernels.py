@@ -1898,8 +1898,9 @@ def test_add_layer_norm_reference_is_the_unfused_steps_and_op_checks():
 def test_fuse_ln_runs_layer_norms_in_one_op(monkeypatch):
     """convert(fuse_ln=True) on a text-to-image UNet (FP8, with fuse_qkv and fuse_ff): every BasicTransformerBlock runs
     its three LayerNorms as diffquant::add_layer_norm, whose e4m3 output reaches to_qkv, to_q and the GEGLU op as it
-    is; the model computes what the unfused conversion computes (fp32 on the CPU: the same numbers), compiles as one
-    graph, and training mode or a mask runs diffusers' forward. Blocks without stacked Q/K/V, or of an INT8 model, are
+    is; the model computes what the unfused conversion computes (fp32 on the CPU: the same numbers; with tensor-wise
+    GEMMs in bf16, each norm taking its producer's raw output, also the same), compiles as one graph, and training
+    mode or a mask runs diffusers' forward. Blocks without stacked Q/K/V, or of an INT8 model, are
     left alone with the reason; the convert report says what was done."""
     from diffquant.kernels import fused_transformer as ft
     from diffquant.kernels import ops
@@ -1939,6 +1940,40 @@ def test_fuse_ln_runs_layer_norms_in_one_op(monkeypatch):
         block.train()
         torch.testing.assert_close(block(x, encoder_hidden_states=ctx), plain_block(x, encoder_hidden_states=ctx))
         block.eval()
+    # tensor-wise GEMMs (set_fp8_gemm; PyTorch's CPU _scaled_mm here) in bf16, Q/K/V excluded as in the shipped SD
+    # variant: every norm takes its producer's raw GEMM output (norm1 proj_in's), and the model equals the unfused one
+    from diffquant.kernels.modules import set_fp8_gemm
+
+    excl = ("to_qkv", "to_kv", "to_q", "to_k", "to_v")
+
+    def tensorwise(m):
+        m = m.to(torch.bfloat16)
+        for layer in m.modules():
+            if isinstance(layer, LowBitLayer) and len(layer.parts) == 1 and layer.act == "fp8" and (
+                    layer.kind == "linear" or layer.kernel_size == (1, 1)):
+                layer.fp8_gemm = "scaled_mm"  # (convert picks the cuBLAS path on GPUs only)
+        assert set_fp8_gemm(m, "tensorwise", exclude=excl) > 0
+        return m
+
+    plain_tw, cm_tw = tensorwise(convert(q, "fp8", **kw)), tensorwise(convert(q, "fp8", **kw, fuse_ln=True))
+    bf_inputs = (inputs[0].bfloat16(), inputs[1], {k: v.bfloat16() for k, v in inputs[2].items()})
+    calls.clear()
+    monkeypatch.setattr(ft, "add_layer_norm", lambda *a: calls.append(a[1] is not None) or real(*a))
+    with torch.no_grad():
+        want = call_model(plain_tw, *bf_inputs)
+        got = call_model(cm_tw, *bf_inputs)
+    assert calls == [True] * 3 * n_blocks and torch.equal(got, want)
+    monkeypatch.setattr(ft, "add_layer_norm", real)
+    # a block handed proj_in's raw output and called with a mask dequantizes it and runs diffusers' forward
+    name = next(n for n, m in cm_tw.named_modules() if getattr(m, "_raw_from", None))
+    block, plain_block, src = cm_tw.get_submodule(name), plain_tw.get_submodule(name), None
+    src = block._raw_from[0]
+    raw = torch.randn(2, 6, src.out_channels).bfloat16()
+    ctx = torch.randn(2, 3, block.attn2.to_kv.in_channels).bfloat16()
+    deq = (raw.float() * src.parts[0].w_scale + src.bias).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(block(raw, attention_mask=torch.zeros(2, 6), encoder_hidden_states=ctx),
+                           plain_block(deq, attention_mask=torch.zeros(2, 6), encoder_hidden_states=ctx))
     # left alone, with the reason
     _, left = ft.fuse_layer_norms(convert(q, "fp8", attention="float"))
     assert len(left) == n_blocks and all("to_qkv (fuse_qkv)" in why for why in left.values())
@@ -2907,7 +2942,8 @@ def test_gpu_fuse_ln_holds_the_model(monkeypatch):
     with torch.no_grad():
         want = call_model(plain, *inputs).float()
         got = call_model(cm, *inputs).float()
-    assert len(launches) == 3 * n_blocks and sum(launches) == 2 * n_blocks  # norm2 / norm3 take the raw GEMM output
+    # every norm takes its producer's raw GEMM output: norm1 proj_in's, norm2 / norm3 to_out's
+    assert len(launches) == 3 * n_blocks and sum(launches) == 3 * n_blocks
     assert float((got - want).norm() / want.norm()) < 1e-2
     monkeypatch.setattr(tl_mod, "add_layer_norm_triton", real)
     _held_to_distance(cm, inputs, want32, base, "fuse_ln")

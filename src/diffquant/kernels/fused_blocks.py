@@ -97,13 +97,14 @@ def _fp8_static(layer: nn.Module) -> bool:
 def _norm_into(norm: nn.GroupNorm, consumer: nn.Module, x: torch.Tensor, add_nc: Optional[torch.Tensor], silu: bool,
                as_tokens: bool = False, residual: Optional[torch.Tensor] = None,
                x2: Optional[torch.Tensor] = None, rows: Optional[tuple] = None,
-               shortcut: Optional[tuple] = None) -> torch.Tensor:
+               shortcut: Optional[tuple] = None, raw: bool = False):
     """``consumer(act(norm(cat(x, x2) + add_nc))) + residual`` with the norm, the activation and the consumer's input
     quantization in one op (and the residual in a converted consumer's epilogue); ``as_tokens``: the consumer is a
     Linear over [N, H*W, C] (a free view of the channels-last output); ``rows``: x's per-row statistics
     ``(mean, m2)`` from its producing conv (``diffquant::group_norm_act_stats``, no second tensor then);
     ``shortcut``: ``(layer, quantized pieces)`` whose output is the residual, computed with the converted consumer
-    (:meth:`.LowBitLayer.forward_shortcut`)."""
+    (:meth:`.LowBitLayer.forward_shortcut`); ``raw``: the converted consumer's ``(raw output, scale, bias)``
+    (:meth:`.LowBitLayer.forward_raw`) instead of its output."""
     out_dtype, scale, zp, qmin, qmax, offset = _input_quantization(consumer, x.dtype)
     if rows is not None:
         h = group_norm_act_stats(x, rows[0], rows[1], add_nc, norm.weight, norm.bias, norm.num_groups,
@@ -115,6 +116,8 @@ def _norm_into(norm: nn.GroupNorm, consumer: nn.Module, x: torch.Tensor, add_nc:
         h = h.permute(0, 2, 3, 1).reshape(x.shape[0], x.shape[2] * x.shape[3], h.shape[1])
     if shortcut is not None:
         return consumer.forward_shortcut(h, shortcut[0], shortcut[1], x.dtype)
+    if raw:
+        return consumer.forward_raw(h, x.dtype)
     return _consume(consumer, h, x.dtype, residual)
 
 
@@ -274,7 +277,15 @@ class _FusedInputNormMixin:
     def _operate_on_continuous_inputs(self, hidden_states: torch.Tensor):
         if self.training:
             return super()._operate_on_continuous_inputs(hidden_states)
-        h = _norm_into(self.norm, self.proj_in, hidden_states, None, False, as_tokens=self.use_linear_projection)
+        # fuse_ln: the first transformer block reads proj_in's raw tensor-wise GEMM output and dequantizes it in its
+        # first norm's pass (FusedLNBasicTransformerBlock.input_is_raw decides the same way)
+        raw = (getattr(self, "_raw_into_block", False) and isinstance(self.proj_in, LowBitLayer)
+               and self.proj_in.raw_output_ok(hidden_states.dtype))
+        if raw:
+            h = _norm_into(self.norm, self.proj_in, hidden_states, None, False, as_tokens=self.use_linear_projection,
+                           raw=True)[0]
+        else:
+            h = _norm_into(self.norm, self.proj_in, hidden_states, None, False, as_tokens=self.use_linear_projection)
         if self.use_linear_projection:  # what diffusers returns as inner_dim: the channels before proj_in
             return h, hidden_states.shape[1]
         return h.permute(0, 2, 3, 1).reshape(hidden_states.shape[0], -1, h.shape[1]), h.shape[1]

@@ -10,6 +10,10 @@ scales and bias to the next elementwise step. :class:`FusedLNBasicTransformerBlo
 input in one pass that writes the new residual and the quantized input (:meth:`.LowBitLayer.forward_raw` hands it the
 raw GEMM output). The consumers (``to_qkv``, ``to_q``, the GEGLU feed-forward) take that input as it comes.
 
+The first block of a fused-norm ``Transformer2DModel`` (``fuse_norms``) also takes ``proj_in``'s raw tensor-wise GEMM
+output and dequantizes it in its first norm's pass (:meth:`.LowBitLayer.forward_raw`), so that it is not written
+in a pass of its own.
+
 The attention between them is what the block's processor computes: PyTorch's SDPA (diffusers'
 ``AttnProcessor2_0`` / ``FusedAttnProcessor2_0``, i.e. ``attention="float"``) or ``diffquant::flash_attention``
 (``FlashAttnProcessor``, ``attention="flash"``). Same numbers as the unfused converted model in eager mode (the op
@@ -112,22 +116,40 @@ class _FusedLNMixin:
                 encoder_hidden_states: Optional[torch.Tensor] = None,
                 encoder_attention_mask: Optional[torch.Tensor] = None, timestep=None, cross_attention_kwargs=None,
                 class_labels=None, added_cond_kwargs=None) -> torch.Tensor:
+        dequant = self.input_dequant(hidden_states.dtype)
         if (self.training or attention_mask is not None or encoder_attention_mask is not None
                 or cross_attention_kwargs or hidden_states.dim() != 3):
+            if dequant is not None:  # proj_in's raw output: dequantized as proj_in would have
+                hidden_states = (hidden_states.float() * dequant[0] + (0 if dequant[1] is None else dequant[1])).to(
+                    hidden_states.dtype)
             return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
                                    timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
         dtype = hidden_states.dtype
         n1, n2, n3 = self.norm1, self.norm2, self.norm3
         s, odt = _out_args(self.attn1.to_qkv, dtype)
-        _, x = add_layer_norm(hidden_states, None, None, None, n1.weight, n1.bias, float(n1.eps), s, odt)
+        if dequant is None:
+            h = hidden_states
+            _, x = add_layer_norm(h, None, None, None, n1.weight, n1.bias, float(n1.eps), s, odt)
+        else:  # the block's input dequantized (and written) in norm1's pass
+            h, x = add_layer_norm(hidden_states, dequant[0], dequant[1], None, n1.weight, n1.bias, float(n1.eps), s,
+                                  odt)
         y, ys, yb = self._attention(self.attn1, x, None, dtype)
         s, odt = _out_args(self.attn2.to_q, dtype)
-        h, x = add_layer_norm(y, ys, yb, hidden_states, n2.weight, n2.bias, float(n2.eps), s, odt)
+        h, x = add_layer_norm(y, ys, yb, h, n2.weight, n2.bias, float(n2.eps), s, odt)
         y, ys, yb = self._attention(self.attn2, x, encoder_hidden_states, dtype)
         s, odt = _out_args(self.ff, dtype)
         h, x = add_layer_norm(y, ys, yb, h, n3.weight, n3.bias, float(n3.eps), s, odt)
         ff = self.ff(x, out_dtype=dtype) if x.dtype == torch.float8_e4m3fn else self.ff(x)
         return ff + h
+
+    def input_dequant(self, dtype: torch.dtype) -> Optional[tuple]:
+        """``(scale, bias)`` when the block's input is its Transformer2DModel's ``proj_in`` raw tensor-wise GEMM
+        output (the first block of a fused-norm transformer, :func:`fuse_layer_norms`; the transformer's
+        ``_operate_on_continuous_inputs`` decides the same way), else None."""
+        src = getattr(self, "_raw_from", None)
+        if src is not None and src[0].raw_output_ok(dtype):
+            return src[0].parts[0].w_scale, src[0].bias
+        return None
 
     @staticmethod
     def _attention(attn, x: torch.Tensor, context: Optional[torch.Tensor], dtype: torch.dtype) -> tuple:
@@ -177,6 +199,8 @@ def fuse_layer_norms(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     left alone})``."""
     from diffusers.models.attention import BasicTransformerBlock
 
+    from diffquant.kernels.fused_blocks import fused_class
+
     cls = fused_block_class()
     fused, left = [], {}
     for name, m in model.named_modules():
@@ -187,4 +211,11 @@ def fuse_layer_norms(model: nn.Module) -> tuple[list[str], dict[str, str]]:
                 fused.append(name)
             else:
                 left[name] = why
+    # a fused-norm Transformer2DModel (fuse_norms) hands its first block proj_in's raw output (where proj_in runs a
+    # tensor-wise GEMM): the dequantization happens in norm1's pass, not in a pass of its own
+    for m in model.modules():
+        if (type(m) is fused_class("transformer") and len(m.transformer_blocks) and isinstance(m.proj_in, LowBitLayer)
+                and type(m.transformer_blocks[0]) is cls):
+            m._raw_into_block = True
+            m.transformer_blocks[0]._raw_from = (m.proj_in,)  # a tuple: not registered as a submodule
     return fused, left

@@ -353,23 +353,34 @@ class LowBitLayer(_KeepStorage, nn.Module):
         return torch._scaled_mm(a2, p.w.view(self.out_channels, a2.shape[1]).t(), scale_a=s_t, scale_b=self._tw_one,
                                 out_dtype=torch.bfloat16)
 
+    def raw_output_ok(self, out_dtype: torch.dtype) -> bool:
+        """Whether :meth:`forward_raw` leaves the dequantization to the consumer: a one-part Linear or 1x1 conv on
+        cuBLAS's tensor-wise FP8 GEMM (``set_fp8_gemm``) with a bf16 output."""
+        return (len(self.parts) == 1 and self.fp8_gemm == "scaled_mm_tw" and self.act in ("fp8", "fp8_dynamic")
+                and out_dtype == torch.bfloat16 and (self.kind == "linear" or self._is_gemm()))
+
     def forward_raw(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> tuple:
-        """``(y, y_scale, y_bias)`` with ``y * y_scale + y_bias`` (per output channel, rounded to ``y``'s dtype) equal to
-        ``self(x, out_dtype)``: for a one-part Linear on cuBLAS's tensor-wise FP8 GEMM (``set_fp8_gemm``) with a bf16
-        output, the GEMM's raw output and the dequantization left to its consumer (``diffquant::add_layer_norm`` applies it
-        in its own pass); for any other layer ``(self(x, out_dtype), None, None)``."""
+        """``(y, y_scale, y_bias)`` with ``y * y_scale + y_bias`` (per output channel, rounded to ``y``'s dtype) equal
+        to ``self(x, out_dtype)``: where :meth:`raw_output_ok`, the GEMM's raw output (shaped as ``self`` returns
+        it) and the dequantization left to the consumer (``diffquant::add_layer_norm`` applies it in its own pass);
+        for any other layer ``(self(x, out_dtype), None, None)``."""
         prequantized = x.dtype == torch.float8_e4m3fn and self.act == "fp8"
-        dtype = out_dtype or x.dtype
-        if not (self.kind == "linear" and len(self.parts) == 1 and self.fp8_gemm == "scaled_mm_tw"
-                and self.act in ("fp8", "fp8_dynamic") and dtype == torch.bfloat16):
-            return self(x, out_dtype=out_dtype), None, None
         if prequantized and out_dtype is None:
             raise ValueError(f"{self.layer_name}: a quantized input needs the output dtype (out_dtype=...)")
-        lead = x.shape[:-1]
-        x4 = x.reshape(-1, x.shape[-1])[:, :, None, None]
+        if not self.raw_output_ok(out_dtype or x.dtype):
+            return self(x, out_dtype=out_dtype), None, None
+        if self.kind == "linear":
+            x4 = x.reshape(-1, x.shape[-1])[:, :, None, None]
+        else:
+            x4 = x
         xq, dyn_scale = (x4, None) if prequantized else self._quantize_input(x4)
-        y = self._scaled_mm_tw_raw(_row_major(xq.reshape(xq.shape[0], xq.shape[1])), dyn_scale)
-        return y.reshape(*lead, self.out_channels), self.parts[0].w_scale, self.bias
+        nb, c, h, w = xq.shape
+        y = self._scaled_mm_tw_raw(_row_major(xq.permute(0, 2, 3, 1).reshape(-1, c)), dyn_scale)
+        if self.kind == "linear":
+            y = y.reshape(*x.shape[:-1], self.out_channels)
+        else:
+            y = y.reshape(nb, h, w, self.out_channels).permute(0, 3, 1, 2)
+        return y, self.parts[0].w_scale, self.bias
 
 
 def set_fp8_gemm(model: nn.Module, mode: str, exclude: Sequence[str] = ()) -> int:
