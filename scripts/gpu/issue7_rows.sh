@@ -8,26 +8,27 @@
 #          TUNE_TASKS (model:batch:variant,...; empty: no tuning, every GPU benches), TUNE_S (200), TUNE_ARGS (more
 #          tune_qconv.py options, e.g. --untuned-only or --skip-paths tma),
 #          DIFFQUANT_PROFILE_TOP (kernels listed per row's profile, default here 40)
-#   suggested calls for the next session (written at the end of session 19, 2026-11-29; sessions 12-19 ran on one GPU
+#   suggested calls for the next session (written at the end of session 20, 2026-11-29; sessions 12-20 ran on one GPU
 #   as scripts/gpu/ab_rows_1gpu.sh PART=1-18, this script, the op scripts below and inline commands, see BENCHMARKS.md
-#   "Kernels, tenth" to "seventeenth measurement"):
-#   1. Inductor's LayerNorm + residual + quantize kernels (0.963 ms of SD b8 in 48 calls; the largest 40.5 us for about
-#      73 MB, a 512-wide persistent reduction over 320 channels; benchmarks/results/inductor_sd8_twq_kernels.txt):
-#      a diffquant op for BasicTransformerBlock's norms (the GEMM's dequantization, the residual add, LayerNorm and the
-#      next GEMM's e4m3 input in one pass), wired like fused_blocks' ResNet norms. Re-probe with
-#      ROWS=sd15-unet:8:dq-fp8-gn-qkv-te-ff-twq TOTAL_S=300 bash scripts/gpu/inductor_code.sh, then
-#      python benchmarks/inductor_kernels.py row_0.json code_0.log.gz --grep layer_norm.
-#   2. The Gluon flash attention (src/diffquant/kernels/gluon_attention.py, 0.93x of cuDNN at SD b8's 64x64
-#      self-attention): a third consumer warp group (64-key blocks, to fit the registers), part of the exponentials by
-#      polynomial on the FMA pipe (16 % busy), and the e4m3 Q/K variant's illegal instruction (session 19, call 8).
-#      Op bench: CONFIGS="BLOCK_N=128;BLOCK_N=64" bash scripts/gpu/flash_attention.sh (about 40 s; TESTS_K=flash for
-#      its GPU tests; NCU=1 BENCH=0 SHAPES="64x64 self" for Nsight Compute); model row: the -fa suffix.
-#   3. Where the Triton conv kernels stall, per instruction: scripts/gpu/ncu_model_probe.sh (written in session 18, not
-#      run; carry .whl/diffusers-0.42.1-py3-none-any.whl).
-#   4. The Gluon conv with Triton's wide tile (two accumulators, 256 + 64 channels) for the 320-channel convs
-#      (CUDNN=0 bash scripts/gpu/gluon_conv.sh), and session 16's left-overs (the shortcut tuner on SD b8's six untimed
-#      shapes: python3 benchmarks/tune_qconv.py --shortcut --untuned-only --tasks sd15-unet:8:dq-fp8-gn-qkv-te-ff-twq
-#      --budget-s 200 --out T.json; SD b1; CIFAR b1's and INT8 CIFAR b256's untuned shapes).
+#   "Kernels, tenth" to "eighteenth measurement"). The SD b8 row to beat is now dq-fp8-gn-qkv-te-ff-twq-ln (13.22 ms,
+#   1.412x; 1.6x needs 11.67 ms). Profile (GPU busy 13.10 ms): attention 3.56, convs 3.42, cuBLAS GEMMs 1.83, GEGLU 1.36,
+#   group norms 1.17, add_layer_norm + other 0.93, Inductor 0.70.
+#   1. Where the Triton conv kernels stall, per instruction: NCU_S=300 COUNT=20 bash scripts/gpu/ncu_model_probe.sh
+#      (written in session 18, still not run; carry .whl; ARGS=--variant dq-fp8-gn-qkv-te-ff-twq-ln for the -ln model).
+#   2. Attention (cuDNN's bf16 kernel, 3.56 ms): the Gluon kernel's 64x64 self-attention is at 606 us at best (3
+#      consumers, 64-key blocks, split boxes) against cuDNN's 583; less tensor work (split boxes) made the 2-consumer
+#      kernel slower there, so the bound is the overlap of softmax and wgmma, not either unit. Untried: FA3's
+#      intra-warpgroup two-stage pipelining with the softmax of block j overlapping the QK^T of block j+1 (needs the
+#      loop-carried async accumulator ptxas serialized in session 19, C7514), polynomial exp2 on the FMA pipe.
+#      Op bench: CONFIGS="BLOCK_N=128;BLOCK_N=64,CONSUMERS=3" bash scripts/gpu/flash_attention.sh (about 60 s).
+#   3. The group norms (1.17 ms: stats 0.51, apply 0.53, finalize 0.15 over 61 calls each) and the attention output's
+#      e4m3 quantization before to_out (Inductor, about 0.21 ms: cuDNN writes bf16).
+#   4. add_layer_norm's plan at 16x16 (6-8 % off the best of five, benchmarks/results/layernorm.json) and at 8x8
+#      (slower than Inductor by about 3 us a UNet): PLANS=... bash scripts/gpu/layernorm.sh (about 60 s).
+#   Measured in session 20: diffquant::add_layer_norm (-ln) replaced Inductor's LayerNorm + residual + quantize kernels
+#   (op bench 0.923 -> 0.672 ms a UNet; model 13.36 -> 13.22 ms, bf16 18.67 in the same run); the flash attention's
+#   split head boxes (32x32 self-attention 85.8 -> 66.7 us; 64x64 slower with 2 consumers, 606 us with 3), BENCHMARKS.md
+#   "Kernels, eighteenth measurement".
 #   Measured in session 19: the shipped tree again, SD b8 13.35 ms (1.392x, bf16 18.58 in the same run); the Gluon
 #   flash attention (-fa) 13.81 ms (1.345x) in the same run; ping-pong, turns at the exponentials, tree reductions,
 #   Q from shared memory: dropped (BENCHMARKS.md "Kernels, seventeenth measurement").
