@@ -13,8 +13,12 @@
 #   "Kernels, tenth" to "eighteenth measurement"). The SD b8 row to beat is now dq-fp8-gn-qkv-te-ff-twq-ln (13.22 ms,
 #   1.412x; 1.6x needs 11.67 ms). Profile (GPU busy 13.10 ms): attention 3.56, convs 3.42, cuBLAS GEMMs 1.83, GEGLU 1.36,
 #   group norms 1.17, add_layer_norm + other 0.93, Inductor 0.70.
-#   1. Where the Triton conv kernels stall, per instruction: NCU_S=300 COUNT=20 bash scripts/gpu/ncu_model_probe.sh
-#      (written in session 18, still not run; carry .whl; ARGS=--variant dq-fp8-gn-qkv-te-ff-twq-ln for the -ln model).
+#   1. The conv kernels (3.42 ms). Session 20's first ncu probe (call 7, benchmarks/results/ncu_model_probe_sd8_ln.txt)
+#      found 32 % of the wide kernel's stall samples at WARPGROUP.DEPBAR.LE gsb0, 0x0 (all wgmmas done after each K
+#      step; A fed from registers after tl.reshape of the 4-D box). Next: the tensor pipe's utilization (the probe now
+#      asks ncu for it): NCU_S=300 COUNT=20 ARGS="--variant dq-fp8-gn-qkv-te-ff-twq-ln" bash
+#      scripts/gpu/ncu_model_probe.sh (carry .whl); if the pipe idles, an A operand kept in shared memory (a 4-D NVMMA
+#      layout the wgmma can read, or 2-D boxes per row with the halo handled by masks) with one wgmma group in flight.
 #   2. Attention (cuDNN's bf16 kernel, 3.56 ms): the Gluon kernel's 64x64 self-attention is at 606 us at best (3
 #      consumers, 64-key blocks, split boxes) against cuDNN's 583; less tensor work (split boxes) made the 2-consumer
 #      kernel slower there, so the bound is the overlap of softmax and wgmma, not either unit. Untried: FA3's

@@ -12,13 +12,13 @@ source scripts/gpu/_zoo_common.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 setup_env
 NCU=$(which ncu 2>/dev/null || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
-SECTIONS="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis --section SchedulerStats --section SourceCounters"
+SECTIONS="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis --section SchedulerStats --section SourceCounters --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_uniform.avg.pct_of_peak_sustained_active"
 timeout ${NCU_S:-420} $NCU --clock-control none --profile-from-start off $SECTIONS -k "${KERNELS:-regex:_qconv}" \
   --launch-count ${COUNT:-40} -f -o /tmp/ncu_model python3 scripts/gpu/ncu_model_probe.py ${ARGS:-} \
   > $OUT/ncu_model_run.txt 2>&1
 echo "ncu rc=$?"; tail -3 $OUT/ncu_model_run.txt
 $NCU --import /tmp/ncu_model.ncu-rep --page details > $OUT/ncu_model.txt 2>&1
-grep -E "^  [_a-z].*\(|Duration|Compute \(SM\) Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Executed Ipc A|Warp Cycles Per Issued|Grid Size|Block Size|Dynamic Shared" \
+grep -E "^  [_a-z].*\(|Duration|pipe_|Compute \(SM\) Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Executed Ipc A|Warp Cycles Per Issued|Grid Size|Block Size|Dynamic Shared" \
   $OUT/ncu_model.txt | head -500
 # per-instruction view (SASS with its stall samples) of the first launch of each kernel in SOURCE_KERNELS
 for k in ${SOURCE_KERNELS:-_qconv_tma4d_sc_wide_kernel _qconv_tma4d_wide_kernel}; do
