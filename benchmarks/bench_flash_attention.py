@@ -59,7 +59,7 @@ def main() -> None:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from diffquant.kernels.bench import time_call, write_gpu_result
+    from diffquant.kernels.bench import finish_op_bench, time_call
     from diffquant.kernels.gluon_attention import MAX_HEAD_DIM, flash_attention_gluon, unavailable
 
     why = unavailable(torch.device("cuda"))
@@ -125,10 +125,7 @@ def main() -> None:
              for k in ("sdpa_cudnn_ms", "kernel_default_ms", "best_kernel_ms", "exp_bound_ms")}
     total["sdpa_cudnn_ms_kernel_shapes"] = round(sum(r["sdpa_cudnn_ms"] * r["calls_per_unet"] for r in rows
                                                     if "kernel_default_ms" in r), 4)
-    print("per UNet call (ms):", json.dumps(total))
-    write_gpu_result(a.out, rows, per_unet_call=total, failures=bad)
-    if bad:
-        raise SystemExit("FAILED:\n" + "\n".join(bad))
+    finish_op_bench(a.out, rows, total, bad)
 
 
 if __name__ == "__main__":

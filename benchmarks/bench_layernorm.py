@@ -54,7 +54,7 @@ def main() -> None:
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_layernorm.py needs a CUDA GPU")
-    from diffquant.kernels.bench import time_call, write_gpu_result
+    from diffquant.kernels.bench import finish_op_bench, time_call
     from diffquant.kernels.ops import add_layer_norm
     from diffquant.kernels.reference import add_layer_norm_reference
     from diffquant.kernels.triton_layernorm import add_layer_norm_triton, ln_plan
@@ -111,10 +111,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     total = {k: round(sum(r[k] * r["calls_per_unet"] for r in rows if r.get(k)), 4)
              for k in ("inductor_ms", "kernel_ms", "best_kernel_ms")}
-    print("per UNet call (ms):", json.dumps(total))
-    write_gpu_result(a.out, rows, per_unet_call=total, failures=bad)
-    if bad:
-        raise SystemExit("FAILED:\n" + "\n".join(bad))
+    finish_op_bench(a.out, rows, total, bad)
 
 
 if __name__ == "__main__":

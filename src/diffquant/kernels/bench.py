@@ -80,6 +80,15 @@ def write_gpu_result(path: str, rows: list, **extra) -> dict:
     return res
 
 
+def finish_op_bench(path: str, rows: list, total: dict, failures: list) -> None:
+    """An op benchmark's end: the per-UNet-call totals printed, the result file written (:func:`write_gpu_result`),
+    and a non-zero exit listing ``failures`` if there are any."""
+    print("per UNet call (ms):", json.dumps(total))
+    write_gpu_result(path, rows, per_unet_call=total, failures=failures)
+    if failures:
+        raise SystemExit("FAILED:\n" + "\n".join(failures))
+
+
 def time_call(fn: Callable[[], Any], warmup: int = 5, reps: int = 30, graph: bool = True,
               inner: int = 1) -> tuple[float, bool]:
     """Median ms of ``fn()`` over ``reps`` samples (CUDA events), replaying a CUDA graph if it captures. Each sample

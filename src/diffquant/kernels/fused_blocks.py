@@ -376,6 +376,13 @@ def fuse_group_norms(model: nn.Module) -> tuple[list[str], dict[str, str]]:
             fused.append("conv_norm_out")
         elif why != "no conv_norm_out":
             left["conv_norm_out"] = why
+    swap_classes(model, kinds, fused, left)
+    return fused, left
+
+
+def swap_classes(model: nn.Module, kinds: list, fused: list, left: dict) -> None:
+    """For each ``(base, cls, unfusable)`` of ``kinds``: every module of ``model`` whose type is ``base`` becomes a
+    ``cls`` in place (its name appended to ``fused``), unless ``unfusable(module)`` says why not (``left[name]``)."""
     for name, m in model.named_modules():
         for base, cls, unfusable in kinds:
             if type(m) is base:
@@ -385,7 +392,6 @@ def fuse_group_norms(model: nn.Module) -> tuple[list[str], dict[str, str]]:
                     fused.append(name)
                 else:
                     left[name] = why
-    return fused, left
 
 
 class _TembSlice(nn.Module):

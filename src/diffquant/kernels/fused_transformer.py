@@ -199,18 +199,11 @@ def fuse_layer_norms(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     left alone})``."""
     from diffusers.models.attention import BasicTransformerBlock
 
-    from diffquant.kernels.fused_blocks import fused_class
+    from diffquant.kernels.fused_blocks import fused_class, swap_classes
 
     cls = fused_block_class()
     fused, left = [], {}
-    for name, m in model.named_modules():
-        if type(m) is BasicTransformerBlock:
-            why = unfusable(m)
-            if why is None:
-                m.__class__ = cls
-                fused.append(name)
-            else:
-                left[name] = why
+    swap_classes(model, [(BasicTransformerBlock, cls, unfusable)], fused, left)
     # a fused-norm Transformer2DModel (fuse_norms) hands its first block proj_in's raw output (where proj_in runs a
     # tensor-wise GEMM): the dequantization happens in norm1's pass, not in a pass of its own
     for m in model.modules():
