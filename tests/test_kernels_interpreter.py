@@ -780,6 +780,38 @@ def test_group_norm_kernels_compile_for_hopper():
     assert built == 22
 
 
+def test_add_layer_norm_kernel_compiles_for_hopper():
+    """diffquant::add_layer_norm's kernel compiles for sm_90 (Triton's own ptxas, no GPU) in the flag combinations
+    the op launches: with and without the projection's scale / bias and the residual, e4m3 output with one or
+    per-channel scales, 16-bit output, two column chunks or one padded one. With a scale, its multiply stays a
+    ``mul.rn`` (not contracted into an FMA with the bias add: the eager model rounds the product on its own)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
+    from diffquant.kernels import triton_layernorm as tl_mod
+
+    fn = tl_mod._add_ln_kernel
+    built = 0
+    for ys, yb, r, quant, per_ch, (c1, c2, mask) in [(True, True, True, True, False, (256, 64, False)),
+                                                     (False, False, True, True, True, (512, 128, False)),
+                                                     (True, True, False, True, False, (1024, 256, False)),
+                                                     (False, False, False, False, False, (128, 0, True))]:
+        consts = dict(HAS_YS=ys, HAS_YB=yb, HAS_R=r, HAS_W=True, HAS_B=True, WRITE_H=ys or yb or r, QUANT=quant,
+                      OS_PER_CH=per_ch, EMULATE=False, C1=c1, C2=c2, MASK_C=mask, BLOCK_M=8)
+        types = {"y_ptr": "*bf16", "ys_ptr": "*fp32", "yb_ptr": "*fp32", "r_ptr": "*bf16", "w_ptr": "*bf16",
+                 "b_ptr": "*bf16", "os_ptr": "*fp32", "h_ptr": "*bf16", "o_ptr": "*u8" if quant else "*bf16",
+                 "T": "i32", "C": "i32", "sy": "i32", "sr": "i32", "inv_c": "fp32", "eps": "fp32"}
+        sig = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": 4})
+        assert k.asm.get("cubin") and (("mul.rn.f32" in k.asm["ptx"]) == ys), consts
+        built += 1
+    assert built == 4
+
+
 def test_attention_and_conv_kernels_compile_for_hopper():
     """The FP8 attention kernel (V handed over keys-contiguous; head dims 40 and 160 padded to 64 and 256; e4m3 or
     bf16 output), the conv kernels (gather, TMA over a padded copy, 4-D TMA, its persistent form, its
