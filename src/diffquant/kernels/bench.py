@@ -654,6 +654,7 @@ _KERNEL_CLASSES = (
     ("dq_qconv", ("_qconv_", "_gconv_")),  # _gconv_: the experimental Gluon conv (gluon_conv.py)
     ("dq_attention", ("_fp8_attn", "_fa_")),  # _fa_: the Gluon bf16 flash attention (gluon_attention.py)
     ("dq_norm", ("_gn_",)),
+    ("dq_layernorm", ("_add_ln_",)),  # diffquant::add_layer_norm (triton_layernorm.py)
     ("dq_geglu", ("_linear_geglu", "_gg_kernel")),  # _gg_kernel: the experimental Gluon GEGLU (gluon_geglu.py)
     ("inductor_fused", ("triton_",)),
     ("attention", ("flash", "fmha", "attention", "attn")),
@@ -666,6 +667,8 @@ _KERNEL_CLASSES = (
 
 def _kernel_class(name: str) -> str:
     low = name.lower()
+    if low.startswith("triton_"):  # Inductor's, also where its name holds a diffquant op's (..._linear_geglu_...)
+        return "inductor_fused"
     for cls, keys in _KERNEL_CLASSES:
         if any(k in low for k in keys):
             return cls
