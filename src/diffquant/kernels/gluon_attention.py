@@ -8,7 +8,10 @@ which the default ``attention="float"`` runs. Measured on SD-1.5 b8's shapes (H2
 the other (cuDNN: 53 % and 51 %). Tried and dropped (slower or no faster): handing the consumers turns at the wgmmas
 or at the exponentials, tree-shaped row reductions, 64-key blocks, Q read from shared memory, e4m3 Q and K (an
 illegal instruction; not debugged). A third consumer warp group (``CONSUMERS=3``, 64-key blocks) gained 2 % at the
-64x64 level, within the runs' spread.
+64x64 level, within the runs' spread. Session 20 (BENCHMARKS.md "Kernels, eighteenth measurement"): a head read in
+two column boxes (``SPLIT``) took the 32x32 self-attention (head width 80) from 85.8 to 66.7 us (cuDNN 61.2) but
+the 64x64 one (width 40) from 629 to 695 us with two consumers (606 with three and 64-key blocks; cuDNN 583): less
+tensor-core work does not make the 64x64 level faster, so it is bound by how softmax and wgmmas overlap.
 
 Why a kernel of our own: at SD-1.5's head widths (40, 80, 160) attention is bounded by the softmax's exponentials,
 not by its matmuls (BENCHMARKS.md, "What bounds SD-1.5 b8"), and cuDNN's bf16 kernel, the fastest SDPA backend
