@@ -19,7 +19,9 @@ def _csv(s: str) -> list[str]:
               "torchao-fp8", show_default=True,
               help="comma list; dq-fp8 and dq-int8 take the suffixes -gn (fused norms) and -gn-qkv (also stacked "
                    "Q/K/V), and the other suffixes of the variants listed in diffquant.kernels.bench.VARIANTS, e.g. "
-                   "-fa (attention through diffquant's bf16 flash-attention kernel: dq-fp8-gn-qkv-te-ff-twq-fa); "
+                   "-fa (attention through diffquant's bf16 flash-attention kernel: dq-fp8-gn-qkv-te-ff-twq-fa), "
+                   "-ln (the transformer blocks' LayerNorms as diffquant::add_layer_norm: dq-fp8-gn-qkv-te-ff-twq-ln, "
+                   "the fastest SD-1.5 b8 row); "
                    "bf16-compile-gn: bf16 with diffquant's norm kernels")
 @click.option("--no-compile", is_flag=True, help="time every variant eagerly (CUDA graphs still used)")
 @click.option("--reps", default=30, show_default=True, help="timed calls per row (median reported)")
