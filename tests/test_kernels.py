@@ -1975,6 +1975,10 @@ def test_fuse_ln_runs_layer_norms_in_one_op(monkeypatch):
         assert torch.equal(block(raw, attention_mask=torch.zeros(2, 6), encoder_hidden_states=ctx),
                            plain_block(deq, attention_mask=torch.zeros(2, 6), encoder_hidden_states=ctx))
     # left alone, with the reason
+    odd = convert(q, "fp8", **kw)
+    next(m for m in odd.modules() if type(m).__name__ == "BasicTransformerBlock").attn1.scale = 1.0
+    _, left = ft.fuse_layer_norms(odd)
+    assert len(left) == 1 and "is not 1/sqrt(head dim)" in next(iter(left.values()))
     _, left = ft.fuse_layer_norms(convert(q, "fp8", attention="float"))
     assert len(left) == n_blocks and all("to_qkv (fuse_qkv)" in why for why in left.values())
     _, q8, _ = _calibrated("int8", model=tiny_sd_unet())

@@ -57,6 +57,9 @@ def _attn_unfusable(attn, cross: bool) -> Optional[str]:
             return f"has {key}"
     if attn.residual_connection or attn.rescale_output_factor != 1.0 or getattr(attn, "norm_cross", None):
         return "residual connection, output rescaling or a cross norm"
+    if _processor_kind(attn) == "sdpa" and abs(attn.scale - (attn.inner_dim // attn.heads) ** -0.5) > 1e-9:
+        # diffusers' SDPA processors use SDPA's default scale whatever attn.scale says; the fused block would not
+        return f"scale {attn.scale} is not 1/sqrt(head dim) (diffusers' SDPA processors ignore it)"
     first = attn.to_q if cross else getattr(attn, "to_qkv", None)
     if not _fp8_linear(first):
         return ("to_q" if cross else "to_qkv (fuse_qkv)") + " is not a converted Linear with a static FP8 input scale"
