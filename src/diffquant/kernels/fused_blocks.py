@@ -278,14 +278,13 @@ class _FusedInputNormMixin:
         if self.training:
             return super()._operate_on_continuous_inputs(hidden_states)
         # fuse_ln: the first transformer block reads proj_in's raw tensor-wise GEMM output and dequantizes it in its
-        # first norm's pass (FusedLNBasicTransformerBlock.input_is_raw decides the same way)
-        raw = (getattr(self, "_raw_into_block", False) and isinstance(self.proj_in, LowBitLayer)
-               and self.proj_in.raw_output_ok(hidden_states.dtype))
+        # first norm's pass (FusedLNBasicTransformerBlock.input_dequant decides the same way)
+        raw = bool(getattr(self, "_raw_into_block", False) and isinstance(self.proj_in, LowBitLayer)
+                   and self.proj_in.raw_output_ok(hidden_states.dtype))
+        h = _norm_into(self.norm, self.proj_in, hidden_states, None, False, as_tokens=self.use_linear_projection,
+                       raw=raw)
         if raw:
-            h = _norm_into(self.norm, self.proj_in, hidden_states, None, False, as_tokens=self.use_linear_projection,
-                           raw=True)[0]
-        else:
-            h = _norm_into(self.norm, self.proj_in, hidden_states, None, False, as_tokens=self.use_linear_projection)
+            h = h[0]
         if self.use_linear_projection:  # what diffusers returns as inner_dim: the channels before proj_in
             return h, hidden_states.shape[1]
         return h.permute(0, 2, 3, 1).reshape(hidden_states.shape[0], -1, h.shape[1]), h.shape[1]

@@ -103,8 +103,6 @@ def _out_args(consumer: nn.Module, dtype: torch.dtype) -> tuple:
     ``dtype`` (any other feed-forward quantizes them itself)."""
     if isinstance(consumer, FusedGEGLUFeedForward):
         consumer = consumer.net[0].proj
-    elif not isinstance(consumer, LowBitLayer):
-        return None, dtype
     if _fp8_linear(consumer):
         return consumer.act_scale.reshape(-1), torch.float8_e4m3fn
     return None, dtype
