@@ -595,7 +595,7 @@ def test_tuning_shape_key_and_candidates():
     assert all(tuning.smem_bytes(c, 1, False) == c["num_stages"] * c["BLOCK_K"] * (
         c["BLOCK_M"] + c["BLOCK_N"] + c["BLOCK_N2"]) <= tuning.SMEM_LIMIT for c in wide)
     for cout in (640, 1280):
-        assert sum("BLOCK_N2" in c for c in tuning.candidates(1, False, cout=cout, ck=640, path="tma4d", m=8192)) == 5
+        assert sum("BLOCK_N2" in c for c in tuning.candidates(1, False, cout=cout, ck=640, path="tma4d", m=8192)) == len(tuning.CANDIDATES_WIDE)
     for cout, path in ((256, "tma4d"), (128, "tma4d"), (200, "tma4d"), (320, "tma"), (320, "tma4dp"), (320, "tma4dr")):
         assert not any("BLOCK_N2" in c for c in tuning.candidates(1, False, cout=cout, ck=320, path=path, m=32768))
 

@@ -83,6 +83,10 @@ CANDIDATES_FEW_TILES: tuple[tuple[int, ...], ...] = ((64, 64, 128, 4, 4), (64, 6
 CANDIDATES_WIDE: tuple[tuple[int, ...], ...] = (
     (64, 256, 64, 128, 8, 3), (64, 256, 64, 64, 8, 4), (64, 128, 32, 128, 4, 4), (128, 256, 64, 64, 8, 4),
     (128, 128, 32, 128, 4, 3),
+    # one warpgroup on a one-row tile with A from shared memory, two programs an SM (at most 113 KB of stages each)
+    # (session 21: the 64x64 level's 320-channel conv, 128 x 320 tiles, kept the tensor pipe 46 % busy, Nsight
+    # Compute, benchmarks/results/ncu_model_probe_sd8_ln_pipe.txt)
+    (64, 256, 64, 128, 4, 2), (64, 256, 64, 64, 4, 4), (64, 128, 32, 128, 4, 3), (128, 256, 64, 128, 8, 3),
 )
 SPLITS = (2, 3, 4)
 SPLIT_K_PATHS = ("tma", "tma4d")
