@@ -6,6 +6,10 @@ cores: from shared memory, or loaded into registers first (``ttg.local_load`` in
 ``tl.reshape`` of the box).
 
     python benchmarks/ptxas_report.py [--out benchmarks/results/ptxas_report.json]
+    python benchmarks/ptxas_report.py --table-census [--out benchmarks/results/ptxas_table_census.json]
+
+``--table-census``: instead, every conv entry that the packaged H200 table ships for the SD-1.5 UNet at batch 8
+(FP8), compiled as the model runs it (its kernel, config, 4-D box and residual add or not).
 
 Needs Triton (any machine); the numbers depend on the Triton version (recorded).
 """
@@ -25,11 +29,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 
-def _build(fn, consts: dict, types, warps: int, stages: int):
+def _build(fn, consts: dict, types, warps: int, stages: int, divisible=()):
+    """``divisible``: arguments marked 16-divisible (tt.divisibility), as Triton specializes them at a launch."""
     consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
     sig = {n: "constexpr" if n in consts else types(n) for n in fn.arg_names}
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, "num_stages": stages})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in divisible}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
 def _ptxas(ptx: str) -> dict:
@@ -69,13 +75,92 @@ def _conv_row(name: str, fn, consts: dict, el: str, a_box: str, kind: str, confi
     return row
 
 
+def _census_row(key: str, cfg: dict) -> dict:
+    """One shipped table entry (``fp8:NxCxHxW:o<cout>:k<kh>x<kw>:s..:p..:d..:<dtype>[:add]``) compiled as the model runs
+    it: the kernel its path and config pick, the 4-D box of its output size, with or without the residual add."""
+    from diffquant.kernels import triton_conv as tc
+    from diffquant.kernels import triton_conv_tma as tt
+    from diffquant.kernels.reference import conv_out_hw
+
+    parts = key.split(":")
+    _, c, h, w = (int(v) for v in parts[1].split("x"))
+    kh, kw = (int(v) for v in parts[3][1:].split("x"))
+    stride, pad = ([int(v) for v in parts[i][1:].split("x")] for i in (4, 5))
+    add = parts[-1] == "add"
+    ho, wo = conv_out_hw(h, w, kh, kw, stride, pad, (1, 1))
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    path, split, bn2 = cfg.get("path", "gather"), cfg.get("SPLIT_K", 1), cfg.get("BLOCK_N2", 0)
+    bi, bh, bw = tt.tile_4d(bm, ho, wo)
+    boxes = {"b_desc": f"{bn}, {bk}", "b2_desc": f"{bn2}, {bk}"}
+    consts = dict(KH=kh, KW=kw, A_INT=False, A_FP8=True, W4=False, HAS_AZP=False, HAS_WZP=False, BITCAST_FP8=False,
+                  PAD_FIX=False, HAS_ASCALE=True, HAS_CORR=False, HAS_BIAS=True, HAS_ADD=add, BLOCK_M=bm, BLOCK_N=bn,
+                  BLOCK_N2=bn2, BLOCK_K=bk, GROUP_M=8, BI=bi, BH=bh, BW=bw, FLATTEN=True,
+                  EVEN_K=c % bk == 0)
+    if path == "gather":
+        fn = tc._qconv_kernel
+    elif path == "tma":
+        fn = tt._qconv_tma_splitk_kernel if split > 1 else tt._qconv_tma_kernel
+        boxes["a_desc"] = f"{bm}, {bk}"
+    else:
+        fn = {"tma4dp": tt._qconv_tma4d_persistent_kernel, "tma4dr": tt._qconv_tma4d_rows_kernel}.get(path)
+        fn = fn or (tt._qconv_tma4d_splitk_kernel if split > 1 else tt._qconv_tma4d_wide_kernel if bn2
+                    else tt._qconv_tma4d_kernel)
+        boxes["a_desc"] = f"1, 1, {bw}, {bk}" if path == "tma4dr" else f"{bi}, {bh}, {bw}, {bk}"
+    # as a real launch specializes them: unit channel strides constant, pointers and the other channel counts and
+    # strides (multiples of 16 at SD-1.5's widths) 16-divisible
+    consts.update(soc=1, sac=1, sxc=1)
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    divisible = ("Cout", "CK", "son", "soh", "sow", "san", "sah", "saw", "sxn", "sxh", "sxw", "swn")
+
+    def types(n):
+        if n.endswith("_desc"):
+            return f"tensordesc<fp8e4nv[{boxes[n]}]>"
+        if n in ("x_ptr", "w_ptr"):  # the gather kernel reads FP8 as its bytes and bitcasts
+            return "*u8"
+        if n in ("out_ptr", "add_ptr"):
+            return "*bf16"
+        return "*fp32" if n.endswith("_ptr") else "i32"
+
+    k = _build(fn, consts, types, cfg["num_warps"], cfg["num_stages"],
+               divisible=[n for n in fn.arg_names if n not in consts and (n.endswith("_ptr") or n in divisible)])
+    row = {"key": key, "kernel": fn.__name__, "config": cfg, "box": [bi, bh, bw], "residual_add": add,
+           "a_via_registers": "ttg.local_load" in k.asm["ttgir"]}
+    row.update(_ptxas(k.asm["ptx"]))
+    print(json.dumps({k_: v for k_, v in row.items() if k_ != "config"}), flush=True)
+    return row
+
+
+def table_census(out: str) -> None:
+    """:func:`_census_row` for every SD-1.5 b8 FP8 conv entry of the packaged H200 table."""
+    from diffquant.kernels import tuning
+
+    table = [t for t in tuning.packaged_tables() if t["device"] == "NVIDIA H200"][0]
+    rows = [_census_row(key, cfg) for key, cfg in sorted(table["configs"].items())
+            if key.startswith("fp8:8x") and key.split(":")[1].split("x")[1] in ("320", "640", "960", "1280", "1920",
+                                                                              "2560")
+            and key.split(":")[1].split("x")[2] in ("8", "16", "32", "64") and ":sc" not in key]  # (qconv_sc: above)
+    with open(out, "w") as f:
+        json.dump({"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
+                   "triton": triton.__version__, "target": "sm_90a (compiled without a GPU)",
+                   "serialized": sum(r["wgmma_serialized"] for r in rows), "entries": len(rows), "rows": rows}, f,
+                  indent=1)
+    print(f"{sum(r['wgmma_serialized'] for r in rows)} of {len(rows)} entries serialize the wgmma pipeline; wrote {out}")
+
+
 def main() -> None:
     from diffquant.kernels import triton_conv_tma as tt
     from diffquant.kernels import triton_geglu as tg
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results/ptxas_report.json")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/ptxas_report.json, or "
+                    "ptxas_table_census.json with --table-census")
+    ap.add_argument("--table-census", action="store_true",
+                    help="compile the shipped H200 table's SD-1.5 b8 FP8 conv entries as the model runs them")
     a = ap.parse_args()
+    if a.table_census:
+        table_census(a.out or "benchmarks/results/ptxas_table_census.json")
+        return
+    a.out = a.out or "benchmarks/results/ptxas_report.json"
     rows = []
     for kind in ("fp8", "int8"):
         fp8 = kind == "fp8"

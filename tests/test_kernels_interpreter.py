@@ -1228,3 +1228,63 @@ def test_interpreter_conv_row_stats_feed_the_norm(epilogue):
         assert epilogue == ([True] if case[3] == "tma4d" and case[1]["w"] <= 8 else
                             [False] if case[3] == "tma4d" else []), (case, epilogue)
         assert norm_rel < 1e-2 and codes_off < 0.01, (case, norm_rel, codes_off)
+
+
+def test_conv_kernels_keep_the_wgmma_pipeline_without_a_residual():
+    """The conv kernels' K loops tell the compiler that they are never empty (``tl.assume``). Without it LLVM lays out
+    a zero-trip path that defines the accumulators after the loop; ptxas then sees non-wgmma instructions defining
+    accumulator registers inside the pipeline stage (its warning C7515) and waits for every wgmma at once. That hit
+    the kernels without a residual add (8 of the 28 SD-1.5 b8 conv entries of the H200 table; session 21,
+    ``python benchmarks/ptxas_report.py --table-census``), e.g. the ResNet blocks' conv1: in the model's Nsight Compute
+    probe the 32x32 conv1 kept the tensor pipe 56 % busy against 75 % for conv2 with the same kernel and config.
+    Compiled for sm_90 without a GPU, as a launch specializes the arguments; the SASS must wait for all wgmmas once,
+    after the loop, not after each."""
+    import re
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
+    from diffquant.kernels import triton_conv_tma as tt
+
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+    def sass(fn, consts, boxes, warps, stages):
+        consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
+        consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+
+        def types(n):
+            if n.endswith("_desc"):
+                return f"tensordesc<fp8e4nv[{boxes[n]}]>"
+            return "*bf16" if n in ("out_ptr", "add_ptr") else "*fp32" if n.endswith("_ptr") else "i32"
+
+        sig = {n: "constexpr" if n in consts else types(n) for n in fn.arg_names}
+        div = ("Cout", "CK", "son", "soh", "sow", "san", "sah", "saw")
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                 if n not in consts and (n.endswith("_ptr") or n in div)}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            return subprocess.run([str(bindir / "nvdisasm"), "-c", f.name], capture_output=True, text=True,
+                                  check=True).stdout
+
+    base = dict(KH=3, KW=3, A_INT=False, BITCAST_FP8=False, PAD_FIX=False, HAS_ASCALE=True, HAS_CORR=False,
+                HAS_BIAS=True, soc=1, sac=1, GROUP_M=8, BLOCK_K=128)
+    cases = [  # the SD-1.5 b8 table's conv1 of the 32x32 level (wide tiles), 16x16 (wide) and 64x64 (640 channels)
+        (tt._qconv_tma4d_wide_kernel, dict(BI=1, BH=4, BW=32, BLOCK_N=128, BLOCK_N2=32), "1, 4, 32, 128", 4, 3),
+        (tt._qconv_tma4d_wide_kernel, dict(BI=1, BH=4, BW=16, BLOCK_N=128, BLOCK_N2=32), "1, 4, 16, 128", 4, 4),
+        (tt._qconv_tma4d_kernel, dict(BI=1, BH=2, BW=64, BLOCK_N=128), "1, 2, 64, 128", 4, 3),
+    ]
+    for fn, consts, a_box, warps, stages in cases:
+        for add in (False, True):
+            s = sass(fn, dict(base, **consts, HAS_ADD=add),
+                     {"a_desc": a_box, "b_desc": "128, 128", "b2_desc": f"{consts.get('BLOCK_N2', 0)}, 128"},
+                     warps, stages)
+            wgmmas = len(re.findall(r"\bQGMMA\.", s))
+            waits_all = s.count("WARPGROUP.DEPBAR.LE gsb0, 0x0")
+            assert wgmmas >= 8 and waits_all == 1, (fn.__name__, consts, add, wgmmas, waits_all)

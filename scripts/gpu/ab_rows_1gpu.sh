@@ -65,6 +65,11 @@
 #   PART=18 (session 17, last call): the norm statistics from shifted sums (no Welford), SiLU and GEGLU's special
 #           functions as single MUFU instructions (fast_ex2 / fast_rcp / fast_rsqrt), GEGLU's Phi folded: the
 #           norm and GEGLU GPU tests, then ROW and CROW each with its bf16-compile partner (same-run bases).
+#   PART=19 (written in session 21, not yet run): the K-loop hint (DIFFQUANT_KLOOP_HINT, default 1: the conv and
+#           GEGLU loops tell the compiler they are never empty, which ends ptxas's serialized wgmmas in the convs
+#           without a residual add, benchmarks/results/ptxas_table_census.json): the conv GPU tests, then ROW with
+#           its bf16-compile partner, ROW with DIFFQUANT_KLOOP_HINT=0, CROW with its partner and with the hint off.
+#           Run with ROW=sd15-unet:8:dq-fp8-gn-qkv-te-ff-twq-ln TOTAL_S=590. Same carry.
 # Everything to $OUT/all.tgz (logs and JSON rows), plus the merged table in parts 2, 4, 5, 9 and 11.
 #   run: PART=1 bash scripts/gpu/ab_rows_1gpu.sh   (env: ROW, CROW, SMALL, TUNE_S, AB_ENV, TOTAL_S (570), EXTRA (env for
 #        every row, e.g. DIFFQUANT_GN_LOAD_STAGES=3 once it wins))
@@ -270,7 +275,15 @@ case $PART in
   rows sd8 "${ROW%:*}:bf16-compile,$ROW"
   rows c256 "${CROW%:*}:bf16-compile,$CROW"
   ;;
-*) echo "PART must be 1 to 18"; exit 2 ;;
+19)
+  say "GPU tests"
+  QUIET=1 gpu_tests 120 "kernel_matches_reference or tma or wide or shortcut or split_k or linear_geglu"
+  rows sd8 "${ROW%:*}:bf16-compile,$ROW"
+  rows sd8nohint "$ROW" DIFFQUANT_KLOOP_HINT=0
+  rows c256 "${CROW%:*}:bf16-compile,$CROW"
+  rows c256nohint "$CROW" DIFFQUANT_KLOOP_HINT=0
+  ;;
+*) echo "PART must be 1 to 19"; exit 2 ;;
 esac
 cd $OUT && tar czf all.tgz *.json *.log && find . -maxdepth 1 -type f ! -name all.tgz ! -name env.txt \
   ! -name nvidia-h200.merged.json -delete

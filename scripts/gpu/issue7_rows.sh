@@ -8,6 +8,13 @@
 #          TUNE_TASKS (model:batch:variant,...; empty: no tuning, every GPU benches), TUNE_S (200), TUNE_ARGS (more
 #          tune_qconv.py options, e.g. --untuned-only or --skip-paths tma),
 #          DIFFQUANT_PROFILE_TOP (kernels listed per row's profile, default here 40)
+#   FIRST for session 22 (written in session 21): time the K-loop hint, PART=19 ROW=sd15-unet:8:dq-fp8-gn-qkv-te-ff-twq-ln
+#   TOTAL_S=590 bash scripts/gpu/ab_rows_1gpu.sh (SD b8 and CIFAR b256, each with bf16-compile and with
+#   DIFFQUANT_KLOOP_HINT=0). Session 21 found by compiling (no GPU time left) that ptxas serialized every wgmma of the
+#   conv kernels without a residual add (8 of 28 SD b8 table entries, 0 after the hint: ptxas_table_census.json); in
+#   the model the 32x32 conv1 ran 59.4 us at 56 % tensor pipe against 47.7 us / 75 % for its conv2, same kernel and
+#   config (ncu_model_probe_sd8_ln_pipe.txt). SD b8 before the hint: 13.31 ms, 1.405x (bf16 18.70, same machine).
+#   Then, from session 20's list below, item 1 is answered (tensor pipe 46-63 % at 64x64, 56-78 % at 32x32).
 #   suggested calls for the next session (written at the end of session 20, 2026-11-29; sessions 12-20 ran on one GPU
 #   as scripts/gpu/ab_rows_1gpu.sh PART=1-18, this script, the op scripts below and inline commands, see BENCHMARKS.md
 #   "Kernels, tenth" to "eighteenth measurement"). The SD b8 row to beat is now dq-fp8-gn-qkv-te-ff-twq-ln (13.22 ms,

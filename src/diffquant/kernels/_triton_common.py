@@ -18,6 +18,31 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _kloop_hint() -> bool:
+    v = os.environ.get("DIFFQUANT_KLOOP_HINT", "1")
+    if v not in ("0", "1"):
+        raise ValueError(f"DIFFQUANT_KLOOP_HINT={v!r}: 0 or 1")
+    return v == "1"
+
+
+# Whether the K loops tell the compiler that they are never empty (:func:`nonempty`); read once at import.
+# DIFFQUANT_KLOOP_HINT=0 is for A/B timing only (session 21 found the hint's effect by compiling, not timing it).
+KLOOP_HINT = tl.constexpr(_kloop_hint())
+
+
+@triton.jit
+def nonempty(cond):
+    """``tl.assume(cond)`` for a K loop's trip-count condition (the loop is never empty: the hosts launch no empty
+    K range). Without it LLVM lays out a zero-trip path that sets the accumulators after the loop, and ptxas sees
+    non-wgmma instructions defining accumulator registers inside the wgmma pipeline stage (its warning C7515) and
+    waits for every wgmma at once. That hit the conv kernels without a residual add: 8 of the 28 SD-1.5 b8 conv
+    entries of the H200 table (``benchmarks/ptxas_report.py --table-census``); in the model's Nsight Compute probe a
+    32x32 conv1 kept the tensor pipe 56 % busy against 75 % for its conv2, the same kernel and config with the add
+    (H200, 2026-11-29, ``benchmarks/results/ncu_model_probe_sd8_ln_pipe.txt``, launches 8 and 9)."""
+    if KLOOP_HINT:
+        tl.assume(cond)
+
+
 FP8_ACC_MODES = ("fast", "precise")
 
 

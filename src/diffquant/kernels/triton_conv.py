@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from diffquant.kernels import triton_conv_tma, tuning
-from diffquant.kernels._triton_common import dequant_store, fp8_acc, fp8_precise, grouped_tile
+from diffquant.kernels._triton_common import dequant_store, fp8_acc, fp8_precise, grouped_tile, nonempty
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ def _qconv_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         rs = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
+    nonempty(NITER > 0)  # qconv_triton refuses a weight without channels or taps
     for it in range(0, NITER):
         tap = it // NCB
         c0 = (it - tap * NCB) * BLOCK_K
@@ -336,6 +337,8 @@ def qconv_triton(
     cout, kh, kw, ck = w.shape
     if (2 * ck if w4 else ck) != c:
         raise ValueError(f"input has {c} channels; the weight expects {2 * ck if w4 else ck}")
+    if ck == 0 or kh * kw == 0:  # the kernels' K loops assume at least one step
+        raise ValueError(f"qconv: a weight of shape {tuple(w.shape)} has no input channels or no taps")
     ho, wo = conv_out_hw(h, wd, kh, kw, stride, padding, dilation)
     out = out_like(x, cout, ho, wo, out_dtype)
     M = nbatch * ho * wo

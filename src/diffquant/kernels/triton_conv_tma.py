@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from diffquant.kernels._triton_common import (TensorDescriptor, dequant_store, fp8_acc, grouped_tile,
-                                              grouped_tile_of, interpreting as _interpreting, tap_block, zero_acc)
+                                              grouped_tile_of, interpreting as _interpreting, nonempty, tap_block,
+                                              zero_acc)
 
 
 @triton.jit(do_not_specialize=["MP", "HP", "WP", "Ho", "Wo", "NITER"])
@@ -76,7 +77,8 @@ def _tap_loop_into(acc, a_desc, b_desc, m0, oh0, ow0, co0, it0, it1, WP, CK, NCB
                    BITCAST_FP8: tl.constexpr, FOUR_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                    FP8_ACC: tl.constexpr):
     """:func:`_tap_mainloop`'s loop, accumulating into ``acc`` (the shortcut kernel continues one accumulator over
-    several sources)."""
+    several sources). Never empty, and the compiler is told so: :func:`._triton_common.nonempty`."""
+    nonempty(it1 > it0)
     for it in range(it0, it1):
         tap, c0, kh, kw = tap_block(it, NCB, KW, BLOCK_K)
         if FOUR_D:
@@ -394,7 +396,9 @@ def _tap_mainloop_wide(a_desc, b_desc, b2_desc, m0, oh0, ow0, co0, NITER, CK, NC
 def _tap_loop_wide_into(acc, acc2, a_desc, b_desc, b2_desc, m0, oh0, ow0, co0, NITER, CK, NCB, pad_h, pad_w,
                         KW: tl.constexpr, BITCAST_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr):
-    """:func:`_tap_mainloop_wide`'s loop, accumulating into ``acc`` and ``acc2``."""
+    """:func:`_tap_mainloop_wide`'s loop, accumulating into ``acc`` and ``acc2`` (never empty: see
+    :func:`._triton_common.nonempty`)."""
+    nonempty(NITER > 0)
     for it in range(0, NITER):
         tap, c0, kh, kw = tap_block(it, NCB, KW, BLOCK_K)
         a = tl.reshape(a_desc.load([m0, oh0 + kh - pad_h, ow0 + kw - pad_w, c0]), (BLOCK_M, BLOCK_K))
@@ -784,6 +788,7 @@ def _qconv_tma4d_rows_kernel(
     if R == 4:
         acc2 = zero_acc(BW, BLOCK_N, A_INT)
         acc3 = zero_acc(BW, BLOCK_N, A_INT)
+    nonempty(NITER > 0)
     for it in range(0, NITER):
         tap, c0, kh, kw = tap_block(it, NCB, KW, BLOCK_K)
         b = b_desc.load([co0, tap * CK + c0])

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from diffquant.kernels._triton_common import (TensorDescriptor, fast_ex2, fast_rsqrt, fp8_acc, grouped_tile,
-                                              grouped_tile_of, interpreting)
+                                              grouped_tile_of, interpreting, nonempty)
 from diffquant.kernels.triton_attention import _e4m3
 
 
@@ -66,6 +66,7 @@ def _geglu_tile(pid_m, pid_n, a_desc, w_desc, out_ptr, out_desc, ascale_ptr, wsc
     n0 = pid_n * BLOCK_N
     acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    nonempty(K > 0)  # the host refuses K = 0
     for k in range(0, K, BLOCK_K):
         a = a_desc.load([m0, k])
         bh = w_desc.load([n0, k])
@@ -192,8 +193,9 @@ def linear_geglu_triton(xq: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
         raise RuntimeError("linear_geglu's kernel needs a Triton with tensor descriptors (triton.tools.tensor_descriptor)")
     m, k = xq.shape
     i = w.shape[0] // 2
-    if k % 16:
-        raise ValueError(f"linear_geglu's kernel needs the input width to be a multiple of 16 (TMA rows); got {k}")
+    if k % 16 or k == 0:
+        raise ValueError(f"linear_geglu's kernel needs the input width to be a positive multiple of 16 (TMA rows); "
+                         f"got {k}")
     out = new_out(m, i, out_dtype, xq.device)
     if m == 0 or i == 0:
         return out
