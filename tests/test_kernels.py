@@ -1788,10 +1788,10 @@ def test_converted_model_compiles_with_inductor_freezing():
 def test_fuse_qkv_stacks_attention_projections():
     """convert(fuse_qkv=True): every float-attention block's Q/K/V (cross-attention: K/V) become one stacked
     LowBitLayer run by diffusers' FusedAttnProcessor2_0; the model computes what the unstacked one does (FP8, int8,
-    W4A16; a UNet2DModel and a text-to-image UNet), compiles as one graph, and holds no more bytes; a block whose
-    projections are quantized differently is left alone with the reason."""
+    W4A16; a UNet2DModel and a text-to-image UNet), a transformer block of it (self- and cross-attention) compiles as
+    one graph, and the model holds no more bytes; a block whose projections are quantized differently is left alone
+    with the reason."""
     from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
-    from torch._dynamo.utils import counters
 
     from diffquant.kernels.fused_attention import fuse_qkv, stack_linears
 
@@ -1813,16 +1813,13 @@ def test_fuse_qkv_stacks_attention_projections():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
         if backend != "int8":
             continue
-        with torch.no_grad():  # self- and cross-attention compiled
-            torch._dynamo.reset()
-            counters.clear()
-            compiled = call_model(torch.compile(cm), *inputs)
-        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], backend
-        # against the eager unstacked model: compiled and eager give the same int8 codes here (0 difference, for this
-        # model and for the unstacked one, 2-core AMD EPYC, torch 2.13, 2026-11-29). When this was written Inductor's
-        # rounding moved some (0.021 of 0.99) and the reference was the compiled unstacked model, a second compile
-        # (~100 s on the 2-core CI machine): if codes move again, compare against that
-        torch.testing.assert_close(compiled, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        # self- and cross-attention compiled: a transformer block (attn1 on to_qkv, attn2 on to_kv; the whole UNet
+        # takes ~4x as long to compile on 2 cores), on the inputs it sees in the model, against the eager unstacked
+        # block on the same inputs: compiled and eager give the same int8 codes here (0 difference for the whole model
+        # and for the unstacked one, 2-core AMD EPYC, torch 2.13, 2026-11-29). When this was written Inductor's
+        # rounding moved some (0.021 of 0.99) and the reference was the compiled unstacked model, a second compile:
+        # if codes move again, compare against that
+        _blocks_compile_to(cm, inputs, ["down_blocks.0.attentions.0.transformer_blocks.0"], 1e-5, ref=plain)
     # FP8 attention keeps its processor and reads the stacked layers (self- and cross-attention)
     from diffquant.kernels.attention_processor import FP8AttnProcessor
 
