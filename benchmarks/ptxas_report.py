@@ -8,8 +8,9 @@ cores: from shared memory, or loaded into registers first (``ttg.local_load`` in
     python benchmarks/ptxas_report.py [--out benchmarks/results/ptxas_report.json]
     python benchmarks/ptxas_report.py --table-census [--out benchmarks/results/ptxas_table_census.json]
 
-``--table-census``: instead, every conv entry that the packaged H200 table ships for the SD-1.5 UNet at batch 8
-(FP8), compiled as the model runs it (its kernel, config, 4-D box and residual add or not).
+``--table-census``: instead, every FP8 conv entry that the packaged H200 table ships for the given batch sizes
+(``--batches``, default 8: the SD-1.5 UNet's), compiled as the model runs it (its kernel, config, 4-D box and residual
+add or not). ``DIFFQUANT_KLOOP_HINT=0`` compiles the K loops without the never-empty hint.
 
 Needs Triton (any machine); the numbers depend on the Triton version (recorded).
 """
@@ -130,18 +131,27 @@ def _census_row(key: str, cfg: dict) -> dict:
     return row
 
 
-def table_census(out: str) -> None:
-    """:func:`_census_row` for every SD-1.5 b8 FP8 conv entry of the packaged H200 table."""
+def table_census(out: str, batches: tuple = ("8",)) -> None:
+    """:func:`_census_row` for every FP8 conv entry of the packaged H200 table at these batch sizes (default SD-1.5
+    b8's; the ``qconv_sc`` entries are left out: their kernels are in the report's other section)."""
     from diffquant.kernels import tuning
 
     table = [t for t in tuning.packaged_tables() if t["device"] == "NVIDIA H200"][0]
-    rows = [_census_row(key, cfg) for key, cfg in sorted(table["configs"].items())
-            if key.startswith("fp8:8x") and key.split(":")[1].split("x")[1] in ("320", "640", "960", "1280", "1920",
-                                                                              "2560")
-            and key.split(":")[1].split("x")[2] in ("8", "16", "32", "64") and ":sc" not in key]  # (qconv_sc: above)
+    rows, seen = [], {}
+    for key, cfg in sorted(table["configs"].items()):
+        parts = key.split(":")
+        if parts[0] != "fp8" or parts[1].split("x")[0] not in batches or ":sc" in key:
+            continue
+        _, c, h, w = parts[1].split("x")
+        # entries that compile to the same kernel (config, box, residual) are compiled once
+        sig = (json.dumps(cfg, sort_keys=True), c, h, w, parts[3], parts[4], parts[5], parts[-1] == "add")
+        if sig not in seen:
+            seen[sig] = _census_row(key, cfg)
+        rows.append(dict(seen[sig], key=key))
     with open(out, "w") as f:
         json.dump({"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
                    "triton": triton.__version__, "target": "sm_90a (compiled without a GPU)",
+                   "kloop_hint": os.environ.get("DIFFQUANT_KLOOP_HINT", "1"),
                    "serialized": sum(r["wgmma_serialized"] for r in rows), "entries": len(rows), "rows": rows}, f,
                   indent=1)
     print(f"{sum(r['wgmma_serialized'] for r in rows)} of {len(rows)} entries serialize the wgmma pipeline; wrote {out}")
@@ -155,10 +165,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="default: benchmarks/results/ptxas_report.json, or "
                     "ptxas_table_census.json with --table-census")
     ap.add_argument("--table-census", action="store_true",
-                    help="compile the shipped H200 table's SD-1.5 b8 FP8 conv entries as the model runs them")
+                    help="compile the shipped H200 table's FP8 conv entries as the model runs them")
+    ap.add_argument("--batches", default="8", help="with --table-census: the batch sizes (comma list; default 8)")
     a = ap.parse_args()
     if a.table_census:
-        table_census(a.out or "benchmarks/results/ptxas_table_census.json")
+        table_census(a.out or "benchmarks/results/ptxas_table_census.json", tuple(a.batches.split(",")))
         return
     a.out = a.out or "benchmarks/results/ptxas_report.json"
     rows = []

@@ -1288,3 +1288,12 @@ def test_conv_kernels_keep_the_wgmma_pipeline_without_a_residual():
             wgmmas = len(re.findall(r"\bQGMMA\.", s))
             waits_all = s.count("WARPGROUP.DEPBAR.LE gsb0, 0x0")
             assert wgmmas >= 8 and waits_all == 1, (fn.__name__, consts, add, wgmmas, waits_all)
+    # conv2 with its shortcut (chained loops, the accumulators rescaled between sources) stays pipelined because its
+    # loops go without the hint: with it, ptxas serializes every wgmma there (48 of 48 at the 64x64 level)
+    sc = dict(KW=3, KSC=1, BITCAST_FP8=False, HAS_BIAS=True, HAS_SC_BIAS=True, NSC=2, BI=1, BH=2, BW=64, BLOCK_N=128,
+              BLOCK_N2=32, BLOCK_K=128, GROUP_M=8, soc=1)
+    s = sass(tt._qconv_tma4d_sc_wide_kernel, sc, {**{f"a{i}_desc": "1, 2, 64, 128" for i in ("", "1", "2")},
+                                                 **{f"b{i}_desc": "128, 128" for i in ("", "1", "2")},
+                                                 **{f"b{i}w_desc": "32, 128" for i in ("", "1", "2")}}, 4, 3)
+    wgmmas, waits_all = len(re.findall(r"\bQGMMA\.", s)), s.count("WARPGROUP.DEPBAR.LE gsb0, 0x0")
+    assert wgmmas >= 32 and waits_all <= 3, (wgmmas, waits_all)

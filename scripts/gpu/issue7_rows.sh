@@ -10,8 +10,9 @@
 #          DIFFQUANT_PROFILE_TOP (kernels listed per row's profile, default here 40)
 #   FIRST for session 22 (written in session 21): time the K-loop hint, PART=19 ROW=sd15-unet:8:dq-fp8-gn-qkv-te-ff-twq-ln
 #   TOTAL_S=590 bash scripts/gpu/ab_rows_1gpu.sh (SD b8 and CIFAR b256, each with bf16-compile and with
-#   DIFFQUANT_KLOOP_HINT=0). Session 21 found by compiling (no GPU time left) that ptxas serialized every wgmma of the
-#   conv kernels without a residual add (8 of 28 SD b8 table entries, 0 after the hint: ptxas_table_census.json); in
+#   DIFFQUANT_KLOOP_HINT=0). Session 21 found by compiling (no GPU time left) that ptxas serialized every wgmma of most
+#   4-D conv kernels (102 of the H200 table's 177 FP8 entries: SD b8 8 of 28, CIFAR b256 31 of 39; 23 after the hint,
+#   all persistent-kernel entries: ptxas_table_census.json); in
 #   the model the 32x32 conv1 ran 59.4 us at 56 % tensor pipe against 47.7 us / 75 % for its conv2, same kernel and
 #   config (ncu_model_probe_sd8_ln_pipe.txt). SD b8 before the hint: 13.31 ms, 1.405x (bf16 18.70, same machine).
 #   Then, from session 20's list below, item 1 is answered (tensor pipe 46-63 % at 64x64, 56-78 % at 32x32).

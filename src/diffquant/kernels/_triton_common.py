@@ -38,7 +38,9 @@ def nonempty(cond):
     waits for every wgmma at once. That hit the conv kernels without a residual add: 8 of the 28 SD-1.5 b8 conv
     entries of the H200 table (``benchmarks/ptxas_report.py --table-census``); in the model's Nsight Compute probe a
     32x32 conv1 kept the tensor pipe 56 % busy against 75 % for its conv2, the same kernel and config with the add
-    (H200, 2026-11-29, ``benchmarks/results/ncu_model_probe_sd8_ln_pipe.txt``, launches 8 and 9)."""
+    (H200, 2026-11-29, ``benchmarks/results/ncu_model_probe_sd8_ln_pipe.txt``, launches 8 and 9). Not for chained
+    loops that rescale the accumulators in between (the shortcut kernels): there the hint made ptxas serialize every
+    wgmma."""
     if KLOOP_HINT:
         tl.assume(cond)
 

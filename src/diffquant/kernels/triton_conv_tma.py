@@ -64,21 +64,24 @@ def _qconv_tma_kernel(
 @triton.jit
 def _tap_mainloop(a_desc, b_desc, m0, oh0, ow0, co0, it0, it1, WP, CK, NCB, pad_h, pad_w, KW: tl.constexpr,
                   A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr, FOUR_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr, HINT: tl.constexpr = True):
     """Steps ``it0`` to ``it1`` of a tile's (tap, channel block) loop: the accumulator. ``FOUR_D``: A is the 4-D box
     at (image ``m0``, row ``oh0``, column ``ow0``) shifted by the tap, else the padded copy's rows from ``m0`` shifted
     by the tap (``WP``: the padded width). B: output channels from ``co0``."""
     return _tap_loop_into(zero_acc(BLOCK_M, BLOCK_N, A_INT), a_desc, b_desc, m0, oh0, ow0, co0, it0, it1, WP, CK, NCB,
-                          pad_h, pad_w, KW, BITCAST_FP8, FOUR_D, BLOCK_M, BLOCK_K, FP8_ACC)
+                          pad_h, pad_w, KW, BITCAST_FP8, FOUR_D, BLOCK_M, BLOCK_K, FP8_ACC, HINT)
 
 
 @triton.jit
 def _tap_loop_into(acc, a_desc, b_desc, m0, oh0, ow0, co0, it0, it1, WP, CK, NCB, pad_h, pad_w, KW: tl.constexpr,
                    BITCAST_FP8: tl.constexpr, FOUR_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                   FP8_ACC: tl.constexpr):
+                   FP8_ACC: tl.constexpr, HINT: tl.constexpr = True):
     """:func:`_tap_mainloop`'s loop, accumulating into ``acc`` (the shortcut kernel continues one accumulator over
-    several sources). Never empty, and the compiler is told so: :func:`._triton_common.nonempty`."""
-    nonempty(it1 > it0)
+    several sources). Never empty; ``HINT``: the compiler is told so (:func:`._triton_common.nonempty`). The shortcut
+    kernels pass False: with the hint their chained loops (the accumulator rescaled between sources) get every wgmma
+    serialized (C7515), without it none (ptxas of Triton 3.6 for sm_90, 2026-11-29)."""
+    if HINT:
+        nonempty(it1 > it0)
     for it in range(it0, it1):
         tap, c0, kh, kw = tap_block(it, NCB, KW, BLOCK_K)
         if FOUR_D:
@@ -384,21 +387,22 @@ def _qconv_tma4d_kernel(
 @triton.jit
 def _tap_mainloop_wide(a_desc, b_desc, b2_desc, m0, oh0, ow0, co0, NITER, CK, NCB, pad_h, pad_w, KW: tl.constexpr,
                        A_INT: tl.constexpr, BITCAST_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_N2: tl.constexpr, BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr):
+                       BLOCK_N2: tl.constexpr, BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr, HINT: tl.constexpr = True):
     """:func:`_tap_mainloop` (4-D boxes, the whole K loop) for a wide tile: the accumulators of channels
     ``co0 .. co0 + BLOCK_N`` and ``co0 + BLOCK_N .. co0 + BLOCK_N + BLOCK_N2`` from the same A tile."""
     return _tap_loop_wide_into(zero_acc(BLOCK_M, BLOCK_N, A_INT), zero_acc(BLOCK_M, BLOCK_N2, A_INT), a_desc, b_desc,
                                b2_desc, m0, oh0, ow0, co0, NITER, CK, NCB, pad_h, pad_w, KW, BITCAST_FP8, BLOCK_M,
-                               BLOCK_N, BLOCK_K, FP8_ACC)
+                               BLOCK_N, BLOCK_K, FP8_ACC, HINT)
 
 
 @triton.jit
 def _tap_loop_wide_into(acc, acc2, a_desc, b_desc, b2_desc, m0, oh0, ow0, co0, NITER, CK, NCB, pad_h, pad_w,
                         KW: tl.constexpr, BITCAST_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr):
-    """:func:`_tap_mainloop_wide`'s loop, accumulating into ``acc`` and ``acc2`` (never empty: see
-    :func:`._triton_common.nonempty`)."""
-    nonempty(NITER > 0)
+                        BLOCK_K: tl.constexpr, FP8_ACC: tl.constexpr, HINT: tl.constexpr = True):
+    """:func:`_tap_mainloop_wide`'s loop, accumulating into ``acc`` and ``acc2`` (``HINT``: as in
+    :func:`_tap_loop_into`)."""
+    if HINT:
+        nonempty(NITER > 0)
     for it in range(0, NITER):
         tap, c0, kh, kw = tap_block(it, NCB, KW, BLOCK_K)
         a = tl.reshape(a_desc.load([m0, oh0 + kh - pad_h, ow0 + kw - pad_w, c0]), (BLOCK_M, BLOCK_K))
@@ -473,14 +477,14 @@ def _qconv_tma4d_sc_kernel(
     offs_n = co0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Cout
     acc = _tap_mainloop(a_desc, b_desc, n0, oh0, ow0, co0, 0, NITER, 0, CK, NCB, pad_h, pad_w, KW, False, BITCAST_FP8,
-                        True, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
+                        True, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC, False)
     acc = acc * _sc_ratio(ws0_ptr, as0_ptr, ws1_ptr, as1_ptr, offs_n, n_ok)[None, :]
     acc = _tap_loop_into(acc, a1_desc, b1_desc, n0, oh0, ow0, co0, 0, KSC * KSC * NCB1, 0, CK1, NCB1, PSC, PSC, KSC,
-                         BITCAST_FP8, True, BLOCK_M, BLOCK_K, FP8_ACC)
+                         BITCAST_FP8, True, BLOCK_M, BLOCK_K, FP8_ACC, False)
     if NSC == 2:
         acc = acc * _sc_ratio(ws1_ptr, as1_ptr, ws2_ptr, as2_ptr, offs_n, n_ok)[None, :]
         acc = _tap_loop_into(acc, a2_desc, b2_desc, n0, oh0, ow0, co0, 0, KSC * KSC * NCB2, 0, CK2, NCB2, PSC, PSC,
-                             KSC, BITCAST_FP8, True, BLOCK_M, BLOCK_K, FP8_ACC)
+                             KSC, BITCAST_FP8, True, BLOCK_M, BLOCK_K, FP8_ACC, False)
     nb, oh, ow, m_ok = _tile_pixels(n0, oh0, ow0, tl.arange(0, BLOCK_M), N, H, W, BH, BW)
     dequant_store(acc, offs_n, n_ok, m_ok, nb, oh, ow, out_ptr, as2_ptr if NSC == 2 else as1_ptr,
                   ws2_ptr if NSC == 2 else ws1_ptr, ws0_ptr, bias_ptr, out_ptr, son, soh, sow, soc, son, soh, sow, soc,
@@ -519,16 +523,17 @@ def _qconv_tma4d_sc_wide_kernel(
     offs_n2 = co0 + BLOCK_N + tl.arange(0, BLOCK_N2)
     n_ok, n2_ok = offs_n < Cout, offs_n2 < Cout
     acc, acc2 = _tap_mainloop_wide(a_desc, b_desc, bw_desc, n0, oh0, ow0, co0, NITER, CK, NCB, pad_h, pad_w, KW,
-                                   False, BITCAST_FP8, BLOCK_M, BLOCK_N, BLOCK_N2, BLOCK_K, FP8_ACC)
+                                   False, BITCAST_FP8, BLOCK_M, BLOCK_N, BLOCK_N2, BLOCK_K, FP8_ACC, False)
     acc = acc * _sc_ratio(ws0_ptr, as0_ptr, ws1_ptr, as1_ptr, offs_n, n_ok)[None, :]
     acc2 = acc2 * _sc_ratio(ws0_ptr, as0_ptr, ws1_ptr, as1_ptr, offs_n2, n2_ok)[None, :]
     acc, acc2 = _tap_loop_wide_into(acc, acc2, a1_desc, b1_desc, b1w_desc, n0, oh0, ow0, co0, KSC * KSC * NCB1, CK1,
-                                    NCB1, PSC, PSC, KSC, BITCAST_FP8, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
+                                    NCB1, PSC, PSC, KSC, BITCAST_FP8, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC, False)
     if NSC == 2:
         acc = acc * _sc_ratio(ws1_ptr, as1_ptr, ws2_ptr, as2_ptr, offs_n, n_ok)[None, :]
         acc2 = acc2 * _sc_ratio(ws1_ptr, as1_ptr, ws2_ptr, as2_ptr, offs_n2, n2_ok)[None, :]
         acc, acc2 = _tap_loop_wide_into(acc, acc2, a2_desc, b2_desc, b2w_desc, n0, oh0, ow0, co0, KSC * KSC * NCB2,
-                                        CK2, NCB2, PSC, PSC, KSC, BITCAST_FP8, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC)
+                                        CK2, NCB2, PSC, PSC, KSC, BITCAST_FP8, BLOCK_M, BLOCK_N, BLOCK_K, FP8_ACC,
+                                        False)
     nb, oh, ow, m_ok = _tile_pixels(n0, oh0, ow0, tl.arange(0, BLOCK_M), N, H, W, BH, BW)
     as_last = as2_ptr if NSC == 2 else as1_ptr
     ws_last = ws2_ptr if NSC == 2 else ws1_ptr
