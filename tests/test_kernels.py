@@ -1485,7 +1485,8 @@ def test_convert_attention_flash_matches_float_and_compiles(monkeypatch):
 def test_convert_keeps_thin_layers_simulated():
     """min_channels: layers with fewer input or output channels (conv_in, conv_out) keep their fake-quant module,
     reported as such; the model computes what the fully converted one does (reference ops on the CPU: the same
-    quantization, up to accumulation order); a bad value is refused."""
+    quantization, up to accumulation order); the kept layers compile (one graph, the same output); a bad value is
+    refused."""
     from diffquant.nn.modules import QuantConv2d
 
     model, q, (x, t, c) = _calibrated("int8")
@@ -1498,16 +1499,10 @@ def test_convert_keeps_thin_layers_simulated():
     with torch.no_grad():
         a, b = call_model(full, x, t, c), call_model(thin, x, t, c)
     assert float((a - b).norm() / a.norm()) < 2e-2
-    # compiled as one graph: the kept fake-quant layers neither break it (the weight cache's data-pointer key, the
-    # fused fake-quant op without a fake-tensor kernel did, 10 graphs) nor change its numbers
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    with torch.no_grad():
-        compiled = call_model(torch.compile(thin), x, t, c)
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
-    torch.testing.assert_close(compiled, b, rtol=1e-5, atol=1e-5)
+    # compiled, each on the input it sees in the model: the kept fake-quant layers are one graph without breaks (the
+    # weight cache's data-pointer key and the fused fake-quant op without a fake-tensor kernel broke them: 10 graphs
+    # for the whole model) and compute what they compute eager (the whole UNet takes ~4x as long to compile on 2 cores)
+    _blocks_compile_to(thin, (x, t, c), list(kept), 1e-5)
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="min_channels"):
             convert(q, "int8", min_channels=bad)
