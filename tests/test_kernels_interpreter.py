@@ -1297,3 +1297,24 @@ def test_conv_kernels_keep_the_wgmma_pipeline_without_a_residual():
                                                  **{f"b{i}w_desc": "32, 128" for i in ("", "1", "2")}}, 4, 3)
     wgmmas, waits_all = len(re.findall(r"\bQGMMA\.", s)), s.count("WARPGROUP.DEPBAR.LE gsb0, 0x0")
     assert wgmmas >= 32 and waits_all <= 3, (wgmmas, waits_all)
+
+
+def test_kernels_refuse_an_empty_k_loop():
+    """The K loops assume at least one step (:func:`diffquant.kernels._triton_common.nonempty`), so the hosts refuse
+    what would launch none: a conv weight without input channels, a GEGLU input of width 0. Checked before any launch
+    (CPU tensors)."""
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    from diffquant.kernels.triton_conv import qconv_triton
+    from diffquant.kernels.triton_geglu import linear_geglu_triton
+
+    x = torch.zeros(1, 0, 4, 4).to(torch.float8_e4m3fn)
+    w = torch.zeros(8, 3, 3, 0).to(torch.float8_e4m3fn)  # [cout, kh, kw, cin]
+    with pytest.raises(ValueError, match="no input channels"):
+        qconv_triton(x, w, torch.ones(8), torch.ones(1), None, None, None, None, 0, (1, 1), (1, 1), (1, 1), False,
+                     torch.bfloat16)
+    with pytest.raises(ValueError, match="positive multiple of 16"):
+        linear_geglu_triton(torch.zeros(4, 0).to(torch.float8_e4m3fn), torch.zeros(32, 0).to(torch.float8_e4m3fn),
+                            torch.ones(32), torch.ones(1), None, None, torch.bfloat16)
