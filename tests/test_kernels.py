@@ -1669,12 +1669,13 @@ def _tensors(out) -> list:
     return [t for o in out for t in _tensors(o)]
 
 
-def _blocks_compile_to(model, inputs, names, tol: float, ref=None) -> dict:
+def _blocks_compile_to(model, inputs, names, tol: float | None, ref=None) -> dict:
     """Each named block of ``model`` (a ResNet step, an attention module, a transformer block, an up block) compiled
     on the inputs it sees when ``model`` runs on ``inputs``: one graph without breaks, giving what the block gives
     eager (or, with ``ref``, what the same-named block of the model ``ref`` gives eager on those inputs) to ``tol``
-    (relative, and absolute relative to the largest value). The blocks are where convert()'s fused paths trace; a whole
-    tiny UNet takes ~4x as long to compile on the 2-core CI machine (a cold Inductor cache). {name: compiled output}."""
+    (relative, and absolute relative to the largest value; None: finite values only). The blocks are where convert()'s
+    fused paths trace; a whole tiny UNet takes ~4x as long to compile on the 2-core CI machine (a cold Inductor
+    cache). {name: compiled output}."""
     from torch._dynamo.utils import counters
 
     seen = _block_inputs(model, inputs, names)
@@ -1690,7 +1691,11 @@ def _blocks_compile_to(model, inputs, names, tol: float, ref=None) -> dict:
         g, w = _tensors(got[n]), _tensors(want)
         assert len(g) == len(w), n
         for a, b in zip(g, w):
-            torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()), msg=lambda m, n=n: f"{n}: {m}")
+            if tol is None:
+                assert a.shape == b.shape and a.dtype == b.dtype and torch.isfinite(a).all(), n
+            else:
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()),
+                                           msg=lambda m, n=n: f"{n}: {m}")
     return got
 
 
@@ -2281,9 +2286,9 @@ def test_fuse_temb_stacks_the_time_projections():
 def test_attention_input_norm_runs_into_stacked_qkv(monkeypatch):
     """convert(fuse_norms=True, fuse_qkv=True) on a UNet2DModel: each attention block's input group norm runs as
     diffquant::group_norm_act writing to_qkv's quantized input (e4m3 / int8 codes), the model computes what it
-    computes with diffusers' FusedAttnProcessor2_0 (the norm in PyTorch), and compiles as one graph."""
+    computes with diffusers' FusedAttnProcessor2_0 (the norm in PyTorch), and an attention block compiles as one
+    graph."""
     from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
-    from torch._dynamo.utils import counters
 
     from diffquant.kernels import fused_blocks
 
@@ -2320,15 +2325,13 @@ def test_attention_input_norm_runs_into_stacked_qkv(monkeypatch):
                 m.set_processor(FusedAttnProcessor2_0())
             want = call_model(cm, *inputs)
         assert float((got - want).norm() / want.norm()) < 1e-3, backend
-    with torch.no_grad():  # the int8 model, its processors back to the fused-norm ones: one compiled graph
-        from diffquant.kernels.fused_attention import fuse_attention_norms
+    # the int8 model, its processors back to the fused-norm ones: an attention block compiles as one graph
+    from diffquant.kernels.fused_attention import fuse_attention_norms
 
-        assert len(fuse_attention_norms(cm)) == len(blocks)
-        torch._dynamo.reset()
-        counters.clear()
-        compiled = call_model(torch.compile(cm), *inputs)
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
-    assert torch.isfinite(compiled).all()
+    assert len(fuse_attention_norms(cm)) == len(blocks)
+    name = next(n for n, m in cm.named_modules() if m is blocks[0])
+    assert type(blocks[0].processor).__name__ == "FusedNormQKVAttnProcessor"
+    _blocks_compile_to(cm, inputs, [name], None)
 
 
 def test_split_gemm_switch_runs_split_shortcuts_as_scaled_mm(monkeypatch):
