@@ -1769,20 +1769,25 @@ def test_gpu_fused_resnet_norms_match_diffusers_blocks():
 def test_converted_model_compiles_with_inductor_freezing():
     """The bench's DIFFQUANT_BENCH_FREEZE=1 path: a converted model with fused norms (FP8 and int8) compiled with
     Inductor's freezing (parameters and buffers folded as constants) is one graph and computes what it computes
-    eager."""
+    eager. Block by block, each on the inputs it sees in the model (the whole UNet takes ~4x as long to compile on 2
+    cores): a down block (a fused ResNet step with a one-part shortcut, an attention block), an up block's fused ResNet
+    step (split conv1 and shortcut, the dual norm) and the fused output norm; together every layer kind of the
+    model."""
     import torch._inductor.config as inductor_config
-    from torch._dynamo.utils import counters
 
+    names = ["down_blocks.1", "up_blocks.0.resnets.0", "conv_norm_out"]
     for backend in ("fp8", "int8"):
-        _, q, (x, t, c) = _calibrated(backend)
+        _, q, inputs = _calibrated(backend)
         cm = convert(q, backend, fuse_norms=True)
-        with torch.no_grad(), inductor_config.patch(freezing=True):
-            want = call_model(cm, x, t, c)
-            torch._dynamo.reset()
-            counters.clear()
-            got = call_model(torch.compile(cm), x, t, c)
-        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], backend
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+        def kinds(mods):
+            return {(m.act, m.kind, m.kernel_size, len(m.parts)) for m in mods if isinstance(m, LowBitLayer)}
+
+        assert kinds(m for n in names for m in cm.get_submodule(n).modules()) == kinds(cm.modules()), backend
+        assert [type(cm.get_submodule(n)).__name__ for n in names[1:]] == ["FusedNormResnetBlock2D",
+                                                                            "FusedGroupNormSiLU"], backend
+        with inductor_config.patch(freezing=True):
+            _blocks_compile_to(cm, inputs, names, 1e-5)
 
 
 def test_fuse_qkv_stacks_attention_projections():
