@@ -8,6 +8,7 @@ Regenerate the reference values (only when the bundled weights change on purpose
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -122,10 +123,21 @@ def _blur(x: np.ndarray, radius: int) -> np.ndarray:
     return np.clip(np.round(f), 0, 255).astype(np.uint8)
 
 
+@pytest.fixture
+def all_cores():
+    """Torch's intra-op threads set to the machine's cores for one test, then put back: earlier test files leave one
+    thread set (their tiny models run faster so), and the feature network on 625-image batches is compute-bound (the
+    fd_cifar test: 34 s with two threads, 55 s with one, 2-core CI machine, 2026-11-29)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(max(n, os.cpu_count() or 1))
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.slow
 @needs_features
 @pytest.mark.skipif(not (SHARED / "test.zip").is_file(), reason="CIFAR-10-JPEG not available")
-def test_fd_cifar_is_a_distance_that_grows_with_degradation():
+def test_fd_cifar_is_a_distance_that_grows_with_degradation(all_cores):
     from diffquant.data import read_zip
     from diffquant.evaluation.fid import FeatureStats, frechet_distance, statistics_from_features
     from diffquant.zoo.bundle import classifier_features
