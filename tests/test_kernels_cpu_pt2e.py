@@ -24,13 +24,20 @@ def setup():
     return model, sched, calib
 
 
+@pytest.fixture(scope="module")
+def converted(setup):
+    """The setup model through the pt2e flow, uncompiled (the reference numerics): the tests below only run it."""
+    model, _, calib = setup
+    return quantize_pt2e_x86(model, calib, compile=False)
+
+
 def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def test_pt2e_int8_close_to_fp32_any_batch(setup):
+def test_pt2e_int8_close_to_fp32_any_batch(setup, converted):
     model, sched, calib = setup
-    q = quantize_pt2e_x86(model, calib, compile=False)
+    q = converted
     x, t, _ = calib.batch(torch.arange(EXPORT_BATCH[1] + 2) % len(calib))  # 65 rows: split into 63 + 2
     x, t = x.float(), t.float()
     with torch.no_grad():
@@ -48,14 +55,14 @@ def test_pt2e_int8_close_to_fp32_any_batch(setup):
     assert imgs.shape == (2, 16, 16, 3)
 
 
-def test_pt2e_compiled_matches_converted(setup):
+def test_pt2e_compiled_matches_converted(setup, converted):
     """The compiled model (oneDNN's fused int8 kernels) computes what the converted graph (reference quantize /
     dequantize numerics) does, on this CPU: with full-range activations where it has VNNI, with 7-bit ones where it
     has not (there, full-range u8 x s8 products overflow oneDNN's 16-bit pair sums: 21.8 % from the reference on
     a 2-core AMD EPYC with AVX2, 2026-11-29). Both warm-up graphs are checked: 4 rows run in the one for batches
     2..15, 20 rows in the one for 16..63 (the batch range that sampling at 16 or more images uses)."""
     model, _, calib = setup
-    eager = quantize_pt2e_x86(model, calib, compile=False)
+    eager = converted
     comp = quantize_pt2e_x86(model, calib, compile=True)
     assert eager.reduce_range == comp.reduce_range == (not cpu_has_vnni())
     for rows in (4, 20):
