@@ -1623,18 +1623,6 @@ def test_lowbit_layer_adds_a_residual_in_the_kernel():
     assert {("conv", 1), ("conv", 2), ("linear", 1)} <= kinds
 
 
-def _one_compiled_graph(cm, inputs):
-    """``cm`` compiled and called on ``inputs``: one graph, no graph break; its output."""
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    with torch.no_grad():
-        out = call_model(torch.compile(cm), *inputs)
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
-    return out
-
-
 def _block_inputs(model, inputs, names):
     """{name: (args, kwargs)}: what each named submodule of ``model`` gets on its first call when ``model`` runs on
     ``inputs`` (tensors cloned)."""
@@ -1667,6 +1655,11 @@ def _tensors(out) -> list:
         out = out.to_tuple()
     assert isinstance(out, (tuple, list)), type(out)
     return [t for o in out for t in _tensors(o)]
+
+
+def _layer_kinds(modules) -> set:
+    """(input quantization, kind, kernel size, parts) of the converted layers among ``modules``."""
+    return {(m.act, m.kind, m.kernel_size, len(m.parts)) for m in modules if isinstance(m, LowBitLayer)}
 
 
 def _blocks_compile_to(model, inputs, names, tol: float | None, ref=None) -> dict:
@@ -1779,11 +1772,7 @@ def test_converted_model_compiles_with_inductor_freezing():
     for backend in ("fp8", "int8"):
         _, q, inputs = _calibrated(backend)
         cm = convert(q, backend, fuse_norms=True)
-
-        def kinds(mods):
-            return {(m.act, m.kind, m.kernel_size, len(m.parts)) for m in mods if isinstance(m, LowBitLayer)}
-
-        assert kinds(m for n in names for m in cm.get_submodule(n).modules()) == kinds(cm.modules()), backend
+        assert _layer_kinds(m for n in names for m in cm.get_submodule(n).modules()) == _layer_kinds(cm.modules())
         assert [type(cm.get_submodule(n)).__name__ for n in names[1:]] == ["FusedNormResnetBlock2D",
                                                                             "FusedGroupNormSiLU"], backend
         with inductor_config.patch(freezing=True):
@@ -1849,18 +1838,6 @@ def test_fuse_qkv_stacks_attention_projections():
     assert "mid_block.attentions.0" not in merged and "act_scale" in left["mid_block.attentions.0"]
     with pytest.raises(ValueError, match="different input quantization"):
         stack_linears([attn.to_q, attn.to_k, attn.to_v], "x")
-
-
-def _compiles_to(model, inputs, want, tol: float = 1e-4) -> None:
-    """``model`` compiles as one graph without breaks and gives ``want`` (relative to its largest value)."""
-    from torch._dynamo.utils import counters
-
-    with torch.no_grad():
-        torch._dynamo.reset()
-        counters.clear()
-        out = call_model(torch.compile(model), *inputs)
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
-    torch.testing.assert_close(out, want, rtol=tol, atol=tol * float(want.abs().max()))
 
 
 def test_fuse_ff_runs_geglu_in_one_op():
@@ -3537,11 +3514,7 @@ def test_converted_fp8_model_compiles_on_cpu_with_fp8_attention_and_per_token_sc
     model, q, (x, t, c) = _calibrated("fp8")
     cm = convert(q, "fp8", attention="fp8", fp8_dynamic="token")
     names = ["down_blocks.1", "up_blocks.0.resnets.0"]
-
-    def kinds(mods):
-        return {(m.act, m.kind, m.kernel_size, len(m.parts)) for m in mods if isinstance(m, LowBitLayer)}
-
-    assert kinds(m for n in names for m in cm.get_submodule(n).modules()) == kinds(cm.modules())
+    assert _layer_kinds(m for n in names for m in cm.get_submodule(n).modules()) == _layer_kinds(cm.modules())
     assert any(type(m.processor).__name__ == "FP8AttnProcessor" for m in cm.get_submodule(names[0]).modules()
                if hasattr(m, "processor"))
     for name, (args, kwargs) in _block_inputs(cm, (x, t, c), names).items():
